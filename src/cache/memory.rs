@@ -1,0 +1,240 @@
+//! The bounded in-process tier: a moka cache weighed in bytes, with per-entry expiry and LRU
+//! eviction (moka's default TinyLFU admission could refuse fresh entries when full).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use moka::future::Cache;
+use moka::policy::EvictionPolicy;
+use wildmatch::WildMatch;
+
+use super::{CacheEntry, Store, StoreError};
+
+#[derive(Debug)]
+struct Slot {
+    entry: CacheEntry,
+    ttl: Duration,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<String, Arc<Slot>> for PerEntryTtl {
+    fn expire_after_create(&self, _: &String, v: &Arc<Slot>, _: Instant) -> Option<Duration> {
+        Some(v.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        v: &Arc<Slot>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+/// In-process store bounded in bytes. Cloning shares the same cache.
+#[derive(Clone)]
+pub struct MemoryStore {
+    cache: Cache<String, Arc<Slot>>,
+    max_bytes: u64,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most `max_bytes` of entries (keys and bodies counted).
+    pub fn new(max_bytes: u64) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &String, v: &Arc<Slot>| {
+                u32::try_from(k.len() + v.entry.weight()).unwrap_or(u32::MAX)
+            })
+            .eviction_policy(EvictionPolicy::lru())
+            .expire_after(PerEntryTtl)
+            .build();
+        Self { cache, max_bytes }
+    }
+
+    /// Entries currently held (after pending maintenance).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Bytes currently held (after pending maintenance).
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    /// The configured bound.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Runs moka's housekeeping: expired entries are removed and counts become exact.
+    pub async fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    /// Drops everything (used when returning to Redis, so the memory tier never serves an
+    /// entry that missed invalidations made by other instances while this one used Redis).
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
+    async fn remove_where(&self, pred: impl Fn(&str, &Slot) -> bool) -> u64 {
+        let keys: Vec<Arc<String>> = self
+            .cache
+            .iter()
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for key in keys {
+            if self.cache.remove(key.as_str()).await.is_some() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        Ok(self.cache.get(key).await.map(|slot| slot.entry.clone()))
+    }
+
+    async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError> {
+        let slot = Arc::new(Slot {
+            entry: entry.clone(),
+            ttl,
+        });
+        self.cache.insert(key.to_owned(), slot).await;
+        Ok(())
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for key in keys {
+            if self.cache.remove(key.as_str()).await.is_some() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn delete_tagged(&self, tag: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .remove_where(|_, slot| slot.entry.tags.iter().any(|t| t == tag))
+            .await)
+    }
+
+    async fn delete_matching(&self, pattern: &str) -> Result<u64, StoreError> {
+        let glob = WildMatch::new(pattern);
+        Ok(self.remove_where(|k, _| glob.matches(k)).await)
+    }
+
+    async fn count_matching(&self, pattern: &str) -> Result<u64, StoreError> {
+        let glob = WildMatch::new(pattern);
+        Ok(self.cache.iter().filter(|(k, _)| glob.matches(k)).count() as u64)
+    }
+
+    async fn health_check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn entry(body: &'static [u8], tags: &[&str]) -> CacheEntry {
+        CacheEntry::new(
+            200,
+            "application/json".into(),
+            Bytes::from_static(body),
+            0,
+            Duration::from_secs(60),
+            tags.iter().map(|t| (*t).to_owned()).collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn set_get_delete_round_trip() {
+        let store = MemoryStore::new(1 << 20);
+        let e = entry(b"{}", &[]);
+        store
+            .set("k", &e, Duration::from_secs(60))
+            .await
+            .expect("set");
+        assert_eq!(store.get("k").await.expect("get"), Some(e));
+        assert_eq!(
+            store
+                .delete(&["k".into(), "nope".into()])
+                .await
+                .expect("delete"),
+            1
+        );
+        assert_eq!(store.get("k").await.expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn tagged_and_pattern_deletes_are_precise() {
+        let store = MemoryStore::new(1 << 20);
+        let ttl = Duration::from_secs(60);
+        store
+            .set("p:v1:a", &entry(b"1", &["t:1"]), ttl)
+            .await
+            .expect("set");
+        store
+            .set("p:v1:b", &entry(b"2", &["t:1", "t:2"]), ttl)
+            .await
+            .expect("set");
+        store
+            .set("p:v1:c", &entry(b"3", &["t:2"]), ttl)
+            .await
+            .expect("set");
+        store
+            .set("other:x", &entry(b"4", &[]), ttl)
+            .await
+            .expect("set");
+        assert_eq!(store.delete_tagged("t:1").await.expect("tagged"), 2);
+        assert!(store.get("p:v1:c").await.expect("get").is_some());
+        assert_eq!(store.count_matching("p:v1:*").await.expect("count"), 1);
+        assert_eq!(store.delete_matching("p:v1:*").await.expect("clear"), 1);
+        assert!(store.get("other:x").await.expect("get").is_some());
+    }
+
+    #[tokio::test]
+    async fn byte_bound_evicts() {
+        let store = MemoryStore::new(4096);
+        let big = CacheEntry::new(
+            200,
+            "application/json".into(),
+            Bytes::from(vec![b'x'; 1000]),
+            0,
+            Duration::from_secs(60),
+            vec![],
+        );
+        for i in 0..20 {
+            store
+                .set(&format!("k{i}"), &big, Duration::from_secs(60))
+                .await
+                .expect("set");
+        }
+        store.run_pending_tasks().await;
+        assert!(store.weighted_size() <= 4096, "{}", store.weighted_size());
+        assert!(store.entry_count() < 20);
+    }
+}

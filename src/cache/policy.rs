@@ -1,0 +1,202 @@
+//! Pure freshness rules: TTL tiers, the origin's `Cache-Control`, age and remaining TTL.
+//! Everything takes `now` explicitly so tests never sleep.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Named TTL tiers (SPEC section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtlTier {
+    /// 300 s
+    VeryShort,
+    /// 900 s
+    Short,
+    /// 1800 s
+    Medium,
+    /// 3600 s
+    Long,
+    /// 7200 s
+    VeryLong,
+    /// 86400 s
+    Day,
+    /// 604800 s
+    Week,
+}
+
+impl TtlTier {
+    /// Every tier, shortest first.
+    pub const ALL: [TtlTier; 7] = [
+        TtlTier::VeryShort,
+        TtlTier::Short,
+        TtlTier::Medium,
+        TtlTier::Long,
+        TtlTier::VeryLong,
+        TtlTier::Day,
+        TtlTier::Week,
+    ];
+
+    /// Tier names as written in config.
+    pub const NAMES: [&'static str; 7] = [
+        "VERY_SHORT",
+        "SHORT",
+        "MEDIUM",
+        "LONG",
+        "VERY_LONG",
+        "DAY",
+        "WEEK",
+    ];
+
+    /// Parses a tier name, case-insensitively.
+    pub fn parse(name: &str) -> Option<TtlTier> {
+        let upper = name.trim().to_ascii_uppercase();
+        Self::NAMES
+            .iter()
+            .position(|n| *n == upper)
+            .map(|i| Self::ALL[i])
+    }
+
+    /// The tier's length in seconds.
+    pub fn secs(self) -> u64 {
+        match self {
+            TtlTier::VeryShort => 300,
+            TtlTier::Short => 900,
+            TtlTier::Medium => 1800,
+            TtlTier::Long => 3600,
+            TtlTier::VeryLong => 7200,
+            TtlTier::Day => 86_400,
+            TtlTier::Week => 604_800,
+        }
+    }
+
+    /// Name used under `config` in `/cache/stats` (`ttl_very_short` …).
+    pub fn stats_name(self) -> &'static str {
+        match self {
+            TtlTier::VeryShort => "ttl_very_short",
+            TtlTier::Short => "ttl_short",
+            TtlTier::Medium => "ttl_medium",
+            TtlTier::Long => "ttl_long",
+            TtlTier::VeryLong => "ttl_very_long",
+            TtlTier::Day => "ttl_day",
+            TtlTier::Week => "ttl_week",
+        }
+    }
+}
+
+/// What the origin's `Cache-Control` allows a shared cache to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storability {
+    /// Store for at most this long (the configured TTL, shortened by `s-maxage`/`max-age`).
+    Store(Duration),
+    /// Do not store (`no-store`, `private`, `no-cache`, or a zero lifetime).
+    DoNotStore(&'static str),
+}
+
+/// Applies the origin's `Cache-Control` to the configured TTL. `s-maxage` wins over
+/// `max-age` for a shared cache; either only ever shortens the TTL.
+pub fn storability(cache_control: Option<&str>, configured: Duration) -> Storability {
+    let Some(cc) = cache_control else {
+        return Storability::Store(configured);
+    };
+    let mut max_age = None;
+    let mut s_maxage = None;
+    for directive in cc.split(',') {
+        let directive = directive.trim();
+        let (name, value) = match directive.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (directive, None),
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "no-store" => return Storability::DoNotStore("no-store"),
+            "private" => return Storability::DoNotStore("private"),
+            "no-cache" => return Storability::DoNotStore("no-cache"),
+            // A malformed value means "stale already" (RFC 9111 section 4.2.1).
+            "max-age" => max_age = Some(value.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)),
+            "s-maxage" => s_maxage = Some(value.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)),
+            _ => {}
+        }
+    }
+    let ttl = match s_maxage.or(max_age) {
+        Some(secs) => configured.min(Duration::from_secs(secs)),
+        None => configured,
+    };
+    if ttl.is_zero() {
+        Storability::DoNotStore("max-age=0")
+    } else {
+        Storability::Store(ttl)
+    }
+}
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Whole seconds since `stored_at_ms` (the `Age` header).
+pub fn age_secs(stored_at_ms: u64, now_ms: u64) -> u64 {
+    now_ms.saturating_sub(stored_at_ms) / 1000
+}
+
+/// Whole seconds of freshness left, or `None` once expired.
+pub fn remaining_ttl_secs(stored_at_ms: u64, ttl_secs: u64, now_ms: u64) -> Option<u64> {
+    let expires_ms = stored_at_ms.saturating_add(ttl_secs.saturating_mul(1000));
+    (now_ms < expires_ms).then(|| (expires_ms - now_ms).div_ceil(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn tiers_parse_by_name_and_have_spec_lengths() {
+        assert_eq!(TtlTier::parse("long"), Some(TtlTier::Long));
+        assert_eq!(TtlTier::parse("VERY_SHORT").map(TtlTier::secs), Some(300));
+        assert_eq!(TtlTier::parse("WEEK").map(TtlTier::secs), Some(604_800));
+        assert_eq!(TtlTier::parse("LONGER"), None);
+    }
+
+    #[test]
+    fn origin_cache_control_only_shortens() {
+        assert_eq!(storability(None, HOUR), Storability::Store(HOUR));
+        assert_eq!(
+            storability(Some("public, max-age=60"), HOUR),
+            Storability::Store(Duration::from_secs(60))
+        );
+        assert_eq!(
+            storability(Some("max-age=99999"), HOUR),
+            Storability::Store(HOUR)
+        );
+        assert_eq!(
+            storability(Some("max-age=600, s-maxage=30"), HOUR),
+            Storability::Store(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn origin_can_forbid_storing() {
+        for cc in [
+            "no-store",
+            "private",
+            "Private, max-age=60",
+            "no-cache",
+            "max-age=0",
+            "max-age=abc",
+        ] {
+            assert!(
+                matches!(storability(Some(cc), HOUR), Storability::DoNotStore(_)),
+                "{cc}"
+            );
+        }
+    }
+
+    #[test]
+    fn age_and_remaining_ttl() {
+        assert_eq!(age_secs(1_000, 62_500), 61);
+        assert_eq!(remaining_ttl_secs(0, 60, 10_000), Some(50));
+        assert_eq!(remaining_ttl_secs(0, 60, 59_001), Some(1));
+        assert_eq!(remaining_ttl_secs(0, 60, 60_000), None);
+    }
+}

@@ -1,0 +1,78 @@
+//! The key version shared by every instance on one Redis. It lives in Redis
+//! (`{prefix}:_meta:version`); each instance re-reads it every `redis.version_poll_ms`, and
+//! `cache.version` is only the starting value when Redis holds none.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::fallback::FallbackStore;
+use super::{Keyspace, StoreError, Tier};
+
+/// The version this instance builds keys with. Reading it is a lock-free pointer load.
+#[derive(Debug)]
+pub struct KeyVersion {
+    current: ArcSwap<String>,
+}
+
+impl KeyVersion {
+    /// Starts at `initial` (from settings).
+    pub fn new(initial: &str) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(initial.to_owned()),
+        }
+    }
+
+    /// The version in use.
+    pub fn get(&self) -> Arc<String> {
+        self.current.load_full()
+    }
+
+    /// Uses `version` from now on; returns whether it changed.
+    pub fn set(&self, version: &str) -> bool {
+        let old = self.current.swap(Arc::new(version.to_owned()));
+        *old != version
+    }
+
+    /// Adopts the version stored in Redis, or stores ours when Redis has none.
+    /// Does nothing while Redis is unreachable.
+    pub async fn sync(&self, store: &FallbackStore, keys: &Keyspace) -> Result<(), StoreError> {
+        if store.tier() != Tier::Redis {
+            return Ok(());
+        }
+        let key = keys.version_key();
+        let result = match store.redis().get_string(&key).await {
+            Ok(Some(stored)) => {
+                if self.set(&stored) {
+                    tracing::info!(version = %stored, "key version changed");
+                }
+                Ok(())
+            }
+            Ok(None) => store
+                .redis()
+                .set_string(&key, &self.get(), true)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result
+            && e.is_unavailable()
+        {
+            store.mark_down(e);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_reports_changes() {
+        let v = KeyVersion::new("v1");
+        assert!(!v.set("v1"));
+        assert!(v.set("v2"));
+        assert_eq!(v.get().as_str(), "v2");
+    }
+}

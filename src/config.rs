@@ -1,0 +1,529 @@
+//! Settings: `config/default.toml`, then the file named by `RUNCACHE_CONFIG`, then
+//! `RUNCACHE__SECTION__KEY` environment variables. Loaded once in `main`, validated, passed down.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+use crate::cache::policy::TtlTier;
+use crate::cache::{validate_run_id, validate_version};
+
+/// Why settings could not be loaded. The message names the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a value could not be parsed.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A value parsed but is not acceptable.
+    #[error("invalid setting {key}: {reason}")]
+    Invalid {
+        /// Dotted setting name, e.g. `views.metrics.ttl`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The whole settings tree; see `config/default.toml` for every key and its default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Listener and request limits.
+    pub server: ServerSettings,
+    /// The backend being cached.
+    pub origin: OriginSettings,
+    /// The shared Redis store.
+    pub redis: RedisSettings,
+    /// Key prefix, version and negative caching.
+    pub cache: CacheSettings,
+    /// Per-view TTLs and limits.
+    pub views: ViewsSettings,
+    /// The in-process fallback store.
+    pub memory: MemorySettings,
+    /// Warming at start and through `/cache/warm`.
+    pub warm: WarmSettings,
+    /// Admin credentials.
+    pub admin: AdminSettings,
+    /// Cross-origin browser access.
+    pub cors: CorsSettings,
+    /// Log output.
+    pub log: LogSettings,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Listen address, `host:port` (default `127.0.0.1:8080`).
+    pub addr: String,
+    /// Whole-request time-out in ms (default 30000).
+    pub request_timeout_ms: u64,
+    /// Largest request body in bytes (default 65536).
+    pub max_body_bytes: usize,
+    /// Grace period for in-flight requests on shutdown, in ms (default 30000).
+    pub shutdown_timeout_ms: u64,
+}
+
+/// `[origin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginSettings {
+    /// Base URL of the backend (default `http://127.0.0.1:8000`).
+    pub base_url: String,
+    /// Connect time-out in ms (default 2000).
+    pub connect_timeout_ms: u64,
+    /// Whole origin request time-out in ms (default 10000).
+    pub timeout_ms: u64,
+    /// Largest origin body in bytes (default 8 MiB).
+    pub max_response_bytes: usize,
+    /// Request headers forwarded to the origin (lowercase names).
+    pub forward_headers: Vec<String>,
+    /// Path probed by `/ready` (default `/health`).
+    pub health_path: String,
+    /// Idle pooled connection lifetime in ms (default 90000).
+    pub pool_idle_timeout_ms: u64,
+    /// Idle connections kept per host (default 32).
+    pub pool_max_idle_per_host: usize,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Redis URL; may carry a password, hence secret (default `redis://127.0.0.1:6379`).
+    pub url: SecretString,
+    /// Per-command time-out on the request path, in ms (default 250).
+    pub command_timeout_ms: u64,
+    /// Connect time-out in ms (default 500).
+    pub connect_timeout_ms: u64,
+    /// Probe period while Redis is unreachable, in ms (default 1000).
+    pub probe_interval_ms: u64,
+    /// Period of re-reading the shared key version, in ms (default 500).
+    pub version_poll_ms: u64,
+    /// Admin connection pool size (default 4).
+    pub pool_max_size: usize,
+    /// Wait for a pooled admin connection, in ms (default 1000).
+    pub pool_timeout_ms: u64,
+    /// SCAN COUNT per step (default 500).
+    pub scan_batch: usize,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Physical key prefix (default `runcache`).
+    pub prefix: String,
+    /// Starting key version when Redis holds none (default `v1`).
+    pub version: String,
+    /// Seconds an origin 404 is cached; 0 disables (default 0).
+    pub not_found_ttl: u64,
+}
+
+/// `[views]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewsSettings {
+    /// `GET .../metrics` (default TTL `LONG`).
+    pub metrics: ViewSettings,
+    /// `GET .../feature-importance` (default TTL `MEDIUM`).
+    pub feature_importance: ViewSettings,
+    /// `POST /api/v1/models/compare` (default TTL `MEDIUM`).
+    pub comparison: ComparisonSettings,
+}
+
+/// One view's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewSettings {
+    /// Time-to-live: a tier name or seconds.
+    pub ttl: Ttl,
+}
+
+/// The comparison view's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComparisonSettings {
+    /// Time-to-live: a tier name or seconds.
+    pub ttl: Ttl,
+    /// Most distinct run ids in one comparison (default 50).
+    pub max_ids: usize,
+}
+
+/// `[memory]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Byte bound of the in-process store (default 256 MiB).
+    pub max_bytes: u64,
+}
+
+/// `[warm]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmSettings {
+    /// Runs warmed in the background at start (default none).
+    #[serde(deserialize_with = "run_ids")]
+    pub model_run_ids: Vec<String>,
+    /// Origin requests a warm-up runs at once (default 4).
+    pub concurrency: usize,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Bearer token for admin routes and events; generated at start when unset.
+    pub token: Option<SecretString>,
+}
+
+/// `[cors]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Allowed browser origins; `["*"]` for any; empty for no CORS headers.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A TTL given as a tier name (`LONG`) or as seconds (`3600` or `"3600"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ttl(pub Duration);
+
+impl<'de> Deserialize<'de> for Ttl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Name(String),
+        }
+        let secs = match Raw::deserialize(d)? {
+            Raw::Secs(s) => s,
+            Raw::Name(name) => match name.trim().parse::<u64>() {
+                Ok(s) => s,
+                Err(_) => TtlTier::parse(&name).map(TtlTier::secs).ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "unknown TTL tier {name:?} (expected {} or a number of seconds)",
+                        TtlTier::NAMES.join(", ")
+                    ))
+                })?,
+            },
+        };
+        if secs == 0 {
+            return Err(serde::de::Error::custom("a TTL must be at least 1 second"));
+        }
+        Ok(Ttl(Duration::from_secs(secs)))
+    }
+}
+
+/// Run ids in config may be written as strings or non-negative integers.
+fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+    Ok(Vec::<Raw>::deserialize(d)?
+        .into_iter()
+        .map(|r| match r {
+            Raw::Num(n) => n.to_string(),
+            Raw::Text(s) => s,
+        })
+        .collect())
+}
+
+/// Environment keys whose values are comma-separated lists.
+const LIST_KEYS: [&str; 3] = [
+    "cors.allowed_origins",
+    "warm.model_run_ids",
+    "origin.forward_headers",
+];
+
+impl Settings {
+    /// Loads `config/default.toml`, the `RUNCACHE_CONFIG` file if set, and the process
+    /// environment, then validates.
+    pub fn load() -> Result<Self, ConfigError> {
+        let overlay = std::env::var("RUNCACHE_CONFIG").ok();
+        Self::load_from(overlay.as_deref(), None)
+    }
+
+    /// Like [`Settings::load`], with the overlay file and the environment given explicitly
+    /// (`env: None` reads the process environment), so tests need not touch globals.
+    pub fn load_from(
+        overlay: Option<&str>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(
+            config::File::from(std::path::Path::new("config/default.toml")).required(true),
+        );
+        if let Some(path) = overlay {
+            builder = builder.add_source(config::File::from(std::path::Path::new(path)));
+        }
+        let mut environment = config::Environment::with_prefix("RUNCACHE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",");
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        let settings: Settings = builder
+            .add_source(environment.source(env))
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value that parsing alone cannot; fails on the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.socket_addr()?;
+        let base = reqwest::Url::parse(&self.origin.base_url)
+            .map_err(|e| invalid("origin.base_url", e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
+            return Err(invalid(
+                "origin.base_url",
+                "must be an http(s) URL with a host",
+            ));
+        }
+        if !self.origin.health_path.starts_with('/') {
+            return Err(invalid("origin.health_path", "must start with '/'"));
+        }
+        for name in &self.origin.forward_headers {
+            http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                invalid(
+                    "origin.forward_headers",
+                    format!("{name:?} is not a header name"),
+                )
+            })?;
+        }
+        let url = self.redis.url.expose_secret();
+        if !url.starts_with("redis://") {
+            return Err(invalid("redis.url", "must start with redis://"));
+        }
+        redis::Client::open(url).map_err(|_| invalid("redis.url", "is not a valid Redis URL"))?;
+        let positive = [
+            ("server.request_timeout_ms", self.server.request_timeout_ms),
+            ("origin.connect_timeout_ms", self.origin.connect_timeout_ms),
+            ("origin.timeout_ms", self.origin.timeout_ms),
+            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
+            ("redis.probe_interval_ms", self.redis.probe_interval_ms),
+            ("redis.version_poll_ms", self.redis.version_poll_ms),
+            ("redis.pool_timeout_ms", self.redis.pool_timeout_ms),
+            ("redis.pool_max_size", self.redis.pool_max_size as u64),
+            ("redis.scan_batch", self.redis.scan_batch as u64),
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            (
+                "origin.max_response_bytes",
+                self.origin.max_response_bytes as u64,
+            ),
+            ("warm.concurrency", self.warm.concurrency as u64),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+        if self.memory.max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "memory.max_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        let prefix_ok = !self.cache.prefix.is_empty()
+            && self.cache.prefix.len() <= 64
+            && self
+                .cache
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !prefix_ok {
+            return Err(invalid(
+                "cache.prefix",
+                "must be 1-64 characters of A-Z, a-z, 0-9, '_', '-', '.'",
+            ));
+        }
+        validate_version(&self.cache.version).map_err(|e| invalid("cache.version", e))?;
+        if !(2..=1000).contains(&self.views.comparison.max_ids) {
+            return Err(invalid(
+                "views.comparison.max_ids",
+                "must be between 2 and 1000",
+            ));
+        }
+        for id in &self.warm.model_run_ids {
+            validate_run_id(id).map_err(|e| invalid("warm.model_run_ids", e))?;
+        }
+        for origin in &self.cors.allowed_origins {
+            if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
+                return Err(invalid(
+                    "cors.allowed_origins",
+                    format!("{origin:?} is not valid"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address.
+    pub fn socket_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.addr.parse().map_err(|_| {
+            invalid(
+                "server.addr",
+                format!("{:?} is not host:port", self.server.addr),
+            )
+        })
+    }
+
+    /// `redis.url` with any password replaced by `***`, safe for logs.
+    pub fn redis_url_redacted(&self) -> String {
+        redact_url(self.redis.url.expose_secret())
+    }
+}
+
+/// Replaces the password (and a lone user name used as password) in a URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparseable url>".to_owned(),
+    }
+}
+
+/// Milliseconds to a `Duration`.
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_spec() {
+        let s = Settings::load_from(None, Some(HashMap::new())).expect("defaults load");
+        assert_eq!(s.server.addr, "127.0.0.1:8080");
+        assert_eq!(s.origin.base_url, "http://127.0.0.1:8000");
+        assert_eq!(s.redis.url.expose_secret(), "redis://127.0.0.1:6379");
+        assert_eq!(s.cache.prefix, "runcache");
+        assert_eq!(s.cache.version, "v1");
+        assert_eq!(s.views.metrics.ttl.0, Duration::from_secs(3600));
+        assert_eq!(s.views.feature_importance.ttl.0, Duration::from_secs(1800));
+        assert_eq!(s.views.comparison.ttl.0, Duration::from_secs(1800));
+        assert_eq!(s.memory.max_bytes, 256 * 1024 * 1024);
+        assert!(s.admin.token.is_none());
+        assert!(s.cors.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_lists() {
+        let s = Settings::load_from(
+            None,
+            Some(env(&[
+                ("RUNCACHE__REDIS__URL", "redis://10.0.0.5:6380"),
+                ("RUNCACHE__VIEWS__METRICS__TTL", "DAY"),
+                ("RUNCACHE__VIEWS__COMPARISON__TTL", "120"),
+                (
+                    "RUNCACHE__CORS__ALLOWED_ORIGINS",
+                    "https://a.example,https://b.example",
+                ),
+                ("RUNCACHE__WARM__MODEL_RUN_IDS", "7,run-8"),
+            ])),
+        )
+        .expect("overrides load");
+        assert_eq!(s.redis.url.expose_secret(), "redis://10.0.0.5:6380");
+        assert_eq!(s.views.metrics.ttl.0, Duration::from_secs(86_400));
+        assert_eq!(s.views.comparison.ttl.0, Duration::from_secs(120));
+        assert_eq!(
+            s.cors.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(s.warm.model_run_ids, ["7", "run-8"]);
+    }
+
+    #[test]
+    fn unknown_environment_key_is_an_error() {
+        let err = Settings::load_from(None, Some(env(&[("RUNCACHE__REDIS__URLL", "x")])))
+            .expect_err("typo must fail");
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn bad_ttl_tier_names_the_setting() {
+        let err = Settings::load_from(
+            None,
+            Some(env(&[("RUNCACHE__VIEWS__METRICS__TTL", "LONGG")])),
+        )
+        .expect_err("bad tier must fail");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("views.metrics.ttl") && msg.contains("LONGG"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (key, value, name) in [
+            ("RUNCACHE__SERVER__ADDR", "nope", "server.addr"),
+            ("RUNCACHE__ORIGIN__BASE_URL", "ftp://x", "origin.base_url"),
+            ("RUNCACHE__CACHE__PREFIX", "a:b", "cache.prefix"),
+            (
+                "RUNCACHE__REDIS__COMMAND_TIMEOUT_MS",
+                "0",
+                "redis.command_timeout_ms",
+            ),
+        ] {
+            let err = Settings::load_from(None, Some(env(&[(key, value)])))
+                .expect_err("bad value must fail");
+            assert!(err.to_string().contains(name), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn redaction_hides_the_password() {
+        assert_eq!(
+            redact_url("redis://user:hunter2@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}

@@ -1,0 +1,75 @@
+//! Invalidation hooks fired by the training system. Each drops a run's metrics, every
+//! feature-importance variant and precisely the comparisons that include it, before answering.
+
+use axum::extract::State;
+use axum::response::Response;
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::admin::InvalidatedResponse;
+use super::auth::AdminAuth;
+use super::views::run_id_from_json;
+use super::{AppJson, json};
+use crate::error::{ErrorBody, Result};
+use crate::invalidation::Cause;
+use crate::state::AppState;
+
+/// Routes of this resource.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(training_completed))
+        .routes(routes!(training_failed))
+        .routes(routes!(model_deleted))
+}
+
+/// An event about one run. Other fields a training system sends along are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EventBody {
+    /// The run (a string, or a non-negative integer).
+    #[schema(value_type = Object, example = json!("42"))]
+    pub model_run_id: Value,
+}
+
+async fn handle(state: &AppState, body: EventBody, event: &'static str) -> Result<Response> {
+    let id = run_id_from_json(&body.model_run_id)?;
+    let invalidated = state.invalidator.run(&id, Cause::Event).await?;
+    tracing::info!(event, run_id = %id, invalidated, "event applied");
+    Ok(json(StatusCode::OK, &InvalidatedResponse { invalidated }))
+}
+
+/// A run finished training.
+#[utoipa::path(post, path = "/events/training-completed", tag = "events", security(("bearer" = [])), request_body = EventBody,
+    responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn training_completed(
+    _: AdminAuth,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<EventBody>,
+) -> Result<Response> {
+    handle(&state, body, "training-completed").await
+}
+
+/// A run's training failed.
+#[utoipa::path(post, path = "/events/training-failed", tag = "events", security(("bearer" = [])), request_body = EventBody,
+    responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn training_failed(
+    _: AdminAuth,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<EventBody>,
+) -> Result<Response> {
+    handle(&state, body, "training-failed").await
+}
+
+/// A run was deleted.
+#[utoipa::path(post, path = "/events/model-deleted", tag = "events", security(("bearer" = [])), request_body = EventBody,
+    responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn model_deleted(
+    _: AdminAuth,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<EventBody>,
+) -> Result<Response> {
+    handle(&state, body, "model-deleted").await
+}

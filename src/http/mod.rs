@@ -1,0 +1,280 @@
+//! The HTTP surface: resource routers merged into one, the layer stack, JSON extractors whose
+//! rejections use our error format, and the OpenAPI document.
+
+pub mod admin;
+pub mod auth;
+pub mod events;
+pub mod ops;
+pub mod views;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::response::{IntoResponse, Response};
+use axum::{Router, middleware};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Method, StatusCode, header};
+use serde::de::DeserializeOwned;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::{AppError, codes, error_response};
+use crate::state::AppState;
+
+/// Root of the OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "runcache", description = "HTTP cache in front of an ML platform's model-run views"),
+    tags(
+        (name = "views", description = "Cached model-run views (the origin's own paths)"),
+        (name = "admin", description = "Cache administration (bearer token)"),
+        (name = "events", description = "Invalidation hooks fired by the training system (bearer token)"),
+        (name = "ops", description = "Health, readiness, metrics"),
+    ),
+    components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail)),
+    modifiers(&BearerScheme),
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(views::router())
+        .merge(admin::router())
+        .merge(events::router())
+        .merge(ops::router())
+}
+
+/// The OpenAPI document as YAML (what `openapi.yaml` holds).
+pub fn openapi_yaml() -> String {
+    let (_, api) = api_router().split_for_parts();
+    api.to_yaml().unwrap_or_default()
+}
+
+/// Every route, with the layer stack, bound to `state`. Does no I/O.
+///
+/// Layers, outside to inside: request id (set) → trace span → request id (propagate) →
+/// panic catcher → JSON errors → CORS → weak ETag on compressed bodies → compression →
+/// request time-out → body limit.
+pub fn build_app(state: AppState) -> Router {
+    let (router, api) = api_router().split_for_parts();
+    let settings = state.settings.clone();
+    let router = router
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state);
+
+    let cors = cors_layer(&settings.cors.allowed_origins);
+    let stack = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                })
+                // One access line per request (status, latency) inside the span that carries
+                // the request id; `RUST_LOG=tower_http=warn` turns it off.
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                .on_failure(()),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(CatchPanicLayer::custom(|_| {
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, "internal error")
+        }))
+        .layer(middleware::map_response(json_errors))
+        .option_layer(cors)
+        .layer(middleware::map_response(weaken_etag_when_compressed))
+        .layer(CompressionLayer::new())
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            Duration::from_millis(settings.server.request_timeout_ms),
+        ))
+        .layer(DefaultBodyLimit::max(settings.server.max_body_bytes));
+    router.layer(stack)
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_NONE_MATCH,
+                header::ACCEPT_LANGUAGE,
+                http::HeaderName::from_static("x-request-id"),
+                http::HeaderName::from_static("traceparent"),
+            ])
+            .expose_headers([
+                http::HeaderName::from_static("x-cache"),
+                http::HeaderName::from_static("cache-status"),
+                header::AGE,
+                header::ETAG,
+                http::HeaderName::from_static("x-request-id"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Marks a response that is the origin's own answer, passed through unchanged.
+#[derive(Debug, Clone, Copy)]
+pub struct OriginAnswer;
+
+/// Turns any error response that is not already JSON (time-outs, panics, 405s from layers)
+/// into our JSON error body; origin answers passed through are left alone.
+async fn json_errors<B>(resp: http::Response<B>) -> Response
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || resp.extensions().get::<OriginAnswer>().is_some()
+        || resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+    {
+        return resp.map(Body::new);
+    }
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => (codes::NOT_FOUND, "no such route"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            codes::METHOD_NOT_ALLOWED,
+            "method not allowed on this route",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (codes::PAYLOAD_TOO_LARGE, "request body too large"),
+        StatusCode::TOO_MANY_REQUESTS => (codes::RATE_LIMITED, "too many requests"),
+        StatusCode::GATEWAY_TIMEOUT => (codes::TIMEOUT, "the request took too long"),
+        StatusCode::SERVICE_UNAVAILABLE => (codes::UNAVAILABLE, "service unavailable"),
+        s if s.is_client_error() => (codes::INVALID_ARGUMENT, "bad request"),
+        _ => (codes::INTERNAL, "internal error"),
+    };
+    let mut out = error_response(status, code, message);
+    for name in [header::ALLOW, header::VARY] {
+        if let Some(v) = resp.headers().get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
+}
+
+/// A compressed body is a different representation: its ETag becomes weak, as nginx does.
+async fn weaken_etag_when_compressed<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    if resp.headers().contains_key(header::CONTENT_ENCODING) {
+        let weak = resp
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.starts_with("W/"))
+            .and_then(|v| HeaderValue::from_str(&format!("W/{v}")).ok());
+        if let Some(weak) = weak {
+            resp.headers_mut().insert(header::ETAG, weak);
+        }
+    }
+    resp
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        codes::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
+}
+
+/// JSON body extractor: any content type, our error format, 413 above the body limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request<Body>, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::PayloadTooLarge("request body too large".into())
+                } else {
+                    AppError::InvalidArgument("could not read the request body".into())
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(AppJson)
+            .map_err(|e| AppError::InvalidArgument(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Query extractor with our error format.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for AppQuery<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| AppQuery(q.0))
+            .map_err(|e: QueryRejection| AppError::InvalidArgument(e.body_text()))
+    }
+}
+
+/// Parses `use_cache` (default `true`).
+pub fn parse_use_cache(raw: Option<&str>) -> Result<bool, AppError> {
+    match raw.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("true") | Some("1") => Ok(true),
+        Some("false") | Some("0") => Ok(false),
+        Some(_) => Err(AppError::InvalidArgument(
+            "use_cache must be true or false".into(),
+        )),
+    }
+}
+
+/// The status of an answer as an `IntoResponse` helper for JSON bodies.
+pub fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    (status, axum::Json(body)).into_response()
+}

@@ -1,0 +1,118 @@
+//! Operations routes, without auth: liveness, readiness, Prometheus metrics.
+//! (`/openapi.json` and `/docs` are mounted in `http::build_app`.)
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::json;
+use crate::cache::{Store, Tier};
+use crate::metrics::names;
+use crate::state::AppState;
+
+/// Routes of this resource.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_health))
+        .routes(routes!(get_ready))
+        .routes(routes!(get_metrics))
+}
+
+/// Liveness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, body = Health)))]
+pub async fn get_health() -> Response {
+    json(
+        StatusCode::OK,
+        &Health {
+            status: "ok".into(),
+        },
+    )
+}
+
+/// Reachability of a dependency.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reachability {
+    /// Answered within the probe time-out.
+    pub reachable: bool,
+}
+
+/// Readiness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// `ready`, or `starting` (503) until start-up work is done.
+    pub status: String,
+    /// Store in use: `redis` or `memory`.
+    pub store: String,
+    /// Key version in use.
+    pub version: String,
+    /// Redis, probed now.
+    pub redis: Reachability,
+    /// The origin, probed now (any HTTP answer counts).
+    pub origin: Reachability,
+}
+
+/// Ready to serve. A Redis or origin outage is reported but stays `200`: the instance still
+/// serves (from memory, or stale entries), so it must stay in rotation.
+#[utoipa::path(get, path = "/ready", tag = "ops",
+    responses((status = 200, body = Ready), (status = 503, description = "Still starting", body = Ready)))]
+pub async fn get_ready(State(state): State<AppState>) -> Response {
+    let probe = Duration::from_millis(state.settings.redis.connect_timeout_ms.max(200));
+    let (redis, origin) = tokio::join!(
+        async {
+            tokio::time::timeout(probe, state.store.redis().health_check())
+                .await
+                .is_ok_and(|r| r.is_ok())
+        },
+        state.views.origin().is_reachable(Duration::from_secs(1)),
+    );
+    let started = state.started.load(Ordering::Acquire);
+    let body = Ready {
+        status: if started { "ready" } else { "starting" }.into(),
+        store: state.store.tier().as_str().into(),
+        version: state.version.get().as_str().to_owned(),
+        redis: Reachability { reachable: redis },
+        origin: Reachability { reachable: origin },
+    };
+    let status = if started {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, &body)
+}
+
+/// Prometheus metrics, text format.
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
+pub async fn get_metrics(State(state): State<AppState>) -> Response {
+    let memory = state.store.memory();
+    metrics::gauge!(names::REDIS_UP).set(if state.store.tier() == Tier::Redis {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!(names::MEMORY_ENTRIES).set(memory.entry_count() as f64);
+    metrics::gauge!(names::MEMORY_BYTES).set(memory.weighted_size() as f64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        state.prometheus.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,367 @@
+//! The three cached model-run views, on the origin's own paths, and the `DELETE` of a run
+//! passed through to the origin.
+
+use std::collections::BTreeSet;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{AppJson, AppQuery, OriginAnswer, parse_use_cache};
+use crate::cache::read_through::{ViewRequest, ViewResponse};
+use crate::cache::validate_run_id;
+use crate::error::{AppError, ErrorBody, Result};
+use crate::invalidation::Cause;
+use crate::origin::{OriginError, OriginRequest};
+use crate::state::AppState;
+
+/// Routes of this resource.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_metrics))
+        .routes(routes!(get_feature_importance))
+        .routes(routes!(create_comparison))
+        .routes(routes!(delete_run))
+}
+
+/// Query of the metrics and comparison views.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ViewQuery {
+    /// `false`: fetch from the origin and neither read nor write the cache (default `true`).
+    #[param(value_type = Option<bool>)]
+    pub use_cache: Option<String>,
+}
+
+/// Query of the feature-importance view.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FeatureImportanceQuery {
+    /// Only the `top_n` most important features, 1-1000 (default: all).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    pub top_n: Option<String>,
+    /// `false`: fetch from the origin and neither read nor write the cache (default `true`).
+    #[param(value_type = Option<bool>)]
+    pub use_cache: Option<String>,
+}
+
+/// Body of a comparison.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompareBody {
+    /// 2-50 run ids (strings, or non-negative integers); order and duplicates do not matter.
+    #[schema(value_type = Vec<Object>, example = json!(["41", "42"]))]
+    pub model_run_ids: Vec<Value>,
+}
+
+/// Validates a run id given as a path segment.
+fn run_id(raw: String) -> Result<String> {
+    validate_run_id(&raw).map_err(AppError::InvalidArgument)?;
+    Ok(raw)
+}
+
+/// A run id from JSON: a string, or a non-negative integer (`42` is the id `"42"`).
+pub fn run_id_from_json(value: &Value) -> Result<String> {
+    let id = match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.as_u64().map(|n| n.to_string()).ok_or_else(|| {
+            AppError::InvalidArgument(format!(
+                "model_run_id {n} must be a non-negative integer or a string"
+            ))
+        })?,
+        _ => {
+            return Err(AppError::InvalidArgument(
+                "model_run_id must be a string or a non-negative integer".into(),
+            ));
+        }
+    };
+    validate_run_id(&id).map_err(AppError::InvalidArgument)?;
+    Ok(id)
+}
+
+/// Normalises comparison ids: strings, de-duplicated, sorted in byte order, 2..=`max`.
+pub fn normalise_run_ids(values: &[Value], max: usize) -> Result<Vec<String>> {
+    if values.len() > max * 4 {
+        return Err(AppError::InvalidArgument(format!(
+            "model_run_ids must hold between 2 and {max} distinct ids"
+        )));
+    }
+    let ids: BTreeSet<String> = values.iter().map(run_id_from_json).collect::<Result<_>>()?;
+    if !(2..=max).contains(&ids.len()) {
+        return Err(AppError::InvalidArgument(format!(
+            "model_run_ids must hold between 2 and {max} distinct ids (got {})",
+            ids.len()
+        )));
+    }
+    Ok(ids.into_iter().collect())
+}
+
+fn parse_top_n(raw: Option<&str>) -> Result<Option<u32>> {
+    raw.map(|s| {
+        s.parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| AppError::InvalidArgument("top_n must be between 1 and 1000".into()))
+    })
+    .transpose()
+}
+
+/// Does `If-None-Match` match `etag`? Weak comparison (RFC 9110 13.1.2): `W/` is ignored.
+fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
+    let Ok(list) = if_none_match.to_str() else {
+        return false;
+    };
+    let opaque = etag.trim_start_matches("W/");
+    list.split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == opaque)
+}
+
+/// Builds the HTTP answer: cache headers, `304` on a matching `If-None-Match`, and the
+/// origin's own 4xx bodies marked so they pass through untouched.
+fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-cache", HeaderValue::from_static(r.x_cache()));
+    if let Ok(v) = HeaderValue::from_str(&r.cache_status()) {
+        headers.insert("cache-status", v);
+    }
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if let Some(age) = r.age() {
+        headers.insert(header::AGE, HeaderValue::from(age));
+    }
+    if let Some(etag) = r
+        .etag
+        .as_deref()
+        .and_then(|e| HeaderValue::from_str(e).ok())
+    {
+        let not_modified = request_headers
+            .get(header::IF_NONE_MATCH)
+            .is_some_and(|inm| etag_matches(inm, r.etag.as_deref().unwrap_or_default()));
+        headers.insert(header::ETAG, etag);
+        if not_modified {
+            return (StatusCode::NOT_MODIFIED, headers).into_response();
+        }
+    }
+    if let Some(ct) = r.content_type {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    if let Some(auth) = r.www_authenticate {
+        headers.insert(header::WWW_AUTHENTICATE, auth);
+    }
+    let mut resp = (r.status, headers, r.body).into_response();
+    resp.extensions_mut().insert(OriginAnswer);
+    resp
+}
+
+async fn serve(state: &AppState, req: ViewRequest, headers: &HeaderMap) -> Result<Response> {
+    let answer = state.views.serve(req).await?;
+    Ok(respond(answer, headers))
+}
+
+/// A run's training metrics.
+#[utoipa::path(
+    get,
+    path = "/api/v1/models/train/{model_run_id}/metrics",
+    tag = "views",
+    params(("model_run_id" = String, Path, description = "Run id, `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`"), ViewQuery),
+    responses(
+        (status = 200, description = "The origin's body, byte for byte; headers X-Cache, Cache-Status, ETag, Age"),
+        (status = 304, description = "If-None-Match matched"),
+        (status = 400, description = "Invalid id or query", body = ErrorBody),
+        (status = 404, description = "The origin's 404, passed through"),
+        (status = 502, description = "Origin failed", body = ErrorBody),
+        (status = 504, description = "Origin timed out", body = ErrorBody),
+    )
+)]
+pub async fn get_metrics(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    AppQuery(q): AppQuery<ViewQuery>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let id = run_id(id)?;
+    let use_cache = parse_use_cache(q.use_cache.as_deref())?;
+    let forwarded = state.views.origin().forwarded_headers(&headers);
+    serve(
+        &state,
+        ViewRequest::metrics(&id, forwarded, use_cache),
+        &headers,
+    )
+    .await
+}
+
+/// A run's feature importance, optionally only the top N features.
+#[utoipa::path(
+    get,
+    path = "/api/v1/models/train/{model_run_id}/feature-importance",
+    tag = "views",
+    params(("model_run_id" = String, Path, description = "Run id"), FeatureImportanceQuery),
+    responses(
+        (status = 200, description = "The origin's body, byte for byte"),
+        (status = 304, description = "If-None-Match matched"),
+        (status = 400, description = "Invalid id, top_n or query", body = ErrorBody),
+        (status = 404, description = "The origin's 404, passed through"),
+        (status = 502, description = "Origin failed", body = ErrorBody),
+        (status = 504, description = "Origin timed out", body = ErrorBody),
+    )
+)]
+pub async fn get_feature_importance(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    AppQuery(q): AppQuery<FeatureImportanceQuery>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let id = run_id(id)?;
+    let top_n = parse_top_n(q.top_n.as_deref())?;
+    let use_cache = parse_use_cache(q.use_cache.as_deref())?;
+    let forwarded = state.views.origin().forwarded_headers(&headers);
+    let req = ViewRequest::feature_importance(&id, top_n, forwarded, use_cache);
+    serve(&state, req, &headers).await
+}
+
+/// A comparison of runs; the same whatever the order or repetition of the ids.
+#[utoipa::path(
+    post,
+    path = "/api/v1/models/compare",
+    tag = "views",
+    params(ViewQuery),
+    request_body = CompareBody,
+    responses(
+        (status = 200, description = "The origin's body, byte for byte"),
+        (status = 304, description = "If-None-Match matched"),
+        (status = 400, description = "Invalid ids or body", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 502, description = "Origin failed", body = ErrorBody),
+        (status = 504, description = "Origin timed out", body = ErrorBody),
+    )
+)]
+pub async fn create_comparison(
+    State(state): State<AppState>,
+    AppQuery(q): AppQuery<ViewQuery>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<CompareBody>,
+) -> Result<Response> {
+    let use_cache = parse_use_cache(q.use_cache.as_deref())?;
+    let ids = normalise_run_ids(&body.model_run_ids, state.settings.views.comparison.max_ids)?;
+    let forwarded = state.views.origin().forwarded_headers(&headers);
+    serve(
+        &state,
+        ViewRequest::comparison(ids, forwarded, use_cache),
+        &headers,
+    )
+    .await
+}
+
+/// Deletes a run at the origin; on a 2xx answer its entries are invalidated as for a
+/// `model-deleted` event (`X-Invalidated` says how many).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/models/train/{model_run_id}",
+    tag = "views",
+    params(("model_run_id" = String, Path, description = "Run id")),
+    responses(
+        (status = 200, description = "The origin's answer, passed through; header X-Invalidated"),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 404, description = "The origin's 404, passed through"),
+        (status = 502, description = "Origin failed", body = ErrorBody),
+        (status = 504, description = "Origin timed out", body = ErrorBody),
+    )
+)]
+pub async fn delete_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let id = run_id(id)?;
+    let resp = state
+        .views
+        .origin()
+        .send(OriginRequest {
+            method: Method::DELETE,
+            path_and_query: format!("/api/v1/models/train/{id}"),
+            body: None,
+            headers: state.views.origin().forwarded_headers(&headers),
+        })
+        .await?;
+    if resp.status.is_server_error() {
+        return Err(OriginError::Status(resp.status).into());
+    }
+    let mut out = HeaderMap::new();
+    if resp.status.is_success() {
+        // The origin has deleted the run: failing the request now would invite a retry of a
+        // delete that succeeded, so an invalidation failure is logged, not returned.
+        match state.invalidator.run(&id, Cause::RunDeleted).await {
+            Ok(n) => {
+                out.insert("x-invalidated", HeaderValue::from(n));
+            }
+            Err(e) => tracing::error!(error = %e, run_id = %id, "invalidation after delete failed"),
+        }
+    }
+    if let Some(ct) = resp.content_type {
+        out.insert(header::CONTENT_TYPE, ct);
+    }
+    if let Some(auth) = resp.www_authenticate {
+        out.insert(header::WWW_AUTHENTICATE, auth);
+    }
+    let mut response = (resp.status, out, resp.body).into_response();
+    response.extensions_mut().insert(OriginAnswer);
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn comparison_ids_are_normalised() {
+        let ids = normalise_run_ids(&[json!("b"), json!(42), json!("a"), json!("42")], 50)
+            .expect("valid");
+        assert_eq!(ids, ["42", "a", "b"]);
+    }
+
+    #[test]
+    fn comparison_limits_apply_after_dedup() {
+        assert!(normalise_run_ids(&[json!("1"), json!(1)], 50).is_err());
+        let many: Vec<Value> = (0..51).map(|i| json!(i)).collect();
+        assert!(normalise_run_ids(&many, 50).is_err());
+        assert!(normalise_run_ids(&many[..50], 50).is_ok());
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!(null),
+            json!(["x"]),
+            json!(".."),
+        ] {
+            assert!(
+                normalise_run_ids(&[json!("1"), bad.clone()], 50).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn top_n_bounds() {
+        assert_eq!(parse_top_n(None).expect("none"), None);
+        assert_eq!(parse_top_n(Some("10")).expect("10"), Some(10));
+        for bad in ["0", "1001", "-1", "abc", ""] {
+            assert!(parse_top_n(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let etag = "\"abc\"";
+        for inm in ["\"abc\"", "W/\"abc\"", "\"x\", W/\"abc\"", "*"] {
+            assert!(etag_matches(&HeaderValue::from_static(inm), etag), "{inm}");
+        }
+        assert!(!etag_matches(&HeaderValue::from_static("\"abd\""), etag));
+    }
+}

@@ -1,0 +1,157 @@
+//! Metrics: Prometheus names (constants with help text), the process-wide recorder, per-view
+//! handles registered once at start (so recording is an atomic add), and `/cache/stats` counters.
+
+pub mod stats;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::cache::View;
+pub use stats::{Outcome, Stats};
+
+/// Metric names.
+pub mod names {
+    /// Cached-view requests by view and result (hit, miss, bypass, stale, error).
+    pub const VIEW_REQUESTS_TOTAL: &str = "runcache_view_requests_total";
+    /// Cached-view request latency by view.
+    pub const VIEW_REQUEST_DURATION: &str = "runcache_view_request_duration_seconds";
+    /// Origin requests by view and outcome (ok, error).
+    pub const ORIGIN_REQUESTS_TOTAL: &str = "runcache_origin_requests_total";
+    /// Origin latency by view.
+    pub const ORIGIN_REQUEST_DURATION: &str = "runcache_origin_request_duration_seconds";
+    /// Entries written to the cache.
+    pub const CACHE_SETS_TOTAL: &str = "runcache_cache_sets_total";
+    /// Invalidation operations by cause.
+    pub const INVALIDATIONS_TOTAL: &str = "runcache_invalidations_total";
+    /// Entries dropped by invalidations, by cause.
+    pub const ENTRIES_DELETED_TOTAL: &str = "runcache_entries_deleted_total";
+    /// Switches from Redis to the memory tier.
+    pub const CACHE_FALLBACK_TOTAL: &str = "runcache_cache_fallback_total";
+    /// 1 while Redis is in use, 0 while serving from memory.
+    pub const REDIS_UP: &str = "runcache_redis_up";
+    /// Entries in the memory tier.
+    pub const MEMORY_ENTRIES: &str = "runcache_memory_entries";
+    /// Bytes in the memory tier.
+    pub const MEMORY_BYTES: &str = "runcache_memory_bytes";
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+/// Later calls (several apps in one test process) share the first recorder.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; then ours renders empty, which is
+            // visible on /metrics rather than fatal.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        names::VIEW_REQUESTS_TOTAL,
+        "Cached-view requests by view and result"
+    );
+    describe_histogram!(
+        names::VIEW_REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Cached-view request latency"
+    );
+    describe_counter!(
+        names::ORIGIN_REQUESTS_TOTAL,
+        "Origin requests by view and outcome"
+    );
+    describe_histogram!(
+        names::ORIGIN_REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Origin request latency"
+    );
+    describe_counter!(names::CACHE_SETS_TOTAL, "Entries written to the cache");
+    describe_counter!(
+        names::INVALIDATIONS_TOTAL,
+        "Invalidation operations by cause"
+    );
+    describe_counter!(
+        names::ENTRIES_DELETED_TOTAL,
+        "Entries dropped by invalidations, by cause"
+    );
+    describe_counter!(
+        names::CACHE_FALLBACK_TOTAL,
+        "Switches from Redis to the memory tier"
+    );
+    describe_gauge!(
+        names::REDIS_UP,
+        "1 while Redis is in use, 0 while serving from memory"
+    );
+    describe_gauge!(names::MEMORY_ENTRIES, "Entries in the memory tier");
+    describe_gauge!(
+        names::MEMORY_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes in the memory tier"
+    );
+}
+
+/// Prometheus handles of one view, registered once so the request path only adds atomically.
+#[derive(Debug)]
+pub struct ViewHandles {
+    results: [Counter; 5],
+    duration: Histogram,
+    origin_ok: Counter,
+    origin_error: Counter,
+    origin_duration: Histogram,
+}
+
+const OUTCOMES: [Outcome; 5] = [
+    Outcome::Hit,
+    Outcome::Miss,
+    Outcome::Bypass,
+    Outcome::Stale,
+    Outcome::Error,
+];
+
+impl ViewHandles {
+    /// Registers the handles of `view`.
+    pub fn register(view: View) -> Self {
+        let v = view.name();
+        Self {
+            results: OUTCOMES.map(|o| {
+                metrics::counter!(names::VIEW_REQUESTS_TOTAL, "view" => v, "result" => o.as_str())
+            }),
+            duration: metrics::histogram!(names::VIEW_REQUEST_DURATION, "view" => v),
+            origin_ok: metrics::counter!(names::ORIGIN_REQUESTS_TOTAL, "view" => v, "outcome" => "ok"),
+            origin_error: metrics::counter!(names::ORIGIN_REQUESTS_TOTAL, "view" => v, "outcome" => "error"),
+            origin_duration: metrics::histogram!(names::ORIGIN_REQUEST_DURATION, "view" => v),
+        }
+    }
+
+    fn request(&self, outcome: Outcome, elapsed: Duration) {
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.results[i].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+
+    fn origin(&self, elapsed: Duration, failed: bool) {
+        if failed {
+            self.origin_error.increment(1);
+        } else {
+            self.origin_ok.increment(1);
+        }
+        self.origin_duration.record(elapsed.as_secs_f64());
+    }
+}

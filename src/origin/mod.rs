@@ -1,0 +1,170 @@
+//! The client for the backend being cached: reqwest with connect and request time-outs,
+//! a bounded response size, and an explicit list of forwarded request headers.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+
+use crate::config::{OriginSettings, ms};
+
+/// What went wrong talking to the origin.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    /// No answer within `origin.timeout_ms`.
+    #[error("origin timed out")]
+    Timeout,
+    /// Connection refused, reset, DNS failure, TLS failure.
+    #[error("origin unreachable: {0}")]
+    Unreachable(String),
+    /// The origin answered with a server error.
+    #[error("origin answered {0}")]
+    Status(StatusCode),
+    /// The body exceeded `origin.max_response_bytes`.
+    #[error("origin response exceeds {0} bytes")]
+    TooLarge(usize),
+}
+
+impl OriginError {
+    /// Whether the failure was a time-out (504) rather than an error (502).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, OriginError::Timeout)
+    }
+}
+
+/// A request to send to the origin.
+#[derive(Debug, Clone)]
+pub struct OriginRequest {
+    /// HTTP method.
+    pub method: Method,
+    /// Path and query, appended to `origin.base_url`; built from validated parts only.
+    pub path_and_query: String,
+    /// JSON body, if any.
+    pub body: Option<Bytes>,
+    /// Headers to forward (already filtered by [`OriginClient::forwarded_headers`]).
+    pub headers: HeaderMap,
+}
+
+/// The origin's answer, fully read.
+#[derive(Debug, Clone)]
+pub struct OriginResponse {
+    /// Status code.
+    pub status: StatusCode,
+    /// `Content-Type`, passed through unchanged.
+    pub content_type: Option<HeaderValue>,
+    /// `Cache-Control`, which decides whether and how long to store.
+    pub cache_control: Option<String>,
+    /// `WWW-Authenticate`, passed through with 401s.
+    pub www_authenticate: Option<HeaderValue>,
+    /// The body, byte for byte.
+    pub body: Bytes,
+}
+
+/// HTTP client for the origin. Cloning shares the connection pool.
+#[derive(Debug, Clone)]
+pub struct OriginClient {
+    client: reqwest::Client,
+    base_url: String,
+    health_url: String,
+    max_body: usize,
+    forward: Vec<HeaderName>,
+}
+
+impl OriginClient {
+    /// Builds the client from settings (validated beforehand).
+    pub fn new(settings: &OriginSettings) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(ms(settings.connect_timeout_ms))
+            .timeout(ms(settings.timeout_ms))
+            .pool_idle_timeout(ms(settings.pool_idle_timeout_ms))
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("runcache/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let base_url = settings.base_url.trim_end_matches('/').to_owned();
+        Ok(Self {
+            client,
+            health_url: format!("{base_url}{}", settings.health_path),
+            base_url,
+            max_body: settings.max_response_bytes,
+            forward: settings
+                .forward_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+                .collect(),
+        })
+    }
+
+    /// The configured headers of `incoming`, to be forwarded.
+    pub fn forwarded_headers(&self, incoming: &HeaderMap) -> HeaderMap {
+        let mut out = HeaderMap::new();
+        for name in &self.forward {
+            for value in incoming.get_all(name) {
+                out.append(name.clone(), value.clone());
+            }
+        }
+        out
+    }
+
+    /// Sends `req` and reads the whole body, refusing bodies above the limit.
+    #[tracing::instrument(name = "origin", skip_all, fields(method = %req.method, path = %req.path_and_query))]
+    pub async fn send(&self, req: OriginRequest) -> Result<OriginResponse, OriginError> {
+        let url = format!("{}{}", self.base_url, req.path_and_query);
+        let mut builder = self.client.request(req.method, url).headers(req.headers);
+        if let Some(body) = req.body {
+            builder = builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let mut resp = builder.send().await.map_err(map_err)?;
+        if resp
+            .content_length()
+            .is_some_and(|n| n > self.max_body as u64)
+        {
+            return Err(OriginError::TooLarge(self.max_body));
+        }
+        let headers = resp.headers();
+        let content_type = headers.get(header::CONTENT_TYPE).cloned();
+        let www_authenticate = headers.get(header::WWW_AUTHENTICATE).cloned();
+        let cache_control = headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let status = resp.status();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(map_err)? {
+            if body.len() + chunk.len() > self.max_body {
+                return Err(OriginError::TooLarge(self.max_body));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(OriginResponse {
+            status,
+            content_type,
+            cache_control: (!cache_control.is_empty()).then_some(cache_control),
+            www_authenticate,
+            body: body.freeze(),
+        })
+    }
+
+    /// Whether the origin answers HTTP at all on `origin.health_path` (any status counts).
+    pub async fn is_reachable(&self, timeout: Duration) -> bool {
+        self.client
+            .get(&self.health_url)
+            .timeout(timeout)
+            .send()
+            .await
+            .is_ok()
+    }
+}
+
+fn map_err(e: reqwest::Error) -> OriginError {
+    if e.is_timeout() {
+        OriginError::Timeout
+    } else {
+        // The reqwest message can name internal hosts: it goes to logs, never to clients.
+        OriginError::Unreachable(e.to_string())
+    }
+}

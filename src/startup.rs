@@ -1,0 +1,175 @@
+//! Building and running the application: bind, background tasks, graceful shutdown.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::Tier;
+use crate::config::{Settings, ms};
+use crate::http::build_app;
+use crate::state::AppState;
+
+/// A bound, not yet running, service.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    state: AppState,
+}
+
+impl Application {
+    /// Builds the state and binds `server.addr` (port 0 picks a free port).
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let addr = settings.socket_addr()?;
+        let state = AppState::new(settings)?;
+        if state.token_generated {
+            // Logged once, here, so an operator can use the admin routes (as Jupyter does).
+            tracing::warn!(
+                token = %state.admin_token.expose_secret(),
+                "no admin.token configured; generated one for this process (set RUNCACHE__ADMIN__TOKEN to choose it)"
+            );
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind {addr}"))?;
+        let port = listener.local_addr()?.port();
+        Ok(Self {
+            listener,
+            port,
+            state,
+        })
+    }
+
+    /// The port actually bound.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The shared state (tests read the admin token and counters from it).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+    /// within `server.shutdown_timeout_ms`, and stops the background tasks.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener, state, ..
+        } = self;
+        let settings = state.settings.clone();
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            origin = %settings.origin.base_url,
+            redis = %settings.redis_url_redacted(),
+            "runcache listening"
+        );
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        spawn_background(&state, &tasks, &cancel);
+
+        let app = build_app(state);
+        let stopping = CancellationToken::new();
+        let stop_signal = stopping.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            stop_signal.cancel();
+        });
+        let grace = ms(settings.server.shutdown_timeout_ms);
+        tokio::select! {
+            result = server => result.context("serve")?,
+            () = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("in-flight requests did not finish within server.shutdown_timeout_ms; stopping");
+            }
+        }
+        cancel.cancel();
+        tasks.close();
+        tasks.wait().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Runs `tick` every `period` until cancelled.
+fn every<F, Fut>(tasks: &TaskTracker, cancel: &CancellationToken, period: Duration, mut tick: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = interval.tick() => tick().await,
+            }
+        }
+    });
+}
+
+fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &CancellationToken) {
+    let s = state.clone();
+    tasks.spawn(async move {
+        // Start-up: find Redis (or start on memory), adopt the shared version, then warm.
+        if !s.store.probe().await {
+            tracing::warn!(redis = %s.settings.redis_url_redacted(), "redis unreachable at start; serving from the memory tier and probing in the background");
+        }
+        if let Err(e) = s.version.sync(&s.store, &s.keys).await {
+            tracing::warn!(error = %e, "could not read the shared key version");
+        }
+        s.started.store(true, Ordering::Release);
+        let ids = s.settings.warm.model_run_ids.clone();
+        if !ids.is_empty() {
+            let report = s.views.warm(&ids, s.settings.warm.concurrency).await;
+            tracing::info!(warmed = report.warmed, skipped = report.skipped, failed = report.failed.len(), "start-up warm-up done");
+        }
+    });
+
+    let s = state.clone();
+    every(
+        tasks,
+        cancel,
+        ms(s.settings.redis.probe_interval_ms),
+        move || {
+            let s = s.clone();
+            async move {
+                if s.store.tier() == Tier::Memory && s.store.probe().await {
+                    let _ = s.version.sync(&s.store, &s.keys).await;
+                }
+            }
+        },
+    );
+
+    let s = state.clone();
+    every(
+        tasks,
+        cancel,
+        ms(s.settings.redis.version_poll_ms),
+        move || {
+            let s = s.clone();
+            async move {
+                let _ = s.version.sync(&s.store, &s.keys).await;
+            }
+        },
+    );
+
+    let s = state.clone();
+    every(tasks, cancel, Duration::from_secs(5), move || {
+        let s = s.clone();
+        async move {
+            // Expired memory entries are dropped without waiting for a write, and histogram
+            // buckets are folded (the exporter has no upkeep thread of its own).
+            s.store.memory().run_pending_tasks().await;
+            s.prometheus.run_upkeep();
+        }
+    });
+}

@@ -1,0 +1,121 @@
+//! Application state: cheap handles shared by every handler and background task.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::cache::memory::MemoryStore;
+use crate::cache::redis::{RedisOptions, RedisStore};
+use crate::cache::{FallbackStore, KeyVersion, Keyspace, ReadThrough};
+use crate::config::{Settings, ms};
+use crate::invalidation::Invalidator;
+use crate::metrics::Stats;
+use crate::origin::OriginClient;
+
+/// Everything handlers need. Cloning is cheap (reference counts).
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated settings.
+    pub settings: Arc<Settings>,
+    /// Redis with the memory fallback.
+    pub store: Arc<FallbackStore>,
+    /// Read-through serving of the views.
+    pub views: ReadThrough,
+    /// Invalidation by run, key, pattern and version.
+    pub invalidator: Invalidator,
+    /// `/cache/stats` counters.
+    pub stats: Arc<Stats>,
+    /// The key version in use.
+    pub version: Arc<KeyVersion>,
+    /// Physical key layout.
+    pub keys: Keyspace,
+    /// Token for admin routes and events (configured or generated).
+    pub admin_token: Arc<SecretString>,
+    /// Whether `admin_token` was generated at start (and must be logged once).
+    pub token_generated: bool,
+    /// Prometheus renderer.
+    pub prometheus: PrometheusHandle,
+    /// Set once start-up work (first Redis probe, version sync) is done; `/ready` is 503 before.
+    pub started: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("store", &self.store.tier())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Builds the state from validated settings. Does no I/O: Redis connects lazily.
+    pub fn new(settings: Settings) -> anyhow::Result<Self> {
+        let prometheus = crate::metrics::install();
+        let keys = Keyspace::new(settings.cache.prefix.clone());
+        let redis = RedisStore::new(&RedisOptions {
+            url: settings.redis.url.expose_secret().to_owned(),
+            command_timeout: ms(settings.redis.command_timeout_ms),
+            connect_timeout: ms(settings.redis.connect_timeout_ms),
+            pool_max_size: settings.redis.pool_max_size,
+            pool_timeout: ms(settings.redis.pool_timeout_ms),
+            scan_batch: settings.redis.scan_batch,
+        })
+        .context("set up the redis client")?;
+        let memory = MemoryStore::new(settings.memory.max_bytes);
+        // Every entry of every version of this service (never its _meta or _tags keys).
+        let all_entries = format!("{}:[^_]*", keys.prefix());
+        let store = Arc::new(FallbackStore::new(redis, memory, all_entries));
+        let version = Arc::new(KeyVersion::new(&settings.cache.version));
+        let stats = Arc::new(Stats::default());
+        let origin = OriginClient::new(&settings.origin).context("build the origin client")?;
+        let views = ReadThrough::new(
+            store.clone(),
+            origin,
+            keys.clone(),
+            version.clone(),
+            stats.clone(),
+            [
+                settings.views.metrics.ttl.0,
+                settings.views.feature_importance.ttl.0,
+                settings.views.comparison.ttl.0,
+            ],
+            Duration::from_secs(settings.cache.not_found_ttl),
+        );
+        let invalidator =
+            Invalidator::new(store.clone(), keys.clone(), version.clone(), stats.clone());
+        let (admin_token, token_generated) = match &settings.admin.token {
+            Some(t) => (t.clone(), false),
+            None => (SecretString::from(generate_token()), true),
+        };
+        Ok(Self {
+            settings: Arc::new(settings),
+            store,
+            views,
+            invalidator,
+            stats,
+            version,
+            keys,
+            admin_token: Arc::new(admin_token),
+            token_generated,
+            prometheus,
+            started: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+/// 32 random bytes, hex-encoded.
+fn generate_token() -> String {
+    let mut bytes = [0u8; 32];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness is a broken host; a v4 UUID pair still comes from a CSPRNG-seeded source.
+        let a = uuid::Uuid::new_v4();
+        let b = uuid::Uuid::new_v4();
+        bytes[..16].copy_from_slice(a.as_bytes());
+        bytes[16..].copy_from_slice(b.as_bytes());
+    }
+    crate::cache::hex(&bytes)
+}

@@ -1,0 +1,503 @@
+//! Test harness: a real `redis-server` per test (on a free port, killable and restartable),
+//! a real in-process origin that counts its calls, and the app itself on port 0.
+
+use std::collections::HashMap;
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, StatusCode, header};
+use runcache::config::Settings;
+use runcache::{AppState, Application};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "test-admin-token";
+
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    if std::env::var("TEST_LOG").is_ok() {
+        runcache::telemetry::init(runcache::config::LogFormat::Pretty, std::io::stdout);
+    }
+});
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A private redis-server started by the test; killed on drop.
+pub struct TestRedis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestRedis {
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("runcache-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut redis = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}); install it with `apt-get install -y redis-server`")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.conn_once().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn conn_once(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.conn_once().await.expect("connect to test redis")
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and directory (a `SAVE`d snapshot is loaded).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut self.conn().await)
+            .await
+            .expect("KEYS");
+        keys.sort();
+        keys
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the test origin does; tests change it while the app runs.
+#[derive(Default)]
+pub struct OriginControl {
+    pub calls: Mutex<HashMap<String, usize>>,
+    pub total: AtomicUsize,
+    pub delay_ms: AtomicU64,
+    /// Non-zero: answer every view with this status.
+    pub fail_status: AtomicU16,
+    pub cache_control: Mutex<Option<String>>,
+    pub last_headers: Mutex<Option<HeaderMap>>,
+    pub last_body: Mutex<Option<Value>>,
+}
+
+/// The in-process origin.
+pub struct TestOrigin {
+    pub url: String,
+    pub control: Arc<OriginControl>,
+}
+
+impl TestOrigin {
+    pub async fn start() -> Self {
+        let control = Arc::new(OriginControl::default());
+        let app = Router::new()
+            .route("/api/v1/models/train/{id}/metrics", get(metrics))
+            .route(
+                "/api/v1/models/train/{id}/feature-importance",
+                get(feature_importance),
+            )
+            .route(
+                "/api/v1/models/train/{id}",
+                axum::routing::delete(delete_run),
+            )
+            .route("/api/v1/models/compare", post(compare))
+            .route("/health", get(|| async { "ok" }))
+            .with_state(control.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind origin");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, control }
+    }
+
+    /// Origin calls made for `path` (path without query).
+    pub fn calls(&self, path: &str) -> usize {
+        *self
+            .control
+            .calls
+            .lock()
+            .expect("lock")
+            .get(path)
+            .unwrap_or(&0)
+    }
+
+    pub fn total_calls(&self) -> usize {
+        self.control.total.load(Ordering::SeqCst)
+    }
+
+    pub fn set_delay(&self, ms: u64) {
+        self.control.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    pub fn set_fail(&self, status: u16) {
+        self.control.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn set_cache_control(&self, value: Option<&str>) {
+        *self.control.cache_control.lock().expect("lock") = value.map(str::to_owned);
+    }
+
+    pub fn last_headers(&self) -> HeaderMap {
+        self.control
+            .last_headers
+            .lock()
+            .expect("lock")
+            .clone()
+            .unwrap_or_default()
+    }
+
+    pub fn last_body(&self) -> Option<Value> {
+        self.control.last_body.lock().expect("lock").clone()
+    }
+}
+
+/// Counts the call and applies delay / failure / special ids. `Err` is the answer to send.
+async fn enter(
+    c: &OriginControl,
+    path: String,
+    headers: HeaderMap,
+    id: &str,
+) -> Result<usize, Response> {
+    let n = {
+        let mut calls = c.calls.lock().expect("lock");
+        let n = calls.entry(path).or_insert(0);
+        *n += 1;
+        *n
+    };
+    c.total.fetch_add(1, Ordering::SeqCst);
+    *c.last_headers.lock().expect("lock") = Some(headers);
+    let delay = c.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let fail = c.fail_status.load(Ordering::SeqCst);
+    if fail != 0 {
+        let status = StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Err((status, "origin exploded at 10.1.2.3").into_response());
+    }
+    match id {
+        "missing" => Err((
+            StatusCode::NOT_FOUND,
+            Json(json!({"detail": "Model run missing not found"})),
+        )
+            .into_response()),
+        "forbidden" => Err((
+            StatusCode::FORBIDDEN,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "nope",
+        )
+            .into_response()),
+        _ => Ok(n),
+    }
+}
+
+fn json_answer(c: &OriginControl, body: String) -> Response {
+    let mut resp = (
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response();
+    if let Some(cc) = c.cache_control.lock().expect("lock").clone() {
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, cc.parse().expect("header"));
+    }
+    resp
+}
+
+async fn metrics(
+    State(c): State<Arc<OriginControl>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("/api/v1/models/train/{id}/metrics");
+    match enter(&c, path, headers, &id).await {
+        // Deliberately odd spacing: the cache must return these bytes, not re-serialised JSON.
+        Ok(n) => json_answer(
+            &c,
+            format!(
+                "{{\"model_run_id\":  \"{id}\", \"accuracy\": 0.93, \"fetch\": {n}, \"pad\": \"{}\"}}",
+                "x".repeat(200)
+            ),
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn feature_importance(
+    State(c): State<Arc<OriginControl>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("/api/v1/models/train/{id}/feature-importance");
+    match enter(&c, path, headers, &id).await {
+        Ok(n) => json_answer(
+            &c,
+            json!({"model_run_id": id, "top_n": q.get("top_n"), "fetch": n}).to_string(),
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn compare(
+    State(c): State<Arc<OriginControl>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    *c.last_body.lock().expect("lock") = Some(body.clone());
+    match enter(&c, "/api/v1/models/compare".into(), headers, "").await {
+        Ok(n) => json_answer(
+            &c,
+            json!({"compared": body["model_run_ids"], "fetch": n}).to_string(),
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn delete_run(
+    State(c): State<Arc<OriginControl>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match enter(
+        &c,
+        format!("DELETE /api/v1/models/train/{id}"),
+        headers,
+        &id,
+    )
+    .await
+    {
+        Ok(_) => Json(json!({"deleted": true, "model_run_id": id})).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// A running runcache.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub origin: TestOrigin,
+    pub state: AppState,
+    pub prefix: String,
+}
+
+/// Settings every test starts from: the real defaults, then port 0, a per-test prefix, the
+/// test origin, and `redis_url` (a closed port when the test wants no Redis).
+pub fn test_settings(origin_url: &str, redis_url: &str) -> Settings {
+    let mut s = Settings::load_from(None, Some(HashMap::new())).expect("default settings");
+    s.server.addr = "127.0.0.1:0".into();
+    s.origin.base_url = origin_url.into();
+    s.redis.url = SecretString::from(redis_url.to_owned());
+    s.redis.probe_interval_ms = 100;
+    s.redis.version_poll_ms = 100;
+    s.cache.prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
+    s.admin.token = Some(SecretString::from(TOKEN));
+    s
+}
+
+/// A URL where nothing listens.
+pub fn closed_redis_url() -> String {
+    format!("redis://127.0.0.1:{}", free_port())
+}
+
+pub async fn spawn_app(redis: Option<&TestRedis>) -> TestApp {
+    spawn_app_with(redis, |_| {}).await
+}
+
+pub async fn spawn_app_with(
+    redis: Option<&TestRedis>,
+    tweak: impl FnOnce(&mut Settings),
+) -> TestApp {
+    let origin = TestOrigin::start().await;
+    let redis_url = redis.map(TestRedis::url).unwrap_or_else(closed_redis_url);
+    let mut settings = test_settings(&origin.url, &redis_url);
+    tweak(&mut settings);
+    spawn_with_settings(settings, origin).await
+}
+
+pub async fn spawn_with_settings(settings: Settings, origin: TestOrigin) -> TestApp {
+    LazyLock::force(&TRACING);
+    settings.validate().expect("valid test settings");
+    let prefix = settings.cache.prefix.clone();
+    let app = Application::build(settings).await.expect("build app");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state().clone();
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let test_app = TestApp {
+        address,
+        client,
+        origin,
+        state,
+        prefix,
+    };
+    wait_for(|| async { test_app.state.started.load(Ordering::Acquire) }).await;
+    test_app
+}
+
+/// Polls `cond` every 20 ms for up to 10 s.
+pub async fn wait_for<F, Fut>(cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "condition not met within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn metrics(&self, id: &str) -> reqwest::Response {
+        self.get(&format!("/api/v1/models/train/{id}/metrics"))
+            .await
+    }
+
+    pub async fn compare(&self, ids: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/v1/models/compare"))
+            .json(&json!({ "model_run_ids": ids }))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// An authenticated admin or event request with a JSON body.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.expect("request")
+    }
+
+    pub async fn event(&self, kind: &str, run_id: Value) -> reqwest::Response {
+        self.admin(
+            reqwest::Method::POST,
+            &format!("/events/{kind}"),
+            Some(json!({ "model_run_id": run_id })),
+        )
+        .await
+    }
+
+    pub async fn stats(&self) -> Value {
+        let resp = self.admin(reqwest::Method::GET, "/cache/stats", None).await;
+        assert_eq!(resp.status(), 200);
+        resp.json().await.expect("stats json")
+    }
+}
+
+pub fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().expect("ascii header"))
+        .unwrap_or("")
+}
+
+/// Asserts `resp` is our JSON error with `status` and `code`; returns the message.
+pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(resp.status(), status, "status");
+    assert!(
+        header(&resp, "content-type").starts_with("application/json"),
+        "content-type {:?}",
+        header(&resp, "content-type")
+    );
+    let body: Value = resp.json().await.expect("json error body");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("message")
+        .to_owned();
+    assert!(!message.is_empty());
+    message
+}

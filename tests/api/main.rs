@@ -1,0 +1,9 @@
+//! Integration tests: one binary, one file per feature, real Redis and a real origin.
+#![allow(unreachable_pub, missing_docs)]
+
+mod admin;
+mod events;
+mod fallback;
+mod helpers;
+mod ops;
+mod views;
