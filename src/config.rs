@@ -56,6 +56,10 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Cross-origin browser access.
     pub cors: CorsSettings,
+    /// Request coalescing.
+    pub coalesce: CoalesceSettings,
+    /// The outage journal.
+    pub journal: JournalSettings,
     /// Log output.
     pub log: LogSettings,
 }
@@ -148,6 +152,10 @@ pub struct ViewsSettings {
 pub struct ViewSettings {
     /// Time-to-live: a tier name or seconds.
     pub ttl: Ttl,
+    /// Seconds past the TTL an entry is served while one background refresh runs (default 60).
+    pub grace: u64,
+    /// Seconds past the TTL an entry may be served when the origin fails (default 300).
+    pub stale_if_error: u64,
 }
 
 /// The comparison view's settings.
@@ -156,6 +164,10 @@ pub struct ViewSettings {
 pub struct ComparisonSettings {
     /// Time-to-live: a tier name or seconds.
     pub ttl: Ttl,
+    /// Seconds past the TTL an entry is served while one background refresh runs (default 60).
+    pub grace: u64,
+    /// Seconds past the TTL an entry may be served when the origin fails (default 300).
+    pub stale_if_error: u64,
     /// Most distinct run ids in one comparison (default 50).
     pub max_ids: usize,
 }
@@ -185,6 +197,27 @@ pub struct WarmSettings {
 pub struct AdminSettings {
     /// Bearer token for admin routes and events; generated at start when unset.
     pub token: Option<SecretString>,
+}
+
+/// `[coalesce]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoalesceSettings {
+    /// How long a request waits for a fetch it started or joined, in ms (default 15000).
+    pub wait_timeout_ms: u64,
+    /// Lifetime of the cross-instance fetch lock in Redis, in ms (default 12000).
+    pub lock_ttl_ms: u64,
+    /// How often an instance waiting on another's lock looks for the entry, in ms (default 25).
+    pub lock_poll_ms: u64,
+}
+
+/// `[journal]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSettings {
+    /// File where invalidations made during a Redis outage are kept until replayed
+    /// (default `data/journal.log`); empty keeps them in memory only.
+    pub path: String,
 }
 
 /// `[cors]`
@@ -348,6 +381,9 @@ impl Settings {
                 self.origin.max_response_bytes as u64,
             ),
             ("warm.concurrency", self.warm.concurrency as u64),
+            ("coalesce.wait_timeout_ms", self.coalesce.wait_timeout_ms),
+            ("coalesce.lock_ttl_ms", self.coalesce.lock_ttl_ms),
+            ("coalesce.lock_poll_ms", self.coalesce.lock_poll_ms),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be greater than 0"));
@@ -390,6 +426,30 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The freshness rules of the three views, indexed by `View::index`.
+    pub fn view_policies(&self) -> [crate::cache::read_through::ViewPolicy; 3] {
+        use crate::cache::read_through::ViewPolicy;
+        let v = &self.views;
+        let policy = |ttl: Ttl, grace: u64, sie: u64| ViewPolicy {
+            ttl: ttl.0,
+            grace: Duration::from_secs(grace),
+            stale_if_error: Duration::from_secs(sie),
+        };
+        [
+            policy(v.metrics.ttl, v.metrics.grace, v.metrics.stale_if_error),
+            policy(
+                v.feature_importance.ttl,
+                v.feature_importance.grace,
+                v.feature_importance.stale_if_error,
+            ),
+            policy(
+                v.comparison.ttl,
+                v.comparison.grace,
+                v.comparison.stale_if_error,
+            ),
+        ]
     }
 
     /// The listen address.

@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::cache::memory::MemoryStore;
+use crate::cache::read_through::{CoalesceOptions, ReadThroughOptions};
 use crate::cache::redis::{RedisOptions, RedisStore};
 use crate::cache::{FallbackStore, KeyVersion, Keyspace, ReadThrough};
 use crate::config::{Settings, ms};
@@ -63,12 +64,16 @@ impl AppState {
             pool_max_size: settings.redis.pool_max_size,
             pool_timeout: ms(settings.redis.pool_timeout_ms),
             scan_batch: settings.redis.scan_batch,
+            gen_ttl: gen_ttl(&settings),
         })
         .context("set up the redis client")?;
         let memory = MemoryStore::new(settings.memory.max_bytes);
         // Every entry of every version of this service (never its _meta or _tags keys).
         let all_entries = format!("{}:[^_]*", keys.prefix());
-        let store = Arc::new(FallbackStore::new(redis, memory, all_entries));
+        let journal = Some(settings.journal.path.trim())
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from);
+        let store = Arc::new(FallbackStore::new(redis, memory, all_entries, journal));
         let version = Arc::new(KeyVersion::new(&settings.cache.version));
         let stats = Arc::new(Stats::default());
         let origin = OriginClient::new(&settings.origin).context("build the origin client")?;
@@ -78,12 +83,15 @@ impl AppState {
             keys.clone(),
             version.clone(),
             stats.clone(),
-            [
-                settings.views.metrics.ttl.0,
-                settings.views.feature_importance.ttl.0,
-                settings.views.comparison.ttl.0,
-            ],
-            Duration::from_secs(settings.cache.not_found_ttl),
+            ReadThroughOptions {
+                policies: settings.view_policies(),
+                not_found_ttl: Duration::from_secs(settings.cache.not_found_ttl),
+                coalesce: CoalesceOptions {
+                    wait: ms(settings.coalesce.wait_timeout_ms),
+                    lock_ttl: ms(settings.coalesce.lock_ttl_ms),
+                    lock_poll: ms(settings.coalesce.lock_poll_ms),
+                },
+            },
         );
         let invalidator =
             Invalidator::new(store.clone(), keys.clone(), version.clone(), stats.clone());
@@ -105,6 +113,18 @@ impl AppState {
             started: Arc::new(AtomicBool::new(false)),
         })
     }
+}
+
+/// Generation counters must outlive every entry stamped with them: twice the longest
+/// retention, and at least a day.
+fn gen_ttl(settings: &Settings) -> Duration {
+    let longest = settings
+        .view_policies()
+        .iter()
+        .map(|p| p.ttl + p.grace.max(p.stale_if_error))
+        .max()
+        .unwrap_or_default();
+    (longest * 2).max(Duration::from_secs(86_400))
 }
 
 /// 32 random bytes, hex-encoded.

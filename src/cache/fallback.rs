@@ -1,20 +1,27 @@
 //! Redis first, memory when Redis is unreachable. A failed Redis command opens the circuit at
 //! once (later requests go straight to memory, never waiting on a dead Redis); a background
 //! probe closes it. Invalidations made while Redis is down are applied to memory and kept in a
-//! journal that is replayed to Redis before any read is served from Redis again.
+//! journal (in memory and appended to a file, fsynced, so it survives a restart) that is
+//! replayed to Redis before any read is served from Redis again.
 
-use std::sync::Mutex;
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
 
-use super::{CacheEntry, MemoryStore, RedisStore, Store, StoreError, Tier};
+use super::{CacheEntry, Lookup, MemoryStore, RedisStore, Store, StoreError, Tier};
 use crate::metrics::names;
 
 /// An invalidation waiting to be applied to Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum JournalOp {
+    /// Bump these generation counters.
+    Bump(Vec<String>),
     /// Delete these physical keys.
     Delete(Vec<String>),
     /// Delete the members of this tag set, and the set.
@@ -27,30 +34,131 @@ pub enum JournalOp {
 /// operation, so an outage under a storm of events cannot exhaust memory or lose anything.
 const JOURNAL_CAP: usize = 10_000;
 
+/// Pending operations, mirrored in an append-only file of JSON lines.
+#[derive(Debug, Default)]
+struct Journal {
+    ops: Vec<JournalOp>,
+    path: Option<PathBuf>,
+}
+
+impl Journal {
+    /// Loads the operations a previous process left; a corrupt line is skipped with a warning.
+    fn load(path: Option<PathBuf>) -> Self {
+        let mut ops = Vec::new();
+        if let Some(p) = &path {
+            match std::fs::read_to_string(p) {
+                Ok(text) => {
+                    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                        match serde_json::from_str(line) {
+                            Ok(op) => ops.push(op),
+                            Err(e) => {
+                                tracing::warn!(path = %p.display(), error = %e, "skipping a corrupt journal line")
+                            }
+                        }
+                    }
+                    if !ops.is_empty() {
+                        tracing::warn!(count = ops.len(), path = %p.display(), "invalidations from a previous run will be replayed to redis before it serves");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(path = %p.display(), error = %e, "cannot read the journal")
+                }
+            }
+        }
+        Self { ops, path }
+    }
+
+    /// Appends `op`, durably when a file is configured. A write failure is logged: the
+    /// operation stays journaled in memory.
+    fn push(&mut self, op: JournalOp) {
+        if let Some(p) = &self.path {
+            let result = (|| -> std::io::Result<()> {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?;
+                let mut line = serde_json::to_vec(&op).map_err(std::io::Error::other)?;
+                line.push(b'\n');
+                f.write_all(&line)?;
+                f.sync_data()
+            })();
+            if let Err(e) = result {
+                tracing::error!(path = %p.display(), error = %e, "cannot write the journal; the invalidation is kept in memory only");
+            }
+        }
+        self.ops.push(op);
+    }
+
+    /// Replaces the file's content with the operations still pending.
+    fn rewrite(&self) {
+        let Some(p) = &self.path else { return };
+        let result = (|| -> std::io::Result<()> {
+            let tmp = p.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            for op in &self.ops {
+                let mut line = serde_json::to_vec(op).map_err(std::io::Error::other)?;
+                line.push(b'\n');
+                f.write_all(&line)?;
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, p)
+        })();
+        if let Err(e) = result {
+            tracing::error!(path = %p.display(), error = %e, "cannot rewrite the journal");
+        }
+    }
+}
+
 /// The two tiers behind one `Store`.
 #[derive(Debug)]
 pub struct FallbackStore {
     redis: RedisStore,
     memory: MemoryStore,
     up: AtomicBool,
-    journal: Mutex<Vec<JournalOp>>,
+    journal: Mutex<Journal>,
     overflow_pattern: String,
     fallbacks: AtomicU64,
+    redis_calls: AtomicU64,
 }
 
 impl FallbackStore {
     /// Starts in the memory tier until [`FallbackStore::probe`] finds Redis.
     /// `all_entries_pattern` is the Redis glob matching every entry of every version of this
-    /// service (used when the journal overflows).
-    pub fn new(redis: RedisStore, memory: MemoryStore, all_entries_pattern: String) -> Self {
+    /// service (used when the journal overflows). `journal_path` is where invalidations made
+    /// during an outage are kept; operations found there are replayed before Redis serves.
+    pub fn new(
+        redis: RedisStore,
+        memory: MemoryStore,
+        all_entries_pattern: String,
+        journal_path: Option<PathBuf>,
+    ) -> Self {
         Self {
             redis,
             memory,
             up: AtomicBool::new(false),
-            journal: Mutex::new(Vec::new()),
+            journal: Mutex::new(Journal::load(journal_path)),
             overflow_pattern: all_entries_pattern,
             fallbacks: AtomicU64::new(0),
+            redis_calls: AtomicU64::new(0),
         }
+    }
+
+    /// Store operations sent to Redis so far (the circuit breaker's tests watch this stay
+    /// still while the circuit is open).
+    pub fn redis_calls(&self) -> u64 {
+        self.redis_calls.load(Ordering::Relaxed)
+    }
+
+    fn use_redis(&self) -> bool {
+        let up = self.up.load(Ordering::Acquire);
+        if up {
+            self.redis_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        up
     }
 
     /// The tier reads and writes currently go to.
@@ -78,12 +186,8 @@ impl FallbackStore {
     }
 
     /// Invalidations waiting for Redis.
-    pub fn pending_invalidations(&self) -> usize {
-        self.lock_journal().len()
-    }
-
-    fn lock_journal(&self) -> std::sync::MutexGuard<'_, Vec<JournalOp>> {
-        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    pub async fn pending_invalidations(&self) -> usize {
+        self.journal.lock().await.ops.len()
     }
 
     /// Opens the circuit after `err`; logs only on the transition.
@@ -106,14 +210,15 @@ impl FallbackStore {
             return false;
         }
         loop {
-            let ops = std::mem::take(&mut *self.lock_journal());
+            let ops = std::mem::take(&mut self.journal.lock().await.ops);
             if ops.is_empty() {
-                let journal = self.lock_journal();
-                if !journal.is_empty() {
+                let journal = self.journal.lock().await;
+                if !journal.ops.is_empty() {
                     continue;
                 }
                 // Closing the circuit under the journal lock: an invalidation either sees the
                 // circuit closed and goes to Redis, or is journaled before this point.
+                journal.rewrite();
                 self.memory.clear();
                 self.up.store(true, Ordering::Release);
                 drop(journal);
@@ -123,9 +228,8 @@ impl FallbackStore {
             let count = ops.len();
             for (i, op) in ops.iter().enumerate() {
                 if let Err(e) = self.apply_to_redis(op).await {
-                    let mut journal = self.lock_journal();
-                    let rest: Vec<JournalOp> = ops[i..].to_vec();
-                    journal.splice(0..0, rest);
+                    let mut journal = self.journal.lock().await;
+                    journal.ops.splice(0..0, ops[i..].iter().cloned());
                     tracing::warn!(error = %e, "replaying invalidations to redis failed; will retry");
                     return false;
                 }
@@ -136,6 +240,7 @@ impl FallbackStore {
 
     async fn apply_to_redis(&self, op: &JournalOp) -> Result<u64, StoreError> {
         match op {
+            JournalOp::Bump(deps) => self.redis.bump(deps).await.map(|()| 0),
             JournalOp::Delete(keys) => self.redis.delete(keys).await,
             JournalOp::DeleteTagged(tag) => self.redis.delete_tagged(tag).await,
             JournalOp::DeleteMatching(pattern) => self.redis.delete_matching(pattern).await,
@@ -144,6 +249,7 @@ impl FallbackStore {
 
     async fn apply_to_memory(&self, op: &JournalOp) -> u64 {
         let result = match op {
+            JournalOp::Bump(deps) => self.memory.bump(deps).await.map(|()| 0),
             JournalOp::Delete(keys) => self.memory.delete(keys).await,
             JournalOp::DeleteTagged(tag) => self.memory.delete_tagged(tag).await,
             JournalOp::DeleteMatching(pattern) => self.memory.delete_matching(pattern).await,
@@ -152,14 +258,15 @@ impl FallbackStore {
     }
 
     /// Journals `op` unless the circuit closed meanwhile; returns whether it was journaled.
-    fn journal(&self, op: &JournalOp) -> bool {
-        let mut journal = self.lock_journal();
+    async fn journal(&self, op: &JournalOp) -> bool {
+        let mut journal = self.journal.lock().await;
         if self.up.load(Ordering::Acquire) {
             return false;
         }
-        if journal.len() >= JOURNAL_CAP {
-            journal.clear();
-            journal.push(JournalOp::DeleteMatching(self.overflow_pattern.clone()));
+        if journal.ops.len() >= JOURNAL_CAP {
+            journal.ops = vec![JournalOp::DeleteMatching(self.overflow_pattern.clone())];
+            journal.rewrite();
+            tracing::warn!("journal overflow: every entry will be deleted when redis returns");
         } else {
             journal.push(op.clone());
         }
@@ -171,14 +278,14 @@ impl FallbackStore {
     pub async fn invalidate(&self, op: JournalOp) -> Result<u64, StoreError> {
         let from_memory = self.apply_to_memory(&op).await;
         for _ in 0..3 {
-            if self.up.load(Ordering::Acquire) {
+            if self.use_redis() {
                 match self.apply_to_redis(&op).await {
                     Ok(n) => return Ok(n + from_memory),
                     Err(e) if e.is_unavailable() => self.mark_down(&e),
                     Err(e) => return Err(e),
                 }
             }
-            if self.journal(&op) {
+            if self.journal(&op).await {
                 return Ok(from_memory);
             }
         }
@@ -190,18 +297,34 @@ impl FallbackStore {
 
 #[async_trait]
 impl Store for FallbackStore {
-    async fn get(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
-        if self.up.load(Ordering::Acquire) {
-            match self.redis.get(key).await {
+    async fn get(&self, key: &str, deps: &[String]) -> Result<Lookup, StoreError> {
+        if self.use_redis() {
+            match self.redis.get(key, deps).await {
                 Err(e) if e.is_unavailable() => self.mark_down(&e),
                 other => return other,
             }
         }
-        self.memory.get(key).await
+        self.memory.get(key, deps).await
+    }
+
+    async fn generations(&self, deps: &[String]) -> Result<Vec<u64>, StoreError> {
+        if self.use_redis() {
+            match self.redis.generations(deps).await {
+                Err(e) if e.is_unavailable() => self.mark_down(&e),
+                other => return other,
+            }
+        }
+        self.memory.generations(deps).await
+    }
+
+    async fn bump(&self, deps: &[String]) -> Result<(), StoreError> {
+        self.invalidate(JournalOp::Bump(deps.to_vec()))
+            .await
+            .map(|_| ())
     }
 
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError> {
-        if self.up.load(Ordering::Acquire) {
+        if self.use_redis() {
             match self.redis.set(key, entry, ttl).await {
                 Err(e) if e.is_unavailable() => self.mark_down(&e),
                 other => return other,
@@ -225,7 +348,7 @@ impl Store for FallbackStore {
     }
 
     async fn count_matching(&self, pattern: &str) -> Result<u64, StoreError> {
-        if self.up.load(Ordering::Acquire) {
+        if self.use_redis() {
             match self.redis.count_matching(pattern).await {
                 Err(e) if e.is_unavailable() => self.mark_down(&e),
                 other => return other,

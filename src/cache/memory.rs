@@ -1,7 +1,8 @@
 //! The bounded in-process tier: a moka cache weighed in bytes, with per-entry expiry and LRU
 //! eviction (moka's default TinyLFU admission could refuse fresh entries when full).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -9,7 +10,7 @@ use moka::future::Cache;
 use moka::policy::EvictionPolicy;
 use wildmatch::WildMatch;
 
-use super::{CacheEntry, Store, StoreError};
+use super::{CacheEntry, Lookup, Store, StoreError};
 
 #[derive(Debug)]
 struct Slot {
@@ -40,6 +41,7 @@ impl moka::Expiry<String, Arc<Slot>> for PerEntryTtl {
 pub struct MemoryStore {
     cache: Cache<String, Arc<Slot>>,
     max_bytes: u64,
+    gens: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -61,7 +63,18 @@ impl MemoryStore {
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(PerEntryTtl)
             .build();
-        Self { cache, max_bytes }
+        Self {
+            cache,
+            max_bytes,
+            gens: Arc::default(),
+        }
+    }
+
+    fn read_gens(&self, deps: &[String]) -> Vec<u64> {
+        let gens = self.gens.lock().unwrap_or_else(|e| e.into_inner());
+        deps.iter()
+            .map(|d| gens.get(d).copied().unwrap_or(0))
+            .collect()
     }
 
     /// Entries currently held (after pending maintenance).
@@ -109,8 +122,23 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn get(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
-        Ok(self.cache.get(key).await.map(|slot| slot.entry.clone()))
+    async fn get(&self, key: &str, deps: &[String]) -> Result<Lookup, StoreError> {
+        Ok(Lookup {
+            entry: self.cache.get(key).await.map(|slot| slot.entry.clone()),
+            gens: self.read_gens(deps),
+        })
+    }
+
+    async fn generations(&self, deps: &[String]) -> Result<Vec<u64>, StoreError> {
+        Ok(self.read_gens(deps))
+    }
+
+    async fn bump(&self, deps: &[String]) -> Result<(), StoreError> {
+        let mut gens = self.gens.lock().unwrap_or_else(|e| e.into_inner());
+        for dep in deps {
+            *gens.entry(dep.clone()).or_insert(0) += 1;
+        }
+        Ok(())
     }
 
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError> {
@@ -178,7 +206,7 @@ mod tests {
             .set("k", &e, Duration::from_secs(60))
             .await
             .expect("set");
-        assert_eq!(store.get("k").await.expect("get"), Some(e));
+        assert_eq!(store.get("k", &[]).await.expect("get").current(), Some(e));
         assert_eq!(
             store
                 .delete(&["k".into(), "nope".into()])
@@ -186,7 +214,7 @@ mod tests {
                 .expect("delete"),
             1
         );
-        assert_eq!(store.get("k").await.expect("get"), None);
+        assert_eq!(store.get("k", &[]).await.expect("get").current(), None);
     }
 
     #[tokio::test]
@@ -210,10 +238,52 @@ mod tests {
             .await
             .expect("set");
         assert_eq!(store.delete_tagged("t:1").await.expect("tagged"), 2);
-        assert!(store.get("p:v1:c").await.expect("get").is_some());
+        assert!(store.get("p:v1:c", &[]).await.expect("get").entry.is_some());
         assert_eq!(store.count_matching("p:v1:*").await.expect("count"), 1);
         assert_eq!(store.delete_matching("p:v1:*").await.expect("clear"), 1);
-        assert!(store.get("other:x").await.expect("get").is_some());
+        assert!(
+            store
+                .get("other:x", &[])
+                .await
+                .expect("get")
+                .entry
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bump_makes_older_stamps_unservable() {
+        let store = MemoryStore::new(1 << 20);
+        let deps = vec!["gen:run:1".to_owned()];
+        let mut e = entry(b"{}", &[]);
+        e.gens = store.generations(&deps).await.expect("gens");
+        store.bump(&deps).await.expect("bump");
+        // A fetch that began before the bump stores afterwards: never served.
+        store
+            .set("k", &e, Duration::from_secs(60))
+            .await
+            .expect("set");
+        assert!(
+            store
+                .get("k", &deps)
+                .await
+                .expect("get")
+                .current()
+                .is_none()
+        );
+        e.gens = store.generations(&deps).await.expect("gens");
+        store
+            .set("k", &e, Duration::from_secs(60))
+            .await
+            .expect("set");
+        assert!(
+            store
+                .get("k", &deps)
+                .await
+                .expect("get")
+                .current()
+                .is_some()
+        );
     }
 
     #[tokio::test]

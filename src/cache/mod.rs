@@ -1,6 +1,7 @@
 //! The cache: key layout, entries and their encoding, the `Store` trait and its tiers
 //! (Redis, memory, and the fallback that switches between them), and read-through serving.
 
+pub mod coalesce;
 pub mod fallback;
 pub mod memory;
 pub mod policy;
@@ -218,9 +219,10 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Builds physical keys: `{prefix}:{version}:{logical}` for entries,
-/// `{prefix}:_tags:{version}:run:{id}` for the per-run tag sets (outside the entries'
-/// keyspace, so a clear of `*` counts only entries), `{prefix}:_meta:version` for the shared
-/// version. Versions cannot start with `_`, so the three never collide.
+/// `{prefix}:_tags:{version}:run:{id}` for the per-run tag sets, `{prefix}:_gen:{version}:…`
+/// for generation counters and `{prefix}:_lock:{version}:…` for fetch locks (all outside the
+/// entries' keyspace, so a clear of `*` counts only entries), and `{prefix}:_meta:version` for
+/// the shared version. Versions cannot start with `_`, so these never collide.
 #[derive(Debug, Clone)]
 pub struct Keyspace {
     prefix: String,
@@ -259,6 +261,26 @@ impl Keyspace {
         format!("{}:_tags:{version}:*", self.prefix)
     }
 
+    /// Physical key of a run's generation counter.
+    pub fn run_gen(&self, version: &str, run_id: &str) -> String {
+        format!("{}:_gen:{version}:run:{run_id}", self.prefix)
+    }
+
+    /// Physical key of a view's generation counter.
+    pub fn view_gen(&self, version: &str, view: View) -> String {
+        format!("{}:_gen:{version}:ns:{}", self.prefix, view.name())
+    }
+
+    /// Physical glob over every generation counter of `version`.
+    pub fn gen_pattern(&self, version: &str) -> String {
+        format!("{}:_gen:{version}:*", self.prefix)
+    }
+
+    /// Physical key of the cross-instance fetch lock of an entry.
+    pub fn fetch_lock(&self, version: &str, logical: &str) -> String {
+        format!("{}:_lock:{version}:{logical}", self.prefix)
+    }
+
     /// Physical key holding the shared key version.
     pub fn version_key(&self) -> String {
         format!("{}:_meta:version", self.prefix)
@@ -289,6 +311,9 @@ pub struct CacheEntry {
     pub ttl_secs: u64,
     /// Physical keys of the tag sets this entry belongs to.
     pub tags: Vec<String>,
+    /// The generations of its dependencies (namespace, then runs) read before the origin
+    /// fetch began; the entry is served only while they are still current.
+    pub gens: Vec<u64>,
     /// The origin's body.
     pub body: Bytes,
 }
@@ -304,6 +329,8 @@ struct EntryMeta<'a> {
     ttl: u64,
     #[serde(default)]
     tags: Vec<String>,
+    #[serde(default)]
+    g: Vec<u64>,
 }
 
 const ENTRY_MAGIC: &[u8; 3] = b"RC1";
@@ -325,6 +352,7 @@ impl CacheEntry {
             stored_at_ms,
             ttl_secs: ttl.as_secs(),
             tags,
+            gens: Vec::new(),
             body,
         }
     }
@@ -339,6 +367,7 @@ impl CacheEntry {
             at: self.stored_at_ms,
             ttl: self.ttl_secs,
             tags: self.tags.clone(),
+            g: self.gens.clone(),
         };
         let meta = serde_json::to_vec(&meta).unwrap_or_default();
         let mut out = BytesMut::with_capacity(7 + meta.len() + self.body.len());
@@ -369,8 +398,16 @@ impl CacheEntry {
             stored_at_ms: meta.at,
             ttl_secs: meta.ttl,
             tags: meta.tags,
+            gens: meta.g,
             body: raw,
         })
+    }
+
+    /// Whether the entry was computed under the generations `current` (missing values on
+    /// either side count as 0, the generation of a counter never bumped).
+    pub fn is_current(&self, current: &[u64]) -> bool {
+        let n = self.gens.len().max(current.len());
+        (0..n).all(|i| self.gens.get(i).unwrap_or(&0) == current.get(i).unwrap_or(&0))
     }
 
     /// Approximate bytes held in memory, for the byte-bounded memory tier.
@@ -383,12 +420,34 @@ impl CacheEntry {
     }
 }
 
+/// An entry read together with the current generations of its dependencies.
+#[derive(Debug, Clone, Default)]
+pub struct Lookup {
+    /// The stored entry, if any.
+    pub entry: Option<CacheEntry>,
+    /// Current generations of the dependencies asked for, in order.
+    pub gens: Vec<u64>,
+}
+
+impl Lookup {
+    /// The entry, unless an invalidation happened after its fetch began.
+    pub fn current(self) -> Option<CacheEntry> {
+        let gens = self.gens;
+        self.entry.filter(|e| e.is_current(&gens))
+    }
+}
+
 /// A cache tier. Keys are physical keys; patterns are physical globs using only `*` and `?`.
 /// Every method touches at most one key per command, so the Redis tier stays cluster-ready.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Reads an entry.
-    async fn get(&self, key: &str) -> Result<Option<CacheEntry>, StoreError>;
+    /// Reads an entry and the generations of `deps` (one round trip on Redis).
+    async fn get(&self, key: &str, deps: &[String]) -> Result<Lookup, StoreError>;
+    /// Reads the generations of `deps` (0 for a counter never bumped).
+    async fn generations(&self, deps: &[String]) -> Result<Vec<u64>, StoreError>;
+    /// Bumps the generations of `deps`, making every entry computed under the old ones
+    /// unservable, including entries stored later by fetches that began before.
+    async fn bump(&self, deps: &[String]) -> Result<(), StoreError>;
     /// Writes an entry for `ttl` and adds its key to each of `entry.tags`.
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError>;
     /// Deletes keys; returns how many existed.

@@ -144,6 +144,44 @@ pub fn remaining_ttl_secs(stored_at_ms: u64, ttl_secs: u64, now_ms: u64) -> Opti
     (now_ms < expires_ms).then(|| (expires_ms - now_ms).div_ceil(1000))
 }
 
+/// Where an entry stands at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within its TTL; seconds left.
+    Fresh {
+        /// Whole seconds of freshness left.
+        ttl: u64,
+    },
+    /// Past its TTL but within the grace period: serve it and refresh in the background.
+    Revalidate,
+    /// Past the grace period but within stale-if-error: fetch, and serve it if that fails.
+    StaleIfError,
+    /// Not servable.
+    Expired,
+}
+
+/// Classifies an entry stored at `stored_at_ms` with `ttl_secs` of freshness (RFC 5861).
+pub fn freshness(
+    stored_at_ms: u64,
+    ttl_secs: u64,
+    now_ms: u64,
+    grace: Duration,
+    stale_if_error: Duration,
+) -> Freshness {
+    if let Some(ttl) = remaining_ttl_secs(stored_at_ms, ttl_secs, now_ms) {
+        return Freshness::Fresh { ttl };
+    }
+    let expired_at = stored_at_ms.saturating_add(ttl_secs.saturating_mul(1000));
+    let past = Duration::from_millis(now_ms.saturating_sub(expired_at));
+    if past < grace {
+        Freshness::Revalidate
+    } else if past < stale_if_error {
+        Freshness::StaleIfError
+    } else {
+        Freshness::Expired
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +228,26 @@ mod tests {
                 "{cc}"
             );
         }
+    }
+
+    #[test]
+    fn freshness_windows() {
+        let grace = Duration::from_secs(10);
+        let sie = Duration::from_secs(60);
+        assert_eq!(
+            freshness(0, 60, 30_000, grace, sie),
+            Freshness::Fresh { ttl: 30 }
+        );
+        assert_eq!(freshness(0, 60, 65_000, grace, sie), Freshness::Revalidate);
+        assert_eq!(
+            freshness(0, 60, 100_000, grace, sie),
+            Freshness::StaleIfError
+        );
+        assert_eq!(freshness(0, 60, 121_000, grace, sie), Freshness::Expired);
+        assert_eq!(
+            freshness(0, 60, 61_000, Duration::ZERO, Duration::ZERO),
+            Freshness::Expired
+        );
     }
 
     #[test]

@@ -8,8 +8,13 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
-use super::policy::{self, Storability};
-use super::{CacheEntry, FallbackStore, KeyVersion, Keyspace, Store, View};
+use std::sync::atomic::Ordering::Relaxed;
+
+use futures_util::FutureExt;
+
+use super::coalesce::Flights;
+use super::policy::{self, Freshness, Storability};
+use super::{CacheEntry, FallbackStore, KeyVersion, Keyspace, Store, Tier, View};
 use crate::metrics::{Outcome, Stats};
 use crate::origin::{OriginClient, OriginError, OriginRequest, OriginResponse};
 
@@ -111,19 +116,31 @@ pub struct WarmFailure {
 /// How the answer was produced, for `X-Cache` and `Cache-Status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheOutcome {
-    /// From the cache; seconds of freshness left and age in seconds.
+    /// From the cache.
     Hit {
-        /// Remaining TTL.
+        /// Seconds of freshness left.
         ttl: u64,
         /// Seconds since stored.
         age: u64,
+        /// Waited for another request's (or instance's) fetch.
+        collapsed: bool,
     },
-    /// From the origin; whether it was stored, and why not.
+    /// From the origin.
     Miss {
         /// Stored for later hits.
         stored: bool,
         /// Why it was not stored (`no-store`, `status`, …).
         detail: Option<&'static str>,
+        /// Waited for another request's fetch instead of fetching.
+        collapsed: bool,
+    },
+    /// An expired copy.
+    Stale {
+        /// Seconds since stored.
+        age: u64,
+        /// `true`: within the grace period while one background refresh runs;
+        /// `false`: served because the origin failed (stale-if-error).
+        revalidating: bool,
     },
     /// From the origin because of `use_cache=false`.
     Bypass,
@@ -132,7 +149,7 @@ pub enum CacheOutcome {
 /// The answer to a cached-view request.
 #[derive(Debug, Clone)]
 pub struct ViewResponse {
-    /// Status to send (the origin's 2xx/4xx, or 304 is decided by the handler).
+    /// Status to send (the origin's 2xx/4xx; 304 is decided by the handler).
     pub status: StatusCode,
     /// Origin `Content-Type`.
     pub content_type: Option<HeaderValue>,
@@ -144,7 +161,7 @@ pub struct ViewResponse {
     pub etag: Option<String>,
     /// Cache outcome.
     pub outcome: CacheOutcome,
-    /// Tier that served or stored it, when it matters (`memory` while degraded).
+    /// Served while Redis is unreachable (from or into the memory tier).
     pub degraded: bool,
 }
 
@@ -154,6 +171,7 @@ impl ViewResponse {
         match self.outcome {
             CacheOutcome::Hit { .. } => "HIT",
             CacheOutcome::Miss { .. } => "MISS",
+            CacheOutcome::Stale { .. } => "STALE",
             CacheOutcome::Bypass => "BYPASS",
         }
     }
@@ -164,27 +182,95 @@ impl ViewResponse {
             CacheOutcome::Hit { ttl, .. } => format!("runcache; hit; ttl={ttl}"),
             CacheOutcome::Miss { stored: true, .. } => "runcache; fwd=miss; stored".to_owned(),
             CacheOutcome::Miss {
-                stored: false,
-                detail,
-            } => match detail {
-                Some(d) => format!("runcache; fwd=miss; detail={d}"),
-                None => "runcache; fwd=miss".to_owned(),
-            },
+                detail: Some(d), ..
+            } => format!("runcache; fwd=miss; detail={d}"),
+            CacheOutcome::Miss { .. } => "runcache; fwd=miss".to_owned(),
+            CacheOutcome::Stale {
+                revalidating: true, ..
+            } => "runcache; fwd=stale; hit".to_owned(),
+            CacheOutcome::Stale {
+                revalidating: false,
+                ..
+            } => "runcache; fwd=stale; hit; detail=stale-if-error".to_owned(),
             CacheOutcome::Bypass => "runcache; fwd=bypass".to_owned(),
         };
+        if matches!(
+            self.outcome,
+            CacheOutcome::Hit {
+                collapsed: true,
+                ..
+            } | CacheOutcome::Miss {
+                collapsed: true,
+                ..
+            }
+        ) {
+            s.push_str("; collapsed");
+        }
         if self.degraded && !matches!(self.outcome, CacheOutcome::Bypass) {
             s.push_str("; detail=memory-fallback");
         }
         s
     }
 
-    /// `Age` in seconds, on hits only.
+    /// `Age` in seconds, on hits and stale answers.
     pub fn age(&self) -> Option<u64> {
         match self.outcome {
-            CacheOutcome::Hit { age, .. } => Some(age),
+            CacheOutcome::Hit { age, .. } | CacheOutcome::Stale { age, .. } => Some(age),
             _ => None,
         }
     }
+
+    fn collapsed(mut self) -> Self {
+        match &mut self.outcome {
+            CacheOutcome::Hit { collapsed, .. } | CacheOutcome::Miss { collapsed, .. } => {
+                *collapsed = true;
+            }
+            _ => {}
+        }
+        self
+    }
+}
+
+/// Freshness rules of one view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewPolicy {
+    /// Freshness lifetime.
+    pub ttl: Duration,
+    /// How long past its TTL an entry is served while one background refresh runs.
+    pub grace: Duration,
+    /// How long past its TTL an entry may be served when the origin fails.
+    pub stale_if_error: Duration,
+}
+
+/// Request coalescing settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CoalesceOptions {
+    /// How long a request waits for a fetch (its own or the one it joined).
+    pub wait: Duration,
+    /// Lifetime of the cross-instance fetch lock in Redis.
+    pub lock_ttl: Duration,
+    /// How often an instance that lost the lock looks for the winner's entry.
+    pub lock_poll: Duration,
+}
+
+/// Tuning of the read-through cache.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadThroughOptions {
+    /// Freshness rules, indexed by [`View::index`].
+    pub policies: [ViewPolicy; 3],
+    /// How long an origin 404 is stored (zero: never).
+    pub not_found_ttl: Duration,
+    /// Request coalescing.
+    pub coalesce: CoalesceOptions,
+}
+
+/// The per-request context of a lookup.
+#[derive(Debug, Clone)]
+struct Ctx {
+    key: String,
+    deps: Vec<String>,
+    version: Arc<String>,
+    policy: ViewPolicy,
 }
 
 /// Read-through cache for the views. Cheap to clone.
@@ -195,20 +281,21 @@ pub struct ReadThrough {
     keys: Keyspace,
     version: Arc<KeyVersion>,
     stats: Arc<Stats>,
-    ttls: [Duration; 3],
+    policies: [ViewPolicy; 3],
     not_found_ttl: Duration,
+    coalesce: CoalesceOptions,
+    flights: Arc<Flights<ViewResponse>>,
 }
 
 impl ReadThrough {
-    /// Builds the read-through cache; `ttls` are indexed by [`View::index`].
+    /// Builds the read-through cache.
     pub fn new(
         store: Arc<FallbackStore>,
         origin: OriginClient,
         keys: Keyspace,
         version: Arc<KeyVersion>,
         stats: Arc<Stats>,
-        ttls: [Duration; 3],
-        not_found_ttl: Duration,
+        options: ReadThroughOptions,
     ) -> Self {
         Self {
             store,
@@ -216,8 +303,10 @@ impl ReadThrough {
             keys,
             version,
             stats,
-            ttls,
-            not_found_ttl,
+            policies: options.policies,
+            not_found_ttl: options.not_found_ttl,
+            coalesce: options.coalesce,
+            flights: Arc::default(),
         }
     }
 
@@ -237,6 +326,7 @@ impl ReadThrough {
             Ok(r) => match r.outcome {
                 CacheOutcome::Hit { .. } => Outcome::Hit,
                 CacheOutcome::Miss { .. } => Outcome::Miss,
+                CacheOutcome::Stale { .. } => Outcome::Stale,
                 CacheOutcome::Bypass => Outcome::Bypass,
             },
             Err(_) => Outcome::Error,
@@ -245,30 +335,203 @@ impl ReadThrough {
         result
     }
 
+    fn context(&self, req: &ViewRequest) -> Ctx {
+        let version = self.version.get();
+        let mut deps = Vec::with_capacity(1 + req.run_ids.len());
+        deps.push(self.keys.view_gen(&version, req.view));
+        deps.extend(req.run_ids.iter().map(|id| self.keys.run_gen(&version, id)));
+        Ctx {
+            key: self.keys.entry(&version, &req.logical_key),
+            deps,
+            version,
+            policy: self.policies[req.view.index()],
+        }
+    }
+
+    /// The current (not invalidated) entry of `ctx`, if any; a store error is a miss.
+    async fn lookup(&self, ctx: &Ctx) -> Option<CacheEntry> {
+        match self.store.get(&ctx.key, &ctx.deps).await {
+            Ok(lookup) => lookup.current(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cache read failed; treating as a miss");
+                None
+            }
+        }
+    }
+
     async fn serve_inner(&self, req: ViewRequest) -> Result<ViewResponse, OriginError> {
         if !req.use_cache {
             let resp = self.fetch(req.view, req.origin).await?;
             return Ok(passthrough(resp, CacheOutcome::Bypass, false));
         }
-        let version = self.version.get();
-        let key = self.keys.entry(&version, &req.logical_key);
+        let ctx = self.context(&req);
         let now = policy::now_ms();
-        match self.store.get(&key).await {
-            Ok(Some(entry)) => {
-                if let Some(ttl) =
-                    policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)
-                {
-                    let age = policy::age_secs(entry.stored_at_ms, now);
-                    return Ok(self.entry_response(entry, CacheOutcome::Hit { ttl, age }));
+        let mut fallback = None;
+        if let Some(entry) = self.lookup(&ctx).await {
+            let age = policy::age_secs(entry.stored_at_ms, now);
+            match policy::freshness(
+                entry.stored_at_ms,
+                entry.ttl_secs,
+                now,
+                ctx.policy.grace,
+                ctx.policy.stale_if_error,
+            ) {
+                Freshness::Fresh { ttl } => {
+                    return Ok(self.entry_response(
+                        entry,
+                        CacheOutcome::Hit {
+                            ttl,
+                            age,
+                            collapsed: false,
+                        },
+                    ));
                 }
+                Freshness::Revalidate => {
+                    if !self.flights.is_running(&ctx.key) {
+                        let _ = self.start_fetch(req, ctx);
+                    }
+                    return Ok(self.entry_response(
+                        entry,
+                        CacheOutcome::Stale {
+                            age,
+                            revalidating: true,
+                        },
+                    ));
+                }
+                Freshness::StaleIfError => fallback = Some(entry),
+                Freshness::Expired => {}
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cache read failed; treating as a miss"),
         }
+        let view = req.view;
+        let (flight, joined) = self.start_fetch(req, ctx);
+        let result = tokio::time::timeout(self.coalesce.wait, flight)
+            .await
+            .unwrap_or(Err(OriginError::Timeout));
+        if joined {
+            self.stats.view(view).coalesced.fetch_add(1, Relaxed);
+        }
+        match (result, fallback) {
+            (Ok(resp), _) if joined => Ok(resp.collapsed()),
+            (Ok(resp), _) => Ok(resp),
+            (Err(e), Some(entry)) => {
+                tracing::warn!(error = %e, "origin failed; serving a stale copy (stale-if-error)");
+                let age = policy::age_secs(entry.stored_at_ms, policy::now_ms());
+                Ok(self.entry_response(
+                    entry,
+                    CacheOutcome::Stale {
+                        age,
+                        revalidating: false,
+                    },
+                ))
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
 
+    /// Joins the fetch of `ctx.key`, or starts one in its own task.
+    fn start_fetch(
+        &self,
+        req: ViewRequest,
+        ctx: Ctx,
+    ) -> (
+        impl Future<Output = Result<ViewResponse, OriginError>> + use<>,
+        bool,
+    ) {
+        let key = ctx.key.clone();
+        let this = self.clone();
+        self.flights.join_or_start(&key, move || {
+            async move { this.fetch_and_store(req, ctx).await }.boxed()
+        })
+    }
+
+    /// The leader's work: re-check the cache, take the cross-instance lock (or wait for the
+    /// instance holding it), fetch, store.
+    async fn fetch_and_store(
+        &self,
+        req: ViewRequest,
+        ctx: Ctx,
+    ) -> Result<ViewResponse, OriginError> {
+        if let Some(hit) = self.fresh_hit(&ctx).await {
+            return Ok(hit);
+        }
+        // Generations are read before the origin is asked: an invalidation that lands while
+        // the fetch is in flight bumps them, and the entry stored below is never served.
+        let gens = match self.store.generations(&ctx.deps).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read generations; answering without storing");
+                return self
+                    .fetch(req.view, req.origin)
+                    .await
+                    .map(|r| self.passthrough_miss(r, Some("store-failed")));
+            }
+        };
+        let token = uuid::Uuid::new_v4().to_string();
+        let lock = self.keys.fetch_lock(&ctx.version, &req.logical_key);
+        let locked = match self.acquire_lock(&ctx, &lock, &token).await {
+            Ok(locked) => locked,
+            Err(hit) => return Ok(hit),
+        };
+        let result = self.fetch_store_stamped(req, &ctx, gens).await;
+        if locked && let Err(e) = self.store.redis().unlock(&lock, &token).await {
+            tracing::debug!(error = %e, "fetch lock not released; it expires by itself");
+        }
+        result
+    }
+
+    /// A fresh, current entry of `ctx` as a hit.
+    async fn fresh_hit(&self, ctx: &Ctx) -> Option<ViewResponse> {
+        let entry = self.lookup(ctx).await?;
+        let now = policy::now_ms();
+        let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
+        let age = policy::age_secs(entry.stored_at_ms, now);
+        Some(self.entry_response(
+            entry,
+            CacheOutcome::Hit {
+                ttl,
+                age,
+                collapsed: false,
+            },
+        ))
+    }
+
+    /// Takes the cross-instance lock of `ctx` (only on Redis). `Ok(false)`: no lock (memory
+    /// tier, Redis error, or waited the lock's lifetime out). `Err(hit)`: the instance holding
+    /// the lock stored the entry meanwhile.
+    async fn acquire_lock(&self, ctx: &Ctx, lock: &str, token: &str) -> Result<bool, ViewResponse> {
+        let deadline = Instant::now() + self.coalesce.lock_ttl;
+        while self.store.tier() == Tier::Redis {
+            match self
+                .store
+                .redis()
+                .try_lock(lock, token, self.coalesce.lock_ttl)
+                .await
+            {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(_) => return Ok(false),
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!("fetch lock held past its lifetime; fetching anyway");
+                return Ok(false);
+            }
+            tokio::time::sleep(self.coalesce.lock_poll).await;
+            if let Some(hit) = self.fresh_hit(ctx).await {
+                return Err(hit.collapsed());
+            }
+        }
+        Ok(false)
+    }
+
+    async fn fetch_store_stamped(
+        &self,
+        req: ViewRequest,
+        ctx: &Ctx,
+        gens: Vec<u64>,
+    ) -> Result<ViewResponse, OriginError> {
         let resp = self.fetch(req.view, req.origin).await?;
         let configured = match resp.status {
-            StatusCode::OK => self.ttls[req.view.index()],
+            StatusCode::OK => ctx.policy.ttl,
             StatusCode::NOT_FOUND if !self.not_found_ttl.is_zero() => self.not_found_ttl,
             _ => return Ok(self.passthrough_miss(resp, Some("status"))),
         };
@@ -279,7 +542,7 @@ impl ReadThrough {
         let tags = req
             .run_ids
             .iter()
-            .map(|id| self.keys.run_tag(&version, id))
+            .map(|id| self.keys.run_tag(&ctx.version, id))
             .collect();
         let content_type = resp
             .content_type
@@ -287,7 +550,8 @@ impl ReadThrough {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let entry = CacheEntry::new(
+        let now = policy::now_ms();
+        let mut entry = CacheEntry::new(
             resp.status.as_u16(),
             content_type,
             resp.body,
@@ -295,7 +559,10 @@ impl ReadThrough {
             ttl,
             tags,
         );
-        let stored = match self.store.set(&key, &entry, ttl).await {
+        entry.gens = gens;
+        // Kept past its TTL for as long as it may still be served stale.
+        let retention = ttl + ctx.policy.grace.max(ctx.policy.stale_if_error);
+        let stored = match self.store.set(&ctx.key, &entry, retention).await {
             Ok(()) => {
                 self.stats.record_set();
                 true
@@ -306,7 +573,14 @@ impl ReadThrough {
             }
         };
         let detail = (!stored).then_some("store-failed");
-        let mut out = self.entry_response(entry, CacheOutcome::Miss { stored, detail });
+        let mut out = self.entry_response(
+            entry,
+            CacheOutcome::Miss {
+                stored,
+                detail,
+                collapsed: false,
+            },
+        );
         out.www_authenticate = resp.www_authenticate;
         Ok(out)
     }
@@ -328,14 +602,10 @@ impl ReadThrough {
         let results: Vec<(ViewRequest, Result<bool, String>)> =
             futures_util::stream::iter(requests)
                 .map(|req| async move {
-                    let key = self.keys.entry(&self.version.get(), &req.logical_key);
-                    if let Ok(Some(_)) = self.store.get(&key).await {
-                        return (req, Ok(false));
-                    }
                     let result = match self.serve_inner(req.clone()).await {
                         Ok(r) => match r.outcome {
                             CacheOutcome::Miss { stored: true, .. } => Ok(true),
-                            CacheOutcome::Hit { .. } => Ok(false),
+                            CacheOutcome::Hit { .. } | CacheOutcome::Stale { .. } => Ok(false),
                             _ => Err(format!(
                                 "not stored (origin answered {})",
                                 r.status.as_u16()
@@ -389,17 +659,18 @@ impl ReadThrough {
             etag: (status == StatusCode::OK).then_some(entry.etag),
             body: entry.body,
             outcome,
-            degraded: self.store.tier() == super::Tier::Memory,
+            degraded: self.store.tier() == Tier::Memory,
         }
     }
 
     fn passthrough_miss(&self, resp: OriginResponse, detail: Option<&'static str>) -> ViewResponse {
-        let degraded = self.store.tier() == super::Tier::Memory;
+        let degraded = self.store.tier() == Tier::Memory;
         passthrough(
             resp,
             CacheOutcome::Miss {
                 stored: false,
                 detail,
+                collapsed: false,
             },
             degraded,
         )

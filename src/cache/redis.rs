@@ -11,7 +11,14 @@ use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, RedisError};
 
-use super::{CacheEntry, Store, StoreError};
+use super::{CacheEntry, Lookup, Store, StoreError};
+
+/// A generation counter's value; absent or unreadable counts as 0 (never bumped).
+fn parse_gen(raw: Option<&[u8]>) -> u64 {
+    raw.and_then(|r| std::str::from_utf8(r).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
 
 /// Connection settings for [`RedisStore::new`].
 #[derive(Debug, Clone)]
@@ -28,6 +35,8 @@ pub struct RedisOptions {
     pub pool_timeout: Duration,
     /// SCAN COUNT hint.
     pub scan_batch: usize,
+    /// Lifetime of generation counters; longer than any entry lives.
+    pub gen_ttl: Duration,
 }
 
 /// Figures from Redis `INFO` shown in `/cache/stats`.
@@ -50,7 +59,11 @@ pub struct RedisStore {
     pool: Pool,
     timeout: Duration,
     scan_batch: usize,
+    gen_ttl_secs: u64,
 }
+
+/// Deletes the lock only if it still holds our token (single key: cluster-safe).
+const UNLOCK: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,6 +121,7 @@ impl RedisStore {
             pool,
             timeout: opts.command_timeout,
             scan_batch: opts.scan_batch,
+            gen_ttl_secs: opts.gen_ttl.as_secs().max(1),
         })
     }
 
@@ -159,6 +173,39 @@ impl RedisStore {
         }
         let reply: Option<String> = self.run(&cmd).await?;
         Ok(reply.is_some())
+    }
+
+    /// Takes the cross-instance fetch lock `key` for `ttl` unless another instance holds it.
+    pub async fn try_lock(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let reply: Option<String> = self
+            .run(
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    /// Releases the fetch lock `key` if it still holds `token`.
+    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        let script = redis::Script::new(UNLOCK);
+        let mut invocation = script.key(key);
+        invocation.arg(token);
+        let mut conn = self.conn.clone();
+        let call = invocation.invoke_async::<i64>(&mut conn);
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map(|_| ()).map_err(classify),
+            Err(_) => Err(StoreError::Unavailable("redis unlock timed out".into())),
+        }
     }
 
     /// Calls `each` with every batch of keys matching `pattern` and sums what it returns,
@@ -232,9 +279,51 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn get(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
-        let raw: Option<Vec<u8>> = self.run(redis::cmd("GET").arg(key)).await?;
-        raw.map(|r| CacheEntry::decode(Bytes::from(r))).transpose()
+    async fn get(&self, key: &str, deps: &[String]) -> Result<Lookup, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(key);
+        for dep in deps {
+            pipe.cmd("GET").arg(dep);
+        }
+        let mut replies: Vec<Option<Vec<u8>>> = self.run_pipe(&pipe).await?;
+        if replies.is_empty() {
+            return Err(StoreError::Command("empty pipeline reply".into()));
+        }
+        let gens = replies
+            .split_off(1)
+            .iter()
+            .map(|r| parse_gen(r.as_deref()))
+            .collect();
+        let entry = replies
+            .pop()
+            .flatten()
+            .map(|raw| CacheEntry::decode(Bytes::from(raw)))
+            .transpose()?;
+        Ok(Lookup { entry, gens })
+    }
+
+    async fn generations(&self, deps: &[String]) -> Result<Vec<u64>, StoreError> {
+        if deps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for dep in deps {
+            pipe.cmd("GET").arg(dep);
+        }
+        let replies: Vec<Option<Vec<u8>>> = self.run_pipe(&pipe).await?;
+        Ok(replies.iter().map(|r| parse_gen(r.as_deref())).collect())
+    }
+
+    async fn bump(&self, deps: &[String]) -> Result<(), StoreError> {
+        if deps.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for dep in deps {
+            pipe.cmd("INCR").arg(dep).ignore();
+            pipe.cmd("EXPIRE").arg(dep).arg(self.gen_ttl_secs).ignore();
+        }
+        self.run_pipe::<()>(&pipe).await
     }
 
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError> {

@@ -231,7 +231,7 @@ async fn stats(state: &AppState) -> StatsResponse {
         backend: tier.as_str().to_owned(),
         version: version.as_str().to_owned(),
         redis_reachable: tier == Tier::Redis,
-        pending_invalidations: state.store.pending_invalidations() as u64,
+        pending_invalidations: state.store.pending_invalidations().await as u64,
         stats: StatsBody {
             hits,
             misses,

@@ -6,9 +6,25 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::cache::{
-    FallbackStore, KeyVersion, Keyspace, Store, StoreError, Tier, feature_importance_key,
+    FallbackStore, KeyVersion, Keyspace, Store, StoreError, Tier, View, feature_importance_key,
     metrics_key,
 };
+
+/// The views every key of which `pattern` matches.
+fn covered_views(pattern: &str) -> Vec<View> {
+    if pattern == "*" || pattern == "model:*" {
+        return View::ALL.to_vec();
+    }
+    View::ALL
+        .into_iter()
+        .filter(|v| {
+            pattern
+                .strip_prefix("model:")
+                .and_then(|rest| rest.strip_prefix(v.name()))
+                .is_some_and(|rest| rest == ":*" || rest == "*")
+        })
+        .collect()
+}
 use crate::metrics::Stats;
 
 /// Why entries are being dropped (a metric label).
@@ -86,6 +102,9 @@ impl Invalidator {
     pub async fn run(&self, run_id: &str, cause: Cause) -> Result<u64, StoreError> {
         let result = async {
             let v = self.version.get();
+            // First the generation: a fetch already in flight for this run stores an entry
+            // stamped with the old one, which is never served.
+            self.store.bump(&[self.keys.run_gen(&v, run_id)]).await?;
             // The base keys are deleted directly too, so a lost tag set cannot keep them alive.
             let direct = [
                 self.keys.entry(&v, &metrics_key(run_id)),
@@ -122,13 +141,22 @@ impl Invalidator {
     }
 
     /// Drops the entries of the current version whose logical key matches `pattern`
-    /// (validated: only `*` and `?` are special), in SCAN batches.
+    /// (validated: only `*` and `?` are special), in SCAN batches. A pattern covering whole
+    /// views (`*`, `model:*`, `model:{view}:*`) also bumps their generations, so fetches in
+    /// flight cannot store for later readers; other patterns delete only.
     pub async fn pattern(&self, pattern: &str, cause: Cause) -> Result<u64, StoreError> {
         let v = self.version.get();
-        let result = self
-            .store
-            .delete_matching(&self.keys.entry_pattern(&v, pattern))
-            .await;
+        let result = async {
+            let gens: Vec<String> = covered_views(pattern)
+                .into_iter()
+                .map(|view| self.keys.view_gen(&v, view))
+                .collect();
+            self.store.bump(&gens).await?;
+            self.store
+                .delete_matching(&self.keys.entry_pattern(&v, pattern))
+                .await
+        }
+        .await;
         self.record(cause, result)
     }
 
@@ -173,6 +201,7 @@ impl Invalidator {
                 .delete_matching(&keys.entry_pattern(&old, "*"))
                 .await;
             let tags = store.redis().delete_matching(&keys.tag_pattern(&old)).await;
+            let _ = store.redis().delete_matching(&keys.gen_pattern(&old)).await;
             match (entries, tags) {
                 (Ok(n), Ok(_)) => {
                     tracing::info!(version = %old, deleted = n, "old version's entries deleted")
@@ -187,5 +216,20 @@ impl Invalidator {
             previous: previous.as_str().to_owned(),
             cleared,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_view_patterns_are_recognised() {
+        assert_eq!(covered_views("*"), View::ALL.to_vec());
+        assert_eq!(covered_views("model:*"), View::ALL.to_vec());
+        assert_eq!(covered_views("model:metrics:*"), [View::Metrics]);
+        assert_eq!(covered_views("model:comparison*"), [View::Comparison]);
+        assert!(covered_views("model:metrics:4*").is_empty());
+        assert!(covered_views("model:metrics:?").is_empty());
     }
 }

@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use crate::config::{OriginSettings, ms};
 
 /// What went wrong talking to the origin.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum OriginError {
     /// No answer within `origin.timeout_ms`.
     #[error("origin timed out")]

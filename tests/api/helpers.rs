@@ -358,6 +358,10 @@ pub fn test_settings(origin_url: &str, redis_url: &str) -> Settings {
     s.redis.version_poll_ms = 100;
     s.cache.prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
     s.admin.token = Some(SecretString::from(TOKEN));
+    s.journal.path = std::env::temp_dir()
+        .join(format!("runcache-journal-{}.log", uuid::Uuid::new_v4()))
+        .display()
+        .to_string();
     s
 }
 
