@@ -109,6 +109,26 @@ impl TestRedis {
         }
     }
 
+    /// SIGSTOP: the process hangs, so connections are accepted but never answered (a
+    /// blackholed Redis, unlike a killed one, which refuses connections at once).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`TestRedis::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
     /// Starts again on the same port and directory (a `SAVE`d snapshot is loaded).
     pub async fn restart(&mut self) {
         self.kill();
@@ -146,7 +166,8 @@ pub struct OriginControl {
     pub last_body: Mutex<Option<Value>>,
 }
 
-/// The in-process origin.
+/// The in-process origin. Clones share it (two instances in front of one origin).
+#[derive(Clone)]
 pub struct TestOrigin {
     pub url: String,
     pub control: Arc<OriginControl>,
@@ -345,6 +366,8 @@ pub struct TestApp {
     pub origin: TestOrigin,
     pub state: AppState,
     pub prefix: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 /// Settings every test starts from: the real defaults, then port 0, a per-test prefix, the
@@ -392,7 +415,10 @@ pub async fn spawn_with_settings(settings: Settings, origin: TestOrigin) -> Test
     let app = Application::build(settings).await.expect("build app");
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state().clone();
-    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -403,6 +429,8 @@ pub async fn spawn_with_settings(settings: Settings, origin: TestOrigin) -> Test
         origin,
         state,
         prefix,
+        stop: Some(stop),
+        task: Some(task),
     };
     wait_for(|| async { test_app.state.started.load(Ordering::Acquire) }).await;
     test_app
@@ -422,6 +450,16 @@ where
 }
 
 impl TestApp {
+    /// Graceful shutdown, awaited.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task").expect("app stopped cleanly");
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }

@@ -6,4 +6,5 @@ mod events;
 mod fallback;
 mod helpers;
 mod ops;
+mod resilience;
 mod views;
