@@ -31,7 +31,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 runcache \
     && useradd --system --uid 10001 --gid runcache --no-create-home --home-dir /app \
-        --shell /usr/sbin/nologin runcache
+        --shell /usr/sbin/nologin runcache \
+    && mkdir -p /var/lib/runcache \
+    && chown runcache:runcache /var/lib/runcache
 
 WORKDIR /app
 COPY --from=builder /app/target/release/runcache /usr/local/bin/runcache
@@ -40,6 +42,9 @@ COPY config/ /app/config/
 
 USER runcache:runcache
 ENV RUNCACHE__SERVER__ADDR=0.0.0.0:8080
+# The outage journal must survive restarts: mount a volume here (docker-compose.yml does).
+ENV RUNCACHE__JOURNAL__PATH=/var/lib/runcache/journal.log
+VOLUME /var/lib/runcache
 EXPOSE 8080
 # No HEALTHCHECK: the slim image has no HTTP client; orchestrators probe GET /health and
 # GET /ready from outside.

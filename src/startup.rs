@@ -75,6 +75,7 @@ impl Application {
         let tasks = TaskTracker::new();
         spawn_background(&state, &tasks, &cancel);
 
+        let store = state.store.clone();
         let app = build_app(state);
         let stopping = CancellationToken::new();
         let stop_signal = stopping.clone();
@@ -92,6 +93,11 @@ impl Application {
         cancel.cancel();
         tasks.close();
         tasks.wait().await;
+        // Every journal append is already fsynced; say what the next start will replay.
+        let pending = store.pending_invalidations().await;
+        if pending > 0 {
+            tracing::warn!(pending, path = %settings.journal.path, "invalidations still journaled; they are replayed to redis at the next start");
+        }
         tracing::info!("stopped");
         Ok(())
     }
