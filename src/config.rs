@@ -60,6 +60,8 @@ pub struct Settings {
     pub coalesce: CoalesceSettings,
     /// The outage journal.
     pub journal: JournalSettings,
+    /// Refresh-ahead.
+    pub refresh: RefreshSettings,
     /// Log output.
     pub log: LogSettings,
 }
@@ -118,6 +120,10 @@ pub struct RedisSettings {
     pub pool_max_size: usize,
     /// Wait for a pooled admin connection, in ms (default 1000).
     pub pool_timeout_ms: u64,
+    /// Opening a pooled admin connection, in ms (default 1000).
+    pub pool_create_timeout_ms: u64,
+    /// Health check of an idle pooled connection, in ms (default 500).
+    pub pool_recycle_timeout_ms: u64,
     /// SCAN COUNT per step (default 500).
     pub scan_batch: usize,
 }
@@ -189,6 +195,11 @@ pub struct WarmSettings {
     pub model_run_ids: Vec<String>,
     /// Origin requests a warm-up runs at once (default 4).
     pub concurrency: usize,
+    /// How many of the origin's most recent runs to warm at start (default 0: none).
+    pub recent_runs: usize,
+    /// Origin path listing recent runs, called as `{path}?limit={recent_runs}`
+    /// (default `/api/v1/models/runs`).
+    pub recent_path: String,
 }
 
 /// `[admin]`
@@ -209,6 +220,24 @@ pub struct CoalesceSettings {
     pub lock_ttl_ms: u64,
     /// How often an instance waiting on another's lock looks for the entry, in ms (default 25).
     pub lock_poll_ms: u64,
+}
+
+/// `[refresh]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshSettings {
+    /// Reads (per instance, recently) that make an entry hot; 0 disables (default 3).
+    pub min_hits: u32,
+    /// Refresh within this last share of the TTL, in percent (default 10).
+    pub ahead_percent: u8,
+    /// Refreshes running at once (default 4).
+    pub concurrency: usize,
+    /// Largest random delay before a refresh, in ms (default 1000).
+    pub jitter_ms: u64,
+    /// Longest back-off after failed refreshes of one key, in seconds (default 300).
+    pub max_backoff_secs: u64,
+    /// JSON fields ignored when comparing bodies (default `generated_at`, `timestamp`).
+    pub volatile_fields: Vec<String>,
 }
 
 /// `[journal]`
@@ -295,10 +324,11 @@ fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 }
 
 /// Environment keys whose values are comma-separated lists.
-const LIST_KEYS: [&str; 3] = [
+const LIST_KEYS: [&str; 4] = [
     "cors.allowed_origins",
     "warm.model_run_ids",
     "origin.forward_headers",
+    "refresh.volatile_fields",
 ];
 
 impl Settings {
@@ -348,6 +378,15 @@ impl Settings {
                 "must be an http(s) URL with a host",
             ));
         }
+        if !self.warm.recent_path.starts_with('/') || self.warm.recent_path.contains(['?', '#']) {
+            return Err(invalid(
+                "warm.recent_path",
+                "must be a path starting with '/', without a query",
+            ));
+        }
+        if self.warm.recent_runs > 1000 {
+            return Err(invalid("warm.recent_runs", "must be at most 1000"));
+        }
         if !self.origin.health_path.starts_with('/') {
             return Err(invalid("origin.health_path", "must start with '/'"));
         }
@@ -373,6 +412,14 @@ impl Settings {
             ("redis.probe_interval_ms", self.redis.probe_interval_ms),
             ("redis.version_poll_ms", self.redis.version_poll_ms),
             ("redis.pool_timeout_ms", self.redis.pool_timeout_ms),
+            (
+                "redis.pool_create_timeout_ms",
+                self.redis.pool_create_timeout_ms,
+            ),
+            (
+                "redis.pool_recycle_timeout_ms",
+                self.redis.pool_recycle_timeout_ms,
+            ),
             ("redis.pool_max_size", self.redis.pool_max_size as u64),
             ("redis.scan_batch", self.redis.scan_batch as u64),
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
@@ -384,9 +431,17 @@ impl Settings {
             ("coalesce.wait_timeout_ms", self.coalesce.wait_timeout_ms),
             ("coalesce.lock_ttl_ms", self.coalesce.lock_ttl_ms),
             ("coalesce.lock_poll_ms", self.coalesce.lock_poll_ms),
+            ("refresh.concurrency", self.refresh.concurrency as u64),
+            ("refresh.max_backoff_secs", self.refresh.max_backoff_secs),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be greater than 0"));
+        }
+        if !(1..=100).contains(&self.refresh.ahead_percent) {
+            return Err(invalid(
+                "refresh.ahead_percent",
+                "must be between 1 and 100",
+            ));
         }
         if self.memory.max_bytes < 1024 * 1024 {
             return Err(invalid(

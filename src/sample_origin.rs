@@ -55,6 +55,7 @@ pub fn router(opts: SampleOriginOptions) -> Router {
             delete(delete_model_run),
         )
         .route("/api/v1/models/compare", post(create_comparison))
+        .route("/api/v1/models/runs", get(list_runs))
         .fallback(|| async { detail(StatusCode::NOT_FOUND, "Not Found") })
         .method_not_allowed_fallback(|| async {
             detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
@@ -138,6 +139,24 @@ async fn get_feature_importance(
         return not_found(&id);
     }
     Json(feature_importance_body(&id, top_n)).into_response()
+}
+
+#[derive(Deserialize)]
+struct RunsQuery {
+    limit: Option<usize>,
+}
+
+/// The most recent runs, newest first (ids 100 down to 1, minus deleted ones), for warming.
+async fn list_runs(State(state): State<OriginState>, Query(query): Query<RunsQuery>) -> Response {
+    let limit = query.limit.unwrap_or(20).min(100);
+    let runs: Vec<Value> = (1..=100u32)
+        .rev()
+        .map(|n| n.to_string())
+        .filter(|id| !state.is_gone(id))
+        .take(limit)
+        .map(|id| json!({ "model_run_id": id, "status": "completed", "model_type": scores(&id).model_type }))
+        .collect();
+    Json(json!({ "runs": runs, "limit": limit })).into_response()
 }
 
 async fn delete_model_run(State(state): State<OriginState>, Path(id): Path<String>) -> Response {

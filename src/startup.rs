@@ -133,9 +133,19 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             tracing::warn!(error = %e, "could not read the shared key version");
         }
         s.started.store(true, Ordering::Release);
-        let ids = s.settings.warm.model_run_ids.clone();
+        // Warming runs after start-up is declared done: it never delays serving.
+        let warm = &s.settings.warm;
+        let mut ids = warm.model_run_ids.clone();
+        if warm.recent_runs > 0
+            && let Some(recent) = s.views.recent_runs(&warm.recent_path, warm.recent_runs).await
+        {
+            ids.extend(recent);
+        }
+        ids.sort();
+        ids.dedup();
         if !ids.is_empty() {
-            let report = s.views.warm(&ids, s.settings.warm.concurrency).await;
+            tracing::info!(runs = ids.len(), "start-up warm-up begins");
+            let report = s.views.warm(&ids, warm.concurrency).await;
             tracing::info!(warmed = report.warmed, skipped = report.skipped, failed = report.failed.len(), "start-up warm-up done");
         }
     });

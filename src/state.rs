@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::cache::memory::MemoryStore;
-use crate::cache::read_through::{CoalesceOptions, ReadThroughOptions};
+use crate::cache::read_through::{CoalesceOptions, ReadThroughOptions, RefreshOptions};
 use crate::cache::redis::{RedisOptions, RedisStore};
 use crate::cache::{FallbackStore, KeyVersion, Keyspace, ReadThrough};
 use crate::config::{Settings, ms};
@@ -63,6 +63,8 @@ impl AppState {
             connect_timeout: ms(settings.redis.connect_timeout_ms),
             pool_max_size: settings.redis.pool_max_size,
             pool_timeout: ms(settings.redis.pool_timeout_ms),
+            pool_create_timeout: ms(settings.redis.pool_create_timeout_ms),
+            pool_recycle_timeout: ms(settings.redis.pool_recycle_timeout_ms),
             scan_batch: settings.redis.scan_batch,
             gen_ttl: gen_ttl(&settings),
         })
@@ -90,6 +92,14 @@ impl AppState {
                     wait: ms(settings.coalesce.wait_timeout_ms),
                     lock_ttl: ms(settings.coalesce.lock_ttl_ms),
                     lock_poll: ms(settings.coalesce.lock_poll_ms),
+                },
+                refresh: RefreshOptions {
+                    min_hits: settings.refresh.min_hits,
+                    ahead_percent: settings.refresh.ahead_percent,
+                    concurrency: settings.refresh.concurrency,
+                    jitter: ms(settings.refresh.jitter_ms),
+                    max_backoff: Duration::from_secs(settings.refresh.max_backoff_secs),
+                    volatile_fields: settings.refresh.volatile_fields.clone(),
                 },
             },
         );

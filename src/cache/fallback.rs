@@ -123,6 +123,31 @@ pub struct FallbackStore {
     overflow_pattern: String,
     fallbacks: AtomicU64,
     redis_calls: AtomicU64,
+    redis_errors: AtomicU64,
+    memory_calls: AtomicU64,
+    prom: TierHandles,
+}
+
+/// Prometheus handles, registered once.
+#[derive(Debug)]
+struct TierHandles {
+    redis_ops: metrics::Counter,
+    redis_errors: metrics::Counter,
+    memory_ops: metrics::Counter,
+    circuit_open: metrics::Gauge,
+}
+
+/// Operations and errors per tier, for `/cache/stats`.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct TierCounts {
+    /// Operations sent to Redis.
+    pub redis_operations: u64,
+    /// Redis operations that failed.
+    pub redis_errors: u64,
+    /// Operations served by the memory tier.
+    pub memory_operations: u64,
+    /// Times the circuit opened (Redis to memory).
+    pub circuit_opened: u64,
 }
 
 impl FallbackStore {
@@ -136,6 +161,8 @@ impl FallbackStore {
         all_entries_pattern: String,
         journal_path: Option<PathBuf>,
     ) -> Self {
+        // Until the first probe finds Redis, the circuit is open.
+        metrics::gauge!(names::CIRCUIT_OPEN).set(1.0);
         Self {
             redis,
             memory,
@@ -144,7 +171,30 @@ impl FallbackStore {
             overflow_pattern: all_entries_pattern,
             fallbacks: AtomicU64::new(0),
             redis_calls: AtomicU64::new(0),
+            redis_errors: AtomicU64::new(0),
+            memory_calls: AtomicU64::new(0),
+            prom: TierHandles {
+                redis_ops: metrics::counter!(names::STORE_OPERATIONS_TOTAL, "tier" => "redis"),
+                redis_errors: metrics::counter!(names::STORE_ERRORS_TOTAL, "tier" => "redis"),
+                memory_ops: metrics::counter!(names::STORE_OPERATIONS_TOTAL, "tier" => "memory"),
+                circuit_open: metrics::gauge!(names::CIRCUIT_OPEN),
+            },
         }
+    }
+
+    /// Operations and errors per tier.
+    pub fn counts(&self) -> TierCounts {
+        TierCounts {
+            redis_operations: self.redis_calls.load(Ordering::Relaxed),
+            redis_errors: self.redis_errors.load(Ordering::Relaxed),
+            memory_operations: self.memory_calls.load(Ordering::Relaxed),
+            circuit_opened: self.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+
+    fn memory_op(&self) {
+        self.memory_calls.fetch_add(1, Ordering::Relaxed);
+        self.prom.memory_ops.increment(1);
     }
 
     /// Store operations sent to Redis so far (the circuit breaker's tests watch this stay
@@ -157,6 +207,9 @@ impl FallbackStore {
         let up = self.up.load(Ordering::Acquire);
         if up {
             self.redis_calls.fetch_add(1, Ordering::Relaxed);
+            self.prom.redis_ops.increment(1);
+        } else {
+            self.memory_op();
         }
         up
     }
@@ -192,7 +245,10 @@ impl FallbackStore {
 
     /// Opens the circuit after `err`; logs only on the transition.
     pub fn mark_down(&self, err: &StoreError) {
+        self.redis_errors.fetch_add(1, Ordering::Relaxed);
+        self.prom.redis_errors.increment(1);
         if self.up.swap(false, Ordering::AcqRel) {
+            self.prom.circuit_open.set(1.0);
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(names::CACHE_FALLBACK_TOTAL).increment(1);
             tracing::warn!(error = %err, "redis unreachable; serving from the memory tier");
@@ -221,6 +277,7 @@ impl FallbackStore {
                 journal.rewrite();
                 self.memory.clear();
                 self.up.store(true, Ordering::Release);
+                self.prom.circuit_open.set(0.0);
                 drop(journal);
                 tracing::info!("redis reachable; serving from redis");
                 return true;
@@ -248,6 +305,7 @@ impl FallbackStore {
     }
 
     async fn apply_to_memory(&self, op: &JournalOp) -> u64 {
+        self.memory_op();
         let result = match op {
             JournalOp::Bump(deps) => self.memory.bump(deps).await.map(|()| 0),
             JournalOp::Delete(keys) => self.memory.delete(keys).await,
@@ -321,6 +379,21 @@ impl Store for FallbackStore {
         self.invalidate(JournalOp::Bump(deps.to_vec()))
             .await
             .map(|_| ())
+    }
+
+    async fn touch(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        if self.use_redis() {
+            match self.redis.touch(key, entry, retention).await {
+                Err(e) if e.is_unavailable() => self.mark_down(&e),
+                other => return other,
+            }
+        }
+        self.memory.touch(key, entry, retention).await
     }
 
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError> {

@@ -2,15 +2,18 @@
 //! eviction (moka's default TinyLFU admission could refuse fresh entries when full).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use wildmatch::WildMatch;
 
 use super::{CacheEntry, Lookup, Store, StoreError};
+use crate::metrics::names;
 
 #[derive(Debug)]
 struct Slot {
@@ -36,12 +39,22 @@ impl moka::Expiry<String, Arc<Slot>> for PerEntryTtl {
     }
 }
 
+/// Entries the memory tier dropped on its own.
+#[derive(Debug, Default)]
+pub struct Removals {
+    /// Evicted to stay within the byte bound.
+    pub evicted: AtomicU64,
+    /// Expired.
+    pub expired: AtomicU64,
+}
+
 /// In-process store bounded in bytes. Cloning shares the same cache.
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<String, Arc<Slot>>,
     max_bytes: u64,
     gens: Arc<Mutex<HashMap<String, u64>>>,
+    removals: Arc<Removals>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -55,6 +68,10 @@ impl std::fmt::Debug for MemoryStore {
 impl MemoryStore {
     /// A store holding at most `max_bytes` of entries (keys and bodies counted).
     pub fn new(max_bytes: u64) -> Self {
+        let removals = Arc::new(Removals::default());
+        let listener_removals = removals.clone();
+        let evicted = metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "size");
+        let expired = metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "expired");
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &String, v: &Arc<Slot>| {
@@ -62,12 +79,29 @@ impl MemoryStore {
             })
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(PerEntryTtl)
+            .eviction_listener(move |_, _, cause| match cause {
+                RemovalCause::Size => {
+                    listener_removals.evicted.fetch_add(1, Ordering::Relaxed);
+                    evicted.increment(1);
+                }
+                RemovalCause::Expired => {
+                    listener_removals.expired.fetch_add(1, Ordering::Relaxed);
+                    expired.increment(1);
+                }
+                RemovalCause::Explicit | RemovalCause::Replaced => {}
+            })
             .build();
         Self {
             cache,
             max_bytes,
             gens: Arc::default(),
+            removals,
         }
+    }
+
+    /// Entries evicted and expired so far.
+    pub fn removals(&self) -> &Removals {
+        &self.removals
     }
 
     fn read_gens(&self, deps: &[String]) -> Vec<u64> {
@@ -126,7 +160,22 @@ impl Store for MemoryStore {
         Ok(Lookup {
             entry: self.cache.get(key).await.map(|slot| slot.entry.clone()),
             gens: self.read_gens(deps),
+            expires_in: None,
         })
+    }
+
+    async fn touch(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        // In process, re-inserting shares the body (`Bytes`), so nothing large is copied.
+        let existed = self.cache.contains_key(key);
+        if existed {
+            self.set(key, entry, retention).await?;
+        }
+        Ok(existed)
     }
 
     async fn generations(&self, deps: &[String]) -> Result<Vec<u64>, StoreError> {
@@ -306,5 +355,6 @@ mod tests {
         store.run_pending_tasks().await;
         assert!(store.weighted_size() <= 4096, "{}", store.weighted_size());
         assert!(store.entry_count() < 20);
+        assert!(store.removals().evicted.load(Ordering::Relaxed) > 0);
     }
 }

@@ -16,6 +16,8 @@ use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use policy::now_ms;
+
 pub use fallback::FallbackStore;
 pub use memory::MemoryStore;
 pub use read_through::ReadThrough;
@@ -309,6 +311,8 @@ pub struct CacheEntry {
     pub stored_at_ms: u64,
     /// Freshness lifetime in seconds.
     pub ttl_secs: u64,
+    /// How long it is kept past its TTL (to be served stale), in milliseconds.
+    pub stale_ms: u64,
     /// Physical keys of the tag sets this entry belongs to.
     pub tags: Vec<String>,
     /// The generations of its dependencies (namespace, then runs) read before the origin
@@ -327,6 +331,8 @@ struct EntryMeta<'a> {
     et: Cow<'a, str>,
     at: u64,
     ttl: u64,
+    #[serde(default)]
+    st: u64,
     #[serde(default)]
     tags: Vec<String>,
     #[serde(default)]
@@ -351,6 +357,7 @@ impl CacheEntry {
             etag: strong_etag(&body),
             stored_at_ms,
             ttl_secs: ttl.as_secs(),
+            stale_ms: 0,
             tags,
             gens: Vec::new(),
             body,
@@ -366,6 +373,7 @@ impl CacheEntry {
             et: Cow::Borrowed(&self.etag),
             at: self.stored_at_ms,
             ttl: self.ttl_secs,
+            st: self.stale_ms,
             tags: self.tags.clone(),
             g: self.gens.clone(),
         };
@@ -397,6 +405,7 @@ impl CacheEntry {
             etag: meta.et.into_owned(),
             stored_at_ms: meta.at,
             ttl_secs: meta.ttl,
+            stale_ms: meta.st,
             tags: meta.tags,
             gens: meta.g,
             body: raw,
@@ -427,13 +436,25 @@ pub struct Lookup {
     pub entry: Option<CacheEntry>,
     /// Current generations of the dependencies asked for, in order.
     pub gens: Vec<u64>,
+    /// Time the store will keep the entry (Redis `PTTL`), when the store knows it.
+    pub expires_in: Option<Duration>,
 }
 
 impl Lookup {
-    /// The entry, unless an invalidation happened after its fetch began.
+    /// The entry, unless an invalidation happened after its fetch began. Where the store
+    /// reports the key's remaining life, `stored_at_ms` is taken from it, so an entry whose
+    /// life was extended by an unchanged refresh (without rewriting it) counts as fresh again.
     pub fn current(self) -> Option<CacheEntry> {
         let gens = self.gens;
-        self.entry.filter(|e| e.is_current(&gens))
+        let mut entry = self.entry.filter(|e| e.is_current(&gens))?;
+        if let Some(left) = self.expires_in {
+            let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            let fresh_left = left_ms.saturating_sub(entry.stale_ms);
+            entry.stored_at_ms = (now_ms() + fresh_left)
+                .saturating_sub(entry.ttl_secs.saturating_mul(1000))
+                .max(entry.stored_at_ms);
+        }
+        Some(entry)
     }
 }
 
@@ -448,6 +469,14 @@ pub trait Store: Send + Sync {
     /// Bumps the generations of `deps`, making every entry computed under the old ones
     /// unservable, including entries stored later by fetches that began before.
     async fn bump(&self, deps: &[String]) -> Result<(), StoreError>;
+    /// Extends the life of `key` to `retention` from now without rewriting its value
+    /// (`entry` is the same entry with `stored_at_ms` moved to now). Returns whether it existed.
+    async fn touch(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        retention: Duration,
+    ) -> Result<bool, StoreError>;
     /// Writes an entry for `ttl` and adds its key to each of `entry.tags`.
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError>;
     /// Deletes keys; returns how many existed.

@@ -33,6 +33,10 @@ pub struct RedisOptions {
     pub pool_max_size: usize,
     /// Wait for an admin connection.
     pub pool_timeout: Duration,
+    /// Opening an admin connection.
+    pub pool_create_timeout: Duration,
+    /// Health check of an idle admin connection.
+    pub pool_recycle_timeout: Duration,
     /// SCAN COUNT hint.
     pub scan_batch: usize,
     /// Lifetime of generation counters; longer than any entry lives.
@@ -111,8 +115,8 @@ impl RedisStore {
         let pool = Pool::builder(manager)
             .max_size(opts.pool_max_size)
             .wait_timeout(Some(opts.pool_timeout))
-            .create_timeout(Some(opts.connect_timeout))
-            .recycle_timeout(Some(opts.connect_timeout))
+            .create_timeout(Some(opts.pool_create_timeout))
+            .recycle_timeout(Some(opts.pool_recycle_timeout))
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Command(e.to_string()))?;
@@ -281,25 +285,43 @@ impl RedisStore {
 impl Store for RedisStore {
     async fn get(&self, key: &str, deps: &[String]) -> Result<Lookup, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(key);
+        pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
         for dep in deps {
             pipe.cmd("GET").arg(dep);
         }
-        let mut replies: Vec<Option<Vec<u8>>> = self.run_pipe(&pipe).await?;
-        if replies.is_empty() {
-            return Err(StoreError::Command("empty pipeline reply".into()));
-        }
-        let gens = replies
-            .split_off(1)
+        let replies: Vec<redis::Value> = self.run_pipe(&pipe).await?;
+        let [raw, pttl, gens @ ..] = replies.as_slice() else {
+            return Err(StoreError::Command("short pipeline reply".into()));
+        };
+        let parse_err = |e: redis::ParsingError| StoreError::Command(e.to_string());
+        let raw: Option<Vec<u8>> = redis::from_redis_value_ref(raw).map_err(parse_err)?;
+        let pttl: i64 = redis::from_redis_value_ref(pttl).map_err(parse_err)?;
+        let gens = gens
             .iter()
-            .map(|r| parse_gen(r.as_deref()))
+            .map(|v| {
+                let raw: Option<Vec<u8>> = redis::from_redis_value_ref(v).ok().flatten();
+                parse_gen(raw.as_deref())
+            })
             .collect();
-        let entry = replies
-            .pop()
-            .flatten()
-            .map(|raw| CacheEntry::decode(Bytes::from(raw)))
+        let entry = raw
+            .map(|r| CacheEntry::decode(Bytes::from(r)))
             .transpose()?;
-        Ok(Lookup { entry, gens })
+        Ok(Lookup {
+            entry,
+            gens,
+            expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
+        })
+    }
+
+    async fn touch(
+        &self,
+        key: &str,
+        _entry: &CacheEntry,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        let ms = retention.as_millis().max(1) as u64;
+        let existed: i64 = self.run(redis::cmd("PEXPIRE").arg(key).arg(ms)).await?;
+        Ok(existed == 1)
     }
 
     async fn generations(&self, deps: &[String]) -> Result<Vec<u64>, StoreError> {

@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 use super::auth::AdminAuth;
 use super::views::run_id_from_json;
 use super::{AppJson, AppQuery, json};
+use crate::cache::fallback::TierCounts;
 use crate::cache::policy::TtlTier;
 use crate::cache::read_through::WarmReport;
 use crate::cache::redis::RedisInfo;
@@ -81,6 +82,20 @@ pub struct StatsBody {
     pub keys: u64,
     /// Origin time the hits avoided (hits × mean origin latency, per view).
     pub time_saved_ms_estimate: f64,
+    /// Entries filled by warming.
+    pub warmed: u64,
+    /// Entries warming could not fill.
+    pub warm_errors: u64,
+    /// Refresh-ahead fetches, all results.
+    pub refreshes: u64,
+    /// Refreshes that found the content unchanged (TTL extended, nothing rewritten).
+    pub refresh_unchanged: u64,
+    /// Refreshes that found new content.
+    pub refresh_changed: u64,
+    /// Refreshes that found the run gone.
+    pub refresh_gone: u64,
+    /// Refreshes that failed.
+    pub refresh_errors: u64,
 }
 
 /// Counters of one view.
@@ -108,6 +123,12 @@ pub struct ViewStatsBody {
     pub avg_latency_ms: f64,
     /// 95th percentile request latency.
     pub p95_latency_ms: f64,
+    /// Requests that waited for another request's fetch.
+    pub coalesced: u64,
+    /// Refreshes that found the content unchanged.
+    pub refresh_unchanged: u64,
+    /// Refreshes that found new content.
+    pub refresh_changed: u64,
     /// Configured TTL in seconds.
     pub ttl_seconds: u64,
 }
@@ -121,6 +142,10 @@ pub struct MemoryBody {
     pub bytes: u64,
     /// Byte bound.
     pub max_bytes: u64,
+    /// Entries evicted to stay within the bound.
+    pub evictions: u64,
+    /// Entries expired.
+    pub expirations: u64,
 }
 
 /// Configuration figures shown in stats.
@@ -165,6 +190,8 @@ pub struct StatsResponse {
     pub redis: Option<RedisInfo>,
     /// Memory tier size.
     pub memory: MemoryBody,
+    /// Operations and errors per tier, and circuit openings.
+    pub store: TierCounts,
     /// TTL tiers and prefix.
     pub config: ConfigBody,
     /// Summary.
@@ -199,6 +226,9 @@ fn view_body(v: &ViewStats, ttl_seconds: u64) -> ViewStatsBody {
         avg_origin_latency_ms: round2(v.mean_origin_ms()),
         avg_latency_ms: round2(v.latency.mean_ms()),
         p95_latency_ms: round2(v.latency.quantile_ms(0.95)),
+        coalesced: v.coalesced.load(Relaxed),
+        refresh_unchanged: v.refresh_unchanged.load(Relaxed),
+        refresh_changed: v.refresh_changed.load(Relaxed),
         ttl_seconds,
     }
 }
@@ -253,6 +283,16 @@ async fn stats(state: &AppState) -> StatsResponse {
             time_saved_ms_estimate: round2(
                 View::ALL.iter().map(|v| s.view(*v).time_saved_ms()).sum(),
             ),
+            warmed: s.warmed.load(Relaxed),
+            warm_errors: s.warm_errors.load(Relaxed),
+            refreshes: s.sum(|v| &v.refresh_unchanged)
+                + s.sum(|v| &v.refresh_changed)
+                + s.sum(|v| &v.refresh_gone)
+                + s.sum(|v| &v.refresh_errors),
+            refresh_unchanged: s.sum(|v| &v.refresh_unchanged),
+            refresh_changed: s.sum(|v| &v.refresh_changed),
+            refresh_gone: s.sum(|v| &v.refresh_gone),
+            refresh_errors: s.sum(|v| &v.refresh_errors),
         },
         views: View::ALL
             .iter()
@@ -263,7 +303,10 @@ async fn stats(state: &AppState) -> StatsResponse {
             entries: memory.entry_count(),
             bytes: memory.weighted_size(),
             max_bytes: memory.max_bytes(),
+            evictions: memory.removals().evicted.load(Relaxed),
+            expirations: memory.removals().expired.load(Relaxed),
         },
+        store: state.store.counts(),
         config: ConfigBody {
             prefix: state.keys.prefix().to_owned(),
             ttl_very_short: tier_secs(TtlTier::VeryShort),

@@ -40,6 +40,8 @@ pub enum Cause {
     Clear,
     /// `POST /cache/version`.
     Version,
+    /// Refresh-ahead found the run changed or gone.
+    Refresh,
 }
 
 impl Cause {
@@ -50,6 +52,7 @@ impl Cause {
             Cause::Admin => "admin",
             Cause::Clear => "pattern",
             Cause::Version => "version",
+            Cause::Refresh => "refresh",
         }
     }
 }

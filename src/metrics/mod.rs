@@ -32,6 +32,22 @@ pub mod names {
     pub const CACHE_FALLBACK_TOTAL: &str = "runcache_cache_fallback_total";
     /// 1 while Redis is in use, 0 while serving from memory.
     pub const REDIS_UP: &str = "runcache_redis_up";
+    /// 1 while the circuit around Redis is open (serving from memory).
+    pub const CIRCUIT_OPEN: &str = "runcache_circuit_open";
+    /// Store operations by tier (`redis`, `memory`).
+    pub const STORE_OPERATIONS_TOTAL: &str = "runcache_store_operations_total";
+    /// Failed store operations by tier.
+    pub const STORE_ERRORS_TOTAL: &str = "runcache_store_errors_total";
+    /// Memory-tier entries removed by cause (`size`: evicted, `expired`).
+    pub const MEMORY_REMOVALS_TOTAL: &str = "runcache_memory_removals_total";
+    /// Requests that waited for another request's origin fetch, by view.
+    pub const COALESCED_TOTAL: &str = "runcache_coalesced_total";
+    /// Refresh-ahead fetches by view and result (`unchanged`, `changed`, `gone`, `error`).
+    pub const REFRESHES_TOTAL: &str = "runcache_refreshes_total";
+    /// Entries filled by warming.
+    pub const WARMED_TOTAL: &str = "runcache_warmed_total";
+    /// Entries warming could not fill.
+    pub const WARM_ERRORS_TOTAL: &str = "runcache_warm_errors_total";
     /// Entries in the memory tier.
     pub const MEMORY_ENTRIES: &str = "runcache_memory_entries";
     /// Bytes in the memory tier.
@@ -99,6 +115,26 @@ fn describe() {
         names::REDIS_UP,
         "1 while Redis is in use, 0 while serving from memory"
     );
+    describe_gauge!(
+        names::CIRCUIT_OPEN,
+        "1 while the circuit around Redis is open (serving from memory)"
+    );
+    describe_counter!(names::STORE_OPERATIONS_TOTAL, "Store operations by tier");
+    describe_counter!(names::STORE_ERRORS_TOTAL, "Failed store operations by tier");
+    describe_counter!(
+        names::MEMORY_REMOVALS_TOTAL,
+        "Memory-tier entries removed, by cause (size, expired)"
+    );
+    describe_counter!(
+        names::COALESCED_TOTAL,
+        "Requests that waited for another request's origin fetch"
+    );
+    describe_counter!(
+        names::REFRESHES_TOTAL,
+        "Refresh-ahead fetches by view and result"
+    );
+    describe_counter!(names::WARMED_TOTAL, "Entries filled by warming");
+    describe_counter!(names::WARM_ERRORS_TOTAL, "Entries warming could not fill");
     describe_gauge!(names::MEMORY_ENTRIES, "Entries in the memory tier");
     describe_gauge!(
         names::MEMORY_BYTES,
@@ -111,10 +147,44 @@ fn describe() {
 #[derive(Debug)]
 pub struct ViewHandles {
     results: [Counter; 5],
-    duration: Histogram,
+    durations: [Histogram; 5],
     origin_ok: Counter,
     origin_error: Counter,
     origin_duration: Histogram,
+    coalesced: Counter,
+    refreshes: [Counter; 4],
+}
+
+/// Results of a refresh-ahead fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshResult {
+    /// Same content (volatile fields ignored): the TTL was extended, nothing rewritten.
+    Unchanged,
+    /// New content: stored, and the run's dependent entries invalidated.
+    Changed,
+    /// The origin no longer has the run: its entries were removed.
+    Gone,
+    /// The fetch failed; the entry stays servable and the key backs off.
+    Error,
+}
+
+impl RefreshResult {
+    const ALL: [RefreshResult; 4] = [
+        RefreshResult::Unchanged,
+        RefreshResult::Changed,
+        RefreshResult::Gone,
+        RefreshResult::Error,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshResult::Unchanged => "unchanged",
+            RefreshResult::Changed => "changed",
+            RefreshResult::Gone => "gone",
+            RefreshResult::Error => "error",
+        }
+    }
 }
 
 const OUTCOMES: [Outcome; 5] = [
@@ -133,17 +203,35 @@ impl ViewHandles {
             results: OUTCOMES.map(|o| {
                 metrics::counter!(names::VIEW_REQUESTS_TOTAL, "view" => v, "result" => o.as_str())
             }),
-            duration: metrics::histogram!(names::VIEW_REQUEST_DURATION, "view" => v),
+            durations: OUTCOMES.map(|o| {
+                metrics::histogram!(names::VIEW_REQUEST_DURATION, "view" => v, "result" => o.as_str())
+            }),
             origin_ok: metrics::counter!(names::ORIGIN_REQUESTS_TOTAL, "view" => v, "outcome" => "ok"),
             origin_error: metrics::counter!(names::ORIGIN_REQUESTS_TOTAL, "view" => v, "outcome" => "error"),
             origin_duration: metrics::histogram!(names::ORIGIN_REQUEST_DURATION, "view" => v),
+            coalesced: metrics::counter!(names::COALESCED_TOTAL, "view" => v),
+            refreshes: RefreshResult::ALL.map(|r| {
+                metrics::counter!(names::REFRESHES_TOTAL, "view" => v, "result" => r.as_str())
+            }),
         }
     }
 
     fn request(&self, outcome: Outcome, elapsed: Duration) {
         let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
         self.results[i].increment(1);
-        self.duration.record(elapsed.as_secs_f64());
+        self.durations[i].record(elapsed.as_secs_f64());
+    }
+
+    fn coalesced(&self) {
+        self.coalesced.increment(1);
+    }
+
+    fn refresh(&self, result: RefreshResult) {
+        let i = RefreshResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        self.refreshes[i].increment(1);
     }
 
     fn origin(&self, elapsed: Duration, failed: bool) {

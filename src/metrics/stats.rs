@@ -145,6 +145,14 @@ pub struct ViewStats {
     pub origin_time_us: AtomicU64,
     /// Whole-request latency.
     pub latency: Histogram,
+    /// Refresh-ahead fetches that found the content unchanged.
+    pub refresh_unchanged: AtomicU64,
+    /// Refresh-ahead fetches that found new content.
+    pub refresh_changed: AtomicU64,
+    /// Refresh-ahead fetches that found the run gone (404).
+    pub refresh_gone: AtomicU64,
+    /// Refresh-ahead fetches that failed.
+    pub refresh_errors: AtomicU64,
 }
 
 impl ViewStats {
@@ -182,6 +190,10 @@ pub struct Stats {
     pub invalidations: AtomicU64,
     /// Whole-request latency over every view.
     pub latency: Histogram,
+    /// Entries filled by warming.
+    pub warmed: AtomicU64,
+    /// Entries warming could not fill.
+    pub warm_errors: AtomicU64,
 }
 
 impl Default for Stats {
@@ -193,6 +205,8 @@ impl Default for Stats {
             deletes: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             latency: Histogram::default(),
+            warmed: AtomicU64::new(0),
+            warm_errors: AtomicU64::new(0),
         }
     }
 }
@@ -229,6 +243,34 @@ impl Stats {
             v.origin_errors.fetch_add(1, Relaxed);
         }
         self.prom[view.index()].origin(elapsed, failed);
+    }
+
+    /// Records a request that waited for another request's fetch.
+    pub fn record_coalesced(&self, view: View) {
+        self.view(view).coalesced.fetch_add(1, Relaxed);
+        self.prom[view.index()].coalesced();
+    }
+
+    /// Records the result of a refresh-ahead fetch.
+    pub fn record_refresh(&self, view: View, result: super::RefreshResult) {
+        use super::RefreshResult as R;
+        let v = self.view(view);
+        let counter = match result {
+            R::Unchanged => &v.refresh_unchanged,
+            R::Changed => &v.refresh_changed,
+            R::Gone => &v.refresh_gone,
+            R::Error => &v.refresh_errors,
+        };
+        counter.fetch_add(1, Relaxed);
+        self.prom[view.index()].refresh(result);
+    }
+
+    /// Records a warm-up's results.
+    pub fn record_warm(&self, warmed: u64, errors: u64) {
+        self.warmed.fetch_add(warmed, Relaxed);
+        self.warm_errors.fetch_add(errors, Relaxed);
+        metrics::counter!(super::names::WARMED_TOTAL).increment(warmed);
+        metrics::counter!(super::names::WARM_ERRORS_TOTAL).increment(errors);
     }
 
     /// Records entries deleted by one invalidation of `cause` (event, admin, clear, version).

@@ -5,16 +5,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use futures_util::FutureExt;
+
+mod refresh;
+mod warm;
+
+pub use refresh::{RefreshOptions, content_hash};
+pub use warm::{WarmFailure, WarmReport};
 
 use super::coalesce::Flights;
 use super::policy::{self, Freshness, Storability};
 use super::{CacheEntry, FallbackStore, KeyVersion, Keyspace, Store, Tier, View};
+use crate::invalidation::Invalidator;
 use crate::metrics::{Outcome, Stats};
 use crate::origin::{OriginClient, OriginError, OriginRequest, OriginResponse};
 
@@ -89,28 +93,6 @@ impl ViewRequest {
             use_cache,
         }
     }
-}
-
-/// What a warm-up did.
-#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
-pub struct WarmReport {
-    /// Entries fetched from the origin and stored.
-    pub warmed: u64,
-    /// Entries already cached, left alone.
-    pub skipped: u64,
-    /// Entries that could not be fetched or stored.
-    pub failed: Vec<WarmFailure>,
-}
-
-/// One entry a warm-up could not fill.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct WarmFailure {
-    /// The run.
-    pub model_run_id: String,
-    /// The view (`metrics` or `feature_importance`).
-    pub view: String,
-    /// Why.
-    pub error: String,
 }
 
 /// How the answer was produced, for `X-Cache` and `Cache-Status`.
@@ -254,7 +236,7 @@ pub struct CoalesceOptions {
 }
 
 /// Tuning of the read-through cache.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReadThroughOptions {
     /// Freshness rules, indexed by [`View::index`].
     pub policies: [ViewPolicy; 3],
@@ -262,6 +244,8 @@ pub struct ReadThroughOptions {
     pub not_found_ttl: Duration,
     /// Request coalescing.
     pub coalesce: CoalesceOptions,
+    /// Refresh-ahead.
+    pub refresh: RefreshOptions,
 }
 
 /// The per-request context of a lookup.
@@ -285,6 +269,8 @@ pub struct ReadThrough {
     not_found_ttl: Duration,
     coalesce: CoalesceOptions,
     flights: Arc<Flights<ViewResponse>>,
+    refresher: Arc<refresh::Refresher>,
+    invalidator: Invalidator,
 }
 
 impl ReadThrough {
@@ -297,6 +283,8 @@ impl ReadThrough {
         stats: Arc<Stats>,
         options: ReadThroughOptions,
     ) -> Self {
+        let invalidator =
+            Invalidator::new(store.clone(), keys.clone(), version.clone(), stats.clone());
         Self {
             store,
             origin,
@@ -307,6 +295,8 @@ impl ReadThrough {
             not_found_ttl: options.not_found_ttl,
             coalesce: options.coalesce,
             flights: Arc::default(),
+            refresher: Arc::new(refresh::Refresher::new(options.refresh)),
+            invalidator,
         }
     }
 
@@ -359,15 +349,17 @@ impl ReadThrough {
         }
     }
 
-    async fn serve_inner(&self, req: ViewRequest) -> Result<ViewResponse, OriginError> {
+    pub(crate) async fn serve_inner(&self, req: ViewRequest) -> Result<ViewResponse, OriginError> {
         if !req.use_cache {
             let resp = self.fetch(req.view, req.origin).await?;
             return Ok(passthrough(resp, CacheOutcome::Bypass, false));
         }
         let ctx = self.context(&req);
-        let now = policy::now_ms();
         let mut fallback = None;
         if let Some(entry) = self.lookup(&ctx).await {
+            // After the lookup: the entry's store time may be derived from the key's
+            // remaining life at the moment it was read.
+            let now = policy::now_ms();
             let age = policy::age_secs(entry.stored_at_ms, now);
             match policy::freshness(
                 entry.stored_at_ms,
@@ -377,6 +369,7 @@ impl ReadThrough {
                 ctx.policy.stale_if_error,
             ) {
                 Freshness::Fresh { ttl } => {
+                    self.note_hit(&req, &ctx, &entry, ttl).await;
                     return Ok(self.entry_response(
                         entry,
                         CacheOutcome::Hit {
@@ -387,8 +380,9 @@ impl ReadThrough {
                     ));
                 }
                 Freshness::Revalidate => {
+                    // One background refresh per key: a running one is joined, not repeated.
                     if !self.flights.is_running(&ctx.key) {
-                        let _ = self.start_fetch(req, ctx);
+                        drop(self.refresh_now(req, ctx, entry.clone()));
                     }
                     return Ok(self.entry_response(
                         entry,
@@ -408,7 +402,7 @@ impl ReadThrough {
             .await
             .unwrap_or(Err(OriginError::Timeout));
         if joined {
-            self.stats.view(view).coalesced.fetch_add(1, Relaxed);
+            self.stats.record_coalesced(view);
         }
         match (result, fallback) {
             (Ok(resp), _) if joined => Ok(resp.collapsed()),
@@ -470,7 +464,10 @@ impl ReadThrough {
         let lock = self.keys.fetch_lock(&ctx.version, &req.logical_key);
         let locked = match self.acquire_lock(&ctx, &lock, &token).await {
             Ok(locked) => locked,
-            Err(hit) => return Ok(hit),
+            Err(hit) => {
+                self.stats.record_coalesced(req.view);
+                return Ok(hit);
+            }
         };
         let result = self.fetch_store_stamped(req, &ctx, gens).await;
         if locked && let Err(e) = self.store.redis().unlock(&lock, &token).await {
@@ -561,7 +558,9 @@ impl ReadThrough {
         );
         entry.gens = gens;
         // Kept past its TTL for as long as it may still be served stale.
-        let retention = ttl + ctx.policy.grace.max(ctx.policy.stale_if_error);
+        let stale_window = ctx.policy.grace.max(ctx.policy.stale_if_error);
+        entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
+        let retention = ttl + stale_window;
         let stored = match self.store.set(&ctx.key, &entry, retention).await {
             Ok(()) => {
                 self.stats.record_set();
@@ -583,56 +582,6 @@ impl ReadThrough {
         );
         out.www_authenticate = resp.www_authenticate;
         Ok(out)
-    }
-
-    /// Fetches and stores the metrics and feature importance of `run_ids` that are not cached
-    /// yet, at most `concurrency` origin requests at a time. Anonymous: no client header is
-    /// forwarded, so warming never leaks the admin token to the origin.
-    pub async fn warm(&self, run_ids: &[String], concurrency: usize) -> WarmReport {
-        let mut requests = Vec::with_capacity(run_ids.len() * 2);
-        for id in run_ids {
-            requests.push(ViewRequest::metrics(id, HeaderMap::new(), true));
-            requests.push(ViewRequest::feature_importance(
-                id,
-                None,
-                HeaderMap::new(),
-                true,
-            ));
-        }
-        let results: Vec<(ViewRequest, Result<bool, String>)> =
-            futures_util::stream::iter(requests)
-                .map(|req| async move {
-                    let result = match self.serve_inner(req.clone()).await {
-                        Ok(r) => match r.outcome {
-                            CacheOutcome::Miss { stored: true, .. } => Ok(true),
-                            CacheOutcome::Hit { .. } | CacheOutcome::Stale { .. } => Ok(false),
-                            _ => Err(format!(
-                                "not stored (origin answered {})",
-                                r.status.as_u16()
-                            )),
-                        },
-                        // Not the raw error: it can name internal hosts.
-                        Err(OriginError::Unreachable(_)) => Err("origin unreachable".to_owned()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    (req, result)
-                })
-                .buffer_unordered(concurrency.max(1))
-                .collect()
-                .await;
-        let mut report = WarmReport::default();
-        for (req, result) in results {
-            match result {
-                Ok(true) => report.warmed += 1,
-                Ok(false) => report.skipped += 1,
-                Err(error) => report.failed.push(WarmFailure {
-                    model_run_id: req.run_ids.first().cloned().unwrap_or_default(),
-                    view: req.view.name().to_owned(),
-                    error,
-                }),
-            }
-        }
-        report
     }
 
     /// Fetches from the origin, counting it; a 5xx becomes an error.
