@@ -136,6 +136,15 @@ fn describe() {
     describe_counter!(names::WARMED_TOTAL, "Entries filled by warming");
     describe_counter!(names::WARM_ERRORS_TOTAL, "Entries warming could not fill");
     describe_gauge!(names::MEMORY_ENTRIES, "Entries in the memory tier");
+    // Label-less counters are registered at zero, so dashboards see them before the first event.
+    for name in [
+        names::CACHE_SETS_TOTAL,
+        names::CACHE_FALLBACK_TOTAL,
+        names::WARMED_TOTAL,
+        names::WARM_ERRORS_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
     describe_gauge!(
         names::MEMORY_BYTES,
         metrics::Unit::Bytes,

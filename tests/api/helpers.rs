@@ -164,6 +164,10 @@ pub struct OriginControl {
     pub cache_control: Mutex<Option<String>>,
     pub last_headers: Mutex<Option<HeaderMap>>,
     pub last_body: Mutex<Option<Value>>,
+    /// Part of the metrics body: a real content change when bumped.
+    pub revision: AtomicU64,
+    /// Serve `GET /api/v1/models/runs` (for warming the most recent runs).
+    pub list_runs: std::sync::atomic::AtomicBool,
 }
 
 /// The in-process origin. Clones share it (two instances in front of one origin).
@@ -187,6 +191,7 @@ impl TestOrigin {
                 axum::routing::delete(delete_run),
             )
             .route("/api/v1/models/compare", post(compare))
+            .route("/api/v1/models/runs", get(list_runs))
             .route("/health", get(|| async { "ok" }))
             .with_state(control.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -302,7 +307,8 @@ async fn metrics(
         Ok(n) => json_answer(
             &c,
             format!(
-                "{{\"model_run_id\":  \"{id}\", \"accuracy\": 0.93, \"fetch\": {n}, \"pad\": \"{}\"}}",
+                "{{\"model_run_id\":  \"{id}\", \"accuracy\": 0.93, \"revision\": {}, \"fetch\": {n}, \"pad\": \"{}\"}}",
+                c.revision.load(Ordering::SeqCst),
                 "x".repeat(200)
             ),
         ),
@@ -339,6 +345,21 @@ async fn compare(
         ),
         Err(r) => r,
     }
+}
+
+async fn list_runs(
+    State(c): State<Arc<OriginControl>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !c.list_runs.load(Ordering::SeqCst) {
+        return (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response();
+    }
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(10);
+    let runs: Vec<Value> = (1..=limit)
+        .rev()
+        .map(|i| json!({"model_run_id": format!("r{i}")}))
+        .collect();
+    Json(json!({ "runs": runs })).into_response()
 }
 
 async fn delete_run(

@@ -4,6 +4,7 @@
 mod admin;
 mod events;
 mod fallback;
+mod freshness;
 mod helpers;
 mod ops;
 mod resilience;
