@@ -184,6 +184,12 @@ pub struct ComparisonSettings {
 pub struct MemorySettings {
     /// Byte bound of the in-process store (default 256 MiB).
     pub max_bytes: u64,
+    /// Where the in-process store is snapshotted (default unset: no snapshots).
+    pub snapshot_path: Option<String>,
+    /// Snapshot after this many changes (default 1000).
+    pub snapshot_every_changes: u64,
+    /// Or after this many seconds with at least one change (default 60).
+    pub snapshot_interval_secs: u64,
 }
 
 /// `[warm]`
@@ -432,6 +438,14 @@ impl Settings {
             ("coalesce.lock_ttl_ms", self.coalesce.lock_ttl_ms),
             ("coalesce.lock_poll_ms", self.coalesce.lock_poll_ms),
             ("refresh.concurrency", self.refresh.concurrency as u64),
+            (
+                "memory.snapshot_every_changes",
+                self.memory.snapshot_every_changes,
+            ),
+            (
+                "memory.snapshot_interval_secs",
+                self.memory.snapshot_interval_secs,
+            ),
             ("refresh.max_backoff_secs", self.refresh.max_backoff_secs),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -1,7 +1,8 @@
 //! Building and running the application: bind, background tasks, graceful shutdown.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -76,6 +77,7 @@ impl Application {
         spawn_background(&state, &tasks, &cancel);
 
         let store = state.store.clone();
+        let snapshots = state.snapshots.clone();
         let app = build_app(state);
         let stopping = CancellationToken::new();
         let stop_signal = stopping.clone();
@@ -93,6 +95,11 @@ impl Application {
         cancel.cancel();
         tasks.close();
         tasks.wait().await;
+        if let Some(snap) = snapshots
+            && store.tier() == Tier::Memory
+        {
+            snap.maybe_write(store.memory(), true).await;
+        }
         // Every journal append is already fsynced; say what the next start will replay.
         let pending = store.pending_invalidations().await;
         if pending > 0 {
@@ -125,7 +132,12 @@ where
 fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &CancellationToken) {
     let s = state.clone();
     tasks.spawn(async move {
-        // Start-up: find Redis (or start on memory), adopt the shared version, then warm.
+        // Start-up: restore the memory tier's snapshot (minus what the journal invalidated),
+        // find Redis (or stay on memory), adopt the shared version, then warm.
+        if let Some(snap) = &s.snapshots {
+            snap.load(s.store.memory(), &s.keys, &s.version.get()).await;
+            s.store.replay_journal_into_memory().await;
+        }
         if !s.store.probe().await {
             tracing::warn!(redis = %s.settings.redis_url_redacted(), "redis unreachable at start; serving from the memory tier and probing in the background");
         }
@@ -177,6 +189,22 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             }
         },
     );
+
+    if let Some(snap) = state.snapshots.clone() {
+        let s = state.clone();
+        let discarded = Arc::new(AtomicBool::new(false));
+        every(tasks, cancel, Duration::from_secs(1), move || {
+            let (s, snap, discarded) = (s.clone(), snap.clone(), discarded.clone());
+            async move {
+                if s.store.tier() == Tier::Memory {
+                    discarded.store(false, Ordering::Relaxed);
+                    snap.maybe_write(s.store.memory(), false).await;
+                } else if !discarded.swap(true, Ordering::Relaxed) {
+                    snap.discard().await;
+                }
+            }
+        });
+    }
 
     let s = state.clone();
     every(tasks, cancel, Duration::from_secs(5), move || {

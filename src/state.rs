@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::cache::memory::MemoryStore;
 use crate::cache::read_through::{CoalesceOptions, ReadThroughOptions, RefreshOptions};
 use crate::cache::redis::{RedisOptions, RedisStore};
+use crate::cache::snapshot::Snapshotter;
 use crate::cache::{FallbackStore, KeyVersion, Keyspace, ReadThrough};
 use crate::config::{Settings, ms};
 use crate::invalidation::Invalidator;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub token_generated: bool,
     /// Prometheus renderer.
     pub prometheus: PrometheusHandle,
+    /// Memory-tier snapshots, when `memory.snapshot_path` is set.
+    pub snapshots: Option<Arc<Snapshotter>>,
     /// Set once start-up work (first Redis probe, version sync) is done; `/ready` is 503 before.
     pub started: Arc<AtomicBool>,
 }
@@ -109,6 +112,13 @@ impl AppState {
             Some(t) => (t.clone(), false),
             None => (SecretString::from(generate_token()), true),
         };
+        let snapshots = settings.memory.snapshot_path.as_deref().map(|p| {
+            Arc::new(Snapshotter::new(
+                p.into(),
+                settings.memory.snapshot_every_changes,
+                Duration::from_secs(settings.memory.snapshot_interval_secs),
+            ))
+        });
         Ok(Self {
             settings: Arc::new(settings),
             store,
@@ -120,6 +130,7 @@ impl AppState {
             admin_token: Arc::new(admin_token),
             token_generated,
             prometheus,
+            snapshots,
             started: Arc::new(AtomicBool::new(false)),
         })
     }

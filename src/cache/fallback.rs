@@ -238,6 +238,15 @@ impl FallbackStore {
         self.fallbacks.load(Ordering::Relaxed)
     }
 
+    /// Applies the journaled invalidations to the memory tier (after a snapshot load: the
+    /// snapshot may predate them).
+    pub async fn replay_journal_into_memory(&self) {
+        let ops = self.journal.lock().await.ops.clone();
+        for op in &ops {
+            self.apply_to_memory(op).await;
+        }
+    }
+
     /// Invalidations waiting for Redis.
     pub async fn pending_invalidations(&self) -> usize {
         self.journal.lock().await.ops.len()

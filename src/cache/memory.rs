@@ -19,6 +19,17 @@ use crate::metrics::names;
 struct Slot {
     entry: CacheEntry,
     ttl: Duration,
+    /// When the store drops it, in Unix milliseconds (for snapshots).
+    expires_at_ms: u64,
+}
+
+/// Everything the memory tier holds, for snapshots.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MemoryContents {
+    /// `(physical key, expires at in Unix ms, entry)`.
+    pub entries: Vec<(String, u64, CacheEntry)>,
+    /// Generation counters.
+    pub gens: Vec<(String, u64)>,
 }
 
 struct PerEntryTtl;
@@ -55,6 +66,7 @@ pub struct MemoryStore {
     max_bytes: u64,
     gens: Arc<Mutex<HashMap<String, u64>>>,
     removals: Arc<Removals>,
+    changes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -96,6 +108,59 @@ impl MemoryStore {
             max_bytes,
             gens: Arc::default(),
             removals,
+            changes: Arc::default(),
+        }
+    }
+
+    /// Writes, deletes and bumps so far (snapshots are taken after enough of them).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy of every live entry and generation (bodies are shared, not copied).
+    pub fn export(&self) -> MemoryContents {
+        let now = crate::cache::policy::now_ms();
+        let entries = self
+            .cache
+            .iter()
+            .filter(|(_, slot)| slot.expires_at_ms > now)
+            .map(|(k, slot)| {
+                (
+                    k.as_str().to_owned(),
+                    slot.expires_at_ms,
+                    slot.entry.clone(),
+                )
+            })
+            .collect();
+        let gens = self
+            .gens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        MemoryContents { entries, gens }
+    }
+
+    /// Loads entries (each kept until its own expiry) and generations, e.g. from a snapshot.
+    pub async fn import(&self, contents: MemoryContents) {
+        let now = crate::cache::policy::now_ms();
+        {
+            let mut gens = self.gens.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, v) in contents.gens {
+                let g = gens.entry(k).or_insert(0);
+                *g = (*g).max(v);
+            }
+        }
+        for (key, expires_at_ms, entry) in contents.entries {
+            if expires_at_ms > now {
+                let ttl = Duration::from_millis(expires_at_ms - now);
+                let _ = self.set(&key, &entry, ttl).await;
+            }
         }
     }
 
@@ -135,6 +200,7 @@ impl MemoryStore {
     /// entry that missed invalidations made by other instances while this one used Redis).
     pub fn clear(&self) {
         self.cache.invalidate_all();
+        self.changed();
     }
 
     async fn remove_where(&self, pred: impl Fn(&str, &Slot) -> bool) -> u64 {
@@ -149,6 +215,9 @@ impl MemoryStore {
             if self.cache.remove(key.as_str()).await.is_some() {
                 removed += 1;
             }
+        }
+        if removed > 0 {
+            self.changed();
         }
         removed
     }
@@ -187,15 +256,21 @@ impl Store for MemoryStore {
         for dep in deps {
             *gens.entry(dep.clone()).or_insert(0) += 1;
         }
+        drop(gens);
+        self.changed();
         Ok(())
     }
 
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError> {
+        let expires_at_ms = crate::cache::policy::now_ms()
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let slot = Arc::new(Slot {
             entry: entry.clone(),
             ttl,
+            expires_at_ms,
         });
         self.cache.insert(key.to_owned(), slot).await;
+        self.changed();
         Ok(())
     }
 
@@ -205,6 +280,9 @@ impl Store for MemoryStore {
             if self.cache.remove(key.as_str()).await.is_some() {
                 removed += 1;
             }
+        }
+        if removed > 0 {
+            self.changed();
         }
         Ok(removed)
     }

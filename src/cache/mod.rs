@@ -7,6 +7,7 @@ pub mod memory;
 pub mod policy;
 pub mod read_through;
 pub mod redis;
+pub mod snapshot;
 pub mod version;
 
 use std::borrow::Cow;

@@ -20,6 +20,7 @@ use crate::cache::fallback::TierCounts;
 use crate::cache::policy::TtlTier;
 use crate::cache::read_through::WarmReport;
 use crate::cache::redis::RedisInfo;
+use crate::cache::snapshot::SnapshotStatus;
 use crate::cache::{Store, Tier, View, validate_logical_key, validate_pattern, validate_version};
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::{Cause, VersionSwitch};
@@ -146,6 +147,8 @@ pub struct MemoryBody {
     pub evictions: u64,
     /// Entries expired.
     pub expirations: u64,
+    /// Snapshots (absent when `memory.snapshot_path` is unset).
+    pub snapshot: Option<SnapshotStatus>,
 }
 
 /// Configuration figures shown in stats.
@@ -305,6 +308,7 @@ async fn stats(state: &AppState) -> StatsResponse {
             max_bytes: memory.max_bytes(),
             evictions: memory.removals().evicted.load(Relaxed),
             expirations: memory.removals().expired.load(Relaxed),
+            snapshot: state.snapshots.as_ref().map(|s| s.status()),
         },
         store: state.store.counts(),
         config: ConfigBody {

@@ -8,4 +8,5 @@ mod freshness;
 mod helpers;
 mod ops;
 mod resilience;
+mod snapshots;
 mod views;
