@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod events;
 pub mod ops;
+pub mod stats;
 pub mod views;
 
 use std::time::Duration;
@@ -66,6 +67,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(admin::router())
         .merge(events::router())
         .merge(ops::router())
+        .merge(stats::router())
 }
 
 /// The OpenAPI document as YAML (what `openapi.yaml` holds).

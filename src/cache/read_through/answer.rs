@@ -1,0 +1,122 @@
+//! The answer to a cached-view request and how it was produced (`X-Cache`, `Cache-Status`).
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+
+/// How the answer was produced, for `X-Cache` and `Cache-Status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// From the cache.
+    Hit {
+        /// Seconds of freshness left.
+        ttl: u64,
+        /// Seconds since stored.
+        age: u64,
+        /// Waited for another request's (or instance's) fetch.
+        collapsed: bool,
+    },
+    /// From the origin.
+    Miss {
+        /// Stored for later hits.
+        stored: bool,
+        /// Why it was not stored (`no-store`, `status`, …).
+        detail: Option<&'static str>,
+        /// Waited for another request's fetch instead of fetching.
+        collapsed: bool,
+    },
+    /// An expired copy.
+    Stale {
+        /// Seconds since stored.
+        age: u64,
+        /// `true`: within the grace period while one background refresh runs;
+        /// `false`: served because the origin failed (stale-if-error).
+        revalidating: bool,
+    },
+    /// From the origin because of `use_cache=false`.
+    Bypass,
+}
+
+/// The answer to a cached-view request.
+#[derive(Debug, Clone)]
+pub struct ViewResponse {
+    /// Status to send (the origin's 2xx/4xx; 304 is decided by the handler).
+    pub status: StatusCode,
+    /// Origin `Content-Type`.
+    pub content_type: Option<HeaderValue>,
+    /// Origin `WWW-Authenticate` on a passed-through 401.
+    pub www_authenticate: Option<HeaderValue>,
+    /// Body, byte for byte as the origin sent it.
+    pub body: Bytes,
+    /// Strong ETag (quoted) for 200 answers.
+    pub etag: Option<String>,
+    /// Cache outcome.
+    pub outcome: CacheOutcome,
+    /// Served while Redis is unreachable (from or into the memory tier).
+    pub degraded: bool,
+}
+
+impl ViewResponse {
+    /// `X-Cache` value.
+    pub fn x_cache(&self) -> &'static str {
+        match self.outcome {
+            CacheOutcome::Hit { .. } => "HIT",
+            CacheOutcome::Miss { .. } => "MISS",
+            CacheOutcome::Stale { .. } => "STALE",
+            CacheOutcome::Bypass => "BYPASS",
+        }
+    }
+
+    /// `Cache-Status` value (RFC 9211).
+    pub fn cache_status(&self) -> String {
+        let mut s = match &self.outcome {
+            CacheOutcome::Hit { ttl, .. } => format!("runcache; hit; ttl={ttl}"),
+            CacheOutcome::Miss { stored: true, .. } => "runcache; fwd=miss; stored".to_owned(),
+            CacheOutcome::Miss {
+                detail: Some(d), ..
+            } => format!("runcache; fwd=miss; detail={d}"),
+            CacheOutcome::Miss { .. } => "runcache; fwd=miss".to_owned(),
+            CacheOutcome::Stale {
+                revalidating: true, ..
+            } => "runcache; fwd=stale; hit".to_owned(),
+            CacheOutcome::Stale {
+                revalidating: false,
+                ..
+            } => "runcache; fwd=stale; hit; detail=stale-if-error".to_owned(),
+            CacheOutcome::Bypass => "runcache; fwd=bypass".to_owned(),
+        };
+        if matches!(
+            self.outcome,
+            CacheOutcome::Hit {
+                collapsed: true,
+                ..
+            } | CacheOutcome::Miss {
+                collapsed: true,
+                ..
+            }
+        ) {
+            s.push_str("; collapsed");
+        }
+        if self.degraded && !matches!(self.outcome, CacheOutcome::Bypass) {
+            s.push_str("; detail=memory-fallback");
+        }
+        s
+    }
+
+    /// `Age` in seconds, on hits and stale answers.
+    pub fn age(&self) -> Option<u64> {
+        match self.outcome {
+            CacheOutcome::Hit { age, .. } | CacheOutcome::Stale { age, .. } => Some(age),
+            _ => None,
+        }
+    }
+
+    pub(super) fn collapsed(mut self) -> Self {
+        match &mut self.outcome {
+            CacheOutcome::Hit { collapsed, .. } | CacheOutcome::Miss { collapsed, .. } => {
+                *collapsed = true;
+            }
+            _ => {}
+        }
+        self
+    }
+}

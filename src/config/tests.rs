@@ -1,0 +1,99 @@
+//! Unit tests of settings loading and validation.
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[test]
+fn defaults_load_and_match_the_spec() {
+    let s = Settings::load_from(None, Some(HashMap::new())).expect("defaults load");
+    assert_eq!(s.server.addr, "127.0.0.1:8080");
+    assert_eq!(s.origin.base_url, "http://127.0.0.1:8000");
+    assert_eq!(s.redis.url.expose_secret(), "redis://127.0.0.1:6379");
+    assert_eq!(s.cache.prefix, "runcache");
+    assert_eq!(s.cache.version, "v1");
+    assert_eq!(s.views.metrics.ttl.0, Duration::from_secs(3600));
+    assert_eq!(s.views.feature_importance.ttl.0, Duration::from_secs(1800));
+    assert_eq!(s.views.comparison.ttl.0, Duration::from_secs(1800));
+    assert_eq!(s.memory.max_bytes, 256 * 1024 * 1024);
+    assert!(s.admin.token.is_none());
+    assert!(s.cors.allowed_origins.is_empty());
+}
+
+#[test]
+fn environment_overrides_nested_keys_and_lists() {
+    let s = Settings::load_from(
+        None,
+        Some(env(&[
+            ("RUNCACHE__REDIS__URL", "redis://10.0.0.5:6380"),
+            ("RUNCACHE__VIEWS__METRICS__TTL", "DAY"),
+            ("RUNCACHE__VIEWS__COMPARISON__TTL", "120"),
+            (
+                "RUNCACHE__CORS__ALLOWED_ORIGINS",
+                "https://a.example,https://b.example",
+            ),
+            ("RUNCACHE__WARM__MODEL_RUN_IDS", "7,run-8"),
+        ])),
+    )
+    .expect("overrides load");
+    assert_eq!(s.redis.url.expose_secret(), "redis://10.0.0.5:6380");
+    assert_eq!(s.views.metrics.ttl.0, Duration::from_secs(86_400));
+    assert_eq!(s.views.comparison.ttl.0, Duration::from_secs(120));
+    assert_eq!(
+        s.cors.allowed_origins,
+        ["https://a.example", "https://b.example"]
+    );
+    assert_eq!(s.warm.model_run_ids, ["7", "run-8"]);
+}
+
+#[test]
+fn unknown_environment_key_is_an_error() {
+    let err = Settings::load_from(None, Some(env(&[("RUNCACHE__REDIS__URLL", "x")])))
+        .expect_err("typo must fail");
+    assert!(err.to_string().contains("urll"), "{err}");
+}
+
+#[test]
+fn bad_ttl_tier_names_the_setting() {
+    let err = Settings::load_from(
+        None,
+        Some(env(&[("RUNCACHE__VIEWS__METRICS__TTL", "LONGG")])),
+    )
+    .expect_err("bad tier must fail");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("views.metrics.ttl") && msg.contains("LONGG"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_values_name_the_setting() {
+    for (key, value, name) in [
+        ("RUNCACHE__SERVER__ADDR", "nope", "server.addr"),
+        ("RUNCACHE__ORIGIN__BASE_URL", "ftp://x", "origin.base_url"),
+        ("RUNCACHE__CACHE__PREFIX", "a:b", "cache.prefix"),
+        (
+            "RUNCACHE__REDIS__COMMAND_TIMEOUT_MS",
+            "0",
+            "redis.command_timeout_ms",
+        ),
+    ] {
+        let err =
+            Settings::load_from(None, Some(env(&[(key, value)]))).expect_err("bad value must fail");
+        assert!(err.to_string().contains(name), "{key}: {err}");
+    }
+}
+
+#[test]
+fn redaction_hides_the_password() {
+    assert_eq!(
+        redact_url("redis://user:hunter2@host:6379/0"),
+        "redis://user:***@host:6379/0"
+    );
+    assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+}

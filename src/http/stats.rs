@@ -1,0 +1,330 @@
+//! `GET /cache/stats` (and its alias `/api/v1/models/cache/stats`): counters, latency
+//! percentiles, the per-view breakdown, Redis INFO figures, the memory tier and snapshots.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::extract::State;
+use axum::response::Response;
+use http::StatusCode;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::AdminAuth;
+use super::json;
+use crate::cache::fallback::TierCounts;
+use crate::cache::policy::TtlTier;
+use crate::cache::redis::RedisInfo;
+use crate::cache::snapshot::SnapshotStatus;
+use crate::cache::{Store, Tier, View};
+use crate::error::ErrorBody;
+use crate::metrics::stats::ViewStats;
+use crate::state::AppState;
+
+/// Routes of this resource.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_stats))
+        .routes(routes!(get_stats_alias))
+}
+
+/// Counters over every view.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsBody {
+    /// Requests served from the cache.
+    pub hits: u64,
+    /// Requests fetched from the origin.
+    pub misses: u64,
+    /// hits / (hits + misses) × 100.
+    pub hit_rate_percent: f64,
+    /// Cached-view requests answered, whatever the outcome.
+    pub total_requests: u64,
+    /// `use_cache=false` requests.
+    pub bypasses: u64,
+    /// Expired copies served.
+    pub stale_served: u64,
+    /// Entries written.
+    pub sets: u64,
+    /// Entries deleted by invalidations and clears.
+    pub deletes: u64,
+    /// Invalidation operations.
+    pub invalidations: u64,
+    /// Origin requests made.
+    pub origin_fetches: u64,
+    /// Origin requests that failed.
+    pub origin_errors: u64,
+    /// Misses that waited for another request's origin fetch.
+    pub coalesced: u64,
+    /// Mean request latency.
+    pub avg_latency_ms: f64,
+    /// Median request latency.
+    pub p50_latency_ms: f64,
+    /// 95th percentile request latency.
+    pub p95_latency_ms: f64,
+    /// 99th percentile request latency.
+    pub p99_latency_ms: f64,
+    /// Entries of the current version in the store in use.
+    pub keys: u64,
+    /// Origin time the hits avoided (hits × mean origin latency, per view).
+    pub time_saved_ms_estimate: f64,
+    /// Entries filled by warming.
+    pub warmed: u64,
+    /// Entries warming could not fill.
+    pub warm_errors: u64,
+    /// Refresh-ahead fetches, all results.
+    pub refreshes: u64,
+    /// Refreshes that found the content unchanged (TTL extended, nothing rewritten).
+    pub refresh_unchanged: u64,
+    /// Refreshes that found new content.
+    pub refresh_changed: u64,
+    /// Refreshes that found the run gone.
+    pub refresh_gone: u64,
+    /// Refreshes that failed.
+    pub refresh_errors: u64,
+}
+
+/// Counters of one view.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ViewStatsBody {
+    /// Served from the cache.
+    pub hits: u64,
+    /// Fetched from the origin.
+    pub misses: u64,
+    /// hits / (hits + misses) × 100.
+    pub hit_rate_percent: f64,
+    /// `use_cache=false`.
+    pub bypasses: u64,
+    /// Expired copies served.
+    pub stale_served: u64,
+    /// Answered with an error.
+    pub errors: u64,
+    /// Origin requests.
+    pub origin_fetches: u64,
+    /// Failed origin requests.
+    pub origin_errors: u64,
+    /// Mean origin latency.
+    pub avg_origin_latency_ms: f64,
+    /// Mean request latency.
+    pub avg_latency_ms: f64,
+    /// 95th percentile request latency.
+    pub p95_latency_ms: f64,
+    /// Requests that waited for another request's fetch.
+    pub coalesced: u64,
+    /// Refreshes that found the content unchanged.
+    pub refresh_unchanged: u64,
+    /// Refreshes that found new content.
+    pub refresh_changed: u64,
+    /// Configured TTL in seconds.
+    pub ttl_seconds: u64,
+}
+
+/// The memory tier's size.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemoryBody {
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Byte bound.
+    pub max_bytes: u64,
+    /// Entries evicted to stay within the bound.
+    pub evictions: u64,
+    /// Entries expired.
+    pub expirations: u64,
+    /// Snapshots (absent when `memory.snapshot_path` is unset).
+    pub snapshot: Option<SnapshotStatus>,
+}
+
+/// Configuration figures shown in stats.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigBody {
+    /// Key prefix.
+    pub prefix: String,
+    /// TTL tiers in seconds.
+    pub ttl_very_short: u64,
+    /// 900
+    pub ttl_short: u64,
+    /// 1800
+    pub ttl_medium: u64,
+    /// 3600
+    pub ttl_long: u64,
+    /// 7200
+    pub ttl_very_long: u64,
+    /// 86400
+    pub ttl_day: u64,
+    /// 604800
+    pub ttl_week: u64,
+}
+
+/// `GET /cache/stats`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsResponse {
+    /// The cache can serve and store (always true: memory backs Redis).
+    pub available: bool,
+    /// Store in use: `redis` or `memory`.
+    pub backend: String,
+    /// Key version in use.
+    pub version: String,
+    /// Whether Redis is in use.
+    pub redis_reachable: bool,
+    /// Invalidations made during a Redis outage, waiting to be replayed.
+    pub pending_invalidations: u64,
+    /// Totals.
+    pub stats: StatsBody,
+    /// Per-view breakdown, keyed `metrics`, `feature_importance`, `comparison`.
+    pub views: BTreeMap<String, ViewStatsBody>,
+    /// Redis INFO figures (absent while on memory).
+    pub redis: Option<RedisInfo>,
+    /// Memory tier size.
+    pub memory: MemoryBody,
+    /// Operations and errors per tier, and circuit openings.
+    pub store: TierCounts,
+    /// TTL tiers and prefix.
+    pub config: ConfigBody,
+    /// Summary.
+    pub message: String,
+}
+
+fn rate(hits: u64, misses: u64) -> f64 {
+    let total = hits + misses;
+    if total == 0 {
+        0.0
+    } else {
+        (hits as f64 * 10_000.0 / total as f64).round() / 100.0
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn view_body(v: &ViewStats, ttl_seconds: u64) -> ViewStatsBody {
+    let hits = v.hits.load(Relaxed);
+    let misses = v.misses.load(Relaxed);
+    ViewStatsBody {
+        hits,
+        misses,
+        hit_rate_percent: rate(hits, misses),
+        bypasses: v.bypasses.load(Relaxed),
+        stale_served: v.stale_served.load(Relaxed),
+        errors: v.errors.load(Relaxed),
+        origin_fetches: v.origin_fetches.load(Relaxed),
+        origin_errors: v.origin_errors.load(Relaxed),
+        avg_origin_latency_ms: round2(v.mean_origin_ms()),
+        avg_latency_ms: round2(v.latency.mean_ms()),
+        p95_latency_ms: round2(v.latency.quantile_ms(0.95)),
+        coalesced: v.coalesced.load(Relaxed),
+        refresh_unchanged: v.refresh_unchanged.load(Relaxed),
+        refresh_changed: v.refresh_changed.load(Relaxed),
+        ttl_seconds,
+    }
+}
+
+async fn stats(state: &AppState) -> StatsResponse {
+    let s = &state.stats;
+    let version = state.version.get();
+    let tier = state.store.tier();
+    let keys = state
+        .store
+        .count_matching(&state.keys.entry_pattern(&version, "*"))
+        .await
+        .unwrap_or(0);
+    let redis = match tier {
+        Tier::Redis => state.store.redis().info().await.ok(),
+        Tier::Memory => None,
+    };
+    let memory = state.store.memory();
+    memory.run_pending_tasks().await;
+    let hits = s.sum(|v| &v.hits);
+    let misses = s.sum(|v| &v.misses);
+    let ttls = [
+        state.settings.views.metrics.ttl.0.as_secs(),
+        state.settings.views.feature_importance.ttl.0.as_secs(),
+        state.settings.views.comparison.ttl.0.as_secs(),
+    ];
+    let tier_secs = |t: TtlTier| t.secs();
+    StatsResponse {
+        available: true,
+        backend: tier.as_str().to_owned(),
+        version: version.as_str().to_owned(),
+        redis_reachable: tier == Tier::Redis,
+        pending_invalidations: state.store.pending_invalidations().await as u64,
+        stats: StatsBody {
+            hits,
+            misses,
+            hit_rate_percent: rate(hits, misses),
+            total_requests: s.latency.count(),
+            bypasses: s.sum(|v| &v.bypasses),
+            stale_served: s.sum(|v| &v.stale_served),
+            sets: s.sets.load(Relaxed),
+            deletes: s.deletes.load(Relaxed),
+            invalidations: s.invalidations.load(Relaxed),
+            origin_fetches: s.sum(|v| &v.origin_fetches),
+            origin_errors: s.sum(|v| &v.origin_errors),
+            coalesced: s.sum(|v| &v.coalesced),
+            avg_latency_ms: round2(s.latency.mean_ms()),
+            p50_latency_ms: round2(s.latency.quantile_ms(0.50)),
+            p95_latency_ms: round2(s.latency.quantile_ms(0.95)),
+            p99_latency_ms: round2(s.latency.quantile_ms(0.99)),
+            keys,
+            time_saved_ms_estimate: round2(
+                View::ALL.iter().map(|v| s.view(*v).time_saved_ms()).sum(),
+            ),
+            warmed: s.warmed.load(Relaxed),
+            warm_errors: s.warm_errors.load(Relaxed),
+            refreshes: s.sum(|v| &v.refresh_unchanged)
+                + s.sum(|v| &v.refresh_changed)
+                + s.sum(|v| &v.refresh_gone)
+                + s.sum(|v| &v.refresh_errors),
+            refresh_unchanged: s.sum(|v| &v.refresh_unchanged),
+            refresh_changed: s.sum(|v| &v.refresh_changed),
+            refresh_gone: s.sum(|v| &v.refresh_gone),
+            refresh_errors: s.sum(|v| &v.refresh_errors),
+        },
+        views: View::ALL
+            .iter()
+            .map(|v| (v.name().to_owned(), view_body(s.view(*v), ttls[v.index()])))
+            .collect(),
+        redis,
+        memory: MemoryBody {
+            entries: memory.entry_count(),
+            bytes: memory.weighted_size(),
+            max_bytes: memory.max_bytes(),
+            evictions: memory.removals().evicted.load(Relaxed),
+            expirations: memory.removals().expired.load(Relaxed),
+            snapshot: state.snapshots.as_ref().map(|s| s.status()),
+        },
+        store: state.store.counts(),
+        config: ConfigBody {
+            prefix: state.keys.prefix().to_owned(),
+            ttl_very_short: tier_secs(TtlTier::VeryShort),
+            ttl_short: tier_secs(TtlTier::Short),
+            ttl_medium: tier_secs(TtlTier::Medium),
+            ttl_long: tier_secs(TtlTier::Long),
+            ttl_very_long: tier_secs(TtlTier::VeryLong),
+            ttl_day: tier_secs(TtlTier::Day),
+            ttl_week: tier_secs(TtlTier::Week),
+        },
+        message: format!(
+            "Cache statistics retrieved successfully ({} backend, {} entries)",
+            tier.as_str(),
+            keys
+        ),
+    }
+}
+
+/// Cache statistics.
+#[utoipa::path(get, path = "/cache/stats", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = StatsResponse), (status = 401, body = ErrorBody)))]
+pub async fn get_stats(_: AdminAuth, State(state): State<AppState>) -> Response {
+    json(StatusCode::OK, &stats(&state).await)
+}
+
+/// Alias of `GET /cache/stats`.
+#[utoipa::path(get, path = "/api/v1/models/cache/stats", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = StatsResponse), (status = 401, body = ErrorBody)))]
+pub async fn get_stats_alias(auth: AdminAuth, state: State<AppState>) -> Response {
+    get_stats(auth, state).await
+}
