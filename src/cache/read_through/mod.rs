@@ -420,31 +420,8 @@ impl ReadThrough {
             Storability::Store(ttl) => ttl,
             Storability::DoNotStore(why) => return Ok(self.passthrough_miss(resp, Some(why))),
         };
-        let tags = req
-            .run_ids
-            .iter()
-            .map(|id| self.keys.run_tag(&ctx.version, id))
-            .collect();
-        let content_type = resp
-            .content_type
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let now = policy::now_ms();
-        let mut entry = CacheEntry::new(
-            resp.status.as_u16(),
-            content_type,
-            resp.body,
-            now,
-            ttl,
-            tags,
-        );
-        entry.gens = gens;
-        // Kept past its TTL for as long as it may still be served stale.
-        let stale_window = ctx.policy.grace.max(ctx.policy.stale_if_error);
-        entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
-        let retention = ttl + stale_window;
+        let www_authenticate = resp.www_authenticate.clone();
+        let (entry, retention) = self.new_entry(req.run_ids.as_slice(), &ctx, resp, ttl, gens);
         let stored = match self.store.set(&ctx.key, &entry, retention).await {
             Ok(()) => {
                 self.stats.record_set();
@@ -464,8 +441,43 @@ impl ReadThrough {
                 collapsed: false,
             },
         );
-        out.www_authenticate = resp.www_authenticate;
+        out.www_authenticate = www_authenticate;
         Ok(out)
+    }
+
+    /// The entry for the origin's answer `resp`: tagged with its runs, stamped with the
+    /// generations read before the fetch, kept past its TTL for as long as it may be served
+    /// stale. Returns it with that retention.
+    fn new_entry(
+        &self,
+        run_ids: &[String],
+        ctx: &Ctx,
+        resp: OriginResponse,
+        ttl: Duration,
+        gens: Vec<u64>,
+    ) -> (CacheEntry, Duration) {
+        let tags = run_ids
+            .iter()
+            .map(|id| self.keys.run_tag(&ctx.version, id))
+            .collect();
+        let content_type = resp
+            .content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let mut entry = CacheEntry::new(
+            resp.status.as_u16(),
+            content_type,
+            resp.body,
+            policy::now_ms(),
+            ttl,
+            tags,
+        );
+        entry.gens = gens;
+        let stale_window = ctx.policy.grace.max(ctx.policy.stale_if_error);
+        entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
+        (entry, ttl + stale_window)
     }
 
     /// Fetches from the origin, counting it; a 5xx becomes an error.

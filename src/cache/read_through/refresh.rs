@@ -297,27 +297,8 @@ impl ReadThrough {
         // Store only if no other invalidation landed while fetching.
         let gens_now = self.store.generations(&ctx.deps).await.unwrap_or_default();
         if gens_now == expected {
-            let content_type = resp
-                .content_type
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            let tags = req
-                .run_ids
-                .iter()
-                .map(|id| self.keys.run_tag(&ctx.version, id))
-                .collect();
-            let mut entry =
-                CacheEntry::new(200, content_type, resp.body, policy::now_ms(), ttl, tags);
-            entry.gens = gens_now;
-            entry.stale_ms = old.stale_ms;
-            if self
-                .store
-                .set(&ctx.key, &entry, ttl + stale_window)
-                .await
-                .is_ok()
-            {
+            let (entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, gens_now);
+            if self.store.set(&ctx.key, &entry, retention).await.is_ok() {
                 self.stats.record_set();
             }
         }
