@@ -421,7 +421,7 @@ impl ReadThrough {
             Storability::DoNotStore(why) => return Ok(self.passthrough_miss(resp, Some(why))),
         };
         let www_authenticate = resp.www_authenticate.clone();
-        let (entry, retention) = self.new_entry(req.run_ids.as_slice(), &ctx, resp, ttl, gens);
+        let (entry, retention) = self.new_entry(req.run_ids.as_slice(), ctx, resp, ttl, gens);
         let stored = match self.store.set(&ctx.key, &entry, retention).await {
             Ok(()) => {
                 self.stats.record_set();
