@@ -14,6 +14,7 @@ use crate::cache::redis::{RedisOptions, RedisStore};
 use crate::cache::snapshot::Snapshotter;
 use crate::cache::{FallbackStore, KeyVersion, Keyspace, ReadThrough};
 use crate::config::{Settings, ms};
+use crate::http::auth::SeenSignatures;
 use crate::invalidation::Invalidator;
 use crate::metrics::Stats;
 use crate::origin::OriginClient;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub admin_token: Arc<SecretString>,
     /// Whether `admin_token` was generated at start (and must be logged once).
     pub token_generated: bool,
+    /// Event signatures already used (replay protection).
+    pub seen_signatures: SeenSignatures,
     /// Prometheus renderer.
     pub prometheus: PrometheusHandle,
     /// Memory-tier snapshots, when `memory.snapshot_path` is set.
@@ -119,6 +122,7 @@ impl AppState {
                 Duration::from_secs(settings.memory.snapshot_interval_secs),
             ))
         });
+        let seen_signatures = SeenSignatures::new(settings.events.tolerance_secs);
         Ok(Self {
             settings: Arc::new(settings),
             store,
@@ -129,6 +133,7 @@ impl AppState {
             keys,
             admin_token: Arc::new(admin_token),
             token_generated,
+            seen_signatures,
             prometheus,
             snapshots,
             started: Arc::new(AtomicBool::new(false)),

@@ -54,6 +54,8 @@ pub struct Settings {
     pub warm: WarmSettings,
     /// Admin credentials.
     pub admin: AdminSettings,
+    /// Event signing.
+    pub events: EventsSettings,
     /// Cross-origin browser access.
     pub cors: CorsSettings,
     /// Request coalescing.
@@ -253,6 +255,17 @@ pub struct JournalSettings {
     /// File where invalidations made during a Redis outage are kept until replayed
     /// (default `data/journal.log`); empty keeps them in memory only.
     pub path: String,
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// HMAC-SHA256 key for signed events; unset: signatures are off (bearer token only).
+    pub secret: Option<SecretString>,
+    /// How far a signed event's timestamp may be from this clock, either way, in seconds
+    /// (default 300).
+    pub tolerance_secs: u64,
 }
 
 /// `[cors]`

@@ -3,6 +3,7 @@
 
 use axum::extract::State;
 use axum::response::Response;
+use http::HeaderMap;
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
@@ -11,9 +12,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::admin::InvalidatedResponse;
-use super::auth::AdminAuth;
+use super::auth::check_event;
 use super::views::run_id_from_json;
-use super::{AppJson, json};
+use super::{RawBody, json, parse_json};
 use crate::error::{ErrorBody, Result};
 use crate::invalidation::Cause;
 use crate::state::AppState;
@@ -34,7 +35,15 @@ pub struct EventBody {
     pub model_run_id: Value,
 }
 
-async fn handle(state: &AppState, body: EventBody, event: &'static str) -> Result<Response> {
+async fn handle(
+    state: &AppState,
+    headers: &HeaderMap,
+    raw: &[u8],
+    event: &'static str,
+) -> Result<Response> {
+    // The signature covers the raw bytes, so authentication comes before parsing.
+    check_event(headers, raw, state)?;
+    let body: EventBody = parse_json(raw)?;
     let id = run_id_from_json(&body.model_run_id)?;
     let invalidated = state.invalidator.run(&id, Cause::Event).await?;
     tracing::info!(event, run_id = %id, invalidated, "event applied");
@@ -42,34 +51,34 @@ async fn handle(state: &AppState, body: EventBody, event: &'static str) -> Resul
 }
 
 /// A run finished training.
-#[utoipa::path(post, path = "/events/training-completed", tag = "events", security(("bearer" = [])), request_body = EventBody,
+#[utoipa::path(post, path = "/events/training-completed", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
     responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn training_completed(
-    _: AdminAuth,
     State(state): State<AppState>,
-    AppJson(body): AppJson<EventBody>,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
 ) -> Result<Response> {
-    handle(&state, body, "training-completed").await
+    handle(&state, &headers, &raw, "training-completed").await
 }
 
 /// A run's training failed.
-#[utoipa::path(post, path = "/events/training-failed", tag = "events", security(("bearer" = [])), request_body = EventBody,
+#[utoipa::path(post, path = "/events/training-failed", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
     responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn training_failed(
-    _: AdminAuth,
     State(state): State<AppState>,
-    AppJson(body): AppJson<EventBody>,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
 ) -> Result<Response> {
-    handle(&state, body, "training-failed").await
+    handle(&state, &headers, &raw, "training-failed").await
 }
 
 /// A run was deleted.
-#[utoipa::path(post, path = "/events/model-deleted", tag = "events", security(("bearer" = [])), request_body = EventBody,
+#[utoipa::path(post, path = "/events/model-deleted", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
     responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn model_deleted(
-    _: AdminAuth,
     State(state): State<AppState>,
-    AppJson(body): AppJson<EventBody>,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
 ) -> Result<Response> {
-    handle(&state, body, "model-deleted").await
+    handle(&state, &headers, &raw, "model-deleted").await
 }

@@ -52,11 +52,20 @@ struct BearerScheme;
 
 impl utoipa::Modify for BearerScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "signature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Runcache-Signature",
+                "sha256=<hex of HMAC-SHA256(events.secret, \"<timestamp>.<raw body>\")>, with X-Runcache-Timestamp: <unix seconds>",
+            ))),
         );
     }
 }
@@ -227,6 +236,33 @@ async fn method_not_allowed() -> Response {
     )
 }
 
+/// Raw body extractor: our error format, 413 above the body limit.
+#[derive(Debug, Clone, Default)]
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request<Body>, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::PayloadTooLarge("request body too large".into())
+                } else {
+                    AppError::InvalidArgument("could not read the request body".into())
+                }
+            })
+    }
+}
+
+/// Parses a JSON body (whatever its declared content type) with our error format.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| AppError::InvalidArgument(format!("invalid JSON body: {e}")))
+}
+
 /// JSON body extractor: any content type, our error format, 413 above the body limit.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AppJson<T>(pub T);
@@ -235,18 +271,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request<Body>, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e: BytesRejection| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    AppError::PayloadTooLarge("request body too large".into())
-                } else {
-                    AppError::InvalidArgument("could not read the request body".into())
-                }
-            })?;
-        serde_json::from_slice(&bytes)
-            .map(AppJson)
-            .map_err(|e| AppError::InvalidArgument(format!("invalid JSON body: {e}")))
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_json(&bytes).map(AppJson)
     }
 }
 

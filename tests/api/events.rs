@@ -113,3 +113,114 @@ async fn events_need_the_token_and_a_valid_run_id() {
         assert_error(resp, 400, "invalid_argument").await;
     }
 }
+
+fn sign(secret: &str, ts: i64, body: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(format!("{ts}.{body}").as_bytes());
+    format!(
+        "sha256={}",
+        runcache::cache::hex(&mac.finalize().into_bytes())
+    )
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+async fn signed(
+    app: &crate::helpers::TestApp,
+    ts: i64,
+    signature: &str,
+    body: &str,
+) -> reqwest::Response {
+    app.client
+        .post(app.url("/events/training-completed"))
+        .header("x-runcache-timestamp", ts.to_string())
+        .header("x-runcache-signature", signature)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("request")
+}
+
+#[tokio::test]
+async fn signed_events_are_accepted_once_and_only_when_valid_and_fresh() {
+    let app = crate::helpers::spawn_app_with(None, |s| {
+        s.events.secret = Some(secrecy::SecretString::from("whsec-test"));
+    })
+    .await;
+    app.metrics("42").await;
+    let body = r#"{"model_run_id": "42"}"#;
+    let ts = now();
+    let good = sign("whsec-test", ts, body);
+
+    let ok = signed(&app, ts, &good, body).await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        ok.json::<Value>().await.expect("json"),
+        json!({"invalidated": 1})
+    );
+
+    let msg = assert_error(signed(&app, ts, &good, body).await, 401, "unauthorized").await;
+    assert!(msg.contains("replay"), "{msg}");
+    let bad = sign("wrong-secret", ts, body);
+    assert_error(signed(&app, ts, &bad, body).await, 401, "unauthorized").await;
+    let tampered = r#"{"model_run_id": "43"}"#;
+    let fresh_sig = sign("whsec-test", ts + 1, body);
+    assert_error(
+        signed(&app, ts + 1, &fresh_sig, tampered).await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    for skew in [-301, 301] {
+        let old = ts + skew;
+        let msg = assert_error(
+            signed(&app, old, &sign("whsec-test", old, body), body).await,
+            401,
+            "unauthorized",
+        )
+        .await;
+        assert!(msg.contains("tolerance"), "{msg}");
+    }
+    let missing = app
+        .client
+        .post(app.url("/events/training-completed"))
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("request");
+    assert_error(missing, 401, "unauthorized").await;
+    let half = app
+        .client
+        .post(app.url("/events/training-completed"))
+        .header("x-runcache-timestamp", ts.to_string())
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("request");
+    assert_error(half, 401, "unauthorized").await;
+    // The bearer token keeps working next to signatures.
+    assert_eq!(
+        app.event("training-failed", json!("42")).await.status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn signatures_are_refused_when_no_secret_is_configured() {
+    let app = crate::helpers::spawn_app(None).await;
+    let body = r#"{"model_run_id": "1"}"#;
+    let ts = now();
+    assert_error(
+        signed(&app, ts, &sign("anything", ts, body), body).await,
+        401,
+        "unauthorized",
+    )
+    .await;
+}
