@@ -60,7 +60,7 @@ pub fn verify_signature(
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 256 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || s.len() > 256 || !s.is_ascii() {
         return None;
     }
     (0..s.len())
