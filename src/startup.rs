@@ -35,6 +35,9 @@ impl Application {
                 "no admin.token configured; generated one for this process (set RUNCACHE__ADMIN__TOKEN to choose it)"
             );
         }
+        if state.settings.auth.mode() == crate::cache::access::FrontendAuth::None {
+            tracing::warn!("auth.frontend = none: cached views are public, served to any caller");
+        }
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("bind {addr}"))?;

@@ -107,6 +107,8 @@ impl AppState {
                     max_backoff: Duration::from_secs(settings.refresh.max_backoff_secs),
                     volatile_fields: settings.refresh.volatile_fields.clone(),
                 },
+                auth: settings.auth.mode(),
+                validation_ttl: Duration::from_secs(settings.auth.validation_ttl),
             },
         );
         let invalidator =

@@ -1,6 +1,7 @@
 //! The cache: key layout, entries and their encoding, the `Store` trait and its tiers
 //! (Redis, memory, and the fallback that switches between them), and read-through serving.
 
+pub mod access;
 pub mod coalesce;
 pub mod fallback;
 pub mod memory;

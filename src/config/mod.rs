@@ -56,6 +56,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Event signing.
     pub events: EventsSettings,
+    /// Frontend access control.
+    pub auth: AuthSettings,
     /// Cross-origin browser access.
     pub cors: CorsSettings,
     /// Request coalescing.
@@ -255,6 +257,28 @@ pub struct JournalSettings {
     /// File where invalidations made during a Redis outage are kept until replayed
     /// (default `data/journal.log`); empty keeps them in memory only.
     pub path: String,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// How cached views are protected: `forward` (default) or `none`.
+    pub frontend: String,
+    /// How long the origin's acceptance of a credential for an entry is trusted, in seconds
+    /// (default 60).
+    pub validation_ttl: u64,
+}
+
+impl AuthSettings {
+    /// The parsed mode (validated by [`Settings::validate`]).
+    pub fn mode(&self) -> crate::cache::access::FrontendAuth {
+        use crate::cache::access::FrontendAuth;
+        match self.frontend.as_str() {
+            "none" => FrontendAuth::None,
+            _ => FrontendAuth::Forward,
+        }
+    }
 }
 
 /// `[events]`
@@ -463,6 +487,24 @@ impl Settings {
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be greater than 0"));
+        }
+        match self.auth.frontend.as_str() {
+            "forward" | "none" => {}
+            "jwt" => {
+                return Err(invalid(
+                    "auth.frontend",
+                    "jwt is not implemented in this version; use forward or none",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "auth.frontend",
+                    format!("{other:?} is not forward or none"),
+                ));
+            }
+        }
+        if self.auth.validation_ttl == 0 {
+            return Err(invalid("auth.validation_ttl", "must be greater than 0"));
         }
         if !(1..=100).contains(&self.refresh.ahead_percent) {
             return Err(invalid(

@@ -283,9 +283,15 @@ async fn warm_at_start_fills_the_configured_runs() {
 #[tokio::test]
 async fn version_switch_reaches_every_instance_and_never_revives_old_entries() {
     let redis = TestRedis::start().await;
-    let a = spawn_app(Some(&redis)).await;
+    // Public views: the point here is the shared version, not per-instance validation.
+    let public = |s: &mut runcache::config::Settings| s.auth.frontend = "none".into();
+    let a = spawn_app_with(Some(&redis), public).await;
     let prefix = a.prefix.clone();
-    let b = spawn_app_with(Some(&redis), |s| s.cache.prefix = prefix.clone()).await;
+    let b = spawn_app_with(Some(&redis), |s| {
+        public(s);
+        s.cache.prefix = prefix.clone();
+    })
+    .await;
     a.metrics("1").await;
     assert_eq!(
         header(&b.metrics("1").await, "x-cache"),

@@ -257,6 +257,7 @@ async fn enter(
         *n
     };
     c.total.fetch_add(1, Ordering::SeqCst);
+    let own_auth = headers.get("authorization").cloned();
     *c.last_headers.lock().expect("lock") = Some(headers);
     let delay = c.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
@@ -266,6 +267,26 @@ async fn enter(
     if fail != 0 {
         let status = StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Err((status, "origin exploded at 10.1.2.3").into_response());
+    }
+    if id == "secure" {
+        // Token A may read run "secure"; token B may not; anonymous callers must log in.
+        let auth = own_auth;
+        match auth.as_ref().map(|v| v.as_bytes()) {
+            Some(b"Bearer A") => {}
+            Some(_) => {
+                return Err(
+                    (StatusCode::FORBIDDEN, Json(json!({"detail": "forbidden"}))).into_response(),
+                );
+            }
+            None => {
+                return Err((
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    Json(json!({"detail": "not authenticated"})),
+                )
+                    .into_response());
+            }
+        }
     }
     match id {
         "missing" => Err((

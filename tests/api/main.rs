@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one file per feature, real Redis and a real origin.
 #![allow(unreachable_pub, missing_docs)]
 
+mod access;
 mod admin;
 mod events;
 mod fallback;

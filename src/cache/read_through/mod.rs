@@ -17,6 +17,7 @@ pub use answer::{CacheOutcome, ViewResponse};
 pub use refresh::{RefreshOptions, content_hash};
 pub use warm::{WarmFailure, WarmReport};
 
+use super::access::{AccessControl, Credential, FrontendAuth};
 use super::coalesce::Flights;
 use super::policy::{self, Freshness, Storability};
 use super::{CacheEntry, FallbackStore, KeyVersion, Keyspace, Store, Tier, View};
@@ -130,12 +131,20 @@ pub struct ReadThroughOptions {
     pub coalesce: CoalesceOptions,
     /// Refresh-ahead.
     pub refresh: RefreshOptions,
+    /// Frontend access control.
+    pub auth: FrontendAuth,
+    /// How long an origin acceptance of a credential for an entry is trusted.
+    pub validation_ttl: Duration,
 }
 
 /// The per-request context of a lookup.
 #[derive(Debug, Clone)]
 struct Ctx {
     key: String,
+    /// The caller's credentials (keyed hash).
+    cred: Credential,
+    /// Single-flight key: the entry, plus the credential in `forward` mode.
+    flight: String,
     deps: Vec<String>,
     version: Arc<String>,
     policy: ViewPolicy,
@@ -155,6 +164,7 @@ pub struct ReadThrough {
     flights: Arc<Flights<ViewResponse>>,
     refresher: Arc<refresh::Refresher>,
     invalidator: Invalidator,
+    access: Arc<AccessControl>,
 }
 
 impl ReadThrough {
@@ -181,7 +191,13 @@ impl ReadThrough {
             flights: Arc::default(),
             refresher: Arc::new(refresh::Refresher::new(options.refresh)),
             invalidator,
+            access: Arc::new(AccessControl::new(options.auth, options.validation_ttl)),
         }
+    }
+
+    /// Frontend access control.
+    pub fn access(&self) -> &AccessControl {
+        &self.access
     }
 
     /// The origin client (for pass-through requests).
@@ -214,8 +230,14 @@ impl ReadThrough {
         let mut deps = Vec::with_capacity(1 + req.run_ids.len());
         deps.push(self.keys.view_gen(&version, req.view));
         deps.extend(req.run_ids.iter().map(|id| self.keys.run_gen(&version, id)));
+        let key = self.keys.entry(&version, &req.logical_key);
+        let cred = self
+            .access
+            .credential(req.origin.headers.get(http::header::AUTHORIZATION));
         Ctx {
-            key: self.keys.entry(&version, &req.logical_key),
+            flight: self.access.flight_key(&key, cred),
+            cred,
+            key,
             deps,
             version,
             policy: self.policies[req.view.index()],
@@ -240,7 +262,10 @@ impl ReadThrough {
         }
         let ctx = self.context(&req);
         let mut fallback = None;
-        if let Some(entry) = self.lookup(&ctx).await {
+        // A cached copy (fresh, stale or as a fallback) goes only to credentials the origin
+        // accepted for it; others are a MISS that asks the origin.
+        let servable = self.access.may_serve(&ctx.key, ctx.cred);
+        if let Some(entry) = self.lookup(&ctx).await.filter(|_| servable) {
             // After the lookup: the entry's store time may be derived from the key's
             // remaining life at the moment it was read.
             let now = policy::now_ms();
@@ -265,7 +290,7 @@ impl ReadThrough {
                 }
                 Freshness::Revalidate => {
                     // One background refresh per key: a running one is joined, not repeated.
-                    if !self.flights.is_running(&ctx.key) {
+                    if !self.flights.is_running(&ctx.flight) {
                         drop(self.refresh_now(req, ctx, entry.clone()));
                     }
                     return Ok(self.entry_response(
@@ -315,7 +340,7 @@ impl ReadThrough {
         impl Future<Output = Result<ViewResponse, OriginError>> + use<>,
         bool,
     ) {
-        let key = ctx.key.clone();
+        let key = ctx.flight.clone();
         let this = self.clone();
         self.flights.join_or_start(&key, move || {
             async move { this.fetch_and_store(req, ctx).await }.boxed()
@@ -329,7 +354,10 @@ impl ReadThrough {
         req: ViewRequest,
         ctx: Ctx,
     ) -> Result<ViewResponse, OriginError> {
-        if let Some(hit) = self.fresh_hit(&ctx).await {
+        // Credentials the origin has not accepted for this entry must be put to it: no
+        // re-check of the cache, and no waiting for another instance's copy.
+        let servable = self.access.may_serve(&ctx.key, ctx.cred);
+        if servable && let Some(hit) = self.fresh_hit(&ctx).await {
             return Ok(hit);
         }
         // Generations are read before the origin is asked: an invalidation that lands while
@@ -346,12 +374,16 @@ impl ReadThrough {
         };
         let token = uuid::Uuid::new_v4().to_string();
         let lock = self.keys.fetch_lock(&ctx.version, &req.logical_key);
-        let locked = match self.acquire_lock(&ctx, &lock, &token).await {
-            Ok(locked) => locked,
-            Err(hit) => {
-                self.stats.record_coalesced(req.view);
-                return Ok(hit);
+        let locked = if servable {
+            match self.acquire_lock(&ctx, &lock, &token).await {
+                Ok(locked) => locked,
+                Err(hit) => {
+                    self.stats.record_coalesced(req.view);
+                    return Ok(hit);
+                }
             }
+        } else {
+            false
         };
         let result = self.fetch_store_stamped(req, &ctx, gens).await;
         if locked && let Err(e) = self.store.redis().unlock(&lock, &token).await {
@@ -411,6 +443,14 @@ impl ReadThrough {
         gens: Vec<u64>,
     ) -> Result<ViewResponse, OriginError> {
         let resp = self.fetch(req.view, req.origin).await?;
+        if matches!(
+            resp.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            // Refused: passed through, and nothing cached is revealed to these credentials.
+            return Ok(self.passthrough_miss(resp, Some("refused")));
+        }
+        self.access.accepted(&ctx.key, ctx.cred);
         let configured = match resp.status {
             StatusCode::OK => ctx.policy.ttl,
             StatusCode::NOT_FOUND if !self.not_found_ttl.is_zero() => self.not_found_ttl,

@@ -179,7 +179,7 @@ impl ReadThrough {
         ctx: Ctx,
         entry: CacheEntry,
     ) -> impl Future<Output = Result<ViewResponse, OriginError>> + use<> {
-        let key = ctx.key.clone();
+        let key = ctx.flight.clone();
         let this = self.clone();
         let (flight, _) = self.flights.join_or_start(&key, move || {
             async move { this.refresh(req, ctx, entry).await }.boxed()
@@ -254,6 +254,14 @@ impl ReadThrough {
         gens_before: Vec<u64>,
     ) -> Result<RefreshResult, OriginError> {
         let resp = self.fetch(req.view, req.origin.clone()).await?;
+        if matches!(
+            resp.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            // These credentials lost their access: the entry stays for others.
+            return Ok(RefreshResult::Error);
+        }
+        self.access.accepted(&ctx.key, ctx.cred);
         let run_scoped = req.view != View::Comparison;
         let run_id = req.run_ids.first().cloned().unwrap_or_default();
         if resp.status == StatusCode::NOT_FOUND && run_scoped {
