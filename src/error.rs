@@ -23,6 +23,8 @@ pub mod codes {
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     /// 413: request body too large.
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// 431: too many or too large request headers.
+    pub const HEADERS_TOO_LARGE: &str = "headers_too_large";
     /// 429: too many requests.
     pub const RATE_LIMITED: &str = "rate_limited";
     /// 502: the origin failed or is unreachable.

@@ -84,6 +84,7 @@ impl Application {
         let app = build_app(state);
         let stopping = CancellationToken::new();
         let stop_signal = stopping.clone();
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             stop_signal.cancel();

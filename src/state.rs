@@ -15,6 +15,7 @@ use crate::cache::snapshot::Snapshotter;
 use crate::cache::{FallbackStore, KeyVersion, Keyspace, ReadThrough};
 use crate::config::{Settings, ms};
 use crate::http::auth::SeenSignatures;
+use crate::http::limits::Limits;
 use crate::invalidation::Invalidator;
 use crate::metrics::Stats;
 use crate::origin::OriginClient;
@@ -40,8 +41,12 @@ pub struct AppState {
     pub admin_token: Arc<SecretString>,
     /// Whether `admin_token` was generated at start (and must be logged once).
     pub token_generated: bool,
+    /// How the admin token is named in audit lines (a short hash).
+    pub admin_token_id: String,
     /// Event signatures already used (replay protection).
     pub seen_signatures: SeenSignatures,
+    /// Header, concurrency and admin-rate limits.
+    pub limits: Arc<Limits>,
     /// Prometheus renderer.
     pub prometheus: PrometheusHandle,
     /// Memory-tier snapshots, when `memory.snapshot_path` is set.
@@ -109,6 +114,7 @@ impl AppState {
                 },
                 auth: settings.auth.mode(),
                 validation_ttl: Duration::from_secs(settings.auth.validation_ttl),
+                max_entry_bytes: settings.cache.max_entry_bytes,
             },
         );
         let invalidator =
@@ -125,6 +131,13 @@ impl AppState {
             ))
         });
         let seen_signatures = SeenSignatures::new(settings.events.tolerance_secs);
+        let limits = Arc::new(Limits::new(
+            settings.server.max_headers,
+            settings.server.max_header_bytes,
+            settings.server.max_concurrent_requests,
+            settings.server.admin_rate_per_sec,
+            settings.server.admin_burst,
+        ));
         Ok(Self {
             settings: Arc::new(settings),
             store,
@@ -133,9 +146,11 @@ impl AppState {
             stats,
             version,
             keys,
+            admin_token_id: crate::http::auth::token_id(admin_token.expose_secret()),
             admin_token: Arc::new(admin_token),
             token_generated,
             seen_signatures,
+            limits,
             prometheus,
             snapshots,
             started: Arc::new(AtomicBool::new(false)),

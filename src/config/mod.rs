@@ -82,6 +82,16 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Grace period for in-flight requests on shutdown, in ms (default 30000).
     pub shutdown_timeout_ms: u64,
+    /// Most request header fields (default 64; 431 above).
+    pub max_headers: usize,
+    /// Most bytes of request headers (default 16384; 431 above).
+    pub max_header_bytes: usize,
+    /// Requests in flight before new ones are shed with 503 (default 1024).
+    pub max_concurrent_requests: usize,
+    /// Admin and event requests per second per client address (default 20; 429 above).
+    pub admin_rate_per_sec: u32,
+    /// Burst of admin and event requests per client address (default 40).
+    pub admin_burst: u32,
 }
 
 /// `[origin]`
@@ -142,6 +152,9 @@ pub struct CacheSettings {
     pub version: String,
     /// Seconds an origin 404 is cached; 0 disables (default 0).
     pub not_found_ttl: u64,
+    /// Largest body stored; larger origin answers are passed through but not cached
+    /// (default 1 MiB).
+    pub max_entry_bytes: usize,
 }
 
 /// `[views]`
@@ -471,6 +484,21 @@ impl Settings {
                 self.origin.max_response_bytes as u64,
             ),
             ("warm.concurrency", self.warm.concurrency as u64),
+            ("server.max_headers", self.server.max_headers as u64),
+            (
+                "server.max_header_bytes",
+                self.server.max_header_bytes as u64,
+            ),
+            (
+                "server.max_concurrent_requests",
+                self.server.max_concurrent_requests as u64,
+            ),
+            (
+                "server.admin_rate_per_sec",
+                u64::from(self.server.admin_rate_per_sec),
+            ),
+            ("server.admin_burst", u64::from(self.server.admin_burst)),
+            ("cache.max_entry_bytes", self.cache.max_entry_bytes as u64),
             ("coalesce.wait_timeout_ms", self.coalesce.wait_timeout_ms),
             ("coalesce.lock_ttl_ms", self.coalesce.lock_ttl_ms),
             ("coalesce.lock_poll_ms", self.coalesce.lock_poll_ms),

@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::AdminAuth;
+use super::auth::{AdminAuth, Caller, audit};
 use super::views::run_id_from_json;
 use super::{AppJson, AppQuery, json};
 use crate::cache::read_through::WarmReport;
@@ -60,13 +60,23 @@ pub struct ClearResponse {
     responses((status = 200, body = ClearResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn clear_cache(
     _: AdminAuth,
+    caller: Caller,
     State(state): State<AppState>,
     AppQuery(q): AppQuery<ClearQuery>,
 ) -> Result<Response> {
     let pattern = q.pattern.unwrap_or_else(|| "*".to_owned());
     validate_pattern(&pattern).map_err(AppError::InvalidArgument)?;
+    if pattern.bytes().all(|b| b == b'*') {
+        tracing::warn!(addr = %caller.addr, "clear of every entry requested");
+    }
     let deleted_count = state.invalidator.pattern(&pattern, Cause::Clear).await?;
-    tracing::info!(pattern = %pattern, deleted_count, "cache cleared");
+    audit(
+        &state.admin_token_id,
+        &caller,
+        "clear",
+        &pattern,
+        deleted_count,
+    );
     Ok(json(
         StatusCode::OK,
         &ClearResponse {
@@ -82,10 +92,11 @@ pub async fn clear_cache(
     responses((status = 200, body = ClearResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn clear_cache_alias(
     auth: AdminAuth,
+    caller: Caller,
     state: State<AppState>,
     query: AppQuery<ClearQuery>,
 ) -> Result<Response> {
-    clear_cache(auth, state, query).await
+    clear_cache(auth, caller, state, query).await
 }
 
 /// What to invalidate: exactly one of the three fields.
@@ -113,13 +124,15 @@ pub struct InvalidatedResponse {
     responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn create_invalidation(
     _: AdminAuth,
+    caller: Caller,
     State(state): State<AppState>,
     AppJson(body): AppJson<InvalidateBody>,
 ) -> Result<Response> {
-    let invalidated = match (&body.model_run_id, &body.namespace, &body.keys) {
+    let (target, invalidated) = match (&body.model_run_id, &body.namespace, &body.keys) {
         (Some(id), None, None) => {
             let id = run_id_from_json(id)?;
-            state.invalidator.run(&id, Cause::Admin).await?
+            let n = state.invalidator.run(&id, Cause::Admin).await?;
+            (format!("run:{id}"), n)
         }
         (None, Some(ns), None) => {
             let view = View::from_name(ns).ok_or_else(|| {
@@ -128,7 +141,8 @@ pub async fn create_invalidation(
                 )
             })?;
             let pattern = format!("model:{}:*", view.name());
-            state.invalidator.pattern(&pattern, Cause::Admin).await?
+            let n = state.invalidator.pattern(&pattern, Cause::Admin).await?;
+            (format!("namespace:{}", view.name()), n)
         }
         (None, None, Some(keys)) => {
             if keys.is_empty() || keys.len() > MAX_INVALIDATE_KEYS {
@@ -139,7 +153,8 @@ pub async fn create_invalidation(
             for k in keys {
                 validate_logical_key(k).map_err(AppError::InvalidArgument)?;
             }
-            state.invalidator.keys(keys).await?
+            let n = state.invalidator.keys(keys).await?;
+            (format!("keys:{}", keys.len()), n)
         }
         _ => {
             return Err(AppError::InvalidArgument(
@@ -147,6 +162,13 @@ pub async fn create_invalidation(
             ));
         }
     };
+    audit(
+        &state.admin_token_id,
+        &caller,
+        "invalidate",
+        &target,
+        invalidated,
+    );
     Ok(json(StatusCode::OK, &InvalidatedResponse { invalidated }))
 }
 
@@ -164,6 +186,7 @@ pub struct WarmBody {
     responses((status = 200, body = WarmReport), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn create_warmup(
     _: AdminAuth,
+    caller: Caller,
     State(state): State<AppState>,
     AppJson(body): AppJson<WarmBody>,
 ) -> Result<Response> {
@@ -183,11 +206,13 @@ pub async fn create_warmup(
         .views
         .warm(&ids, state.settings.warm.concurrency)
         .await;
-    tracing::info!(
-        warmed = report.warmed,
-        skipped = report.skipped,
-        failed = report.failed.len(),
-        "warm-up done"
+    let target = format!("runs:{}", ids.len());
+    audit(
+        &state.admin_token_id,
+        &caller,
+        "warm",
+        &target,
+        report.warmed,
     );
     Ok(json(StatusCode::OK, &report))
 }
@@ -207,10 +232,19 @@ pub struct VersionBody {
         (status = 503, description = "Redis, where the version lives, is unreachable", body = ErrorBody)))]
 pub async fn switch_version(
     _: AdminAuth,
+    caller: Caller,
     State(state): State<AppState>,
     AppJson(body): AppJson<VersionBody>,
 ) -> Result<Response> {
     validate_version(&body.version).map_err(AppError::InvalidArgument)?;
     let switched = state.invalidator.switch_version(&body.version).await?;
+    let target = format!("{}->{}", switched.previous, switched.version);
+    audit(
+        &state.admin_token_id,
+        &caller,
+        "version",
+        &target,
+        switched.cleared,
+    );
     Ok(json(StatusCode::OK, &switched))
 }

@@ -104,14 +104,15 @@ fn now_secs() -> i64 {
 
 /// Authorises an event: a valid, fresh, never-seen signature over the raw body (when
 /// `events.secret` is set and the request is signed), or else the admin bearer token.
+/// Returns how (`signature` or `token`).
 pub fn check_event(
     headers: &http::HeaderMap,
     body: &[u8],
     state: &AppState,
-) -> Result<(), AppError> {
+) -> Result<&'static str, AppError> {
     let signed = headers.contains_key(SIGNATURE_HEADER) || headers.contains_key(TIMESTAMP_HEADER);
     let Some(secret) = state.settings.events.secret.as_ref().filter(|_| signed) else {
-        return check_bearer(headers, state);
+        return check_bearer(headers, state).map(|()| "token");
     };
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let (Some(ts), Some(sig)) = (get(TIMESTAMP_HEADER), get(SIGNATURE_HEADER)) else {
@@ -131,7 +132,7 @@ pub fn check_event(
     if !state.seen_signatures.first_use(sig.trim()) {
         return Err(AppError::Unauthorized("signature already used (replay)"));
     }
-    Ok(())
+    Ok("signature")
 }
 
 impl FromRequestParts<AppState> for AdminAuth {
@@ -140,6 +141,37 @@ impl FromRequestParts<AppState> for AdminAuth {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
         check_bearer(&parts.headers, state).map(|()| AdminAuth)
     }
+}
+
+/// Who made an admin or event request, for audit lines: the token's id (a short hash, never
+/// the token) or `signature`, and the client address.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Client address, or `-` when unknown.
+    pub addr: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Caller {
+            addr: super::limits::peer(&parts.extensions)
+                .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        })
+    }
+}
+
+/// The id under which the admin token appears in audit lines: the first 8 hex digits of its
+/// SHA-256.
+pub fn token_id(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    format!("token:{}", &crate::cache::hex(&digest)[..8])
+}
+
+/// Writes one audit line (target `audit`).
+pub fn audit(who: &str, caller: &Caller, action: &str, target: &str, entries: u64) {
+    tracing::info!(target: "audit", who, addr = %caller.addr, action, target, entries, "admin action");
 }
 
 /// Signatures accepted within the tolerance window, so a captured signed request cannot be

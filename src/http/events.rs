@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::admin::InvalidatedResponse;
-use super::auth::check_event;
+use super::auth::{Caller, audit, check_event};
 use super::views::run_id_from_json;
 use super::{RawBody, json, parse_json};
 use crate::error::{ErrorBody, Result};
@@ -37,16 +37,22 @@ pub struct EventBody {
 
 async fn handle(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     raw: &[u8],
     event: &'static str,
 ) -> Result<Response> {
     // The signature covers the raw bytes, so authentication comes before parsing.
-    check_event(headers, raw, state)?;
+    let via = check_event(headers, raw, state)?;
     let body: EventBody = parse_json(raw)?;
     let id = run_id_from_json(&body.model_run_id)?;
     let invalidated = state.invalidator.run(&id, Cause::Event).await?;
-    tracing::info!(event, run_id = %id, invalidated, "event applied");
+    let who = if via == "signature" {
+        "signature"
+    } else {
+        state.admin_token_id.as_str()
+    };
+    audit(who, caller, event, &id, invalidated);
     Ok(json(StatusCode::OK, &InvalidatedResponse { invalidated }))
 }
 
@@ -55,10 +61,11 @@ async fn handle(
     responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn training_completed(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     RawBody(raw): RawBody,
 ) -> Result<Response> {
-    handle(&state, &headers, &raw, "training-completed").await
+    handle(&state, &caller, &headers, &raw, "training-completed").await
 }
 
 /// A run's training failed.
@@ -66,10 +73,11 @@ pub async fn training_completed(
     responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn training_failed(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     RawBody(raw): RawBody,
 ) -> Result<Response> {
-    handle(&state, &headers, &raw, "training-failed").await
+    handle(&state, &caller, &headers, &raw, "training-failed").await
 }
 
 /// A run was deleted.
@@ -77,8 +85,9 @@ pub async fn training_failed(
     responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn model_deleted(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     RawBody(raw): RawBody,
 ) -> Result<Response> {
-    handle(&state, &headers, &raw, "model-deleted").await
+    handle(&state, &caller, &headers, &raw, "model-deleted").await
 }

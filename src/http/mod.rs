@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod events;
+pub mod limits;
 pub mod ops;
 pub mod stats;
 pub mod views;
@@ -93,6 +94,7 @@ pub fn openapi_yaml() -> String {
 pub fn build_app(state: AppState) -> Router {
     let (router, api) = api_router().split_for_parts();
     let settings = state.settings.clone();
+    let limits = state.limits.clone();
     let router = router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
         .fallback(not_found)
@@ -122,6 +124,7 @@ pub fn build_app(state: AppState) -> Router {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, "internal error")
         }))
         .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn_with_state(limits, limits::enforce))
         .option_layer(cors)
         .layer(middleware::map_response(weaken_etag_when_compressed))
         .layer(CompressionLayer::new())
@@ -194,13 +197,16 @@ where
         ),
         StatusCode::PAYLOAD_TOO_LARGE => (codes::PAYLOAD_TOO_LARGE, "request body too large"),
         StatusCode::TOO_MANY_REQUESTS => (codes::RATE_LIMITED, "too many requests"),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+            (codes::HEADERS_TOO_LARGE, "request headers too large")
+        }
         StatusCode::GATEWAY_TIMEOUT => (codes::TIMEOUT, "the request took too long"),
         StatusCode::SERVICE_UNAVAILABLE => (codes::UNAVAILABLE, "service unavailable"),
         s if s.is_client_error() => (codes::INVALID_ARGUMENT, "bad request"),
         _ => (codes::INTERNAL, "internal error"),
     };
     let mut out = error_response(status, code, message);
-    for name in [header::ALLOW, header::VARY] {
+    for name in [header::ALLOW, header::VARY, header::RETRY_AFTER] {
         if let Some(v) = resp.headers().get(&name) {
             out.headers_mut().insert(name, v.clone());
         }

@@ -22,11 +22,36 @@ use serde_json::{Value, json};
 
 pub const TOKEN: &str = "test-admin-token";
 
-static TRACING: LazyLock<()> = LazyLock::new(|| {
-    if std::env::var("TEST_LOG").is_ok() {
-        runcache::telemetry::init(runcache::config::LogFormat::Pretty, std::io::stdout);
+/// Every log line of every app in this test binary (secrets must never appear in it).
+pub static LOGS: LazyLock<Arc<Mutex<Vec<u8>>>> = LazyLock::new(Arc::default);
+
+/// Appends to [`LOGS`], and echoes to stdout when `TEST_LOG` is set.
+#[derive(Clone)]
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().expect("logs").extend_from_slice(buf);
+        if std::env::var_os("TEST_LOG").is_some() {
+            std::io::stdout().write_all(buf)?;
+        }
+        Ok(buf.len())
     }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    let filter = tracing_subscriber::EnvFilter::new("runcache=debug,audit=info,tower_http=debug");
+    runcache::telemetry::init_with(runcache::config::LogFormat::Json, filter, || LogSink);
 });
+
+/// Everything logged so far, as text.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().expect("logs")).into_owned()
+}
 
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")

@@ -9,5 +9,6 @@ mod freshness;
 mod helpers;
 mod ops;
 mod resilience;
+mod security;
 mod snapshots;
 mod views;

@@ -135,6 +135,8 @@ pub struct ReadThroughOptions {
     pub auth: FrontendAuth,
     /// How long an origin acceptance of a credential for an entry is trusted.
     pub validation_ttl: Duration,
+    /// Largest body stored; larger answers are passed through.
+    pub max_entry_bytes: usize,
 }
 
 /// The per-request context of a lookup.
@@ -165,6 +167,7 @@ pub struct ReadThrough {
     refresher: Arc<refresh::Refresher>,
     invalidator: Invalidator,
     access: Arc<AccessControl>,
+    max_entry_bytes: usize,
 }
 
 impl ReadThrough {
@@ -192,6 +195,7 @@ impl ReadThrough {
             refresher: Arc::new(refresh::Refresher::new(options.refresh)),
             invalidator,
             access: Arc::new(AccessControl::new(options.auth, options.validation_ttl)),
+            max_entry_bytes: options.max_entry_bytes,
         }
     }
 
@@ -451,6 +455,9 @@ impl ReadThrough {
             return Ok(self.passthrough_miss(resp, Some("refused")));
         }
         self.access.accepted(&ctx.key, ctx.cred);
+        if resp.body.len() > self.max_entry_bytes {
+            return Ok(self.passthrough_miss(resp, Some("too-large")));
+        }
         let configured = match resp.status {
             StatusCode::OK => ctx.policy.ttl,
             StatusCode::NOT_FOUND if !self.not_found_ttl.is_zero() => self.not_found_ttl,
