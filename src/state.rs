@@ -113,6 +113,7 @@ impl AppState {
                     volatile_fields: settings.refresh.volatile_fields.clone(),
                 },
                 auth: settings.auth.mode(),
+                jwt: settings.jwt_verifier()?.map(Arc::new),
                 validation_ttl: Duration::from_secs(settings.auth.validation_ttl),
                 max_entry_bytes: settings.cache.max_entry_bytes,
             },

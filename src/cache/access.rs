@@ -17,8 +17,93 @@ use sha2::Sha256;
 pub enum FrontendAuth {
     /// Serve a hit only to credentials the origin accepted for the entry.
     Forward,
+    /// Verify the bearer JWT locally; any valid token may read cached views.
+    Jwt,
     /// Public views.
     None,
+}
+
+/// Local verification of bearer JWTs (`auth.frontend = jwt`).
+pub struct JwtVerifier {
+    key: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtVerifier {
+    /// A verifier for `algorithm` (`HS256` with `secret`; `RS256`/`ES256` with a PEM public
+    /// key), checking `exp` and `nbf` with `leeway_secs`, and `aud`/`iss` when given.
+    pub fn new(
+        algorithm: &str,
+        secret: Option<&[u8]>,
+        public_key_pem: Option<&[u8]>,
+        audience: Option<&str>,
+        issuer: Option<&str>,
+        leeway_secs: u64,
+    ) -> Result<Self, String> {
+        use jsonwebtoken::{Algorithm, DecodingKey};
+        let (alg, key) = match algorithm {
+            "HS256" => (
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.ok_or("HS256 needs auth.jwt_secret")?),
+            ),
+            "RS256" => (
+                Algorithm::RS256,
+                DecodingKey::from_rsa_pem(
+                    public_key_pem.ok_or("RS256 needs auth.jwt_public_key_path")?,
+                )
+                .map_err(|e| format!("the RS256 public key is not a valid PEM: {e}"))?,
+            ),
+            "ES256" => (
+                Algorithm::ES256,
+                DecodingKey::from_ec_pem(
+                    public_key_pem.ok_or("ES256 needs auth.jwt_public_key_path")?,
+                )
+                .map_err(|e| format!("the ES256 public key is not a valid PEM: {e}"))?,
+            ),
+            other => return Err(format!("{other:?} is not HS256, RS256 or ES256")),
+        };
+        let mut validation = jsonwebtoken::Validation::new(alg);
+        validation.validate_nbf = true;
+        validation.leeway = leeway_secs;
+        match audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Self { key, validation })
+    }
+
+    /// Verifies `Authorization: Bearer <jwt>`; the error says why, without echoing the token.
+    pub fn verify(&self, authorization: Option<&HeaderValue>) -> Result<(), &'static str> {
+        use jsonwebtoken::errors::ErrorKind;
+        let token = authorization
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
+            .ok_or("a bearer JWT is required")?;
+        jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &self.validation)
+            .map(|_| ())
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => "the JWT has expired",
+                ErrorKind::ImmatureSignature => "the JWT is not valid yet (nbf)",
+                ErrorKind::InvalidAudience => "the JWT audience is not accepted",
+                ErrorKind::InvalidIssuer => "the JWT issuer is not accepted",
+                ErrorKind::InvalidSignature => "the JWT signature is invalid",
+                ErrorKind::MissingRequiredClaim(_) => "the JWT lacks a required claim (exp)",
+                _ => "the JWT is invalid",
+            })
+    }
 }
 
 /// A caller's credentials as a keyed hash: never the credential itself.
@@ -35,6 +120,7 @@ impl Credential {
 /// Which credentials the origin accepted for which entries, recently.
 pub struct AccessControl {
     mode: FrontendAuth,
+    jwt: Option<std::sync::Arc<JwtVerifier>>,
     key: [u8; 32],
     accepted: moka::sync::Cache<(String, Credential), ()>,
 }
@@ -48,8 +134,13 @@ impl std::fmt::Debug for AccessControl {
 }
 
 impl AccessControl {
-    /// Access control in `mode`, remembering acceptances for `validation_ttl`.
-    pub fn new(mode: FrontendAuth, validation_ttl: Duration) -> Self {
+    /// Access control in `mode`, remembering acceptances for `validation_ttl`; `jwt` is the
+    /// verifier of `jwt` mode.
+    pub fn new(
+        mode: FrontendAuth,
+        validation_ttl: Duration,
+        jwt: Option<std::sync::Arc<JwtVerifier>>,
+    ) -> Self {
         let mut key = [0u8; 32];
         if getrandom::fill(&mut key).is_err() {
             key.copy_from_slice(
@@ -60,6 +151,7 @@ impl AccessControl {
         }
         Self {
             mode,
+            jwt,
             key,
             accepted: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
@@ -71,6 +163,16 @@ impl AccessControl {
     /// The mode.
     pub fn mode(&self) -> FrontendAuth {
         self.mode
+    }
+
+    /// In `jwt` mode, refuses a request without a valid bearer JWT (before any cache or
+    /// origin work); other modes admit every request here.
+    pub fn admit(&self, authorization: Option<&HeaderValue>) -> Result<(), &'static str> {
+        match (&self.mode, &self.jwt) {
+            (FrontendAuth::Jwt, Some(v)) => v.verify(authorization),
+            (FrontendAuth::Jwt, None) => Err("JWT verification is not configured"),
+            _ => Ok(()),
+        }
     }
 
     /// The keyed hash of an `Authorization` header (or of its absence).
@@ -100,7 +202,8 @@ impl AccessControl {
     /// Whether a cached copy of `key` may be served to `cred` without asking the origin.
     pub fn may_serve(&self, key: &str, cred: Credential) -> bool {
         match self.mode {
-            FrontendAuth::None => true,
+            // jwt: the token was verified locally before we got here.
+            FrontendAuth::None | FrontendAuth::Jwt => true,
             FrontendAuth::Forward => self.accepted.contains_key(&(key.to_owned(), cred)),
         }
     }
@@ -117,7 +220,8 @@ impl AccessControl {
     pub fn flight_key(&self, key: &str, cred: Credential) -> String {
         match self.mode {
             FrontendAuth::None => key.to_owned(),
-            FrontendAuth::Forward => format!("{key}#{}", cred.tag()),
+            // jwt too: an origin refusal for one token is never handed to another.
+            FrontendAuth::Forward | FrontendAuth::Jwt => format!("{key}#{}", cred.tag()),
         }
     }
 }
@@ -128,8 +232,8 @@ mod tests {
 
     #[test]
     fn credentials_are_keyed_hashes_and_distinct() {
-        let a = AccessControl::new(FrontendAuth::Forward, Duration::from_secs(60));
-        let b = AccessControl::new(FrontendAuth::Forward, Duration::from_secs(60));
+        let a = AccessControl::new(FrontendAuth::Forward, Duration::from_secs(60), None);
+        let b = AccessControl::new(FrontendAuth::Forward, Duration::from_secs(60), None);
         let token = HeaderValue::from_static("Bearer A");
         assert_eq!(a.credential(Some(&token)), a.credential(Some(&token)));
         assert_ne!(a.credential(Some(&token)), a.anonymous());
@@ -139,7 +243,7 @@ mod tests {
 
     #[test]
     fn forward_serves_only_accepted_credentials() {
-        let ac = AccessControl::new(FrontendAuth::Forward, Duration::from_secs(60));
+        let ac = AccessControl::new(FrontendAuth::Forward, Duration::from_secs(60), None);
         let a = ac.credential(Some(&HeaderValue::from_static("Bearer A")));
         let b = ac.credential(Some(&HeaderValue::from_static("Bearer B")));
         assert!(!ac.may_serve("k", a));
@@ -152,7 +256,7 @@ mod tests {
 
     #[test]
     fn none_serves_everyone() {
-        let ac = AccessControl::new(FrontendAuth::None, Duration::from_secs(60));
+        let ac = AccessControl::new(FrontendAuth::None, Duration::from_secs(60), None);
         assert!(ac.may_serve("k", ac.anonymous()));
         assert_eq!(ac.flight_key("k", ac.anonymous()), "k");
     }

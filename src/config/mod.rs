@@ -276,11 +276,23 @@ pub struct JournalSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
-    /// How cached views are protected: `forward` (default) or `none`.
+    /// How cached views are protected: `forward` (default), `jwt` or `none`.
     pub frontend: String,
     /// How long the origin's acceptance of a credential for an entry is trusted, in seconds
     /// (default 60).
     pub validation_ttl: u64,
+    /// `jwt` mode: `HS256` (default), `RS256` or `ES256`.
+    pub jwt_algorithm: String,
+    /// `jwt` mode with HS256: the shared secret.
+    pub jwt_secret: Option<SecretString>,
+    /// `jwt` mode with RS256/ES256: path of the PEM public key.
+    pub jwt_public_key_path: Option<String>,
+    /// `jwt` mode: required `aud`, if set.
+    pub jwt_audience: Option<String>,
+    /// `jwt` mode: required `iss`, if set.
+    pub jwt_issuer: Option<String>,
+    /// `jwt` mode: clock leeway for `exp` and `nbf`, in seconds (default 0).
+    pub jwt_leeway_secs: u64,
 }
 
 impl AuthSettings {
@@ -289,6 +301,7 @@ impl AuthSettings {
         use crate::cache::access::FrontendAuth;
         match self.frontend.as_str() {
             "none" => FrontendAuth::None,
+            "jwt" => FrontendAuth::Jwt,
             _ => FrontendAuth::Forward,
         }
     }
@@ -519,15 +532,12 @@ impl Settings {
         match self.auth.frontend.as_str() {
             "forward" | "none" => {}
             "jwt" => {
-                return Err(invalid(
-                    "auth.frontend",
-                    "jwt is not implemented in this version; use forward or none",
-                ));
+                self.jwt_verifier()?;
             }
             other => {
                 return Err(invalid(
                     "auth.frontend",
-                    format!("{other:?} is not forward or none"),
+                    format!("{other:?} is not forward, jwt or none"),
                 ));
             }
         }
@@ -602,6 +612,33 @@ impl Settings {
                 v.comparison.stale_if_error,
             ),
         ]
+    }
+
+    /// The JWT verifier of `auth.frontend = jwt` (`None` in other modes).
+    pub fn jwt_verifier(&self) -> Result<Option<crate::cache::access::JwtVerifier>, ConfigError> {
+        let a = &self.auth;
+        if a.frontend != "jwt" {
+            return Ok(None);
+        }
+        let pem = match &a.jwt_public_key_path {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                invalid(
+                    "auth.jwt_public_key_path",
+                    format!("cannot read {path:?}: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        crate::cache::access::JwtVerifier::new(
+            &a.jwt_algorithm,
+            a.jwt_secret.as_ref().map(|s| s.expose_secret().as_bytes()),
+            pem.as_deref(),
+            a.jwt_audience.as_deref(),
+            a.jwt_issuer.as_deref(),
+            a.jwt_leeway_secs,
+        )
+        .map(Some)
+        .map_err(|e| invalid("auth.jwt_algorithm", e))
     }
 
     /// The listen address.

@@ -61,6 +61,15 @@ pub struct CompareBody {
     pub model_run_ids: Vec<Value>,
 }
 
+/// In `auth.frontend = jwt`, a request without a valid bearer JWT stops here (401).
+fn admit(state: &AppState, headers: &HeaderMap) -> Result<()> {
+    state
+        .views
+        .access()
+        .admit(headers.get(header::AUTHORIZATION))
+        .map_err(AppError::Unauthorized)
+}
+
 /// Validates a run id given as a path segment.
 fn run_id(raw: String) -> Result<String> {
     validate_run_id(&raw).map_err(AppError::InvalidArgument)?;
@@ -186,6 +195,7 @@ pub async fn get_metrics(
     AppQuery(q): AppQuery<ViewQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
+    admit(&state, &headers)?;
     let id = run_id(id)?;
     let use_cache = parse_use_cache(q.use_cache.as_deref())?;
     let forwarded = state.views.origin().forwarded_headers(&headers);
@@ -218,6 +228,7 @@ pub async fn get_feature_importance(
     AppQuery(q): AppQuery<FeatureImportanceQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
+    admit(&state, &headers)?;
     let id = run_id(id)?;
     let top_n = parse_top_n(q.top_n.as_deref())?;
     let use_cache = parse_use_cache(q.use_cache.as_deref())?;
@@ -248,6 +259,7 @@ pub async fn create_comparison(
     headers: HeaderMap,
     AppJson(body): AppJson<CompareBody>,
 ) -> Result<Response> {
+    admit(&state, &headers)?;
     let use_cache = parse_use_cache(q.use_cache.as_deref())?;
     let ids = normalise_run_ids(&body.model_run_ids, state.settings.views.comparison.max_ids)?;
     let forwarded = state.views.origin().forwarded_headers(&headers);

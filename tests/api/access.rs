@@ -204,12 +204,3 @@ async fn with_auth_none_views_are_public() {
     assert_eq!(b.status(), 200);
     assert_eq!(header(&b, "x-cache"), "HIT");
 }
-
-#[test]
-fn jwt_mode_is_refused_at_start_rather_than_faked() {
-    let mut env = std::collections::HashMap::new();
-    env.insert("RUNCACHE__AUTH__FRONTEND".to_owned(), "jwt".to_owned());
-    let err =
-        runcache::config::Settings::load_from(None, Some(env)).expect_err("jwt is not implemented");
-    assert!(err.to_string().contains("auth.frontend"), "{err}");
-}

@@ -7,6 +7,7 @@ mod events;
 mod fallback;
 mod freshness;
 mod helpers;
+mod jwt;
 mod ops;
 mod resilience;
 mod security;

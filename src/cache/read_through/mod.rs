@@ -17,7 +17,7 @@ pub use answer::{CacheOutcome, ViewResponse};
 pub use refresh::{RefreshOptions, content_hash};
 pub use warm::{WarmFailure, WarmReport};
 
-use super::access::{AccessControl, Credential, FrontendAuth};
+use super::access::{AccessControl, Credential, FrontendAuth, JwtVerifier};
 use super::coalesce::Flights;
 use super::policy::{self, Freshness, Storability};
 use super::{CacheEntry, FallbackStore, KeyVersion, Keyspace, Store, Tier, View};
@@ -133,6 +133,8 @@ pub struct ReadThroughOptions {
     pub refresh: RefreshOptions,
     /// Frontend access control.
     pub auth: FrontendAuth,
+    /// The JWT verifier of `jwt` mode.
+    pub jwt: Option<Arc<JwtVerifier>>,
     /// How long an origin acceptance of a credential for an entry is trusted.
     pub validation_ttl: Duration,
     /// Largest body stored; larger answers are passed through.
@@ -194,7 +196,11 @@ impl ReadThrough {
             flights: Arc::default(),
             refresher: Arc::new(refresh::Refresher::new(options.refresh)),
             invalidator,
-            access: Arc::new(AccessControl::new(options.auth, options.validation_ttl)),
+            access: Arc::new(AccessControl::new(
+                options.auth,
+                options.validation_ttl,
+                options.jwt,
+            )),
             max_entry_bytes: options.max_entry_bytes,
         }
     }
