@@ -1,0 +1,280 @@
+//! The settings tree's sections, one struct per `[section]` of `config/default.toml`.
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::{Ttl, run_ids};
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Listen address, `host:port` (default `127.0.0.1:8080`).
+    pub addr: String,
+    /// Whole-request time-out in ms (default 30000).
+    pub request_timeout_ms: u64,
+    /// Largest request body in bytes (default 65536).
+    pub max_body_bytes: usize,
+    /// Grace period for in-flight requests on shutdown, in ms (default 30000).
+    pub shutdown_timeout_ms: u64,
+    /// Most request header fields (default 64; 431 above).
+    pub max_headers: usize,
+    /// Most bytes of request headers (default 16384; 431 above).
+    pub max_header_bytes: usize,
+    /// Requests in flight before new ones are shed with 503 (default 1024).
+    pub max_concurrent_requests: usize,
+    /// Admin and event requests per second per client address (default 20; 429 above).
+    pub admin_rate_per_sec: u32,
+    /// Burst of admin and event requests per client address (default 40).
+    pub admin_burst: u32,
+}
+
+/// `[origin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginSettings {
+    /// Base URL of the backend (default `http://127.0.0.1:8000`).
+    pub base_url: String,
+    /// Connect time-out in ms (default 2000).
+    pub connect_timeout_ms: u64,
+    /// Whole origin request time-out in ms (default 10000).
+    pub timeout_ms: u64,
+    /// Largest origin body in bytes (default 8 MiB).
+    pub max_response_bytes: usize,
+    /// Request headers forwarded to the origin (lowercase names).
+    pub forward_headers: Vec<String>,
+    /// Path probed by `/ready` (default `/health`).
+    pub health_path: String,
+    /// Idle pooled connection lifetime in ms (default 90000).
+    pub pool_idle_timeout_ms: u64,
+    /// Idle connections kept per host (default 32).
+    pub pool_max_idle_per_host: usize,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Redis URL; may carry a password, hence secret (default `redis://127.0.0.1:6379`).
+    pub url: SecretString,
+    /// Per-command time-out on the request path, in ms (default 250).
+    pub command_timeout_ms: u64,
+    /// Connect time-out in ms (default 500).
+    pub connect_timeout_ms: u64,
+    /// Probe period while Redis is unreachable, in ms (default 1000).
+    pub probe_interval_ms: u64,
+    /// Period of re-reading the shared key version, in ms (default 500).
+    pub version_poll_ms: u64,
+    /// Admin connection pool size (default 4).
+    pub pool_max_size: usize,
+    /// Wait for a pooled admin connection, in ms (default 1000).
+    pub pool_timeout_ms: u64,
+    /// Opening a pooled admin connection, in ms (default 1000).
+    pub pool_create_timeout_ms: u64,
+    /// Health check of an idle pooled connection, in ms (default 500).
+    pub pool_recycle_timeout_ms: u64,
+    /// SCAN COUNT per step (default 500).
+    pub scan_batch: usize,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Physical key prefix (default `runcache`).
+    pub prefix: String,
+    /// Starting key version when Redis holds none (default `v1`).
+    pub version: String,
+    /// Seconds an origin 404 is cached; 0 disables (default 0).
+    pub not_found_ttl: u64,
+    /// Largest body stored; larger origin answers are passed through but not cached
+    /// (default 1 MiB).
+    pub max_entry_bytes: usize,
+}
+
+/// `[views]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewsSettings {
+    /// `GET .../metrics` (default TTL `LONG`).
+    pub metrics: ViewSettings,
+    /// `GET .../feature-importance` (default TTL `MEDIUM`).
+    pub feature_importance: ViewSettings,
+    /// `POST /api/v1/models/compare` (default TTL `MEDIUM`).
+    pub comparison: ComparisonSettings,
+}
+
+/// One view's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewSettings {
+    /// Time-to-live: a tier name or seconds.
+    pub ttl: Ttl,
+    /// Seconds past the TTL an entry is served while one background refresh runs (default 60).
+    pub grace: u64,
+    /// Seconds past the TTL an entry may be served when the origin fails (default 300).
+    pub stale_if_error: u64,
+}
+
+/// The comparison view's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComparisonSettings {
+    /// Time-to-live: a tier name or seconds.
+    pub ttl: Ttl,
+    /// Seconds past the TTL an entry is served while one background refresh runs (default 60).
+    pub grace: u64,
+    /// Seconds past the TTL an entry may be served when the origin fails (default 300).
+    pub stale_if_error: u64,
+    /// Most distinct run ids in one comparison (default 50).
+    pub max_ids: usize,
+}
+
+/// `[memory]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Byte bound of the in-process store (default 256 MiB).
+    pub max_bytes: u64,
+    /// Where the in-process store is snapshotted (default unset: no snapshots).
+    pub snapshot_path: Option<String>,
+    /// Snapshot after this many changes (default 1000).
+    pub snapshot_every_changes: u64,
+    /// Or after this many seconds with at least one change (default 60).
+    pub snapshot_interval_secs: u64,
+}
+
+/// `[warm]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmSettings {
+    /// Runs warmed in the background at start (default none).
+    #[serde(deserialize_with = "run_ids")]
+    pub model_run_ids: Vec<String>,
+    /// Origin requests a warm-up runs at once (default 4).
+    pub concurrency: usize,
+    /// How many of the origin's most recent runs to warm at start (default 0: none).
+    pub recent_runs: usize,
+    /// Origin path listing recent runs, called as `{path}?limit={recent_runs}`
+    /// (default `/api/v1/models/runs`).
+    pub recent_path: String,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Bearer token for admin routes and events; generated at start when unset.
+    pub token: Option<SecretString>,
+}
+
+/// `[coalesce]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoalesceSettings {
+    /// How long a request waits for a fetch it started or joined, in ms (default 15000).
+    pub wait_timeout_ms: u64,
+    /// Lifetime of the cross-instance fetch lock in Redis, in ms (default 12000).
+    pub lock_ttl_ms: u64,
+    /// How often an instance waiting on another's lock looks for the entry, in ms (default 25).
+    pub lock_poll_ms: u64,
+}
+
+/// `[refresh]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshSettings {
+    /// Reads (per instance, recently) that make an entry hot; 0 disables (default 3).
+    pub min_hits: u32,
+    /// Refresh within this last share of the TTL, in percent (default 10).
+    pub ahead_percent: u8,
+    /// Refreshes running at once (default 4).
+    pub concurrency: usize,
+    /// Largest random delay before a refresh, in ms (default 1000).
+    pub jitter_ms: u64,
+    /// Longest back-off after failed refreshes of one key, in seconds (default 300).
+    pub max_backoff_secs: u64,
+    /// JSON fields ignored when comparing bodies (default `generated_at`, `timestamp`).
+    pub volatile_fields: Vec<String>,
+}
+
+/// `[journal]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSettings {
+    /// File where invalidations made during a Redis outage are kept until replayed
+    /// (default `data/journal.log`); empty keeps them in memory only.
+    pub path: String,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// How cached views are protected: `forward` (default), `jwt` or `none`.
+    pub frontend: String,
+    /// How long the origin's acceptance of a credential for an entry is trusted, in seconds
+    /// (default 60).
+    pub validation_ttl: u64,
+    /// `jwt` mode: `HS256` (default), `RS256` or `ES256`.
+    pub jwt_algorithm: String,
+    /// `jwt` mode with HS256: the shared secret.
+    pub jwt_secret: Option<SecretString>,
+    /// `jwt` mode with RS256/ES256: path of the PEM public key.
+    pub jwt_public_key_path: Option<String>,
+    /// `jwt` mode: required `aud`, if set.
+    pub jwt_audience: Option<String>,
+    /// `jwt` mode: required `iss`, if set.
+    pub jwt_issuer: Option<String>,
+    /// `jwt` mode: clock leeway for `exp` and `nbf`, in seconds (default 0).
+    pub jwt_leeway_secs: u64,
+}
+
+impl AuthSettings {
+    /// The parsed mode (validated by [`Settings::validate`]).
+    pub fn mode(&self) -> crate::cache::access::FrontendAuth {
+        use crate::cache::access::FrontendAuth;
+        match self.frontend.as_str() {
+            "none" => FrontendAuth::None,
+            "jwt" => FrontendAuth::Jwt,
+            _ => FrontendAuth::Forward,
+        }
+    }
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// HMAC-SHA256 key for signed events; unset: signatures are off (bearer token only).
+    pub secret: Option<SecretString>,
+    /// How far a signed event's timestamp may be from this clock, either way, in seconds
+    /// (default 300).
+    pub tolerance_secs: u64,
+}
+
+/// `[cors]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Allowed browser origins; `["*"]` for any; empty for no CORS headers.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
