@@ -11,7 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{AdminAuth, Caller, audit};
-use super::views::run_id_from_json;
+use super::views::{RunId, run_id_from_json};
 use super::{AppJson, AppQuery, json};
 use crate::cache::read_through::WarmReport;
 use crate::cache::{View, validate_logical_key, validate_pattern, validate_version};
@@ -39,7 +39,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ClearQuery {
-    /// Glob over logical keys (`*`, `?`), e.g. `model:metrics:*`. Absent: every entry.
+    /// Glob over logical keys (`*`, `?`), e.g. `model:metrics:*`: 1-512 characters of
+    /// A-Z, a-z, 0-9, `_`, `.`, `-`, `:`, `*`, `?`. Absent: every entry.
+    #[param(pattern = "^[A-Za-z0-9_.:*?-]{1,512}$")]
     pub pattern: Option<String>,
 }
 
@@ -57,7 +59,10 @@ pub struct ClearResponse {
 /// Deletes the entries of the current version whose logical key matches `pattern`
 /// (SCAN in batches; only this service's prefix and version are touched).
 #[utoipa::path(delete, path = "/cache/clear", tag = "admin", security(("bearer" = [])), params(ClearQuery),
-    responses((status = 200, body = ClearResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "Cleared", body = ClearResponse),
+        (status = 400, description = "Invalid pattern or query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn clear_cache(
     _: AdminAuth,
     caller: Caller,
@@ -89,7 +94,10 @@ pub async fn clear_cache(
 
 /// Alias of `DELETE /cache/clear`.
 #[utoipa::path(delete, path = "/api/v1/models/cache/clear", tag = "admin", security(("bearer" = [])), params(ClearQuery),
-    responses((status = 200, body = ClearResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "Cleared", body = ClearResponse),
+        (status = 400, description = "Invalid pattern or query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn clear_cache_alias(
     auth: AdminAuth,
     caller: Caller,
@@ -102,15 +110,38 @@ pub async fn clear_cache_alias(
 /// What to invalidate: exactly one of the three fields.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1, max_properties = 1)]
 pub struct InvalidateBody {
     /// A run: its metrics, feature importance and comparisons.
-    #[schema(value_type = Option<Object>, example = json!("42"))]
+    #[schema(value_type = Option<RunId>, nullable = false, example = json!("42"))]
     pub model_run_id: Option<Value>,
     /// A whole view: `metrics`, `feature_importance` or `comparison`.
+    #[schema(value_type = Option<String>, nullable = false, pattern = "^(metrics|feature_importance|comparison)$")]
     pub namespace: Option<String>,
-    /// Logical keys, e.g. `model:metrics:42`.
+    /// 1-1000 logical keys, e.g. `model:metrics:42`.
+    #[schema(value_type = Option<Vec<LogicalKey>>, nullable = false, min_items = 1, max_items = 1000)]
     pub keys: Option<Vec<String>>,
 }
+
+/// The OpenAPI schema of a logical key named by `/cache/invalidate` (what
+/// [`validate_logical_key`] accepts). Documentation only: bodies hold keys as strings.
+pub struct LogicalKey;
+
+impl utoipa::PartialSchema for LogicalKey {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[A-Za-z0-9_.:-]{1,512}$"))
+            .description(Some(
+                "A logical key, e.g. `model:metrics:42`: 1-512 characters of A-Z, a-z, 0-9, \
+                 `_`, `.`, `-`, `:`.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for LogicalKey {}
 
 /// Result of an invalidation.
 #[derive(Debug, Serialize, ToSchema)]
@@ -121,7 +152,11 @@ pub struct InvalidatedResponse {
 
 /// Invalidates a run, a namespace or a list of keys.
 #[utoipa::path(post, path = "/cache/invalidate", tag = "admin", security(("bearer" = [])), request_body = InvalidateBody,
-    responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "Invalidated", body = InvalidatedResponse),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn create_invalidation(
     _: AdminAuth,
     caller: Caller,
@@ -177,13 +212,16 @@ pub async fn create_invalidation(
 #[serde(deny_unknown_fields)]
 pub struct WarmBody {
     /// 1-100 run ids (strings or non-negative integers).
-    #[schema(value_type = Vec<Object>, example = json!(["41", "42"]))]
+    #[schema(value_type = Vec<RunId>, min_items = 1, max_items = 100, example = json!(["41", "42"]))]
     pub model_run_ids: Vec<Value>,
 }
 
 /// Fetches and stores the metrics and feature importance of runs not cached yet.
 #[utoipa::path(post, path = "/cache/warm", tag = "admin", security(("bearer" = [])), request_body = WarmBody,
-    responses((status = 200, body = WarmReport), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "What was warmed; origin failures are listed, not raised", body = WarmReport),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody)))]
 pub async fn create_warmup(
     _: AdminAuth,
     caller: Caller,
@@ -222,13 +260,17 @@ pub async fn create_warmup(
 #[serde(deny_unknown_fields)]
 pub struct VersionBody {
     /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`, e.g. `v2`.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", example = "v2")]
     pub version: String,
 }
 
 /// Switches the key version for every instance on the same Redis; every older entry becomes
 /// unreachable, and entries stored under the new version earlier are cleared first.
 #[utoipa::path(post, path = "/cache/version", tag = "admin", security(("bearer" = [])), request_body = VersionBody,
-    responses((status = 200, body = VersionSwitch), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    responses((status = 200, description = "Switched", body = VersionSwitch),
+        (status = 400, description = "Invalid version or body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
         (status = 503, description = "Redis, where the version lives, is unreachable", body = ErrorBody)))]
 pub async fn switch_version(
     _: AdminAuth,

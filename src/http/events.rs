@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use super::admin::InvalidatedResponse;
 use super::auth::{Caller, audit, check_event};
-use super::views::run_id_from_json;
+use super::views::{RunId, run_id_from_json};
 use super::{RawBody, json, parse_json};
 use crate::error::{ErrorBody, Result};
 use crate::invalidation::Cause;
@@ -31,7 +31,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct EventBody {
     /// The run (a string, or a non-negative integer).
-    #[schema(value_type = Object, example = json!("42"))]
+    #[schema(value_type = RunId, example = json!("42"))]
     pub model_run_id: Value,
 }
 
@@ -58,7 +58,12 @@ async fn handle(
 
 /// A run finished training.
 #[utoipa::path(post, path = "/events/training-completed", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
-    responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses(
+        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, and journaled)", body = InvalidatedResponse),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token, or a bad, stale or replayed signature", body = ErrorBody),
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn training_completed(
     State(state): State<AppState>,
     caller: Caller,
@@ -70,7 +75,12 @@ pub async fn training_completed(
 
 /// A run's training failed.
 #[utoipa::path(post, path = "/events/training-failed", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
-    responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses(
+        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, and journaled)", body = InvalidatedResponse),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token, or a bad, stale or replayed signature", body = ErrorBody),
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn training_failed(
     State(state): State<AppState>,
     caller: Caller,
@@ -82,7 +92,12 @@ pub async fn training_failed(
 
 /// A run was deleted.
 #[utoipa::path(post, path = "/events/model-deleted", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
-    responses((status = 200, body = InvalidatedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses(
+        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, and journaled)", body = InvalidatedResponse),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token, or a bad, stale or replayed signature", body = ErrorBody),
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn model_deleted(
     State(state): State<AppState>,
     caller: Caller,

@@ -84,7 +84,7 @@ fn with_retry_after(mut resp: Response, wait: Duration) -> Response {
 }
 
 /// Whether `path` is an admin route or an event hook.
-fn is_admin(path: &str) -> bool {
+pub fn is_admin(path: &str) -> bool {
     path.starts_with("/cache/")
         || path.starts_with("/events/")
         || path.starts_with("/api/v1/models/cache/")

@@ -42,8 +42,9 @@ use crate::state::AppState;
         (name = "views", description = "Cached model-run views (the origin's own paths)"),
         (name = "admin", description = "Cache administration (bearer token)"),
         (name = "events", description = "Invalidation hooks fired by the training system (bearer token)"),
-        (name = "ops", description = "Health, readiness, metrics"),
+        (name = "ops", description = "Health, readiness, metrics, API documentation"),
     ),
+    paths(ops::get_openapi_json, ops::get_docs),
     components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail)),
     modifiers(&BearerScheme),
 )]
@@ -71,6 +72,97 @@ impl utoipa::Modify for BearerScheme {
     }
 }
 
+/// Documents, on every operation, the answers that the layer stack gives whatever the handler:
+/// `431` (header limits), `503` with `Retry-After` (load shedding; `/health` and `/ready` are
+/// exempt), `504` (whole-request time-out), and `429` with `Retry-After` on admin routes and
+/// events (rate limit). A status an operation already documents keeps its own description.
+fn document_layer_responses(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::header::HeaderBuilder;
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    use utoipa::openapi::{Content, Ref, ResponseBuilder};
+
+    let error = |description: &str, retry_after: bool| {
+        let mut r = ResponseBuilder::new().description(description).content(
+            "application/json",
+            Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+        );
+        if retry_after {
+            r = r.header(
+                "Retry-After",
+                HeaderBuilder::new()
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::Integer)))
+                    .description(Some("Seconds to wait before retrying"))
+                    .build(),
+            );
+        }
+        r.build()
+    };
+    let shared = [
+        (
+            "HeadersTooLarge",
+            error(
+                "Too many request header fields, or too many header bytes (`server.max_headers`, `server.max_header_bytes`)",
+                false,
+            ),
+        ),
+        (
+            "Overloaded",
+            error(
+                "Too many requests in flight (`server.max_concurrent_requests`): shed, retry after `Retry-After`",
+                true,
+            ),
+        ),
+        (
+            "RequestTimeout",
+            error(
+                "The request took longer than `server.request_timeout_ms`",
+                false,
+            ),
+        ),
+        (
+            "RateLimited",
+            error(
+                "Too many admin or event requests from this client (`server.admin_rate_per_sec`, `server.admin_burst`): retry after `Retry-After`",
+                true,
+            ),
+        ),
+    ];
+    let components = api.components.get_or_insert_with(Default::default);
+    for (name, response) in shared {
+        components
+            .responses
+            .insert(name.to_owned(), response.into());
+    }
+
+    for (path, item) in api.paths.paths.iter_mut() {
+        let probe = matches!(path.as_str(), "/health" | "/ready");
+        let admin = limits::is_admin(path);
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in operations.into_iter().flatten() {
+            let responses = &mut op.responses.responses;
+            let mut add = |status: &str, name: &str| {
+                responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| Ref::from_response_name(name).into());
+            };
+            add("431", "HeadersTooLarge");
+            add("504", "RequestTimeout");
+            if !probe {
+                add("503", "Overloaded");
+            }
+            if admin {
+                add("429", "RateLimited");
+            }
+        }
+    }
+}
+
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(views::router())
@@ -80,9 +172,16 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(stats::router())
 }
 
+/// The routes, and the OpenAPI document that describes them.
+fn routes_and_api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut api) = api_router().split_for_parts();
+    document_layer_responses(&mut api);
+    (router, api)
+}
+
 /// The OpenAPI document as YAML (what `openapi.yaml` holds).
 pub fn openapi_yaml() -> String {
-    let (_, api) = api_router().split_for_parts();
+    let (_, api) = routes_and_api();
     api.to_yaml().unwrap_or_default()
 }
 
@@ -92,7 +191,7 @@ pub fn openapi_yaml() -> String {
 /// panic catcher → JSON errors → CORS → weak ETag on compressed bodies → compression →
 /// request time-out → body limit.
 pub fn build_app(state: AppState) -> Router {
-    let (router, api) = api_router().split_for_parts();
+    let (router, api) = routes_and_api();
     let settings = state.settings.clone();
     let limits = state.limits.clone();
     let router = router

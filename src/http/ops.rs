@@ -1,5 +1,6 @@
 //! Operations routes, without auth: liveness, readiness, Prometheus metrics.
-//! (`/openapi.json` and `/docs` are mounted in `http::build_app`.)
+//! (`/openapi.json` and `/docs` are mounted in `http::build_app`; only their documentation
+//! is here.)
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -33,7 +34,7 @@ pub struct Health {
 }
 
 /// The process is up.
-#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, description = "Alive", body = Health)))]
 pub async fn get_health() -> Response {
     json(
         StatusCode::OK,
@@ -68,7 +69,8 @@ pub struct Ready {
 /// Ready to serve. A Redis or origin outage is reported but stays `200`: the instance still
 /// serves (from memory, or stale entries), so it must stay in rotation.
 #[utoipa::path(get, path = "/ready", tag = "ops",
-    responses((status = 200, body = Ready), (status = 503, description = "Still starting", body = Ready)))]
+    responses((status = 200, description = "Serving (dependencies' reachability reported)", body = Ready),
+        (status = 503, description = "Still starting", body = Ready)))]
 pub async fn get_ready(State(state): State<AppState>) -> Response {
     let probe = Duration::from_millis(state.settings.redis.connect_timeout_ms.max(200));
     let (redis, origin) = tokio::join!(
@@ -97,7 +99,7 @@ pub async fn get_ready(State(state): State<AppState>) -> Response {
 
 /// Prometheus metrics, text format.
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
+    responses((status = 200, description = "Prometheus text exposition format (version 0.0.4)", body = String, content_type = "text/plain")))]
 pub async fn get_metrics(State(state): State<AppState>) -> Response {
     let memory = state.store.memory();
     metrics::gauge!(names::REDIS_UP).set(if state.store.tier() == Tier::Redis {
@@ -116,3 +118,18 @@ pub async fn get_metrics(State(state): State<AppState>) -> Response {
     )
         .into_response()
 }
+
+/// This OpenAPI document, as JSON (`openapi.yaml` holds the same as YAML).
+// Documentation only: the route is served by utoipa-swagger-ui, mounted in `http::build_app`.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "OpenAPI 3.1 document", body = Object, content_type = "application/json")))]
+pub fn get_openapi_json() {}
+
+/// Interactive API documentation (Swagger UI).
+// Documentation only: the route is served by utoipa-swagger-ui, mounted in `http::build_app`.
+#[utoipa::path(get, path = "/docs", tag = "ops",
+    responses(
+        (status = 200, description = "The Swagger UI page (at `/docs/`)", body = String, content_type = "text/html"),
+        (status = 303, description = "Redirect to `/docs/`", headers(("Location" = String, description = "`/docs/`"))),
+    ))]
+pub fn get_docs() {}

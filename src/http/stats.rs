@@ -317,14 +317,16 @@ async fn stats(state: &AppState) -> StatsResponse {
 
 /// Cache statistics.
 #[utoipa::path(get, path = "/cache/stats", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, body = StatsResponse), (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "Statistics", body = StatsResponse),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody)))]
 pub async fn get_stats(_: AdminAuth, State(state): State<AppState>) -> Response {
     json(StatusCode::OK, &stats(&state).await)
 }
 
 /// Alias of `GET /cache/stats`.
 #[utoipa::path(get, path = "/api/v1/models/cache/stats", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, body = StatsResponse), (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "Statistics", body = StatsResponse),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody)))]
 pub async fn get_stats_alias(auth: AdminAuth, state: State<AppState>) -> Response {
     get_stats(auth, state).await
 }

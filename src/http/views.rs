@@ -56,8 +56,9 @@ pub struct FeatureImportanceQuery {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompareBody {
-    /// 2-50 run ids (strings, or non-negative integers); order and duplicates do not matter.
-    #[schema(value_type = Vec<Object>, example = json!(["41", "42"]))]
+    /// 2-50 distinct run ids (strings, or non-negative integers); order and duplicates do not
+    /// matter (at most 200 entries before de-duplication).
+    #[schema(value_type = Vec<RunId>, min_items = 2, max_items = 200, example = json!(["41", "42"]))]
     pub model_run_ids: Vec<Value>,
 }
 
@@ -69,6 +70,38 @@ fn admit(state: &AppState, headers: &HeaderMap) -> Result<()> {
         .admit(headers.get(header::AUTHORIZATION))
         .map_err(AppError::Unauthorized)
 }
+
+/// The OpenAPI schema of a run id in a JSON body: a string matching
+/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`, or a non-negative integer (`42` is the id `"42"`).
+/// Documentation only: bodies hold ids as JSON values, checked by [`run_id_from_json`].
+pub struct RunId;
+
+impl utoipa::PartialSchema for RunId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .description(Some(
+                "A run id: a string of 1-128 characters of A-Z, a-z, 0-9, `_`, `.`, `-` not \
+                 starting with `.` or `-`, or a non-negative integer (`42` is the id `\"42\"`).",
+            ))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(RUN_ID_PATTERN)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0)),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for RunId {}
+
+/// `model_run_id` as an OpenAPI pattern (what [`validate_run_id`] accepts).
+pub const RUN_ID_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$";
 
 /// Validates a run id given as a path segment.
 fn run_id(raw: String) -> Result<String> {
@@ -179,12 +212,23 @@ async fn serve(state: &AppState, req: ViewRequest, headers: &HeaderMap) -> Resul
     get,
     path = "/api/v1/models/train/{model_run_id}/metrics",
     tag = "views",
-    params(("model_run_id" = String, Path, description = "Run id, `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`"), ViewQuery),
+    params(
+        ("model_run_id" = String, Path, description = "Run id, `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`",
+            pattern = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
+        ("If-None-Match" = Option<String>, Header, example = "*",
+            description = "ETags (strong or weak) or `*`: a match is answered `304` with no body"),
+        ViewQuery,
+    ),
     responses(
-        (status = 200, description = "The origin's body, byte for byte; headers X-Cache, Cache-Status, ETag, Age"),
-        (status = 304, description = "If-None-Match matched"),
+        (status = 200, description = "The origin's body, byte for byte, with its content type", body = Value, content_type = "application/json",
+            headers(("X-Cache" = String, description = "HIT, MISS, BYPASS or STALE"), ("Cache-Status" = String, description = "RFC 9211"),
+                ("ETag" = String, description = "Strong; weak (`W/`) when the body is compressed"), ("Age" = u64, description = "Seconds since the entry was stored (hits)"))),
+        (status = 304, description = "If-None-Match matched: no body", headers(("ETag" = String))),
         (status = 400, description = "Invalid id or query", body = ErrorBody),
-        (status = 404, description = "The origin's 404, passed through"),
+        (status = 401, description = "Credentials refused: the origin's answer, passed through (`auth.frontend = forward`), or an ErrorBody for a missing or invalid JWT (`jwt`)", body = Value, content_type = "application/json"),
+        (status = 403, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
+        (status = 404, description = "The origin's 404, passed through", body = Value, content_type = "application/json"),
+        (status = 422, description = "The origin's 422, passed through", body = Value, content_type = "application/json"),
         (status = 502, description = "Origin failed", body = ErrorBody),
         (status = 504, description = "Origin timed out", body = ErrorBody),
     )
@@ -212,12 +256,23 @@ pub async fn get_metrics(
     get,
     path = "/api/v1/models/train/{model_run_id}/feature-importance",
     tag = "views",
-    params(("model_run_id" = String, Path, description = "Run id"), FeatureImportanceQuery),
+    params(
+        ("model_run_id" = String, Path, description = "Run id, `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`",
+            pattern = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
+        ("If-None-Match" = Option<String>, Header, example = "*",
+            description = "ETags (strong or weak) or `*`: a match is answered `304` with no body"),
+        FeatureImportanceQuery,
+    ),
     responses(
-        (status = 200, description = "The origin's body, byte for byte"),
-        (status = 304, description = "If-None-Match matched"),
+        (status = 200, description = "The origin's body, byte for byte, with its content type", body = Value, content_type = "application/json",
+            headers(("X-Cache" = String, description = "HIT, MISS, BYPASS or STALE"), ("Cache-Status" = String, description = "RFC 9211"),
+                ("ETag" = String, description = "Strong; weak (`W/`) when the body is compressed"), ("Age" = u64, description = "Seconds since the entry was stored (hits)"))),
+        (status = 304, description = "If-None-Match matched: no body", headers(("ETag" = String))),
         (status = 400, description = "Invalid id, top_n or query", body = ErrorBody),
-        (status = 404, description = "The origin's 404, passed through"),
+        (status = 401, description = "Credentials refused: the origin's answer, passed through (`auth.frontend = forward`), or an ErrorBody for a missing or invalid JWT (`jwt`)", body = Value, content_type = "application/json"),
+        (status = 403, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
+        (status = 404, description = "The origin's 404, passed through", body = Value, content_type = "application/json"),
+        (status = 422, description = "The origin's 422, passed through", body = Value, content_type = "application/json"),
         (status = 502, description = "Origin failed", body = ErrorBody),
         (status = 504, description = "Origin timed out", body = ErrorBody),
     )
@@ -242,13 +297,23 @@ pub async fn get_feature_importance(
     post,
     path = "/api/v1/models/compare",
     tag = "views",
-    params(ViewQuery),
+    params(
+        ("If-None-Match" = Option<String>, Header, example = "*",
+            description = "ETags (strong or weak) or `*`: a match is answered `304` with no body"),
+        ViewQuery,
+    ),
     request_body = CompareBody,
     responses(
-        (status = 200, description = "The origin's body, byte for byte"),
-        (status = 304, description = "If-None-Match matched"),
-        (status = 400, description = "Invalid ids or body", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 200, description = "The origin's body, byte for byte, with its content type", body = Value, content_type = "application/json",
+            headers(("X-Cache" = String, description = "HIT, MISS, BYPASS or STALE"), ("Cache-Status" = String, description = "RFC 9211"),
+                ("ETag" = String, description = "Strong; weak (`W/`) when the body is compressed"), ("Age" = u64, description = "Seconds since the entry was stored (hits)"))),
+        (status = 304, description = "If-None-Match matched: no body", headers(("ETag" = String))),
+        (status = 400, description = "Invalid ids, body or query", body = ErrorBody),
+        (status = 401, description = "Credentials refused: the origin's answer, passed through (`auth.frontend = forward`), or an ErrorBody for a missing or invalid JWT (`jwt`)", body = Value, content_type = "application/json"),
+        (status = 403, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
+        (status = 404, description = "The origin's 404 (a run it does not know), passed through", body = Value, content_type = "application/json"),
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 422, description = "The origin's 422, passed through", body = Value, content_type = "application/json"),
         (status = 502, description = "Origin failed", body = ErrorBody),
         (status = 504, description = "Origin timed out", body = ErrorBody),
     )
@@ -277,11 +342,18 @@ pub async fn create_comparison(
     delete,
     path = "/api/v1/models/train/{model_run_id}",
     tag = "views",
-    params(("model_run_id" = String, Path, description = "Run id")),
+    params(
+        ("model_run_id" = String, Path, description = "Run id, `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`",
+            pattern = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
+    ),
     responses(
-        (status = 200, description = "The origin's answer, passed through; header X-Invalidated"),
+        (status = 200, description = "The origin's answer, passed through", body = Value, content_type = "application/json",
+            headers(("X-Invalidated" = u64, description = "Entries invalidated"))),
         (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 404, description = "The origin's 404, passed through"),
+        (status = 401, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
+        (status = 403, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
+        (status = 404, description = "The origin's 404, passed through", body = Value, content_type = "application/json"),
+        (status = 422, description = "The origin's 422, passed through", body = Value, content_type = "application/json"),
         (status = 502, description = "Origin failed", body = ErrorBody),
         (status = 504, description = "Origin timed out", body = ErrorBody),
     )
@@ -366,6 +438,28 @@ mod tests {
         for bad in ["0", "1001", "-1", "abc", ""] {
             assert!(parse_top_n(Some(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn documented_run_id_patterns_are_the_validators() {
+        let (_, api) = crate::http::routes_and_api();
+        let doc = serde_json::to_value(&api).expect("serialise the OpenAPI document");
+        let mut seen = 0;
+        for item in doc["paths"].as_object().expect("paths").values() {
+            for op in item.as_object().expect("path item").values() {
+                for param in op["parameters"].as_array().into_iter().flatten() {
+                    if param["name"] == "model_run_id" {
+                        assert_eq!(param["schema"]["pattern"], RUN_ID_PATTERN);
+                        seen += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, 3, "the three views with a run id in their path");
+        assert_eq!(
+            doc["components"]["schemas"]["RunId"]["oneOf"][0]["pattern"],
+            RUN_ID_PATTERN
+        );
     }
 
     #[test]
