@@ -231,7 +231,7 @@ pub struct AuthSettings {
 }
 
 impl AuthSettings {
-    /// The parsed mode (validated by [`Settings::validate`]).
+    /// The parsed mode (validated by [`super::Settings::validate`]).
     pub fn mode(&self) -> crate::cache::access::FrontendAuth {
         use crate::cache::access::FrontendAuth;
         match self.frontend.as_str() {
