@@ -59,8 +59,15 @@ pub fn verify_signature(
     mac.verify_slice(&given).map_err(|_| "invalid signature")
 }
 
+/// What a used signature is remembered by: trimmed, its hex in lowercase, so that a captured
+/// signature cannot be replayed re-spelt (`A-F` for `a-f`), as `verify_signature` takes both.
+pub fn replay_key(signature: &str) -> String {
+    signature.trim().to_ascii_lowercase()
+}
+
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.len() > 256 || !s.is_ascii() {
+    // Hex digits only: `u8::from_str_radix` alone would also take a sign (`+a` as `0a`).
+    if !s.len().is_multiple_of(2) || s.len() > 256 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len())
@@ -129,7 +136,7 @@ pub fn check_event(
         state.settings.events.tolerance_secs,
     )
     .map_err(AppError::Unauthorized)?;
-    if !state.seen_signatures.first_use(sig.trim()) {
+    if !state.seen_signatures.first_use(&replay_key(sig)) {
         return Err(AppError::Unauthorized("signature already used (replay)"));
     }
     Ok("signature")
@@ -246,6 +253,38 @@ mod tests {
             );
         }
         assert!(verify_signature(b"s3cret", "soon", &sig, body, 1_700_000_000, 300).is_err());
+    }
+
+    /// Found by `fuzz/fuzz_targets/signature.rs`: `+d` was read as the byte `0d`, so a
+    /// captured signature re-spelt with `+` passed the replay guard.
+    #[test]
+    fn signed_hex_digits_do_not_verify() {
+        let (secret, ts, body) = (b"\x9b", "-9211221148451176405", b"\xff\xff+\x80\0");
+        let sig = sign(secret, ts, body);
+        assert_eq!(&sig[35..37], "0d");
+        let respelt = format!("{}+{}", &sig[..35], &sig[36..]);
+        assert_eq!(
+            verify_signature(secret, ts, &sig, body, -9211221148451176405, 0),
+            Ok(())
+        );
+        assert!(verify_signature(secret, ts, &respelt, body, -9211221148451176405, 0).is_err());
+    }
+
+    /// Found by `fuzz/fuzz_targets/signature.rs`: upper-case hex verifies too, so the replay
+    /// guard must remember a signature by its lower-case form.
+    #[test]
+    fn upper_case_hex_has_the_same_replay_key() {
+        let sig = sign(b"", "-214", b"");
+        let upper = format!("{}F{}", &sig[..62], &sig[63..]);
+        assert_eq!(&sig[62..63], "f");
+        assert_eq!(verify_signature(b"", "-214", &upper, b"", -214, 0), Ok(()));
+        assert_eq!(replay_key(&upper), replay_key(&sig));
+        let all_upper = format!(" sha256={} ", sig[7..].to_uppercase());
+        assert_eq!(
+            verify_signature(b"", "-214", &all_upper, b"", -214, 0),
+            Ok(())
+        );
+        assert_eq!(replay_key(&all_upper), replay_key(&sig));
     }
 
     #[test]
