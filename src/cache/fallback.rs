@@ -203,6 +203,25 @@ impl FallbackStore {
         self.redis_calls.load(Ordering::Relaxed)
     }
 
+    /// Runs `redis` while the circuit is closed; on an unavailable Redis opens the circuit and
+    /// runs `memory` instead (as it does while the circuit is open). Only the future of the
+    /// tier used is ever built.
+    async fn tiered<T, R, M, RF, MF>(&self, redis: R, memory: M) -> Result<T, StoreError>
+    where
+        R: FnOnce() -> RF,
+        M: FnOnce() -> MF,
+        RF: Future<Output = Result<T, StoreError>>,
+        MF: Future<Output = Result<T, StoreError>>,
+    {
+        if self.use_redis() {
+            match redis().await {
+                Err(e) if e.is_unavailable() => self.mark_down(&e),
+                other => return other,
+            }
+        }
+        memory().await
+    }
+
     fn use_redis(&self) -> bool {
         let up = self.up.load(Ordering::Acquire);
         if up {
@@ -365,23 +384,16 @@ impl FallbackStore {
 #[async_trait]
 impl Store for FallbackStore {
     async fn get(&self, key: &str, deps: &[String]) -> Result<Lookup, StoreError> {
-        if self.use_redis() {
-            match self.redis.get(key, deps).await {
-                Err(e) if e.is_unavailable() => self.mark_down(&e),
-                other => return other,
-            }
-        }
-        self.memory.get(key, deps).await
+        self.tiered(|| self.redis.get(key, deps), || self.memory.get(key, deps))
+            .await
     }
 
     async fn generations(&self, deps: &[String]) -> Result<Vec<u64>, StoreError> {
-        if self.use_redis() {
-            match self.redis.generations(deps).await {
-                Err(e) if e.is_unavailable() => self.mark_down(&e),
-                other => return other,
-            }
-        }
-        self.memory.generations(deps).await
+        self.tiered(
+            || self.redis.generations(deps),
+            || self.memory.generations(deps),
+        )
+        .await
     }
 
     async fn bump(&self, deps: &[String]) -> Result<(), StoreError> {
@@ -396,23 +408,19 @@ impl Store for FallbackStore {
         entry: &CacheEntry,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        if self.use_redis() {
-            match self.redis.touch(key, entry, retention).await {
-                Err(e) if e.is_unavailable() => self.mark_down(&e),
-                other => return other,
-            }
-        }
-        self.memory.touch(key, entry, retention).await
+        self.tiered(
+            || self.redis.touch(key, entry, retention),
+            || self.memory.touch(key, entry, retention),
+        )
+        .await
     }
 
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError> {
-        if self.use_redis() {
-            match self.redis.set(key, entry, ttl).await {
-                Err(e) if e.is_unavailable() => self.mark_down(&e),
-                other => return other,
-            }
-        }
-        self.memory.set(key, entry, ttl).await
+        self.tiered(
+            || self.redis.set(key, entry, ttl),
+            || self.memory.set(key, entry, ttl),
+        )
+        .await
     }
 
     async fn delete(&self, keys: &[String]) -> Result<u64, StoreError> {
@@ -430,13 +438,11 @@ impl Store for FallbackStore {
     }
 
     async fn count_matching(&self, pattern: &str) -> Result<u64, StoreError> {
-        if self.use_redis() {
-            match self.redis.count_matching(pattern).await {
-                Err(e) if e.is_unavailable() => self.mark_down(&e),
-                other => return other,
-            }
-        }
-        self.memory.count_matching(pattern).await
+        self.tiered(
+            || self.redis.count_matching(pattern),
+            || self.memory.count_matching(pattern),
+        )
+        .await
     }
 
     async fn health_check(&self) -> Result<(), StoreError> {
