@@ -86,7 +86,7 @@ async fn oversized_origin_answers_are_passed_through_but_not_cached() {
         assert_eq!(resp.status(), 200);
         assert_eq!(
             header(&resp, "cache-status"),
-            "runcache; fwd=miss; detail=too-large; detail=memory-fallback"
+            "runcache; fwd=miss; detail=\"too-large, memory-fallback\""
         );
         assert!(resp.bytes().await.expect("body").len() > 100);
     }

@@ -68,20 +68,20 @@ impl ViewResponse {
 
     /// `Cache-Status` value (RFC 9211).
     pub fn cache_status(&self) -> String {
+        let mut details: Vec<&str> = Vec::new();
         let mut s = match &self.outcome {
             CacheOutcome::Hit { ttl, .. } => format!("runcache; hit; ttl={ttl}"),
             CacheOutcome::Miss { stored: true, .. } => "runcache; fwd=miss; stored".to_owned(),
-            CacheOutcome::Miss {
-                detail: Some(d), ..
-            } => format!("runcache; fwd=miss; detail={d}"),
-            CacheOutcome::Miss { .. } => "runcache; fwd=miss".to_owned(),
-            CacheOutcome::Stale {
-                revalidating: true, ..
-            } => "runcache; fwd=stale; hit".to_owned(),
-            CacheOutcome::Stale {
-                revalidating: false,
-                ..
-            } => "runcache; fwd=stale; hit; detail=stale-if-error".to_owned(),
+            CacheOutcome::Miss { detail, .. } => {
+                details.extend(detail.iter());
+                "runcache; fwd=miss".to_owned()
+            }
+            CacheOutcome::Stale { revalidating, .. } => {
+                if !revalidating {
+                    details.push("stale-if-error");
+                }
+                "runcache; fwd=stale; hit".to_owned()
+            }
             CacheOutcome::Bypass => "runcache; fwd=bypass".to_owned(),
         };
         if matches!(
@@ -97,7 +97,13 @@ impl ViewResponse {
             s.push_str("; collapsed");
         }
         if self.degraded && !matches!(self.outcome, CacheOutcome::Bypass) {
-            s.push_str("; detail=memory-fallback");
+            details.push("memory-fallback");
+        }
+        // One `detail` parameter: a structured-field parser keeps only the last of repeats.
+        match details.as_slice() {
+            [] => {}
+            [one] => s.push_str(&format!("; detail={one}")),
+            many => s.push_str(&format!("; detail=\"{}\"", many.join(", "))),
         }
         s
     }
