@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +40,7 @@ pub fn router(opts: SampleOriginOptions) -> Router {
     let state = OriginState {
         delay: opts.delay,
         deleted: Arc::default(),
+        calls: Arc::default(),
     };
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
@@ -56,6 +58,7 @@ pub fn router(opts: SampleOriginOptions) -> Router {
         )
         .route("/api/v1/models/compare", post(create_comparison))
         .route("/api/v1/models/runs", get(list_runs))
+        .route("/_sample/calls", get(view_calls))
         .fallback(|| async { detail(StatusCode::NOT_FOUND, "Not Found") })
         .method_not_allowed_fallback(|| async {
             detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
@@ -83,6 +86,8 @@ struct OriginState {
     delay: Duration,
     /// Runs deleted through `DELETE`; their views answer 404 from then on.
     deleted: Arc<Mutex<HashSet<String>>>,
+    /// View requests that passed validation (what `bench/run.sh` counts in a stampede).
+    calls: Arc<AtomicU64>,
 }
 
 impl OriginState {
@@ -96,10 +101,17 @@ impl OriginState {
     }
 
     async fn slow_down(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
     }
+}
+
+/// `GET /_sample/calls`: how many view requests (metrics, feature importance, comparisons)
+/// this origin has answered or is answering, so a benchmark can count origin calls.
+async fn view_calls(State(state): State<OriginState>) -> Response {
+    Json(json!({ "calls": state.calls.load(Ordering::Relaxed) })).into_response()
 }
 
 fn detail(status: StatusCode, message: impl Into<String>) -> Response {
@@ -408,6 +420,30 @@ mod tests {
         router(SampleOriginOptions {
             delay: Duration::ZERO,
         })
+    }
+
+    #[tokio::test]
+    async fn view_calls_are_counted() {
+        let app = app();
+        call(&app, "GET", &format!("{RUNS}/7/metrics"), Value::Null).await;
+        call(
+            &app,
+            "GET",
+            &format!("{RUNS}/7/feature-importance?top_n=0"),
+            Value::Null,
+        )
+        .await;
+        call(
+            &app,
+            "GET",
+            &format!("{RUNS}/7/feature-importance"),
+            Value::Null,
+        )
+        .await;
+        let (status, body) = call(&app, "GET", "/_sample/calls", Value::Null).await;
+        assert_eq!(status, StatusCode::OK);
+        // The invalid top_n is refused before the view runs, so it is not counted.
+        assert_eq!(body["calls"], 2);
     }
 
     /// Sends `body` as JSON unless it is `null`, and parses the answer as JSON.

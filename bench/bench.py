@@ -1,0 +1,552 @@
+#!/usr/bin/env python3
+"""The runcache benchmark behind bench/run.sh (standard library only).
+
+Starts, on loopback only: a private redis-server, the sample origin with a fixed delay (and a
+second one with none, for the miss path), runcache in release mode (default configuration;
+Redis only; memory tier only), nginx as a proxy_cache, and a bare axum handler serving a
+static body of the same size (the framework's ceiling). Then it warms the same URLs in each,
+measures hits with wrk in alternating rounds, a cold-key stampede, the miss-path overhead,
+invalidation cost against the size of the keyspace, and a large pattern clear, and prints one
+table, also written as Markdown and JSON under bench/results/.
+"""
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target/release/runcache"
+CEILING = ROOT / "target/release/examples/ceiling"
+TOKEN = "bench-token"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ORIGIN_DELAY_MS = 50
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Processes:
+    """Every process the benchmark starts, stopped together at the end."""
+
+    def __init__(self, scratch):
+        self.procs = []
+        self.scratch = scratch
+
+    def start(self, name, cmd, env=None):
+        out = open(self.scratch / f"{name}.log", "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                             stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def wait_http(url, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                r.read()
+                return
+        except Exception:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def http_call(port, method, path, body=None, headers=None):
+    """One request on a fresh connection; returns (status, headers, body, seconds)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    t0 = time.perf_counter()
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    return resp.status, dict(resp.getheaders()), data, elapsed
+
+
+def admin_headers():
+    return {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def redis_cli(port, *args):
+    out = subprocess.run(["redis-cli", "-p", str(port), *map(str, args)],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def origin_calls(port):
+    _, _, body, _ = http_call(port, "GET", "/_sample/calls")
+    return json.loads(body)["calls"]
+
+
+def cpu_seconds(pids):
+    """User plus system CPU of these processes and their children threads, in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / CLK_TCK
+
+
+def child_pids(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+    except FileNotFoundError:
+        return []
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def parse_latency(text):
+    m = re.match(r"([\d.]+)(us|ms|s)$", text)
+    return float(m.group(1)) * UNITS[m.group(2)] if m else float("nan")
+
+
+def run_wrk(port, conns, secs, paths_file, pids):
+    cpu0 = cpu_seconds(pids)
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "--latency", "-s",
+         str(ROOT / "bench/urls.lua"), f"http://127.0.0.1:{port}", "--", str(paths_file)],
+        capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pids) - cpu0
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    p50 = parse_latency(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = parse_latency(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": total,
+        "cpu_us_per_req": cpu / total * 1e6 if total else float("nan"),
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(1) if errors else None,
+    }
+
+
+def warm(port, paths, check_header, check_value, threads=64):
+    """Requests every path (so it is cached), then checks a sample is now a hit."""
+    def get(path):
+        status, _, _, _ = http_call(port, "GET", path)
+        return status
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        statuses = list(pool.map(get, paths))
+    if any(s != 200 for s in statuses):
+        raise RuntimeError(f"warming port {port}: statuses {set(statuses)}")
+    hits = 0
+    sample = paths[:: max(1, len(paths) // 50)]
+    for path in sample:
+        _, headers, _, _ = http_call(port, "GET", path)
+        lower = {k.lower(): v for k, v in headers.items()}
+        hits += lower.get(check_header, "").startswith(check_value)
+    return hits, len(sample)
+
+
+async def stampede_async(port, path, n):
+    """Opens n connections, then sends one request on each at once; returns per-request
+    seconds from the moment the requests were sent, and the statuses."""
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+
+    async def one(reader, t0):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+        await reader.readexactly(length)
+        return time.perf_counter() - t0, status
+
+    t0 = time.perf_counter()
+    for _, writer in conns:
+        writer.write(request)
+    results = await asyncio.gather(*(one(reader, t0) for reader, _ in conns))
+    for _, writer in conns:
+        writer.close()
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def stampede(port, origin_port, path, n):
+    before = origin_calls(origin_port)
+    times, statuses = asyncio.run(stampede_async(port, path, n))
+    time.sleep(0.2)
+    calls = origin_calls(origin_port) - before
+    times_ms = sorted(t * 1e3 for t in times)
+    first = times_ms[0]
+    return {
+        "origin_calls": calls,
+        "first_ms": first,
+        "p50_ms": statistics.median(times_ms),
+        "p99_ms": times_ms[int(len(times_ms) * 0.99) - 1],
+        "p50_after_first_ms": statistics.median(times_ms) - first,
+        "ok": sum(s == 200 for s in statuses),
+        "n": n,
+    }
+
+
+def miss_overhead(cache_port, origin_port, n):
+    """Median latency of n misses through runcache minus n direct origin requests
+    (interleaved, keep-alive, a distinct uncached run each time)."""
+    direct = http.client.HTTPConnection("127.0.0.1", origin_port)
+    cached = http.client.HTTPConnection("127.0.0.1", cache_port)
+    d, c = [], []
+    stamp = int(time.time() * 1000)
+    for i in range(n):
+        for conn, out, tag in ((direct, d, "d"), (cached, c, "c")):
+            t0 = time.perf_counter()
+            conn.request("GET", f"/api/v1/models/train/miss-{stamp}-{tag}{i}/metrics")
+            resp = conn.getresponse()
+            resp.read()
+            out.append(time.perf_counter() - t0)
+            if tag == "c" and resp.getheader("X-Cache") != "MISS":
+                raise RuntimeError("miss-path request was not a MISS")
+    d_ms, c_ms = statistics.median(d) * 1e3, statistics.median(c) * 1e3
+    return {"origin_p50_ms": d_ms, "runcache_miss_p50_ms": c_ms, "overhead_p50_ms": c_ms - d_ms,
+            "n": n}
+
+
+def invalidation_cost(cache_port, run_id, comparisons, reps):
+    """Median time of one training-completed event for a run with `comparisons` cached
+    comparisons (re-warmed before every repetition)."""
+    times, dropped = [], []
+    for rep in range(reps):
+        bodies = [json.dumps({"model_run_ids": [run_id, f"{run_id}-peer-{i}"]})
+                  for i in range(comparisons)]
+
+        def compare(body):
+            return http_call(cache_port, "POST", "/api/v1/models/compare", body,
+                             {"Content-Type": "application/json"})[0]
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            statuses = list(pool.map(compare, bodies))
+        if any(s != 200 for s in statuses):
+            raise RuntimeError(f"warming comparisons: {set(statuses)}")
+        status, _, body, secs = http_call(
+            cache_port, "POST", "/events/training-completed",
+            json.dumps({"model_run_id": run_id}), admin_headers())
+        if status != 200:
+            raise RuntimeError(f"event answered {status}: {body!r}")
+        times.append(secs * 1e3)
+        dropped.append(json.loads(body)["invalidated"])
+    return {"ms_p50": statistics.median(times), "ms_all": times, "invalidated": dropped}
+
+
+def pattern_clear(cache_port, redis_port, keys):
+    prefix = "runcache:v1:model:feature_importance:bulk"
+    redis_cli(redis_port, "DEBUG", "POPULATE", keys, prefix, 64)
+    sampler = subprocess.Popen(
+        ["redis-cli", "-p", str(redis_port), "--latency", "-i", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.2)
+    status, _, body, secs = http_call(
+        cache_port, "DELETE", "/cache/clear?pattern=model:feature_importance:bulk:*",
+        headers=admin_headers())
+    time.sleep(1.2)
+    sampler.terminate()
+    out, _ = sampler.communicate(timeout=5)
+    if status != 200:
+        raise RuntimeError(f"clear answered {status}: {body!r}")
+    deleted = json.loads(body)["deleted_count"]
+    # Without a terminal, `redis-cli --latency` prints "min max avg samples" when stopped
+    # (on a terminal it redraws "min: .., max: .., avg: .." instead).
+    maxes = [int(m) for m in re.findall(r"max:\s*(\d+)", out)]
+    maxes += [int(m.group(1)) for m in re.finditer(r"^\d+ (\d+) [\d.]+ \d+$", out, re.M)]
+    return {"deleted": deleted, "seconds": secs, "keys_per_sec": deleted / secs,
+            "redis_max_latency_ms": max(maxes) if maxes else None}
+
+
+def median_of(rounds, key):
+    return statistics.median(r[key] for r in rounds)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="one short round of everything")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--urls", type=int, default=1000)
+    args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.seconds, args.urls = 1, 1, 100
+    big, small = (20_000, 10_000) if args.smoke else (1_000_000, 10_000)
+    clear_keys = 10_000 if args.smoke else 100_000
+    inv_reps = 1 if args.smoke else 5
+
+    scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
+    procs = Processes(scratch)
+    redis_port = free_port()
+    try:
+        subprocess.run(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                        "--save", "", "--appendonly", "no", "--daemonize", "yes",
+                        "--enable-debug-command", "local", "--dir", str(scratch),
+                        "--logfile", str(scratch / "redis.log")], check=True)
+        return run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps)
+    finally:
+        procs.stop_all()
+        subprocess.run(["redis-cli", "-p", str(redis_port), "shutdown", "nosave"],
+                       capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
+    ports = {name: free_port() for name in
+             ("origin", "origin_fast", "default", "redis_only", "memory", "miss", "nginx",
+              "ceiling", "dead_redis")}
+    procs.start("origin", [str(BIN), "sample-origin", "--addr",
+                           f"127.0.0.1:{ports['origin']}", "--delay-ms", str(ORIGIN_DELAY_MS)])
+    procs.start("origin_fast", [str(BIN), "sample-origin", "--addr",
+                                f"127.0.0.1:{ports['origin_fast']}", "--delay-ms", "0"])
+    wait_http(f"http://127.0.0.1:{ports['origin']}/health")
+    wait_http(f"http://127.0.0.1:{ports['origin_fast']}/health")
+
+    def runcache(name, origin, redis_url, extra=None):
+        env = {
+            "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{ports[name]}",
+            "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{ports[origin]}",
+            "RUNCACHE__REDIS__URL": redis_url,
+            "RUNCACHE__ADMIN__TOKEN": TOKEN,
+            "RUNCACHE__JOURNAL__PATH": "",
+            # The access line per request is logging, not caching; nginx runs without its
+            # access log too.
+            "RUST_LOG": "warn",
+        }
+        env.update(extra or {})
+        p = procs.start(name, [str(BIN)], env)
+        wait_http(f"http://127.0.0.1:{ports[name]}/health")
+        return p
+
+    redis_url = f"redis://127.0.0.1:{redis_port}"
+    servers = {
+        "default": runcache("default", "origin", redis_url),
+        "redis_only": runcache("redis_only", "origin", redis_url,
+                               {"RUNCACHE__L1__ENABLED": "false"}),
+        "memory": runcache("memory", "origin", f"redis://127.0.0.1:{ports['dead_redis']}"),
+        "miss": runcache("miss", "origin_fast", redis_url, {"RUNCACHE__CACHE__PREFIX": "miss"}),
+    }
+
+    nginx_dir = scratch / "nginx"
+    nginx_dir.mkdir()
+    conf = (ROOT / "bench/nginx.conf").read_text()
+    conf = conf.replace("@DIR@", str(nginx_dir)).replace("@PORT@", str(ports["nginx"]))
+    conf = conf.replace("@ORIGIN@", f"127.0.0.1:{ports['origin']}")
+    if os.geteuid() == 0:
+        conf = "user root;\n" + conf
+    (nginx_dir / "nginx.conf").write_text(conf)
+    servers["nginx"] = procs.start("nginx", ["nginx", "-p", str(nginx_dir), "-c",
+                                             str(nginx_dir / "nginx.conf")])
+    wait_http(f"http://127.0.0.1:{ports['nginx']}/api/v1/models/train/probe/metrics")
+
+    paths = [f"/api/v1/models/train/run-{i}/feature-importance?top_n=30"
+             for i in range(args.urls)]
+    _, _, sample, _ = http_call(ports["origin"], "GET", paths[0])
+    body_size = len(sample)
+    servers["ceiling"] = procs.start("ceiling", [str(CEILING), f"127.0.0.1:{ports['ceiling']}",
+                                                 str(body_size)])
+    wait_http(f"http://127.0.0.1:{ports['ceiling']}/")
+    paths_file = scratch / "paths.txt"
+    paths_file.write_text("\n".join(paths) + "\n")
+
+    targets = {
+        "runcache (default: Redis + L1)": ("default", "x-cache", "HIT"),
+        "runcache (Redis only, L1 off)": ("redis_only", "x-cache", "HIT"),
+        "runcache (memory tier, no Redis)": ("memory", "x-cache", "HIT"),
+        "nginx proxy_cache": ("nginx", "x-cache-status", "HIT"),
+        "bare axum (ceiling)": ("ceiling", "content-type", "application/json"),
+    }
+    checks = {}
+    for label, (name, header, value) in targets.items():
+        log(f"warming {len(paths)} URLs in {label}")
+        checks[label] = warm(ports[name], paths, header, value)
+        log(f"  sample after warm-up: {checks[label][0]}/{checks[label][1]} {header}: {value}")
+
+    def pids_of(name):
+        pid = servers[name].pid
+        return [pid] + (child_pids(pid) if name == "nginx" else [])
+
+    hits = {label: {8: [], 64: []} for label in targets}
+    for conns in (8, 64):
+        for rnd in range(args.rounds):
+            for label, (name, _, _) in targets.items():
+                r = run_wrk(ports[name], conns, args.seconds, paths_file, pids_of(name))
+                hits[label][conns].append(r)
+                log(f"c={conns} round {rnd + 1}: {label}: {r['rps']:.0f} rps, "
+                    f"p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+                    f"{r['cpu_us_per_req']:.1f} µs CPU/req, non-2xx {r['non_2xx']}")
+
+    log("stampede: 200 concurrent requests for one cold URL")
+    stamp = int(time.time())
+    stampedes = {
+        "runcache": stampede(ports["default"], ports["origin"],
+                             f"/api/v1/models/train/stampede-rc-{stamp}/metrics", 200),
+        "nginx (proxy_cache_lock on)": stampede(
+            ports["nginx"], ports["origin"],
+            f"/api/v1/models/train/stampede-ng-{stamp}/metrics", 200),
+    }
+    log(f"  {stampedes}")
+
+    log("miss-path overhead")
+    miss = miss_overhead(ports["miss"], ports["origin_fast"], 50 if args.smoke else 300)
+    log(f"  {miss}")
+
+    log(f"invalidation cost with {small} and {big} unrelated entries")
+    filler = "runcache:v1:model:metrics:filler"
+    redis_cli(redis_port, "DEBUG", "POPULATE", small, filler, 64)
+    inv_small = invalidation_cost(ports["default"], "inv-small", 100, inv_reps)
+    redis_cli(redis_port, "DEBUG", "POPULATE", big, filler, 64)
+    dbsize = int(redis_cli(redis_port, "DBSIZE"))
+    inv_big = invalidation_cost(ports["default"], "inv-big", 100, inv_reps)
+    log(f"  {small}: {inv_small['ms_p50']:.2f} ms; {big}: {inv_big['ms_p50']:.2f} ms "
+        f"(dbsize {dbsize})")
+
+    log(f"pattern clear of {clear_keys} keys")
+    # Our own private Redis: the filler goes first, so the clear walks its own keyspace.
+    redis_cli(redis_port, "FLUSHALL")
+    clear = pattern_clear(ports["default"], redis_port, clear_keys)
+    log(f"  {clear}")
+
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "settings": {"rounds": args.rounds, "seconds": args.seconds, "urls": args.urls,
+                     "body_bytes": body_size, "origin_delay_ms": ORIGIN_DELAY_MS,
+                     "smoke": args.smoke},
+        "warm_checks": checks,
+        "hits": {label: {str(c): v for c, v in by.items()} for label, by in hits.items()},
+        "stampede": stampedes,
+        "miss_overhead": miss,
+        "invalidation": {"unrelated_small": small, "unrelated_big": big,
+                         "small": inv_small, "big": inv_big,
+                         "ratio": inv_big["ms_p50"] / inv_small["ms_p50"]},
+        "pattern_clear": clear,
+    }
+    report = render(results, list(targets))
+    print(report)
+    out_dir = ROOT / "bench/results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out_dir / f"{stamp}.md").write_text(report)
+    (out_dir / f"{stamp}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "latest.md").write_text(report)
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=2))
+    log(f"written to bench/results/{stamp}.md and .json")
+    return 0
+
+
+def render(res, labels):
+    hits = res["hits"]
+    s = res["settings"]
+    lines = [f"# runcache benchmark, {res['date']}", "",
+             f"{res['machine']['cpus']} CPUs shared by wrk and the servers; {s['urls']} URLs, "
+             f"{s['body_bytes']}-byte JSON bodies; median of {s['rounds']} alternating rounds "
+             f"of {s['seconds']} s per cell{' (smoke mode)' if s['smoke'] else ''}.", "",
+             "| hits | rps @8 | p50 / p99 ms @8 | rps @64 | p50 / p99 ms @64 | CPU µs/req @64 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label in labels:
+        r8, r64 = hits[label]["8"], hits[label]["64"]
+        lines.append(
+            f"| {label} | {median_of(r8, 'rps'):,.0f} | {median_of(r8, 'p50_ms'):.3f} / "
+            f"{median_of(r8, 'p99_ms'):.3f} | {median_of(r64, 'rps'):,.0f} | "
+            f"{median_of(r64, 'p50_ms'):.3f} / {median_of(r64, 'p99_ms'):.3f} | "
+            f"{median_of(r64, 'cpu_us_per_req'):.1f} |")
+    default, redis_only = labels[0], labels[1]
+    nginx, ceiling = labels[3], labels[4]
+
+    def ratio(a, b, c):
+        return median_of(hits[a][c], "rps") / median_of(hits[b][c], "rps")
+
+    def p99_ok(c):
+        return median_of(hits[default][c], "p99_ms") <= median_of(hits[nginx][c], "p99_ms")
+
+    def mark(ok):
+        return "met" if ok else "**not met**"
+
+    cpu = median_of(hits[default]["64"], "cpu_us_per_req")
+    rows = [
+        ("default / nginx @8", ratio(default, nginx, "8"), "≥ 1.80"),
+        ("default / nginx @64", ratio(default, nginx, "64"), "≥ 1.80"),
+        ("default / ceiling @8", ratio(default, ceiling, "8"), "≥ 0.85"),
+        ("default / ceiling @64", ratio(default, ceiling, "64"), "≥ 0.85"),
+        ("Redis only / nginx @64", ratio(redis_only, nginx, "64"), "≥ 1.20"),
+    ]
+    lines += ["", "| ratio (same run) | value | target | |", "|---|---:|---|---|"]
+    for name, value, target in rows:
+        lines.append(f"| {name} | {value:.2f} | {target} | {mark(value >= float(target[2:]))} |")
+    lines.append(f"| default p99 ≤ nginx p99 @8 / @64 | "
+                 f"{median_of(hits[default]['8'], 'p99_ms'):.3f} / "
+                 f"{median_of(hits[default]['64'], 'p99_ms'):.3f} ms | ≤ nginx | "
+                 f"{mark(p99_ok('8') and p99_ok('64'))} |")
+    lines.append(f"| server CPU per hit (default @64) | {cpu:.1f} µs | ≤ 20 µs | {mark(cpu <= 20)} |")
+
+    st = res["stampede"]
+    rc = st["runcache"]
+    lines += ["", "| stampede: 200 concurrent requests, one cold URL "
+              f"(origin {s['origin_delay_ms']} ms) | origin calls | first answer ms | "
+              "p50 ms | p50 after first ms | p99 ms |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in st.items():
+        lines.append(f"| {name} | {r['origin_calls']} | {r['first_ms']:.1f} | {r['p50_ms']:.1f} | "
+                     f"{r['p50_after_first_ms']:.1f} | {r['p99_ms']:.1f} |")
+    m = res["miss_overhead"]
+    inv = res["invalidation"]
+    c = res["pattern_clear"]
+    lines += ["", "| other measures | value | target | |", "|---|---:|---|---|",
+              f"| stampede origin calls (runcache) | {rc['origin_calls']} | exactly 1 | "
+              f"{mark(rc['origin_calls'] == 1)} |",
+              f"| stampede waiters p50 after the first answer (runcache) | "
+              f"{rc['p50_after_first_ms']:.1f} ms | ≤ 20 ms | "
+              f"{mark(rc['p50_after_first_ms'] <= 20)} |",
+              f"| miss-path overhead p50 (runcache miss {m['runcache_miss_p50_ms']:.2f} ms − "
+              f"origin {m['origin_p50_ms']:.2f} ms) | {m['overhead_p50_ms']:.2f} ms | < 1 ms | "
+              f"{mark(m['overhead_p50_ms'] < 1)} |",
+              f"| invalidation, 100 comparisons, {inv['unrelated_small']:,} unrelated keys | "
+              f"{inv['small']['ms_p50']:.2f} ms | | |",
+              f"| invalidation, 100 comparisons, {inv['unrelated_big']:,} unrelated keys | "
+              f"{inv['big']['ms_p50']:.2f} ms | | |",
+              f"| invalidation ratio big / small | {inv['ratio']:.2f} | ≤ 1.5 | "
+              f"{mark(inv['ratio'] <= 1.5)} |",
+              f"| pattern clear of {c['deleted']:,} keys | {c['keys_per_sec']:,.0f} keys/s "
+              f"({c['seconds']:.2f} s) | | |",
+              f"| Redis max latency during the clear (`redis-cli --latency`) | "
+              f"{c['redis_max_latency_ms']} ms | < 10 ms | "
+              f"{mark(c['redis_max_latency_ms'] is not None and c['redis_max_latency_ms'] < 10)} |"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# runcache benchmark: runcache (release) against nginx proxy_cache and a bare axum handler,
+# on loopback only. Installs what it needs from Debian packages (wrk, nginx, redis-server),
+# builds the release binary and the ceiling example, then runs bench/bench.py, which prints
+# one table and writes it as Markdown and JSON under bench/results/.
+#
+#   bash bench/run.sh            # full run: 3 alternating rounds of 5 s per cell (~5 min)
+#   bash bench/run.sh --smoke    # one short round of everything (under a minute once built)
+#   bash bench/run.sh --rounds 5 --seconds 10
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v pgrep >/dev/null 2>&1 || missing+=(procps)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]} =="
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" </dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+
+echo "== cargo build --release (runcache, ceiling example) =="
+cargo build --release --locked --bin runcache --example ceiling
+
+exec python3 bench/bench.py "$@"
