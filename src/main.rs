@@ -1,5 +1,11 @@
 //! The `runcache` binary: see `runcache --help`.
 
+/// mimalloc instead of glibc's malloc: the hit path allocates small, short-lived buffers on two
+/// worker threads, where glibc's arena locks and `malloc_consolidate` showed up in profiles
+/// (see the README's Performance section).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let args = std::env::args().skip(1).collect();

@@ -166,6 +166,15 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         }
     });
 
+    if let Some(near) = state.store.near() {
+        tasks.spawn(near.bus.clone().run(
+            near.cache.clone(),
+            state.store.redis().clone(),
+            ms(state.settings.redis.connect_timeout_ms),
+            cancel.clone(),
+        ));
+    }
+
     let s = state.clone();
     every(
         tasks,
@@ -217,6 +226,9 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             // Expired memory entries are dropped without waiting for a write, and histogram
             // buckets are folded (the exporter has no upkeep thread of its own).
             s.store.memory().run_pending_tasks().await;
+            if let Some(near) = s.store.near() {
+                near.cache.run_pending_tasks();
+            }
             s.prometheus.run_upkeep();
         }
     });

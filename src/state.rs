@@ -8,7 +8,10 @@ use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::cache::fallback::Near;
 use crate::cache::memory::MemoryStore;
+use crate::cache::near::NearCache;
+use crate::cache::near::bus::Bus;
 use crate::cache::read_through::{CoalesceOptions, ReadThroughOptions, RefreshOptions};
 use crate::cache::redis::{RedisOptions, RedisStore};
 use crate::cache::snapshot::Snapshotter;
@@ -20,9 +23,21 @@ use crate::invalidation::Invalidator;
 use crate::metrics::Stats;
 use crate::origin::OriginClient;
 
-/// Everything handlers need. Cloning is cheap (reference counts).
+/// Everything handlers need, behind one `Arc`: axum clones the state for every request (and
+/// every `State` extractor), so a clone must be one reference count, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+/// The handles inside [`AppState`].
+pub struct AppStateInner {
     /// Validated settings.
     pub settings: Arc<Settings>,
     /// Redis with the memory fallback.
@@ -86,7 +101,24 @@ impl AppState {
         let journal = Some(settings.journal.path.trim())
             .filter(|p| !p.is_empty())
             .map(std::path::PathBuf::from);
-        let store = Arc::new(FallbackStore::new(redis, memory, all_entries, journal));
+        let near = settings.l1.enabled.then(|| Near {
+            cache: Arc::new(NearCache::new(
+                settings.l1.max_bytes,
+                ms(settings.l1.max_lifetime_ms),
+            )),
+            bus: Arc::new(Bus::new(
+                &settings.cache.prefix,
+                ms(settings.l1.ack_timeout_ms),
+                ms(settings.redis.probe_interval_ms),
+            )),
+        });
+        let store = Arc::new(FallbackStore::new(
+            redis,
+            memory,
+            all_entries,
+            journal,
+            near,
+        ));
         let version = Arc::new(KeyVersion::new(&settings.cache.version));
         let stats = Arc::new(Stats::default());
         let origin = OriginClient::new(&settings.origin).context("build the origin client")?;
@@ -139,7 +171,7 @@ impl AppState {
             settings.server.admin_rate_per_sec,
             settings.server.admin_burst,
         ));
-        Ok(Self {
+        Ok(Self(Arc::new(AppStateInner {
             settings: Arc::new(settings),
             store,
             views,
@@ -155,7 +187,7 @@ impl AppState {
             prometheus,
             snapshots,
             started: Arc::new(AtomicBool::new(false)),
-        })
+        })))
     }
 }
 

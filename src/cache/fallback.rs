@@ -6,6 +6,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::near::bus::{Bus, NearOp};
+use super::near::{NearCache, NearCounts, NearSlot};
 use super::{CacheEntry, Lookup, MemoryStore, RedisStore, Store, StoreError, Tier};
 use crate::metrics::names;
 
@@ -126,6 +129,16 @@ pub struct FallbackStore {
     redis_errors: AtomicU64,
     memory_calls: AtomicU64,
     prom: TierHandles,
+    near: Option<Near>,
+}
+
+/// The near cache in front of Redis and the bus that keeps it coherent.
+#[derive(Debug)]
+pub struct Near {
+    /// This instance's copies of hot entries.
+    pub cache: Arc<NearCache>,
+    /// Invalidation messages to and from the other instances.
+    pub bus: Arc<Bus>,
 }
 
 /// Prometheus handles, registered once.
@@ -155,11 +168,13 @@ impl FallbackStore {
     /// `all_entries_pattern` is the Redis glob matching every entry of every version of this
     /// service (used when the journal overflows). `journal_path` is where invalidations made
     /// during an outage are kept; operations found there are replayed before Redis serves.
+    /// `near`, when given, keeps hot Redis entries in process (see [`super::near`]).
     pub fn new(
         redis: RedisStore,
         memory: MemoryStore,
         all_entries_pattern: String,
         journal_path: Option<PathBuf>,
+        near: Option<Near>,
     ) -> Self {
         // Until the first probe finds Redis, the circuit is open.
         metrics::gauge!(names::CIRCUIT_OPEN).set(1.0);
@@ -179,6 +194,67 @@ impl FallbackStore {
                 memory_ops: metrics::counter!(names::STORE_OPERATIONS_TOTAL, "tier" => "memory"),
                 circuit_open: metrics::gauge!(names::CIRCUIT_OPEN),
             },
+            near,
+        }
+    }
+
+    /// The near cache and its bus, when `l1.enabled`.
+    pub fn near(&self) -> Option<&Near> {
+        self.near.as_ref()
+    }
+
+    /// Near-cache figures for `/cache/stats`.
+    pub fn near_counts(&self) -> NearCounts {
+        self.near
+            .as_ref()
+            .map_or_else(NearCounts::disabled, |n| n.cache.counts())
+    }
+
+    /// The near cache, while reads go to Redis (the memory tier is in process already).
+    fn near_cache(&self) -> Option<&NearCache> {
+        self.near
+            .as_ref()
+            .filter(|_| self.up.load(Ordering::Acquire))
+            .map(|n| n.cache.as_ref())
+    }
+
+    /// The near-cache copy of `key`, if there is one to serve.
+    pub fn near_get(&self, key: &str) -> Option<Arc<NearSlot>> {
+        self.near_cache()?.get(key)
+    }
+
+    /// The near cache's epoch, read before a Redis read whose result may be kept.
+    pub fn near_epoch(&self) -> u64 {
+        self.near.as_ref().map_or(0, |n| n.cache.epoch())
+    }
+
+    /// Keeps a fresh entry just read from Redis in the near cache (see [`NearCache::insert`]).
+    pub fn near_keep(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        deps: &[String],
+        fresh_for: Duration,
+        epoch_before: u64,
+    ) {
+        if let Some(near) = self.near_cache() {
+            near.insert(key, entry, deps, fresh_for, epoch_before);
+        }
+    }
+
+    /// Empties every instance's near cache (a version switch).
+    pub async fn flush_near_everywhere(&self) {
+        if let Some(near) = &self.near {
+            near.cache.flush();
+            near.bus
+                .publish(&self.redis, &near.cache, NearOp::Flush)
+                .await;
+        }
+    }
+
+    fn near_forget(&self, key: &str) {
+        if let Some(near) = &self.near {
+            near.cache.forget(key);
         }
     }
 
@@ -304,6 +380,10 @@ impl FallbackStore {
                 // circuit closed and goes to Redis, or is journaled before this point.
                 journal.rewrite();
                 self.memory.clear();
+                if let Some(near) = &self.near {
+                    // Whatever it held predates the outage.
+                    near.cache.flush();
+                }
                 self.up.store(true, Ordering::Release);
                 self.prom.circuit_open.set(0.0);
                 drop(journal);
@@ -361,17 +441,31 @@ impl FallbackStore {
 
     /// Applies an invalidation to every tier: memory now, Redis now or after the outage.
     /// Returns how many entries were dropped.
+    /// With a near cache, the operation is applied to it after Redis (so a read racing the
+    /// Redis change cannot keep an old copy, see [`NearCache::insert`]) and then published,
+    /// waiting for every instance to confirm.
     pub async fn invalidate(&self, op: JournalOp) -> Result<u64, StoreError> {
         let from_memory = self.apply_to_memory(&op).await;
         for _ in 0..3 {
             if self.use_redis() {
                 match self.apply_to_redis(&op).await {
-                    Ok(n) => return Ok(n + from_memory),
+                    Ok(n) => {
+                        if let Some(near) = &self.near {
+                            near.cache.apply(&op);
+                            near.bus
+                                .publish(&self.redis, &near.cache, NearOp::Op(op))
+                                .await;
+                        }
+                        return Ok(n + from_memory);
+                    }
                     Err(e) if e.is_unavailable() => self.mark_down(&e),
                     Err(e) => return Err(e),
                 }
             }
             if self.journal(&op).await {
+                if let Some(near) = &self.near {
+                    near.cache.apply(&op);
+                }
                 return Ok(from_memory);
             }
         }
@@ -408,6 +502,7 @@ impl Store for FallbackStore {
         entry: &CacheEntry,
         retention: Duration,
     ) -> Result<bool, StoreError> {
+        self.near_forget(key);
         self.tiered(
             || self.redis.touch(key, entry, retention),
             || self.memory.touch(key, entry, retention),
@@ -416,6 +511,7 @@ impl Store for FallbackStore {
     }
 
     async fn set(&self, key: &str, entry: &CacheEntry, ttl: Duration) -> Result<(), StoreError> {
+        self.near_forget(key);
         self.tiered(
             || self.redis.set(key, entry, ttl),
             || self.memory.set(key, entry, ttl),

@@ -5,6 +5,7 @@ pub mod access;
 pub mod coalesce;
 pub mod fallback;
 pub mod memory;
+pub mod near;
 pub mod policy;
 pub mod read_through;
 pub mod redis;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::HeaderValue;
 use serde::{Deserialize, Serialize};
 
 use policy::now_ms;
@@ -127,8 +129,16 @@ pub fn comparison_key(ids: &[String]) -> String {
 }
 
 /// Strong validator (quoted) from a 128-bit hash of the body.
-pub fn strong_etag(body: &[u8]) -> String {
-    format!("\"{:032x}\"", xxhash_rust::xxh3::xxh3_128(body))
+pub fn strong_etag(body: &[u8]) -> HeaderValue {
+    let tag = format!("\"{:032x}\"", xxhash_rust::xxh3::xxh3_128(body));
+    // Quotes and hex digits only: always a valid header value.
+    HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
+}
+
+/// `value` as a header value; a value that cannot be one (never the case for a value that
+/// came from a header) becomes empty.
+fn header_value(value: &str) -> HeaderValue {
+    HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Lowercase hex of `bytes`.
@@ -305,10 +315,11 @@ impl Keyspace {
 pub struct CacheEntry {
     /// Origin status (200, or 404 when negative caching is on).
     pub status: u16,
-    /// Origin `Content-Type`.
-    pub content_type: String,
-    /// Strong validator, quoted (`"…"`), from the body's hash.
-    pub etag: String,
+    /// Origin `Content-Type` (empty when the origin sent none), ready to be sent: a hit
+    /// copies no header bytes.
+    pub content_type: HeaderValue,
+    /// Strong validator, quoted (`"…"`), from the body's hash, computed once when stored.
+    pub etag: HeaderValue,
     /// When it was stored, in Unix milliseconds.
     pub stored_at_ms: u64,
     /// Freshness lifetime in seconds.
@@ -355,7 +366,7 @@ impl CacheEntry {
     ) -> Self {
         Self {
             status,
-            content_type,
+            content_type: header_value(&content_type),
             etag: strong_etag(&body),
             stored_at_ms,
             ttl_secs: ttl.as_secs(),
@@ -371,8 +382,8 @@ impl CacheEntry {
     pub fn encode(&self) -> Bytes {
         let meta = EntryMeta {
             s: self.status,
-            ct: Cow::Borrowed(&self.content_type),
-            et: Cow::Borrowed(&self.etag),
+            ct: Cow::Borrowed(self.content_type.to_str().unwrap_or_default()),
+            et: Cow::Borrowed(self.etag.to_str().unwrap_or_default()),
             at: self.stored_at_ms,
             ttl: self.ttl_secs,
             st: self.stale_ms,
@@ -403,8 +414,8 @@ impl CacheEntry {
             serde_json::from_slice(&meta_bytes).map_err(|_| StoreError::Corrupt("bad metadata"))?;
         Ok(Self {
             status: meta.s,
-            content_type: meta.ct.into_owned(),
-            etag: meta.et.into_owned(),
+            content_type: header_value(&meta.ct),
+            etag: HeaderValue::from_str(&meta.et).map_err(|_| StoreError::Corrupt("bad etag"))?,
             stored_at_ms: meta.at,
             ttl_secs: meta.ttl,
             stale_ms: meta.st,
@@ -511,7 +522,8 @@ mod tests {
         let back = CacheEntry::decode(e.encode()).expect("decodes");
         assert_eq!(back, e);
         assert_eq!(back.body, body);
-        assert!(e.etag.starts_with('"') && e.etag.ends_with('"') && e.etag.len() == 34);
+        let etag = e.etag.to_str().expect("ascii");
+        assert!(etag.starts_with('"') && etag.ends_with('"') && etag.len() == 34);
     }
 
     #[test]

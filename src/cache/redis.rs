@@ -59,6 +59,7 @@ pub struct RedisInfo {
 /// Redis-backed store. Cloning shares the connections.
 #[derive(Clone)]
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     pool: Pool,
     timeout: Duration,
@@ -102,7 +103,8 @@ impl RedisStore {
             // Retries would make a request wait on a dead Redis; the fallback's probe
             // reconnects instead.
             .set_number_of_retries(0);
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(classify)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(classify)?;
         // Admin commands may legitimately take longer than request-path commands.
         let admin_timeout = opts.command_timeout.max(Duration::from_secs(5));
         let manager = Manager::new_with_config(
@@ -121,6 +123,7 @@ impl RedisStore {
             .build()
             .map_err(|e| StoreError::Command(e.to_string()))?;
         Ok(Self {
+            client,
             conn,
             pool,
             timeout: opts.command_timeout,
@@ -155,6 +158,17 @@ impl RedisStore {
             .get()
             .await
             .map_err(|e| StoreError::Unavailable(format!("redis pool: {e}")))
+    }
+
+    /// The client, for connections of their own (the near cache's subscription).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// Publishes `payload` on `channel`; returns how many subscribers received it.
+    pub async fn publish(&self, channel: &str, payload: &str) -> Result<u64, StoreError> {
+        self.run(redis::cmd("PUBLISH").arg(channel).arg(payload))
+            .await
     }
 
     /// Reads a plain string value (used for the shared version).

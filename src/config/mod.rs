@@ -50,6 +50,8 @@ pub struct Settings {
     pub views: ViewsSettings,
     /// The in-process fallback store.
     pub memory: MemorySettings,
+    /// The in-process near cache in front of Redis.
+    pub l1: L1Settings,
     /// Warming at start and through `/cache/warm`.
     pub warm: WarmSettings,
     /// Admin credentials.
@@ -251,6 +253,8 @@ impl Settings {
                 self.memory.snapshot_interval_secs,
             ),
             ("refresh.max_backoff_secs", self.refresh.max_backoff_secs),
+            ("l1.max_lifetime_ms", self.l1.max_lifetime_ms),
+            ("l1.ack_timeout_ms", self.l1.ack_timeout_ms),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be greater than 0"));
@@ -275,6 +279,9 @@ impl Settings {
                 "refresh.ahead_percent",
                 "must be between 1 and 100",
             ));
+        }
+        if self.l1.enabled && self.l1.max_bytes < 1024 * 1024 {
+            return Err(invalid("l1.max_bytes", "must be at least 1048576 (1 MiB)"));
         }
         if self.memory.max_bytes < 1024 * 1024 {
             return Err(invalid(

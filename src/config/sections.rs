@@ -144,6 +144,22 @@ pub struct MemorySettings {
     pub snapshot_interval_secs: u64,
 }
 
+/// `[l1]`: the in-process near cache in front of Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L1Settings {
+    /// Whether hot entries read from Redis are kept in process too (default `true`).
+    pub enabled: bool,
+    /// Byte bound of the near cache (default 64 MiB).
+    pub max_bytes: u64,
+    /// Longest an entry stays in the near cache, in ms: the worst-case staleness if an
+    /// invalidation message is lost while the subscription still looks healthy (default 2000).
+    pub max_lifetime_ms: u64,
+    /// How long an invalidation waits for every instance to confirm it dropped its near-cache
+    /// copies, in ms (default 250).
+    pub ack_timeout_ms: u64,
+}
+
 /// `[warm]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -24,7 +24,9 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::OpenApi;
@@ -188,8 +190,8 @@ pub fn openapi_yaml() -> String {
 /// Every route, with the layer stack, bound to `state`. Does no I/O.
 ///
 /// Layers, outside to inside: request id (set) → trace span → request id (propagate) →
-/// panic catcher → JSON errors → CORS → weak ETag on compressed bodies → compression →
-/// request time-out → body limit.
+/// panic catcher → edge (limits, JSON errors, weak ETag on compressed bodies) → CORS →
+/// compression → request time-out → body limit.
 pub fn build_app(state: AppState) -> Router {
     let (router, api) = routes_and_api();
     let settings = state.settings.clone();
@@ -202,7 +204,7 @@ pub fn build_app(state: AppState) -> Router {
 
     let cors = cors_layer(&settings.cors.allowed_origins);
     let stack = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(FastRequestId::new()))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request| {
@@ -222,10 +224,8 @@ pub fn build_app(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, "internal error")
         }))
-        .layer(middleware::map_response(json_errors))
-        .layer(middleware::from_fn_with_state(limits, limits::enforce))
+        .layer(middleware::from_fn_with_state(limits, edge))
         .option_layer(cors)
-        .layer(middleware::map_response(weaken_etag_when_compressed))
         .layer(CompressionLayer::new())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
@@ -267,17 +267,59 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
+/// Request limits on the way in; on the way out, JSON error bodies and weak ETags on
+/// compressed bodies. One middleware rather than three: each axum middleware boxes and moves
+/// the future it wraps, on every request.
+async fn edge(
+    state: axum::extract::State<std::sync::Arc<limits::Limits>>,
+    req: Request,
+    next: middleware::Next,
+) -> Response {
+    let resp = limits::enforce(state, req, next).await;
+    weaken_etag_when_compressed(json_errors(resp))
+}
+
+/// Request ids in the UUID v4 format, without a `getrandom` system call per request: a
+/// per-process random key hashed with a counter (unique, and not guessable from another id).
+#[derive(Debug, Clone)]
+struct FastRequestId {
+    key: u64,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FastRequestId {
+    fn new() -> Self {
+        let mut seed = [0u8; 8];
+        if getrandom::fill(&mut seed).is_err() {
+            seed = uuid::Uuid::new_v4().as_u64_pair().0.to_le_bytes();
+        }
+        Self {
+            key: u64::from_le_bytes(seed),
+            counter: std::sync::Arc::default(),
+        }
+    }
+}
+
+impl MakeRequestId for FastRequestId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bits = xxhash_rust::xxh3::xxh3_128_with_seed(&n.to_le_bytes(), self.key);
+        let id = uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid();
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = id.hyphenated().encode_lower(&mut buf);
+        HeaderValue::from_str(text).ok().map(RequestId::new)
+    }
+}
+
 /// Marks a response that is the origin's own answer, passed through unchanged.
 #[derive(Debug, Clone, Copy)]
 pub struct OriginAnswer;
 
 /// Turns any error response that is not already JSON (time-outs, panics, 405s from layers)
 /// into our JSON error body; origin answers passed through are left alone.
-async fn json_errors<B>(resp: http::Response<B>) -> Response
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
-{
+fn json_errors(resp: Response) -> Response {
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error())
         || resp.extensions().get::<OriginAnswer>().is_some()
@@ -286,7 +328,7 @@ where
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
     {
-        return resp.map(Body::new);
+        return resp;
     }
     let (code, message) = match status {
         StatusCode::NOT_FOUND => (codes::NOT_FOUND, "no such route"),
@@ -314,7 +356,7 @@ where
 }
 
 /// A compressed body is a different representation: its ETag becomes weak, as nginx does.
-async fn weaken_etag_when_compressed<B>(mut resp: http::Response<B>) -> http::Response<B> {
+fn weaken_etag_when_compressed(mut resp: Response) -> Response {
     if resp.headers().contains_key(header::CONTENT_ENCODING) {
         let weak = resp
             .headers()

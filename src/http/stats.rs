@@ -15,6 +15,7 @@ use utoipa_axum::routes;
 use super::auth::AdminAuth;
 use super::json;
 use crate::cache::fallback::TierCounts;
+use crate::cache::near::NearCounts;
 use crate::cache::policy::TtlTier;
 use crate::cache::redis::RedisInfo;
 use crate::cache::snapshot::SnapshotStatus;
@@ -181,6 +182,8 @@ pub struct StatsResponse {
     pub memory: MemoryBody,
     /// Operations and errors per tier, and circuit openings.
     pub store: TierCounts,
+    /// The in-process near cache in front of Redis (`l1.*`).
+    pub l1: NearCounts,
     /// TTL tiers and prefix.
     pub config: ConfigBody,
     /// Summary.
@@ -237,6 +240,9 @@ async fn stats(state: &AppState) -> StatsResponse {
     };
     let memory = state.store.memory();
     memory.run_pending_tasks().await;
+    if let Some(near) = state.store.near() {
+        near.cache.run_pending_tasks();
+    }
     let hits = s.sum(|v| &v.hits);
     let misses = s.sum(|v| &v.misses);
     let ttls = [
@@ -297,6 +303,7 @@ async fn stats(state: &AppState) -> StatsResponse {
             snapshot: state.snapshots.as_ref().map(|s| s.status()),
         },
         store: state.store.counts(),
+        l1: state.store.near_counts(),
         config: ConfigBody {
             prefix: state.keys.prefix().to_owned(),
             ttl_very_short: tier_secs(TtlTier::VeryShort),

@@ -191,6 +191,9 @@ impl Invalidator {
             .await?;
         self.version.set(new);
         self.store.memory().clear();
+        // Other instances adopt the version at their next poll; their near caches (which
+        // could hold entries of `new` from an earlier use of it) are emptied now.
+        self.store.flush_near_everywhere().await;
         self.stats
             .record_invalidation(Cause::Version.as_str(), cleared);
         tracing::info!(version = new, previous = %previous, cleared, "key version switched");

@@ -8,6 +8,7 @@ mod fallback;
 mod freshness;
 mod helpers;
 mod jwt;
+mod near;
 mod ops;
 mod resilience;
 mod security;

@@ -48,7 +48,7 @@ pub struct ViewResponse {
     /// Body, byte for byte as the origin sent it.
     pub body: Bytes,
     /// Strong ETag (quoted) for 200 answers.
-    pub etag: Option<String>,
+    pub etag: Option<HeaderValue>,
     /// Cache outcome.
     pub outcome: CacheOutcome,
     /// Served while Redis is unreachable (from or into the memory tier).
@@ -106,6 +106,11 @@ impl ViewResponse {
             many => s.push_str(&format!("; detail=\"{}\"", many.join(", "))),
         }
         s
+    }
+
+    /// `Cache-Status` as a header value, built without copying the text again.
+    pub fn cache_status_value(&self) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+        HeaderValue::from_maybe_shared(Bytes::from(self.cache_status()))
     }
 
     /// `Age` in seconds, on hits and stale answers.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 
 use futures_util::FutureExt;
 
@@ -237,13 +237,27 @@ impl ReadThrough {
 
     fn context(&self, req: &ViewRequest) -> Ctx {
         let version = self.version.get();
+        let key = self.keys.entry(&version, &req.logical_key);
+        let cred = self.credential(req);
+        self.context_for(req, version, key, cred)
+    }
+
+    fn credential(&self, req: &ViewRequest) -> Credential {
+        self.access
+            .credential(req.origin.headers.get(http::header::AUTHORIZATION))
+    }
+
+    /// The rest of the context of `key`, once the near cache could not answer.
+    fn context_for(
+        &self,
+        req: &ViewRequest,
+        version: Arc<String>,
+        key: String,
+        cred: Credential,
+    ) -> Ctx {
         let mut deps = Vec::with_capacity(1 + req.run_ids.len());
         deps.push(self.keys.view_gen(&version, req.view));
         deps.extend(req.run_ids.iter().map(|id| self.keys.run_gen(&version, id)));
-        let key = self.keys.entry(&version, &req.logical_key);
-        let cred = self
-            .access
-            .credential(req.origin.headers.get(http::header::AUTHORIZATION));
         Ctx {
             flight: self.access.flight_key(&key, cred),
             cred,
@@ -255,9 +269,20 @@ impl ReadThrough {
     }
 
     /// The current (not invalidated) entry of `ctx`, if any; a store error is a miss.
+    /// A fresh entry read from Redis is also kept in the near cache.
     async fn lookup(&self, ctx: &Ctx) -> Option<CacheEntry> {
+        let epoch = self.store.near_epoch();
         match self.store.get(&ctx.key, &ctx.deps).await {
-            Ok(lookup) => lookup.current(),
+            Ok(lookup) => {
+                let entry = lookup.current()?;
+                let fresh_until = entry
+                    .stored_at_ms
+                    .saturating_add(entry.ttl_secs.saturating_mul(1000));
+                let fresh_for = Duration::from_millis(fresh_until.saturating_sub(policy::now_ms()));
+                self.store
+                    .near_keep(&ctx.key, &entry, &ctx.deps, fresh_for, epoch);
+                Some(entry)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cache read failed; treating as a miss");
                 None
@@ -270,11 +295,43 @@ impl ReadThrough {
             let resp = self.fetch(req.view, req.origin).await?;
             return Ok(passthrough(resp, CacheOutcome::Bypass, false));
         }
-        let ctx = self.context(&req);
-        let mut fallback = None;
+        let version = self.version.get();
+        let key = self.keys.entry(&version, &req.logical_key);
+        let cred = self.credential(&req);
         // A cached copy (fresh, stale or as a fallback) goes only to credentials the origin
         // accepted for it; others are a MISS that asks the origin.
-        let servable = self.access.may_serve(&ctx.key, ctx.cred);
+        let servable = self.access.may_serve(&key, cred);
+        // The hot path: a fresh near-cache copy, served without a Redis round trip and
+        // without building the rest of the context.
+        if servable && let Some(slot) = self.store.near_get(&key) {
+            let now = policy::now_ms();
+            let entry = &slot.entry;
+            if let Some(ttl) = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now) {
+                self.note_hit(&req, &key, entry, ttl).await;
+                let age = policy::age_secs(entry.stored_at_ms, now);
+                return Ok(self.entry_response(
+                    entry,
+                    CacheOutcome::Hit {
+                        ttl,
+                        age,
+                        collapsed: false,
+                    },
+                ));
+            }
+        }
+        let ctx = self.context_for(&req, version, key, cred);
+        // Boxed: the store and origin paths are large futures, and every layer above would
+        // otherwise move them around on each request, hits from the near cache included.
+        self.serve_from_store(req, ctx, servable).boxed().await
+    }
+
+    async fn serve_from_store(
+        &self,
+        req: ViewRequest,
+        ctx: Ctx,
+        servable: bool,
+    ) -> Result<ViewResponse, OriginError> {
+        let mut fallback = None;
         if let Some(entry) = self.lookup(&ctx).await.filter(|_| servable) {
             // After the lookup: the entry's store time may be derived from the key's
             // remaining life at the moment it was read.
@@ -288,9 +345,9 @@ impl ReadThrough {
                 ctx.policy.stale_if_error,
             ) {
                 Freshness::Fresh { ttl } => {
-                    self.note_hit(&req, &ctx, &entry, ttl).await;
+                    self.note_hit(&req, &ctx.key, &entry, ttl).await;
                     return Ok(self.entry_response(
-                        entry,
+                        &entry,
                         CacheOutcome::Hit {
                             ttl,
                             age,
@@ -304,7 +361,7 @@ impl ReadThrough {
                         drop(self.refresh_now(req, ctx, entry.clone()));
                     }
                     return Ok(self.entry_response(
-                        entry,
+                        &entry,
                         CacheOutcome::Stale {
                             age,
                             revalidating: true,
@@ -330,7 +387,7 @@ impl ReadThrough {
                 tracing::warn!(error = %e, "origin failed; serving a stale copy (stale-if-error)");
                 let age = policy::age_secs(entry.stored_at_ms, policy::now_ms());
                 Ok(self.entry_response(
-                    entry,
+                    &entry,
                     CacheOutcome::Stale {
                         age,
                         revalidating: false,
@@ -409,7 +466,7 @@ impl ReadThrough {
         let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
         let age = policy::age_secs(entry.stored_at_ms, now);
         Some(self.entry_response(
-            entry,
+            &entry,
             CacheOutcome::Hit {
                 ttl,
                 age,
@@ -487,7 +544,7 @@ impl ReadThrough {
         };
         let detail = (!stored).then_some("store-failed");
         let mut out = self.entry_response(
-            entry,
+            &entry,
             CacheOutcome::Miss {
                 stored,
                 detail,
@@ -546,16 +603,15 @@ impl ReadThrough {
         result
     }
 
-    fn entry_response(&self, entry: CacheEntry, outcome: CacheOutcome) -> ViewResponse {
+    /// The answer for `entry`: its body and header values are shared, not copied.
+    fn entry_response(&self, entry: &CacheEntry, outcome: CacheOutcome) -> ViewResponse {
         let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
         ViewResponse {
             status,
-            content_type: HeaderValue::from_str(&entry.content_type)
-                .ok()
-                .filter(|v| !v.is_empty()),
+            content_type: Some(entry.content_type.clone()).filter(|v| !v.is_empty()),
             www_authenticate: None,
-            etag: (status == StatusCode::OK).then_some(entry.etag),
-            body: entry.body,
+            etag: (status == StatusCode::OK).then(|| entry.etag.clone()),
+            body: entry.body.clone(),
             outcome,
             degraded: self.store.tier() == Tier::Memory,
         }

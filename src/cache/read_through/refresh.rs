@@ -43,7 +43,9 @@ pub struct RefreshOptions {
 /// Refresh-ahead bookkeeping of one instance.
 pub(super) struct Refresher {
     opts: RefreshOptions,
-    hits: moka::future::Cache<String, Arc<AtomicU32>>,
+    /// Reads per key: a sync cache, because the hit path counts every read and should not
+    /// pay for an async lookup.
+    hits: moka::sync::Cache<String, Arc<AtomicU32>>,
     scheduled: Mutex<HashSet<String>>,
     backoff: Mutex<HashMap<String, (u32, Instant)>>,
     permits: Arc<Semaphore>,
@@ -62,7 +64,7 @@ impl Refresher {
         Self {
             permits: Arc::new(Semaphore::new(opts.concurrency.max(1))),
             // "Recently": a key unread for 10 minutes starts counting from zero again.
-            hits: moka::future::Cache::builder()
+            hits: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
@@ -130,7 +132,7 @@ impl ReadThrough {
     pub(super) async fn note_hit(
         &self,
         req: &ViewRequest,
-        ctx: &Ctx,
+        key: &str,
         entry: &CacheEntry,
         ttl_left: u64,
     ) {
@@ -138,25 +140,23 @@ impl ReadThrough {
         if r.opts.min_hits == 0 {
             return;
         }
-        let counter = r
-            .hits
-            .get_with_by_ref(&ctx.key, async { Arc::default() })
-            .await;
+        let counter = r.hits.get_with_by_ref(key, Arc::default);
         let hits = counter.fetch_add(1, Ordering::Relaxed) + 1;
         let near_expiry = ttl_left * 100 <= entry.ttl_secs * u64::from(r.opts.ahead_percent);
-        if hits < r.opts.min_hits || !near_expiry || r.in_backoff(&ctx.key) {
+        if hits < r.opts.min_hits || !near_expiry || r.in_backoff(key) {
             return;
         }
         if !r
             .scheduled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(ctx.key.clone())
+            .insert(key.to_owned())
         {
             return;
         }
         let this = self.clone();
-        let (req, ctx, entry) = (req.clone(), ctx.clone(), entry.clone());
+        let ctx = self.context(req);
+        let (req, entry) = (req.clone(), entry.clone());
         tokio::spawn(async move {
             let Ok(_permit) = this.refresher.permits.clone().acquire_owned().await else {
                 return;
@@ -199,7 +199,7 @@ impl ReadThrough {
             let ttl = policy::remaining_ttl_secs(e.stored_at_ms, e.ttl_secs, now).unwrap_or(0);
             let age = policy::age_secs(e.stored_at_ms, now);
             this.entry_response(
-                e,
+                &e,
                 CacheOutcome::Hit {
                     ttl,
                     age,

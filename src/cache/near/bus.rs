@@ -1,0 +1,211 @@
+//! The invalidation bus that keeps every instance's near cache coherent.
+//!
+//! An instance that invalidates publishes `{from, id, op}` on `{prefix}:_l1:invalidate`.
+//! Every subscribed instance (the sender too) drops what `op` names from its near cache and
+//! answers on the sender's own channel `{prefix}:_l1:ack:{from}`. `PUBLISH` reports how many
+//! subscribers got the message; the sender waits, at most `l1.ack_timeout_ms`, for that many
+//! confirmations, so when an event has been answered no instance still serves what it dropped.
+//!
+//! Pub/sub connections do not reconnect by themselves: the subscriber loop reconnects with a
+//! delay, and the near cache serves only while a subscription is live (it is emptied when one
+//! is lost and again when a new one is up, since messages may have been missed in between).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::NearCache;
+use crate::cache::fallback::JournalOp;
+use crate::cache::redis::RedisStore;
+
+/// What an invalidation message asks of every near cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NearOp {
+    /// Drop what this store operation invalidates.
+    Op(JournalOp),
+    /// Drop everything (version switch).
+    Flush,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Message {
+    from: String,
+    id: u64,
+    op: NearOp,
+}
+
+#[derive(Default)]
+struct Pending {
+    acked: AtomicU64,
+    notify: Notify,
+}
+
+/// This instance's end of the bus.
+pub struct Bus {
+    instance: String,
+    channel: String,
+    ack_channel: String,
+    ack_prefix: String,
+    ack_timeout: Duration,
+    retry: Duration,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, Arc<Pending>>>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("instance", &self.instance)
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// The bus of the service under `prefix`. `ack_timeout` bounds the wait for
+    /// confirmations; `retry` is the delay between subscription attempts.
+    pub fn new(prefix: &str, ack_timeout: Duration, retry: Duration) -> Self {
+        let instance = uuid::Uuid::new_v4().simple().to_string();
+        let ack_prefix = format!("{prefix}:_l1:ack:");
+        Self {
+            channel: format!("{prefix}:_l1:invalidate"),
+            ack_channel: format!("{ack_prefix}{instance}"),
+            ack_prefix,
+            instance,
+            ack_timeout,
+            retry,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::default(),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Pending>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes `op` and waits until every subscribed instance confirmed it dropped its
+    /// copies, or `l1.ack_timeout_ms` passed. Returns whether every confirmation came.
+    pub async fn publish(&self, redis: &RedisStore, near: &NearCache, op: NearOp) -> bool {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let waiter = Arc::new(Pending::default());
+        self.pending().insert(id, waiter.clone());
+        let payload = serde_json::to_string(&Message {
+            from: self.instance.clone(),
+            id,
+            op,
+        })
+        .unwrap_or_default();
+        let confirmed = match redis.publish(&self.channel, &payload).await {
+            Ok(receivers) => {
+                let wait = async {
+                    loop {
+                        let notified = waiter.notify.notified();
+                        if waiter.acked.load(Ordering::SeqCst) >= receivers {
+                            return;
+                        }
+                        notified.await;
+                    }
+                };
+                tokio::time::timeout(self.ack_timeout, wait).await.is_ok()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish a near-cache invalidation; other instances drop their copies within l1.max_lifetime_ms");
+                false
+            }
+        };
+        self.pending().remove(&id);
+        if !confirmed {
+            near.ack_timed_out();
+        }
+        confirmed
+    }
+
+    fn handle(&self, near: &NearCache, redis: &RedisStore, channel: &str, payload: &[u8]) {
+        if channel == self.ack_channel {
+            let id = std::str::from_utf8(payload)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok());
+            if let Some(p) = id.and_then(|id| self.pending().get(&id).cloned()) {
+                p.acked.fetch_add(1, Ordering::SeqCst);
+                p.notify.notify_one();
+            }
+            return;
+        }
+        let Ok(msg) = serde_json::from_slice::<Message>(payload) else {
+            tracing::warn!("ignoring a malformed near-cache invalidation message");
+            return;
+        };
+        // The sender applied it locally before publishing; everyone confirms.
+        if msg.from != self.instance {
+            match &msg.op {
+                NearOp::Op(op) => near.apply(op),
+                NearOp::Flush => near.flush(),
+            }
+        }
+        let redis = redis.clone();
+        let ack_channel = format!("{}{}", self.ack_prefix, msg.from);
+        tokio::spawn(async move {
+            if let Err(e) = redis.publish(&ack_channel, &msg.id.to_string()).await {
+                tracing::debug!(error = %e, "near-cache confirmation not sent");
+            }
+        });
+    }
+
+    /// Keeps a subscription up until `cancel`: the near cache serves only while it is.
+    pub async fn run(
+        self: Arc<Self>,
+        near: Arc<NearCache>,
+        redis: RedisStore,
+        connect_timeout: Duration,
+        cancel: CancellationToken,
+    ) {
+        let mut was_live = false;
+        loop {
+            let subscribe = async {
+                let mut pubsub = redis.client().get_async_pubsub().await?;
+                pubsub.subscribe(&self.channel).await?;
+                pubsub.subscribe(&self.ack_channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            match tokio::time::timeout(connect_timeout, subscribe).await {
+                Ok(Ok(pubsub)) => {
+                    near.set_live(true);
+                    if was_live {
+                        tracing::info!("near-cache subscription restored");
+                    }
+                    was_live = true;
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        tokio::select! {
+                            () = cancel.cancelled() => {
+                                near.set_live(false);
+                                return;
+                            }
+                            msg = messages.next() => match msg {
+                                Some(m) => self.handle(&near, &redis, m.get_channel_name(), m.get_payload_bytes()),
+                                None => break,
+                            },
+                        }
+                    }
+                    near.set_live(false);
+                    tracing::warn!(
+                        "near-cache subscription lost; near cache emptied and off until resubscribed"
+                    );
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "near-cache subscription failed"),
+                Err(_) => tracing::debug!("near-cache subscription timed out"),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(self.retry) => {}
+            }
+        }
+    }
+}

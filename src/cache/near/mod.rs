@@ -1,0 +1,368 @@
+//! The L1 near cache: a small in-process copy of hot, fresh entries read from Redis, so a hit
+//! costs no Redis round trip. It is only a copy: Redis stays the shared truth, and the near
+//! cache must never serve what an invalidation on any instance has dropped.
+//!
+//! How it stays coherent (see [`bus`] for the wire side):
+//! - every invalidation is applied here and published on a Redis channel; every instance
+//!   drops the affected entries and confirms, and the invalidating request waits (bounded)
+//!   for every confirmation before it answers;
+//! - it serves only while its subscription is live: a lost subscription empties it, and it
+//!   stays off until resubscribed (messages may have been missed meanwhile);
+//! - it holds only fresh entries, each for at most `l1.max_lifetime_ms`, which bounds the
+//!   staleness should a message ever be lost on a connection that still looks healthy;
+//! - a read from Redis that raced an invalidation is not kept: an epoch counter, bumped by
+//!   every invalidation before it drops entries, is read before the Redis read and checked
+//!   after the insert.
+
+pub mod bus;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wildmatch::WildMatch;
+
+use super::CacheEntry;
+use super::fallback::JournalOp;
+
+/// One near-cache entry: the entry as read from Redis (its store time already derived from
+/// the key's remaining life) and the generation counters it was checked against.
+#[derive(Debug)]
+pub struct NearSlot {
+    /// The entry.
+    pub entry: CacheEntry,
+    /// Physical keys of its generation counters (view, then runs).
+    deps: Vec<String>,
+    /// How long it may stay.
+    life: Duration,
+}
+
+struct SlotLife;
+
+impl moka::Expiry<String, Arc<NearSlot>> for SlotLife {
+    fn expire_after_create(&self, _: &String, v: &Arc<NearSlot>, _: Instant) -> Option<Duration> {
+        Some(v.life)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        v: &Arc<NearSlot>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.life)
+    }
+}
+
+/// Near-cache figures for `/cache/stats`.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct NearCounts {
+    /// `l1.enabled`.
+    pub enabled: bool,
+    /// Whether the invalidation subscription is live (the near cache serves only then).
+    pub subscribed: bool,
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes held (approximate).
+    pub bytes: u64,
+    /// `l1.max_bytes`.
+    pub max_bytes: u64,
+    /// Hits served from the near cache.
+    pub hits: u64,
+    /// Invalidation messages applied (from this and other instances).
+    pub invalidations: u64,
+    /// Times the near cache was emptied (lost subscription, return from the memory tier,
+    /// version switch).
+    pub flushes: u64,
+    /// Invalidations that did not get every instance's confirmation within
+    /// `l1.ack_timeout_ms`.
+    pub ack_timeouts: u64,
+}
+
+/// The near cache of one instance.
+pub struct NearCache {
+    cache: moka::sync::Cache<String, Arc<NearSlot>>,
+    max_bytes: u64,
+    max_lifetime: Duration,
+    epoch: AtomicU64,
+    live: AtomicBool,
+    hits: AtomicU64,
+    invalidations: AtomicU64,
+    flushes: AtomicU64,
+    ack_timeouts: AtomicU64,
+}
+
+impl std::fmt::Debug for NearCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NearCache")
+            .field("max_bytes", &self.max_bytes)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("live", &self.is_live())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NearCache {
+    /// A near cache of at most `max_bytes`, keeping each entry at most `max_lifetime`. It
+    /// serves nothing until [`NearCache::set_live`] says the subscription is up.
+    pub fn new(max_bytes: u64, max_lifetime: Duration) -> Self {
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &String, v: &Arc<NearSlot>| {
+                u32::try_from(k.len() + v.entry.weight()).unwrap_or(u32::MAX)
+            })
+            .expire_after(SlotLife)
+            .build();
+        Self {
+            cache,
+            max_bytes,
+            max_lifetime,
+            epoch: AtomicU64::new(0),
+            live: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            ack_timeouts: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the invalidation subscription is live.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// The entry held for `key`, while the subscription is live.
+    pub fn get(&self, key: &str) -> Option<Arc<NearSlot>> {
+        if !self.is_live() {
+            return None;
+        }
+        let slot = self.cache.get(key)?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    /// The epoch to read before a Redis read whose result may be kept (see [`Self::insert`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Keeps `entry` (read from Redis, checked against the generations `deps`, fresh for
+    /// `fresh_for` more) unless an invalidation happened since `epoch_before` was read.
+    pub fn insert(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        deps: &[String],
+        fresh_for: Duration,
+        epoch_before: u64,
+    ) {
+        let life = fresh_for.min(self.max_lifetime);
+        if life.is_zero() || !self.is_live() || self.epoch() != epoch_before {
+            return;
+        }
+        let slot = NearSlot {
+            entry: entry.clone(),
+            deps: deps.to_vec(),
+            life,
+        };
+        self.cache.insert(key.to_owned(), Arc::new(slot));
+        // An invalidation that bumped the epoch after the check above may have looked for
+        // entries before this insert: take it back.
+        if self.epoch() != epoch_before {
+            self.cache.invalidate(key);
+        }
+    }
+
+    /// Forgets `key` (this instance just rewrote or extended it in Redis).
+    pub fn forget(&self, key: &str) {
+        self.cache.invalidate(key);
+    }
+
+    /// Drops every entry `op` invalidates.
+    pub fn apply(&self, op: &JournalOp) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+        match op {
+            JournalOp::Delete(keys) => {
+                for key in keys {
+                    self.cache.invalidate(key.as_str());
+                }
+            }
+            JournalOp::Bump(deps) => {
+                self.remove_where(|_, slot| slot.deps.iter().any(|d| deps.iter().any(|b| b == d)))
+            }
+            JournalOp::DeleteTagged(tag) => {
+                self.remove_where(|_, slot| slot.entry.tags.iter().any(|t| t == tag))
+            }
+            JournalOp::DeleteMatching(pattern) => {
+                let glob = WildMatch::new(pattern);
+                self.remove_where(|key, _| glob.matches(key));
+            }
+        }
+    }
+
+    fn remove_where(&self, pred: impl Fn(&str, &NearSlot) -> bool) {
+        for (key, slot) in &self.cache {
+            if pred(&key, &slot) {
+                self.cache.invalidate(key.as_str());
+            }
+        }
+    }
+
+    /// Drops everything.
+    pub fn flush(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.cache.invalidate_all();
+    }
+
+    /// Records whether the subscription is live. Either way the cache is emptied: going down,
+    /// because messages will be missed; coming up, because some may have been.
+    pub fn set_live(&self, live: bool) {
+        if live {
+            self.flush();
+            self.live.store(true, Ordering::SeqCst);
+        } else {
+            self.live.store(false, Ordering::SeqCst);
+            self.flush();
+        }
+    }
+
+    /// Counts an invalidation not confirmed by every instance in time.
+    pub fn ack_timed_out(&self) {
+        self.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs moka's housekeeping (expired entries go, counts become exact).
+    pub fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
+    }
+
+    /// Figures for `/cache/stats`.
+    pub fn counts(&self) -> NearCounts {
+        NearCounts {
+            enabled: true,
+            subscribed: self.is_live(),
+            entries: self.cache.entry_count(),
+            bytes: self.cache.weighted_size(),
+            max_bytes: self.max_bytes,
+            hits: self.hits.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+            ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl NearCounts {
+    /// The figures of a disabled near cache.
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            subscribed: false,
+            entries: 0,
+            bytes: 0,
+            max_bytes: 0,
+            hits: 0,
+            invalidations: 0,
+            flushes: 0,
+            ack_timeouts: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn entry(tags: &[&str]) -> CacheEntry {
+        CacheEntry::new(
+            200,
+            "application/json".into(),
+            Bytes::from_static(b"{}"),
+            crate::cache::policy::now_ms(),
+            Duration::from_secs(60),
+            tags.iter().map(|t| (*t).to_owned()).collect(),
+        )
+    }
+
+    fn live() -> NearCache {
+        let near = NearCache::new(1 << 20, Duration::from_secs(60));
+        near.set_live(true);
+        near
+    }
+
+    #[test]
+    fn serves_only_while_live_and_empties_on_each_change() {
+        let near = live();
+        let e = near.epoch();
+        near.insert("k", &entry(&[]), &[], Duration::from_secs(10), e);
+        assert!(near.get("k").is_some());
+        near.set_live(false);
+        assert!(near.get("k").is_none());
+        near.set_live(true);
+        assert!(near.get("k").is_none(), "a resubscription starts empty");
+    }
+
+    #[test]
+    fn a_read_that_raced_an_invalidation_is_not_kept() {
+        let near = live();
+        let before = near.epoch();
+        near.apply(&JournalOp::Delete(vec!["other".into()]));
+        near.insert("k", &entry(&[]), &[], Duration::from_secs(10), before);
+        assert!(near.get("k").is_none());
+    }
+
+    #[test]
+    fn invalidations_drop_exactly_what_they_name() {
+        let near = live();
+        let e = near.epoch();
+        let fresh = Duration::from_secs(10);
+        near.insert(
+            "p:v1:a",
+            &entry(&["tag:1"]),
+            &["gen:run:1".into()],
+            fresh,
+            e,
+        );
+        near.insert(
+            "p:v1:b",
+            &entry(&["tag:2"]),
+            &["gen:run:2".into()],
+            fresh,
+            e,
+        );
+        near.insert("p:v1:c", &entry(&["tag:3"]), &["gen:ns:x".into()], fresh, e);
+        near.insert("p:v1:d", &entry(&[]), &[], fresh, e);
+        near.apply(&JournalOp::DeleteTagged("tag:1".into()));
+        assert!(near.get("p:v1:a").is_none());
+        assert!(near.get("p:v1:b").is_some());
+        near.apply(&JournalOp::Bump(vec!["gen:run:2".into()]));
+        assert!(near.get("p:v1:b").is_none());
+        assert!(near.get("p:v1:c").is_some());
+        near.apply(&JournalOp::DeleteMatching("p:v1:c*".into()));
+        assert!(near.get("p:v1:c").is_none());
+        assert!(near.get("p:v1:d").is_some());
+        near.apply(&JournalOp::Delete(vec!["p:v1:d".into()]));
+        assert!(near.get("p:v1:d").is_none());
+    }
+
+    #[test]
+    fn entries_live_no_longer_than_their_freshness_or_the_cap() {
+        let near = NearCache::new(1 << 20, Duration::from_millis(30));
+        near.set_live(true);
+        let e = near.epoch();
+        near.insert("capped", &entry(&[]), &[], Duration::from_secs(10), e);
+        near.insert("stale", &entry(&[]), &[], Duration::ZERO, e);
+        assert!(near.get("capped").is_some());
+        assert!(
+            near.get("stale").is_none(),
+            "nothing that is not fresh is kept"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(near.get("capped").is_none());
+    }
+}
