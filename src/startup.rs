@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache::Tier;
 use crate::config::{Settings, ms};
-use crate::http::build_app;
+use crate::http::build_service;
 use crate::state::AppState;
 
 /// A bound, not yet running, service.
@@ -81,10 +81,12 @@ impl Application {
 
         let store = state.store.clone();
         let snapshots = state.snapshots.clone();
-        let app = build_app(state);
+        let app = build_service(state);
         let stopping = CancellationToken::new();
         let stop_signal = stopping.clone();
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+            std::net::SocketAddr,
+        >(app);
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             stop_signal.cancel();

@@ -152,8 +152,8 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// Checks a model run id: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-pub fn validate_run_id(id: &str) -> Result<(), String> {
+/// Whether `id` is a model run id: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn is_run_id(id: &str) -> bool {
     let bytes = id.as_bytes();
     let first_ok = bytes
         .first()
@@ -161,7 +161,12 @@ pub fn validate_run_id(id: &str) -> Result<(), String> {
     let rest_ok = bytes
         .iter()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if first_ok && rest_ok && bytes.len() <= 128 {
+    first_ok && rest_ok && bytes.len() <= 128
+}
+
+/// Checks a model run id: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn validate_run_id(id: &str) -> Result<(), String> {
+    if is_run_id(id) {
         Ok(())
     } else {
         Err(format!(

@@ -54,6 +54,21 @@ impl Limits {
         }
     }
 
+    /// Whether the header section is within `server.max_headers` and
+    /// `server.max_header_bytes`.
+    pub fn headers_within(&self, headers: &http::HeaderMap) -> bool {
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        headers.len() <= self.max_headers && header_bytes <= self.max_header_bytes
+    }
+
+    /// Whether a request may start now without being shed (`server.max_concurrent_requests`).
+    pub fn has_room(&self) -> bool {
+        self.inflight.available_permits() > 0
+    }
+
     /// Takes one token for `ip`; `Err(wait)` when the bucket is empty.
     fn take(&self, ip: IpAddr) -> Result<(), Duration> {
         let bucket = self.buckets.get_with(ip, || {
@@ -99,12 +114,7 @@ pub fn peer(req_extensions: &http::Extensions) -> Option<SocketAddr> {
 /// readiness probes are exempt, so an overloaded instance is not taken for a dead one), then
 /// rate-limits admin routes and events per client address.
 pub async fn enforce(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
-    let headers = req.headers();
-    let header_bytes: usize = headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
-    if headers.len() > limits.max_headers || header_bytes > limits.max_header_bytes {
+    if !limits.headers_within(req.headers()) {
         return error_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             codes::HEADERS_TOO_LARGE,

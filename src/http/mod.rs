@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod events;
+pub mod hit_lane;
 pub mod limits;
 pub mod ops;
 pub mod stats;
@@ -193,6 +194,18 @@ pub fn openapi_yaml() -> String {
 /// panic catcher → edge (limits, JSON errors, weak ETag on compressed bodies) → CORS →
 /// compression → request time-out → body limit.
 pub fn build_app(state: AppState) -> Router {
+    build_router(state, FastRequestId::new())
+}
+
+/// What `runcache` serves: the [`hit_lane::HitLane`] in front of [`build_app`]'s router,
+/// sharing one request-id generator.
+pub fn build_service(state: AppState) -> hit_lane::HitLane<Router> {
+    let ids = FastRequestId::new();
+    let router = build_router(state.clone(), ids.clone());
+    hit_lane::HitLane::new(state, ids, router)
+}
+
+fn build_router(state: AppState, ids: FastRequestId) -> Router {
     let (router, api) = routes_and_api();
     let settings = state.settings.clone();
     let limits = state.limits.clone();
@@ -204,7 +217,7 @@ pub fn build_app(state: AppState) -> Router {
 
     let cors = cors_layer(&settings.cors.allowed_origins);
     let stack = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(FastRequestId::new()))
+        .layer(SetRequestIdLayer::x_request_id(ids))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request| {
@@ -282,13 +295,14 @@ async fn edge(
 /// Request ids in the UUID v4 format, without a `getrandom` system call per request: a
 /// per-process random key hashed with a counter (unique, and not guessable from another id).
 #[derive(Debug, Clone)]
-struct FastRequestId {
+pub struct FastRequestId {
     key: u64,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FastRequestId {
-    fn new() -> Self {
+    /// A generator with a fresh random key.
+    pub fn new() -> Self {
         let mut seed = [0u8; 8];
         if getrandom::fill(&mut seed).is_err() {
             seed = uuid::Uuid::new_v4().as_u64_pair().0.to_le_bytes();
@@ -298,10 +312,9 @@ impl FastRequestId {
             counter: std::sync::Arc::default(),
         }
     }
-}
 
-impl MakeRequestId for FastRequestId {
-    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+    /// The next id.
+    pub fn next(&self) -> HeaderValue {
         let n = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -309,9 +322,25 @@ impl MakeRequestId for FastRequestId {
         let id = uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid();
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let text = id.hyphenated().encode_lower(&mut buf);
-        HeaderValue::from_str(text).ok().map(RequestId::new)
+        // Hex digits and hyphens: always a valid header value.
+        HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
+
+impl Default for FastRequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MakeRequestId for FastRequestId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        Some(RequestId::new(self.next()))
+    }
+}
+
+/// `X-Request-Id`.
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Marks a response that is the origin's own answer, passed through unchanged.
 #[derive(Debug, Clone, Copy)]

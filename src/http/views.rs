@@ -171,7 +171,7 @@ fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
 /// origin's own 4xx bodies marked so they pass through untouched. The response is built in
 /// place with room for every header, and header values stored with the entry are shared, so
 /// a hit copies no header bytes (see the README's Performance section).
-fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response {
+pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response {
     let not_modified = r.etag.as_ref().is_some_and(|etag| {
         request_headers
             .get(header::IF_NONE_MATCH)

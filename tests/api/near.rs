@@ -158,3 +158,76 @@ async fn with_l1_disabled_every_hit_reads_redis() {
     assert!(app.state.store.redis_calls() > before);
     assert_eq!(app.stats().await["l1"]["enabled"], false);
 }
+
+/// Status, headers (but the request id and date) and body.
+async fn answer(resp: reqwest::Response) -> (u16, Vec<(String, String)>, bytes::Bytes) {
+    let status = resp.status().as_u16();
+    let mut headers: Vec<(String, String)> = resp
+        .headers()
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "x-request-id" | "date"))
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    headers.sort();
+    (status, headers, resp.bytes().await.expect("body"))
+}
+
+#[tokio::test]
+async fn the_hit_lane_answers_exactly_as_the_full_path() {
+    let redis = TestRedis::start().await;
+    let app = spawn_app(Some(&redis)).await;
+    near_live(&app).await;
+    let path = "/api/v1/models/train/21/feature-importance?top_n=5";
+    for _ in 0..2 {
+        app.get(path).await;
+    }
+    let get = |extra: Option<(&'static str, String)>| {
+        let mut req = app.client.get(app.url(path));
+        if let Some((k, v)) = extra {
+            req = req.header(k, v);
+        }
+        req.send()
+    };
+    // No Accept-Encoding: the hit lane may answer. `identity`: it steps aside (compression is
+    // the full path's), and the full path sends nothing compressed.
+    let lane_hits = || app.state.store.near_counts().lane_hits;
+    let before = lane_hits();
+    let lane = answer(get(None).await.expect("lane")).await;
+    assert_eq!(lane_hits(), before + 1, "answered by the hit lane");
+    let full = answer(
+        get(Some(("accept-encoding", "identity".into())))
+            .await
+            .expect("full"),
+    )
+    .await;
+    assert_eq!(lane_hits(), before + 1, "answered by the full path");
+    assert_eq!(lane.0, 200);
+    assert_eq!(lane, full);
+
+    let etag = lane
+        .1
+        .iter()
+        .find(|(k, _)| k == "etag")
+        .map(|(_, v)| v.clone())
+        .expect("etag");
+    let lane = answer(
+        get(Some(("if-none-match", etag.clone())))
+            .await
+            .expect("304"),
+    )
+    .await;
+    assert_eq!(lane.0, 304);
+    assert!(lane.2.is_empty());
+
+    // The client's request id is kept; without one, each answer gets a new one.
+    let resp = get(Some(("x-request-id", "abc-123".into())))
+        .await
+        .expect("id");
+    assert_eq!(header(&resp, "x-request-id"), "abc-123");
+    let a = get(None).await.expect("a");
+    let b = get(None).await.expect("b");
+    assert_eq!(header(&a, "x-request-id").len(), 36);
+    assert_ne!(header(&a, "x-request-id"), header(&b, "x-request-id"));
+    let stats = app.stats().await;
+    assert!(stats["stats"]["hits"].as_u64().unwrap_or(0) >= 6, "{stats}");
+}

@@ -71,6 +71,8 @@ pub struct NearCounts {
     pub max_bytes: u64,
     /// Hits served from the near cache.
     pub hits: u64,
+    /// Of those, hits answered by the hit lane, before routing and middleware.
+    pub lane_hits: u64,
     /// Invalidation messages applied (from this and other instances).
     pub invalidations: u64,
     /// Times the near cache was emptied (lost subscription, return from the memory tier,
@@ -89,6 +91,7 @@ pub struct NearCache {
     epoch: AtomicU64,
     live: AtomicBool,
     hits: AtomicU64,
+    lane_hits: AtomicU64,
     invalidations: AtomicU64,
     flushes: AtomicU64,
     ack_timeouts: AtomicU64,
@@ -122,6 +125,7 @@ impl NearCache {
             epoch: AtomicU64::new(0),
             live: AtomicBool::new(false),
             hits: AtomicU64::new(0),
+            lane_hits: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             ack_timeouts: AtomicU64::new(0),
@@ -230,6 +234,11 @@ impl NearCache {
         }
     }
 
+    /// Counts a hit the hit lane answered.
+    pub fn lane_hit(&self) {
+        self.lane_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts an invalidation not confirmed by every instance in time.
     pub fn ack_timed_out(&self) {
         self.ack_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -249,6 +258,7 @@ impl NearCache {
             bytes: self.cache.weighted_size(),
             max_bytes: self.max_bytes,
             hits: self.hits.load(Ordering::Relaxed),
+            lane_hits: self.lane_hits.load(Ordering::Relaxed),
             invalidations: self.invalidations.load(Ordering::Relaxed),
             flushes: self.flushes.load(Ordering::Relaxed),
             ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
@@ -266,6 +276,7 @@ impl NearCounts {
             bytes: 0,
             max_bytes: 0,
             hits: 0,
+            lane_hits: 0,
             invalidations: 0,
             flushes: 0,
             ack_timeouts: 0,

@@ -303,26 +303,63 @@ impl ReadThrough {
         let servable = self.access.may_serve(&key, cred);
         // The hot path: a fresh near-cache copy, served without a Redis round trip and
         // without building the rest of the context.
-        if servable && let Some(slot) = self.store.near_get(&key) {
-            let now = policy::now_ms();
-            let entry = &slot.entry;
-            if let Some(ttl) = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now) {
-                self.note_hit(&req, &key, entry, ttl).await;
-                let age = policy::age_secs(entry.stored_at_ms, now);
-                return Ok(self.entry_response(
-                    entry,
-                    CacheOutcome::Hit {
-                        ttl,
-                        age,
-                        collapsed: false,
-                    },
-                ));
-            }
+        if servable && let Some(hit) = self.served_from_near(&key, || req.clone()) {
+            return Ok(hit);
         }
         let ctx = self.context_for(&req, version, key, cred);
         // Boxed: the store and origin paths are large futures, and every layer above would
         // otherwise move them around on each request, hits from the near cache included.
         self.serve_from_store(req, ctx, servable).boxed().await
+    }
+
+    /// A fresh near-cache copy of `key` as a hit, counted for refresh-ahead (`req` is built
+    /// only when a refresh must be scheduled). The caller has checked access.
+    fn served_from_near(
+        &self,
+        key: &str,
+        req: impl FnOnce() -> ViewRequest,
+    ) -> Option<ViewResponse> {
+        let slot = self.store.near_get(key)?;
+        let entry = &slot.entry;
+        let now = policy::now_ms();
+        let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
+        self.note_hit(key, entry, ttl, req);
+        let age = policy::age_secs(entry.stored_at_ms, now);
+        Some(self.entry_response(
+            entry,
+            CacheOutcome::Hit {
+                ttl,
+                age,
+                collapsed: false,
+            },
+        ))
+    }
+
+    /// The hit lane's entry (see `http::hit_lane`): answers from the near cache, before any
+    /// routing or middleware, when it holds a fresh copy of `logical_key` that a caller with
+    /// `authorization` may be served, and counts the hit. `None`: nothing was served or
+    /// counted, and the request takes the full path. `req` is built only if refresh-ahead
+    /// needs it.
+    pub fn near_hit(
+        &self,
+        view: View,
+        logical_key: &str,
+        authorization: Option<&http::HeaderValue>,
+        req: impl FnOnce() -> ViewRequest,
+    ) -> Option<ViewResponse> {
+        let started = Instant::now();
+        let key = self.keys.entry(&self.version.get(), logical_key);
+        let cred = self.access.credential(authorization);
+        if !self.access.may_serve(&key, cred) {
+            return None;
+        }
+        let hit = self.served_from_near(&key, req)?;
+        if let Some(near) = self.store.near() {
+            near.cache.lane_hit();
+        }
+        self.stats
+            .record_request(view, Outcome::Hit, started.elapsed());
+        Some(hit)
     }
 
     async fn serve_from_store(
@@ -345,7 +382,7 @@ impl ReadThrough {
                 ctx.policy.stale_if_error,
             ) {
                 Freshness::Fresh { ttl } => {
-                    self.note_hit(&req, &ctx.key, &entry, ttl).await;
+                    self.note_hit(&ctx.key, &entry, ttl, || req.clone());
                     return Ok(self.entry_response(
                         &entry,
                         CacheOutcome::Hit {

@@ -129,12 +129,13 @@ pub fn content_hash(body: &[u8], volatile: &[String]) -> u128 {
 
 impl ReadThrough {
     /// Counts a fresh hit and schedules a refresh when the entry is hot and near expiry.
-    pub(super) async fn note_hit(
+    /// `req` is built only when a refresh is scheduled.
+    pub(super) fn note_hit(
         &self,
-        req: &ViewRequest,
         key: &str,
         entry: &CacheEntry,
         ttl_left: u64,
+        req: impl FnOnce() -> ViewRequest,
     ) {
         let r = &self.refresher;
         if r.opts.min_hits == 0 {
@@ -155,8 +156,9 @@ impl ReadThrough {
             return;
         }
         let this = self.clone();
-        let ctx = self.context(req);
-        let (req, entry) = (req.clone(), entry.clone());
+        let req = req();
+        let ctx = self.context(&req);
+        let entry = entry.clone();
         tokio::spawn(async move {
             let Ok(_permit) = this.refresher.permits.clone().acquire_owned().await else {
                 return;

@@ -1,0 +1,219 @@
+//! The hit lane: plain `GET`s of the metrics and feature-importance views whose answer is a
+//! fresh near-cache copy are answered before routing and the middleware stack, which
+//! otherwise cost several times the cache lookup itself (see the README's Performance
+//! section). Everything else, and every request the lane is not certain to answer exactly as
+//! the full path would, goes to the router untouched.
+//!
+//! What the lane keeps from the full path: the same answer and headers (it calls the same
+//! read-through and `respond` code), `X-Request-Id` (the client's or a new one), header limits
+//! and load shedding (it steps aside so the full path refuses), access control (`forward` and
+//! `none`; `jwt` requests take the full path), statistics, refresh-ahead counting, and the
+//! access line when `tower_http` logs at `info`. What makes it step aside: another method or
+//! path, any query other than a plain `top_n`, an `Accept-Encoding` header (compression is the
+//! full path's), CORS being configured, or anything but a fresh near-cache hit.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::response::Response;
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderValue, Method, Request, Uri, header};
+use tower::Service;
+
+use super::{FastRequestId, X_REQUEST_ID};
+use crate::cache::access::FrontendAuth;
+use crate::cache::read_through::ViewRequest;
+use crate::cache::{View, feature_importance_key, is_run_id, metrics_key};
+use crate::state::AppState;
+
+/// A view request the lane may answer.
+#[derive(Debug, PartialEq, Eq)]
+struct LaneRequest<'a> {
+    view: View,
+    run_id: &'a str,
+    top_n: Option<u32>,
+}
+
+/// `/api/v1/models/train/{id}/metrics` or `…/feature-importance[?top_n=N]`, exactly as the
+/// router and extractors would accept them (no percent-encoding, no `+`, no other parameter).
+fn parse(uri: &Uri) -> Option<LaneRequest<'_>> {
+    let rest = uri.path().strip_prefix("/api/v1/models/train/")?;
+    let (run_id, tail) = rest.split_once('/')?;
+    if !is_run_id(run_id) {
+        return None;
+    }
+    let view = match tail {
+        "metrics" => View::Metrics,
+        "feature-importance" => View::FeatureImportance,
+        _ => return None,
+    };
+    let top_n = match uri.query() {
+        None | Some("") => None,
+        Some(q) if view == View::FeatureImportance => {
+            let digits = q.strip_prefix("top_n=")?;
+            if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            Some(
+                digits
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))?,
+            )
+        }
+        Some(_) => return None,
+    };
+    Some(LaneRequest {
+        view,
+        run_id,
+        top_n,
+    })
+}
+
+/// The router, with the hit lane in front of it.
+#[derive(Clone)]
+pub struct HitLane<S> {
+    state: AppState,
+    ids: FastRequestId,
+    open: bool,
+    inner: S,
+}
+
+impl<S> HitLane<S> {
+    /// Puts the lane in front of `inner` (the full router). The lane stays closed when CORS
+    /// is configured or views are protected by JWTs.
+    pub(super) fn new(state: AppState, ids: FastRequestId, inner: S) -> Self {
+        let open = state.settings.cors.allowed_origins.is_empty()
+            && state.settings.auth.mode() != FrontendAuth::Jwt;
+        Self {
+            state,
+            ids,
+            open,
+            inner,
+        }
+    }
+
+    fn try_hit(&self, req: &Request<Body>) -> Option<Response> {
+        if !self.open || req.method() != Method::GET {
+            return None;
+        }
+        let lane = parse(req.uri())?;
+        let headers = req.headers();
+        if headers.contains_key(header::ACCEPT_ENCODING)
+            || !self.state.limits.headers_within(headers)
+            || !self.state.limits.has_room()
+        {
+            return None;
+        }
+        let started = Instant::now();
+        let views = &self.state.views;
+        let logical = match lane.view {
+            View::Metrics => metrics_key(lane.run_id),
+            _ => feature_importance_key(lane.run_id, lane.top_n),
+        };
+        let make_request = || {
+            let forwarded = views.origin().forwarded_headers(headers);
+            match lane.view {
+                View::Metrics => ViewRequest::metrics(lane.run_id, forwarded, true),
+                _ => ViewRequest::feature_importance(lane.run_id, lane.top_n, forwarded, true),
+            }
+        };
+        let answer = views.near_hit(
+            lane.view,
+            &logical,
+            headers.get(header::AUTHORIZATION),
+            make_request,
+        )?;
+        let mut resp = super::views::respond(answer, headers);
+        let request_id = headers
+            .get(X_REQUEST_ID)
+            .cloned()
+            .unwrap_or_else(|| self.ids.next());
+        if tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::INFO) {
+            access_line(req, &request_id, &resp, started);
+        }
+        resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        Some(resp)
+    }
+}
+
+/// The access line the full path's trace layer writes, in the same span and fields.
+fn access_line(req: &Request<Body>, request_id: &HeaderValue, resp: &Response, started: Instant) {
+    let id = request_id.to_str().unwrap_or("-");
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id);
+    let _entered = span.enter();
+    tracing::info!(
+        target: "tower_http::trace::on_response",
+        latency = %format_args!("{} ms", started.elapsed().as_millis()),
+        status = resp.status().as_u16(),
+        "finished processing request"
+    );
+}
+
+impl<S> Service<Request<Body>> for HitLane<S>
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        match self.try_hit(&req) {
+            Some(resp) => Either::Left(ready(Ok(resp))),
+            None => Either::Right(self.inner.call(req)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lane(uri: &str) -> Option<(View, String, Option<u32>)> {
+        let uri: Uri = uri.parse().expect("uri");
+        parse(&uri).map(|l| (l.view, l.run_id.to_owned(), l.top_n))
+    }
+
+    #[test]
+    fn takes_only_what_the_router_would_read_the_same_way() {
+        let base = "/api/v1/models/train";
+        assert_eq!(
+            lane(&format!("{base}/42/metrics")),
+            Some((View::Metrics, "42".into(), None))
+        );
+        assert_eq!(
+            lane(&format!("{base}/a.b-c/feature-importance?top_n=30")),
+            Some((View::FeatureImportance, "a.b-c".into(), Some(30)))
+        );
+        assert_eq!(
+            lane(&format!("{base}/7/feature-importance")),
+            Some((View::FeatureImportance, "7".into(), None))
+        );
+        for other in [
+            "/api/v1/models/train/42/metrics/",
+            "/api/v1/models/train/42/metrics?use_cache=false",
+            "/api/v1/models/train/42/metrics?x=1",
+            "/api/v1/models/train/4%32/metrics",
+            "/api/v1/models/train/../metrics",
+            "/api/v1/models/train/.a/metrics",
+            "/api/v1/models/train/42/feature-importance?top_n=+5",
+            "/api/v1/models/train/42/feature-importance?top_n=0",
+            "/api/v1/models/train/42/feature-importance?top_n=1001",
+            "/api/v1/models/train/42/feature-importance?top_n=5&top_n=6",
+            "/api/v1/models/train/42/feature-importance?top_n=5&use_cache=true",
+            "/api/v1/models/train/42",
+            "/api/v1/models/compare",
+            "/cache/stats",
+        ] {
+            assert_eq!(lane(other), None, "{other}");
+        }
+    }
+}
