@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -234,11 +234,12 @@ impl FallbackStore {
         key: &str,
         entry: &CacheEntry,
         deps: &[String],
+        hits: Arc<AtomicU32>,
         fresh_for: Duration,
         epoch_before: u64,
     ) {
         if let Some(near) = self.near_cache() {
-            near.insert(key, entry, deps, fresh_for, epoch_before);
+            near.insert(key, entry, deps, hits, fresh_for, epoch_before);
         }
     }
 

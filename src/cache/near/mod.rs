@@ -17,7 +17,7 @@
 pub mod bus;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -32,6 +32,8 @@ use super::fallback::JournalOp;
 pub struct NearSlot {
     /// The entry.
     pub entry: CacheEntry,
+    /// Its read counter for refresh-ahead, shared with the refresher's.
+    pub hits: Arc<AtomicU32>,
     /// Physical keys of its generation counters (view, then runs).
     deps: Vec<String>,
     /// How long it may stay.
@@ -153,12 +155,14 @@ impl NearCache {
     }
 
     /// Keeps `entry` (read from Redis, checked against the generations `deps`, fresh for
-    /// `fresh_for` more) unless an invalidation happened since `epoch_before` was read.
+    /// `fresh_for` more, its reads counted on `hits`) unless an invalidation happened since
+    /// `epoch_before` was read.
     pub fn insert(
         &self,
         key: &str,
         entry: &CacheEntry,
         deps: &[String],
+        hits: Arc<AtomicU32>,
         fresh_for: Duration,
         epoch_before: u64,
     ) {
@@ -168,6 +172,7 @@ impl NearCache {
         }
         let slot = NearSlot {
             entry: entry.clone(),
+            hits,
             deps: deps.to_vec(),
             life,
         };
@@ -310,7 +315,14 @@ mod tests {
     fn serves_only_while_live_and_empties_on_each_change() {
         let near = live();
         let e = near.epoch();
-        near.insert("k", &entry(&[]), &[], Duration::from_secs(10), e);
+        near.insert(
+            "k",
+            &entry(&[]),
+            &[],
+            Arc::default(),
+            Duration::from_secs(10),
+            e,
+        );
         assert!(near.get("k").is_some());
         near.set_live(false);
         assert!(near.get("k").is_none());
@@ -323,7 +335,14 @@ mod tests {
         let near = live();
         let before = near.epoch();
         near.apply(&JournalOp::Delete(vec!["other".into()]));
-        near.insert("k", &entry(&[]), &[], Duration::from_secs(10), before);
+        near.insert(
+            "k",
+            &entry(&[]),
+            &[],
+            Arc::default(),
+            Duration::from_secs(10),
+            before,
+        );
         assert!(near.get("k").is_none());
     }
 
@@ -336,6 +355,7 @@ mod tests {
             "p:v1:a",
             &entry(&["tag:1"]),
             &["gen:run:1".into()],
+            Arc::default(),
             fresh,
             e,
         );
@@ -343,11 +363,19 @@ mod tests {
             "p:v1:b",
             &entry(&["tag:2"]),
             &["gen:run:2".into()],
+            Arc::default(),
             fresh,
             e,
         );
-        near.insert("p:v1:c", &entry(&["tag:3"]), &["gen:ns:x".into()], fresh, e);
-        near.insert("p:v1:d", &entry(&[]), &[], fresh, e);
+        near.insert(
+            "p:v1:c",
+            &entry(&["tag:3"]),
+            &["gen:ns:x".into()],
+            Arc::default(),
+            fresh,
+            e,
+        );
+        near.insert("p:v1:d", &entry(&[]), &[], Arc::default(), fresh, e);
         near.apply(&JournalOp::DeleteTagged("tag:1".into()));
         assert!(near.get("p:v1:a").is_none());
         assert!(near.get("p:v1:b").is_some());
@@ -366,8 +394,15 @@ mod tests {
         let near = NearCache::new(1 << 20, Duration::from_millis(30));
         near.set_live(true);
         let e = near.epoch();
-        near.insert("capped", &entry(&[]), &[], Duration::from_secs(10), e);
-        near.insert("stale", &entry(&[]), &[], Duration::ZERO, e);
+        near.insert(
+            "capped",
+            &entry(&[]),
+            &[],
+            Arc::default(),
+            Duration::from_secs(10),
+            e,
+        );
+        near.insert("stale", &entry(&[]), &[], Arc::default(), Duration::ZERO, e);
         assert!(near.get("capped").is_some());
         assert!(
             near.get("stale").is_none(),

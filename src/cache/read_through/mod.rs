@@ -279,8 +279,9 @@ impl ReadThrough {
                     .stored_at_ms
                     .saturating_add(entry.ttl_secs.saturating_mul(1000));
                 let fresh_for = Duration::from_millis(fresh_until.saturating_sub(policy::now_ms()));
+                let hits = self.hit_counter(&ctx.key);
                 self.store
-                    .near_keep(&ctx.key, &entry, &ctx.deps, fresh_for, epoch);
+                    .near_keep(&ctx.key, &entry, &ctx.deps, hits, fresh_for, epoch);
                 Some(entry)
             }
             Err(e) => {
@@ -323,7 +324,7 @@ impl ReadThrough {
         let entry = &slot.entry;
         let now = policy::now_ms();
         let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
-        self.note_hit(key, entry, ttl, req);
+        self.note_hit(key, entry, ttl, Some(&slot.hits), req);
         let age = policy::age_secs(entry.stored_at_ms, now);
         Some(self.entry_response(
             entry,
@@ -382,7 +383,7 @@ impl ReadThrough {
                 ctx.policy.stale_if_error,
             ) {
                 Freshness::Fresh { ttl } => {
-                    self.note_hit(&ctx.key, &entry, ttl, || req.clone());
+                    self.note_hit(&ctx.key, &entry, ttl, None, || req.clone());
                     return Ok(self.entry_response(
                         &entry,
                         CacheOutcome::Hit {

@@ -128,21 +128,30 @@ pub fn content_hash(body: &[u8], volatile: &[String]) -> u128 {
 }
 
 impl ReadThrough {
-    /// Counts a fresh hit and schedules a refresh when the entry is hot and near expiry.
-    /// `req` is built only when a refresh is scheduled.
+    /// The read counter of `key` (a near-cache copy keeps it, so its hits count without a
+    /// lookup).
+    pub(super) fn hit_counter(&self, key: &str) -> Arc<AtomicU32> {
+        self.refresher.hits.get_with_by_ref(key, Arc::default)
+    }
+
+    /// Counts a fresh hit (on `counter` when the caller has it) and schedules a refresh when
+    /// the entry is hot and near expiry. `req` is built only when a refresh is scheduled.
     pub(super) fn note_hit(
         &self,
         key: &str,
         entry: &CacheEntry,
         ttl_left: u64,
+        counter: Option<&AtomicU32>,
         req: impl FnOnce() -> ViewRequest,
     ) {
         let r = &self.refresher;
         if r.opts.min_hits == 0 {
             return;
         }
-        let counter = r.hits.get_with_by_ref(key, Arc::default);
-        let hits = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let hits = match counter {
+            Some(c) => c.fetch_add(1, Ordering::Relaxed) + 1,
+            None => self.hit_counter(key).fetch_add(1, Ordering::Relaxed) + 1,
+        };
         let near_expiry = ttl_left * 100 <= entry.ttl_secs * u64::from(r.opts.ahead_percent);
         if hits < r.opts.min_hits || !near_expiry || r.in_backoff(key) {
             return;
