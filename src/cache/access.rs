@@ -6,7 +6,7 @@
 //! `auth.validation_ttl`; other credentials go to the origin first. Credentials are kept only
 //! as keyed hashes (HMAC-SHA256 under a random per-process key), in memory, per instance.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use sha2::Sha256;
@@ -122,7 +122,11 @@ pub struct AccessControl {
     mode: FrontendAuth,
     jwt: Option<std::sync::Arc<JwtVerifier>>,
     key: [u8; 32],
-    accepted: moka::sync::Cache<(String, Credential), ()>,
+    /// The credential of callers without `Authorization`, hashed once.
+    anonymous: Credential,
+    validation_ttl: Duration,
+    /// When the origin accepted a credential for an entry.
+    accepted: moka::sync::Cache<(String, Credential), Instant>,
 }
 
 impl std::fmt::Debug for AccessControl {
@@ -149,13 +153,16 @@ impl AccessControl {
                     .repeat(2),
             );
         }
+        let validation_ttl = validation_ttl.max(Duration::from_secs(1));
         Self {
             mode,
             jwt,
+            anonymous: hash_credential(&key, None),
             key,
+            validation_ttl,
             accepted: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
-                .time_to_live(validation_ttl.max(Duration::from_secs(1)))
+                .time_to_live(validation_ttl)
                 .build(),
         }
     }
@@ -177,21 +184,10 @@ impl AccessControl {
 
     /// The keyed hash of an `Authorization` header (or of its absence).
     pub fn credential(&self, authorization: Option<&HeaderValue>) -> Credential {
-        use hmac::{Hmac, Mac};
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else {
-            return Credential(0);
-        };
         match authorization {
-            Some(v) => {
-                mac.update(b"A");
-                mac.update(v.as_bytes());
-            }
-            None => mac.update(b"-"),
+            None => self.anonymous,
+            some => hash_credential(&self.key, some),
         }
-        let bytes = mac.finalize().into_bytes();
-        let mut first = [0u8; 16];
-        first.copy_from_slice(&bytes[..16]);
-        Credential(u128::from_le_bytes(first))
     }
 
     /// The credential of callers that send no `Authorization` (and of warming).
@@ -204,14 +200,21 @@ impl AccessControl {
         match self.mode {
             // jwt: the token was verified locally before we got here.
             FrontendAuth::None | FrontendAuth::Jwt => true,
-            FrontendAuth::Forward => self.accepted.contains_key(&(key.to_owned(), cred)),
+            FrontendAuth::Forward => self.accepted_until(key, cred).is_some(),
         }
+    }
+
+    /// Until when `cred` may be served `key` without asking the origin again (`forward` mode;
+    /// `None` when it may not be now). Always `None` in the other modes, which do not ask.
+    pub fn accepted_until(&self, key: &str, cred: Credential) -> Option<Instant> {
+        let until = self.accepted.get(&(key.to_owned(), cred))? + self.validation_ttl;
+        (Instant::now() < until).then_some(until)
     }
 
     /// Records that the origin accepted `cred` for `key` (it answered, other than 401/403).
     pub fn accepted(&self, key: &str, cred: Credential) {
         if self.mode == FrontendAuth::Forward {
-            self.accepted.insert((key.to_owned(), cred), ());
+            self.accepted.insert((key.to_owned(), cred), Instant::now());
         }
     }
 
@@ -224,6 +227,25 @@ impl AccessControl {
             FrontendAuth::Forward | FrontendAuth::Jwt => format!("{key}#{}", cred.tag()),
         }
     }
+}
+
+/// The keyed hash of `authorization` (or its absence) under `key`.
+fn hash_credential(key: &[u8; 32], authorization: Option<&HeaderValue>) -> Credential {
+    use hmac::{Hmac, Mac};
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        return Credential(0);
+    };
+    match authorization {
+        Some(v) => {
+            mac.update(b"A");
+            mac.update(v.as_bytes());
+        }
+        None => mac.update(b"-"),
+    }
+    let bytes = mac.finalize().into_bytes();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&bytes[..16]);
+    Credential(u128::from_le_bytes(first))
 }
 
 #[cfg(test)]

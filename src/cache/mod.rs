@@ -109,14 +109,43 @@ impl View {
 
 /// Logical key of a run's metrics.
 pub fn metrics_key(run_id: &str) -> String {
-    format!("model:metrics:{run_id}")
+    concat(&["model:metrics:", run_id])
 }
 
 /// Logical key of a run's feature importance, optionally limited to the top `n`.
 pub fn feature_importance_key(run_id: &str, top_n: Option<u32>) -> String {
-    match top_n {
-        Some(n) => format!("model:feature_importance:{run_id}:top_{n}"),
-        None => format!("model:feature_importance:{run_id}"),
+    let mut key = concat(&["model:feature_importance:", run_id]);
+    if let Some(n) = top_n {
+        key.push_str(":top_");
+        push_decimal(&mut key, u64::from(n));
+    }
+    key
+}
+
+/// `parts` joined, in one allocation of the right size (keys are built on every request;
+/// `format!` costs more than the copying).
+pub fn concat(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 12);
+    for p in parts {
+        out.push_str(p);
+    }
+    out
+}
+
+/// Appends `n` in decimal.
+pub fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
     }
 }
 
@@ -262,7 +291,7 @@ impl Keyspace {
 
     /// Physical key of an entry.
     pub fn entry(&self, version: &str, logical: &str) -> String {
-        format!("{}:{version}:{logical}", self.prefix)
+        concat(&[&self.prefix, ":", version, ":", logical])
     }
 
     /// Physical glob over entries of `version` whose logical key matches `pattern`.
@@ -564,6 +593,25 @@ mod tests {
         assert!(validate_pattern("model:?:1").is_ok());
         for bad in ["", "model:[ab]", "a\\*", "a b", "x{y}"] {
             assert!(validate_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_are_built_as_documented() {
+        assert_eq!(metrics_key("42"), "model:metrics:42");
+        assert_eq!(
+            feature_importance_key("a.b", Some(1000)),
+            "model:feature_importance:a.b:top_1000"
+        );
+        assert_eq!(
+            feature_importance_key("7", None),
+            "model:feature_importance:7"
+        );
+        let mut s = String::new();
+        for n in [0, 9, 10, 1234567890123, u64::MAX] {
+            s.clear();
+            push_decimal(&mut s, n);
+            assert_eq!(s, n.to_string());
         }
     }
 

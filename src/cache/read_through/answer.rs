@@ -70,7 +70,12 @@ impl ViewResponse {
     pub fn cache_status(&self) -> String {
         let mut details: Vec<&str> = Vec::new();
         let mut s = match &self.outcome {
-            CacheOutcome::Hit { ttl, .. } => format!("runcache; hit; ttl={ttl}"),
+            CacheOutcome::Hit { ttl, .. } => {
+                let mut s = String::with_capacity(48);
+                s.push_str("runcache; hit; ttl=");
+                crate::cache::push_decimal(&mut s, *ttl);
+                s
+            }
             CacheOutcome::Miss { stored: true, .. } => "runcache; fwd=miss; stored".to_owned(),
             CacheOutcome::Miss { detail, .. } => {
                 details.extend(detail.iter());

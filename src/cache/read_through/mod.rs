@@ -19,6 +19,7 @@ pub use warm::{WarmFailure, WarmReport};
 
 use super::access::{AccessControl, Credential, FrontendAuth, JwtVerifier};
 use super::coalesce::Flights;
+use super::near::NearSlot;
 use super::policy::{self, Freshness, Storability};
 use super::{CacheEntry, FallbackStore, KeyVersion, Keyspace, Store, Tier, View};
 use crate::invalidation::Invalidator;
@@ -304,7 +305,10 @@ impl ReadThrough {
         let servable = self.access.may_serve(&key, cred);
         // The hot path: a fresh near-cache copy, served without a Redis round trip and
         // without building the rest of the context.
-        if servable && let Some(hit) = self.served_from_near(&key, || req.clone()) {
+        if servable
+            && let Some(slot) = self.store.near_get(&key)
+            && let Some(hit) = self.serve_slot(&key, &slot, || req.clone())
+        {
             return Ok(hit);
         }
         let ctx = self.context_for(&req, version, key, cred);
@@ -313,14 +317,15 @@ impl ReadThrough {
         self.serve_from_store(req, ctx, servable).boxed().await
     }
 
-    /// A fresh near-cache copy of `key` as a hit, counted for refresh-ahead (`req` is built
-    /// only when a refresh must be scheduled). The caller has checked access.
-    fn served_from_near(
+    /// The near-cache copy `slot` of `key` as a hit if it is still fresh, counted for
+    /// refresh-ahead (`req` is built only when a refresh must be scheduled). The caller has
+    /// checked access.
+    fn serve_slot(
         &self,
         key: &str,
+        slot: &NearSlot,
         req: impl FnOnce() -> ViewRequest,
     ) -> Option<ViewResponse> {
-        let slot = self.store.near_get(key)?;
         let entry = &slot.entry;
         let now = policy::now_ms();
         let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
@@ -351,16 +356,39 @@ impl ReadThrough {
         let started = Instant::now();
         let key = self.keys.entry(&self.version.get(), logical_key);
         let cred = self.access.credential(authorization);
-        if !self.access.may_serve(&key, cred) {
+        let slot = self.store.near_get(&key)?;
+        if !self.slot_may_serve(&key, &slot, cred) {
             return None;
         }
-        let hit = self.served_from_near(&key, req)?;
+        let hit = self.serve_slot(&key, &slot, req)?;
         if let Some(near) = self.store.near() {
             near.cache.lane_hit();
         }
         self.stats
             .record_request(view, Outcome::Hit, started.elapsed());
         Some(hit)
+    }
+
+    /// [`AccessControl::may_serve`], remembering the answer in the slot so that one caller's
+    /// repeated hits skip the lookup (an acceptance is never withdrawn before it expires).
+    fn slot_may_serve(&self, key: &str, slot: &NearSlot, cred: Credential) -> bool {
+        if self.access.mode() != FrontendAuth::Forward {
+            return self.access.may_serve(key, cred);
+        }
+        let now = Instant::now();
+        if let Some(known) = slot.validated.load().as_deref()
+            && known.0 == cred
+            && now < known.1
+        {
+            return true;
+        }
+        match self.access.accepted_until(key, cred) {
+            Some(until) => {
+                slot.validated.store(Some(Arc::new((cred, until))));
+                true
+            }
+            None => false,
+        }
     }
 
     async fn serve_from_store(
