@@ -81,12 +81,9 @@ impl Application {
 
         let store = state.store.clone();
         let snapshots = state.snapshots.clone();
-        let app = build_service(state);
+        let app = build_service(state).per_connection();
         let stopping = CancellationToken::new();
         let stop_signal = stopping.clone();
-        let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-            std::net::SocketAddr,
-        >(app);
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             stop_signal.cancel();

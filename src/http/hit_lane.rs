@@ -13,13 +13,17 @@
 //! full path's), CORS being configured, or anything but a fresh near-cache hit.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::serve::IncomingStream;
 use axum::response::Response;
 use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Method, Request, Uri, header};
+use tokio::net::TcpListener;
 use tower::Service;
 
 use super::{FastRequestId, X_REQUEST_ID};
@@ -79,7 +83,37 @@ pub struct HitLane<S> {
     state: AppState,
     ids: FastRequestId,
     open: bool,
+    /// The client's address, given to requests that take the full path (the admin rate
+    /// limit reads it); the lane itself never needs it, and inserting it costs an allocation.
+    peer: Option<ConnectInfo<SocketAddr>>,
     inner: S,
+}
+
+impl<S: Clone> HitLane<S> {
+    /// The make-service for `axum::serve`: one lane per connection, knowing its peer.
+    pub fn per_connection(self) -> MakeHitLane<S> {
+        MakeHitLane(self)
+    }
+}
+
+/// Makes a [`HitLane`] for each accepted connection.
+#[derive(Clone)]
+pub struct MakeHitLane<S>(HitLane<S>);
+
+impl<'a, S: Clone> Service<IncomingStream<'a, TcpListener>> for MakeHitLane<S> {
+    type Response = HitLane<S>;
+    type Error = Infallible;
+    type Future = Ready<Result<HitLane<S>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, stream: IncomingStream<'a, TcpListener>) -> Self::Future {
+        let mut lane = self.0.clone();
+        lane.peer = Some(ConnectInfo(*stream.remote_addr()));
+        ready(Ok(lane))
+    }
 }
 
 impl<S> HitLane<S> {
@@ -92,6 +126,7 @@ impl<S> HitLane<S> {
             state,
             ids,
             open,
+            peer: None,
             inner,
         }
     }
@@ -165,11 +200,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        match self.try_hit(&req) {
-            Some(resp) => Either::Left(ready(Ok(resp))),
-            None => Either::Right(self.inner.call(req)),
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        if let Some(resp) = self.try_hit(&req) {
+            return Either::Left(ready(Ok(resp)));
         }
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(peer);
+        }
+        Either::Right(self.inner.call(req))
     }
 }
 
