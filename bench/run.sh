@@ -4,7 +4,7 @@
 # builds the release binary and the ceiling example, then runs bench/bench.py, which prints
 # one table and writes it as Markdown and JSON under bench/results/.
 #
-#   bash bench/run.sh            # full run: 3 alternating rounds of 5 s per cell (~5 min)
+#   bash bench/run.sh            # full run: 5 alternating rounds of 5 s per cell (~6 min once built)
 #   bash bench/run.sh --smoke    # one short round of everything (under a minute once built)
 #   bash bench/run.sh --rounds 5 --seconds 10
 set -euo pipefail

@@ -167,6 +167,13 @@ pub fn strong_etag(body: &[u8]) -> HeaderValue {
 /// `value` as a header value; a value that cannot be one (never the case for a value that
 /// came from a header) becomes empty.
 fn header_value(value: &str) -> HeaderValue {
+    // The usual content types as static values: cloning those for every hit touches no
+    // reference count shared between the worker threads.
+    for common in ["application/json", "application/json; charset=utf-8"] {
+        if value == common {
+            return HeaderValue::from_static(common);
+        }
+    }
     HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
