@@ -153,7 +153,11 @@ impl AccessControl {
                     .repeat(2),
             );
         }
-        let validation_ttl = validation_ttl.max(Duration::from_secs(1));
+        // Bounded so that instants computed from it cannot overflow.
+        let validation_ttl = validation_ttl.clamp(
+            Duration::from_secs(1),
+            Duration::from_secs(10 * 365 * 86_400),
+        );
         Self {
             mode,
             jwt,

@@ -401,6 +401,13 @@ impl FallbackStore {
                 }
             }
             tracing::info!(count, "replayed invalidations made while redis was down");
+            if let Some(near) = &self.near {
+                // Other instances kept serving through the outage and never heard of these:
+                // their near caches are emptied.
+                near.bus
+                    .publish(&self.redis, &near.cache, NearOp::Flush)
+                    .await;
+            }
         }
     }
 
@@ -460,7 +467,12 @@ impl FallbackStore {
                         return Ok(n + from_memory);
                     }
                     Err(e) if e.is_unavailable() => self.mark_down(&e),
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        if let Some(near) = &self.near {
+                            near.cache.apply(&op);
+                        }
+                        return Err(e);
+                    }
                 }
             }
             if self.journal(&op).await {

@@ -28,6 +28,12 @@ impl KeyVersion {
         self.current.load_full()
     }
 
+    /// The version in use, borrowed: no reference count shared between threads is touched
+    /// (the hit lane reads it on every request).
+    pub fn current(&self) -> arc_swap::Guard<Arc<String>> {
+        self.current.load()
+    }
+
     /// Uses `version` from now on; returns whether it changed.
     pub fn set(&self, version: &str) -> bool {
         let old = self.current.swap(Arc::new(version.to_owned()));

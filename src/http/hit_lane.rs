@@ -19,8 +19,8 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::serve::IncomingStream;
 use axum::response::Response;
+use axum::serve::IncomingStream;
 use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Method, Request, Uri, header};
 use tokio::net::TcpListener;

@@ -165,6 +165,9 @@ impl NearCache {
         if life.is_zero() || !self.is_live() || self.epoch() != epoch_before {
             return;
         }
+        let Some(expires_at) = Instant::now().checked_add(life) else {
+            return;
+        };
         let weight = (key.len() + entry.weight()) as u64;
         if self.bytes.load(Ordering::Relaxed) + weight > self.max_bytes {
             self.sweep();
@@ -177,7 +180,7 @@ impl NearCache {
             hits,
             validated: ArcSwapOption::empty(),
             deps: deps.to_vec(),
-            expires_at: Instant::now() + life,
+            expires_at,
             weight,
         };
         self.bytes.fetch_add(weight, Ordering::Relaxed);

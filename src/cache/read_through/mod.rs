@@ -354,7 +354,7 @@ impl ReadThrough {
         req: impl FnOnce() -> ViewRequest,
     ) -> Option<ViewResponse> {
         let started = Instant::now();
-        let key = self.keys.entry(&self.version.get(), logical_key);
+        let key = self.keys.entry(&self.version.current(), logical_key);
         let cred = self.access.credential(authorization);
         let slot = self.store.near_get(&key)?;
         if !self.slot_may_serve(&key, &slot, cred) {
