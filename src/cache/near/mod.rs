@@ -382,31 +382,15 @@ mod tests {
     fn invalidations_drop_exactly_what_they_name() {
         let near = live();
         let e = near.epoch();
+        let put = |key: &str, tag: &str, dep: &str| {
+            let deps = [dep.to_owned()];
+            let fresh = Duration::from_secs(10);
+            near.insert(key, &entry(&[tag]), &deps, Arc::default(), fresh, e);
+        };
+        put("p:v1:a", "tag:1", "gen:run:1");
+        put("p:v1:b", "tag:2", "gen:run:2");
+        put("p:v1:c", "tag:3", "gen:ns:x");
         let fresh = Duration::from_secs(10);
-        near.insert(
-            "p:v1:a",
-            &entry(&["tag:1"]),
-            &["gen:run:1".into()],
-            Arc::default(),
-            fresh,
-            e,
-        );
-        near.insert(
-            "p:v1:b",
-            &entry(&["tag:2"]),
-            &["gen:run:2".into()],
-            Arc::default(),
-            fresh,
-            e,
-        );
-        near.insert(
-            "p:v1:c",
-            &entry(&["tag:3"]),
-            &["gen:ns:x".into()],
-            Arc::default(),
-            fresh,
-            e,
-        );
         near.insert("p:v1:d", &entry(&[]), &[], Arc::default(), fresh, e);
         near.apply(&JournalOp::DeleteTagged("tag:1".into()));
         assert!(near.get("p:v1:a").is_none());
