@@ -528,7 +528,7 @@ def render(res, labels):
     lines += ["", "| ratio (same run) | value | target | |", "|---|---:|---|---|"]
     for name, value, target in rows:
         ok = value <= float(target[2:]) if target.startswith("≤") else value >= float(target[2:])
-        lines.append(f"| {name} | {value:.2f} | {target} | {mark(ok)} |")
+        lines.append(f"| {name} | {value:.3f} | {target} | {mark(ok)} |")
     lines.append(f"| ceiling p99 @8 / @64 (the framework's own tail) | "
                  f"{median_of(hits[ceiling]['8'], 'p99_ms'):.3f} / "
                  f"{median_of(hits[ceiling]['64'], 'p99_ms'):.3f} ms | | |")
