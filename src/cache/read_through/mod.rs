@@ -276,13 +276,16 @@ impl ReadThrough {
         match self.store.get(&ctx.key, &ctx.deps).await {
             Ok(lookup) => {
                 let entry = lookup.current()?;
-                let fresh_until = entry
-                    .stored_at_ms
-                    .saturating_add(entry.ttl_secs.saturating_mul(1000));
-                let fresh_for = Duration::from_millis(fresh_until.saturating_sub(policy::now_ms()));
-                let hits = self.hit_counter(&ctx.key);
-                self.store
-                    .near_keep(&ctx.key, &entry, &ctx.deps, hits, fresh_for, epoch);
+                if self.store.near().is_some() {
+                    let fresh_until = entry
+                        .stored_at_ms
+                        .saturating_add(entry.ttl_secs.saturating_mul(1000));
+                    let fresh_for =
+                        Duration::from_millis(fresh_until.saturating_sub(policy::now_ms()));
+                    let hits = self.hit_counter(&ctx.key);
+                    self.store
+                        .near_keep(&ctx.key, &entry, &ctx.deps, hits, fresh_for, epoch);
+                }
                 Some(entry)
             }
             Err(e) => {
