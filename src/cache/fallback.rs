@@ -243,7 +243,14 @@ impl FallbackStore {
         }
     }
 
-    /// Empties every instance's near cache (a version switch).
+    /// Drops what `op` invalidates from this instance's near cache.
+    fn near_apply(&self, op: &JournalOp) {
+        if let Some(near) = &self.near {
+            near.cache.apply(op);
+        }
+    }
+
+    /// Empties every instance's near cache (a version switch, a replayed journal).
     pub async fn flush_near_everywhere(&self) {
         if let Some(near) = &self.near {
             near.cache.flush();
@@ -401,13 +408,8 @@ impl FallbackStore {
                 }
             }
             tracing::info!(count, "replayed invalidations made while redis was down");
-            if let Some(near) = &self.near {
-                // Other instances kept serving through the outage and never heard of these:
-                // their near caches are emptied.
-                near.bus
-                    .publish(&self.redis, &near.cache, NearOp::Flush)
-                    .await;
-            }
+            // Other instances kept serving through the outage and never heard of these.
+            self.flush_near_everywhere().await;
         }
     }
 
@@ -458,8 +460,8 @@ impl FallbackStore {
             if self.use_redis() {
                 match self.apply_to_redis(&op).await {
                     Ok(n) => {
+                        self.near_apply(&op);
                         if let Some(near) = &self.near {
-                            near.cache.apply(&op);
                             near.bus
                                 .publish(&self.redis, &near.cache, NearOp::Op(op))
                                 .await;
@@ -468,17 +470,13 @@ impl FallbackStore {
                     }
                     Err(e) if e.is_unavailable() => self.mark_down(&e),
                     Err(e) => {
-                        if let Some(near) = &self.near {
-                            near.cache.apply(&op);
-                        }
+                        self.near_apply(&op);
                         return Err(e);
                     }
                 }
             }
             if self.journal(&op).await {
-                if let Some(near) = &self.near {
-                    near.cache.apply(&op);
-                }
+                self.near_apply(&op);
                 return Ok(from_memory);
             }
         }

@@ -310,7 +310,7 @@ impl ReadThrough {
         // without building the rest of the context.
         if servable
             && let Some(slot) = self.store.near_get(&key)
-            && let Some(hit) = self.serve_slot(&key, &slot, || req.clone())
+            && let Some(hit) = self.serve_slot(&key, &slot, false, || req.clone())
         {
             return Ok(hit);
         }
@@ -327,11 +327,15 @@ impl ReadThrough {
         &self,
         key: &str,
         slot: &NearSlot,
+        lane: bool,
         req: impl FnOnce() -> ViewRequest,
     ) -> Option<ViewResponse> {
         let entry = &slot.entry;
         let now = policy::now_ms();
         let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
+        if let Some(near) = self.store.near() {
+            near.cache.served(lane);
+        }
         self.note_hit(key, entry, ttl, Some(&slot.hits), req);
         let age = policy::age_secs(entry.stored_at_ms, now);
         Some(self.entry_response(
@@ -363,10 +367,7 @@ impl ReadThrough {
         if !self.slot_may_serve(&key, &slot, cred) {
             return None;
         }
-        let hit = self.serve_slot(&key, &slot, req)?;
-        if let Some(near) = self.store.near() {
-            near.cache.lane_hit();
-        }
+        let hit = self.serve_slot(&key, &slot, true, req)?;
         self.stats
             .record_request(view, Outcome::Hit, started.elapsed());
         Some(hit)
