@@ -2,9 +2,6 @@
 //! a real in-process origin that counts its calls, and the app itself on port 0.
 
 use std::collections::HashMap;
-use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +16,12 @@ use runcache::config::Settings;
 use runcache::{AppState, Application};
 use secrecy::SecretString;
 use serde_json::{Value, json};
+
+// Shared with the checker target, which uses other parts of it.
+#[allow(dead_code)]
+#[path = "../support/redis.rs"]
+mod redis_server;
+pub use redis_server::{TestRedis, free_port};
 
 pub const TOKEN: &str = "test-admin-token";
 
@@ -51,131 +54,6 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
 /// Everything logged so far, as text.
 pub fn logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().expect("logs")).into_owned()
-}
-
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A private redis-server started by the test; killed on drop.
-pub struct TestRedis {
-    pub port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl TestRedis {
-    pub async fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("runcache-test-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut redis = Self {
-            port: free_port(),
-            dir,
-            child: None,
-        };
-        redis.spawn().await;
-        redis
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}); install it with `apt-get install -y redis-server`")
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = self.conn_once().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {}",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn conn_once(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
-    }
-
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        self.conn_once().await.expect("connect to test redis")
-    }
-
-    /// SIGKILL, no goodbye.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGSTOP: the process hangs, so connections are accepted but never answered (a
-    /// blackholed Redis, unlike a killed one, which refuses connections at once).
-    pub fn pause(&self) {
-        self.signal("-STOP");
-    }
-
-    /// SIGCONT after [`TestRedis::pause`].
-    pub fn resume(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let status = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// Starts again on the same port and directory (a `SAVE`d snapshot is loaded).
-    pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
-    }
-
-    pub async fn keys(&self, pattern: &str) -> Vec<String> {
-        let mut keys: Vec<String> = redis::cmd("KEYS")
-            .arg(pattern)
-            .query_async(&mut self.conn().await)
-            .await
-            .expect("KEYS");
-        keys.sort();
-        keys
-    }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// What the test origin does; tests change it while the app runs.

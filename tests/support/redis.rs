@@ -1,0 +1,195 @@
+//! A private `redis-server` for tests: started on a free port with its own directory, and
+//! killable, pausable and restartable, so faults are provoked for real. Shared by the test
+//! targets (`#[path]`-included). Never touches the machine's Redis on 6379.
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (the listener is closed again at once).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A private redis-server started by the test; killed on drop.
+pub struct TestRedis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestRedis {
+    /// Starts a server on a free port, in a fresh directory, with no automatic persistence
+    /// (`SAVE` still writes `dump.rdb` there, and a restart loads it) and `DEBUG` allowed from
+    /// loopback (`DEBUG SLEEP`, `DEBUG POPULATE`).
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("runcache-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut redis = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--enable-debug-command", "local"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}); install it with `apt-get install -y redis-server`")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.conn_once().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `redis://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's directory (where `SAVE` writes `dump.rdb`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    async fn conn_once(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// A new connection (panics if the server does not answer).
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.conn_once().await.expect("connect to test redis")
+    }
+
+    /// Whether the process is running (not killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: the process hangs, so connections are accepted but never answered (a
+    /// blackholed Redis, unlike a killed one, which refuses connections at once).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`TestRedis::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Starts again on the same port and directory (a `SAVE`d snapshot is loaded).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// `SAVE` now, and returns a copy of the snapshot file, so a later
+    /// [`TestRedis::restart_from`] can bring this moment back (a Redis restarted from an
+    /// older RDB file).
+    pub async fn save_copy(&self) -> PathBuf {
+        let _: String = redis::cmd("SAVE")
+            .query_async(&mut self.conn().await)
+            .await
+            .expect("SAVE");
+        let copy = self
+            .dir
+            .join(format!("saved-{}.rdb", uuid::Uuid::new_v4().simple()));
+        std::fs::copy(self.dir.join("dump.rdb"), &copy).expect("copy dump.rdb");
+        copy
+    }
+
+    /// Kills the server and starts it again from `saved` (see [`TestRedis::save_copy`]).
+    pub async fn restart_from(&mut self, saved: &Path) {
+        self.kill();
+        std::fs::copy(saved, self.dir.join("dump.rdb")).expect("restore dump.rdb");
+        self.spawn().await;
+    }
+
+    /// Kills the server and starts it again empty.
+    pub async fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
+        self.spawn().await;
+    }
+
+    /// Runs a command on a new connection and returns its reply.
+    pub async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut self.conn_once().await?).await
+    }
+
+    /// Every key matching `pattern`, sorted (KEYS: test servers are small).
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut self.conn().await)
+            .await
+            .expect("KEYS");
+        keys.sort();
+        keys
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A paused server would not die of SIGKILL until continued on some systems.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
