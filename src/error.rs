@@ -6,8 +6,8 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
-use crate::cache::StoreError;
 use crate::origin::OriginError;
+use crate::store::StoreError;
 
 /// Stable error codes clients can branch on.
 pub mod codes {

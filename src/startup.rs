@@ -11,10 +11,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::Tier;
 use crate::config::{Settings, ms};
 use crate::http::build_service;
 use crate::state::AppState;
+use crate::store::Tier;
 
 /// A bound, not yet running, service.
 pub struct Application {
@@ -35,13 +35,22 @@ impl Application {
                 "no admin.token configured; generated one for this process (set RUNCACHE__ADMIN__TOKEN to choose it)"
             );
         }
-        if state.settings.auth.mode() == crate::cache::access::FrontendAuth::None {
+        if state.settings.auth.mode() == crate::domain::FrontendAuth::None {
             tracing::warn!("auth.frontend = none: cached views are public, served to any caller");
         }
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("bind {addr}"))?;
-        let port = listener.local_addr()?.port();
+        let bound = listener.local_addr()?;
+        let port = bound.port();
+        // Other instances send invalidations made during a Redis outage here.
+        let advertised = state
+            .settings
+            .server
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"));
+        state.store.tiered().peers().advertise(advertised);
         Ok(Self {
             listener,
             port,
@@ -60,7 +69,9 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
-    /// within `server.shutdown_timeout_ms`, and stops the background tasks.
+    /// within `server.shutdown_timeout_ms`, waits (within the same bound) for the background
+    /// work they left (fetches, refreshes, clean-ups) and cancels what remains, and stops the
+    /// background loops. Nothing of this instance writes to Redis after it returns.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -81,6 +92,7 @@ impl Application {
 
         let store = state.store.clone();
         let snapshots = state.snapshots.clone();
+        let work = state.tasks.clone();
         let app = build_service(state).per_connection();
         let stopping = CancellationToken::new();
         let stop_signal = stopping.clone();
@@ -95,16 +107,21 @@ impl Application {
                 tracing::warn!("in-flight requests did not finish within server.shutdown_timeout_ms; stopping");
             }
         }
+        let cancelled = work.stop(grace).await;
+        if cancelled > 0 {
+            tracing::warn!(cancelled, "background work cancelled at shutdown");
+        }
         cancel.cancel();
         tasks.close();
         tasks.wait().await;
+        let tiered = store.tiered();
         if let Some(snap) = snapshots
-            && store.tier() == Tier::Memory
+            && tiered.tier() == Tier::Memory
         {
-            snap.maybe_write(store.memory(), true).await;
+            snap.maybe_write(tiered.memory(), true).await;
         }
-        // Every journal append is already fsynced; say what the next start will replay.
-        let pending = store.pending_invalidations().await;
+        // Every journal append is already durable; say what the next start will replay.
+        let pending = tiered.pending_invalidations();
         if pending > 0 {
             tracing::warn!(pending, path = %settings.journal.path, "invalidations still journaled; they are replayed to redis at the next start");
         }
@@ -137,14 +154,17 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
     tasks.spawn(async move {
         // Start-up: restore the memory tier's snapshot (minus what the journal invalidated),
         // find Redis (or stay on memory), adopt the shared version, then warm.
+        let tiered = s.store.tiered();
         if let Some(snap) = &s.snapshots {
-            snap.load(s.store.memory(), &s.keys, &s.version.get()).await;
-            s.store.replay_journal_into_memory().await;
+            snap.load(tiered.memory(), &s.keys, &s.version.get()).await;
+            tiered.replay_journal_into_memory();
         }
-        if !s.store.probe().await {
+        if s.store.probe().await {
+            tiered.heartbeat().await;
+        } else {
             tracing::warn!(redis = %s.settings.redis_url_redacted(), "redis unreachable at start; serving from the memory tier and probing in the background");
         }
-        if let Err(e) = s.version.sync(&s.store, &s.keys).await {
+        if let Err(e) = s.version.sync(s.store.as_ref(), &s.keys).await {
             tracing::warn!(error = %e, "could not read the shared key version");
         }
         s.started.store(true, Ordering::Release);
@@ -168,12 +188,13 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
     if let Some(near) = state.store.near() {
         tasks.spawn(near.bus.clone().run(
             near.cache.clone(),
-            state.store.redis().clone(),
+            state.store.tiered().clone(),
             ms(state.settings.redis.connect_timeout_ms),
             cancel.clone(),
         ));
     }
 
+    // The probe runs only while the circuit is open; at most one runs at a time in any case.
     let s = state.clone();
     every(
         tasks,
@@ -182,8 +203,8 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         move || {
             let s = s.clone();
             async move {
-                if s.store.tier() == Tier::Memory && s.store.probe().await {
-                    let _ = s.version.sync(&s.store, &s.keys).await;
+                if s.store.tiered().tier() == Tier::Memory && s.store.probe().await {
+                    let _ = s.version.sync(s.store.as_ref(), &s.keys).await;
                 }
             }
         },
@@ -197,10 +218,19 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         move || {
             let s = s.clone();
             async move {
-                let _ = s.version.sync(&s.store, &s.keys).await;
+                if s.store.tiered().tier() == Tier::Redis {
+                    let _ = s.version.sync(s.store.as_ref(), &s.keys).await;
+                }
             }
         },
     );
+
+    // Registration, so that during an outage each instance knows whom to tell.
+    let s = state.clone();
+    every(tasks, cancel, Duration::from_secs(1), move || {
+        let s = s.clone();
+        async move { s.store.tiered().heartbeat().await }
+    });
 
     if let Some(snap) = state.snapshots.clone() {
         let s = state.clone();
@@ -208,9 +238,10 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         every(tasks, cancel, Duration::from_secs(1), move || {
             let (s, snap, discarded) = (s.clone(), snap.clone(), discarded.clone());
             async move {
-                if s.store.tier() == Tier::Memory {
+                let tiered = s.store.tiered();
+                if tiered.tier() == Tier::Memory {
                     discarded.store(false, Ordering::Relaxed);
-                    snap.maybe_write(s.store.memory(), false).await;
+                    snap.maybe_write(tiered.memory(), false).await;
                 } else if !discarded.swap(true, Ordering::Relaxed) {
                     snap.discard().await;
                 }
@@ -224,7 +255,7 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         async move {
             // Expired memory entries are dropped without waiting for a write, and histogram
             // buckets are folded (the exporter has no upkeep thread of its own).
-            s.store.memory().run_pending_tasks().await;
+            s.store.tiered().memory().run_pending_tasks();
             if let Some(near) = s.store.near() {
                 near.cache.run_pending_tasks();
             }

@@ -1,4 +1,5 @@
-//! Application state: cheap handles shared by every handler and background task.
+//! Application state: cheap handles shared by every handler and background task. This is
+//! where the layers are wired together (store → serve → http).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -8,20 +9,23 @@ use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::cache::fallback::Near;
-use crate::cache::memory::MemoryStore;
-use crate::cache::near::NearCache;
-use crate::cache::near::bus::Bus;
-use crate::cache::read_through::{CoalesceOptions, ReadThroughOptions, RefreshOptions};
-use crate::cache::redis::{RedisOptions, RedisStore};
-use crate::cache::snapshot::Snapshotter;
-use crate::cache::{FallbackStore, KeyVersion, Keyspace, ReadThrough};
 use crate::config::{Settings, ms};
-use crate::http::auth::SeenSignatures;
-use crate::http::limits::Limits;
 use crate::invalidation::Invalidator;
 use crate::metrics::Stats;
 use crate::origin::OriginClient;
+use crate::security::limits::Rate;
+use crate::security::{Deliveries, Limits};
+use crate::serve::{CoalesceOptions, Parts, ReadThrough, ReadThroughOptions, RefreshOptions};
+use crate::store::counters::ReadCounters;
+use crate::store::memory::MemoryStore;
+use crate::store::near::bus::Bus;
+use crate::store::near::{Near, NearCache};
+use crate::store::redis::{RedisOptions, RedisStore};
+use crate::store::snapshot::Snapshotter;
+use crate::store::tiered::circuit::CircuitOptions;
+use crate::store::tiered::{FallbackStore, TieredOptions};
+use crate::store::{KeyVersion, Keyspace, NearStore};
+use crate::tasks::Tasks;
 
 /// Everything handlers need, behind one `Arc`: axum clones the state for every request (and
 /// every `State` extractor), so a clone must be one reference count, not one per field.
@@ -40,8 +44,8 @@ impl std::ops::Deref for AppState {
 pub struct AppStateInner {
     /// Validated settings.
     pub settings: Arc<Settings>,
-    /// Redis with the memory fallback.
-    pub store: Arc<FallbackStore>,
+    /// The store: Redis with the memory fallback, and the near cache in front.
+    pub store: Arc<NearStore>,
     /// Read-through serving of the views.
     pub views: ReadThrough,
     /// Invalidation by run, key, pattern and version.
@@ -58,14 +62,16 @@ pub struct AppStateInner {
     pub token_generated: bool,
     /// How the admin token is named in audit lines (a short hash).
     pub admin_token_id: String,
-    /// Event signatures already used (replay protection).
-    pub seen_signatures: SeenSignatures,
-    /// Header, concurrency and admin-rate limits.
+    /// Signed event deliveries (each applied at most once).
+    pub deliveries: Deliveries,
+    /// Header, concurrency and rate limits.
     pub limits: Arc<Limits>,
     /// Prometheus renderer.
     pub prometheus: PrometheusHandle,
     /// Memory-tier snapshots, when `memory.snapshot_path` is set.
     pub snapshots: Option<Arc<Snapshotter>>,
+    /// Background work (fetches, refreshes, clean-ups), awaited at shutdown.
+    pub tasks: Tasks,
     /// Set once start-up work (first Redis probe, version sync) is done; `/ready` is 503 before.
     pub started: Arc<AtomicBool>,
 }
@@ -73,89 +79,48 @@ pub struct AppStateInner {
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
-            .field("store", &self.store.tier())
+            .field("store", &self.store.tiered().tier())
             .finish_non_exhaustive()
     }
 }
 
 impl AppState {
-    /// Builds the state from validated settings. Does no I/O: Redis connects lazily.
+    /// Builds the state from validated settings. Does no network I/O: Redis connects lazily.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         let prometheus = crate::metrics::install();
         let keys = Keyspace::new(settings.cache.prefix.clone());
-        let redis = RedisStore::new(&RedisOptions {
-            url: settings.redis.url.expose_secret().to_owned(),
-            command_timeout: ms(settings.redis.command_timeout_ms),
-            connect_timeout: ms(settings.redis.connect_timeout_ms),
-            pool_max_size: settings.redis.pool_max_size,
-            pool_timeout: ms(settings.redis.pool_timeout_ms),
-            pool_create_timeout: ms(settings.redis.pool_create_timeout_ms),
-            pool_recycle_timeout: ms(settings.redis.pool_recycle_timeout_ms),
-            scan_batch: settings.redis.scan_batch,
-            gen_ttl: gen_ttl(&settings),
-        })
-        .context("set up the redis client")?;
-        let memory = MemoryStore::new(settings.memory.max_bytes);
-        // Every entry of every version of this service (never its _meta or _tags keys).
-        let all_entries = format!("{}:[^_]*", keys.prefix());
-        let journal = Some(settings.journal.path.trim())
-            .filter(|p| !p.is_empty())
-            .map(std::path::PathBuf::from);
-        let near = settings.l1.enabled.then(|| Near {
-            cache: Arc::new(NearCache::new(
-                settings.l1.max_bytes,
-                ms(settings.l1.max_lifetime_ms),
-            )),
-            bus: Arc::new(Bus::new(
-                &settings.cache.prefix,
-                ms(settings.l1.ack_timeout_ms),
-                ms(settings.redis.probe_interval_ms),
-            )),
-        });
-        let store = Arc::new(FallbackStore::new(
-            redis,
-            memory,
-            all_entries,
-            journal,
-            near,
-        ));
+        let (admin_token, token_generated) = match &settings.admin.token {
+            Some(t) => (t.clone(), false),
+            None => (SecretString::from(crate::security::generate_token()), true),
+        };
+        let admin_token = Arc::new(admin_token);
         let version = Arc::new(KeyVersion::new(&settings.cache.version));
+        let tasks = Tasks::new();
+        let store = Arc::new(build_store(&settings, &keys, &version, &admin_token)?);
         let stats = Arc::new(Stats::default());
         let origin = OriginClient::new(&settings.origin).context("build the origin client")?;
-        let views = ReadThrough::new(
+        let invalidator = Invalidator::new(
             store.clone(),
-            origin,
+            store.clone(),
             keys.clone(),
             version.clone(),
             stats.clone(),
-            ReadThroughOptions {
-                policies: settings.view_policies(),
-                not_found_ttl: Duration::from_secs(settings.cache.not_found_ttl),
-                coalesce: CoalesceOptions {
-                    wait: ms(settings.coalesce.wait_timeout_ms),
-                    lock_ttl: ms(settings.coalesce.lock_ttl_ms),
-                    lock_poll: ms(settings.coalesce.lock_poll_ms),
-                },
-                refresh: RefreshOptions {
-                    min_hits: settings.refresh.min_hits,
-                    ahead_percent: settings.refresh.ahead_percent,
-                    concurrency: settings.refresh.concurrency,
-                    jitter: ms(settings.refresh.jitter_ms),
-                    max_backoff: Duration::from_secs(settings.refresh.max_backoff_secs),
-                    volatile_fields: settings.refresh.volatile_fields.clone(),
-                },
-                auth: settings.auth.mode(),
-                jwt: settings.jwt_verifier()?.map(Arc::new),
-                validation_ttl: Duration::from_secs(settings.auth.validation_ttl),
-                max_entry_bytes: settings.cache.max_entry_bytes,
-            },
+            tasks.clone(),
         );
-        let invalidator =
-            Invalidator::new(store.clone(), keys.clone(), version.clone(), stats.clone());
-        let (admin_token, token_generated) = match &settings.admin.token {
-            Some(t) => (t.clone(), false),
-            None => (SecretString::from(generate_token()), true),
-        };
+        let views = ReadThrough::new(
+            Parts {
+                store: store.clone(),
+                locks: store.clone(),
+                origin,
+                keys: keys.clone(),
+                version: version.clone(),
+                stats: stats.clone(),
+                invalidator: invalidator.clone(),
+                counters: store.counters().clone(),
+                tasks: tasks.clone(),
+            },
+            read_through_options(&settings)?,
+        );
         let snapshots = settings.memory.snapshot_path.as_deref().map(|p| {
             Arc::new(Snapshotter::new(
                 p.into(),
@@ -163,15 +128,22 @@ impl AppState {
                 Duration::from_secs(settings.memory.snapshot_interval_secs),
             ))
         });
-        let seen_signatures = SeenSignatures::new(settings.events.tolerance_secs);
+        let server = &settings.server;
         let limits = Arc::new(Limits::new(
-            settings.server.max_headers,
-            settings.server.max_header_bytes,
-            settings.server.max_concurrent_requests,
-            settings.server.admin_rate_per_sec,
-            settings.server.admin_burst,
+            server.max_headers,
+            server.max_header_bytes,
+            server.max_concurrent_requests,
+            Rate {
+                per_sec: server.admin_rate_per_sec,
+                burst: server.admin_burst,
+            },
+            Rate {
+                per_sec: server.event_rate_per_sec,
+                burst: server.event_burst,
+            },
         ));
         Ok(Self(Arc::new(AppStateInner {
+            deliveries: Deliveries::new(settings.events.tolerance_secs),
             settings: Arc::new(settings),
             store,
             views,
@@ -179,16 +151,97 @@ impl AppState {
             stats,
             version,
             keys,
-            admin_token_id: crate::http::auth::token_id(admin_token.expose_secret()),
-            admin_token: Arc::new(admin_token),
+            admin_token_id: crate::security::token_id(admin_token.expose_secret()),
+            admin_token,
             token_generated,
-            seen_signatures,
             limits,
             prometheus,
             snapshots,
+            tasks,
             started: Arc::new(AtomicBool::new(false)),
         })))
     }
+}
+
+/// Redis, the memory tier, the tiered store over them, and the near cache in front.
+fn build_store(
+    settings: &Settings,
+    keys: &Keyspace,
+    version: &Arc<KeyVersion>,
+    admin_token: &Arc<SecretString>,
+) -> anyhow::Result<NearStore> {
+    let r = &settings.redis;
+    let redis = RedisStore::new(
+        &RedisOptions {
+            url: r.url.expose_secret().to_owned(),
+            command_timeout: ms(r.command_timeout_ms),
+            connect_timeout: ms(r.connect_timeout_ms),
+            pool_max_size: r.pool_max_size,
+            pool_timeout: ms(r.pool_timeout_ms),
+            pool_create_timeout: ms(r.pool_create_timeout_ms),
+            pool_recycle_timeout: ms(r.pool_recycle_timeout_ms),
+            scan_batch: r.scan_batch,
+            gen_ttl: gen_ttl(settings),
+        },
+        keys.clone(),
+    )
+    .context("set up the redis client")?;
+    let memory = MemoryStore::new(settings.memory.max_bytes, keys.clone());
+    let journal_path = Some(settings.journal.path.trim())
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from);
+    let tiered = Arc::new(FallbackStore::new(
+        redis,
+        memory,
+        keys.clone(),
+        version.clone(),
+        admin_token.clone(),
+        TieredOptions {
+            journal_path,
+            journal_max_ops: settings.journal.max_ops,
+            circuit: CircuitOptions {
+                failures: r.circuit_failures,
+                window: ms(r.circuit_window_ms),
+            },
+            rollback_window: Duration::from_secs(r.rollback_window_secs),
+            degraded_max_age: ms(settings.memory.degraded_max_age_ms),
+            peer_timeout: ms(settings.server.peer_timeout_ms),
+        },
+    ));
+    let l1 = &settings.l1;
+    let near = l1.enabled.then(|| Near {
+        cache: Arc::new(NearCache::new(l1.max_bytes, ms(l1.max_lifetime_ms))),
+        bus: Arc::new(Bus::new(
+            &settings.cache.prefix,
+            ms(l1.ack_timeout_ms),
+            ms(r.probe_interval_ms),
+        )),
+    });
+    Ok(NearStore::new(tiered, near, ReadCounters::default()))
+}
+
+fn read_through_options(settings: &Settings) -> anyhow::Result<ReadThroughOptions> {
+    Ok(ReadThroughOptions {
+        policies: settings.view_policies(),
+        not_found_ttl: Duration::from_secs(settings.cache.not_found_ttl),
+        coalesce: CoalesceOptions {
+            wait: ms(settings.coalesce.wait_timeout_ms),
+            lock_ttl: ms(settings.coalesce.lock_ttl_ms),
+            lock_poll: ms(settings.coalesce.lock_poll_ms),
+        },
+        refresh: RefreshOptions {
+            min_hits: settings.refresh.min_hits,
+            ahead_percent: settings.refresh.ahead_percent,
+            concurrency: settings.refresh.concurrency,
+            jitter: ms(settings.refresh.jitter_ms),
+            max_backoff: Duration::from_secs(settings.refresh.max_backoff_secs),
+            volatile_fields: settings.refresh.volatile_fields.clone(),
+        },
+        auth: settings.auth.mode(),
+        jwt: settings.jwt_verifier()?.map(Arc::new),
+        validation_ttl: Duration::from_secs(settings.auth.validation_ttl),
+        max_entry_bytes: settings.cache.max_entry_bytes,
+    })
 }
 
 /// Generation counters must outlive every entry stamped with them: twice the longest
@@ -197,21 +250,8 @@ fn gen_ttl(settings: &Settings) -> Duration {
     let longest = settings
         .view_policies()
         .iter()
-        .map(|p| p.ttl + p.grace.max(p.stale_if_error))
+        .map(|p| p.ttl + p.stale_window())
         .max()
         .unwrap_or_default();
     (longest * 2).max(Duration::from_secs(86_400))
-}
-
-/// 32 random bytes, hex-encoded.
-fn generate_token() -> String {
-    let mut bytes = [0u8; 32];
-    if getrandom::fill(&mut bytes).is_err() {
-        // No OS randomness is a broken host; a v4 UUID pair still comes from a CSPRNG-seeded source.
-        let a = uuid::Uuid::new_v4();
-        let b = uuid::Uuid::new_v4();
-        bytes[..16].copy_from_slice(a.as_bytes());
-        bytes[16..].copy_from_slice(b.as_bytes());
-    }
-    crate::cache::hex(&bytes)
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Deserializer};
 
-use crate::cache::policy::TtlTier;
-use crate::cache::{validate_run_id, validate_version};
+use crate::domain::{TtlTier, ViewPolicy, validate_run_id, validate_version};
+use crate::security::JwtVerifier;
 
 /// Why settings could not be loaded. The message names the setting at fault.
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +254,17 @@ impl Settings {
             ),
             ("refresh.max_backoff_secs", self.refresh.max_backoff_secs),
             ("l1.max_lifetime_ms", self.l1.max_lifetime_ms),
+            (
+                "server.event_rate_per_sec",
+                u64::from(self.server.event_rate_per_sec),
+            ),
+            ("server.event_burst", u64::from(self.server.event_burst)),
+            ("server.peer_timeout_ms", self.server.peer_timeout_ms),
+            (
+                "redis.circuit_failures",
+                u64::from(self.redis.circuit_failures),
+            ),
+            ("journal.max_ops", self.journal.max_ops as u64),
             ("l1.ack_timeout_ms", self.l1.ack_timeout_ms),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -312,6 +323,16 @@ impl Settings {
         for id in &self.warm.model_run_ids {
             validate_run_id(id).map_err(|e| invalid("warm.model_run_ids", e))?;
         }
+        if let Some(url) = &self.server.advertise_url {
+            let parsed = reqwest::Url::parse(url)
+                .map_err(|e| invalid("server.advertise_url", e.to_string()))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+                return Err(invalid(
+                    "server.advertise_url",
+                    "must be an http(s) URL with a host",
+                ));
+            }
+        }
         for origin in &self.cors.allowed_origins {
             if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
                 return Err(invalid(
@@ -324,8 +345,7 @@ impl Settings {
     }
 
     /// The freshness rules of the three views, indexed by `View::index`.
-    pub fn view_policies(&self) -> [crate::cache::read_through::ViewPolicy; 3] {
-        use crate::cache::read_through::ViewPolicy;
+    pub fn view_policies(&self) -> [ViewPolicy; 3] {
         let v = &self.views;
         let policy = |ttl: Ttl, grace: u64, sie: u64| ViewPolicy {
             ttl: ttl.0,
@@ -348,7 +368,7 @@ impl Settings {
     }
 
     /// The JWT verifier of `auth.frontend = jwt` (`None` in other modes).
-    pub fn jwt_verifier(&self) -> Result<Option<crate::cache::access::JwtVerifier>, ConfigError> {
+    pub fn jwt_verifier(&self) -> Result<Option<JwtVerifier>, ConfigError> {
         let a = &self.auth;
         if a.frontend != "jwt" {
             return Ok(None);
@@ -362,7 +382,7 @@ impl Settings {
             })?),
             None => None,
         };
-        crate::cache::access::JwtVerifier::new(
+        JwtVerifier::new(
             &a.jwt_algorithm,
             a.jwt_secret.as_ref().map(|s| s.expose_secret().as_bytes()),
             pem.as_deref(),

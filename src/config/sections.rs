@@ -23,10 +23,20 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     /// Requests in flight before new ones are shed with 503 (default 1024).
     pub max_concurrent_requests: usize,
-    /// Admin and event requests per second per client address (default 20; 429 above).
+    /// Admin requests per second per client address (default 20; 429 above).
     pub admin_rate_per_sec: u32,
-    /// Burst of admin and event requests per client address (default 40).
+    /// Burst of admin requests per client address (default 40).
     pub admin_burst: u32,
+    /// Event requests (and peer invalidations) per second per client address (default 1000;
+    /// 429 above): a training sweep sends one per run.
+    pub event_rate_per_sec: u32,
+    /// Burst of event requests per client address (default 2000).
+    pub event_burst: u32,
+    /// The URL other instances reach this one at, for invalidations made while Redis is
+    /// unreachable (default unset: `http://` and the address actually bound).
+    pub advertise_url: Option<String>,
+    /// Time-out of one direct invalidation sent to another instance, in ms (default 250).
+    pub peer_timeout_ms: u64,
 }
 
 /// `[origin]`
@@ -75,6 +85,16 @@ pub struct RedisSettings {
     pub pool_recycle_timeout_ms: u64,
     /// SCAN COUNT per step (default 500).
     pub scan_batch: usize,
+    /// Consecutive failed Redis commands that open the circuit… (default 5)
+    pub circuit_failures: u32,
+    /// …provided the failures have gone on this long, in ms (default 1000): one slow reply
+    /// or a short burst of time-outs never sends the instance to its memory tier.
+    pub circuit_window_ms: u64,
+    /// How far back this instance replays invalidations to a Redis that came back from an
+    /// older snapshot, in seconds (default 3600); if it cannot vouch for that long (it started
+    /// more recently, or more invalidations happened than it keeps), every entry is
+    /// invalidated instead.
+    pub rollback_window_secs: u64,
 }
 
 /// `[cache]`
@@ -142,6 +162,10 @@ pub struct MemorySettings {
     pub snapshot_every_changes: u64,
     /// Or after this many seconds with at least one change (default 60).
     pub snapshot_interval_secs: u64,
+    /// While serving from memory and knowing of other instances, the oldest entry served, in
+    /// ms (default 2000): an invalidation that could reach this instance by no other path is
+    /// late by at most this.
+    pub degraded_max_age_ms: u64,
 }
 
 /// `[l1]`: the in-process near cache in front of Redis.
@@ -221,6 +245,9 @@ pub struct JournalSettings {
     /// File where invalidations made during a Redis outage are kept until replayed
     /// (default `data/journal.log`); empty keeps them in memory only.
     pub path: String,
+    /// Pending operations before the journal collapses into one invalidation of every entry
+    /// (default 10000).
+    pub max_ops: usize,
 }
 
 /// `[auth]`
@@ -248,8 +275,8 @@ pub struct AuthSettings {
 
 impl AuthSettings {
     /// The parsed mode (validated by [`super::Settings::validate`]).
-    pub fn mode(&self) -> crate::cache::access::FrontendAuth {
-        use crate::cache::access::FrontendAuth;
+    pub fn mode(&self) -> crate::domain::FrontendAuth {
+        use crate::domain::FrontendAuth;
         match self.frontend.as_str() {
             "none" => FrontendAuth::None,
             "jwt" => FrontendAuth::Jwt,

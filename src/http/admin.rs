@@ -13,11 +13,12 @@ use utoipa_axum::routes;
 use super::auth::{AdminAuth, Caller, audit};
 use super::views::{RunId, run_id_from_json};
 use super::{AppJson, AppQuery, json};
-use crate::cache::read_through::WarmReport;
-use crate::cache::{View, validate_logical_key, validate_pattern, validate_version};
+use crate::domain::{View, validate_logical_key, validate_pattern, validate_version};
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::{Cause, VersionSwitch};
+use crate::serve::WarmReport;
 use crate::state::AppState;
+use crate::store::tiered::peers::PeerMessage;
 
 /// Most runs one `/cache/warm` call may name.
 const MAX_WARM_IDS: usize = 100;
@@ -32,6 +33,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_invalidation))
         .routes(routes!(create_warmup))
         .routes(routes!(switch_version))
+        .routes(routes!(apply_peer_invalidation))
 }
 
 /// Query of a clear.
@@ -188,7 +190,7 @@ pub async fn create_invalidation(
             for k in keys {
                 validate_logical_key(k).map_err(AppError::InvalidArgument)?;
             }
-            let n = state.invalidator.keys(keys).await?;
+            let n = state.invalidator.keys(keys, Cause::Admin).await?;
             (format!("keys:{}", keys.len()), n)
         }
         _ => {
@@ -289,4 +291,44 @@ pub async fn switch_version(
         switched.cleared,
     );
     Ok(json(StatusCode::OK, &switched))
+}
+
+/// Applies an invalidation another instance made while it could not reach Redis (SPEC
+/// section 2, "Several instances while Redis is unreachable"). Instances authenticate to each
+/// other with the admin token; an invalidation may only name this service's keyspace.
+#[utoipa::path(post, path = "/cache/peer-invalidation", tag = "admin", security(("bearer" = [])), request_body = PeerMessage,
+    responses((status = 200, description = "Applied (to Redis if this instance reaches it, else to its memory tier)", body = InvalidatedResponse),
+        (status = 400, description = "Invalid body, or keys outside this service's keyspace", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody)))]
+pub async fn apply_peer_invalidation(
+    _: AdminAuth,
+    caller: Caller,
+    State(state): State<AppState>,
+    AppJson(message): AppJson<PeerMessage>,
+) -> Result<Response> {
+    let from_ok = !message.from.is_empty()
+        && message.from.len() <= 64
+        && message.from.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !from_ok {
+        return Err(AppError::InvalidArgument(
+            "from must be 1-64 letters and digits".into(),
+        ));
+    }
+    if !message.invalidation.is_within(state.keys.prefix()) {
+        return Err(AppError::InvalidArgument(
+            "the invalidation names keys outside this service's keyspace".into(),
+        ));
+    }
+    let invalidated = state.store.apply_from_peer(&message.invalidation).await;
+    state.invalidator.record_peer(invalidated);
+    let target = format!("peer:{}", message.from);
+    audit(
+        &state.admin_token_id,
+        &caller,
+        "peer-invalidation",
+        &target,
+        invalidated,
+    );
+    Ok(json(StatusCode::OK, &InvalidatedResponse { invalidated }))
 }

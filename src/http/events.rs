@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::admin::InvalidatedResponse;
-use super::auth::{Caller, audit, check_event};
+use super::auth::{Caller, EventAuth, audit, check_event};
 use super::views::{RunId, run_id_from_json};
 use super::{RawBody, json, parse_json};
 use crate::error::{ErrorBody, Result};
@@ -46,11 +46,24 @@ async fn handle(
     let via = check_event(headers, raw, state)?;
     let body: EventBody = parse_json(raw)?;
     let id = run_id_from_json(&body.model_run_id)?;
-    let invalidated = state.invalidator.run(&id, Cause::Event).await?;
-    let who = if via == "signature" {
-        "signature"
-    } else {
-        state.admin_token_id.as_str()
+    let invalidate = || state.invalidator.run(&id, Cause::Event);
+    let (who, invalidated) = match &via {
+        EventAuth::Token => (state.admin_token_id.as_str(), invalidate().await?),
+        // A signature counts as used once its invalidation is applied: a delivery that failed
+        // may be retried, and a repeated one is answered alike and applies nothing again.
+        EventAuth::Signature(sig) => {
+            let delivery = state.deliveries.apply_once(sig, invalidate).await?;
+            if delivery.repeated {
+                tracing::info!(run_id = %id, event, "signed event delivered again; already applied");
+                return Ok(json(
+                    StatusCode::OK,
+                    &InvalidatedResponse {
+                        invalidated: delivery.invalidated,
+                    },
+                ));
+            }
+            ("signature", delivery.invalidated)
+        }
     };
     audit(who, caller, event, &id, invalidated);
     Ok(json(StatusCode::OK, &InvalidatedResponse { invalidated }))
@@ -59,9 +72,9 @@ async fn handle(
 /// A run finished training.
 #[utoipa::path(post, path = "/events/training-completed", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
     responses(
-        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, and journaled)", body = InvalidatedResponse),
+        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, journaled, and sent to the other instances); a signed delivery already applied gets the same answer again", body = InvalidatedResponse),
         (status = 400, description = "Invalid body", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token, or a bad, stale or replayed signature", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token, or a bad or stale signature", body = ErrorBody),
         (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
         (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn training_completed(
@@ -76,9 +89,9 @@ pub async fn training_completed(
 /// A run's training failed.
 #[utoipa::path(post, path = "/events/training-failed", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
     responses(
-        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, and journaled)", body = InvalidatedResponse),
+        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, journaled, and sent to the other instances); a signed delivery already applied gets the same answer again", body = InvalidatedResponse),
         (status = 400, description = "Invalid body", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token, or a bad, stale or replayed signature", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token, or a bad or stale signature", body = ErrorBody),
         (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
         (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn training_failed(
@@ -93,9 +106,9 @@ pub async fn training_failed(
 /// A run was deleted.
 #[utoipa::path(post, path = "/events/model-deleted", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
     responses(
-        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, and journaled)", body = InvalidatedResponse),
+        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, journaled, and sent to the other instances); a signed delivery already applied gets the same answer again", body = InvalidatedResponse),
         (status = 400, description = "Invalid body", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token, or a bad, stale or replayed signature", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token, or a bad or stale signature", body = ErrorBody),
         (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
         (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn model_deleted(

@@ -27,9 +27,9 @@ use tokio::net::TcpListener;
 use tower::Service;
 
 use super::{FastRequestId, X_REQUEST_ID};
-use crate::cache::access::FrontendAuth;
-use crate::cache::read_through::ViewRequest;
-use crate::cache::{View, feature_importance_key, is_run_id, metrics_key};
+use crate::domain::FrontendAuth;
+use crate::domain::{View, feature_importance_key, is_run_id, metrics_key};
+use crate::serve::ViewRequest;
 use crate::state::AppState;
 
 /// A view request the lane may answer.

@@ -284,7 +284,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 /// compressed bodies. One middleware rather than three: each axum middleware boxes and moves
 /// the future it wraps, on every request.
 async fn edge(
-    state: axum::extract::State<std::sync::Arc<limits::Limits>>,
+    state: axum::extract::State<std::sync::Arc<crate::security::Limits>>,
     req: Request,
     next: middleware::Next,
 ) -> Response {

@@ -14,9 +14,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::json;
-use crate::cache::{Store, Tier};
 use crate::metrics::names;
 use crate::state::AppState;
+use crate::store::Tier;
 
 /// Routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -75,16 +75,16 @@ pub async fn get_ready(State(state): State<AppState>) -> Response {
     let probe = Duration::from_millis(state.settings.redis.connect_timeout_ms.max(200));
     let (redis, origin) = tokio::join!(
         async {
-            tokio::time::timeout(probe, state.store.redis().health_check())
+            tokio::time::timeout(probe, state.store.tiered().redis_reachable())
                 .await
-                .is_ok_and(|r| r.is_ok())
+                .unwrap_or(false)
         },
         state.views.origin().is_reachable(Duration::from_secs(1)),
     );
     let started = state.started.load(Ordering::Acquire);
     let body = Ready {
         status: if started { "ready" } else { "starting" }.into(),
-        store: state.store.tier().as_str().into(),
+        store: state.store.tiered().tier().as_str().into(),
         version: state.version.get().as_str().to_owned(),
         redis: Reachability { reachable: redis },
         origin: Reachability { reachable: origin },
@@ -101,8 +101,8 @@ pub async fn get_ready(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Prometheus text exposition format (version 0.0.4)", body = String, content_type = "text/plain")))]
 pub async fn get_metrics(State(state): State<AppState>) -> Response {
-    let memory = state.store.memory();
-    metrics::gauge!(names::REDIS_UP).set(if state.store.tier() == Tier::Redis {
+    let memory = state.store.tiered().memory();
+    metrics::gauge!(names::REDIS_UP).set(if state.store.tiered().tier() == Tier::Redis {
         1.0
     } else {
         0.0

@@ -14,15 +14,15 @@ use utoipa_axum::routes;
 
 use super::auth::AdminAuth;
 use super::json;
-use crate::cache::fallback::TierCounts;
-use crate::cache::near::NearCounts;
-use crate::cache::policy::TtlTier;
-use crate::cache::redis::RedisInfo;
-use crate::cache::snapshot::SnapshotStatus;
-use crate::cache::{Store, Tier, View};
+use crate::domain::{TtlTier, View};
 use crate::error::ErrorBody;
 use crate::metrics::stats::ViewStats;
 use crate::state::AppState;
+use crate::store::Tier;
+use crate::store::near::NearCounts;
+use crate::store::redis::RedisInfo;
+use crate::store::snapshot::SnapshotStatus;
+use crate::store::tiered::TierCounts;
 
 /// Routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -66,8 +66,13 @@ pub struct StatsBody {
     pub p95_latency_ms: f64,
     /// 99th percentile request latency.
     pub p99_latency_ms: f64,
-    /// Entries of the current version in the store in use.
+    /// Entries of the current version in the store in use (see `keys_method`).
     pub keys: u64,
+    /// How `keys` was counted: `scan` (one SCAN of Redis at a time, at most every 10 s,
+    /// whatever the number of callers; `keys_age_ms` old) or `memory` (counted now).
+    pub keys_method: String,
+    /// Milliseconds since `keys` was counted.
+    pub keys_age_ms: u64,
     /// Origin time the hits avoided (hits × mean origin latency, per view).
     pub time_saved_ms_estimate: f64,
     /// Entries filled by warming.
@@ -82,6 +87,11 @@ pub struct StatsBody {
     pub refresh_changed: u64,
     /// Refreshes that found the run gone.
     pub refresh_gone: u64,
+    /// Refreshes the origin refused to the refreshing credential.
+    pub refresh_refused: u64,
+    /// Keys backing off after failed refreshes (bounded, forgotten after
+    /// `refresh.max_backoff_secs`).
+    pub refresh_backoff_keys: u64,
     /// Refreshes that failed.
     pub refresh_errors: u64,
 }
@@ -134,6 +144,8 @@ pub struct MemoryBody {
     pub evictions: u64,
     /// Entries expired.
     pub expirations: u64,
+    /// Counters the memory tier holds (none while Redis serves; bounded).
+    pub generations: u64,
     /// Snapshots (absent when `memory.snapshot_path` is unset).
     pub snapshot: Option<SnapshotStatus>,
 }
@@ -228,18 +240,12 @@ fn view_body(v: &ViewStats, ttl_seconds: u64) -> ViewStatsBody {
 async fn stats(state: &AppState) -> StatsResponse {
     let s = &state.stats;
     let version = state.version.get();
-    let tier = state.store.tier();
-    let keys = state
-        .store
-        .count_matching(&state.keys.entry_pattern(&version, "*"))
-        .await
-        .unwrap_or(0);
-    let redis = match tier {
-        Tier::Redis => state.store.redis().info().await.ok(),
-        Tier::Memory => None,
-    };
-    let memory = state.store.memory();
-    memory.run_pending_tasks().await;
+    let tiered = state.store.tiered();
+    let tier = tiered.tier();
+    let counted = tiered.key_count(&version).await;
+    let redis = tiered.info().await;
+    let memory = tiered.memory();
+    memory.run_pending_tasks();
     if let Some(near) = state.store.near() {
         near.cache.run_pending_tasks();
     }
@@ -256,7 +262,7 @@ async fn stats(state: &AppState) -> StatsResponse {
         backend: tier.as_str().to_owned(),
         version: version.as_str().to_owned(),
         redis_reachable: tier == Tier::Redis,
-        pending_invalidations: state.store.pending_invalidations().await as u64,
+        pending_invalidations: tiered.pending_invalidations() as u64,
         stats: StatsBody {
             hits,
             misses,
@@ -274,7 +280,9 @@ async fn stats(state: &AppState) -> StatsResponse {
             p50_latency_ms: round2(s.latency.quantile_ms(0.50)),
             p95_latency_ms: round2(s.latency.quantile_ms(0.95)),
             p99_latency_ms: round2(s.latency.quantile_ms(0.99)),
-            keys,
+            keys: counted.keys,
+            keys_method: counted.method.to_owned(),
+            keys_age_ms: counted.age_ms,
             time_saved_ms_estimate: round2(
                 View::ALL.iter().map(|v| s.view(*v).time_saved_ms()).sum(),
             ),
@@ -283,11 +291,14 @@ async fn stats(state: &AppState) -> StatsResponse {
             refreshes: s.sum(|v| &v.refresh_unchanged)
                 + s.sum(|v| &v.refresh_changed)
                 + s.sum(|v| &v.refresh_gone)
+                + s.sum(|v| &v.refresh_refused)
                 + s.sum(|v| &v.refresh_errors),
             refresh_unchanged: s.sum(|v| &v.refresh_unchanged),
             refresh_changed: s.sum(|v| &v.refresh_changed),
             refresh_gone: s.sum(|v| &v.refresh_gone),
+            refresh_refused: s.sum(|v| &v.refresh_refused),
             refresh_errors: s.sum(|v| &v.refresh_errors),
+            refresh_backoff_keys: state.views.refresh_backoff_keys(),
         },
         views: View::ALL
             .iter()
@@ -300,9 +311,10 @@ async fn stats(state: &AppState) -> StatsResponse {
             max_bytes: memory.max_bytes(),
             evictions: memory.removals().evicted.load(Relaxed),
             expirations: memory.removals().expired.load(Relaxed),
+            generations: memory.counter_count(),
             snapshot: state.snapshots.as_ref().map(|s| s.status()),
         },
-        store: state.store.counts(),
+        store: tiered.counts(),
         l1: state.store.near_counts(),
         config: ConfigBody {
             prefix: state.keys.prefix().to_owned(),
@@ -317,7 +329,7 @@ async fn stats(state: &AppState) -> StatsResponse {
         message: format!(
             "Cache statistics retrieved successfully ({} backend, {} entries)",
             tier.as_str(),
-            keys
+            counted.keys
         ),
     }
 }

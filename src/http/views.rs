@@ -14,11 +14,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{AppJson, AppQuery, OriginAnswer, parse_use_cache};
-use crate::cache::read_through::{ViewRequest, ViewResponse};
-use crate::cache::validate_run_id;
+use crate::domain::validate_run_id;
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::Cause;
 use crate::origin::{OriginError, OriginRequest};
+use crate::serve::{ViewRequest, ViewResponse};
 use crate::state::AppState;
 
 /// Routes of this resource.

@@ -1,14 +1,17 @@
-//! Invalidation by run, by logical keys, by pattern and by version switch, applied to every
-//! tier (see `FallbackStore::invalidate`). Callable from handlers and background tasks alike.
+//! Invalidation by run, by logical keys, by pattern and by version switch. Each becomes one
+//! [`Invalidation`] applied by the store to every tier (and every instance) before it is
+//! acknowledged, and each bumps a counter that the entries it drops depend on, so that a
+//! fetch in flight cannot store an entry behind it: a run's generation, a view's, or the clear
+//! sequence for keys and narrower patterns. Callable from handlers and background tasks alike.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::cache::{
-    FallbackStore, KeyVersion, Keyspace, Store, StoreError, Tier, View, feature_importance_key,
-    metrics_key,
-};
+use crate::domain::{View, feature_importance_key, metrics_key};
+use crate::metrics::Stats;
+use crate::store::{Invalidation, KeyVersion, Keyspace, Shared, Store, StoreError, Tier};
+use crate::tasks::Tasks;
 
 /// The views every key of which `pattern` matches.
 fn covered_views(pattern: &str) -> Vec<View> {
@@ -25,7 +28,6 @@ fn covered_views(pattern: &str) -> Vec<View> {
         })
         .collect()
 }
-use crate::metrics::Stats;
 
 /// Why entries are being dropped (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +44,24 @@ pub enum Cause {
     Version,
     /// Refresh-ahead found the run changed or gone.
     Refresh,
+    /// Another instance's invalidation, made while it could not reach Redis.
+    Peer,
 }
 
 impl Cause {
-    fn as_str(self) -> &'static str {
+    /// Every cause, for metrics registered at zero.
+    pub const ALL: [Cause; 7] = [
+        Cause::Event,
+        Cause::RunDeleted,
+        Cause::Admin,
+        Cause::Clear,
+        Cause::Version,
+        Cause::Refresh,
+        Cause::Peer,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
         match self {
             Cause::Event => "event",
             Cause::RunDeleted => "run_deleted",
@@ -53,6 +69,7 @@ impl Cause {
             Cause::Clear => "pattern",
             Cause::Version => "version",
             Cause::Refresh => "refresh",
+            Cause::Peer => "peer",
         }
     }
 }
@@ -69,31 +86,45 @@ pub struct VersionSwitch {
 }
 
 /// Applies invalidations. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Invalidator {
-    store: Arc<FallbackStore>,
+    store: Arc<dyn Store>,
+    shared: Arc<dyn Shared>,
     keys: Keyspace,
     version: Arc<KeyVersion>,
     stats: Arc<Stats>,
+    tasks: Tasks,
+}
+
+impl std::fmt::Debug for Invalidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invalidator").finish_non_exhaustive()
+    }
 }
 
 impl Invalidator {
-    /// Builds an invalidator over `store`.
+    /// Builds an invalidator over `store` (with its shared side `shared`); background
+    /// clean-ups run on `tasks`.
     pub fn new(
-        store: Arc<FallbackStore>,
+        store: Arc<dyn Store>,
+        shared: Arc<dyn Shared>,
         keys: Keyspace,
         version: Arc<KeyVersion>,
         stats: Arc<Stats>,
+        tasks: Tasks,
     ) -> Self {
         Self {
             store,
+            shared,
             keys,
             version,
             stats,
+            tasks,
         }
     }
 
-    fn record(&self, cause: Cause, result: Result<u64, StoreError>) -> Result<u64, StoreError> {
+    async fn apply(&self, inv: Invalidation, cause: Cause) -> Result<u64, StoreError> {
+        let result = self.store.invalidate(&inv).await;
         if let Ok(n) = result {
             self.stats.record_invalidation(cause.as_str(), n);
         }
@@ -103,24 +134,20 @@ impl Invalidator {
     /// Drops a run's metrics, every feature-importance variant, and precisely the
     /// comparisons that include it (through the run's tag set). Returns entries dropped.
     pub async fn run(&self, run_id: &str, cause: Cause) -> Result<u64, StoreError> {
-        let result = async {
-            let v = self.version.get();
-            // First the generation: a fetch already in flight for this run stores an entry
-            // stamped with the old one, which is never served.
-            self.store.bump(&[self.keys.run_gen(&v, run_id)]).await?;
-            // The base keys are deleted directly too, so a lost tag set cannot keep them alive.
-            let direct = [
+        let v = self.version.get();
+        let inv = Invalidation {
+            // First the generation: every entry that depends on the run is unservable at
+            // once, and a fetch already in flight for it cannot store.
+            bump: vec![self.keys.run_gen(&v, run_id)],
+            // The base keys are deleted directly too, so a lost tag set cannot keep them.
+            delete: vec![
                 self.keys.entry(&v, &metrics_key(run_id)),
                 self.keys.entry(&v, &feature_importance_key(run_id, None)),
-            ];
-            let a = self.store.delete(&direct).await?;
-            let b = self
-                .store
-                .delete_tagged(&self.keys.run_tag(&v, run_id))
-                .await?;
-            Ok(a + b)
-        }
-        .await;
+            ],
+            tagged: vec![self.keys.run_tag(&v, run_id)],
+            ..Invalidation::default()
+        };
+        let result = self.apply(inv, cause).await;
         match &result {
             Ok(n) => tracing::info!(
                 run_id,
@@ -132,43 +159,53 @@ impl Invalidator {
                 tracing::warn!(run_id, cause = cause.as_str(), error = %e, "run invalidation failed")
             }
         }
-        self.record(cause, result)
+        result
     }
 
-    /// Drops the named logical keys of the current version.
-    pub async fn keys(&self, logical: &[String]) -> Result<u64, StoreError> {
+    /// Drops the named logical keys of the current version. The clear sequence is bumped, so
+    /// that no fetch that overlapped the invalidation stores one of them behind it.
+    pub async fn keys(&self, logical: &[String], cause: Cause) -> Result<u64, StoreError> {
         let v = self.version.get();
-        let physical: Vec<String> = logical.iter().map(|k| self.keys.entry(&v, k)).collect();
-        let result = self.store.delete(&physical).await;
-        self.record(Cause::Admin, result)
+        let inv = Invalidation {
+            bump: vec![self.keys.clears(&v)],
+            delete: logical.iter().map(|k| self.keys.entry(&v, k)).collect(),
+            ..Invalidation::default()
+        };
+        self.apply(inv, cause).await
     }
 
     /// Drops the entries of the current version whose logical key matches `pattern`
     /// (validated: only `*` and `?` are special), in SCAN batches. A pattern covering whole
-    /// views (`*`, `model:*`, `model:{view}:*`) also bumps their generations, so fetches in
-    /// flight cannot store for later readers; other patterns delete only.
+    /// views (`*`, `model:*`, `model:{view}:*`) also bumps their generations; every pattern
+    /// bumps the clear sequence, so fetches in flight cannot store behind it.
     pub async fn pattern(&self, pattern: &str, cause: Cause) -> Result<u64, StoreError> {
         let v = self.version.get();
-        let result = async {
-            let gens: Vec<String> = covered_views(pattern)
-                .into_iter()
-                .map(|view| self.keys.view_gen(&v, view))
-                .collect();
-            self.store.bump(&gens).await?;
-            self.store
-                .delete_matching(&self.keys.entry_pattern(&v, pattern))
-                .await
-        }
-        .await;
-        self.record(cause, result)
+        let mut bump: Vec<String> = covered_views(pattern)
+            .into_iter()
+            .map(|view| self.keys.view_gen(&v, view))
+            .collect();
+        bump.push(self.keys.clears(&v));
+        let inv = Invalidation {
+            bump,
+            matching: vec![self.keys.entry_pattern(&v, pattern)],
+            ..Invalidation::default()
+        };
+        self.apply(inv, cause).await
     }
 
-    /// Switches every instance to `new`: entries stored under `new` earlier are deleted first
-    /// (a switch never revives them), then the shared version is written; older entries become
-    /// unreachable at once and are deleted in the background. Needs Redis, where the version
-    /// lives.
+    /// Applies an invalidation another instance sent while it could not reach Redis.
+    pub fn record_peer(&self, dropped: u64) {
+        self.stats
+            .record_invalidation(Cause::Peer.as_str(), dropped);
+    }
+
+    /// Switches every instance to `new`: every entry of the current version becomes
+    /// unservable at once (its view counters are bumped), entries stored under `new` earlier
+    /// are deleted (a switch never revives them), then the shared version is written and
+    /// every near cache emptied; old entries are deleted in the background. Needs Redis, where
+    /// the version lives.
     pub async fn switch_version(&self, new: &str) -> Result<VersionSwitch, StoreError> {
-        if self.store.tier() != Tier::Redis {
+        if self.store.source().tier != Tier::Redis {
             return Err(StoreError::Unavailable(
                 "the key version lives in redis, which is unreachable".into(),
             ));
@@ -181,39 +218,46 @@ impl Invalidator {
                 cleared: 0,
             });
         }
-        let redis = self.store.redis();
-        let cleared = redis
-            .delete_matching(&self.keys.entry_pattern(new, "*"))
-            .await?;
-        redis.delete_matching(&self.keys.tag_pattern(new)).await?;
-        redis
-            .set_string(&self.keys.version_key(), new, false)
+        let mut bump: Vec<String> = View::ALL
+            .into_iter()
+            .map(|view| self.keys.view_gen(&previous, view))
+            .collect();
+        bump.push(self.keys.clears(&previous));
+        bump.push(self.keys.clears(new));
+        let inv = Invalidation {
+            bump,
+            matching: vec![
+                self.keys.entry_pattern(new, "*"),
+                self.keys.tag_pattern(new),
+            ],
+            ..Invalidation::default()
+        };
+        let cleared = self.store.invalidate(&inv).await?;
+        self.shared
+            .meta_set(&self.keys.version_key(), new, false)
             .await?;
         self.version.set(new);
-        self.store.memory().clear();
         // Other instances adopt the version at their next poll; their near caches (which
         // could hold entries of `new` from an earlier use of it) are emptied now.
-        self.store.flush_near_everywhere().await;
+        self.shared.flush_copies().await;
         self.stats
             .record_invalidation(Cause::Version.as_str(), cleared);
         tracing::info!(version = new, previous = %previous, cleared, "key version switched");
 
-        let store = self.store.clone();
+        let shared = self.shared.clone();
         let keys = self.keys.clone();
         let old = previous.clone();
-        tokio::spawn(async move {
-            let entries = store
-                .redis()
-                .delete_matching(&keys.entry_pattern(&old, "*"))
-                .await;
-            let tags = store.redis().delete_matching(&keys.tag_pattern(&old)).await;
-            let _ = store.redis().delete_matching(&keys.gen_pattern(&old)).await;
+        self.tasks.spawn(async move {
+            let entries = shared.purge(&keys.entry_pattern(&old, "*")).await;
+            let tags = shared.purge(&keys.tag_pattern(&old)).await;
+            // The old version's counters stay until they expire (they outlive every entry):
+            // without them an old entry that a purge missed would look current again.
             match (entries, tags) {
                 (Ok(n), Ok(_)) => {
                     tracing::info!(version = %old, deleted = n, "old version's entries deleted")
                 }
                 (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(version = %old, error = %e, "deleting the old version's entries failed; they stay unreachable and expire by TTL")
+                    tracing::warn!(version = %old, error = %e, "deleting the old version's entries failed; they stay unservable and expire by TTL")
                 }
             }
         });

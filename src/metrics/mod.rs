@@ -9,7 +9,7 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::cache::View;
+use crate::domain::View;
 pub use stats::{Outcome, Stats};
 
 /// Metric names.
@@ -42,7 +42,8 @@ pub mod names {
     pub const MEMORY_REMOVALS_TOTAL: &str = "runcache_memory_removals_total";
     /// Requests that waited for another request's origin fetch, by view.
     pub const COALESCED_TOTAL: &str = "runcache_coalesced_total";
-    /// Refresh-ahead fetches by view and result (`unchanged`, `changed`, `gone`, `error`).
+    /// Refresh-ahead fetches by view and result (`unchanged`, `changed`, `gone`, `refused`,
+    /// `error`).
     pub const REFRESHES_TOTAL: &str = "runcache_refreshes_total";
     /// Entries filled by warming.
     pub const WARMED_TOTAL: &str = "runcache_warmed_total";
@@ -161,7 +162,7 @@ pub struct ViewHandles {
     origin_error: Counter,
     origin_duration: Histogram,
     coalesced: Counter,
-    refreshes: [Counter; 4],
+    refreshes: [Counter; 5],
 }
 
 /// Results of a refresh-ahead fetch.
@@ -173,15 +174,19 @@ pub enum RefreshResult {
     Changed,
     /// The origin no longer has the run: its entries were removed.
     Gone,
+    /// The origin refused the refreshing credential (401, 403, or a 404 that hides the run
+    /// from it): its acceptance is withdrawn, nothing else changes.
+    Refused,
     /// The fetch failed; the entry stays servable and the key backs off.
     Error,
 }
 
 impl RefreshResult {
-    const ALL: [RefreshResult; 4] = [
+    const ALL: [RefreshResult; 5] = [
         RefreshResult::Unchanged,
         RefreshResult::Changed,
         RefreshResult::Gone,
+        RefreshResult::Refused,
         RefreshResult::Error,
     ];
 
@@ -191,6 +196,7 @@ impl RefreshResult {
             RefreshResult::Unchanged => "unchanged",
             RefreshResult::Changed => "changed",
             RefreshResult::Gone => "gone",
+            RefreshResult::Refused => "refused",
             RefreshResult::Error => "error",
         }
     }

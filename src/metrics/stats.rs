@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::cache::View;
+use crate::domain::View;
 
 /// How a cached-view request was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +151,8 @@ pub struct ViewStats {
     pub refresh_changed: AtomicU64,
     /// Refresh-ahead fetches that found the run gone (404).
     pub refresh_gone: AtomicU64,
+    /// Refresh-ahead fetches the origin refused to the refreshing credential.
+    pub refresh_refused: AtomicU64,
     /// Refresh-ahead fetches that failed.
     pub refresh_errors: AtomicU64,
 }
@@ -259,6 +261,7 @@ impl Stats {
             R::Unchanged => &v.refresh_unchanged,
             R::Changed => &v.refresh_changed,
             R::Gone => &v.refresh_gone,
+            R::Refused => &v.refresh_refused,
             R::Error => &v.refresh_errors,
         };
         counter.fetch_add(1, Relaxed);

@@ -71,6 +71,9 @@ pub struct OriginControl {
     pub revision: AtomicU64,
     /// Serve `GET /api/v1/models/runs` (for warming the most recent runs).
     pub list_runs: std::sync::atomic::AtomicBool,
+    /// Tokens (the part after `Bearer `) from which run `hidden` is hidden: the origin
+    /// answers them 404, as it does every token it does not know (see [`enter`]).
+    pub hidden_from: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The in-process origin. Clones share it (two instances in front of one origin).
@@ -144,6 +147,20 @@ impl TestOrigin {
     pub fn last_body(&self) -> Option<Value> {
         self.control.last_body.lock().expect("lock").clone()
     }
+
+    /// From now on the origin answers `Bearer {token}` 404 for run `hidden`.
+    pub fn hide_from(&self, token: &str) {
+        self.control
+            .hidden_from
+            .lock()
+            .expect("lock")
+            .insert(token.to_owned());
+    }
+
+    /// Sets the metrics body's `revision` (a real content change).
+    pub fn set_revision(&self, revision: u64) {
+        self.control.revision.store(revision, Ordering::SeqCst);
+    }
 }
 
 /// Counts the call and applies delay / failure / special ids. `Err` is the answer to send.
@@ -161,6 +178,7 @@ async fn enter(
     };
     c.total.fetch_add(1, Ordering::SeqCst);
     let own_auth = headers.get("authorization").cloned();
+    let hidden_auth = own_auth.clone();
     *c.last_headers.lock().expect("lock") = Some(headers);
     let delay = c.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
@@ -186,6 +204,45 @@ async fn enter(
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer")],
                     Json(json!({"detail": "not authenticated"})),
+                )
+                    .into_response());
+            }
+        }
+    }
+    if id == "hidden" {
+        // Run "hidden": tokens A and C may read it (until hidden from them); the origin hides
+        // it from every other caller with a 404, and answers a few tokens otherwise.
+        let token = hidden_auth
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let hidden = |t: &str| c.hidden_from.lock().expect("lock").contains(t);
+        match token.as_deref() {
+            Some(t @ ("A" | "C")) if !hidden(t) => {}
+            Some("T429") => {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, "7")],
+                    Json(json!({"detail": "slow down"})),
+                )
+                    .into_response());
+            }
+            Some("T302") => {
+                return Err((
+                    StatusCode::FOUND,
+                    [(header::LOCATION, "/login?next=hidden")],
+                    Json(json!({"detail": "log in first"})),
+                )
+                    .into_response());
+            }
+            Some("T503") => {
+                return Err((StatusCode::SERVICE_UNAVAILABLE, "origin overloaded").into_response());
+            }
+            _ => {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    Json(json!({"detail": "Model run hidden not found"})),
                 )
                     .into_response());
             }
@@ -226,13 +283,15 @@ async fn metrics(
     headers: HeaderMap,
 ) -> Response {
     let path = format!("/api/v1/models/train/{id}/metrics");
+    // The data as it was when the request arrived: a slow answer is computed from it, so a
+    // change made while the origin is still answering is not in that answer.
+    let revision = c.revision.load(Ordering::SeqCst);
     match enter(&c, path, headers, &id).await {
         // Deliberately odd spacing: the cache must return these bytes, not re-serialised JSON.
         Ok(n) => json_answer(
             &c,
             format!(
-                "{{\"model_run_id\":  \"{id}\", \"accuracy\": 0.93, \"revision\": {}, \"fetch\": {n}, \"pad\": \"{}\"}}",
-                c.revision.load(Ordering::SeqCst),
+                "{{\"model_run_id\":  \"{id}\", \"accuracy\": 0.93, \"revision\": {revision}, \"fetch\": {n}, \"pad\": \"{}\"}}",
                 "x".repeat(200)
             ),
         ),
@@ -354,6 +413,14 @@ pub async fn spawn_app_with(
 }
 
 pub async fn spawn_with_settings(settings: Settings, origin: TestOrigin) -> TestApp {
+    let test_app = start_app_unwaited(settings, origin).await;
+    wait_for(|| async { test_app.state.started.load(Ordering::Acquire) }).await;
+    test_app
+}
+
+/// Like [`spawn_with_settings`], but returns as soon as the app accepts connections, without
+/// waiting for its start-up work (first Redis probe, journal replay, version sync).
+pub async fn start_app_unwaited(settings: Settings, origin: TestOrigin) -> TestApp {
     LazyLock::force(&TRACING);
     settings.validate().expect("valid test settings");
     let prefix = settings.cache.prefix.clone();
@@ -368,7 +435,7 @@ pub async fn spawn_with_settings(settings: Settings, origin: TestOrigin) -> Test
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client");
-    let test_app = TestApp {
+    TestApp {
         address,
         client,
         origin,
@@ -376,9 +443,7 @@ pub async fn spawn_with_settings(settings: Settings, origin: TestOrigin) -> Test
         prefix,
         stop: Some(stop),
         task: Some(task),
-    };
-    wait_for(|| async { test_app.state.started.load(Ordering::Acquire) }).await;
-    test_app
+    }
 }
 
 /// Polls `cond` every 20 ms for up to 10 s.

@@ -10,6 +10,7 @@ mod helpers;
 mod jwt;
 mod near;
 mod ops;
+mod regressions;
 mod resilience;
 mod security;
 mod snapshots;

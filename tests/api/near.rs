@@ -30,11 +30,11 @@ async fn hit_from_near_cache(app: &TestApp, id: &str) {
     for _ in 0..2 {
         assert_eq!(app.metrics(id).await.status(), 200);
     }
-    let before = app.state.store.redis_calls();
+    let before = app.state.store.tiered().redis_calls();
     let resp = app.metrics(id).await;
     assert_eq!(header(&resp, "x-cache"), "HIT");
     assert_eq!(
-        app.state.store.redis_calls(),
+        app.state.store.tiered().redis_calls(),
         before,
         "a near-cache hit sends nothing to redis"
     );
@@ -83,12 +83,12 @@ async fn a_comparison_dropped_on_one_instance_is_gone_from_the_other() {
     for _ in 0..3 {
         assert_eq!(b.compare(json!(["5", "6"])).await.status(), 200);
     }
-    let before = b.state.store.redis_calls();
+    let before = b.state.store.tiered().redis_calls();
     assert_eq!(
         header(&b.compare(json!(["5", "6"])).await, "x-cache"),
         "HIT"
     );
-    assert_eq!(b.state.store.redis_calls(), before);
+    assert_eq!(b.state.store.tiered().redis_calls(), before);
 
     assert_eq!(a.event("model-deleted", json!(6)).await.status(), 200);
     assert_eq!(
@@ -118,10 +118,10 @@ async fn a_lost_subscription_empties_the_near_cache_until_resubscribed() {
     wait_for(|| async { near.cache.counts().flushes >= flushes + 2 && near.cache.is_live() }).await;
     assert_eq!(near.cache.counts().entries, 0);
 
-    let before = app.state.store.redis_calls();
+    let before = app.state.store.tiered().redis_calls();
     assert_eq!(header(&app.metrics("9").await, "x-cache"), "HIT");
     assert!(
-        app.state.store.redis_calls() > before,
+        app.state.store.tiered().redis_calls() > before,
         "after a lost subscription the entry is read from redis again"
     );
 }
@@ -153,9 +153,9 @@ async fn with_l1_disabled_every_hit_reads_redis() {
     for _ in 0..3 {
         app.metrics("12").await;
     }
-    let before = app.state.store.redis_calls();
+    let before = app.state.store.tiered().redis_calls();
     assert_eq!(header(&app.metrics("12").await, "x-cache"), "HIT");
-    assert!(app.state.store.redis_calls() > before);
+    assert!(app.state.store.tiered().redis_calls() > before);
     assert_eq!(app.stats().await["l1"]["enabled"], false);
 }
 

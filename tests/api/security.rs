@@ -30,6 +30,8 @@ async fn admin_routes_and_events_are_rate_limited_per_client() {
     let app = spawn_app_with(None, |s| {
         s.server.admin_rate_per_sec = 1;
         s.server.admin_burst = 2;
+        s.server.event_rate_per_sec = 1;
+        s.server.event_burst = 3;
     })
     .await;
     for _ in 0..2 {
@@ -45,7 +47,12 @@ async fn admin_routes_and_events_are_rate_limited_per_client() {
             .is_ok_and(|s| s >= 1)
     );
     assert_error(limited, 429, "rate_limited").await;
-    let event = app.event("training-completed", json!("1")).await;
+    // Events draw from their own allowance: the admin one is used up, theirs is not.
+    for run in 1..=3 {
+        let event = app.event("training-completed", json!(run)).await;
+        assert_eq!(event.status(), 200);
+    }
+    let event = app.event("training-completed", json!("4")).await;
     assert_error(event, 429, "rate_limited").await;
     assert_eq!(
         app.metrics("1").await.status(),

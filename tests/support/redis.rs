@@ -169,6 +169,23 @@ impl TestRedis {
         cmd.query_async(&mut self.conn_once().await?).await
     }
 
+    /// Like [`TestRedis::cmd`], on a connection without a response time-out, for commands
+    /// that take long on purpose (`DEBUG POPULATE` of a million keys).
+    pub async fn cmd_unbounded<T: redis::FromRedisValue>(
+        &self,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut conn = redis::Client::open(self.url())?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
     /// Every key matching `pattern`, sorted (KEYS: test servers are small).
     pub async fn keys(&self, pattern: &str) -> Vec<String> {
         let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -191,5 +208,22 @@ impl Drop for TestRedis {
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestRedis {
+    /// Like [`TestRedis::save_copy`], but reports a failure instead of panicking (a fault
+    /// schedule must not die of a snapshot it could not take).
+    pub async fn try_save_copy(&self) -> Result<PathBuf, String> {
+        let mut conn = self.conn_once().await.map_err(|e| e.to_string())?;
+        let _: String = redis::cmd("SAVE")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let copy = self
+            .dir
+            .join(format!("saved-{}.rdb", uuid::Uuid::new_v4().simple()));
+        std::fs::copy(self.dir.join("dump.rdb"), &copy).map_err(|e| e.to_string())?;
+        Ok(copy)
     }
 }

@@ -6,7 +6,7 @@ use http::{HeaderMap, Method};
 use serde_json::Value;
 
 use super::{CacheOutcome, ReadThrough, ViewRequest};
-use crate::cache::validate_run_id;
+use crate::domain::validate_run_id;
 use crate::origin::{OriginError, OriginRequest};
 
 /// What a warm-up did.

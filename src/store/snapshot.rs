@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::memory::{MemoryContents, MemoryStore};
-use super::{CacheEntry, Keyspace};
+use super::{CacheEntry, Keyspace, Source, Tier};
 
 const MAGIC: &[u8; 8] = b"RCSNAP1\n";
 
@@ -83,7 +83,13 @@ pub fn decode(raw: &[u8]) -> Result<MemoryContents, String> {
         let key = string(&mut buf)?;
         let expires_at = take(&mut buf, 8)?.get_u64_le();
         let len = take(&mut buf, 4)?.get_u32_le() as usize;
-        let entry = CacheEntry::decode(Bytes::copy_from_slice(take(&mut buf, len)?))
+        // The source is replaced on import: counters mean something only in the memory tier
+        // that loads them.
+        let source = Source {
+            tier: Tier::Memory,
+            incarnation: 0,
+        };
+        let entry = CacheEntry::decode(Bytes::copy_from_slice(take(&mut buf, len)?), source)
             .map_err(|e| e.to_string())?;
         contents.entries.push((key, expires_at, entry));
     }
@@ -177,14 +183,14 @@ impl Snapshotter {
             Ok(c) => c,
             Err(e) => return self.load_failed(e),
         };
-        let now = super::policy::now_ms();
+        let now = crate::domain::policy::now_ms();
         let before = contents.entries.len();
         contents.entries.retain(|(key, expires_at, _)| {
             *expires_at > now && keys.logical(version, key).is_some()
         });
         let loaded = contents.entries.len() as u64;
         let dropped = (before as u64).saturating_sub(loaded);
-        memory.import(contents).await;
+        memory.import(contents);
         self.written_at_changes
             .store(memory.changes(), Ordering::Relaxed);
         tracing::info!(path = %self.path.display(), loaded, dropped, "memory snapshot loaded");
@@ -254,13 +260,18 @@ mod tests {
     use super::*;
 
     fn entry(body: &'static [u8]) -> CacheEntry {
+        let source = Source {
+            tier: Tier::Memory,
+            incarnation: 0,
+        };
         CacheEntry::new(
             200,
-            "application/json".into(),
+            "application/json",
             Bytes::from_static(body),
             1,
             Duration::from_secs(60),
             vec![],
+            crate::store::Stamp::new(source, vec![1], 0),
         )
     }
 
@@ -283,7 +294,7 @@ mod tests {
     async fn loading_drops_expired_entries_and_other_versions() {
         let dir = std::env::temp_dir().join(format!("runcache-snap-{}", uuid::Uuid::new_v4()));
         let path = dir.join("memory.snapshot");
-        let far = super::super::policy::now_ms() + 60_000;
+        let far = crate::domain::policy::now_ms() + 60_000;
         let contents = MemoryContents {
             entries: vec![
                 ("p:v2:model:metrics:1".into(), far, entry(b"1")),
@@ -293,10 +304,10 @@ mod tests {
             gens: vec![],
         };
         write_atomically(&path, &encode(&contents)).expect("write");
-        let memory = MemoryStore::new(1 << 20);
+        let memory = MemoryStore::new(1 << 20, Keyspace::new("p"));
         let snap = Snapshotter::new(path, 10, Duration::from_secs(60));
         snap.load(&memory, &Keyspace::new("p"), "v2").await;
-        memory.run_pending_tasks().await;
+        memory.run_pending_tasks();
         assert_eq!(memory.entry_count(), 1);
         assert_eq!(
             (snap.status().loaded_entries, snap.status().dropped_entries),

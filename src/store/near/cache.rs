@@ -1,8 +1,8 @@
-//! The L1 near cache: a small in-process copy of hot, fresh entries read from Redis, so a hit
-//! costs no Redis round trip. It is only a copy: Redis stays the shared truth, and the near
-//! cache must never serve what an invalidation on any instance has dropped.
+//! The near cache's copies: hot, fresh entries read from Redis, kept in process so that a hit
+//! costs no Redis round trip. Only a copy: Redis stays the shared truth, and a copy must never
+//! be served after an invalidation on any instance has dropped it.
 //!
-//! How it stays coherent (see [`bus`] for the wire side):
+//! How it stays coherent (see [`super::bus`] for the wire side):
 //! - every invalidation is applied here and published on a Redis channel; every instance
 //!   drops the affected entries and confirms, and the invalidating request waits (bounded)
 //!   for every confirmation before it answers;
@@ -14,8 +14,6 @@
 //!   every invalidation before it drops entries, is read before the Redis read and checked
 //!   after the insert.
 
-pub mod bus;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,12 +23,12 @@ use dashmap::DashMap;
 use serde::Serialize;
 use wildmatch::WildMatch;
 
-use super::CacheEntry;
-use super::access::Credential;
-use super::fallback::JournalOp;
+use crate::security::Credential;
+use crate::store::{CacheEntry, Deps, Invalidation};
 
 /// One near-cache entry: the entry as read from Redis (its store time already derived from
-/// the key's remaining life) and the generation counters it was checked against.
+/// the key's remaining life, its stamp naming the Redis incarnation it was read from) and the
+/// counters it depends on.
 #[derive(Debug)]
 pub struct NearSlot {
     /// The entry.
@@ -40,7 +38,7 @@ pub struct NearSlot {
     /// The last credential found accepted for it (`auth.frontend = forward`) and until when,
     /// so repeated hits by one caller skip the lookup.
     pub validated: ArcSwapOption<(Credential, Instant)>,
-    /// Physical keys of its generation counters (view, then runs).
+    /// Physical keys of the counters it depends on (view, runs, clear sequence).
     deps: Vec<String>,
     /// When it stops being served.
     expires_at: Instant,
@@ -148,14 +146,14 @@ impl NearCache {
         self.epoch.load(Ordering::SeqCst)
     }
 
-    /// Keeps `entry` (read from Redis, checked against the generations `deps`, fresh for
-    /// `fresh_for` more, its reads counted on `hits`) unless an invalidation happened since
-    /// `epoch_before` was read.
+    /// Keeps `entry` (read from Redis and servable under `deps`, fresh for `fresh_for` more,
+    /// its reads counted on `hits`) unless an invalidation happened since `epoch_before` was
+    /// read.
     pub fn insert(
         &self,
         key: &str,
         entry: &CacheEntry,
-        deps: &[String],
+        deps: &Deps,
         hits: Arc<AtomicU32>,
         fresh_for: Duration,
         epoch_before: u64,
@@ -178,7 +176,12 @@ impl NearCache {
             entry: entry.clone(),
             hits,
             validated: ArcSwapOption::empty(),
-            deps: deps.to_vec(),
+            deps: deps
+                .counters()
+                .iter()
+                .cloned()
+                .chain(std::iter::once(deps.clears_key().to_owned()))
+                .collect(),
             expires_at,
             weight,
         };
@@ -212,26 +215,26 @@ impl NearCache {
         }
     }
 
-    /// Drops every entry `op` invalidates.
-    pub fn apply(&self, op: &JournalOp) {
+    /// Drops every copy `inv` invalidates.
+    pub fn apply(&self, inv: &Invalidation) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.invalidations.fetch_add(1, Ordering::Relaxed);
-        match op {
-            JournalOp::Delete(keys) => {
-                for key in keys {
-                    self.remove(key);
-                }
-            }
-            JournalOp::Bump(deps) => {
-                self.remove_where(|_, slot| slot.deps.iter().any(|d| deps.iter().any(|b| b == d)))
-            }
-            JournalOp::DeleteTagged(tag) => {
-                self.remove_where(|_, slot| slot.entry.tags.iter().any(|t| t == tag))
-            }
-            JournalOp::DeleteMatching(pattern) => {
-                let glob = WildMatch::new(pattern);
-                self.remove_where(|key, _| glob.matches(key));
-            }
+        if inv.everything {
+            self.remove_where(|_, _| true);
+            return;
+        }
+        for key in &inv.delete {
+            self.remove(key);
+        }
+        if !inv.bump.is_empty() {
+            self.remove_where(|_, slot| slot.deps.iter().any(|d| inv.bump.contains(d)));
+        }
+        if !inv.tagged.is_empty() {
+            self.remove_where(|_, slot| slot.entry.tags.iter().any(|t| inv.tagged.contains(t)));
+        }
+        for pattern in &inv.matching {
+            let glob = WildMatch::new(pattern);
+            self.remove_where(|key, _| glob.matches(key));
         }
     }
 
@@ -326,16 +329,26 @@ impl NearCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Keyspace, Source, Stamp, Tier};
     use bytes::Bytes;
 
+    fn deps(run: &str) -> Deps {
+        Keyspace::new("p").deps("v1", crate::domain::View::Metrics, &[run.to_owned()])
+    }
+
     fn entry(tags: &[&str]) -> CacheEntry {
+        let source = Source {
+            tier: Tier::Redis,
+            incarnation: 0,
+        };
         CacheEntry::new(
             200,
-            "application/json".into(),
+            "application/json",
             Bytes::from_static(b"{}"),
-            crate::cache::policy::now_ms(),
+            crate::domain::policy::now_ms(),
             Duration::from_secs(60),
             tags.iter().map(|t| (*t).to_owned()).collect(),
+            Stamp::new(source, vec![0, 0], 0),
         )
     }
 
@@ -345,10 +358,10 @@ mod tests {
         near
     }
 
-    /// Keeps an untagged entry under `key`, fresh for 10 s, read at `epoch`.
+    /// Keeps an untagged entry of run 0 under `key`, fresh for 10 s, read at `epoch`.
     fn keep(near: &NearCache, key: &str, epoch: u64) {
         let fresh = Duration::from_secs(10);
-        near.insert(key, &entry(&[]), &[], Arc::default(), fresh, epoch);
+        near.insert(key, &entry(&[]), &deps("0"), Arc::default(), fresh, epoch);
     }
 
     #[test]
@@ -366,7 +379,10 @@ mod tests {
     fn a_read_that_raced_an_invalidation_is_not_kept() {
         let near = live();
         let before = near.epoch();
-        near.apply(&JournalOp::Delete(vec!["other".into()]));
+        near.apply(&Invalidation {
+            delete: vec!["other".into()],
+            ..Invalidation::default()
+        });
         keep(&near, "k", before);
         assert!(near.get("k").is_none());
     }
@@ -375,26 +391,47 @@ mod tests {
     fn invalidations_drop_exactly_what_they_name() {
         let near = live();
         let e = near.epoch();
-        let put = |key: &str, tag: &str, dep: &str| {
-            let deps = [dep.to_owned()];
+        let put = |key: &str, tag: &str, run: &str| {
             let fresh = Duration::from_secs(10);
-            near.insert(key, &entry(&[tag]), &deps, Arc::default(), fresh, e);
+            near.insert(key, &entry(&[tag]), &deps(run), Arc::default(), fresh, e);
         };
-        put("p:v1:a", "tag:1", "gen:run:1");
-        put("p:v1:b", "tag:2", "gen:run:2");
-        put("p:v1:c", "tag:3", "gen:ns:x");
+        put("p:v1:a", "tag:1", "1");
+        put("p:v1:b", "tag:2", "2");
+        put("p:v1:c", "tag:3", "3");
         keep(&near, "p:v1:d", e);
-        near.apply(&JournalOp::DeleteTagged("tag:1".into()));
+        let apply = |inv: Invalidation| near.apply(&inv);
+        apply(Invalidation {
+            tagged: vec!["tag:1".into()],
+            ..Invalidation::default()
+        });
         assert!(near.get("p:v1:a").is_none());
         assert!(near.get("p:v1:b").is_some());
-        near.apply(&JournalOp::Bump(vec!["gen:run:2".into()]));
+        apply(Invalidation {
+            bump: vec!["p:_gen:v1:run:2".into()],
+            ..Invalidation::default()
+        });
         assert!(near.get("p:v1:b").is_none());
         assert!(near.get("p:v1:c").is_some());
-        near.apply(&JournalOp::DeleteMatching("p:v1:c*".into()));
+        apply(Invalidation {
+            matching: vec!["p:v1:c*".into()],
+            ..Invalidation::default()
+        });
         assert!(near.get("p:v1:c").is_none());
         assert!(near.get("p:v1:d").is_some());
-        near.apply(&JournalOp::Delete(vec!["p:v1:d".into()]));
+        apply(Invalidation {
+            delete: vec!["p:v1:d".into()],
+            ..Invalidation::default()
+        });
         assert!(near.get("p:v1:d").is_none());
+        keep(&near, "p:v1:e", near.epoch());
+        apply(Invalidation {
+            bump: vec!["p:_gen:v1:clears".into()],
+            ..Invalidation::default()
+        });
+        assert!(
+            near.get("p:v1:e").is_none(),
+            "a clear drops every copy of its version"
+        );
     }
 
     #[test]
@@ -403,7 +440,14 @@ mod tests {
         near.set_live(true);
         let e = near.epoch();
         keep(&near, "capped", e);
-        near.insert("stale", &entry(&[]), &[], Arc::default(), Duration::ZERO, e);
+        near.insert(
+            "stale",
+            &entry(&[]),
+            &deps("0"),
+            Arc::default(),
+            Duration::ZERO,
+            e,
+        );
         assert!(near.get("capped").is_some());
         assert!(
             near.get("stale").is_none(),

@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::fallback::FallbackStore;
-use super::{Keyspace, StoreError, Tier};
+use super::{Keyspace, Shared, StoreError};
 
 /// The version this instance builds keys with. Reading it is a lock-free pointer load.
 #[derive(Debug)]
@@ -40,33 +39,19 @@ impl KeyVersion {
         *old != version
     }
 
-    /// Adopts the version stored in Redis, or stores ours when Redis has none.
-    /// Does nothing while Redis is unreachable.
-    pub async fn sync(&self, store: &FallbackStore, keys: &Keyspace) -> Result<(), StoreError> {
-        if store.tier() != Tier::Redis {
-            return Ok(());
-        }
+    /// Adopts the version stored in Redis, or stores ours when Redis has none. Does nothing
+    /// but fail while Redis is unreachable.
+    pub async fn sync(&self, store: &dyn Shared, keys: &Keyspace) -> Result<(), StoreError> {
         let key = keys.version_key();
-        let result = match store.redis().get_string(&key).await {
-            Ok(Some(stored)) => {
+        match store.meta_get(&key).await? {
+            Some(stored) => {
                 if self.set(&stored) {
                     tracing::info!(version = %stored, "key version changed");
                 }
                 Ok(())
             }
-            Ok(None) => store
-                .redis()
-                .set_string(&key, &self.get(), true)
-                .await
-                .map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = &result
-            && e.is_unavailable()
-        {
-            store.mark_down(e);
+            None => store.meta_set(&key, &self.get(), true).await.map(|_| ()),
         }
-        result
     }
 }
 

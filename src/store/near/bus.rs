@@ -20,16 +20,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::NearCache;
-use crate::cache::fallback::JournalOp;
-use crate::cache::redis::RedisStore;
+use super::cache::NearCache;
+use crate::store::Invalidation;
+use crate::store::tiered::FallbackStore;
 
 /// What an invalidation message asks of every near cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NearOp {
-    /// Drop what this store operation invalidates.
-    Op(JournalOp),
+    /// Drop what this invalidation names.
+    Op(Invalidation),
     /// Drop everything (version switch).
     Flush,
 }
@@ -92,7 +92,7 @@ impl Bus {
 
     /// Publishes `op` and waits until every subscribed instance confirmed it dropped its
     /// copies, or `l1.ack_timeout_ms` passed. Returns whether every confirmation came.
-    pub async fn publish(&self, redis: &RedisStore, near: &NearCache, op: NearOp) -> bool {
+    pub async fn publish(&self, store: &FallbackStore, near: &NearCache, op: NearOp) -> bool {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let waiter = Arc::new(Pending::default());
         self.pending().insert(id, waiter.clone());
@@ -102,7 +102,7 @@ impl Bus {
             op,
         })
         .unwrap_or_default();
-        let confirmed = match redis.publish(&self.channel, &payload).await {
+        let confirmed = match store.redis().publish(&self.channel, &payload).await {
             Ok(receivers) => {
                 let wait = async {
                     loop {
@@ -127,7 +127,7 @@ impl Bus {
         confirmed
     }
 
-    fn handle(&self, near: &NearCache, redis: &RedisStore, channel: &str, payload: &[u8]) {
+    fn handle(&self, near: &NearCache, store: &Arc<FallbackStore>, channel: &str, payload: &[u8]) {
         if channel == self.ack_channel {
             let id = std::str::from_utf8(payload)
                 .ok()
@@ -145,14 +145,22 @@ impl Bus {
         // The sender applied it locally before publishing; everyone confirms.
         if msg.from != self.instance {
             match &msg.op {
-                NearOp::Op(op) => near.apply(op),
+                NearOp::Op(op) => {
+                    near.apply(op);
+                    // Should Redis come back from an older snapshot, this is replayed too.
+                    store.remember(op);
+                }
                 NearOp::Flush => near.flush(),
             }
         }
-        let redis = redis.clone();
+        let store = store.clone();
         let ack_channel = format!("{}{}", self.ack_prefix, msg.from);
         tokio::spawn(async move {
-            if let Err(e) = redis.publish(&ack_channel, &msg.id.to_string()).await {
+            if let Err(e) = store
+                .redis()
+                .publish(&ack_channel, &msg.id.to_string())
+                .await
+            {
                 tracing::debug!(error = %e, "near-cache confirmation not sent");
             }
         });
@@ -162,14 +170,14 @@ impl Bus {
     pub async fn run(
         self: Arc<Self>,
         near: Arc<NearCache>,
-        redis: RedisStore,
+        store: Arc<FallbackStore>,
         connect_timeout: Duration,
         cancel: CancellationToken,
     ) {
         let mut was_live = false;
         loop {
             let subscribe = async {
-                let mut pubsub = redis.client().get_async_pubsub().await?;
+                let mut pubsub = store.redis().client().get_async_pubsub().await?;
                 pubsub.subscribe(&self.channel).await?;
                 pubsub.subscribe(&self.ack_channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
@@ -189,7 +197,7 @@ impl Bus {
                                 return;
                             }
                             msg = messages.next() => match msg {
-                                Some(m) => self.handle(&near, &redis, m.get_channel_name(), m.get_payload_bytes()),
+                                Some(m) => self.handle(&near, &store, m.get_channel_name(), m.get_payload_bytes()),
                                 None => break,
                             },
                         }

@@ -73,7 +73,7 @@ impl ViewResponse {
             CacheOutcome::Hit { ttl, .. } => {
                 let mut s = String::with_capacity(48);
                 s.push_str("runcache; hit; ttl=");
-                crate::cache::push_decimal(&mut s, *ttl);
+                crate::domain::push_decimal(&mut s, *ttl);
                 s
             }
             CacheOutcome::Miss { stored: true, .. } => "runcache; fwd=miss; stored".to_owned(),

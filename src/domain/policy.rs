@@ -1,5 +1,5 @@
-//! Pure freshness rules: TTL tiers, the origin's `Cache-Control`, age and remaining TTL.
-//! Everything takes `now` explicitly so tests never sleep.
+//! Pure freshness rules: TTL tiers, each view's windows, the origin's `Cache-Control`, age and
+//! remaining TTL. Everything takes `now` explicitly so tests never sleep.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -79,6 +79,35 @@ impl TtlTier {
             TtlTier::Week => "ttl_week",
         }
     }
+}
+
+/// Freshness rules of one view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewPolicy {
+    /// Freshness lifetime.
+    pub ttl: Duration,
+    /// How long past its TTL an entry is served while one background refresh runs.
+    pub grace: Duration,
+    /// How long past its TTL an entry may be served when the origin fails.
+    pub stale_if_error: Duration,
+}
+
+impl ViewPolicy {
+    /// How long an entry is kept past its TTL, to be served stale.
+    pub fn stale_window(&self) -> Duration {
+        self.grace.max(self.stale_if_error)
+    }
+}
+
+/// How cached views are protected (`auth.frontend`, SPEC section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontendAuth {
+    /// Serve a hit only to credentials the origin accepted for the entry.
+    Forward,
+    /// Verify the bearer JWT locally; any valid token may read cached views.
+    Jwt,
+    /// Public views.
+    None,
 }
 
 /// What the origin's `Cache-Control` allows a shared cache to do.

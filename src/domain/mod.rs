@@ -1,0 +1,253 @@
+//! The domain: the three views, run ids, logical keys, and the validators that make a bad id,
+//! key, pattern or version unrepresentable past the edge. Plain data and pure functions;
+//! depends on nothing else in the crate (config, store and serve build on it).
+
+pub mod policy;
+
+pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};
+
+/// Longest accepted logical key or clear pattern.
+pub const MAX_KEY_LEN: usize = 512;
+
+/// The three cached views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum View {
+    /// `GET /api/v1/models/train/{id}/metrics`
+    Metrics,
+    /// `GET /api/v1/models/train/{id}/feature-importance`
+    FeatureImportance,
+    /// `POST /api/v1/models/compare`
+    Comparison,
+}
+
+impl View {
+    /// Every view, in a stable order.
+    pub const ALL: [View; 3] = [View::Metrics, View::FeatureImportance, View::Comparison];
+
+    /// The view's namespace in logical keys and its name in stats and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            View::Metrics => "metrics",
+            View::FeatureImportance => "feature_importance",
+            View::Comparison => "comparison",
+        }
+    }
+
+    /// Parses a namespace name as used by `/cache/invalidate`.
+    pub fn from_name(name: &str) -> Option<View> {
+        View::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    /// Index into per-view arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Logical key of a run's metrics.
+pub fn metrics_key(run_id: &str) -> String {
+    concat(&["model:metrics:", run_id])
+}
+
+/// Logical key of a run's feature importance, optionally limited to the top `n`.
+pub fn feature_importance_key(run_id: &str, top_n: Option<u32>) -> String {
+    let mut key = concat(&["model:feature_importance:", run_id]);
+    if let Some(n) = top_n {
+        key.push_str(":top_");
+        push_decimal(&mut key, u64::from(n));
+    }
+    key
+}
+
+/// `parts` joined, in one allocation of the right size (keys are built on every request;
+/// `format!` costs more than the copying).
+pub fn concat(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 12);
+    for p in parts {
+        out.push_str(p);
+    }
+    out
+}
+
+/// Appends `n` in decimal.
+pub fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
+    }
+}
+
+/// Logical key of a comparison of `ids`, which must already be normalised (sorted, unique).
+/// The hash is SHA-256 over the JSON array of the ids, the exact list sent to the origin.
+pub fn comparison_key(ids: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = serde_json::to_vec(ids).unwrap_or_default();
+    format!("model:comparison:{}", hex(&Sha256::digest(&canonical)))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// Whether `id` is a model run id: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn is_run_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    let first_ok = bytes
+        .first()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+    let rest_ok = bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    first_ok && rest_ok && bytes.len() <= 128
+}
+
+/// Checks a model run id: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn validate_run_id(id: &str) -> Result<(), String> {
+    if is_run_id(id) {
+        Ok(())
+    } else {
+        Err(format!(
+            "model_run_id {:?} is invalid: use 1-128 characters of A-Z, a-z, 0-9, '_', '.', '-', not starting with '.' or '-'",
+            truncate(id, 40)
+        ))
+    }
+}
+
+/// Checks a key version name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
+pub fn validate_version(v: &str) -> Result<(), String> {
+    let bytes = v.as_bytes();
+    let ok = bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.len() <= 64
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "version {:?} is invalid: use 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-', starting with a letter or digit",
+            truncate(v, 40)
+        ))
+    }
+}
+
+/// Checks a logical key named by `/cache/invalidate`: 1-512 characters of
+/// `A-Z a-z 0-9 _ . - :`, no glob characters.
+pub fn validate_logical_key(key: &str) -> Result<(), String> {
+    if !key.is_empty() && key.len() <= MAX_KEY_LEN && key.bytes().all(is_key_byte) {
+        Ok(())
+    } else {
+        Err(format!(
+            "key {:?} is invalid: use 1-{MAX_KEY_LEN} characters of A-Z, a-z, 0-9, '_', '.', '-', ':'",
+            truncate(key, 40)
+        ))
+    }
+}
+
+/// Checks a clear pattern: like a logical key, plus the globs `*` and `?`. Character classes
+/// and escapes are refused, so the pattern means the same to Redis and to the memory tier and
+/// can never reach outside this service's prefix and version.
+pub fn validate_pattern(pattern: &str) -> Result<(), String> {
+    let ok = !pattern.is_empty()
+        && pattern.len() <= MAX_KEY_LEN
+        && pattern
+            .bytes()
+            .all(|b| is_key_byte(b) || b == b'*' || b == b'?');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "pattern {:?} is invalid: use 1-{MAX_KEY_LEN} characters of A-Z, a-z, 0-9, '_', '.', '-', ':' and the wildcards '*' and '?'",
+            truncate(pattern, 40)
+        ))
+    }
+}
+
+fn is_key_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':')
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_follow_the_spec_pattern() {
+        for ok in ["42", "run_1", "a.b-c", "_x", &"a".repeat(128)] {
+            assert!(validate_run_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-a",
+            ".a",
+            "a/b",
+            "a b",
+            "a*",
+            &"a".repeat(129),
+            "é",
+        ] {
+            assert!(validate_run_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patterns_refuse_classes_and_escapes() {
+        assert!(validate_pattern("model:metrics:*").is_ok());
+        assert!(validate_pattern("model:?:1").is_ok());
+        for bad in ["", "model:[ab]", "a\\*", "a b", "x{y}"] {
+            assert!(validate_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_are_built_as_documented() {
+        assert_eq!(metrics_key("42"), "model:metrics:42");
+        assert_eq!(
+            feature_importance_key("a.b", Some(1000)),
+            "model:feature_importance:a.b:top_1000"
+        );
+        assert_eq!(
+            feature_importance_key("7", None),
+            "model:feature_importance:7"
+        );
+        let mut s = String::new();
+        for n in [0, 9, 10, 1234567890123, u64::MAX] {
+            s.clear();
+            push_decimal(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
+    }
+
+    #[test]
+    fn comparison_key_depends_only_on_the_normalised_list() {
+        let a = comparison_key(&["1".into(), "2".into()]);
+        let b = comparison_key(&["1".into(), "3".into()]);
+        assert_ne!(a, b);
+        assert!(a.starts_with("model:comparison:") && a.len() == "model:comparison:".len() + 64);
+    }
+}

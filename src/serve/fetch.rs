@@ -1,0 +1,254 @@
+//! A miss, as the leader of its flight does it: re-check the cache, take the cross-instance
+//! lock (or wait for the instance holding it), fetch from the origin, and store the answer
+//! only if the origin allows it and nothing it depends on moved since its stamp was read.
+
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use http::StatusCode;
+
+use super::{CacheOutcome, Ctx, ReadThrough, ViewRequest, ViewResponse};
+use crate::domain::policy::{self, Storability};
+use crate::domain::{View, ViewPolicy};
+use crate::origin::{OriginError, OriginRequest, OriginResponse};
+use crate::store::{CacheEntry, Stamp};
+
+impl ReadThrough {
+    /// Joins the fetch of `ctx`'s entry if one running saw at least `stamp`, or starts one in
+    /// a tracked task.
+    pub(super) fn start_fetch(
+        &self,
+        req: ViewRequest,
+        ctx: Ctx,
+        stamp: Stamp,
+    ) -> (
+        impl Future<Output = Result<ViewResponse, OriginError>> + use<>,
+        bool,
+    ) {
+        let key = ctx.flight.clone();
+        let this = self.clone();
+        let started_under = stamp.clone();
+        self.flights.join_or_start(&key, &stamp, move || {
+            async move { this.fetch_and_store(req, ctx, started_under).await }.boxed()
+        })
+    }
+
+    /// A fresh copy of `ctx`'s entry that its caller may be served, as a hit.
+    fn fresh_for(&self, ctx: &Ctx, entry: &CacheEntry) -> Option<ViewResponse> {
+        if !self.access.may_serve(&ctx.key, ctx.cred, entry.status) {
+            return None;
+        }
+        let now = policy::now_ms();
+        let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
+        Some(self.hit(entry, ttl, now, false))
+    }
+
+    /// The current entry of `ctx` as a fresh hit, or the current stamp to fetch under.
+    async fn recheck(&self, ctx: &Ctx) -> Result<ViewResponse, Option<Stamp>> {
+        match self.store.get(&ctx.key, &ctx.deps).await {
+            Ok(lookup) => {
+                let (entry, current) = lookup.servable();
+                match entry.and_then(|e| self.fresh_for(ctx, &e)) {
+                    Some(hit) => Ok(hit),
+                    None => Err(Some(current)),
+                }
+            }
+            Err(_) => Err(None),
+        }
+    }
+
+    async fn fetch_and_store(
+        &self,
+        req: ViewRequest,
+        ctx: Ctx,
+        mut stamp: Stamp,
+    ) -> Result<ViewResponse, OriginError> {
+        // Another flight may have stored the entry since the lookup; a newer stamp, read
+        // before the origin is asked, is as good as the first.
+        match self.recheck(&ctx).await {
+            Ok(hit) => return Ok(hit),
+            Err(Some(current)) => stamp = current,
+            Err(None) => {}
+        }
+        // Credentials the origin has not accepted for this entry must be put to it: no
+        // waiting for another instance's copy.
+        let token = uuid::Uuid::new_v4().to_string();
+        let lock = self.keys.fetch_lock(&ctx.version, &req.logical_key);
+        let locked = if self.access.knows(&ctx.key, ctx.cred) {
+            match self.acquire_lock(&ctx, &lock, &token).await {
+                Ok(locked) => locked,
+                Err(hit) => {
+                    self.stats.record_coalesced(req.view);
+                    return Ok(hit);
+                }
+            }
+        } else {
+            false
+        };
+        let result = self.fetch_store(req, &ctx, stamp).await;
+        if locked {
+            self.release(lock, token).await;
+        }
+        result
+    }
+
+    /// Releases a fetch lock; if that fails, tries again twice in the background, since
+    /// every other instance waiting for this entry polls the lock until it goes.
+    pub(super) async fn release(&self, lock: String, token: String) {
+        if self.locks.unlock(&lock, &token).await.is_ok() {
+            return;
+        }
+        let locks = self.locks.clone();
+        self.tasks.spawn(async move {
+            for attempt in 1..=2u32 {
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                if locks.unlock(&lock, &token).await.is_ok() {
+                    return;
+                }
+            }
+            tracing::debug!("fetch lock not released; it expires by itself");
+        });
+    }
+
+    /// Takes the cross-instance lock of `ctx`. `Ok(true)`: this fetch holds it, or may (a
+    /// `SET NX` that timed out can still have run): release it afterwards. `Ok(false)`: no
+    /// lock (the lock's lifetime waited out). `Err(hit)`: the instance holding the lock
+    /// stored the entry meanwhile.
+    async fn acquire_lock(&self, ctx: &Ctx, lock: &str, token: &str) -> Result<bool, ViewResponse> {
+        let deadline = Instant::now() + self.coalesce.lock_ttl;
+        loop {
+            match self
+                .locks
+                .try_lock(lock, token, self.coalesce.lock_ttl)
+                .await
+            {
+                Ok(true) | Err(_) => return Ok(true),
+                Ok(false) => {}
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!("fetch lock held past its lifetime; fetching anyway");
+                return Ok(false);
+            }
+            tokio::time::sleep(self.coalesce.lock_poll).await;
+            if let Ok(hit) = self.recheck(ctx).await {
+                return Err(hit.collapsed());
+            }
+        }
+    }
+
+    /// How long `resp` may be stored for `policy`, or why it may not be.
+    pub(super) fn storable(
+        &self,
+        resp: &OriginResponse,
+        policy: ViewPolicy,
+    ) -> Result<Duration, &'static str> {
+        let configured = match resp.status {
+            StatusCode::OK => policy.ttl,
+            StatusCode::NOT_FOUND if !self.not_found_ttl.is_zero() => self.not_found_ttl,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err("refused"),
+            _ => return Err("status"),
+        };
+        if resp.body.len() > self.max_entry_bytes {
+            return Err("too-large");
+        }
+        match policy::storability(resp.cache_control.as_deref(), configured) {
+            Storability::Store(ttl) => Ok(ttl),
+            Storability::DoNotStore(why) => Err(why),
+        }
+    }
+
+    async fn fetch_store(
+        &self,
+        req: ViewRequest,
+        ctx: &Ctx,
+        stamp: Stamp,
+    ) -> Result<ViewResponse, OriginError> {
+        let resp = self.fetch(req.view, req.origin).await?;
+        let ttl = match self.storable(&resp, ctx.policy) {
+            Ok(ttl) => ttl,
+            Err(why) => {
+                // Only an answer that would itself be stored accepts credentials for the
+                // entry: this one withdraws any acceptance, and nothing cached is revealed.
+                self.access.revoke(&ctx.key, ctx.cred);
+                return Ok(self.passthrough_miss(resp, Some(why)));
+            }
+        };
+        self.access.accept(&ctx.key, ctx.cred, resp.status.as_u16());
+        let www_authenticate = resp.www_authenticate.clone();
+        let (entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
+        let (stored, detail) = match self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
+            Ok(true) => {
+                self.stats.record_set();
+                (true, None)
+            }
+            // Something it depends on moved while it was fetched (or the tier changed):
+            // answered to those who asked before, never stored for later readers.
+            Ok(false) => (false, Some("superseded")),
+            Err(e) => {
+                tracing::warn!(error = %e, "cache write failed; answering without storing");
+                (false, Some("store-failed"))
+            }
+        };
+        let mut out = self.entry_response(
+            &entry,
+            CacheOutcome::Miss {
+                stored,
+                detail,
+                collapsed: false,
+            },
+        );
+        out.www_authenticate = www_authenticate;
+        Ok(out)
+    }
+
+    /// The entry for the origin's answer `resp`: tagged with its runs, stamped with what was
+    /// read before the fetch, kept past its TTL for as long as it may be served stale.
+    /// Returns it with that retention.
+    pub(super) fn new_entry(
+        &self,
+        run_ids: &[String],
+        ctx: &Ctx,
+        resp: OriginResponse,
+        ttl: Duration,
+        stamp: Stamp,
+    ) -> (CacheEntry, Duration) {
+        let tags = run_ids
+            .iter()
+            .map(|id| self.keys.run_tag(&ctx.version, id))
+            .collect();
+        let content_type = resp
+            .content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let mut entry = CacheEntry::new(
+            resp.status.as_u16(),
+            content_type,
+            resp.body,
+            policy::now_ms(),
+            ttl,
+            tags,
+            stamp,
+        );
+        let stale_window = ctx.policy.stale_window();
+        entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
+        (entry, ttl + stale_window)
+    }
+
+    /// Fetches from the origin, counting it; a 5xx becomes an error.
+    pub(super) async fn fetch(
+        &self,
+        view: View,
+        req: OriginRequest,
+    ) -> Result<OriginResponse, OriginError> {
+        let started = Instant::now();
+        let result = self.origin.send(req).await;
+        let result = match result {
+            Ok(r) if r.status.is_server_error() => Err(OriginError::Status(r.status)),
+            other => other,
+        };
+        self.stats
+            .record_origin(view, started.elapsed(), result.is_err());
+        result
+    }
+}

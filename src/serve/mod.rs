@@ -1,0 +1,422 @@
+//! Serving the views: read-through (hit, stale, miss, bypass), coalescing, refresh-ahead,
+//! warming and frontend access control. Depends on the store only through its traits
+//! ([`Store`], [`FetchLock`]), on the origin client and on the invalidator; it never sees a
+//! tier.
+//!
+//! - [`request`]: what a view request asks for; [`answer`]: the answer and its cache headers;
+//! - [`fetch`]: a miss, from the cross-instance lock to the conditional store;
+//! - [`coalesce`]: single flight, by stamp; [`access`]: who may be served what;
+//! - [`refresh`]: refresh-ahead with change detection; [`warm`]: warming.
+
+pub mod access;
+mod answer;
+pub mod coalesce;
+mod fetch;
+pub mod refresh;
+pub mod request;
+mod warm;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use http::StatusCode;
+
+pub use answer::{CacheOutcome, ViewResponse};
+pub use refresh::{RefreshOptions, content_hash};
+pub use request::{CoalesceOptions, ReadThroughOptions, ViewRequest};
+pub use warm::{WarmFailure, WarmReport};
+
+use self::access::AccessControl;
+use self::coalesce::Flights;
+use crate::domain::policy::{self, Freshness};
+use crate::domain::{FrontendAuth, View, ViewPolicy};
+use crate::invalidation::Invalidator;
+use crate::metrics::{Outcome, Stats};
+use crate::origin::{OriginClient, OriginError, OriginResponse};
+use crate::security::Credential;
+use crate::store::counters::ReadCounters;
+use crate::store::entry::strong_etag;
+use crate::store::{CacheEntry, Deps, FetchLock, KeyVersion, Keyspace, NearSlot, Store, Tier};
+use crate::tasks::Tasks;
+
+/// The per-request context of a lookup.
+#[derive(Debug, Clone)]
+struct Ctx {
+    key: String,
+    /// The caller's credentials (keyed hash).
+    cred: Credential,
+    /// Single-flight key: the entry, plus the credential unless views are public.
+    flight: String,
+    deps: Deps,
+    version: Arc<String>,
+    policy: ViewPolicy,
+}
+
+/// What the serving layer is built from.
+pub struct Parts {
+    /// Where entries live.
+    pub store: Arc<dyn Store>,
+    /// The cross-instance fetch lock.
+    pub locks: Arc<dyn FetchLock>,
+    /// The backend.
+    pub origin: OriginClient,
+    /// Physical key layout.
+    pub keys: Keyspace,
+    /// The key version in use.
+    pub version: Arc<KeyVersion>,
+    /// Counters for `/cache/stats`.
+    pub stats: Arc<Stats>,
+    /// Invalidations (refresh-ahead invalidates what changed).
+    pub invalidator: Invalidator,
+    /// Per-key read counts (shared with the near cache's copies).
+    pub counters: ReadCounters,
+    /// Background work, awaited at shutdown.
+    pub tasks: Tasks,
+}
+
+/// Read-through cache for the views. Cheap to clone.
+#[derive(Clone)]
+pub struct ReadThrough {
+    store: Arc<dyn Store>,
+    locks: Arc<dyn FetchLock>,
+    origin: OriginClient,
+    keys: Keyspace,
+    version: Arc<KeyVersion>,
+    stats: Arc<Stats>,
+    policies: [ViewPolicy; 3],
+    not_found_ttl: std::time::Duration,
+    coalesce: CoalesceOptions,
+    flights: Arc<Flights<ViewResponse>>,
+    refresher: Arc<refresh::Refresher>,
+    invalidator: Invalidator,
+    access: Arc<AccessControl>,
+    max_entry_bytes: usize,
+    tasks: Tasks,
+}
+
+impl std::fmt::Debug for ReadThrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadThrough").finish_non_exhaustive()
+    }
+}
+
+impl ReadThrough {
+    /// Builds the read-through cache.
+    pub fn new(parts: Parts, options: ReadThroughOptions) -> Self {
+        Self {
+            flights: Arc::new(Flights::new(parts.tasks.clone())),
+            refresher: Arc::new(refresh::Refresher::new(options.refresh, parts.counters)),
+            store: parts.store,
+            locks: parts.locks,
+            origin: parts.origin,
+            keys: parts.keys,
+            version: parts.version,
+            stats: parts.stats,
+            policies: options.policies,
+            not_found_ttl: options.not_found_ttl,
+            coalesce: options.coalesce,
+            invalidator: parts.invalidator,
+            access: Arc::new(AccessControl::new(
+                options.auth,
+                options.validation_ttl,
+                options.jwt,
+            )),
+            max_entry_bytes: options.max_entry_bytes,
+            tasks: parts.tasks,
+        }
+    }
+
+    /// Frontend access control.
+    pub fn access(&self) -> &AccessControl {
+        &self.access
+    }
+
+    /// The origin client (for pass-through requests).
+    pub fn origin(&self) -> &OriginClient {
+        &self.origin
+    }
+
+    /// Keys in refresh back-off (for `/cache/stats`).
+    pub fn refresh_backoff_keys(&self) -> u64 {
+        self.refresher.backoff_keys()
+    }
+
+    /// Serves `req` and records it in the statistics before returning, so a client that has
+    /// its answer sees it counted.
+    #[tracing::instrument(name = "view", skip_all, fields(view = req.view.name(), key = %req.logical_key))]
+    pub async fn serve(&self, req: ViewRequest) -> Result<ViewResponse, OriginError> {
+        let started = Instant::now();
+        let view = req.view;
+        let result = self.serve_inner(req).await;
+        let outcome = match &result {
+            Ok(r) => match r.outcome {
+                CacheOutcome::Hit { .. } => Outcome::Hit,
+                CacheOutcome::Miss { .. } => Outcome::Miss,
+                CacheOutcome::Stale { .. } => Outcome::Stale,
+                CacheOutcome::Bypass => Outcome::Bypass,
+            },
+            Err(_) => Outcome::Error,
+        };
+        self.stats.record_request(view, outcome, started.elapsed());
+        result
+    }
+
+    fn credential(&self, req: &ViewRequest) -> Credential {
+        self.access
+            .credential(req.origin.headers.get(http::header::AUTHORIZATION))
+    }
+
+    /// The context of `req` under `version`, once the near cache could not answer.
+    fn context_for(
+        &self,
+        req: &ViewRequest,
+        version: Arc<String>,
+        key: String,
+        cred: Credential,
+    ) -> Ctx {
+        Ctx {
+            flight: self.access.flight_key(&key, cred),
+            deps: self.keys.deps(&version, req.view, &req.run_ids),
+            cred,
+            key,
+            version,
+            policy: self.policies[req.view.index()],
+        }
+    }
+
+    fn context(&self, req: &ViewRequest) -> Ctx {
+        let version = self.version.get();
+        let key = self.keys.entry(&version, &req.logical_key);
+        let cred = self.credential(req);
+        self.context_for(req, version, key, cred)
+    }
+
+    pub(crate) async fn serve_inner(&self, req: ViewRequest) -> Result<ViewResponse, OriginError> {
+        if !req.use_cache {
+            let resp = self.fetch(req.view, req.origin).await?;
+            return Ok(passthrough(resp, CacheOutcome::Bypass, false));
+        }
+        let version = self.version.get();
+        let key = self.keys.entry(&version, &req.logical_key);
+        let cred = self.credential(&req);
+        // The hot path: a fresh near-cache copy this caller may be served, without a Redis
+        // round trip and without building the rest of the context.
+        if let Some(slot) = self.store.peek(&key)
+            && self.slot_may_serve(&key, &slot, cred)
+            && let Some(hit) = self.serve_slot(&key, &slot, false, || req.clone())
+        {
+            return Ok(hit);
+        }
+        let ctx = self.context_for(&req, version, key, cred);
+        // Boxed: the store and origin paths are large futures, and every layer above would
+        // otherwise move them around on each request, hits from the near cache included.
+        self.serve_from_store(req, ctx).boxed().await
+    }
+
+    /// The near-cache copy `slot` of `key` as a hit if it is still fresh, counted for
+    /// refresh-ahead (`req` is built only when a refresh must be scheduled). The caller has
+    /// checked access.
+    fn serve_slot(
+        &self,
+        key: &str,
+        slot: &NearSlot,
+        lane: bool,
+        req: impl FnOnce() -> ViewRequest,
+    ) -> Option<ViewResponse> {
+        let entry = &slot.entry;
+        let now = policy::now_ms();
+        let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
+        self.store.copy_served(lane);
+        self.note_hit(key, entry, ttl, Some(&slot.hits), req);
+        Some(self.hit(entry, ttl, now, false))
+    }
+
+    /// The hit lane's entry (see `http::hit_lane`): answers from the near cache, before any
+    /// routing or middleware, when it holds a fresh copy of `logical_key` that a caller with
+    /// `authorization` may be served, and counts the hit. `None`: nothing was served or
+    /// counted, and the request takes the full path. `req` is built only if refresh-ahead
+    /// needs it.
+    pub fn near_hit(
+        &self,
+        view: View,
+        logical_key: &str,
+        authorization: Option<&http::HeaderValue>,
+        req: impl FnOnce() -> ViewRequest,
+    ) -> Option<ViewResponse> {
+        let started = Instant::now();
+        let key = self.keys.entry(&self.version.current(), logical_key);
+        let slot = self.store.peek(&key)?;
+        let cred = self.access.credential(authorization);
+        if !self.slot_may_serve(&key, &slot, cred) {
+            return None;
+        }
+        let hit = self.serve_slot(&key, &slot, true, req)?;
+        self.stats
+            .record_request(view, Outcome::Hit, started.elapsed());
+        Some(hit)
+    }
+
+    /// [`AccessControl::may_serve`], remembering the answer in the slot so that one caller's
+    /// repeated hits skip the lookup (an acceptance is withdrawn only by this instance's own
+    /// fetches, which replace the slot).
+    fn slot_may_serve(&self, key: &str, slot: &NearSlot, cred: Credential) -> bool {
+        let status = slot.entry.status;
+        if self.access.mode() != FrontendAuth::Forward {
+            return self.access.may_serve(key, cred, status);
+        }
+        let now = Instant::now();
+        if let Some(known) = slot.validated.load().as_deref()
+            && known.0 == cred
+            && now < known.1
+        {
+            return true;
+        }
+        match self.access.accepted_until(key, cred, status) {
+            Some(until) => {
+                slot.validated.store(Some(Arc::new((cred, until))));
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn serve_from_store(
+        &self,
+        req: ViewRequest,
+        ctx: Ctx,
+    ) -> Result<ViewResponse, OriginError> {
+        let (entry, stamp) = match self.store.get(&ctx.key, &ctx.deps).await {
+            Ok(lookup) => {
+                let (entry, stamp) = lookup.servable();
+                (entry, Some(stamp))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cache read failed; fetching without storing");
+                (None, None)
+            }
+        };
+        let mut fallback = None;
+        // A cached copy (fresh, stale or as a fallback) goes only to credentials the origin
+        // accepted for it; others are a MISS that asks the origin.
+        if let Some(entry) = entry.filter(|e| self.access.may_serve(&ctx.key, ctx.cred, e.status)) {
+            // After the lookup: the entry's store time may be derived from the key's
+            // remaining life at the moment it was read.
+            let now = policy::now_ms();
+            let p = ctx.policy;
+            match policy::freshness(
+                entry.stored_at_ms,
+                entry.ttl_secs,
+                now,
+                p.grace,
+                p.stale_if_error,
+            ) {
+                Freshness::Fresh { ttl } => {
+                    self.note_hit(&ctx.key, &entry, ttl, None, || req.clone());
+                    return Ok(self.hit(&entry, ttl, now, false));
+                }
+                Freshness::Revalidate => {
+                    self.revalidate(req, ctx, entry.clone());
+                    return Ok(self.entry_response(
+                        &entry,
+                        CacheOutcome::Stale {
+                            age: policy::age_secs(entry.stored_at_ms, now),
+                            revalidating: true,
+                        },
+                    ));
+                }
+                Freshness::StaleIfError => fallback = Some(entry),
+                Freshness::Expired => {}
+            }
+        }
+        let view = req.view;
+        let result = match stamp {
+            Some(stamp) => {
+                let (flight, joined) = self.start_fetch(req, ctx, stamp);
+                if joined {
+                    self.stats.record_coalesced(view);
+                }
+                let result = tokio::time::timeout(self.coalesce.wait, flight)
+                    .await
+                    .unwrap_or(Err(OriginError::Timeout));
+                result.map(|r| if joined { r.collapsed() } else { r })
+            }
+            // The store could not say what the entry depends on: answer from the origin,
+            // alone (nothing safe to join) and without storing.
+            None => self
+                .fetch(req.view, req.origin)
+                .await
+                .map(|r| self.passthrough_miss(r, Some("store-failed"))),
+        };
+        match (result, fallback) {
+            (Ok(resp), _) => Ok(resp),
+            (Err(e), Some(entry)) => {
+                tracing::warn!(error = %e, "origin failed; serving a stale copy (stale-if-error)");
+                let age = policy::age_secs(entry.stored_at_ms, policy::now_ms());
+                Ok(self.entry_response(
+                    &entry,
+                    CacheOutcome::Stale {
+                        age,
+                        revalidating: false,
+                    },
+                ))
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// `entry` as a fresh hit with `ttl` seconds left.
+    fn hit(&self, entry: &CacheEntry, ttl: u64, now: u64, collapsed: bool) -> ViewResponse {
+        self.entry_response(
+            entry,
+            CacheOutcome::Hit {
+                ttl,
+                age: policy::age_secs(entry.stored_at_ms, now),
+                collapsed,
+            },
+        )
+    }
+
+    fn degraded(&self) -> bool {
+        self.store.source().tier == Tier::Memory
+    }
+
+    /// The answer for `entry`: its body and header values are shared, not copied.
+    fn entry_response(&self, entry: &CacheEntry, outcome: CacheOutcome) -> ViewResponse {
+        let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
+        ViewResponse {
+            status,
+            content_type: Some(entry.content_type.clone()).filter(|v| !v.is_empty()),
+            www_authenticate: None,
+            etag: (status == StatusCode::OK).then(|| entry.etag.clone()),
+            body: entry.body.clone(),
+            outcome,
+            degraded: self.degraded(),
+        }
+    }
+
+    fn passthrough_miss(&self, resp: OriginResponse, detail: Option<&'static str>) -> ViewResponse {
+        passthrough(
+            resp,
+            CacheOutcome::Miss {
+                stored: false,
+                detail,
+                collapsed: false,
+            },
+            self.degraded(),
+        )
+    }
+}
+
+fn passthrough(resp: OriginResponse, outcome: CacheOutcome, degraded: bool) -> ViewResponse {
+    let etag = (resp.status == StatusCode::OK).then(|| strong_etag(&resp.body));
+    ViewResponse {
+        status: resp.status,
+        content_type: resp.content_type,
+        www_authenticate: resp.www_authenticate,
+        body: resp.body,
+        etag,
+        outcome,
+        degraded,
+    }
+}

@@ -1,0 +1,207 @@
+//! A stored origin answer and its encoding: `RC1`, a 4-byte metadata length, JSON metadata,
+//! then the raw body, so the body is never re-encoded.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::HeaderValue;
+use serde::{Deserialize, Serialize};
+
+use super::{Source, Stamp, StoreError};
+
+/// A stored origin answer: the body byte for byte, plus what is needed to serve it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEntry {
+    /// Origin status (200, or 404 when negative caching is on).
+    pub status: u16,
+    /// Origin `Content-Type` (empty when the origin sent none), ready to be sent: a hit
+    /// copies no header bytes.
+    pub content_type: HeaderValue,
+    /// Strong validator, quoted (`"…"`), from the body's hash, computed once when stored.
+    pub etag: HeaderValue,
+    /// When its data was fetched from the origin (or, after an unchanged refresh, confirmed),
+    /// in Unix milliseconds.
+    pub stored_at_ms: u64,
+    /// Freshness lifetime in seconds.
+    pub ttl_secs: u64,
+    /// How long it is kept past its TTL (to be served stale), in milliseconds.
+    pub stale_ms: u64,
+    /// Physical keys of the tag sets this entry belongs to.
+    pub tags: Vec<String>,
+    /// The invalidation state read before its origin fetch began.
+    pub stamp: Stamp,
+    /// The origin's body.
+    pub body: Bytes,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EntryMeta<'a> {
+    s: u16,
+    #[serde(borrow)]
+    ct: Cow<'a, str>,
+    #[serde(borrow)]
+    et: Cow<'a, str>,
+    at: u64,
+    ttl: u64,
+    #[serde(default)]
+    st: u64,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    g: Vec<u64>,
+    #[serde(default)]
+    c: u64,
+}
+
+const ENTRY_MAGIC: &[u8; 3] = b"RC1";
+
+/// Strong validator (quoted) from a 128-bit hash of the body.
+pub fn strong_etag(body: &[u8]) -> HeaderValue {
+    let tag = format!("\"{:032x}\"", xxhash_rust::xxh3::xxh3_128(body));
+    // Quotes and hex digits only: always a valid header value.
+    HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
+}
+
+/// `value` as a header value; a value that cannot be one (never the case for a value that
+/// came from a header) becomes empty.
+fn header_value(value: &str) -> HeaderValue {
+    // The usual content types as static values: cloning those for every hit touches no
+    // reference count shared between the worker threads.
+    for common in ["application/json", "application/json; charset=utf-8"] {
+        if value == common {
+            return HeaderValue::from_static(common);
+        }
+    }
+    HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+impl CacheEntry {
+    /// Builds an entry for `body` fetched under `stamp`, computing its strong ETag once,
+    /// here, not on every hit.
+    pub fn new(
+        status: u16,
+        content_type: &str,
+        body: Bytes,
+        stored_at_ms: u64,
+        ttl: Duration,
+        tags: Vec<String>,
+        stamp: Stamp,
+    ) -> Self {
+        Self {
+            status,
+            content_type: header_value(content_type),
+            etag: strong_etag(&body),
+            stored_at_ms,
+            ttl_secs: ttl.as_secs(),
+            stale_ms: 0,
+            tags,
+            stamp,
+            body,
+        }
+    }
+
+    /// Serialises as `RC1`, a 4-byte metadata length, JSON metadata, then the raw body. The
+    /// stamp's source is not written: an entry read back belongs to the store it is read from.
+    pub fn encode(&self) -> Bytes {
+        let meta = EntryMeta {
+            s: self.status,
+            ct: Cow::Borrowed(self.content_type.to_str().unwrap_or_default()),
+            et: Cow::Borrowed(self.etag.to_str().unwrap_or_default()),
+            at: self.stored_at_ms,
+            ttl: self.ttl_secs,
+            st: self.stale_ms,
+            tags: self.tags.clone(),
+            g: self.stamp.counters().to_vec(),
+            c: self.stamp.clears(),
+        };
+        let meta = serde_json::to_vec(&meta).unwrap_or_default();
+        let mut out = BytesMut::with_capacity(7 + meta.len() + self.body.len());
+        out.put_slice(ENTRY_MAGIC);
+        out.put_u32(meta.len() as u32);
+        out.put_slice(&meta);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// Inverse of [`CacheEntry::encode`], for an entry read from `source`.
+    pub fn decode(mut raw: Bytes, source: Source) -> Result<Self, StoreError> {
+        if raw.len() < 7 || &raw[..3] != ENTRY_MAGIC {
+            return Err(StoreError::Corrupt("bad header"));
+        }
+        raw.advance(3);
+        let meta_len = raw.get_u32() as usize;
+        if raw.len() < meta_len {
+            return Err(StoreError::Corrupt("truncated metadata"));
+        }
+        let meta_bytes = raw.split_to(meta_len);
+        let meta: EntryMeta<'_> =
+            serde_json::from_slice(&meta_bytes).map_err(|_| StoreError::Corrupt("bad metadata"))?;
+        Ok(Self {
+            status: meta.s,
+            content_type: header_value(&meta.ct),
+            etag: HeaderValue::from_str(&meta.et).map_err(|_| StoreError::Corrupt("bad etag"))?,
+            stored_at_ms: meta.at,
+            ttl_secs: meta.ttl,
+            stale_ms: meta.st,
+            tags: meta.tags,
+            stamp: Stamp::new(source, meta.g, meta.c),
+            body: raw,
+        })
+    }
+
+    /// When it stops being fresh, in Unix milliseconds.
+    pub fn fresh_until_ms(&self) -> u64 {
+        self.stored_at_ms
+            .saturating_add(self.ttl_secs.saturating_mul(1000))
+    }
+
+    /// Approximate bytes held in memory, for the byte-bounded tiers.
+    pub fn weight(&self) -> usize {
+        self.body.len()
+            + self.content_type.len()
+            + self.etag.len()
+            + self.tags.iter().map(String::len).sum::<usize>()
+            + 8 * self.stamp.counters().len()
+            + 64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Tier;
+
+    #[test]
+    fn entry_round_trips_byte_for_byte() {
+        let source = Source {
+            tier: Tier::Redis,
+            incarnation: 3,
+        };
+        let body = Bytes::from_static(b"{\"a\": 1,  \"b\":[2]}\n");
+        let e = CacheEntry::new(
+            200,
+            "application/json; charset=utf-8",
+            body.clone(),
+            1_700_000_000_000,
+            Duration::from_secs(60),
+            vec!["runcache:_tags:v1:run:1".into()],
+            Stamp::new(source, vec![1, 2], 7),
+        );
+        let back = CacheEntry::decode(e.encode(), source).expect("decodes");
+        assert_eq!(back, e);
+        assert_eq!(back.body, body);
+        let etag = e.etag.to_str().expect("ascii");
+        assert!(etag.starts_with('"') && etag.ends_with('"') && etag.len() == 34);
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        let source = Source {
+            tier: Tier::Redis,
+            incarnation: 0,
+        };
+        assert!(CacheEntry::decode(Bytes::from_static(b"hello world"), source).is_err());
+        assert!(CacheEntry::decode(Bytes::from_static(b"RC1\0\0\0\xffab"), source).is_err());
+    }
+}

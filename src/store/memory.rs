@@ -1,0 +1,506 @@
+//! The bounded in-process tier: a moka cache weighed in bytes, with per-entry expiry and LRU
+//! eviction (moka's default TinyLFU admission could refuse fresh entries when full), and its
+//! own counters. Its counters are independent of Redis's, so its stamps carry
+//! [`Tier::Memory`] and an incarnation that changes whenever it is emptied.
+//!
+//! Every write (conditional put, touch, invalidation) happens under one lock, so a write can
+//! never land between an invalidation's bump and its deletes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
+use wildmatch::WildMatch;
+
+use super::{CacheEntry, Deps, Invalidation, Keyspace, Lookup, Source, Stamp, Tier};
+use crate::domain::policy::now_ms;
+use crate::metrics::names;
+
+/// Most counters the memory tier keeps: past it, it empties itself (a new incarnation) rather
+/// than grow, which is always safe for a cache.
+pub const MAX_COUNTERS: usize = 100_000;
+
+#[derive(Debug)]
+struct Slot {
+    entry: CacheEntry,
+    ttl: Duration,
+    /// When the store drops it, in Unix milliseconds (for snapshots).
+    expires_at_ms: u64,
+}
+
+/// Everything the memory tier holds, for snapshots.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MemoryContents {
+    /// `(physical key, expires at in Unix ms, entry)`.
+    pub entries: Vec<(String, u64, CacheEntry)>,
+    /// Counters.
+    pub gens: Vec<(String, u64)>,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<String, Arc<Slot>> for PerEntryTtl {
+    fn expire_after_create(&self, _: &String, v: &Arc<Slot>, _: Instant) -> Option<Duration> {
+        Some(v.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        v: &Arc<Slot>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+/// Entries the memory tier dropped on its own.
+#[derive(Debug, Default)]
+pub struct Removals {
+    /// Evicted to stay within the byte bound.
+    pub evicted: AtomicU64,
+    /// Expired.
+    pub expired: AtomicU64,
+}
+
+/// In-process store bounded in bytes. Cloning shares the same cache.
+#[derive(Clone)]
+pub struct MemoryStore {
+    cache: Cache<String, Arc<Slot>>,
+    max_bytes: u64,
+    keys: Keyspace,
+    counters: Arc<Mutex<HashMap<String, u64>>>,
+    incarnation: Arc<AtomicU64>,
+    removals: Arc<Removals>,
+    changes: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most `max_bytes` of entries (keys and bodies counted), for the
+    /// keyspace `keys`.
+    pub fn new(max_bytes: u64, keys: Keyspace) -> Self {
+        let removals = Arc::new(Removals::default());
+        let listener_removals = removals.clone();
+        let evicted = metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "size");
+        let expired = metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "expired");
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &String, v: &Arc<Slot>| {
+                u32::try_from(k.len() + v.entry.weight()).unwrap_or(u32::MAX)
+            })
+            .eviction_policy(EvictionPolicy::lru())
+            .expire_after(PerEntryTtl)
+            .eviction_listener(move |_, _, cause| match cause {
+                RemovalCause::Size => {
+                    listener_removals.evicted.fetch_add(1, Ordering::Relaxed);
+                    evicted.increment(1);
+                }
+                RemovalCause::Expired => {
+                    listener_removals.expired.fetch_add(1, Ordering::Relaxed);
+                    expired.increment(1);
+                }
+                RemovalCause::Explicit | RemovalCause::Replaced => {}
+            })
+            .build();
+        Self {
+            cache,
+            max_bytes,
+            keys,
+            counters: Arc::default(),
+            incarnation: Arc::default(),
+            removals,
+            changes: Arc::default(),
+        }
+    }
+
+    /// Where its reads come from: the memory tier, in its current incarnation.
+    pub fn source(&self) -> Source {
+        Source {
+            tier: Tier::Memory,
+            incarnation: self.incarnation.load(Ordering::Acquire),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes, deletes and bumps so far (snapshots are taken after enough of them).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy of every live entry and counter (bodies are shared, not copied).
+    pub fn export(&self) -> MemoryContents {
+        let now = now_ms();
+        let entries = self
+            .cache
+            .iter()
+            .filter(|(_, slot)| slot.expires_at_ms > now)
+            .map(|(k, slot)| {
+                (
+                    k.as_str().to_owned(),
+                    slot.expires_at_ms,
+                    slot.entry.clone(),
+                )
+            })
+            .collect();
+        let gens = self.lock().iter().map(|(k, v)| (k.clone(), *v)).collect();
+        MemoryContents { entries, gens }
+    }
+
+    /// Loads entries (each kept until its own expiry) and counters, e.g. from a snapshot.
+    /// Entries keep the counter values they were stamped with, now of this incarnation.
+    pub fn import(&self, contents: MemoryContents) {
+        let now = now_ms();
+        let source = self.source();
+        let mut counters = self.lock();
+        for (k, v) in contents.gens {
+            let c = counters.entry(k).or_insert(0);
+            *c = (*c).max(v);
+        }
+        for (key, expires_at_ms, mut entry) in contents.entries {
+            if expires_at_ms > now {
+                entry.stamp = Stamp::new(
+                    source,
+                    entry.stamp.counters().to_vec(),
+                    entry.stamp.clears(),
+                );
+                let ttl = Duration::from_millis(expires_at_ms - now);
+                self.insert(&key, entry, ttl);
+            }
+        }
+    }
+
+    /// Entries evicted and expired so far.
+    pub fn removals(&self) -> &Removals {
+        &self.removals
+    }
+
+    /// Counters currently held (bounded by [`MAX_COUNTERS`]).
+    pub fn counter_count(&self) -> u64 {
+        self.lock().len() as u64
+    }
+
+    fn read(counters: &HashMap<String, u64>, source: Source, deps: &Deps) -> Stamp {
+        let get = |k: &String| counters.get(k).copied().unwrap_or(0);
+        Stamp::new(
+            source,
+            deps.counters().iter().map(get).collect(),
+            counters.get(deps.clears_key()).copied().unwrap_or(0),
+        )
+    }
+
+    /// Entries currently held (after pending maintenance).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Bytes currently held (after pending maintenance).
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    /// The configured bound.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Runs moka's housekeeping: expired entries are removed and counts become exact.
+    pub fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
+    }
+
+    /// Drops every entry and counter and starts a new incarnation (returning to Redis: its
+    /// entries never saw other instances' invalidations, and its counters mean nothing there).
+    pub fn clear(&self) {
+        let mut counters = self.lock();
+        self.incarnation.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
+        counters.clear();
+        drop(counters);
+        self.changed();
+    }
+
+    fn insert(&self, key: &str, entry: CacheEntry, ttl: Duration) {
+        let expires_at_ms =
+            now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let slot = Arc::new(Slot {
+            entry,
+            ttl,
+            expires_at_ms,
+        });
+        self.cache.insert(key.to_owned(), slot);
+        self.changed();
+    }
+
+    fn remove_where(&self, pred: impl Fn(&str, &Slot) -> bool) -> u64 {
+        let keys: Vec<Arc<String>> = self
+            .cache
+            .iter()
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for key in keys {
+            if self.cache.remove(key.as_str()).is_some() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Reads `key` and the current stamp of `deps`.
+    pub fn get(&self, key: &str, deps: &Deps) -> Lookup {
+        let counters = self.lock();
+        Lookup {
+            entry: self.cache.get(key).map(|slot| slot.entry.clone()),
+            current: Self::read(&counters, self.source(), deps),
+        }
+    }
+
+    /// The current stamp of `deps`.
+    pub fn stamp(&self, deps: &Deps) -> Stamp {
+        Self::read(&self.lock(), self.source(), deps)
+    }
+
+    /// Writes `entry` unless its stamp is of another tier or incarnation or anything it
+    /// depends on moved; returns whether it was written.
+    pub fn put(&self, key: &str, entry: &CacheEntry, deps: &Deps, ttl: Duration) -> bool {
+        let counters = self.lock();
+        if !entry
+            .stamp
+            .unchanged_at(&Self::read(&counters, self.source(), deps))
+        {
+            return false;
+        }
+        self.insert(key, entry.clone(), ttl);
+        true
+    }
+
+    /// Extends the life of `key` (re-inserting shares the body) if it still holds the same
+    /// entry (same body, same stamp): never brings back an entry that was replaced or deleted
+    /// meanwhile. Returns whether it did.
+    pub fn touch(&self, key: &str, entry: &CacheEntry, retention: Duration) -> bool {
+        let _writes = self.lock();
+        let same = self
+            .cache
+            .get(key)
+            .is_some_and(|slot| slot.entry.etag == entry.etag && slot.entry.stamp == entry.stamp);
+        if same {
+            self.insert(key, entry.clone(), retention);
+        }
+        same
+    }
+
+    /// Applies `inv`; returns how many entries it dropped.
+    pub fn apply(&self, inv: &Invalidation) -> u64 {
+        let mut counters = self.lock();
+        for counter in &inv.bump {
+            *counters.entry(counter.clone()).or_insert(0) += 1;
+        }
+        let dropped = if inv.everything || counters.len() > MAX_COUNTERS {
+            // Everything goes, and a new incarnation makes every stamp read so far stale.
+            let n = self.cache.entry_count();
+            self.incarnation.fetch_add(1, Ordering::AcqRel);
+            self.cache.invalidate_all();
+            counters.clear();
+            n
+        } else {
+            let mut n = 0;
+            for key in &inv.delete {
+                n += u64::from(self.cache.remove(key.as_str()).is_some());
+            }
+            for tag in &inv.tagged {
+                n += self.remove_where(|_, slot| slot.entry.tags.iter().any(|t| t == tag));
+            }
+            for pattern in &inv.matching {
+                let glob = WildMatch::new(pattern);
+                n += self.remove_where(|k, _| glob.matches(k) && self.keys.is_entry(k));
+            }
+            n
+        };
+        drop(counters);
+        self.changed();
+        dropped
+    }
+
+    /// Counts the entries matching `pattern`.
+    pub fn count_matching(&self, pattern: &str) -> u64 {
+        let glob = WildMatch::new(pattern);
+        self.cache.iter().filter(|(k, _)| glob.matches(k)).count() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn store() -> MemoryStore {
+        MemoryStore::new(1 << 20, Keyspace::new("p"))
+    }
+
+    fn deps(run: &str) -> Deps {
+        Keyspace::new("p").deps("v1", crate::domain::View::Metrics, &[run.to_owned()])
+    }
+
+    fn entry(store: &MemoryStore, deps: &Deps, body: &'static [u8], tags: &[&str]) -> CacheEntry {
+        CacheEntry::new(
+            200,
+            "application/json",
+            Bytes::from_static(body),
+            now_ms(),
+            TTL,
+            tags.iter().map(|t| (*t).to_owned()).collect(),
+            store.stamp(deps),
+        )
+    }
+
+    #[test]
+    fn put_get_invalidate_round_trip() {
+        let store = store();
+        let d = deps("1");
+        let e = entry(&store, &d, b"{}", &[]);
+        assert!(store.put("p:v1:k", &e, &d, TTL));
+        assert_eq!(store.get("p:v1:k", &d).servable().0, Some(e));
+        let gone = Invalidation {
+            delete: vec!["p:v1:k".into(), "p:v1:nope".into()],
+            ..Invalidation::default()
+        };
+        assert_eq!(store.apply(&gone), 1);
+        assert_eq!(store.get("p:v1:k", &d).servable().0, None);
+    }
+
+    #[test]
+    fn tagged_and_pattern_deletes_are_precise() {
+        let store = store();
+        let d = deps("1");
+        for (key, body, tags) in [
+            ("p:v1:a", b"1", &["t:1"][..]),
+            ("p:v1:b", b"2", &["t:1", "t:2"][..]),
+            ("p:v1:c", b"3", &["t:2"][..]),
+            ("other:x", b"4", &[][..]),
+        ] {
+            let e = entry(&store, &d, body, tags);
+            assert!(store.put(key, &e, &d, TTL));
+        }
+        let tagged = Invalidation {
+            tagged: vec!["t:1".into()],
+            ..Invalidation::default()
+        };
+        assert_eq!(store.apply(&tagged), 2);
+        assert!(store.get("p:v1:c", &d).entry.is_some());
+        assert_eq!(store.count_matching("p:v1:*"), 1);
+        let clear = Invalidation {
+            matching: vec!["*".into()],
+            ..Invalidation::default()
+        };
+        assert_eq!(store.apply(&clear), 1, "only this keyspace's entries");
+        assert!(store.get("other:x", &d).entry.is_some());
+    }
+
+    #[test]
+    fn a_bump_refuses_stores_and_serves_of_older_stamps() {
+        let store = store();
+        let d = deps("1");
+        let before = entry(&store, &d, b"{}", &[]);
+        assert!(store.put("p:v1:k", &before, &d, TTL));
+        store.apply(&Invalidation {
+            bump: d.counters()[1..].to_vec(),
+            ..Invalidation::default()
+        });
+        assert!(store.get("p:v1:k", &d).servable().0.is_none());
+        // A fetch that began before the bump cannot store afterwards.
+        assert!(!store.put("p:v1:k", &before, &d, TTL));
+        let after = entry(&store, &d, b"{}", &[]);
+        assert!(store.put("p:v1:k", &after, &d, TTL));
+        assert!(store.get("p:v1:k", &d).servable().0.is_some());
+    }
+
+    #[test]
+    fn a_clear_refuses_stores_that_overlapped_it() {
+        let store = store();
+        let d = deps("1");
+        let during = entry(&store, &d, b"{}", &[]);
+        store.apply(&Invalidation {
+            bump: vec![d.clears_key().to_owned()],
+            delete: vec!["p:v1:k".into()],
+            ..Invalidation::default()
+        });
+        assert!(!store.put("p:v1:k", &during, &d, TTL));
+    }
+
+    #[test]
+    fn stamps_of_another_incarnation_never_validate() {
+        let store = store();
+        let d = deps("1");
+        let old = entry(&store, &d, b"{}", &[]);
+        store.clear();
+        assert!(
+            !store.put("p:v1:k", &old, &d, TTL),
+            "counters read before the clear"
+        );
+        let everything = Invalidation {
+            everything: true,
+            ..Invalidation::default()
+        };
+        let fresh = entry(&store, &d, b"{}", &[]);
+        store.apply(&everything);
+        assert!(!store.put("p:v1:k", &fresh, &d, TTL));
+    }
+
+    #[test]
+    fn counters_stay_bounded() {
+        let store = store();
+        for i in 0..=MAX_COUNTERS {
+            store.apply(&Invalidation {
+                bump: vec![format!("p:_gen:v1:run:{i}")],
+                ..Invalidation::default()
+            });
+        }
+        assert!(store.counter_count() <= MAX_COUNTERS as u64);
+    }
+
+    #[test]
+    fn byte_bound_evicts() {
+        let store = MemoryStore::new(4096, Keyspace::new("p"));
+        let d = deps("1");
+        let big = CacheEntry::new(
+            200,
+            "application/json",
+            Bytes::from(vec![b'x'; 1000]),
+            0,
+            TTL,
+            vec![],
+            store.stamp(&d),
+        );
+        for i in 0..20 {
+            assert!(store.put(&format!("p:v1:k{i}"), &big, &d, TTL));
+        }
+        store.run_pending_tasks();
+        assert!(store.weighted_size() <= 4096, "{}", store.weighted_size());
+        assert!(store.entry_count() < 20);
+        assert!(store.removals().evicted.load(Ordering::Relaxed) > 0);
+    }
+}

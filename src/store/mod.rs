@@ -1,0 +1,468 @@
+//! Storage: where entries live and how they are invalidated, with no knowledge of HTTP or of
+//! the origin.
+//!
+//! - [`entry`]: an entry and its byte encoding; [`keyspace`]: the physical key layout;
+//! - [`redis`] and [`memory`]: the two tiers; [`tiered`]: Redis first, memory when Redis is
+//!   unreachable (circuit breaker, single-flight probe, the outage journal, peers);
+//! - [`near`]: the in-process near cache in front of it, kept coherent over Redis pub/sub;
+//! - [`snapshot`], [`version`], [`counters`]: memory-tier snapshots, the shared key version,
+//!   and per-key read counts.
+//!
+//! One type owns protection against staleness: the [`Stamp`]. Every entry carries the stamp
+//! read *before* its origin fetch began; a store refuses to write it if anything it depends on
+//! moved since ([`Store::put`]), and a read serves it only while its counters are still
+//! current ([`Lookup::servable`]). Flights and near-cache copies carry stamps too. A stamp
+//! names the tier (and that tier's incarnation) it was read from, so counters of one tier
+//! never validate an entry of the other, nor of a Redis that was restarted.
+
+pub mod counters;
+pub mod entry;
+pub mod keyspace;
+pub mod memory;
+pub mod near;
+pub mod redis;
+pub mod snapshot;
+pub mod tiered;
+pub mod version;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use entry::CacheEntry;
+pub use keyspace::Keyspace;
+pub use near::{NearSlot, NearStore};
+pub use tiered::FallbackStore;
+pub use version::KeyVersion;
+
+/// A store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached in time (connection refused, time-out, broken pipe).
+    #[error("redis is unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered, but not as expected.
+    #[error("redis command failed: {0}")]
+    Command(String),
+    /// A stored value could not be decoded.
+    #[error("stored entry is corrupt: {0}")]
+    Corrupt(&'static str),
+    /// Every admin connection is in use: admin capacity, not Redis, is short. Never taken
+    /// for Redis being down.
+    #[error("redis is busy: {0}")]
+    Busy(String),
+}
+
+impl StoreError {
+    /// Whether the store should be considered down (as opposed to one bad answer).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Which tier answered or holds an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// The shared Redis.
+    Redis,
+    /// The bounded in-process store.
+    Memory,
+}
+
+impl Tier {
+    /// Lowercase name, as reported in stats and `/ready`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Redis => "redis",
+            Tier::Memory => "memory",
+        }
+    }
+}
+
+/// Where counters were read: a tier, and which incarnation of it. Redis's incarnation changes
+/// when runcache finds it restarted; the memory tier's whenever it is emptied. Counters of
+/// two sources are never comparable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source {
+    /// The tier.
+    pub tier: Tier,
+    /// The tier's incarnation, as counted by this process.
+    pub incarnation: u64,
+}
+
+/// The counters an entry depends on: its view's and each of its runs', plus the clear
+/// sequence of its version. Built by [`Keyspace::deps`]; a [`Stamp`] holds their values, in
+/// this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deps {
+    counters: Vec<String>,
+    clears: String,
+}
+
+impl Deps {
+    /// The generation counters, view first.
+    pub fn counters(&self) -> &[String] {
+        &self.counters
+    }
+
+    /// The clear sequence.
+    pub fn clears_key(&self) -> &str {
+        &self.clears
+    }
+}
+
+/// The invalidation state something was computed under: the values of its [`Deps`] read
+/// from one [`Source`].
+///
+/// - An entry is servable while the counters read with it equal its stamp's
+///   ([`Stamp::serves`]); an invalidation bumps one of them before it answers.
+/// - A store writes an entry only if its stamp is still current, clear sequence included
+///   ([`Stamp::unchanged_at`]): a clear or key invalidation deletes what exists and bumps the
+///   sequence, so a fetch that overlapped it cannot store behind it.
+/// - A request joins a flight only if the flight's stamp is at least as recent as its own
+///   ([`Stamp::covers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    source: Source,
+    counters: Vec<u64>,
+    clears: u64,
+}
+
+impl Stamp {
+    /// A stamp of `counters` (in [`Deps`] order) and the clear sequence, read from `source`.
+    pub fn new(source: Source, counters: Vec<u64>, clears: u64) -> Self {
+        Self {
+            source,
+            counters,
+            clears,
+        }
+    }
+
+    /// Where it was read.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// The counter values, in [`Deps`] order.
+    pub fn counters(&self) -> &[u64] {
+        &self.counters
+    }
+
+    /// The clear sequence.
+    pub fn clears(&self) -> u64 {
+        self.clears
+    }
+
+    /// Whether an entry stamped `self` may be served, `current` being read now from the same
+    /// store for the same dependencies. The clear sequence is not compared: a clear deletes
+    /// the entries it names.
+    pub fn serves(&self, current: &Stamp) -> bool {
+        self.source == current.source && self.counters == current.counters
+    }
+
+    /// Whether nothing `self` depends on changed by the time `later` was read, clear
+    /// sequence included.
+    pub fn unchanged_at(&self, later: &Stamp) -> bool {
+        self.serves(later) && self.clears == later.clears
+    }
+
+    /// The stamp of something fetched under `self` by a holder that then bumped `counter` (one
+    /// of `deps`) exactly once itself: storing under it succeeds only if nobody else moved
+    /// anything since `self` was read.
+    pub fn after_own_bump(&self, deps: &Deps, counter: &str) -> Stamp {
+        let mut next = self.clone();
+        if let Some(i) = deps.counters().iter().position(|c| c == counter)
+            && let Some(v) = next.counters.get_mut(i)
+        {
+            *v += 1;
+        }
+        next
+    }
+
+    /// Whether work started under `self` saw at least what a request that read `other` saw:
+    /// the same source and every value at least as high.
+    pub fn covers(&self, other: &Stamp) -> bool {
+        self.source == other.source
+            && self.counters.len() == other.counters.len()
+            && self
+                .counters
+                .iter()
+                .zip(&other.counters)
+                .all(|(mine, theirs)| mine >= theirs)
+            && self.clears >= other.clears
+    }
+}
+
+/// An entry read together with the current stamp of its dependencies.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The stored entry, if any (servable or not).
+    pub entry: Option<CacheEntry>,
+    /// The current stamp of the dependencies asked for.
+    pub current: Stamp,
+}
+
+impl Lookup {
+    /// The entry, if an invalidation did not happen after its fetch began, and the current
+    /// stamp (what a fetch starting now is stamped with).
+    pub fn servable(self) -> (Option<CacheEntry>, Stamp) {
+        let current = self.current;
+        let entry = self.entry.filter(|e| e.stamp.serves(&current));
+        (entry, current)
+    }
+}
+
+/// One invalidation, applied as a unit to every tier: first the counters are bumped (which
+/// makes every entry stamped under them unservable at once), then entries are deleted.
+/// Operations carry physical keys and globs (only `*` and `?`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Invalidation {
+    /// Counters to increment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bump: Vec<String>,
+    /// Entries to delete.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete: Vec<String>,
+    /// Tag sets whose members are deleted, with the set.
+    #[serde(
+        default,
+        rename = "delete_tagged",
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub tagged: Vec<String>,
+    /// Globs whose matching entries are deleted.
+    #[serde(
+        default,
+        rename = "delete_matching",
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub matching: Vec<String>,
+    /// Every entry of every version is deleted (a journal that overflowed, a Redis that came
+    /// back from an older snapshot).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub everything: bool,
+}
+
+/// Journal lines written before invalidations were batched name one tag set or glob.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(s) => vec![s],
+        Raw::Many(v) => v,
+    })
+}
+
+impl Invalidation {
+    /// Whether it does nothing.
+    pub fn is_empty(&self) -> bool {
+        self.bump.is_empty()
+            && self.delete.is_empty()
+            && self.tagged.is_empty()
+            && self.matching.is_empty()
+            && !self.everything
+    }
+
+    /// Whether every key and glob it names belongs to the keyspace under `prefix` (and a glob
+    /// uses only `*` and `?`): what another instance may ask of this one.
+    pub fn is_within(&self, prefix: &str) -> bool {
+        let key_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':');
+        let inside = |k: &String, glob: bool| {
+            k.strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with(':'))
+                && k.len() <= 1024
+                && k.bytes()
+                    .all(|b| key_byte(b) || (glob && matches!(b, b'*' | b'?')))
+        };
+        self.bump.iter().all(|k| inside(k, false))
+            && self.delete.iter().all(|k| inside(k, false))
+            && self.tagged.iter().all(|k| inside(k, false))
+            && self.matching.iter().all(|k| inside(k, true))
+    }
+
+    /// Read from a journal written by an older version: a glob with a character class (the
+    /// old overflow marker, `{prefix}:[^_]*`) means "every entry", which the memory tier's
+    /// matcher could not express.
+    pub fn normalised(mut self) -> Self {
+        if self.matching.iter().any(|g| g.contains('[')) {
+            self.matching.retain(|g| !g.contains('['));
+            self.everything = true;
+        }
+        self
+    }
+}
+
+/// A cache tier, or tiers behind one face. Keys are physical keys.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Where reads and writes go now.
+    fn source(&self) -> Source;
+
+    /// A fresh near-cache copy of `key`, without I/O (`None` unless a near cache holds one).
+    fn peek(&self, _key: &str) -> Option<Arc<NearSlot>> {
+        None
+    }
+
+    /// Counts a hit served from a near-cache copy (`lane`: by the hit lane).
+    fn copy_served(&self, _lane: bool) {}
+
+    /// Reads `key` and the current stamp of `deps`.
+    async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError>;
+
+    /// The current stamp of `deps`, read before an origin fetch begins.
+    async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError>;
+
+    /// Writes `entry` for `retention`, and adds it to each of its tag sets, unless anything
+    /// it depends on moved since its stamp was read (or the stamp is of another tier):
+    /// `Ok(false)` then.
+    async fn put(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        deps: &Deps,
+        retention: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Extends the life of `key` to `retention` from now without rewriting its value
+    /// (`entry` is the entry as refreshed). Returns whether it existed.
+    async fn touch(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        retention: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Applies `inv` everywhere it must be applied before it is acknowledged. Returns how
+    /// many entries were dropped.
+    async fn invalidate(&self, inv: &Invalidation) -> Result<u64, StoreError>;
+}
+
+/// The cross-instance fetch lock (Redis `SET NX PX`); without Redis, nobody else can hold it.
+#[async_trait]
+pub trait FetchLock: Send + Sync {
+    /// Takes `key` for `ttl` unless another instance holds it.
+    async fn try_lock(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, StoreError>;
+    /// Releases `key` if it still holds `token`.
+    async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError>;
+}
+
+/// What is shared between instances besides entries: the key version, and copies of entries
+/// held in process.
+#[async_trait]
+pub trait Shared: Send + Sync {
+    /// Reads a shared value (`Unavailable` unless Redis is in use).
+    async fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Writes a shared value; with `only_if_absent` keeps an existing one. Returns whether it
+    /// was written.
+    async fn meta_set(
+        &self,
+        key: &str,
+        value: &str,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError>;
+    /// Deletes the keys matching `pattern` in Redis (cleanup of an old version).
+    async fn purge(&self, pattern: &str) -> Result<u64, StoreError>;
+    /// Empties every copy of entries held in process, here and on every other instance
+    /// (near caches; this instance's memory tier).
+    async fn flush_copies(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(tier: Tier, incarnation: u64, counters: &[u64], clears: u64) -> Stamp {
+        Stamp::new(Source { tier, incarnation }, counters.to_vec(), clears)
+    }
+
+    #[test]
+    fn stamps_compare_only_within_one_source() {
+        let redis = stamp(Tier::Redis, 0, &[0, 0], 0);
+        assert!(redis.serves(&stamp(Tier::Redis, 0, &[0, 0], 5)));
+        assert!(!redis.unchanged_at(&stamp(Tier::Redis, 0, &[0, 0], 5)));
+        assert!(
+            !redis.serves(&stamp(Tier::Memory, 0, &[0, 0], 0)),
+            "another tier"
+        );
+        assert!(
+            !redis.serves(&stamp(Tier::Redis, 1, &[0, 0], 0)),
+            "a restarted redis"
+        );
+        assert!(!redis.serves(&stamp(Tier::Redis, 0, &[0, 1], 0)));
+    }
+
+    #[test]
+    fn an_own_bump_advances_exactly_its_counter() {
+        let deps = Keyspace::new("p").deps("v1", crate::domain::View::Metrics, &["1".into()]);
+        let before = stamp(Tier::Redis, 0, &[3, 7], 1);
+        let after = before.after_own_bump(&deps, "p:_gen:v1:run:1");
+        assert_eq!(after, stamp(Tier::Redis, 0, &[3, 8], 1));
+        assert_eq!(before.after_own_bump(&deps, "p:_gen:v1:run:2"), before);
+    }
+
+    #[test]
+    fn a_flight_covers_requests_that_saw_no_more_than_it() {
+        let flight = stamp(Tier::Redis, 0, &[1, 4], 2);
+        assert!(flight.covers(&stamp(Tier::Redis, 0, &[1, 4], 2)));
+        assert!(flight.covers(&stamp(Tier::Redis, 0, &[0, 3], 2)));
+        assert!(!flight.covers(&stamp(Tier::Redis, 0, &[1, 5], 2)));
+        assert!(!flight.covers(&stamp(Tier::Redis, 0, &[1, 4], 3)));
+        assert!(!flight.covers(&stamp(Tier::Memory, 0, &[1, 4], 2)));
+    }
+
+    #[test]
+    fn old_journal_lines_still_read() {
+        let read = |line: &str| {
+            serde_json::from_str::<Invalidation>(line)
+                .expect("parses")
+                .normalised()
+        };
+        assert_eq!(read(r#"{"bump":["a"]}"#).bump, ["a"]);
+        assert_eq!(read(r#"{"delete":["k"]}"#).delete, ["k"]);
+        assert_eq!(read(r#"{"delete_tagged":"t"}"#).tagged, ["t"]);
+        assert_eq!(read(r#"{"delete_matching":"p:v1:*"}"#).matching, ["p:v1:*"]);
+        let overflow = read(r#"{"delete_matching":"p:[^_]*"}"#);
+        assert!(overflow.everything && overflow.matching.is_empty());
+        let batch = Invalidation {
+            bump: vec!["g".into()],
+            tagged: vec!["t".into()],
+            ..Invalidation::default()
+        };
+        let line = serde_json::to_string(&batch).expect("serialises");
+        assert_eq!(read(&line), batch);
+    }
+
+    #[test]
+    fn a_peer_may_only_name_this_keyspace() {
+        let ok = Invalidation {
+            bump: vec!["p:_gen:v1:run:1".into()],
+            matching: vec!["p:v1:model:*".into()],
+            everything: true,
+            ..Invalidation::default()
+        };
+        assert!(ok.is_within("p"));
+        for bad in ["q:v1:a", "pp:v1:a", "p", "p:v1:a b", "*"] {
+            let inv = Invalidation {
+                delete: vec![bad.into()],
+                ..Invalidation::default()
+            };
+            assert!(!inv.is_within("p"), "{bad}");
+        }
+        let glob_in_delete = Invalidation {
+            delete: vec!["p:v1:*".into()],
+            ..Invalidation::default()
+        };
+        assert!(!glob_in_delete.is_within("p"));
+        assert!(serde_json::from_str::<Invalidation>(r#"{"flush_all": true}"#).is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! The L1 near cache as a wrapper around the tiered store: [`NearStore`] is what the rest of
+//! the service uses as its store. It keeps fresh entries read from Redis in process
+//! ([`cache`]) and keeps every instance's copies coherent over Redis pub/sub ([`bus`]).
+//!
+//! A copy is served only while the tiered store serves from the same Redis incarnation the
+//! copy was read from (its stamp names it), so a circuit transition or a restarted Redis
+//! makes every copy unservable at once, without a sweep.
+
+pub mod bus;
+pub mod cache;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use cache::{NearCache, NearCounts, NearSlot};
+
+use self::bus::{Bus, NearOp};
+use super::counters::ReadCounters;
+use super::tiered::{Applied, FallbackStore};
+use super::{
+    CacheEntry, Deps, FetchLock, Invalidation, Lookup, Shared, Source, Stamp, Store, StoreError,
+    Tier,
+};
+use crate::domain::policy::now_ms;
+
+/// The near cache and the bus that keeps it coherent.
+#[derive(Debug)]
+pub struct Near {
+    /// This instance's copies of hot entries.
+    pub cache: Arc<NearCache>,
+    /// Invalidation messages to and from the other instances.
+    pub bus: Arc<Bus>,
+}
+
+/// The store the service uses: the tiered store, with the near cache in front when
+/// `l1.enabled`.
+#[derive(Debug)]
+pub struct NearStore {
+    inner: Arc<FallbackStore>,
+    near: Option<Near>,
+    counters: ReadCounters,
+}
+
+impl NearStore {
+    /// `inner` with `near` in front of it; `counters` are the per-key read counts a copy
+    /// carries.
+    pub fn new(inner: Arc<FallbackStore>, near: Option<Near>, counters: ReadCounters) -> Self {
+        Self {
+            inner,
+            near,
+            counters,
+        }
+    }
+
+    /// The tiered store behind it.
+    pub fn tiered(&self) -> &Arc<FallbackStore> {
+        &self.inner
+    }
+
+    /// The near cache and its bus, when `l1.enabled`.
+    pub fn near(&self) -> Option<&Near> {
+        self.near.as_ref()
+    }
+
+    /// Near-cache figures for `/cache/stats`.
+    pub fn near_counts(&self) -> NearCounts {
+        self.near
+            .as_ref()
+            .map_or_else(NearCounts::disabled, |n| n.cache.counts())
+    }
+
+    /// Per-key read counts.
+    pub fn counters(&self) -> &ReadCounters {
+        &self.counters
+    }
+
+    /// Probes Redis (see [`FallbackStore::probe`]); after a replay, every instance's near
+    /// cache is emptied, since the other instances never heard of what was replayed.
+    pub async fn probe(&self) -> bool {
+        let probe = self.inner.probe().await;
+        if probe.replayed > 0 {
+            self.flush_everywhere().await;
+        }
+        probe.serving_redis
+    }
+
+    /// Applies an invalidation another instance sent while it could not reach Redis.
+    pub async fn apply_from_peer(&self, inv: &Invalidation) -> u64 {
+        let n = self.inner.apply_from_peer(inv).await;
+        if let Some(near) = &self.near {
+            near.cache.apply(inv);
+            if self.inner.tier() == Tier::Redis {
+                near.bus
+                    .publish(&self.inner, &near.cache, NearOp::Op(inv.clone()))
+                    .await;
+            }
+        }
+        n
+    }
+
+    async fn flush_everywhere(&self) {
+        if let Some(near) = &self.near {
+            near.cache.flush();
+            near.bus
+                .publish(&self.inner, &near.cache, NearOp::Flush)
+                .await;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for NearStore {
+    fn source(&self) -> Source {
+        self.inner.source()
+    }
+
+    fn peek(&self, key: &str) -> Option<Arc<NearSlot>> {
+        let slot = self.near.as_ref()?.cache.get(key)?;
+        (slot.entry.stamp.source() == self.inner.source()).then_some(slot)
+    }
+
+    fn copy_served(&self, lane: bool) {
+        if let Some(near) = &self.near {
+            near.cache.served(lane);
+        }
+    }
+
+    async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
+        let epoch = self.near.as_ref().map_or(0, |n| n.cache.epoch());
+        let lookup = self.inner.get(key, deps).await?;
+        if let Some(near) = &self.near
+            && lookup.current.source().tier == Tier::Redis
+            && let Some(entry) = lookup
+                .entry
+                .as_ref()
+                .filter(|e| e.stamp.serves(&lookup.current))
+        {
+            let fresh_for = Duration::from_millis(entry.fresh_until_ms().saturating_sub(now_ms()));
+            let hits = self.counters.of(key);
+            near.cache.insert(key, entry, deps, hits, fresh_for, epoch);
+        }
+        Ok(lookup)
+    }
+
+    async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
+        self.inner.stamp(deps).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        deps: &Deps,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        if let Some(near) = &self.near {
+            near.cache.forget(key);
+        }
+        self.inner.put(key, entry, deps, retention).await
+    }
+
+    async fn touch(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        if let Some(near) = &self.near {
+            near.cache.forget(key);
+        }
+        self.inner.touch(key, entry, retention).await
+    }
+
+    /// Applies `inv` to the tiers, then to this instance's copies (after Redis, so a read
+    /// racing the change cannot keep an old copy), then publishes it and waits (bounded) until
+    /// every instance it reached has dropped its copies.
+    async fn invalidate(&self, inv: &Invalidation) -> Result<u64, StoreError> {
+        let result = self.inner.invalidate(inv).await;
+        if let Some(near) = &self.near {
+            near.cache.apply(inv);
+            if let Ok((_, Applied::Redis)) = &result {
+                near.bus
+                    .publish(&self.inner, &near.cache, NearOp::Op(inv.clone()))
+                    .await;
+            }
+        }
+        result.map(|(n, _)| n)
+    }
+}
+
+#[async_trait]
+impl FetchLock for NearStore {
+    async fn try_lock(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.try_lock(key, token, ttl).await
+    }
+
+    async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        self.inner.unlock(key, token).await
+    }
+}
+
+#[async_trait]
+impl Shared for NearStore {
+    async fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.meta_get(key).await
+    }
+
+    async fn meta_set(
+        &self,
+        key: &str,
+        value: &str,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        self.inner.meta_set(key, value, only_if_absent).await
+    }
+
+    async fn purge(&self, pattern: &str) -> Result<u64, StoreError> {
+        self.inner.purge(pattern).await
+    }
+
+    async fn flush_copies(&self) {
+        self.inner.memory().clear();
+        self.flush_everywhere().await;
+    }
+}

@@ -1,0 +1,179 @@
+//! The request path's connection to Redis: one multiplexed connection, replaced when it
+//! breaks, and checked before use each time it is (re)opened.
+//!
+//! A Redis that restarts comes back empty, or from an older RDB snapshot with entries and
+//! counters from before invalidations it had applied. Either way every connection to it
+//! broke, so each new connection asks `INFO server` for the process's `run_id`: a new one
+//! starts a new *incarnation*, and stamps read from the old one never validate anything in
+//! the new one (see [`crate::store::Source`]). Whether the new process came back holding this
+//! keyspace (our marker key survived: it was loaded from a snapshot) or empty is recorded with
+//! the incarnation, so the tiered store can replay what may have been lost before it serves.
+//! The marker holds the `run_id` of the process it was written in, so a marker another
+//! instance wrote after the restart does not look like one that came back from a snapshot.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError};
+
+use crate::store::StoreError;
+
+/// One open, checked connection.
+pub(crate) struct Conn {
+    pub(crate) conn: MultiplexedConnection,
+    /// The incarnation of the Redis process it is connected to.
+    pub(crate) incarnation: u64,
+}
+
+/// What a new incarnation came back with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// The process answered without this keyspace: nothing stale can be in it.
+    Empty,
+    /// The process holds this keyspace's marker from before: it was restored from a snapshot.
+    Restored,
+}
+
+/// The request path's connection.
+pub(crate) struct Link {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    connect_timeout: Duration,
+    marker_key: String,
+    current: ArcSwapOption<Conn>,
+    connecting: tokio::sync::Mutex<()>,
+    run_id: std::sync::Mutex<Option<String>>,
+    incarnation: AtomicU64,
+    /// `(incarnation, what it came back with)` of the latest restart seen.
+    restart: std::sync::Mutex<Option<(u64, Restart)>>,
+}
+
+/// Whether `e` means the connection itself is gone (as opposed to one failed command).
+pub(crate) fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+}
+
+/// Maps a Redis error to a store error: unreachable, or a bad answer.
+pub(crate) fn classify(e: RedisError) -> StoreError {
+    if is_connection_error(&e) || e.is_timeout() {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Command(e.to_string())
+    }
+}
+
+impl Link {
+    pub(crate) fn new(
+        client: redis::Client,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+        marker_key: String,
+    ) -> Self {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(command_timeout));
+        Self {
+            client,
+            config,
+            connect_timeout,
+            marker_key,
+            current: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+            run_id: std::sync::Mutex::new(None),
+            incarnation: AtomicU64::new(0),
+            restart: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The incarnation of the Redis process last connected to.
+    pub(crate) fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Acquire)
+    }
+
+    /// The latest restart seen: its incarnation and what it came back with.
+    pub(crate) fn last_restart(&self) -> Option<(u64, Restart)> {
+        *self.restart.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The open connection, or a new one, checked (one caller connects; others wait for it).
+    pub(crate) async fn conn(&self) -> Result<Arc<Conn>, StoreError> {
+        if let Some(c) = self.current.load_full() {
+            return Ok(c);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(c) = self.current.load_full() {
+            return Ok(c);
+        }
+        let open = async {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await?;
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut conn)
+                .await?;
+            let run_id = info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default();
+            // The marker holds the run_id of the process it was written in. Absent, or this
+            // process's: everything here was written since it started. Another process's: it
+            // was loaded from a snapshot, with whatever else that snapshot held.
+            let before: Option<String> = redis::cmd("SET")
+                .arg(&self.marker_key)
+                .arg(&run_id)
+                .arg("NX")
+                .arg("GET")
+                .query_async(&mut conn)
+                .await?;
+            let fresh = before.is_none_or(|b| b == run_id);
+            Ok::<_, RedisError>((conn, run_id, fresh))
+        };
+        // The connect time-out covers connecting and the checks; redis-rs's own connection
+        // time-out is not enough on its own (redis-rs #1953).
+        let (conn, run_id, fresh) = match tokio::time::timeout(self.connect_timeout * 2, open).await
+        {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => return Err(classify(e)),
+            Err(_) => return Err(StoreError::Unavailable("redis connect timed out".into())),
+        };
+        let restarted = {
+            let mut known = self.run_id.lock().unwrap_or_else(|e| e.into_inner());
+            let restarted = known.as_ref().is_some_and(|k| *k != run_id);
+            *known = Some(run_id);
+            restarted
+        };
+        if restarted {
+            let incarnation = self.incarnation.fetch_add(1, Ordering::AcqRel) + 1;
+            let kind = if fresh {
+                Restart::Empty
+            } else {
+                Restart::Restored
+            };
+            *self.restart.lock().unwrap_or_else(|e| e.into_inner()) = Some((incarnation, kind));
+            tracing::warn!(incarnation, restored = !fresh, "redis was restarted");
+        }
+        let c = Arc::new(Conn {
+            conn,
+            incarnation: self.incarnation(),
+        });
+        self.current.store(Some(c.clone()));
+        Ok(c)
+    }
+
+    /// Forgets `c` after a connection-level error, so the next command reconnects.
+    pub(crate) fn broken(&self, c: &Arc<Conn>) {
+        let current = self.current.load();
+        if current.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, c)) {
+            self.current.compare_and_swap(&current, None::<Arc<Conn>>);
+        }
+    }
+}

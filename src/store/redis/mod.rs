@@ -1,0 +1,553 @@
+//! The Redis tier. The request path uses one shared multiplexed connection ([`link`]: a pool
+//! checkout costs an extra PING round trip, and the link checks every new connection for a
+//! restarted Redis); SCAN and INFO use a small deadpool pool so long admin work never queues
+//! behind, or ahead of, request traffic. Every command names one key, except the conditional
+//! write, whose keys are one entry and the counters it depends on.
+
+pub mod link;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::AsyncConnectionConfig;
+
+use self::link::{Conn, Link, Restart, classify, is_connection_error};
+use super::{CacheEntry, Deps, Invalidation, Keyspace, Lookup, Source, Stamp, StoreError, Tier};
+use crate::domain::policy::now_ms;
+
+/// Connection settings for [`RedisStore::new`].
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Redis URL (may hold a password; never logged).
+    pub url: String,
+    /// Per-command time-out on the request path.
+    pub command_timeout: Duration,
+    /// TCP connect time-out.
+    pub connect_timeout: Duration,
+    /// Admin pool size.
+    pub pool_max_size: usize,
+    /// Wait for an admin connection.
+    pub pool_timeout: Duration,
+    /// Opening an admin connection.
+    pub pool_create_timeout: Duration,
+    /// Health check of an idle admin connection.
+    pub pool_recycle_timeout: Duration,
+    /// SCAN COUNT hint.
+    pub scan_batch: usize,
+    /// Lifetime of generation counters; longer than any entry lives.
+    pub gen_ttl: Duration,
+}
+
+/// Figures from Redis `INFO` shown in `/cache/stats`.
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct RedisInfo {
+    /// Bytes Redis uses.
+    pub used_memory: u64,
+    /// Successful key lookups since Redis started.
+    pub keyspace_hits: u64,
+    /// Failed key lookups since Redis started.
+    pub keyspace_misses: u64,
+    /// Keys evicted by `maxmemory`.
+    pub evicted_keys: u64,
+}
+
+/// Redis-backed store. Cloning shares the connections.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    link: Arc<Link>,
+    pool: Pool,
+    keys: Keyspace,
+    timeout: Duration,
+    scan_batch: usize,
+    gen_ttl_secs: u64,
+}
+
+/// Deletes the lock only if it still holds our token (single key: cluster-safe).
+const UNLOCK: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// Writes an entry only if the counters it depends on, and the clear sequence, still hold
+/// the values its stamp read. KEYS: the entry, the `n` counters, the clear sequence, then the
+/// tag sets. ARGV: `n`, the `n` expected values, the expected sequence, the encoded entry, its
+/// life in ms, the tag sets' life in seconds. A tag set lives as long as its longest-lived
+/// member: NX gives a new set a TTL, GT extends an existing one (GT alone treats "no TTL" as
+/// infinite).
+const PUT: &str = r"
+local n = tonumber(ARGV[1])
+for i = 1, n + 1 do
+  local v = tonumber(redis.call('GET', KEYS[1 + i])) or 0
+  if v ~= tonumber(ARGV[1 + i]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[n + 3], 'PX', ARGV[n + 4])
+for i = n + 3, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[1])
+  redis.call('EXPIRE', KEYS[i], ARGV[n + 5], 'NX')
+  redis.call('EXPIRE', KEYS[i], ARGV[n + 5], 'GT')
+end
+return 1
+";
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A counter's value; absent or unreadable counts as 0 (never bumped).
+fn parse_counter(raw: Option<&[u8]>) -> u64 {
+    raw.and_then(|r| std::str::from_utf8(r).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn counter_of(value: &redis::Value) -> u64 {
+    let raw: Option<Vec<u8>> = redis::from_redis_value_ref(value).ok().flatten();
+    parse_counter(raw.as_deref())
+}
+
+impl RedisStore {
+    /// Creates the store without connecting: Redis may be absent at start, and the first
+    /// command (or the health probe) connects.
+    pub fn new(opts: &RedisOptions, keys: Keyspace) -> Result<Self, StoreError> {
+        let client = redis::Client::open(opts.url.as_str())
+            .map_err(|_| StoreError::Command("invalid redis url".into()))?;
+        let link = Arc::new(Link::new(
+            client.clone(),
+            opts.connect_timeout,
+            opts.command_timeout,
+            keys.marker_key(),
+        ));
+        // Admin commands may legitimately take longer than request-path commands.
+        let admin_timeout = opts.command_timeout.max(Duration::from_secs(5));
+        let manager = Manager::new_with_config(
+            opts.url.as_str(),
+            AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(opts.connect_timeout))
+                .set_response_timeout(Some(admin_timeout)),
+        )
+        .map_err(classify)?;
+        let pool = Pool::builder(manager)
+            .max_size(opts.pool_max_size)
+            .wait_timeout(Some(opts.pool_timeout))
+            .create_timeout(Some(opts.pool_create_timeout))
+            .recycle_timeout(Some(opts.pool_recycle_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Command(e.to_string()))?;
+        Ok(Self {
+            client,
+            link,
+            pool,
+            keys,
+            timeout: opts.command_timeout,
+            scan_batch: opts.scan_batch,
+            gen_ttl_secs: opts.gen_ttl.as_secs().max(1),
+        })
+    }
+
+    /// Where the request path's reads come from now.
+    pub fn source(&self) -> Source {
+        Source {
+            tier: Tier::Redis,
+            incarnation: self.link.incarnation(),
+        }
+    }
+
+    /// The latest restart of Redis seen, with its incarnation.
+    pub fn last_restart(&self) -> Option<(u64, Restart)> {
+        self.link.last_restart()
+    }
+
+    fn source_of(conn: &Conn) -> Source {
+        Source {
+            tier: Tier::Redis,
+            incarnation: conn.incarnation,
+        }
+    }
+
+    /// Runs `query` on the shared connection within the command time-out; returns its result
+    /// and the incarnation it ran against.
+    async fn on_link<T, F, Fut>(&self, query: F) -> Result<(T, Source), StoreError>
+    where
+        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.link.conn().await?;
+        let source = Self::source_of(&conn);
+        match tokio::time::timeout(self.timeout, query(conn.conn.clone())).await {
+            Ok(Ok(v)) => Ok((v, source)),
+            Ok(Err(e)) => {
+                if is_connection_error(&e) {
+                    self.link.broken(&conn);
+                }
+                Err(classify(e))
+            }
+            Err(_) => Err(StoreError::Unavailable("redis command timed out".into())),
+        }
+    }
+
+    /// Runs `cmd` on the shared connection.
+    async fn run<T: redis::FromRedisValue + Send>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+        self.on_link(|mut c| async move { cmd.query_async::<T>(&mut c).await })
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// Runs a non-atomic pipeline on the shared connection.
+    async fn run_pipe<T: redis::FromRedisValue + Send>(
+        &self,
+        pipe: redis::Pipeline,
+    ) -> Result<(T, Source), StoreError> {
+        self.on_link(|mut c| async move { pipe.query_async::<T>(&mut c).await })
+            .await
+    }
+
+    async fn admin_conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            // All admin connections busy: admin capacity, not Redis, is the problem.
+            deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
+                StoreError::Busy("every admin connection to redis is in use".into())
+            }
+            other => StoreError::Unavailable(format!("redis pool: {other}")),
+        })
+    }
+
+    /// The client, for connections of their own (the near cache's subscription).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// Checks that Redis answers (and, through the link, notices a restarted one).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let pong: String = self.run(redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Command(format!(
+                "unexpected PING reply {pong:?}"
+            )))
+        }
+    }
+
+    /// Publishes `payload` on `channel`; returns how many subscribers received it.
+    pub async fn publish(&self, channel: &str, payload: &str) -> Result<u64, StoreError> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(payload);
+        self.run(cmd).await
+    }
+
+    /// Reads a plain string value (the shared version).
+    pub async fn get_string(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        self.run(cmd).await
+    }
+
+    /// Writes a plain string value; with `only_if_absent`, keeps an existing one.
+    /// Returns whether the value was written.
+    pub async fn set_string(
+        &self,
+        key: &str,
+        value: &str,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value);
+        if only_if_absent {
+            cmd.arg("NX");
+        }
+        let reply: Option<String> = self.run(cmd).await?;
+        Ok(reply.is_some())
+    }
+
+    /// Takes the cross-instance fetch lock `key` for `ttl` unless another instance holds it.
+    pub async fn try_lock(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let reply: Option<String> = self.run(cmd).await?;
+        Ok(reply.is_some())
+    }
+
+    /// Releases the fetch lock `key` if it still holds `token`. The script is sent whole
+    /// (`EVAL`, not `EVALSHA`): a restarted Redis has no script cache, and a time-out between
+    /// `NOSCRIPT` and the retry would leave the lock held.
+    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(UNLOCK).arg(1).arg(key).arg(token);
+        self.run::<i64>(cmd).await.map(|_| ())
+    }
+
+    /// Records this instance (`member`) as seen now in the registry and returns the other
+    /// members seen within `window`; members unseen for ten windows are removed.
+    pub async fn heartbeat(
+        &self,
+        member: &str,
+        window: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = now_ms();
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        let key = self.keys.instances_key();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD").arg(&key).arg(now).arg(member).ignore();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now.saturating_sub(window_ms.saturating_mul(10)))
+            .ignore();
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&key)
+            .arg(now.saturating_sub(window_ms))
+            .arg("+inf");
+        let ((members,), _): ((Vec<String>,), _) = self.run_pipe(pipe).await?;
+        Ok(members.into_iter().filter(|m| m != member).collect())
+    }
+
+    /// Calls `each` with every batch of keys matching `pattern` and sums what it returns,
+    /// SCANning `scan_batch` keys per step on a pooled connection, so Redis is never blocked
+    /// by one long command. This is the one place pattern work goes through.
+    pub async fn scan_batches<F, Fut>(&self, pattern: &str, mut each: F) -> Result<u64, StoreError>
+    where
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: Future<Output = Result<u64, StoreError>>,
+    {
+        let mut conn = self.admin_conn().await?;
+        let mut cursor: u64 = 0;
+        let mut total = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(self.scan_batch)
+                .query_async(&mut *conn)
+                .await
+                .map_err(classify)?;
+            if !keys.is_empty() {
+                total += each(keys).await?;
+            }
+            if next == 0 {
+                return Ok(total);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Deletes keys one command each, pipelined; returns how many existed.
+    async fn unlink_each(&self, keys: &[String]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("UNLINK").arg(key);
+        }
+        let (counts, _): (Vec<u64>, _) = self.run_pipe(pipe).await?;
+        Ok(counts.iter().sum())
+    }
+
+    /// Deletes every key matching `pattern`, in SCAN batches; returns how many.
+    pub async fn delete_matching(&self, pattern: &str) -> Result<u64, StoreError> {
+        self.scan_batches(pattern, |keys| async move { self.unlink_each(&keys).await })
+            .await
+    }
+
+    /// Counts the entries matching `pattern` (SCAN in batches).
+    pub async fn count_matching(&self, pattern: &str) -> Result<u64, StoreError> {
+        self.scan_batches(pattern, |keys| async move { Ok(keys.len() as u64) })
+            .await
+    }
+
+    /// `used_memory`, `keyspace_hits`, `keyspace_misses` and `evicted_keys` from `INFO`.
+    pub async fn info(&self) -> Result<RedisInfo, StoreError> {
+        let mut conn = self.admin_conn().await?;
+        let text: String = redis::cmd("INFO")
+            .arg("memory")
+            .arg("stats")
+            .query_async(&mut *conn)
+            .await
+            .map_err(classify)?;
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(RedisInfo {
+            used_memory: field("used_memory"),
+            keyspace_hits: field("keyspace_hits"),
+            keyspace_misses: field("keyspace_misses"),
+            evicted_keys: field("evicted_keys"),
+        })
+    }
+
+    /// Reads an entry and the current stamp of `deps` in one round trip. The entry's store
+    /// time is taken from the key's remaining life, so an entry whose life an unchanged
+    /// refresh extended (without rewriting it) counts as fresh again.
+    pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+        for dep in deps.counters() {
+            pipe.cmd("GET").arg(dep);
+        }
+        pipe.cmd("GET").arg(deps.clears_key());
+        let (replies, source): (Vec<redis::Value>, _) = self.run_pipe(pipe).await?;
+        let [raw, pttl, counters @ .., clears] = replies.as_slice() else {
+            return Err(StoreError::Command("short pipeline reply".into()));
+        };
+        let parse_err = |e: redis::ParsingError| StoreError::Command(e.to_string());
+        let raw: Option<Vec<u8>> = redis::from_redis_value_ref(raw).map_err(parse_err)?;
+        let pttl: i64 = redis::from_redis_value_ref(pttl).map_err(parse_err)?;
+        let current = Stamp::new(
+            source,
+            counters.iter().map(counter_of).collect(),
+            counter_of(clears),
+        );
+        let mut entry = raw
+            .map(|r| CacheEntry::decode(Bytes::from(r), source))
+            .transpose()?;
+        if let (Some(e), Ok(left_ms)) = (entry.as_mut(), u64::try_from(pttl)) {
+            let fresh_left = left_ms.saturating_sub(e.stale_ms);
+            e.stored_at_ms = (now_ms() + fresh_left)
+                .saturating_sub(e.ttl_secs.saturating_mul(1000))
+                .max(e.stored_at_ms);
+        }
+        Ok(Lookup { entry, current })
+    }
+
+    /// The current stamp of `deps`.
+    pub async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
+        let mut pipe = redis::pipe();
+        for dep in deps.counters() {
+            pipe.cmd("GET").arg(dep);
+        }
+        pipe.cmd("GET").arg(deps.clears_key());
+        let (replies, source): (Vec<redis::Value>, _) = self.run_pipe(pipe).await?;
+        let Some((clears, counters)) = replies.split_last() else {
+            return Err(StoreError::Command("short pipeline reply".into()));
+        };
+        Ok(Stamp::new(
+            source,
+            counters.iter().map(counter_of).collect(),
+            counter_of(clears),
+        ))
+    }
+
+    /// Writes `entry` unless its stamp is of another incarnation or anything it depends on
+    /// moved (atomically, in one script). Returns whether it was written.
+    pub async fn put(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        deps: &Deps,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        let stamp = &entry.stamp;
+        if stamp.counters().len() != deps.counters().len() {
+            return Ok(false);
+        }
+        // Sent whole (`EVAL`): one round trip whatever Redis's script cache holds.
+        let mut call = redis::cmd("EVAL");
+        call.arg(PUT)
+            .arg(2 + deps.counters().len() + entry.tags.len())
+            .arg(key)
+            .arg(deps.counters())
+            .arg(deps.clears_key())
+            .arg(&entry.tags)
+            .arg(stamp.counters().len())
+            .arg(stamp.counters())
+            .arg(stamp.clears())
+            .arg(entry.encode().as_ref())
+            .arg(retention.as_millis().max(1) as u64)
+            .arg(retention.as_secs().max(1));
+        let conn = self.link.conn().await?;
+        // A stamp read from an earlier incarnation of Redis says nothing about this one.
+        if Self::source_of(&conn) != stamp.source() {
+            return Ok(false);
+        }
+        let mut c = conn.conn.clone();
+        match tokio::time::timeout(self.timeout, call.query_async::<i64>(&mut c)).await {
+            Ok(Ok(stored)) => Ok(stored == 1),
+            Ok(Err(e)) => {
+                if is_connection_error(&e) {
+                    self.link.broken(&conn);
+                }
+                Err(classify(e))
+            }
+            Err(_) => Err(StoreError::Unavailable("redis write timed out".into())),
+        }
+    }
+
+    /// Extends the life of `key`; returns whether it existed.
+    pub async fn touch(&self, key: &str, retention: Duration) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("PEXPIRE");
+        cmd.arg(key).arg(retention.as_millis().max(1) as u64);
+        let existed: i64 = self.run(cmd).await?;
+        Ok(existed == 1)
+    }
+
+    /// Applies `inv`: counters first (one pipeline), then the deletes. Returns entries
+    /// dropped.
+    pub async fn apply(&self, inv: &Invalidation) -> Result<u64, StoreError> {
+        if !inv.bump.is_empty() {
+            let mut pipe = redis::pipe();
+            for counter in &inv.bump {
+                pipe.cmd("INCR").arg(counter).ignore();
+                pipe.cmd("EXPIRE")
+                    .arg(counter)
+                    .arg(self.gen_ttl_secs)
+                    .ignore();
+            }
+            self.run_pipe::<()>(pipe).await?;
+        }
+        let mut dropped = self.unlink_each(&inv.delete).await?;
+        for tag in &inv.tagged {
+            dropped += self.delete_tagged(tag).await?;
+        }
+        for pattern in &inv.matching {
+            dropped += self.delete_matching(pattern).await?;
+        }
+        if inv.everything {
+            let keys = self.keys.clone();
+            dropped += self
+                .scan_batches(&keys.everything_pattern(), |batch| {
+                    let keys = keys.clone();
+                    async move {
+                        let entries: Vec<String> =
+                            batch.into_iter().filter(|k| keys.is_entry(k)).collect();
+                        self.unlink_each(&entries).await
+                    }
+                })
+                .await?;
+        }
+        Ok(dropped)
+    }
+
+    async fn delete_tagged(&self, tag: &str) -> Result<u64, StoreError> {
+        // SPOP removes members atomically, so a member added while we work stays tagged
+        // for the next invalidation instead of being dropped with the set.
+        let mut deleted = 0;
+        loop {
+            let mut cmd = redis::cmd("SPOP");
+            cmd.arg(tag).arg(self.scan_batch);
+            let members: Vec<String> = self.run(cmd).await?;
+            if members.is_empty() {
+                return Ok(deleted);
+            }
+            deleted += self.unlink_each(&members).await?;
+        }
+    }
+}

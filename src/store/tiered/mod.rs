@@ -1,0 +1,733 @@
+//! Redis first, memory when Redis is unusable.
+//!
+//! - [`circuit`]: opens on repeated failures, or at once when correctness needs it; only the
+//!   probe closes it, at most one probe runs at a time, and it closes only once every
+//!   operation journaled before Redis came back has been applied.
+//! - [`journal`]: invalidations made while Redis is unusable, durable, replayed before Redis
+//!   serves again; file I/O on a writer thread of its own.
+//! - [`recent`]: what was applied to Redis lately, replayed to a Redis that came back from an
+//!   older snapshot.
+//! - [`peers`]: the other instances, told directly of invalidations made during an outage.
+//!
+//! While the circuit is closed the memory tier holds nothing: entries are written to memory
+//! only while it serves, and it is emptied (a new incarnation) when the circuit closes.
+
+pub mod circuit;
+pub mod journal;
+pub mod peers;
+pub mod recent;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use serde::Serialize;
+
+use self::circuit::{Circuit, CircuitOptions};
+use self::journal::{Appended, Journal, durable};
+use self::peers::{Peers, SEEN_WINDOW};
+use self::recent::Recent;
+use super::memory::MemoryStore;
+use super::redis::link::Restart;
+use super::redis::{RedisInfo, RedisStore};
+use super::{
+    CacheEntry, Deps, Invalidation, KeyVersion, Keyspace, Lookup, Source, Stamp, StoreError, Tier,
+};
+use crate::domain::View;
+use crate::domain::policy::now_ms;
+use crate::metrics::names;
+
+/// Tuning of [`FallbackStore`].
+#[derive(Debug, Clone)]
+pub struct TieredOptions {
+    /// Where the outage journal is kept (none: memory only).
+    pub journal_path: Option<PathBuf>,
+    /// Pending operations before the journal collapses into "invalidate everything".
+    pub journal_max_ops: usize,
+    /// When the circuit opens.
+    pub circuit: CircuitOptions,
+    /// How far back invalidations are replayed to a Redis restored from a snapshot.
+    pub rollback_window: Duration,
+    /// Oldest entry served from memory while other instances are known.
+    pub degraded_max_age: Duration,
+    /// Time-out of one direct invalidation sent to another instance.
+    pub peer_timeout: Duration,
+}
+
+/// Where an invalidation was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// To Redis (and so, for every instance, through it).
+    Redis,
+    /// To this instance's memory tier and its journal (Redis was unusable), and sent to the
+    /// instances it knows.
+    Journaled,
+}
+
+/// What a probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// Whether reads go to Redis afterwards.
+    pub serving_redis: bool,
+    /// Journaled operations it replayed to Redis.
+    pub replayed: usize,
+}
+
+/// Operations and errors per tier, for `/cache/stats`.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct TierCounts {
+    /// Operations sent to Redis.
+    pub redis_operations: u64,
+    /// Redis operations that failed.
+    pub redis_errors: u64,
+    /// Operations served by the memory tier.
+    pub memory_operations: u64,
+    /// Times the circuit opened (Redis to memory).
+    pub circuit_opened: u64,
+    /// Redis restarts noticed (a new `run_id` behind a new connection).
+    pub redis_restarts: u64,
+    /// Other instances known (for invalidations made while Redis is unreachable).
+    pub known_instances: u64,
+}
+
+/// How `keys` in `/cache/stats` was obtained.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct KeyCount {
+    /// Entries of the current version.
+    pub keys: u64,
+    /// `scan`: counted by a SCAN of Redis, at most once per 10 s whatever the number of
+    /// callers (`age_ms` old); `memory`: counted now in the memory tier.
+    pub method: &'static str,
+    /// Milliseconds since it was counted.
+    pub age_ms: u64,
+}
+
+#[derive(Debug)]
+struct Calls {
+    redis_ops: AtomicU64,
+    redis_errors: AtomicU64,
+    memory_ops: AtomicU64,
+    redis_ops_metric: metrics::Counter,
+    redis_errors_metric: metrics::Counter,
+    memory_ops_metric: metrics::Counter,
+}
+
+impl Calls {
+    fn new() -> Self {
+        Self {
+            redis_ops: AtomicU64::new(0),
+            redis_errors: AtomicU64::new(0),
+            memory_ops: AtomicU64::new(0),
+            redis_ops_metric: metrics::counter!(names::STORE_OPERATIONS_TOTAL, "tier" => "redis"),
+            redis_errors_metric: metrics::counter!(names::STORE_ERRORS_TOTAL, "tier" => "redis"),
+            memory_ops_metric: metrics::counter!(names::STORE_OPERATIONS_TOTAL, "tier" => "memory"),
+        }
+    }
+
+    fn redis(&self) {
+        self.redis_ops.fetch_add(1, Ordering::Relaxed);
+        self.redis_ops_metric.increment(1);
+    }
+
+    fn redis_error(&self) {
+        self.redis_errors.fetch_add(1, Ordering::Relaxed);
+        self.redis_errors_metric.increment(1);
+    }
+
+    fn memory(&self) {
+        self.memory_ops.fetch_add(1, Ordering::Relaxed);
+        self.memory_ops_metric.increment(1);
+    }
+}
+
+/// The two tiers behind one face.
+#[derive(Debug)]
+pub struct FallbackStore {
+    redis: RedisStore,
+    memory: MemoryStore,
+    keys: Keyspace,
+    version: Arc<KeyVersion>,
+    circuit: Circuit,
+    journal: Journal,
+    probing: tokio::sync::Mutex<()>,
+    /// The Redis incarnation that may serve: recovered (or found empty) after a restart.
+    accepted: AtomicU64,
+    /// The incarnation a recovery was last prepared for (so it is prepared once).
+    recovering: AtomicU64,
+    restarts: AtomicU64,
+    recent: Recent,
+    peers: Peers,
+    degraded_max_age: Duration,
+    key_counted: std::sync::Mutex<Option<(u64, Instant)>>,
+    counting: tokio::sync::Mutex<()>,
+    calls: Calls,
+}
+
+impl FallbackStore {
+    /// Both tiers; the circuit starts open until [`FallbackStore::probe`] finds Redis.
+    /// `token` authenticates direct invalidations to other instances.
+    pub fn new(
+        redis: RedisStore,
+        memory: MemoryStore,
+        keys: Keyspace,
+        version: Arc<KeyVersion>,
+        token: Arc<SecretString>,
+        opts: TieredOptions,
+    ) -> Self {
+        Self {
+            redis,
+            memory,
+            keys,
+            version,
+            circuit: Circuit::new(opts.circuit),
+            journal: Journal::open(opts.journal_path, opts.journal_max_ops),
+            probing: tokio::sync::Mutex::new(()),
+            accepted: AtomicU64::new(0),
+            recovering: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            recent: Recent::new(opts.rollback_window),
+            peers: Peers::new(token, opts.peer_timeout),
+            degraded_max_age: opts.degraded_max_age,
+            key_counted: std::sync::Mutex::new(None),
+            counting: tokio::sync::Mutex::new(()),
+            calls: Calls::new(),
+        }
+    }
+
+    /// The Redis tier, for this layer's own connections (the near cache's bus).
+    pub(crate) fn redis(&self) -> &RedisStore {
+        &self.redis
+    }
+
+    /// The memory tier (snapshots).
+    pub fn memory(&self) -> &MemoryStore {
+        &self.memory
+    }
+
+    /// The other instances.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// The tier reads and writes go to now.
+    pub fn tier(&self) -> Tier {
+        if self.circuit.is_open() {
+            Tier::Memory
+        } else {
+            Tier::Redis
+        }
+    }
+
+    /// Where reads come from now, with the incarnation that may serve.
+    pub fn source(&self) -> Source {
+        if self.circuit.is_open() {
+            self.memory.source()
+        } else {
+            Source {
+                tier: Tier::Redis,
+                incarnation: self.accepted.load(Ordering::Acquire),
+            }
+        }
+    }
+
+    /// Operations and errors per tier.
+    pub fn counts(&self) -> TierCounts {
+        TierCounts {
+            redis_operations: self.calls.redis_ops.load(Ordering::Relaxed),
+            redis_errors: self.calls.redis_errors.load(Ordering::Relaxed),
+            memory_operations: self.calls.memory_ops.load(Ordering::Relaxed),
+            circuit_opened: self.circuit.openings(),
+            redis_restarts: self.restarts.load(Ordering::Relaxed),
+            known_instances: self.peers.count() as u64,
+        }
+    }
+
+    /// Store operations sent to Redis so far (tests watch this stay still while the circuit
+    /// is open).
+    pub fn redis_calls(&self) -> u64 {
+        self.calls.redis_ops.load(Ordering::Relaxed)
+    }
+
+    /// Invalidations waiting for Redis.
+    pub fn pending_invalidations(&self) -> usize {
+        self.journal.len()
+    }
+
+    /// Where the journal is kept.
+    pub fn journal_path(&self) -> Option<&std::path::Path> {
+        self.journal.path()
+    }
+
+    /// Applies the journaled invalidations to the memory tier (after a snapshot load: the
+    /// snapshot may predate them).
+    pub fn replay_journal_into_memory(&self) {
+        for op in self.journal.pending() {
+            self.memory.apply(&op);
+        }
+    }
+
+    /// The invalidation that stands for everything: every entry of every version deleted,
+    /// and the counters that every stamp of the current version depends on bumped.
+    fn everything(&self) -> Invalidation {
+        let v = self.version.get();
+        let mut bump: Vec<String> = View::ALL
+            .into_iter()
+            .map(|view| self.keys.view_gen(&v, view))
+            .collect();
+        bump.push(self.keys.clears(&v));
+        Invalidation {
+            bump,
+            everything: true,
+            ..Invalidation::default()
+        }
+    }
+
+    /// A Redis command failed; returns whether the circuit is open now.
+    fn redis_failed(&self, e: &StoreError) -> bool {
+        if e.is_unavailable() {
+            self.calls.redis_error();
+            self.circuit.failure(&e.to_string());
+        }
+        self.circuit.is_open()
+    }
+
+    /// Whether a reply from Redis incarnation `incarnation` may be used. A Redis restarted
+    /// empty is taken at once (nothing stale can be in it, and no stamp of the old one
+    /// validates in it); one restored from a snapshot first gets the recent invalidations
+    /// again (the circuit opens, and the probe replays them).
+    fn usable(&self, incarnation: u64) -> bool {
+        if incarnation == self.accepted.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.redis.last_restart() {
+            Some((inc, Restart::Empty)) if inc == incarnation && self.journal.is_empty() => {
+                if self.accepted.swap(incarnation, Ordering::AcqRel) != incarnation {
+                    self.restarts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("redis came back empty; serving from it");
+                }
+                true
+            }
+            _ => {
+                self.prepare_recovery(incarnation);
+                self.circuit.open("redis restarted");
+                false
+            }
+        }
+    }
+
+    /// Puts what a Redis restored from a snapshot may have lost in front of the journal,
+    /// once per incarnation.
+    fn prepare_recovery(&self, incarnation: u64) {
+        if incarnation == self.accepted.load(Ordering::Acquire)
+            || self.recovering.swap(incarnation, Ordering::AcqRel) == incarnation
+        {
+            return;
+        }
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        let restored =
+            !matches!(self.redis.last_restart(), Some((inc, Restart::Empty)) if inc == incarnation);
+        if !restored {
+            return;
+        }
+        // Fetch locks came back too, with nobody holding them: waiters would poll them out.
+        let locks = Invalidation {
+            matching: vec![self.keys.lock_pattern()],
+            ..Invalidation::default()
+        };
+        let mut ops = match self.recent.replay() {
+            Some(ops) => {
+                tracing::warn!(
+                    count = ops.len(),
+                    "redis came back from a snapshot; replaying the invalidations of redis.rollback_window_secs before it serves"
+                );
+                ops
+            }
+            None => {
+                tracing::warn!(
+                    "redis came back from a snapshot older than this instance can vouch for; invalidating every entry before it serves"
+                );
+                vec![self.everything()]
+            }
+        };
+        ops.insert(0, locks);
+        self.journal.prepend(ops);
+    }
+
+    /// Drops entries older than `memory.degraded_max_age_ms` while serving from memory with
+    /// other instances known: an invalidation they could not send is late by at most that.
+    fn degraded(&self, mut lookup: Lookup) -> Lookup {
+        if self.peers.any() {
+            let max_age = u64::try_from(self.degraded_max_age.as_millis()).unwrap_or(u64::MAX);
+            let now = now_ms();
+            lookup.entry = lookup
+                .entry
+                .filter(|e| now.saturating_sub(e.stored_at_ms) <= max_age);
+        }
+        lookup
+    }
+
+    /// Reads `key` and the current stamp of `deps` from the tier in use.
+    pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
+        if !self.circuit.is_open() {
+            self.calls.redis();
+            match self.redis.get(key, deps).await {
+                Ok(l) if self.usable(l.current.source().incarnation) => {
+                    self.circuit.success();
+                    return Ok(l);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !self.redis_failed(&e) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.calls.memory();
+        Ok(self.degraded(self.memory.get(key, deps)))
+    }
+
+    /// The current stamp of `deps` in the tier in use.
+    pub async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
+        if !self.circuit.is_open() {
+            self.calls.redis();
+            match self.redis.stamp(deps).await {
+                Ok(s) if self.usable(s.source().incarnation) => {
+                    self.circuit.success();
+                    return Ok(s);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !self.redis_failed(&e) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.calls.memory();
+        Ok(self.memory.stamp(deps))
+    }
+
+    /// Writes `entry` into the tier its stamp was read from, if that tier still serves and
+    /// nothing it depends on moved.
+    pub async fn put(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        deps: &Deps,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        if entry.stamp.source() != self.source() {
+            return Ok(false);
+        }
+        match entry.stamp.source().tier {
+            Tier::Redis => {
+                self.calls.redis();
+                match self.redis.put(key, entry, deps, retention).await {
+                    Ok(stored) => {
+                        self.circuit.success();
+                        Ok(stored)
+                    }
+                    Err(e) => {
+                        self.redis_failed(&e);
+                        Err(e)
+                    }
+                }
+            }
+            Tier::Memory => {
+                self.calls.memory();
+                Ok(self.memory.put(key, entry, deps, retention))
+            }
+        }
+    }
+
+    /// Extends the life of `key` in the tier `entry` was read from.
+    pub async fn touch(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        if entry.stamp.source() != self.source() {
+            return Ok(false);
+        }
+        match entry.stamp.source().tier {
+            Tier::Redis => {
+                self.calls.redis();
+                self.redis.touch(key, retention).await.inspect_err(|e| {
+                    self.redis_failed(e);
+                })
+            }
+            Tier::Memory => {
+                self.calls.memory();
+                Ok(self.memory.touch(key, entry, retention))
+            }
+        }
+    }
+
+    /// Applies `inv` to Redis, or, while Redis is unusable, to the memory tier, the journal
+    /// (durably) and every other instance known. An invalidation that cannot reach Redis
+    /// opens the circuit at once: Redis must not serve before it has been applied there.
+    pub async fn invalidate(&self, inv: &Invalidation) -> Result<(u64, Applied), StoreError> {
+        for _ in 0..3 {
+            if !self.circuit.is_open() {
+                self.calls.redis();
+                match self.redis.apply(inv).await {
+                    Ok(n) => {
+                        self.circuit.success();
+                        self.recent.push(inv);
+                        return Ok((n, Applied::Redis));
+                    }
+                    Err(e) if e.is_unavailable() => {
+                        self.calls.redis_error();
+                        self.circuit.open("an invalidation could not reach redis");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let appended =
+                self.journal
+                    .append_if(inv, || self.circuit.is_open(), || self.everything());
+            let Appended::Queued(written) = appended else {
+                // The probe closed the circuit meanwhile: Redis again.
+                continue;
+            };
+            self.calls.memory();
+            let dropped = self.memory.apply(inv);
+            let (_, written) = tokio::join!(self.peers.tell(inv), durable(written));
+            if let Err(e) = written {
+                tracing::error!(error = %e, "the invalidation is journaled in memory only");
+            }
+            return Ok((dropped, Applied::Journaled));
+        }
+        Err(StoreError::Unavailable(
+            "redis kept flapping during an invalidation".into(),
+        ))
+    }
+
+    /// Applies an invalidation another instance made while it could not reach Redis (it
+    /// journals it itself): to Redis if this instance can reach it, else to memory.
+    pub async fn apply_from_peer(&self, inv: &Invalidation) -> u64 {
+        if !self.circuit.is_open() {
+            self.calls.redis();
+            match self.redis.apply(inv).await {
+                Ok(n) => {
+                    self.recent.push(inv);
+                    return n;
+                }
+                Err(e) if e.is_unavailable() => {
+                    self.calls.redis_error();
+                    self.circuit.open("an invalidation could not reach redis");
+                }
+                Err(e) => tracing::warn!(error = %e, "a peer invalidation failed on redis"),
+            }
+        }
+        self.calls.memory();
+        self.memory.apply(inv)
+    }
+
+    /// Remembers an invalidation another instance applied to Redis (heard on the bus), for a
+    /// Redis that comes back from a snapshot.
+    pub fn remember(&self, inv: &Invalidation) {
+        self.recent.push(inv);
+    }
+
+    /// Checks Redis while the circuit is open (at most one probe at a time); when it answers,
+    /// replays the journal and closes the circuit once nothing is pending, emptying the memory
+    /// tier (its entries never saw other instances' invalidations). A replay that fails keeps
+    /// the circuit open.
+    pub async fn probe(&self) -> Probe {
+        let Ok(_only_one) = self.probing.try_lock() else {
+            return Probe {
+                serving_redis: !self.circuit.is_open(),
+                replayed: 0,
+            };
+        };
+        let mut replayed = 0;
+        if !self.circuit.is_open() {
+            return Probe {
+                serving_redis: true,
+                replayed,
+            };
+        }
+        if self.redis.ping().await.is_err() {
+            return Probe {
+                serving_redis: false,
+                replayed,
+            };
+        }
+        loop {
+            let incarnation = self.redis.source().incarnation;
+            self.prepare_recovery(incarnation);
+            let ops = self.journal.take();
+            if ops.is_empty() {
+                let closed = self.journal.close_if_empty(|| {
+                    if self.redis.source().incarnation != incarnation {
+                        return false;
+                    }
+                    self.memory.clear();
+                    self.accepted.store(incarnation, Ordering::Release);
+                    self.circuit.close();
+                    true
+                });
+                if closed {
+                    tracing::info!("redis reachable; serving from redis");
+                    return Probe {
+                        serving_redis: true,
+                        replayed,
+                    };
+                }
+                if self.redis.ping().await.is_err() {
+                    return Probe {
+                        serving_redis: false,
+                        replayed,
+                    };
+                }
+                continue;
+            }
+            let count = ops.len();
+            for (i, op) in ops.iter().enumerate() {
+                if let Err(e) = self.redis.apply(op).await {
+                    self.journal.prepend(ops[i..].to_vec());
+                    tracing::warn!(error = %e, "replaying invalidations to redis failed; the circuit stays open");
+                    return Probe {
+                        serving_redis: false,
+                        replayed,
+                    };
+                }
+                self.recent.push(op);
+                replayed += 1;
+            }
+            self.journal.compact();
+            tracing::info!(
+                count,
+                "replayed invalidations made while redis was unusable"
+            );
+        }
+    }
+
+    /// While Redis serves: registers this instance and reads who else is there.
+    pub async fn heartbeat(&self) {
+        if self.circuit.is_open() {
+            return;
+        }
+        let Some(member) = self.peers.member() else {
+            return;
+        };
+        match self.redis.heartbeat(&member, SEEN_WINDOW).await {
+            Ok(others) => self.peers.set_members(others),
+            Err(e) => tracing::debug!(error = %e, "instance registration failed"),
+        }
+    }
+
+    /// Reads a shared value from Redis.
+    pub async fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.on_redis(self.redis.get_string(key)).await
+    }
+
+    /// Writes a shared value to Redis.
+    pub async fn meta_set(
+        &self,
+        key: &str,
+        value: &str,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        self.on_redis(self.redis.set_string(key, value, only_if_absent))
+            .await
+    }
+
+    /// Deletes what matches `pattern` in Redis (background cleanup; never touches the
+    /// circuit).
+    pub async fn purge(&self, pattern: &str) -> Result<u64, StoreError> {
+        if self.circuit.is_open() {
+            return Err(unreachable_redis());
+        }
+        self.redis.delete_matching(pattern).await
+    }
+
+    /// Takes the cross-instance fetch lock (`Unavailable` without Redis: nobody else can
+    /// hold it then).
+    pub async fn try_lock(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.on_redis(self.redis.try_lock(key, token, ttl)).await
+    }
+
+    /// Releases the fetch lock.
+    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        self.on_redis(self.redis.unlock(key, token)).await
+    }
+
+    async fn on_redis<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if self.circuit.is_open() {
+            return Err(unreachable_redis());
+        }
+        self.calls.redis();
+        let result = call.await;
+        match &result {
+            Ok(_) => self.circuit.success(),
+            Err(e) => {
+                self.redis_failed(e);
+            }
+        }
+        result
+    }
+
+    /// Entries of `version` in the tier in use. On Redis the count comes from one SCAN at a
+    /// time, at most every 10 s: admin calls never scan the keyspace per call, and never
+    /// touch the request path's circuit.
+    pub async fn key_count(&self, version: &str) -> KeyCount {
+        let pattern = self.keys.entry_pattern(version, "*");
+        if self.circuit.is_open() {
+            return KeyCount {
+                keys: self.memory.count_matching(&pattern),
+                method: "memory",
+                age_ms: 0,
+            };
+        }
+        let cached = |c: Option<(u64, Instant)>| KeyCount {
+            keys: c.map_or(0, |(n, _)| n),
+            method: "scan",
+            age_ms: c.map_or(0, |(_, at)| at.elapsed().as_millis() as u64),
+        };
+        let last = || *self.key_counted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, at)) = last()
+            && at.elapsed() < Duration::from_secs(10)
+        {
+            return cached(last());
+        }
+        let Ok(_counting) = self.counting.try_lock() else {
+            // Another caller is counting: this one gets the last figure.
+            return cached(last());
+        };
+        if let Ok(n) = self.redis.count_matching(&pattern).await {
+            *self.key_counted.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, Instant::now()));
+        }
+        cached(last())
+    }
+
+    /// Redis `INFO` figures (through the admin pool), while Redis is in use.
+    pub async fn info(&self) -> Option<RedisInfo> {
+        if self.circuit.is_open() {
+            return None;
+        }
+        self.redis.info().await.ok()
+    }
+
+    /// Whether Redis answers now (for `/ready`; never touches the circuit).
+    pub async fn redis_reachable(&self) -> bool {
+        self.redis.ping().await.is_ok()
+    }
+}
+
+fn unreachable_redis() -> StoreError {
+    StoreError::Unavailable("redis is unreachable".into())
+}

@@ -1,0 +1,188 @@
+//! The other instances, for invalidations made while Redis is unreachable (SPEC section 2,
+//! "Several instances while Redis is unreachable"). While Redis is reachable every instance
+//! registers itself (its advertised URL, scored by last-seen time) and reads who else is
+//! there; it keeps the last list it read. An invalidation it applies while it cannot reach
+//! Redis is also sent straight to each of them (the admin token, a short time-out, bounded
+//! retries), and an instance that serves from memory while it knows of others serves no entry
+//! older than `memory.degraded_max_age_ms`: what could reach it by no other path is late by at
+//! most that.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::security::limits::PEER_PATH;
+use crate::store::Invalidation;
+
+/// How long an instance counts as present after it was last seen.
+pub const SEEN_WINDOW: Duration = Duration::from_secs(10);
+/// Attempts per peer for one invalidation.
+const ATTEMPTS: u32 = 3;
+
+/// The body of a peer invalidation.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PeerMessage {
+    /// The sending instance's id (1-64 letters and digits).
+    #[schema(pattern = "^[A-Za-z0-9]{1,64}$")]
+    pub from: String,
+    /// What to invalidate (physical keys; see the README's Storage section).
+    #[schema(value_type = Object)]
+    pub invalidation: Invalidation,
+}
+
+/// This instance's view of the others.
+pub struct Peers {
+    id: String,
+    url: ArcSwapOption<String>,
+    others: ArcSwap<Vec<String>>,
+    token: Arc<SecretString>,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("id", &self.id)
+            .field("others", &self.others.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peers {
+    /// Peers of an instance that authenticates to them with `token` (every instance of a
+    /// deployment shares `admin.token`) and waits at most `timeout` per attempt.
+    pub fn new(token: Arc<SecretString>, timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            url: ArcSwapOption::empty(),
+            others: ArcSwap::from_pointee(Vec::new()),
+            token,
+            client,
+        }
+    }
+
+    /// This instance's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Sets the URL other instances reach this one at (known once the listener is bound).
+    pub fn advertise(&self, url: String) {
+        self.url
+            .store(Some(Arc::new(url.trim_end_matches('/').to_owned())));
+    }
+
+    /// The registry member naming this instance, once it has a URL.
+    pub fn member(&self) -> Option<String> {
+        self.url
+            .load()
+            .as_deref()
+            .map(|url| format!("{}|{url}", self.id))
+    }
+
+    /// Replaces the list of the others (registry members, as read from Redis).
+    pub fn set_members(&self, members: Vec<String>) {
+        let urls = members
+            .into_iter()
+            .filter_map(|m| {
+                m.split_once('|')
+                    .map(|(id, url)| (id.to_owned(), url.to_owned()))
+            })
+            .filter(|(id, _)| *id != self.id)
+            .map(|(_, url)| url)
+            .collect();
+        self.others.store(Arc::new(urls));
+    }
+
+    /// Whether other instances are known.
+    pub fn any(&self) -> bool {
+        !self.others.load().is_empty()
+    }
+
+    /// How many other instances are known.
+    pub fn count(&self) -> usize {
+        self.others.load().len()
+    }
+
+    /// Sends `inv` to every known instance, concurrently; returns how many confirmed.
+    pub async fn tell(&self, inv: &Invalidation) -> usize {
+        let others = self.others.load_full();
+        if others.is_empty() {
+            return 0;
+        }
+        let message = PeerMessage {
+            from: self.id.clone(),
+            invalidation: inv.clone(),
+        };
+        let body = bytes::Bytes::from(serde_json::to_vec(&message).unwrap_or_default());
+        let sends = others.iter().map(|url| self.tell_one(url, body.clone()));
+        let confirmed = futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count();
+        if confirmed < others.len() {
+            tracing::warn!(
+                confirmed,
+                known = others.len(),
+                "an invalidation made while redis is unreachable did not reach every instance; they serve nothing older than memory.degraded_max_age_ms"
+            );
+        }
+        confirmed
+    }
+
+    async fn tell_one(&self, url: &str, body: bytes::Bytes) -> bool {
+        for attempt in 0..ATTEMPTS {
+            let sent = self
+                .client
+                .post(format!("{url}{PEER_PATH}"))
+                .bearer_auth(self.token.expose_secret())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(resp) if resp.status().is_success() => return true,
+                Ok(resp) => {
+                    tracing::debug!(
+                        status = resp.status().as_u16(),
+                        "peer refused an invalidation"
+                    );
+                    return false;
+                }
+                Err(e) => tracing::debug!(error = %e, attempt, "peer invalidation not delivered"),
+            }
+            tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_leaves_this_instance_out() {
+        let peers = Peers::new(
+            Arc::new(SecretString::from("t")),
+            Duration::from_millis(100),
+        );
+        peers.advertise("http://127.0.0.1:1/".into());
+        let me = peers.member().expect("member");
+        assert!(me.ends_with("|http://127.0.0.1:1"));
+        peers.set_members(vec![me, "x|http://127.0.0.1:2".into(), "garbage".into()]);
+        assert_eq!(peers.count(), 1);
+        assert!(peers.any());
+    }
+}

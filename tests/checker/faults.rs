@@ -1,0 +1,228 @@
+//! The fault schedule: planned up front from the seed (kinds, order, parameters and planned
+//! start times), then executed one fault at a time. A fault starts at its planned time, or as
+//! soon as the previous one has ended; every fault undoes itself (a stopped Redis is always
+//! continued, a killed one always restarted) before the next begins, and the executor restores
+//! Redis at the end whatever happened.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cluster::Cluster;
+use crate::history::{FaultKind, FaultOp, now_us};
+use crate::redis_server::TestRedis;
+use crate::rng::{Rng, STREAM_FAULTS};
+
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// Planned start, µs after the workload starts.
+    pub at_us: u64,
+    pub kind: FaultKind,
+    /// The instance (instance restarts).
+    pub instance: Option<usize>,
+    /// How long the fault holds: Redis down or stopped, `DEBUG SLEEP`, or an instance's pause
+    /// between stop and start, in ms.
+    pub hold_ms: u64,
+}
+
+impl Planned {
+    pub fn describe(&self) -> String {
+        format!(
+            "+{:.1}s {}{} hold={}ms",
+            self.at_us as f64 / 1e6,
+            self.kind.name(),
+            self.instance
+                .map_or_else(String::new, |i| format!(" instance={i}")),
+            self.hold_ms
+        )
+    }
+}
+
+/// Plans faults over a workload of `duration_us` (none in its last 1.5 s, so the end is read
+/// in a quiet state too).
+pub fn plan(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
+    let mut rng = Rng::derive(seed, STREAM_FAULTS, 0);
+    let mut out = Vec::new();
+    let mut t = rng.range(1_000, 2_500) * 1_000;
+    let last = duration_us.saturating_sub(1_500_000);
+    while t < last {
+        let kind = [
+            FaultKind::KillRestartEmpty,
+            FaultKind::KillRestartStale,
+            FaultKind::Pause,
+            FaultKind::ClientKillPubsub,
+            FaultKind::DebugSleep,
+            FaultKind::InstanceRestart,
+        ][rng.weighted(&[14, 14, 24, 16, 16, 16])];
+        let (instance, hold_ms) = match kind {
+            // Outages up to 3 s: longer than SPEC 2's 2 s bound on what the memory tier may
+            // serve, so the bound is actually exercised.
+            FaultKind::KillRestartEmpty | FaultKind::KillRestartStale => {
+                (None, rng.range(300, 3_000))
+            }
+            FaultKind::Pause => (None, rng.range(300, 1_500)),
+            FaultKind::DebugSleep => (None, rng.range(300, 600)),
+            FaultKind::ClientKillPubsub => (None, 0),
+            FaultKind::InstanceRestart => (
+                Some(rng.below(instances as u64) as usize),
+                rng.range(0, 500),
+            ),
+            FaultKind::SaveCopy => unreachable!(),
+        };
+        if kind == FaultKind::KillRestartStale {
+            // The RDB file it restarts from is saved a few seconds earlier.
+            out.push(Planned {
+                at_us: t,
+                kind: FaultKind::SaveCopy,
+                instance: None,
+                hold_ms: 0,
+            });
+            t += rng.range(2_000, 4_000) * 1_000;
+            if t >= last {
+                break;
+            }
+        }
+        out.push(Planned {
+            at_us: t,
+            kind,
+            instance,
+            hold_ms,
+        });
+        t += (hold_ms + rng.range(1_000, 3_000)) * 1_000;
+    }
+    out
+}
+
+/// Bounds every step that talks to Redis, so a fault can never hang the run.
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(STEP_TIMEOUT, f)
+        .await
+        .map_err(|_| format!("{what} did not finish within {STEP_TIMEOUT:?}"))
+}
+
+/// `DEBUG SLEEP secs` on a connection of its own, whose response time-out (redis-rs defaults to
+/// 500 ms) outlasts the sleep.
+async fn debug_sleep(redis: &TestRedis, secs: &str) -> redis::RedisResult<redis::Value> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let mut conn = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    redis::cmd("DEBUG")
+        .arg("SLEEP")
+        .arg(secs)
+        .query_async(&mut conn)
+        .await
+}
+
+/// Executes `plan` against `redis` and `cluster`, starting at `start_us`, never starting a
+/// fault at or after `end_us`. Returns Redis (running and continued) and the faults done.
+pub async fn run(
+    plan: Vec<Planned>,
+    mut redis: TestRedis,
+    cluster: Arc<Cluster>,
+    start_us: u64,
+    end_us: u64,
+) -> (TestRedis, Vec<FaultOp>) {
+    let mut done = Vec::new();
+    let mut saved: Option<(PathBuf, u64)> = None;
+    for (id, p) in plan.into_iter().enumerate() {
+        let at = start_us + p.at_us;
+        let now = now_us();
+        if at > now {
+            tokio::time::sleep(Duration::from_micros(at - now)).await;
+        }
+        if now_us() >= end_us {
+            break;
+        }
+        let hold = Duration::from_millis(p.hold_ms);
+        let start = now_us();
+        let detail = match p.kind {
+            FaultKind::SaveCopy => match bounded("SAVE", redis.try_save_copy()).await {
+                Ok(Ok(path)) => {
+                    saved = Some((path, now_us()));
+                    "saved".to_owned()
+                }
+                Ok(Err(e)) | Err(e) => format!("not saved: {e}"),
+            },
+            FaultKind::KillRestartEmpty => {
+                redis.kill();
+                tokio::time::sleep(hold).await;
+                redis.restart_empty().await;
+                format!("down {}ms, restarted empty", p.hold_ms)
+            }
+            FaultKind::KillRestartStale => {
+                redis.kill();
+                tokio::time::sleep(hold).await;
+                match &saved {
+                    Some((path, at)) => {
+                        let age = (start - at) / 1_000;
+                        redis.restart_from(path).await;
+                        // Fetch locks held when the file was saved come back with it.
+                        let locks = redis
+                            .cmd::<Vec<String>>(&["KEYS", "*:_lock:*"])
+                            .await
+                            .map_or_else(|e| format!("? ({e})"), |k| k.len().to_string());
+                        format!(
+                            "down {}ms, restarted from an RDB saved {age}ms before the kill ({locks} fetch lock(s) back with it)",
+                            p.hold_ms
+                        )
+                    }
+                    None => {
+                        redis.restart_empty().await;
+                        format!("down {}ms, no saved RDB: restarted empty", p.hold_ms)
+                    }
+                }
+            }
+            FaultKind::Pause => {
+                redis.pause();
+                tokio::time::sleep(hold).await;
+                redis.resume();
+                format!("stopped {}ms", p.hold_ms)
+            }
+            FaultKind::ClientKillPubsub => {
+                match bounded(
+                    "CLIENT KILL",
+                    redis.cmd::<redis::Value>(&["CLIENT", "KILL", "TYPE", "pubsub"]),
+                )
+                .await
+                {
+                    Ok(Ok(v)) => format!("killed {v:?}"),
+                    Ok(Err(e)) => format!("failed: {e}"),
+                    Err(e) => e,
+                }
+            }
+            FaultKind::DebugSleep => {
+                let secs = format!("{:.3}", p.hold_ms as f64 / 1000.0);
+                match bounded("DEBUG SLEEP", debug_sleep(&redis, &secs)).await {
+                    Ok(Ok(_)) => format!("slept {secs}s"),
+                    Ok(Err(e)) => format!("failed: {e}"),
+                    Err(e) => e,
+                }
+            }
+            FaultKind::InstanceRestart => {
+                let i = p.instance.expect("instance");
+                let d = cluster.slots[i].restart(hold).await;
+                format!("pause {}ms, {d}", p.hold_ms)
+            }
+        };
+        done.push(FaultOp {
+            id: id as u64,
+            kind: p.kind,
+            instance: p.instance,
+            start_us: start,
+            end_us: now_us(),
+            detail,
+        });
+    }
+    // Whatever happened, leave Redis up and continued.
+    if redis.is_running() {
+        redis.resume();
+    } else {
+        redis.restart_empty().await;
+    }
+    (redis, done)
+}

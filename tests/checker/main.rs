@@ -1,0 +1,262 @@
+//! A Jepsen-style consistency checker for runcache.
+//!
+//! It starts a real `redis-server`, 2–3 runcache instances in process on it (one prefix, near
+//! cache on, short TTLs so refresh-ahead and stale-while-revalidate happen), and an in-process
+//! origin whose data changes. Readers read the three views with four credentials, a writer
+//! bumps a run's revision at the origin and delivers `training-completed`, and faults are
+//! injected from a seeded schedule (Redis SIGKILL and restart, empty or from an older RDB file;
+//! SIGSTOP/SIGCONT; `CLIENT KILL TYPE pubsub`; `DEBUG SLEEP`; an instance restart). Every
+//! operation's start and end is recorded on one monotonic clock, and the history is checked
+//! afterwards against runcache's promises (see `check.rs`):
+//!
+//! 1. after an invalidation is acknowledged, no read that starts later, on any instance,
+//!    returns the old data (SPEC 1 "Events"; the only allowance is SPEC 2's
+//!    `memory.degraded_max_age_ms` for reads served from the memory tier);
+//! 2. a cached answer goes only to credentials the origin accepted for it (SPEC 4);
+//! 3. reads do not fail: the origin here never does, so runcache's 5xx answers, hangs and
+//!    refusals of accepted credentials are violations (connection failures while an instance
+//!    restarts are not).
+//!
+//! The test fails when there are violations, and prints a summary with every kind of
+//! violation, examples (the read, the event behind it, the faults around it) and the command
+//! that reproduces the run.
+//!
+//! # Running
+//!
+//! ```text
+//! cargo test --locked --test checker -- --nocapture                 # CI: ~30 s of workload
+//! CHECKER_SECS=120 cargo test --locked --test checker -- --nocapture   # a longer run
+//! cargo test --locked --test checker check_tests                    # the checking logic only
+//! ```
+//!
+//! Environment variables:
+//! - `CHECKER_SEED`: the seed (default 20250611); `random` picks one from the clock (printed).
+//! - `CHECKER_SECS`: seconds of workload (default 30).
+//! - `CHECKER_INSTANCES`: runcache instances, 1–5 (default 3).
+//! - `CHECKER_READERS`: reader tasks (default 8).
+//! - `CHECKER_SHOW`: examples printed per violation kind (default 8).
+//! - `CHECKER_HISTORY`: a file to write the whole history to, one operation per line.
+//! - `CHECKER_LOG`: a file to write runcache's own logs to (JSON lines; `RUST_LOG` filters).
+//!
+//! # Reproducibility
+//!
+//! Everything the checker chooses comes from the seed: the fault schedule (kinds, order,
+//! parameters, planned times) is planned up front; each reader, the writer and the origin's
+//! delays have their own stream, and the `k`-th operation of a task draws all its choices from
+//! `derive(seed, task, k)` before it starts, so neither scheduling nor retries shift later
+//! choices. A failing seed therefore replays the same operations and faults. Timing is real,
+//! though: how the operations interleave with each other and with the faults, how many
+//! operations fit in the duration, and which origin request gets which delay (drawn in arrival
+//! order) can differ from run to run, so a violation may need a few runs of its seed to recur.
+#![allow(unreachable_pub, missing_docs)]
+
+// Shared with tests/api, which uses other parts of it.
+#[allow(dead_code)]
+#[path = "../support/redis.rs"]
+mod redis_server;
+
+mod check;
+#[cfg(test)]
+mod check_tests;
+mod cluster;
+mod faults;
+mod history;
+mod origin;
+mod rng;
+mod summary;
+mod workload;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::check::check;
+use crate::cluster::{Cluster, instance_settings};
+use crate::history::{History, now_us, start_clock};
+use crate::origin::Origin;
+use crate::redis_server::TestRedis;
+use crate::rng::{Rng, STREAM_SETUP};
+use crate::workload::Workload;
+
+/// Runs `1..=RUNS`: few, so reads hit.
+const RUNS: u32 = 8;
+/// Distinct comparisons readers ask for.
+const COMPARISONS: usize = 6;
+const DEFAULT_SEED: u64 = 20_250_611;
+
+#[derive(Debug, Clone)]
+struct Config {
+    seed: u64,
+    secs: u64,
+    instances: usize,
+    readers: usize,
+    show: usize,
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+impl Config {
+    fn from_env() -> Self {
+        let seed = match std::env::var("CHECKER_SEED").as_deref().map(str::trim) {
+            Ok("random") => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64 % 1_000_000_000)
+                .unwrap_or(DEFAULT_SEED),
+            Ok(_) => env_num("CHECKER_SEED", DEFAULT_SEED),
+            Err(_) => DEFAULT_SEED,
+        };
+        let instances = env_num("CHECKER_INSTANCES", 3) as usize;
+        assert!(
+            (1..=5).contains(&instances),
+            "CHECKER_INSTANCES must be 1-5"
+        );
+        let readers = (env_num("CHECKER_READERS", 8) as usize).max(1);
+        Self {
+            seed,
+            secs: env_num("CHECKER_SECS", 30).max(1),
+            instances,
+            readers,
+            show: env_num("CHECKER_SHOW", 8) as usize,
+        }
+    }
+
+    fn reproduce(&self) -> String {
+        format!(
+            "CHECKER_SEED={} CHECKER_SECS={} CHECKER_INSTANCES={} CHECKER_READERS={} cargo test --locked --test checker -- --nocapture",
+            self.seed, self.secs, self.instances, self.readers
+        )
+    }
+}
+
+/// runcache's logs to `CHECKER_LOG`, when set.
+fn init_logs() {
+    let Ok(path) = std::env::var("CHECKER_LOG") else {
+        return;
+    };
+    let file = std::fs::File::create(&path).expect("CHECKER_LOG file");
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("runcache=info"));
+    runcache::telemetry::init_with(runcache::config::LogFormat::Json, filter, move || {
+        file.try_clone().expect("log file")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistency_under_faults() {
+    let began = Instant::now();
+    start_clock();
+    init_logs();
+    let cfg = Config::from_env();
+    println!(
+        "checker: {cfg:?}\nchecker: reproduce with {}",
+        cfg.reproduce()
+    );
+
+    let redis = TestRedis::start().await;
+    let origin = Origin::start(cfg.seed, RUNS).await;
+    let prefix = format!("checker-{}", uuid::Uuid::new_v4().simple());
+    let settings: Vec<_> = (0..cfg.instances)
+        .map(|i| instance_settings(&origin.url, &redis.url(), &prefix, i))
+        .collect();
+    let journals: Vec<String> = settings.iter().map(|s| s.journal.path.clone()).collect();
+    let cluster = Arc::new(Cluster::start(settings).await);
+    cluster.wait_near_live().await;
+
+    let duration_us = cfg.secs * 1_000_000;
+    let plan = faults::plan(cfg.seed, duration_us, cfg.instances);
+    println!("checker: {} planned faults", plan.len());
+    for p in &plan {
+        println!("   {}", p.describe());
+    }
+    let mut setup = Rng::derive(cfg.seed, STREAM_SETUP, 0);
+    let comparisons = workload::plan_comparisons(&mut setup, RUNS, COMPARISONS);
+    let start_us = now_us();
+    let end_us = start_us + duration_us;
+    let w = Arc::new(Workload {
+        seed: cfg.seed,
+        runs: RUNS,
+        comparisons,
+        cluster: cluster.clone(),
+        origin: origin.clone(),
+        end_us,
+    });
+    println!(
+        "checker: setup took {:.1} s; workload of {} s begins",
+        began.elapsed().as_secs_f64(),
+        cfg.secs
+    );
+
+    let readers: Vec<_> = (0..cfg.readers)
+        .map(|j| tokio::spawn(workload::reader(w.clone(), j)))
+        .collect();
+    let writer = tokio::spawn(workload::writer(w.clone()));
+    let fault_task = tokio::spawn(faults::run(plan, redis, cluster.clone(), start_us, end_us));
+
+    // Nothing may keep the run going: a read or an event is bounded by the client time-out,
+    // a fault step by its own; a generous margin over that catches a harness bug.
+    let stuck_after = Duration::from_secs(cfg.secs + 90);
+    let joined = tokio::time::timeout(stuck_after, async {
+        let mut reads = Vec::new();
+        for r in readers {
+            reads.extend(r.await.expect("reader task"));
+        }
+        let events = writer.await.expect("writer task");
+        let (redis, faults) = fault_task.await.expect("fault task");
+        (reads, events, redis, faults)
+    })
+    .await;
+    let Ok((reads, events, redis, faults)) = joined else {
+        panic!(
+            "the run did not finish within {stuck_after:?} (stuck); reproduce with {}",
+            cfg.reproduce()
+        );
+    };
+    cluster.stop_all().await;
+    drop(redis);
+    for j in journals {
+        let _ = std::fs::remove_file(j);
+    }
+
+    let history = History {
+        reads,
+        events,
+        faults,
+    };
+    if let Ok(path) = std::env::var("CHECKER_HISTORY") {
+        std::fs::write(&path, summary::history_lines(&history)).expect("CHECKER_HISTORY file");
+        println!("checker: history written to {path}");
+    }
+    let report = check(&history);
+    let info = summary::RunInfo {
+        seed: cfg.seed,
+        secs: cfg.secs,
+        instances: cfg.instances,
+        readers: cfg.readers,
+        runs: RUNS,
+        show: cfg.show,
+        elapsed_total: began.elapsed(),
+        totals: cluster.slots.iter().map(|s| s.totals()).collect(),
+        origin_calls: origin.state.calls.load(Ordering::Relaxed),
+        origin_refusals: origin.state.refusals.load(Ordering::Relaxed),
+        reproduce: cfg.reproduce(),
+    };
+    println!("{}", summary::render(&info, &history, &report));
+    assert!(
+        !history.reads.is_empty() && history.events.iter().any(|e| e.t_ack_us.is_some()),
+        "the workload did nothing: no reads or no acknowledged events"
+    );
+    assert!(
+        report.violations.is_empty(),
+        "{} violation(s) (see the summary above); reproduce with {}",
+        report.violations.len(),
+        cfg.reproduce()
+    );
+}

@@ -1,0 +1,337 @@
+//! The readers and the writer. Each draws the choices of its `k`-th operation from its own
+//! stream (`Rng::derive(seed, stream, k)`), all of them before sending anything, so neither
+//! timing nor retries change what later operations choose.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header;
+use serde_json::{Value, json};
+
+use crate::cluster::{ADMIN_TOKEN, Cluster};
+use crate::history::{Attempt, Cred, EventOp, ReadOp, ViewKind, now_us};
+use crate::origin::Origin;
+use crate::rng::{READER_BASE, Rng, STREAM_WRITER};
+
+/// Client time-out of a read or an event delivery. Far above anything the SPEC allows (a
+/// short Redis time-out, an origin answering within 40 ms): hitting it is a hang.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Delivery attempts of one event before giving up (it then imposes nothing).
+const EVENT_ATTEMPTS: usize = 10;
+
+pub struct Workload {
+    pub seed: u64,
+    pub runs: u32,
+    /// The comparisons readers ask for (a few, so they are hit).
+    pub comparisons: Vec<Vec<u32>>,
+    pub cluster: Arc<Cluster>,
+    pub origin: Origin,
+    /// No operation starts at or after this time (µs).
+    pub end_us: u64,
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+/// What one read will do, drawn from its stream.
+struct ReadPlan {
+    instance: usize,
+    cred: Cred,
+    view: ViewKind,
+    runs: Vec<u32>,
+    think: Duration,
+}
+
+fn plan_read(w: &Workload, reader: usize, k: u64) -> ReadPlan {
+    let mut rng = Rng::derive(w.seed, READER_BASE + reader as u64, k);
+    let instance = rng.below(w.cluster.len() as u64) as usize;
+    let cred = Cred::ALL[rng.weighted(&[30, 25, 25, 20])];
+    let (view, runs) = match rng.weighted(&[40, 30, 30]) {
+        0 => (
+            ViewKind::Metrics,
+            vec![rng.range(1, u64::from(w.runs)) as u32],
+        ),
+        1 => {
+            let top_n = [None, Some(5), Some(20)][rng.below(3) as usize];
+            (
+                ViewKind::FeatureImportance { top_n },
+                vec![rng.range(1, u64::from(w.runs)) as u32],
+            )
+        }
+        _ => (
+            ViewKind::Comparison,
+            w.comparisons[rng.below(w.comparisons.len() as u64) as usize].clone(),
+        ),
+    };
+    let think = Duration::from_millis(rng.range(0, 8));
+    ReadPlan {
+        instance,
+        cred,
+        view,
+        runs,
+        think,
+    }
+}
+
+/// The comparisons of a run: `count` distinct sorted sets of 2 or 3 runs.
+pub fn plan_comparisons(rng: &mut Rng, runs: u32, count: usize) -> Vec<Vec<u32>> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    while out.len() < count {
+        let size = rng.range(2, 3) as usize;
+        let mut set: Vec<u32> = Vec::new();
+        while set.len() < size {
+            let r = rng.range(1, u64::from(runs)) as u32;
+            if !set.contains(&r) {
+                set.push(r);
+            }
+        }
+        // Sorted as strings, as runcache normalises them (single digits here, but be exact).
+        set.sort_by_key(|r| r.to_string());
+        if !out.contains(&set) {
+            out.push(set);
+        }
+    }
+    out
+}
+
+/// Reads until the end of the workload; returns the reads in order.
+pub async fn reader(w: Arc<Workload>, reader: usize) -> Vec<ReadOp> {
+    let client = client();
+    let mut ops = Vec::new();
+    let mut k = 0u64;
+    while now_us() < w.end_us {
+        let plan = plan_read(&w, reader, k);
+        let mut op = ReadOp {
+            id: k,
+            reader,
+            instance: plan.instance,
+            cred: Some(plan.cred),
+            view: Some(plan.view),
+            runs: plan.runs.clone(),
+            ..ReadOp::default()
+        };
+        let base = w.cluster.addr(plan.instance);
+        let mut req = match plan.view {
+            ViewKind::Metrics => client.get(format!(
+                "{base}/api/v1/models/train/{}/metrics",
+                plan.runs[0]
+            )),
+            ViewKind::FeatureImportance { top_n } => {
+                let q = top_n.map_or_else(String::new, |n| format!("?top_n={n}"));
+                client.get(format!(
+                    "{base}/api/v1/models/train/{}/feature-importance{q}",
+                    plan.runs[0]
+                ))
+            }
+            ViewKind::Comparison => {
+                let ids: Vec<String> = plan.runs.iter().map(u32::to_string).collect();
+                client
+                    .post(format!("{base}/api/v1/models/compare"))
+                    .json(&json!({ "model_run_ids": ids }))
+            }
+        };
+        if let Some(h) = plan.cred.header() {
+            req = req.header(header::AUTHORIZATION, h);
+        }
+        op.start_us = now_us();
+        match req.send().await {
+            Ok(resp) => {
+                op.status = Some(resp.status().as_u16());
+                let h = |name: &str| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                op.x_cache = h("x-cache");
+                op.cache_status = h("cache-status");
+                match resp.bytes().await {
+                    Ok(body) => {
+                        op.end_us = now_us();
+                        interpret(&mut op, &body);
+                    }
+                    Err(e) => {
+                        op.end_us = now_us();
+                        // The status came, the body did not: no answer.
+                        op.status = None;
+                        op.timed_out = e.is_timeout();
+                        op.error = Some(format!("body: {e}"));
+                    }
+                }
+            }
+            Err(e) => {
+                op.end_us = now_us();
+                op.timed_out = e.is_timeout();
+                op.connect_error = e.is_connect();
+                op.error = Some(error_chain(&e));
+            }
+        }
+        ops.push(op);
+        k += 1;
+        tokio::time::sleep(plan.think).await;
+    }
+    ops
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Reads the body: revisions of a 200, or the error code / origin refusal of another status.
+fn interpret(op: &mut ReadOp, body: &[u8]) {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    if op.status != Some(200) {
+        if let Some(v) = &parsed {
+            op.error_code = v["error"]["code"].as_str().map(str::to_owned);
+            op.origin_body = v["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("origin:"));
+        }
+        return;
+    }
+    let Some(v) = parsed else {
+        op.error = Some(format!(
+            "200 body is not JSON: {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(80)])
+        ));
+        return;
+    };
+    let mut problems = Vec::new();
+    match op.view {
+        Some(ViewKind::Comparison) => {
+            let revs = v["revisions"].as_object();
+            let keys: Vec<String> = revs
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            let mut want: Vec<String> = op.runs.iter().map(u32::to_string).collect();
+            want.sort();
+            let mut got = keys.clone();
+            got.sort();
+            if got != want {
+                problems.push(format!("comparison of {got:?}, asked for {want:?}"));
+            }
+            for run in op.runs.clone() {
+                match revs
+                    .and_then(|m| m.get(&run.to_string()))
+                    .and_then(Value::as_u64)
+                {
+                    Some(rev) => op.revisions.push((run, rev)),
+                    None => problems.push(format!("no revision for run {run}")),
+                }
+            }
+        }
+        Some(view) => {
+            let run = op.runs[0];
+            if v["model_run_id"].as_str() != Some(run.to_string().as_str()) {
+                problems.push(format!("model_run_id {} for run {run}", v["model_run_id"]));
+            }
+            if let ViewKind::FeatureImportance { top_n } = view
+                && v["top_n"].as_u64() != top_n.map(u64::from)
+            {
+                problems.push(format!("top_n {} for {top_n:?}", v["top_n"]));
+            }
+            match v["revision"].as_u64() {
+                Some(rev) => op.revisions.push((run, rev)),
+                None => problems.push("no revision".into()),
+            }
+        }
+        None => {}
+    }
+    if !problems.is_empty() {
+        op.error = Some(problems.join("; "));
+    }
+}
+
+/// Bumps a run's revision at the origin and delivers `training-completed`, until the end of
+/// the workload; returns the events in order.
+pub async fn writer(w: Arc<Workload>) -> Vec<EventOp> {
+    let client = client();
+    let mut events = Vec::new();
+    let mut i = 0u64;
+    while now_us() < w.end_us {
+        let mut rng = Rng::derive(w.seed, STREAM_WRITER, i);
+        let run = rng.range(1, u64::from(w.runs)) as u32;
+        let instances: Vec<usize> = (0..EVENT_ATTEMPTS)
+            .map(|_| rng.below(w.cluster.len() as u64) as usize)
+            .collect();
+        let backoff = Duration::from_millis(rng.range(50, 150));
+        let pause = Duration::from_millis(rng.range(50, 200));
+
+        let mut e = EventOp {
+            id: i,
+            run,
+            t_change_us: now_us(),
+            ..EventOp::default()
+        };
+        e.revision = w.origin.bump(run);
+        for instance in instances {
+            let mut a = Attempt {
+                instance,
+                start_us: now_us(),
+                ..Attempt::default()
+            };
+            let result = client
+                .post(format!(
+                    "{}/events/training-completed",
+                    w.cluster.addr(instance)
+                ))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&json!({ "model_run_id": run.to_string() }))
+                .send()
+                .await;
+            match result {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    a.status = Some(status);
+                    let body = resp.bytes().await;
+                    a.end_us = now_us();
+                    match body {
+                        Ok(b) => {
+                            a.error_code = serde_json::from_slice::<Value>(&b)
+                                .ok()
+                                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+                        }
+                        Err(err) => {
+                            a.status = None;
+                            a.timed_out = err.is_timeout();
+                            a.error = Some(format!("body: {err}"));
+                        }
+                    }
+                }
+                Err(err) => {
+                    a.end_us = now_us();
+                    a.connect_error = err.is_connect();
+                    a.timed_out = err.is_timeout();
+                    a.error = Some(error_chain(&err));
+                }
+            }
+            let ok = a.status == Some(200);
+            let end = a.end_us;
+            e.attempts.push(a);
+            if ok {
+                e.t_ack_us = Some(end);
+                e.instance = Some(instance);
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+        }
+        events.push(e);
+        i += 1;
+        tokio::time::sleep(pause).await;
+    }
+    events
+}
