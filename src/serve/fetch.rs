@@ -92,16 +92,17 @@ impl ReadThrough {
         result
     }
 
-    /// Releases a fetch lock; if that fails, tries again twice in the background, since
-    /// every other instance waiting for this entry polls the lock until it goes.
+    /// Releases a fetch lock; if that fails, tries again in the background for about six
+    /// seconds, since every other instance waiting for this entry polls the lock until it
+    /// goes, and a `SET NX` that timed out while Redis hung runs once it resumes.
     pub(super) async fn release(&self, lock: String, token: String) {
         if self.locks.unlock(&lock, &token).await.is_ok() {
             return;
         }
         let locks = self.locks.clone();
         self.tasks.spawn(async move {
-            for attempt in 1..=2u32 {
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            for attempt in 0..6u32 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 if locks.unlock(&lock, &token).await.is_ok() {
                     return;
                 }
