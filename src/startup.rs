@@ -44,12 +44,11 @@ impl Application {
         let bound = listener.local_addr()?;
         let port = bound.port();
         // Other instances send invalidations made during a Redis outage here.
-        let advertised = state
-            .settings
-            .server
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{bound}"));
+        let advertised = match &state.settings.server.advertise_url {
+            Some(url) => url.clone(),
+            None => default_advertise_url(bound, state.settings.redis.url.expose_secret()).await,
+        };
+        tracing::info!(url = %advertised, "advertised to other instances");
         state.store.tiered().peers().advertise(advertised);
         Ok(Self {
             listener,
@@ -128,6 +127,39 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// How other instances reach this one when `server.advertise_url` is unset: the address
+/// bound, or, bound to every interface, the address this host reaches Redis from (the other
+/// instances reach the same Redis, so they share that network).
+async fn default_advertise_url(bound: std::net::SocketAddr, redis_url: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return format!("http://{bound}");
+    }
+    let redis = reqwest::Url::parse(redis_url).ok().and_then(|u| {
+        let host = u.host_str()?.trim_matches(['[', ']']).to_owned();
+        Some((host, u.port().unwrap_or(6379)))
+    });
+    let local = match redis {
+        Some((host, port)) => tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .and_then(|redis| {
+                // Connecting a UDP socket sends nothing; it only picks the local address.
+                let any: std::net::SocketAddr = if redis.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let socket = std::net::UdpSocket::bind(any).ok()?;
+                socket.connect(redis).ok()?;
+                socket.local_addr().ok().map(|a| a.ip())
+            }),
+        None => None,
+    };
+    let ip = local.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
 }
 
 /// Runs `tick` every `period` until cancelled.

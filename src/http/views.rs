@@ -178,7 +178,7 @@ pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response 
             .is_some_and(|inm| etag_matches(inm, etag.to_str().unwrap_or_default()))
     });
     let mut resp = if not_modified {
-        Response::new(Body::empty())
+        Response::new(Body::new(NotModifiedBody))
     } else {
         Response::new(Body::from(r.body.clone()))
     };
@@ -208,6 +208,27 @@ pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response 
     *resp.status_mut() = r.status;
     resp.extensions_mut().insert(OriginAnswer);
     resp
+}
+
+/// The body of a `304`: nothing, of a length it does not claim. An empty body of exact size
+/// would make axum add `Content-Length: 0`, which a 304 must not carry unless the 200 would
+/// have been empty (RFC 9110 section 8.6); nginx and Varnish send none either.
+struct NotModifiedBody;
+
+impl http_body::Body for NotModifiedBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        true
+    }
 }
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");

@@ -71,6 +71,9 @@ pub struct OriginControl {
     pub revision: AtomicU64,
     /// Serve `GET /api/v1/models/runs` (for warming the most recent runs).
     pub list_runs: std::sync::atomic::AtomicBool,
+    /// Feature-importance bodies without the fetch counter: every fetch answers the same
+    /// bytes (tests that compare two answers fetched apart).
+    pub same_bodies: std::sync::atomic::AtomicBool,
     /// Tokens (the part after `Bearer `) from which run `hidden` is hidden: the origin
     /// answers them 404, as it does every token it does not know (see [`enter`]).
     pub hidden_from: Mutex<std::collections::HashSet<String>>,
@@ -307,10 +310,13 @@ async fn feature_importance(
 ) -> Response {
     let path = format!("/api/v1/models/train/{id}/feature-importance");
     match enter(&c, path, headers, &id).await {
-        Ok(n) => json_answer(
-            &c,
-            json!({"model_run_id": id, "top_n": q.get("top_n"), "fetch": n}).to_string(),
-        ),
+        Ok(n) => {
+            let mut body = json!({"model_run_id": id, "top_n": q.get("top_n"), "fetch": n});
+            if c.same_bodies.load(Ordering::SeqCst) {
+                body["fetch"] = json!(0);
+            }
+            json_answer(&c, body.to_string())
+        }
         Err(r) => r,
     }
 }

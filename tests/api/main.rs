@@ -8,6 +8,7 @@ mod fallback;
 mod freshness;
 mod helpers;
 mod jwt;
+mod lane;
 mod near;
 mod ops;
 mod regressions;

@@ -101,12 +101,16 @@ impl Link {
         *self.restart.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The open connection, or a new one, checked (one caller connects; others wait for it).
+    /// The open connection, or a new one, checked. One caller connects (within twice the
+    /// connect time-out); the others do not queue behind it, which could add up to far more
+    /// than any request may wait: they fail at once, as if Redis were down.
     pub(crate) async fn conn(&self) -> Result<Arc<Conn>, StoreError> {
         if let Some(c) = self.current.load_full() {
             return Ok(c);
         }
-        let _connecting = self.connecting.lock().await;
+        let Ok(_connecting) = self.connecting.try_lock() else {
+            return Err(StoreError::Unavailable("redis is reconnecting".into()));
+        };
         if let Some(c) = self.current.load_full() {
             return Ok(c);
         }

@@ -416,9 +416,14 @@ impl RedisStore {
             counters.iter().map(counter_of).collect(),
             counter_of(clears),
         );
-        let mut entry = raw
-            .map(|r| CacheEntry::decode(Bytes::from(r), source))
-            .transpose()?;
+        // A value that does not decode is no entry: the next fetch overwrites it.
+        let mut entry = raw.and_then(|r| match CacheEntry::decode(Bytes::from(r), source) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring an undecodable entry");
+                None
+            }
+        });
         if let (Some(e), Ok(left_ms)) = (entry.as_mut(), u64::try_from(pttl)) {
             let fresh_left = left_ms.saturating_sub(e.stale_ms);
             e.stored_at_ms = (now_ms() + fresh_left)

@@ -1,0 +1,285 @@
+//! The hit lane answers exactly as the full path does. Every request shape (plain,
+//! `If-None-Match`, each `Accept-Encoding`, CORS, each `auth.frontend` mode, credentials the
+//! origin accepted or not) in every cache state (a near-cache copy, an entry only in Redis,
+//! nothing cached, a stale entry) is sent twice from the same state: once through the service
+//! that `runcache` serves (the hit lane in front of the router) and once through the router
+//! alone. Status, every header but the request id and the date, and the body must be equal.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{Request, StatusCode};
+use serde_json::json;
+use tower::ServiceExt;
+
+use crate::helpers::{TestApp, TestRedis, spawn_app_with, wait_for};
+
+/// What an answer says, minus what differs between any two answers.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: StatusCode,
+    headers: Vec<(String, String)>,
+    body: bytes::Bytes,
+}
+
+async fn answer(resp: axum::response::Response) -> Answer {
+    let status = resp.status();
+    let mut headers: Vec<(String, String)> = resp
+        .headers()
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "x-request-id" | "date"))
+        .map(|(k, v)| {
+            let v = v.to_str().expect("ascii header").to_owned();
+            (k.as_str().to_owned(), v)
+        })
+        .collect();
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    // What hyper adds on the wire when a response does not say it itself.
+    if !headers.iter().any(|(k, _)| k == "content-length") && status != StatusCode::NOT_MODIFIED {
+        headers.push(("content-length".into(), body.len().to_string()));
+    }
+    headers.sort();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// `Age` and the `ttl` of `Cache-Status` count whole seconds: two answers a few
+/// milliseconds apart may straddle a second. Compared within one second.
+fn same(a: &Answer, b: &Answer) -> bool {
+    let seconds = |v: &str| -> Option<i64> {
+        let digits: String = v
+            .split("ttl=")
+            .nth(1)
+            .unwrap_or(v)
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    a.status == b.status
+        && a.body == b.body
+        && a.headers.len() == b.headers.len()
+        && a.headers
+            .iter()
+            .zip(&b.headers)
+            .all(|((ka, va), (kb, vb))| {
+                ka == kb
+                    && (va == vb
+                        || (matches!(ka.as_str(), "age" | "cache-status")
+                            && va.split("ttl=").next() == vb.split("ttl=").next()
+                            && seconds(va)
+                                .zip(seconds(vb))
+                                .is_some_and(|(x, y)| (x - y).abs() <= 1)))
+            })
+}
+
+#[derive(Clone, Copy, Debug)]
+enum State {
+    /// A fresh copy in this instance's near cache.
+    NearCopy,
+    /// A fresh entry in Redis only (the near cache was emptied).
+    RedisOnly,
+    /// Nothing cached (the run was just invalidated).
+    Cold,
+    /// Past its TTL, within grace: served stale while one refresh runs.
+    Stale,
+}
+
+const PATH: &str = "/api/v1/models/train/lane/feature-importance?top_n=5";
+
+fn request(headers: &[(&str, &str)]) -> Request<Body> {
+    let mut req = Request::get(PATH);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Body::empty()).expect("request")
+}
+
+/// Puts the entry in `state` for a caller sending `headers` (`Stale` is reached for every
+/// shape at once by [`compare_stale`]).
+async fn prepare(app: &TestApp, state: State, headers: &[(&str, &str)]) {
+    // A refresh started by the previous comparison must not land in this one.
+    wait_for(|| async { app.state.tasks.is_empty() }).await;
+    match state {
+        State::NearCopy => warm(app, headers).await,
+        State::RedisOnly => {
+            warm(app, headers).await;
+            if let Some(near) = app.state.store.near() {
+                near.cache.flush();
+            }
+        }
+        State::Cold | State::Stale => {
+            let resp = app.event("training-completed", json!("lane")).await;
+            assert_eq!(resp.status(), 200);
+        }
+    }
+}
+
+/// Three reads through the full path: a miss, then hits (a near-cache copy).
+async fn warm(app: &TestApp, headers: &[(&str, &str)]) {
+    for _ in 0..3 {
+        let resp = runcache::build_app(app.state.clone())
+            .oneshot(request(headers))
+            .await
+            .expect("infallible");
+        assert!(!resp.status().is_server_error(), "{}", resp.status());
+    }
+}
+
+async fn through_router(app: &TestApp, headers: &[(&str, &str)]) -> Answer {
+    let resp = runcache::build_app(app.state.clone())
+        .oneshot(request(headers))
+        .await
+        .expect("infallible");
+    answer(resp).await
+}
+
+async fn through_service(app: &TestApp, headers: &[(&str, &str)]) -> Answer {
+    let resp = runcache::http::build_service(app.state.clone())
+        .oneshot(request(headers))
+        .await
+        .expect("infallible");
+    answer(resp).await
+}
+
+fn assert_same(state: State, headers: &[(&str, &str)], full: &Answer, served: &Answer) {
+    assert!(
+        same(full, served),
+        "{state:?} {headers:?}:\nfull path: {full:?}\nserved:    {served:?}"
+    );
+}
+
+/// Sends `headers` through the router and through the served service, each from `state`.
+async fn compare(app: &TestApp, state: State, headers: &[(&str, &str)]) {
+    prepare(app, state, headers).await;
+    let full = through_router(app, headers).await;
+    prepare(app, state, headers).await;
+    let served = through_service(app, headers).await;
+    assert_same(state, headers, &full, &served);
+}
+
+/// The same from a stale entry, for every shape after one wait past the TTL. The origin is
+/// slowed meanwhile, so the one refresh the first stale answer starts does not land before
+/// the last comparison.
+async fn compare_stale(app: &TestApp, shapes: &[&[(&str, &str)]]) {
+    prepare(app, State::Stale, &[]).await;
+    for shape in shapes {
+        warm(app, shape).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    app.origin.set_delay(3_000);
+    for shape in shapes {
+        let full = through_router(app, shape).await;
+        let served = through_service(app, shape).await;
+        assert_same(State::Stale, shape, &full, &served);
+        let x_cache = full.headers.iter().find(|(k, _)| k == "x-cache");
+        assert!(
+            full.status != StatusCode::OK || x_cache.is_some_and(|(_, v)| v == "STALE"),
+            "setup: a stale answer for {shape:?}: {full:?}"
+        );
+    }
+    app.origin.set_delay(0);
+}
+
+async fn lane_app(
+    redis: &TestRedis,
+    tweak: impl FnOnce(&mut runcache::config::Settings),
+) -> TestApp {
+    let app = spawn_app_with(Some(redis), |s| {
+        s.views.feature_importance.ttl = runcache::config::Ttl(Duration::from_secs(1));
+        s.views.feature_importance.grace = 60;
+        s.refresh.min_hits = 0;
+        tweak(s);
+    })
+    .await;
+    wait_for(|| async { app.state.store.near().is_some_and(|n| n.cache.is_live()) }).await;
+    app.origin
+        .control
+        .same_bodies
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    app
+}
+
+const STATES: [State; 3] = [State::NearCopy, State::RedisOnly, State::Cold];
+
+#[tokio::test]
+async fn the_hit_lane_and_the_full_path_answer_alike_in_every_state() {
+    let redis = TestRedis::start().await;
+    let shapes: [&[(&str, &str)]; 9] = [
+        &[],
+        &[("if-none-match", "\"nope\"")],
+        &[("if-none-match", "*")],
+        &[("accept-encoding", "gzip")],
+        &[("accept-encoding", "br")],
+        &[("accept-encoding", "identity")],
+        &[("authorization", "Bearer A")],
+        &[("authorization", "Bearer B"), ("accept-encoding", "gzip")],
+        &[("x-request-id", "given-id"), ("accept", "application/json")],
+    ];
+    for (mode, tweak) in [
+        (
+            "forward",
+            (|_: &mut runcache::config::Settings| {}) as fn(&mut _),
+        ),
+        ("none", |s: &mut runcache::config::Settings| {
+            s.auth.frontend = "none".into()
+        }),
+        ("cors", |s: &mut runcache::config::Settings| {
+            s.cors.allowed_origins = vec!["https://app.example".into()];
+        }),
+    ] {
+        let app = lane_app(&redis, tweak).await;
+        for state in STATES {
+            for shape in shapes {
+                compare(&app, state, shape).await;
+            }
+        }
+        compare_stale(&app, &shapes).await;
+        let lane_hits = app.state.store.near_counts().lane_hits;
+        if mode == "cors" {
+            assert_eq!(lane_hits, 0, "the lane stays closed with CORS configured");
+        } else {
+            assert!(lane_hits > 0, "{mode}: the lane answered some of them");
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_jwt_the_hit_lane_steps_aside_and_answers_alike() {
+    use jsonwebtoken::{EncodingKey, Header};
+    let redis = TestRedis::start().await;
+    let app = lane_app(&redis, |s| {
+        s.auth.frontend = "jwt".into();
+        s.auth.jwt_secret = Some(secrecy::SecretString::from("lane-secret"));
+    })
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let jwt = jsonwebtoken::encode(
+        &Header::default(),
+        &json!({"sub": "u", "exp": exp}),
+        &EncodingKey::from_secret(b"lane-secret"),
+    )
+    .expect("encode");
+    let bearer = format!("Bearer {jwt}");
+    let shapes = [
+        &[][..],
+        &[("authorization", bearer.as_str())][..],
+        &[("authorization", "Bearer not-a-jwt")][..],
+    ];
+    for state in STATES {
+        for shape in shapes {
+            compare(&app, state, shape).await;
+        }
+    }
+    compare_stale(&app, &shapes).await;
+    assert_eq!(app.state.store.near_counts().lane_hits, 0);
+}
