@@ -236,6 +236,7 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             let s = s.clone();
             async move {
                 if s.store.tiered().tier() == Tier::Memory && s.store.probe().await {
+                    s.store.tiered().heartbeat().await;
                     let _ = s.version.sync(s.store.as_ref(), &s.keys).await;
                 }
             }

@@ -35,7 +35,7 @@ pub struct ServerSettings {
     /// The URL other instances reach this one at, for invalidations made while Redis is
     /// unreachable (default unset: `http://` and the address actually bound).
     pub advertise_url: Option<String>,
-    /// Time-out of one direct invalidation sent to another instance, in ms (default 250).
+    /// Time-out of one direct invalidation sent to another instance, in ms (default 750).
     pub peer_timeout_ms: u64,
 }
 

@@ -300,7 +300,8 @@ pub async fn switch_version(
     responses((status = 200, description = "Applied (to Redis if this instance reaches it, else to its memory tier)", body = InvalidatedResponse),
         (status = 400, description = "Invalid body, or keys outside this service's keyspace", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
-        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody)))]
+        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn apply_peer_invalidation(
     _: AdminAuth,
     caller: Caller,
@@ -320,7 +321,7 @@ pub async fn apply_peer_invalidation(
             "the invalidation names keys outside this service's keyspace".into(),
         ));
     }
-    let invalidated = state.store.apply_from_peer(&message.invalidation).await;
+    let invalidated = state.store.apply_from_peer(&message.invalidation).await?;
     state.invalidator.record_peer(invalidated);
     let target = format!("peer:{}", message.from);
     audit(

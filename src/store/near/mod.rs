@@ -87,17 +87,23 @@ impl NearStore {
     }
 
     /// Applies an invalidation another instance sent while it could not reach Redis.
-    pub async fn apply_from_peer(&self, inv: &Invalidation) -> u64 {
-        let n = self.inner.apply_from_peer(inv).await;
+    pub async fn apply_from_peer(&self, inv: &Invalidation) -> Result<u64, StoreError> {
+        let result = self.inner.apply_from_peer(inv).await;
+        self.after(inv, &result).await;
+        result.map(|(n, _)| n)
+    }
+
+    /// Drops this instance's copies of what `inv` names and, if Redis took it, every other
+    /// instance's (publishing it and waiting, bounded, until they confirm).
+    async fn after(&self, inv: &Invalidation, result: &Result<(u64, Applied), StoreError>) {
         if let Some(near) = &self.near {
             near.cache.apply(inv);
-            if self.inner.tier() == Tier::Redis {
+            if let Ok((_, Applied::Redis)) = result {
                 near.bus
                     .publish(&self.inner, &near.cache, NearOp::Op(inv.clone()))
                     .await;
             }
         }
-        n
     }
 
     async fn flush_everywhere(&self) {
@@ -178,14 +184,7 @@ impl Store for NearStore {
     /// every instance it reached has dropped its copies.
     async fn invalidate(&self, inv: &Invalidation) -> Result<u64, StoreError> {
         let result = self.inner.invalidate(inv).await;
-        if let Some(near) = &self.near {
-            near.cache.apply(inv);
-            if let Ok((_, Applied::Redis)) = &result {
-                near.bus
-                    .publish(&self.inner, &near.cache, NearOp::Op(inv.clone()))
-                    .await;
-            }
-        }
+        self.after(inv, &result).await;
         result.map(|(n, _)| n)
     }
 }

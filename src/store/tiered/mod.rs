@@ -471,6 +471,18 @@ impl FallbackStore {
     /// (durably) and every other instance known. An invalidation that cannot reach Redis
     /// opens the circuit at once: Redis must not serve before it has been applied there.
     pub async fn invalidate(&self, inv: &Invalidation) -> Result<(u64, Applied), StoreError> {
+        self.apply(inv, true).await
+    }
+
+    /// Applies an invalidation another instance made while it could not reach Redis: as
+    /// [`FallbackStore::invalidate`], but without telling the others again. Journaled here
+    /// too when Redis is unusable from here: this instance must not serve from Redis again
+    /// before the invalidation is there, whenever the sender gets to replay its own journal.
+    pub async fn apply_from_peer(&self, inv: &Invalidation) -> Result<(u64, Applied), StoreError> {
+        self.apply(inv, false).await
+    }
+
+    async fn apply(&self, inv: &Invalidation, tell: bool) -> Result<(u64, Applied), StoreError> {
         for _ in 0..3 {
             if !self.circuit.is_open() {
                 self.calls.redis();
@@ -496,7 +508,12 @@ impl FallbackStore {
             };
             self.calls.memory();
             let dropped = self.memory.apply(inv);
-            let (_, written) = tokio::join!(self.peers.tell(inv), durable(written));
+            let told = async {
+                if tell {
+                    self.peers.tell(inv).await;
+                }
+            };
+            let (_, written) = tokio::join!(told, durable(written));
             if let Err(e) = written {
                 tracing::error!(error = %e, "the invalidation is journaled in memory only");
             }
@@ -505,27 +522,6 @@ impl FallbackStore {
         Err(StoreError::Unavailable(
             "redis kept flapping during an invalidation".into(),
         ))
-    }
-
-    /// Applies an invalidation another instance made while it could not reach Redis (it
-    /// journals it itself): to Redis if this instance can reach it, else to memory.
-    pub async fn apply_from_peer(&self, inv: &Invalidation) -> u64 {
-        if !self.circuit.is_open() {
-            self.calls.redis();
-            match self.redis.apply(inv).await {
-                Ok(n) => {
-                    self.recent.push(inv);
-                    return n;
-                }
-                Err(e) if e.is_unavailable() => {
-                    self.calls.redis_error();
-                    self.circuit.open("an invalidation could not reach redis");
-                }
-                Err(e) => tracing::warn!(error = %e, "a peer invalidation failed on redis"),
-            }
-        }
-        self.calls.memory();
-        self.memory.apply(inv)
     }
 
     /// Remembers an invalidation another instance applied to Redis (heard on the bus), for a

@@ -7,8 +7,9 @@
 //! older than `memory.degraded_max_age_ms`: what could reach it by no other path is late by at
 //! most that.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use secrecy::{ExposeSecret, SecretString};
@@ -20,7 +21,7 @@ use crate::store::Invalidation;
 /// How long an instance counts as present after it was last seen.
 pub const SEEN_WINDOW: Duration = Duration::from_secs(10);
 /// Attempts per peer for one invalidation.
-const ATTEMPTS: u32 = 3;
+const ATTEMPTS: u32 = 2;
 
 /// The body of a peer invalidation.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -39,6 +40,8 @@ pub struct Peers {
     id: String,
     url: ArcSwapOption<String>,
     others: ArcSwap<Vec<String>>,
+    /// When each other instance was last read from the registry.
+    seen: Mutex<HashMap<String, Instant>>,
     token: Arc<SecretString>,
     client: reqwest::Client,
 }
@@ -66,6 +69,7 @@ impl Peers {
             id: uuid::Uuid::new_v4().simple().to_string(),
             url: ArcSwapOption::empty(),
             others: ArcSwap::from_pointee(Vec::new()),
+            seen: Mutex::default(),
             token,
             client,
         }
@@ -90,17 +94,21 @@ impl Peers {
             .map(|url| format!("{}|{url}", self.id))
     }
 
-    /// Replaces the list of the others (registry members, as read from Redis).
+    /// Takes in the registry's members as read from Redis. An instance stays known for
+    /// [`SEEN_WINDOW`] after this instance last read it there, so a registry that is
+    /// momentarily short (a Redis restarted empty, before everyone registered again) does not
+    /// make this instance forget whom to tell.
     pub fn set_members(&self, members: Vec<String>) {
-        let urls = members
-            .into_iter()
-            .filter_map(|m| {
-                m.split_once('|')
-                    .map(|(id, url)| (id.to_owned(), url.to_owned()))
-            })
-            .filter(|(id, _)| *id != self.id)
-            .map(|(_, url)| url)
-            .collect();
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, url) in members.iter().filter_map(|m| m.split_once('|')) {
+            if id != self.id {
+                seen.insert(url.to_owned(), now);
+            }
+        }
+        seen.retain(|_, at| now.duration_since(*at) <= SEEN_WINDOW);
+        let mut urls: Vec<String> = seen.keys().cloned().collect();
+        urls.sort();
         self.others.store(Arc::new(urls));
     }
 
@@ -184,5 +192,8 @@ mod tests {
         peers.set_members(vec![me, "x|http://127.0.0.1:2".into(), "garbage".into()]);
         assert_eq!(peers.count(), 1);
         assert!(peers.any());
+        // A registry read that lacks it (Redis restarted empty) does not forget it.
+        peers.set_members(vec![]);
+        assert_eq!(peers.count(), 1);
     }
 }
