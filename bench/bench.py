@@ -302,6 +302,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--urls", type=int, default=1000)
+    ap.add_argument("--baseline", help="another runcache binary (an earlier commit) measured "
+                    "beside this one, default configuration, in the same rounds")
+    ap.add_argument("--baseline-label", default="baseline")
     args = ap.parse_args()
     if args.smoke:
         args.rounds, args.seconds, args.urls = 1, 1, 100
@@ -328,7 +331,7 @@ def main():
 def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     ports = {name: free_port() for name in
              ("origin", "origin_fast", "default", "redis_only", "memory", "miss", "nginx",
-              "nginx_stock", "ceiling", "dead_redis")}
+              "nginx_stock", "ceiling", "dead_redis", "full_path", "baseline")}
     procs.start("origin", [str(BIN), "sample-origin", "--addr",
                            f"127.0.0.1:{ports['origin']}", "--delay-ms", str(ORIGIN_DELAY_MS)])
     procs.start("origin_fast", [str(BIN), "sample-origin", "--addr",
@@ -336,7 +339,7 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     wait_http(f"http://127.0.0.1:{ports['origin']}/health")
     wait_http(f"http://127.0.0.1:{ports['origin_fast']}/health")
 
-    def runcache(name, origin, redis_url, extra=None):
+    def runcache(name, origin, redis_url, extra=None, binary=BIN):
         env = {
             "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{ports[name]}",
             "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{ports[origin]}",
@@ -353,7 +356,7 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
             "RUST_LOG": "warn",
         }
         env.update(extra or {})
-        p = procs.start(name, [str(BIN)], env)
+        p = procs.start(name, [str(binary)], env)
         wait_http(f"http://127.0.0.1:{ports[name]}/health")
         return p
 
@@ -364,7 +367,15 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
                                {"RUNCACHE__L1__ENABLED": "false"}),
         "memory": runcache("memory", "origin", f"redis://127.0.0.1:{ports['dead_redis']}"),
         "miss": runcache("miss", "origin_fast", redis_url, {"RUNCACHE__CACHE__PREFIX": "miss"}),
+        # The near cache without the hit lane: with CORS configured the lane stays closed
+        # and every hit takes the full path (routing, extractors, the tower stack).
+        "full_path": runcache("full_path", "origin", redis_url,
+                              {"RUNCACHE__CORS__ALLOWED_ORIGINS": "https://app.example"}),
     }
+    if args.baseline:
+        servers["baseline"] = runcache("baseline", "origin", redis_url,
+                                       {"RUNCACHE__CACHE__PREFIX": "baseline"},
+                                       binary=Path(args.baseline))
 
     def nginx(name, tuning):
         nginx_dir = scratch / name
@@ -399,7 +410,11 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
         "nginx proxy_cache": ("nginx", "x-cache-status", "HIT"),
         "nginx proxy_cache, stock (access log on)": ("nginx_stock", "x-cache-status", "HIT"),
         "bare axum (ceiling)": ("ceiling", "content-type", "application/json"),
+        "runcache (Redis + L1, full path: no hit lane)": ("full_path", "x-cache", "HIT"),
     }
+    if args.baseline:
+        targets[f"runcache {args.baseline_label} (default: Redis + L1)"] = (
+            "baseline", "x-cache", "HIT")
     checks = {}
     for label, (name, header, value) in targets.items():
         log(f"warming {len(paths)} URLs in {label}")
@@ -537,6 +552,18 @@ def render(res, labels):
                  f"{median_of(hits[default]['64'], 'p99_ms'):.3f} ms | ≤ nginx | "
                  f"{mark(p99_ok('8') and p99_ok('64'))} |")
     lines.append(f"| server CPU per hit (default @64) | {cpu:.1f} µs | ≤ 20 µs | {mark(cpu <= 20)} |")
+    full_path = labels[6]
+    lines.append(f"| hit lane: default / full path @8 / @64 | {ratio(default, full_path, '8'):.3f}"
+                 f" / {ratio(default, full_path, '64'):.3f} | | |")
+    if len(labels) > 7:
+        base = labels[7]
+        base_cpu = median_of(hits[base]["64"], "cpu_us_per_req")
+        lines.append(f"| default / {base} @8 / @64 | {ratio(default, base, '8'):.3f} / "
+                     f"{ratio(default, base, '64'):.3f} | ≥ 0.95 (no regression) | "
+                     f"{mark(min(ratio(default, base, '8'), ratio(default, base, '64')) >= 0.95)} |")
+        lines.append(f"| ceiling-relative: default / ceiling vs baseline / ceiling @64 | "
+                     f"{ratio(default, ceiling, '64'):.3f} vs {ratio(base, ceiling, '64'):.3f} | | |")
+        lines.append(f"| CPU per hit @64: default vs baseline | {cpu:.1f} vs {base_cpu:.1f} µs | | |")
 
     st = res["stampede"]
     rc = st["runcache"]

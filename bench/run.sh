@@ -7,6 +7,7 @@
 #   bash bench/run.sh            # full run: 5 alternating rounds of 5 s per cell (~6 min once built)
 #   bash bench/run.sh --smoke    # one short round of everything (under a minute once built)
 #   bash bench/run.sh --rounds 5 --seconds 10
+#   bash bench/run.sh --baseline-rev a60c70f   # also measure that commit's binary, same rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,4 +27,25 @@ export PATH="$PATH:/usr/sbin"
 echo "== cargo build --release (runcache, ceiling example) =="
 cargo build --release --locked --bin runcache --example ceiling
 
-exec python3 bench/bench.py "$@"
+# --baseline-rev REV: build REV's runcache in a throw-away worktree (its own target dir under
+# target/, so incremental rebuilds are cheap) and measure it beside this one.
+args=()
+while [ $# -gt 0 ]; do
+    if [ "$1" = "--baseline-rev" ] && [ $# -ge 2 ]; then
+        rev=$2
+        shift 2
+        tree=target/bench-baseline/src
+        rm -rf "$tree"
+        git worktree prune
+        git worktree add --detach "$tree" "$rev" >/dev/null
+        echo "== cargo build --release (baseline $rev) =="
+        (cd "$tree" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release --locked --bin runcache)
+        args+=(--baseline target/bench-baseline/target/release/runcache --baseline-label "$(git rev-parse --short "$rev")")
+        git worktree remove --force "$tree"
+    else
+        args+=("$1")
+        shift
+    fi
+done
+
+exec python3 bench/bench.py "${args[@]}"

@@ -3,10 +3,10 @@
 //! ([`Store`], [`FetchLock`]), on the origin client and on the invalidator; it never sees a
 //! tier.
 //!
-//! - [`request`]: what a view request asks for; [`answer`]: the answer and its cache headers;
-//! - [`fetch`]: a miss, from the cross-instance lock to the conditional store;
+//! - [`request`]: what a view request asks for; `answer`: the answer and its cache headers;
+//! - `fetch`: a miss, from the cross-instance lock to the conditional store;
 //! - [`coalesce`]: single flight, by stamp; [`access`]: who may be served what;
-//! - [`refresh`]: refresh-ahead with change detection; [`warm`]: warming.
+//! - [`refresh`]: refresh-ahead with change detection; `warm`: warming.
 
 pub mod access;
 mod answer;

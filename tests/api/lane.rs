@@ -105,6 +105,10 @@ fn request(headers: &[(&str, &str)]) -> Request<Body> {
 async fn prepare(app: &TestApp, state: State, headers: &[(&str, &str)]) {
     // A refresh started by the previous comparison must not land in this one.
     wait_for(|| async { app.state.tasks.is_empty() }).await;
+    // Every state starts from a fresh fetch: the entry lives 1 s, and must not age from fresh
+    // to stale between the two requests of a comparison.
+    let resp = app.event("training-completed", json!("lane")).await;
+    assert_eq!(resp.status(), 200);
     match state {
         State::NearCopy => warm(app, headers).await,
         State::RedisOnly => {
@@ -113,10 +117,7 @@ async fn prepare(app: &TestApp, state: State, headers: &[(&str, &str)]) {
                 near.cache.flush();
             }
         }
-        State::Cold | State::Stale => {
-            let resp = app.event("training-completed", json!("lane")).await;
-            assert_eq!(resp.status(), 200);
-        }
+        State::Cold | State::Stale => {}
     }
 }
 

@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use crate::history::{Cred, FaultKind, FaultOp, History, ReadOp};
 
 /// SPEC 2: "While an instance serves from memory and knows of other instances, it never
-/// serves an entry older than `memory.degraded_max_age_ms` (default 2000)." That setting does
-/// not exist in this code yet, so the checker keeps the SPEC's default here: a read served
-/// from the memory tier (`Cache-Status` … `memory-fallback`) may lag an acknowledged
-/// invalidation by less than this, and is then counted as an allowed lag, not a violation.
+/// serves an entry older than `memory.degraded_max_age_ms` (default 2000)." The instances run
+/// with this value (`cluster::instance_settings`): a read served from the memory tier
+/// (`Cache-Status` … `memory-fallback`) may lag an acknowledged invalidation by less than
+/// this, and is then counted as an allowed lag, not a violation.
 pub const DEGRADED_MAX_AGE_US: u64 = 2_000_000;
 
 /// Latency is not checked: the SPEC bounds how long a request waits on a dead Redis ("a

@@ -39,6 +39,7 @@ pub fn instance_settings(
         .display()
         .to_string();
     s.l1.enabled = true;
+    s.memory.degraded_max_age_ms = crate::check::DEGRADED_MAX_AGE_US / 1_000;
     // Short lives, so refresh-ahead and stale-while-revalidate happen many times a run.
     s.views.metrics.ttl = Ttl(Duration::from_secs(3));
     s.views.metrics.grace = 2;

@@ -16,6 +16,8 @@ pub mod circuit;
 pub mod journal;
 pub mod peers;
 pub mod recent;
+mod recovery;
+mod shared;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,11 +29,10 @@ use serde::Serialize;
 
 use self::circuit::{Circuit, CircuitOptions};
 use self::journal::{Appended, Journal, durable};
-use self::peers::{Peers, SEEN_WINDOW};
+use self::peers::Peers;
 use self::recent::Recent;
 use super::memory::MemoryStore;
-use super::redis::link::Restart;
-use super::redis::{RedisInfo, RedisStore};
+use super::redis::RedisStore;
 use super::{
     CacheEntry, Deps, Invalidation, KeyVersion, Keyspace, Lookup, Source, Stamp, StoreError, Tier,
 };
@@ -293,68 +294,6 @@ impl FallbackStore {
         self.circuit.is_open()
     }
 
-    /// Whether a reply from Redis incarnation `incarnation` may be used. A Redis restarted
-    /// empty is taken at once (nothing stale can be in it, and no stamp of the old one
-    /// validates in it); one restored from a snapshot first gets the recent invalidations
-    /// again (the circuit opens, and the probe replays them).
-    fn usable(&self, incarnation: u64) -> bool {
-        if incarnation == self.accepted.load(Ordering::Acquire) {
-            return true;
-        }
-        match self.redis.last_restart() {
-            Some((inc, Restart::Empty)) if inc == incarnation && self.journal.is_empty() => {
-                if self.accepted.swap(incarnation, Ordering::AcqRel) != incarnation {
-                    self.restarts.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("redis came back empty; serving from it");
-                }
-                true
-            }
-            _ => {
-                self.prepare_recovery(incarnation);
-                self.circuit.open("redis restarted");
-                false
-            }
-        }
-    }
-
-    /// Puts what a Redis restored from a snapshot may have lost in front of the journal,
-    /// once per incarnation.
-    fn prepare_recovery(&self, incarnation: u64) {
-        if incarnation == self.accepted.load(Ordering::Acquire)
-            || self.recovering.swap(incarnation, Ordering::AcqRel) == incarnation
-        {
-            return;
-        }
-        self.restarts.fetch_add(1, Ordering::Relaxed);
-        let restored =
-            !matches!(self.redis.last_restart(), Some((inc, Restart::Empty)) if inc == incarnation);
-        if !restored {
-            return;
-        }
-        // Fetch locks came back too, with nobody holding them: waiters would poll them out.
-        let locks = Invalidation {
-            matching: vec![self.keys.lock_pattern()],
-            ..Invalidation::default()
-        };
-        let mut ops = match self.recent.replay() {
-            Some(ops) => {
-                tracing::warn!(
-                    count = ops.len(),
-                    "redis came back from a snapshot; replaying the invalidations of redis.rollback_window_secs before it serves"
-                );
-                ops
-            }
-            None => {
-                tracing::warn!(
-                    "redis came back from a snapshot older than this instance can vouch for; invalidating every entry before it serves"
-                );
-                vec![self.everything()]
-            }
-        };
-        ops.insert(0, locks);
-        self.journal.prepend(ops);
-    }
-
     /// Drops entries older than `memory.degraded_max_age_ms` while serving from memory with
     /// other instances known: an invalidation they could not send is late by at most that.
     fn degraded(&self, mut lookup: Lookup) -> Lookup {
@@ -528,201 +467,6 @@ impl FallbackStore {
     /// Redis that comes back from a snapshot.
     pub fn remember(&self, inv: &Invalidation) {
         self.recent.push(inv);
-    }
-
-    /// Checks Redis while the circuit is open (at most one probe at a time); when it answers,
-    /// replays the journal and closes the circuit once nothing is pending, emptying the memory
-    /// tier (its entries never saw other instances' invalidations). A replay that fails keeps
-    /// the circuit open.
-    pub async fn probe(&self) -> Probe {
-        let Ok(_only_one) = self.probing.try_lock() else {
-            return Probe {
-                serving_redis: !self.circuit.is_open(),
-                replayed: 0,
-            };
-        };
-        let mut replayed = 0;
-        if !self.circuit.is_open() {
-            return Probe {
-                serving_redis: true,
-                replayed,
-            };
-        }
-        if self.redis.ping().await.is_err() {
-            return Probe {
-                serving_redis: false,
-                replayed,
-            };
-        }
-        loop {
-            let incarnation = self.redis.source().incarnation;
-            self.prepare_recovery(incarnation);
-            let ops = self.journal.take();
-            if ops.is_empty() {
-                let closed = self.journal.close_if_empty(|| {
-                    if self.redis.source().incarnation != incarnation {
-                        return false;
-                    }
-                    self.memory.clear();
-                    self.accepted.store(incarnation, Ordering::Release);
-                    self.circuit.close();
-                    true
-                });
-                if closed {
-                    tracing::info!("redis reachable; serving from redis");
-                    return Probe {
-                        serving_redis: true,
-                        replayed,
-                    };
-                }
-                if self.redis.ping().await.is_err() {
-                    return Probe {
-                        serving_redis: false,
-                        replayed,
-                    };
-                }
-                continue;
-            }
-            let count = ops.len();
-            for (i, op) in ops.iter().enumerate() {
-                if let Err(e) = self.redis.apply(op).await {
-                    self.journal.prepend(ops[i..].to_vec());
-                    tracing::warn!(error = %e, "replaying invalidations to redis failed; the circuit stays open");
-                    return Probe {
-                        serving_redis: false,
-                        replayed,
-                    };
-                }
-                self.recent.push(op);
-                replayed += 1;
-            }
-            self.journal.compact();
-            tracing::info!(
-                count,
-                "replayed invalidations made while redis was unusable"
-            );
-        }
-    }
-
-    /// While Redis serves: registers this instance and reads who else is there.
-    pub async fn heartbeat(&self) {
-        if self.circuit.is_open() {
-            return;
-        }
-        let Some(member) = self.peers.member() else {
-            return;
-        };
-        match self.redis.heartbeat(&member, SEEN_WINDOW).await {
-            Ok(others) => self.peers.set_members(others),
-            Err(e) => tracing::debug!(error = %e, "instance registration failed"),
-        }
-    }
-
-    /// Reads a shared value from Redis.
-    pub async fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.on_redis(self.redis.get_string(key)).await
-    }
-
-    /// Writes a shared value to Redis.
-    pub async fn meta_set(
-        &self,
-        key: &str,
-        value: &str,
-        only_if_absent: bool,
-    ) -> Result<bool, StoreError> {
-        self.on_redis(self.redis.set_string(key, value, only_if_absent))
-            .await
-    }
-
-    /// Deletes what matches `pattern` in Redis (background cleanup; never touches the
-    /// circuit).
-    pub async fn purge(&self, pattern: &str) -> Result<u64, StoreError> {
-        if self.circuit.is_open() {
-            return Err(unreachable_redis());
-        }
-        self.redis.delete_matching(pattern).await
-    }
-
-    /// Takes the cross-instance fetch lock (`Unavailable` without Redis: nobody else can
-    /// hold it then).
-    pub async fn try_lock(
-        &self,
-        key: &str,
-        token: &str,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.on_redis(self.redis.try_lock(key, token, ttl)).await
-    }
-
-    /// Releases the fetch lock. Sent whatever the circuit says, and never counted against
-    /// it: a `SET NX` that timed out while Redis hung still runs once it resumes, and only a
-    /// release sent after it frees the entry for the other instances.
-    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
-        self.redis.unlock(key, token).await
-    }
-
-    async fn on_redis<T>(
-        &self,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        if self.circuit.is_open() {
-            return Err(unreachable_redis());
-        }
-        self.calls.redis();
-        let result = call.await;
-        match &result {
-            Ok(_) => self.circuit.success(),
-            Err(e) => {
-                self.redis_failed(e);
-            }
-        }
-        result
-    }
-
-    /// Entries of `version` in the tier in use. On Redis the count comes from one SCAN at a
-    /// time, at most every 10 s: admin calls never scan the keyspace per call, and never
-    /// touch the request path's circuit.
-    pub async fn key_count(&self, version: &str) -> KeyCount {
-        let pattern = self.keys.entry_pattern(version, "*");
-        if self.circuit.is_open() {
-            return KeyCount {
-                keys: self.memory.count_matching(&pattern),
-                method: "memory",
-                age_ms: 0,
-            };
-        }
-        let cached = |c: Option<(u64, Instant)>| KeyCount {
-            keys: c.map_or(0, |(n, _)| n),
-            method: "scan",
-            age_ms: c.map_or(0, |(_, at)| at.elapsed().as_millis() as u64),
-        };
-        let last = || *self.key_counted.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, at)) = last()
-            && at.elapsed() < Duration::from_secs(10)
-        {
-            return cached(last());
-        }
-        let Ok(_counting) = self.counting.try_lock() else {
-            // Another caller is counting: this one gets the last figure.
-            return cached(last());
-        };
-        if let Ok(n) = self.redis.count_matching(&pattern).await {
-            *self.key_counted.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, Instant::now()));
-        }
-        cached(last())
-    }
-
-    /// Redis `INFO` figures (through the admin pool), while Redis is in use.
-    pub async fn info(&self) -> Option<RedisInfo> {
-        if self.circuit.is_open() {
-            return None;
-        }
-        self.redis.info().await.ok()
-    }
-
-    /// Whether Redis answers now (for `/ready`; never touches the circuit).
-    pub async fn redis_reachable(&self) -> bool {
-        self.redis.ping().await.is_ok()
     }
 }
 

@@ -1,0 +1,132 @@
+//! What the tiered store shares with other instances or admin work, besides entries: the
+//! instance registry, the key version, fetch locks, and the figures of `/cache/stats`.
+
+use std::time::{Duration, Instant};
+
+use super::peers::SEEN_WINDOW;
+use super::{FallbackStore, KeyCount, unreachable_redis};
+use crate::store::StoreError;
+use crate::store::redis::RedisInfo;
+
+impl FallbackStore {
+    /// While Redis serves: registers this instance and reads who else is there.
+    pub async fn heartbeat(&self) {
+        if self.circuit.is_open() {
+            return;
+        }
+        let Some(member) = self.peers.member() else {
+            return;
+        };
+        match self.redis.heartbeat(&member, SEEN_WINDOW).await {
+            Ok(others) => self.peers.set_members(others),
+            Err(e) => tracing::debug!(error = %e, "instance registration failed"),
+        }
+    }
+
+    /// Reads a shared value from Redis.
+    pub async fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.on_redis(self.redis.get_string(key)).await
+    }
+
+    /// Writes a shared value to Redis.
+    pub async fn meta_set(
+        &self,
+        key: &str,
+        value: &str,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        self.on_redis(self.redis.set_string(key, value, only_if_absent))
+            .await
+    }
+
+    /// Deletes what matches `pattern` in Redis (background cleanup; never touches the
+    /// circuit).
+    pub async fn purge(&self, pattern: &str) -> Result<u64, StoreError> {
+        if self.circuit.is_open() {
+            return Err(unreachable_redis());
+        }
+        self.redis.delete_matching(pattern).await
+    }
+
+    /// Takes the cross-instance fetch lock (`Unavailable` without Redis: nobody else can
+    /// hold it then).
+    pub async fn try_lock(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.on_redis(self.redis.try_lock(key, token, ttl)).await
+    }
+
+    /// Releases the fetch lock. Sent whatever the circuit says, and never counted against
+    /// it: a `SET NX` that timed out while Redis hung still runs once it resumes, and only a
+    /// release sent after it frees the entry for the other instances.
+    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        self.redis.unlock(key, token).await
+    }
+
+    async fn on_redis<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if self.circuit.is_open() {
+            return Err(unreachable_redis());
+        }
+        self.calls.redis();
+        let result = call.await;
+        match &result {
+            Ok(_) => self.circuit.success(),
+            Err(e) => {
+                self.redis_failed(e);
+            }
+        }
+        result
+    }
+
+    /// Entries of `version` in the tier in use. On Redis the count comes from one SCAN at a
+    /// time, at most every 10 s: admin calls never scan the keyspace per call, and never
+    /// touch the request path's circuit.
+    pub async fn key_count(&self, version: &str) -> KeyCount {
+        let pattern = self.keys.entry_pattern(version, "*");
+        if self.circuit.is_open() {
+            return KeyCount {
+                keys: self.memory.count_matching(&pattern),
+                method: "memory",
+                age_ms: 0,
+            };
+        }
+        let cached = |c: Option<(u64, Instant)>| KeyCount {
+            keys: c.map_or(0, |(n, _)| n),
+            method: "scan",
+            age_ms: c.map_or(0, |(_, at)| at.elapsed().as_millis() as u64),
+        };
+        let last = || *self.key_counted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, at)) = last()
+            && at.elapsed() < Duration::from_secs(10)
+        {
+            return cached(last());
+        }
+        let Ok(_counting) = self.counting.try_lock() else {
+            // Another caller is counting: this one gets the last figure.
+            return cached(last());
+        };
+        if let Ok(n) = self.redis.count_matching(&pattern).await {
+            *self.key_counted.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, Instant::now()));
+        }
+        cached(last())
+    }
+
+    /// Redis `INFO` figures (through the admin pool), while Redis is in use.
+    pub async fn info(&self) -> Option<RedisInfo> {
+        if self.circuit.is_open() {
+            return None;
+        }
+        self.redis.info().await.ok()
+    }
+
+    /// Whether Redis answers now (for `/ready`; never touches the circuit).
+    pub async fn redis_reachable(&self) -> bool {
+        self.redis.ping().await.is_ok()
+    }
+}
