@@ -53,12 +53,12 @@ class Processes:
         self.procs = []
         self.scratch = scratch
 
-    def start(self, name, cmd, env=None):
+    def start(self, name, cmd, env=None, cwd=None):
         out = open(self.scratch / f"{name}.log", "wb")
         full_env = dict(os.environ)
         full_env.update(env or {})
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, cwd=cwd)
         self.procs.append(p)
         return p
 
@@ -356,7 +356,10 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
             "RUST_LOG": "warn",
         }
         env.update(extra or {})
-        p = procs.start(name, [str(binary)], env)
+        # A binary reads config/default.toml from its working directory: the baseline's is
+        # beside it (bench/run.sh copies it there), with the settings that binary knows.
+        cwd = ROOT if binary == BIN else Path(binary).resolve().parents[2]
+        p = procs.start(name, [str(binary)], env, cwd=cwd)
         wait_http(f"http://127.0.0.1:{ports[name]}/health")
         return p
 

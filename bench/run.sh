@@ -40,6 +40,9 @@ while [ $# -gt 0 ]; do
         git worktree add --detach "$tree" "$rev" >/dev/null
         echo "== cargo build --release (baseline $rev) =="
         (cd "$tree" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release --locked --bin runcache)
+        # The baseline reads its own config/default.toml (relative to its working directory).
+        rm -rf target/bench-baseline/config
+        cp -r "$tree/config" target/bench-baseline/config
         args+=(--baseline target/bench-baseline/target/release/runcache --baseline-label "$(git rev-parse --short "$rev")")
         git worktree remove --force "$tree"
     else

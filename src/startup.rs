@@ -117,7 +117,8 @@ impl Application {
         if let Some(snap) = snapshots
             && tiered.tier() == Tier::Memory
         {
-            snap.maybe_write(tiered.memory(), true).await;
+            snap.maybe_write(tiered.memory(), true, tiered.peers().any())
+                .await;
         }
         // Every journal append is already durable; say what the next start will replay.
         let pending = tiered.pending_invalidations();
@@ -188,7 +189,9 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         // find Redis (or stay on memory), adopt the shared version, then warm.
         let tiered = s.store.tiered();
         if let Some(snap) = &s.snapshots {
-            snap.load(tiered.memory(), &s.keys, &s.version.get()).await;
+            if snap.load(tiered.memory(), &s.keys, &s.version.get()).await {
+                tiered.peers().assume_others();
+            }
             tiered.replay_journal_into_memory();
         }
         if s.store.probe().await {
@@ -274,7 +277,8 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
                 let tiered = s.store.tiered();
                 if tiered.tier() == Tier::Memory {
                     discarded.store(false, Ordering::Relaxed);
-                    snap.maybe_write(tiered.memory(), false).await;
+                    snap.maybe_write(tiered.memory(), false, tiered.peers().any())
+                        .await;
                 } else if !discarded.swap(true, Ordering::Relaxed) {
                     snap.discard().await;
                 }

@@ -23,6 +23,7 @@ use crate::store::near::{Near, NearCache};
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::snapshot::Snapshotter;
 use crate::store::tiered::circuit::CircuitOptions;
+use crate::store::tiered::peers::Peers;
 use crate::store::tiered::{FallbackStore, TieredOptions};
 use crate::store::{KeyVersion, Keyspace, NearStore};
 use crate::tasks::Tasks;
@@ -190,12 +191,15 @@ fn build_store(
     let journal_path = Some(settings.journal.path.trim())
         .filter(|p| !p.is_empty())
         .map(std::path::PathBuf::from);
+    let peers = Peers::new(admin_token.clone(), ms(settings.server.peer_timeout_ms))
+        .context("build the client for other instances")?;
+    let instance = peers.id().to_owned();
     let tiered = Arc::new(FallbackStore::new(
         redis,
         memory,
         keys.clone(),
         version.clone(),
-        admin_token.clone(),
+        peers,
         TieredOptions {
             journal_path,
             journal_max_ops: settings.journal.max_ops,
@@ -203,9 +207,7 @@ fn build_store(
                 failures: r.circuit_failures,
                 window: ms(r.circuit_window_ms),
             },
-            rollback_window: Duration::from_secs(r.rollback_window_secs),
             degraded_max_age: ms(settings.memory.degraded_max_age_ms),
-            peer_timeout: ms(settings.server.peer_timeout_ms),
         },
     ));
     let l1 = &settings.l1;
@@ -213,6 +215,7 @@ fn build_store(
         cache: Arc::new(NearCache::new(l1.max_bytes, ms(l1.max_lifetime_ms))),
         bus: Arc::new(Bus::new(
             &settings.cache.prefix,
+            instance,
             ms(l1.ack_timeout_ms),
             ms(r.probe_interval_ms),
         )),

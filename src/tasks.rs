@@ -38,16 +38,6 @@ impl Tasks {
         })
     }
 
-    /// The token cancelled at shutdown (for loops that watch it themselves).
-    pub fn token(&self) -> &CancellationToken {
-        &self.cancel
-    }
-
-    /// Whether shutdown has begun.
-    pub fn is_stopping(&self) -> bool {
-        self.cancel.is_cancelled()
-    }
-
     /// Tasks still running.
     pub fn len(&self) -> usize {
         self.tracker.len()

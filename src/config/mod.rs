@@ -323,6 +323,17 @@ impl Settings {
         for id in &self.warm.model_run_ids {
             validate_run_id(id).map_err(|e| invalid("warm.model_run_ids", e))?;
         }
+        // The receiver of a peer invalidation first tries Redis (up to one command time-out)
+        // and answers after it has journaled: a sender that gives up sooner never hears it.
+        if self.server.peer_timeout_ms <= self.redis.command_timeout_ms {
+            return Err(invalid(
+                "server.peer_timeout_ms",
+                format!(
+                    "must be greater than redis.command_timeout_ms ({})",
+                    self.redis.command_timeout_ms
+                ),
+            ));
+        }
         if let Some(url) = &self.server.advertise_url {
             let parsed = reqwest::Url::parse(url)
                 .map_err(|e| invalid("server.advertise_url", e.to_string()))?;

@@ -90,11 +90,6 @@ pub struct RedisSettings {
     /// …provided the failures have gone on this long, in ms (default 1000): one slow reply
     /// or a short burst of time-outs never sends the instance to its memory tier.
     pub circuit_window_ms: u64,
-    /// How far back this instance replays invalidations to a Redis that came back from an
-    /// older snapshot, in seconds (default 3600); if it cannot vouch for that long (it started
-    /// more recently, or more invalidations happened than it keeps), every entry is
-    /// invalidated instead.
-    pub rollback_window_secs: u64,
 }
 
 /// `[cache]`

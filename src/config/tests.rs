@@ -82,6 +82,11 @@ fn bad_values_name_the_setting() {
             "0",
             "redis.command_timeout_ms",
         ),
+        (
+            "RUNCACHE__REDIS__COMMAND_TIMEOUT_MS",
+            "750",
+            "server.peer_timeout_ms",
+        ),
     ] {
         let err =
             Settings::load_from(None, Some(env(&[(key, value)]))).expect_err("bad value must fail");

@@ -69,7 +69,8 @@ pub struct StatsBody {
     /// Entries of the current version in the store in use (see `keys_method`).
     pub keys: u64,
     /// How `keys` was counted: `scan` (one SCAN of Redis at a time, at most every 10 s,
-    /// whatever the number of callers; `keys_age_ms` old) or `memory` (counted now).
+    /// whatever the number of callers; `keys_age_ms` old), `memory` (counted now) or
+    /// `pending` (no SCAN of this version has finished yet; `keys` is 0).
     pub keys_method: String,
     /// Milliseconds since `keys` was counted.
     pub keys_age_ms: u64,

@@ -193,7 +193,8 @@ impl Invalidator {
         self.apply(inv, cause).await
     }
 
-    /// Applies an invalidation another instance sent while it could not reach Redis.
+    /// Counts an invalidation another instance sent while it could not reach Redis (the store
+    /// has applied it: `dropped` entries went).
     pub fn record_peer(&self, dropped: u64) {
         self.stats
             .record_invalidation(Cause::Peer.as_str(), dropped);

@@ -3,10 +3,9 @@
 //!
 //! In `forward` mode a cached answer goes only to credentials (the `Authorization` header, or
 //! its absence) that the origin accepted *for that same entry* within `auth.validation_ttl`.
-//! Only an answer that would itself be stored accepts: a 2xx (or a 404 when negative caching
-//! is on) that the entry holds, recorded with its status, so a credential the origin answered
-//! 404 is never served a cached 200. Any other answer (401, 403, a 404 that hides the run,
-//! 429, 3xx, 5xx, `no-store`) withdraws the acceptance. Credentials are kept only as keyed
+//! Only an answer that would itself be stored accepts: a 2xx that the entry holds, recorded
+//! with its status. Any other answer (401, 403, a 404 that hides the run or is kept for
+//! negative caching, 429, 3xx, 5xx, `no-store`) withdraws the acceptance. Credentials are kept only as keyed
 //! hashes ([`crate::security::credential`]), in memory, per instance.
 
 use std::sync::Arc;

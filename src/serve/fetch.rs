@@ -11,7 +11,7 @@ use super::{CacheOutcome, Ctx, ReadThrough, ViewRequest, ViewResponse};
 use crate::domain::policy::{self, Storability};
 use crate::domain::{View, ViewPolicy};
 use crate::origin::{OriginError, OriginRequest, OriginResponse};
-use crate::store::{CacheEntry, Stamp};
+use crate::store::{CacheEntry, Lock, Stamp};
 
 impl ReadThrough {
     /// Joins the fetch of `ctx`'s entry if one running saw at least `stamp`, or starts one in
@@ -113,8 +113,8 @@ impl ReadThrough {
 
     /// Takes the cross-instance lock of `ctx`. `Ok(true)`: this fetch holds it, or may (a
     /// `SET NX` that timed out can still have run): release it afterwards. `Ok(false)`: no
-    /// lock (the lock's lifetime waited out). `Err(hit)`: the instance holding the lock
-    /// stored the entry meanwhile.
+    /// lock to release (no shared store in use, or the holder's lifetime was waited out).
+    /// `Err(hit)`: the instance holding the lock stored the entry meanwhile.
     async fn acquire_lock(&self, ctx: &Ctx, lock: &str, token: &str) -> Result<bool, ViewResponse> {
         let deadline = Instant::now() + self.coalesce.lock_ttl;
         loop {
@@ -123,8 +123,9 @@ impl ReadThrough {
                 .try_lock(lock, token, self.coalesce.lock_ttl)
                 .await
             {
-                Ok(true) | Err(_) => return Ok(true),
-                Ok(false) => {}
+                Ok(Lock::Taken) | Err(_) => return Ok(true),
+                Ok(Lock::Unshared) => return Ok(false),
+                Ok(Lock::Held) => {}
             }
             if Instant::now() >= deadline {
                 tracing::warn!("fetch lock held past its lifetime; fetching anyway");
@@ -170,11 +171,16 @@ impl ReadThrough {
             Err(why) => {
                 // Only an answer that would itself be stored accepts credentials for the
                 // entry: this one withdraws any acceptance, and nothing cached is revealed.
-                self.access.revoke(&ctx.key, ctx.cred);
+                self.revoke(ctx);
                 return Ok(self.passthrough_miss(resp, Some(why)));
             }
         };
-        self.access.accept(&ctx.key, ctx.cred, resp.status.as_u16());
+        if resp.status.is_success() {
+            self.access.accept(&ctx.key, ctx.cred, resp.status.as_u16());
+        } else {
+            // A 404 kept for negative caching: stored, but only a 2xx accepts (SPEC 4).
+            self.revoke(ctx);
+        }
         let www_authenticate = resp.www_authenticate.clone();
         let (entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
         let (stored, detail) = match self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {

@@ -258,8 +258,7 @@ impl ReadThrough {
     }
 
     /// [`AccessControl::may_serve`], remembering the answer in the slot so that one caller's
-    /// repeated hits skip the lookup (an acceptance is withdrawn only by this instance's own
-    /// fetches, which replace the slot).
+    /// repeated hits skip the lookup (a withdrawal forgets it: [`Self::revoke`]).
     fn slot_may_serve(&self, key: &str, slot: &NearSlot, cred: Credential) -> bool {
         let status = slot.entry.status;
         if self.access.mode() != FrontendAuth::Forward {
@@ -278,6 +277,15 @@ impl ReadThrough {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Withdraws the acceptance of `ctx`'s credential for its entry, and the one a near-cache
+    /// copy of it remembers (see [`Self::slot_may_serve`]).
+    fn revoke(&self, ctx: &Ctx) {
+        self.access.revoke(&ctx.key, ctx.cred);
+        if let Some(slot) = self.store.peek(&ctx.key) {
+            slot.validated.store(None);
         }
     }
 

@@ -29,8 +29,8 @@ use crate::domain::policy;
 use crate::domain::{FrontendAuth, View};
 use crate::invalidation::Cause;
 use crate::metrics::RefreshResult;
-use crate::store::CacheEntry;
 use crate::store::counters::ReadCounters;
+use crate::store::{CacheEntry, Lock};
 
 /// Refresh-ahead settings.
 #[derive(Debug, Clone)]
@@ -213,8 +213,9 @@ impl ReadThrough {
             .try_lock(&lock, &token, self.coalesce.lock_ttl)
             .await
         {
-            Ok(true) | Err(_) => true,
-            Ok(false) => return,
+            Ok(Lock::Taken) | Err(_) => true,
+            Ok(Lock::Unshared) => false,
+            Ok(Lock::Held) => return,
         };
         let result = self.refresh_locked(&req, &ctx, old).await;
         if locked {
@@ -255,7 +256,7 @@ impl ReadThrough {
             _ => {
                 // Not an answer the entry holds: these credentials are no longer accepted
                 // for it, and nothing changes for anyone else.
-                self.access.revoke(&ctx.key, ctx.cred);
+                self.revoke(ctx);
                 let refused = matches!(
                     resp.status,
                     StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND

@@ -52,6 +52,10 @@ struct EntryMeta<'a> {
     g: Vec<u64>,
     #[serde(default)]
     c: u64,
+    /// When the stamp was read (0 in entries written before it was recorded: as old as can
+    /// be).
+    #[serde(default)]
+    sa: u64,
 }
 
 const ENTRY_MAGIC: &[u8; 3] = b"RC1";
@@ -114,6 +118,7 @@ impl CacheEntry {
             tags: self.tags.clone(),
             g: self.stamp.counters().to_vec(),
             c: self.stamp.clears(),
+            sa: self.stamp.read_at_ms(),
         };
         let meta = serde_json::to_vec(&meta).unwrap_or_default();
         let mut out = BytesMut::with_capacity(7 + meta.len() + self.body.len());
@@ -145,7 +150,7 @@ impl CacheEntry {
             ttl_secs: meta.ttl,
             stale_ms: meta.st,
             tags: meta.tags,
-            stamp: Stamp::new(source, meta.g, meta.c),
+            stamp: Stamp::read_at(source, meta.g, meta.c, meta.sa),
             body: raw,
         })
     }

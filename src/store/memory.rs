@@ -4,7 +4,9 @@
 //! [`Tier::Memory`] and an incarnation that changes whenever it is emptied.
 //!
 //! Every write (conditional put, touch, invalidation) happens under one lock, so a write can
-//! never land between an invalidation's bump and its deletes.
+//! never land between an invalidation's bump and its deletes. Reads do not take it: a read
+//! takes the entry, then the counters (held only for that look-up), and an invalidation bumps
+//! before it deletes, so a read that races one finds the entry gone or its counters moved.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,9 @@ pub struct MemoryContents {
     pub entries: Vec<(String, u64, CacheEntry)>,
     /// Counters.
     pub gens: Vec<(String, u64)>,
+    /// Whether other instances were known when it was taken (its entries are then held to
+    /// `memory.degraded_max_age_ms` after a restart, until the registry says otherwise).
+    pub others_known: bool,
 }
 
 struct PerEntryTtl;
@@ -75,6 +80,8 @@ pub struct MemoryStore {
     max_bytes: u64,
     keys: Keyspace,
     counters: Arc<Mutex<HashMap<String, u64>>>,
+    /// Held by every write, for its whole length (see the module doc).
+    writes: Arc<Mutex<()>>,
     incarnation: Arc<AtomicU64>,
     removals: Arc<Removals>,
     changes: Arc<AtomicU64>,
@@ -120,6 +127,7 @@ impl MemoryStore {
             max_bytes,
             keys,
             counters: Arc::default(),
+            writes: Arc::default(),
             incarnation: Arc::default(),
             removals,
             changes: Arc::default(),
@@ -132,6 +140,10 @@ impl MemoryStore {
             tier: Tier::Memory,
             incarnation: self.incarnation.load(Ordering::Acquire),
         }
+    }
+
+    fn write(&self) -> MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, u64>> {
@@ -163,12 +175,17 @@ impl MemoryStore {
             })
             .collect();
         let gens = self.lock().iter().map(|(k, v)| (k.clone(), *v)).collect();
-        MemoryContents { entries, gens }
+        MemoryContents {
+            entries,
+            gens,
+            others_known: false,
+        }
     }
 
     /// Loads entries (each kept until its own expiry) and counters, e.g. from a snapshot.
     /// Entries keep the counter values they were stamped with, now of this incarnation.
     pub fn import(&self, contents: MemoryContents) {
+        let _writes = self.write();
         let now = now_ms();
         let source = self.source();
         let mut counters = self.lock();
@@ -178,11 +195,7 @@ impl MemoryStore {
         }
         for (key, expires_at_ms, mut entry) in contents.entries {
             if expires_at_ms > now {
-                entry.stamp = Stamp::new(
-                    source,
-                    entry.stamp.counters().to_vec(),
-                    entry.stamp.clears(),
-                );
+                entry.stamp = entry.stamp.moved_to(source);
                 let ttl = Duration::from_millis(expires_at_ms - now);
                 self.insert(&key, entry, ttl);
             }
@@ -231,11 +244,9 @@ impl MemoryStore {
     /// Drops every entry and counter and starts a new incarnation (returning to Redis: its
     /// entries never saw other instances' invalidations, and its counters mean nothing there).
     pub fn clear(&self) {
-        let mut counters = self.lock();
-        self.incarnation.fetch_add(1, Ordering::AcqRel);
+        let _writes = self.write();
         self.cache.invalidate_all();
-        counters.clear();
-        drop(counters);
+        self.renew();
         self.changed();
     }
 
@@ -269,26 +280,32 @@ impl MemoryStore {
 
     /// Reads `key` and the current stamp of `deps`.
     pub fn get(&self, key: &str, deps: &Deps) -> Lookup {
-        let counters = self.lock();
+        let entry = self.cache.get(key).map(|slot| slot.entry.clone());
         Lookup {
-            entry: self.cache.get(key).map(|slot| slot.entry.clone()),
-            current: Self::read(&counters, self.source(), deps),
+            entry,
+            current: self.stamp(deps),
         }
     }
 
     /// The current stamp of `deps`.
     pub fn stamp(&self, deps: &Deps) -> Stamp {
-        Self::read(&self.lock(), self.source(), deps)
+        // Counters and incarnation change together under this lock (see `renew`).
+        let counters = self.lock();
+        Self::read(&counters, self.source(), deps)
+    }
+
+    /// Forgets every counter and starts a new incarnation, in one step as seen by `stamp`.
+    fn renew(&self) {
+        let mut counters = self.lock();
+        counters.clear();
+        self.incarnation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Writes `entry` unless its stamp is of another tier or incarnation or anything it
     /// depends on moved; returns whether it was written.
     pub fn put(&self, key: &str, entry: &CacheEntry, deps: &Deps, ttl: Duration) -> bool {
-        let counters = self.lock();
-        if !entry
-            .stamp
-            .unchanged_at(&Self::read(&counters, self.source(), deps))
-        {
+        let _writes = self.write();
+        if !entry.stamp.unchanged_at(&self.stamp(deps)) {
             return false;
         }
         self.insert(key, entry.clone(), ttl);
@@ -299,7 +316,7 @@ impl MemoryStore {
     /// entry (same body, same stamp): never brings back an entry that was replaced or deleted
     /// meanwhile. Returns whether it did.
     pub fn touch(&self, key: &str, entry: &CacheEntry, retention: Duration) -> bool {
-        let _writes = self.lock();
+        let _writes = self.write();
         let same = self
             .cache
             .get(key)
@@ -312,16 +329,19 @@ impl MemoryStore {
 
     /// Applies `inv`; returns how many entries it dropped.
     pub fn apply(&self, inv: &Invalidation) -> u64 {
-        let mut counters = self.lock();
-        for counter in &inv.bump {
-            *counters.entry(counter.clone()).or_insert(0) += 1;
-        }
-        let dropped = if inv.everything || counters.len() > MAX_COUNTERS {
+        let _writes = self.write();
+        let counted = {
+            let mut counters = self.lock();
+            for counter in &inv.bump {
+                *counters.entry(counter.clone()).or_insert(0) += 1;
+            }
+            counters.len()
+        };
+        let dropped = if inv.everything || counted > MAX_COUNTERS {
             // Everything goes, and a new incarnation makes every stamp read so far stale.
             let n = self.cache.entry_count();
-            self.incarnation.fetch_add(1, Ordering::AcqRel);
             self.cache.invalidate_all();
-            counters.clear();
+            self.renew();
             n
         } else {
             let mut n = 0;
@@ -337,7 +357,6 @@ impl MemoryStore {
             }
             n
         };
-        drop(counters);
         self.changed();
         dropped
     }

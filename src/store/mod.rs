@@ -49,9 +49,10 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("stored entry is corrupt: {0}")]
     Corrupt(&'static str),
-    /// Every admin connection is in use: admin capacity, not Redis, is short. Never taken
-    /// for Redis being down.
-    #[error("redis is busy: {0}")]
+    /// Admin work (SCAN, INFO, on the admin pool) failed or found every admin connection in
+    /// use. Never taken for Redis being down: admin work never opens the request path's
+    /// circuit, and an invalidation that needed it is not acknowledged (a 503).
+    #[error("redis admin work failed: {0}")]
     Busy(String),
 }
 
@@ -124,20 +125,55 @@ impl Deps {
 ///   sequence, so a fetch that overlapped it cannot store behind it.
 /// - A request joins a flight only if the flight's stamp is at least as recent as its own
 ///   ([`Stamp::covers`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// It also records when it was read: how old the data behind an entry can be, whatever
+/// refreshed its store time since (`memory.degraded_max_age_ms` is measured from it). Two
+/// stamps of the same values are equal whenever they were read.
+#[derive(Debug, Clone)]
 pub struct Stamp {
     source: Source,
     counters: Vec<u64>,
     clears: u64,
+    read_at_ms: u64,
 }
 
+impl PartialEq for Stamp {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+            && self.counters == other.counters
+            && self.clears == other.clears
+    }
+}
+
+impl Eq for Stamp {}
+
 impl Stamp {
-    /// A stamp of `counters` (in [`Deps`] order) and the clear sequence, read from `source`.
+    /// A stamp of `counters` (in [`Deps`] order) and the clear sequence, read from `source`
+    /// now.
     pub fn new(source: Source, counters: Vec<u64>, clears: u64) -> Self {
+        Self::read_at(source, counters, clears, crate::domain::policy::now_ms())
+    }
+
+    /// A stamp read at `read_at_ms` (Unix milliseconds), as stored with an entry.
+    pub fn read_at(source: Source, counters: Vec<u64>, clears: u64, read_at_ms: u64) -> Self {
         Self {
             source,
             counters,
             clears,
+            read_at_ms,
+        }
+    }
+
+    /// When it was read, in Unix milliseconds.
+    pub fn read_at_ms(&self) -> u64 {
+        self.read_at_ms
+    }
+
+    /// The same values, now of `source` (an entry loaded into another tier's incarnation).
+    pub fn moved_to(&self, source: Source) -> Stamp {
+        Stamp {
+            source,
+            ..self.clone()
         }
     }
 
@@ -273,21 +309,37 @@ impl Invalidation {
             && !self.everything
     }
 
-    /// Whether every key and glob it names belongs to the keyspace under `prefix` (and a glob
-    /// uses only `*` and `?`): what another instance may ask of this one.
+    /// Whether it has the shape of an invalidation this service makes, within the keyspace
+    /// under `prefix`: what another instance may ask of this one. Counters bumped are
+    /// generation counters; keys deleted are entries; tag sets are tag sets; globs cover
+    /// entries of one version, tag sets or fetch locks. Nothing else of the keyspace (the
+    /// version, the marker, the registry, counters) can be deleted this way.
     pub fn is_within(&self, prefix: &str) -> bool {
         let key_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':');
-        let inside = |k: &String, glob: bool| {
-            k.strip_prefix(prefix)
-                .is_some_and(|rest| rest.starts_with(':'))
-                && k.len() <= 1024
+        let rest = |k: &str, glob: bool| -> Option<String> {
+            let ok = k.len() <= 1024
                 && k.bytes()
-                    .all(|b| key_byte(b) || (glob && matches!(b, b'*' | b'?')))
+                    .all(|b| key_byte(b) || (glob && matches!(b, b'*' | b'?')));
+            ok.then(|| k.strip_prefix(prefix)?.strip_prefix(':').map(str::to_owned))
+                .flatten()
         };
-        self.bump.iter().all(|k| inside(k, false))
-            && self.delete.iter().all(|k| inside(k, false))
-            && self.tagged.iter().all(|k| inside(k, false))
-            && self.matching.iter().all(|k| inside(k, true))
+        let under = |k: &str, part: &str| rest(k, false).is_some_and(|r| r.starts_with(part));
+        let entry = |r: &str| {
+            r.split_once(':').is_some_and(|(version, logical)| {
+                crate::domain::validate_version(version).is_ok() && !logical.is_empty()
+            })
+        };
+        let glob_ok = |k: &String| {
+            rest(k, true)
+                .is_some_and(|r| entry(&r) || r.starts_with("_tags:") || r.starts_with("_lock:"))
+        };
+        self.bump.iter().all(|k| under(k, "_gen:"))
+            && self
+                .delete
+                .iter()
+                .all(|k| rest(k, false).is_some_and(|r| entry(&r)))
+            && self.tagged.iter().all(|k| under(k, "_tags:"))
+            && self.matching.iter().all(glob_ok)
     }
 
     /// Read from a journal written by an older version: a glob with a character class (the
@@ -347,11 +399,24 @@ pub trait Store: Send + Sync {
     async fn invalidate(&self, inv: &Invalidation) -> Result<u64, StoreError>;
 }
 
+/// What an attempt at the cross-instance fetch lock found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// Taken: release it afterwards.
+    Taken,
+    /// Another instance holds it.
+    Held,
+    /// No shared store is in use (Redis unusable): nobody else can hold it, nothing was sent.
+    Unshared,
+}
+
 /// The cross-instance fetch lock (Redis `SET NX PX`); without Redis, nobody else can hold it.
 #[async_trait]
 pub trait FetchLock: Send + Sync {
-    /// Takes `key` for `ttl` unless another instance holds it.
-    async fn try_lock(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, StoreError>;
+    /// Takes `key` for `ttl` unless another instance holds it. An error means the attempt was
+    /// sent and its outcome is unknown (a `SET NX` that timed out may still run): release it
+    /// afterwards all the same.
+    async fn try_lock(&self, key: &str, token: &str, ttl: Duration) -> Result<Lock, StoreError>;
     /// Releases `key` if it still holds `token`.
     async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError>;
 }
@@ -446,12 +511,22 @@ mod tests {
     fn a_peer_may_only_name_this_keyspace() {
         let ok = Invalidation {
             bump: vec!["p:_gen:v1:run:1".into()],
-            matching: vec!["p:v1:model:*".into()],
+            delete: vec!["p:v1:model:metrics:1".into()],
+            tagged: vec!["p:_tags:v1:run:1".into()],
+            matching: vec!["p:v1:model:*".into(), "p:_lock:*".into()],
             everything: true,
-            ..Invalidation::default()
         };
         assert!(ok.is_within("p"));
-        for bad in ["q:v1:a", "pp:v1:a", "p", "p:v1:a b", "*"] {
+        for bad in [
+            "q:v1:a",
+            "pp:v1:a",
+            "p",
+            "p:v1:a b",
+            "*",
+            "p:_meta:version",
+            "p:_gen:v1:run:1",
+            "p:_instances",
+        ] {
             let inv = Invalidation {
                 delete: vec![bad.into()],
                 ..Invalidation::default()
@@ -463,6 +538,18 @@ mod tests {
             ..Invalidation::default()
         };
         assert!(!glob_in_delete.is_within("p"));
+        for bad in ["p:*", "p:_meta:*", "p:_gen:*"] {
+            let inv = Invalidation {
+                matching: vec![bad.into()],
+                ..Invalidation::default()
+            };
+            assert!(!inv.is_within("p"), "{bad}");
+        }
+        let meta_bump = Invalidation {
+            bump: vec!["p:_meta:version".into()],
+            ..Invalidation::default()
+        };
+        assert!(!meta_bump.is_within("p"));
         assert!(serde_json::from_str::<Invalidation>(r#"{"flush_all": true}"#).is_err());
     }
 }

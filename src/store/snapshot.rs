@@ -2,9 +2,10 @@
 //! crash. The file is written to a temporary name, fsynced and renamed, so a crash never
 //! leaves a torn file; a checksum catches any other damage.
 //!
-//! Layout (little-endian): `RCSNAP1\n`, then the generation count and `(len, key, value)`
-//! triples, then the entry count and `(len, key, expires_at_ms, len, encoded entry)` records,
-//! then the 128-bit xxh3 of everything before it.
+//! Layout (little-endian): `RCSNAP2\n`, a byte saying whether other instances were known when
+//! it was written, then the counter count and `(len, key, value)` triples, then the entry
+//! count and `(len, key, expires_at_ms, len, encoded entry)` records, then the 128-bit xxh3 of
+//! everything before it. `RCSNAP1` files (no flag byte) still load.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -16,7 +17,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use super::memory::{MemoryContents, MemoryStore};
 use super::{CacheEntry, Keyspace, Source, Tier};
 
-const MAGIC: &[u8; 8] = b"RCSNAP1\n";
+const MAGIC: &[u8; 8] = b"RCSNAP2\n";
+const MAGIC_V1: &[u8; 8] = b"RCSNAP1\n";
 
 /// Serialises `contents`.
 pub fn encode(contents: &MemoryContents) -> Bytes {
@@ -28,6 +30,7 @@ pub fn encode(contents: &MemoryContents) -> Bytes {
             .sum::<usize>(),
     );
     out.put_slice(MAGIC);
+    out.put_u8(u8::from(contents.others_known));
     out.put_u32_le(contents.gens.len() as u32);
     for (key, value) in &contents.gens {
         out.put_u32_le(key.len() as u32);
@@ -50,7 +53,8 @@ pub fn encode(contents: &MemoryContents) -> Bytes {
 
 /// Inverse of [`encode`]; any damage is an error naming what is wrong.
 pub fn decode(raw: &[u8]) -> Result<MemoryContents, String> {
-    if raw.len() < MAGIC.len() + 8 + 16 || &raw[..MAGIC.len()] != MAGIC {
+    let v1 = raw.len() >= MAGIC_V1.len() && &raw[..MAGIC_V1.len()] == MAGIC_V1;
+    if raw.len() < MAGIC.len() + 8 + 16 || !(v1 || &raw[..MAGIC.len()] == MAGIC) {
         return Err("not a runcache snapshot".into());
     }
     let (body, sum) = raw.split_at(raw.len() - 16);
@@ -72,6 +76,9 @@ pub fn decode(raw: &[u8]) -> Result<MemoryContents, String> {
         String::from_utf8(take(buf, len)?.to_vec()).map_err(|_| "bad key".to_owned())
     }
     let mut contents = MemoryContents::default();
+    if !v1 {
+        contents.others_known = take(&mut buf, 1)?[0] != 0;
+    }
     let gens = take(&mut buf, 4)?.get_u32_le();
     for _ in 0..gens {
         let key = string(&mut buf)?;
@@ -169,13 +176,14 @@ impl Snapshotter {
     }
 
     /// Loads the snapshot into `memory`, keeping only live entries of `version`. A missing
-    /// file is normal; a damaged one is reported (warning, `load_error`) and ignored.
-    pub async fn load(&self, memory: &MemoryStore, keys: &Keyspace, version: &str) {
+    /// file is normal; a damaged one is reported (warning, `load_error`) and ignored. Returns
+    /// whether other instances were known when it was written.
+    pub async fn load(&self, memory: &MemoryStore, keys: &Keyspace, version: &str) -> bool {
         let path = self.path.clone();
         let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
         let raw = match read {
             Ok(Ok(raw)) => raw,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return false,
             Ok(Err(e)) => return self.load_failed(e.to_string()),
             Err(e) => return self.load_failed(e.to_string()),
         };
@@ -183,6 +191,7 @@ impl Snapshotter {
             Ok(c) => c,
             Err(e) => return self.load_failed(e),
         };
+        let others_known = contents.others_known;
         let now = crate::domain::policy::now_ms();
         let before = contents.entries.len();
         contents.entries.retain(|(key, expires_at, _)| {
@@ -197,18 +206,21 @@ impl Snapshotter {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         status.loaded_entries = loaded;
         status.dropped_entries = dropped;
+        others_known
     }
 
-    fn load_failed(&self, reason: String) {
+    fn load_failed(&self, reason: String) -> bool {
         tracing::warn!(path = %self.path.display(), reason = %reason, "memory snapshot unusable; starting with an empty memory tier");
         self.status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .load_error = Some(reason);
+        false
     }
 
-    /// Writes a snapshot if enough changed since the last one (or `force` and anything did).
-    pub async fn maybe_write(&self, memory: &MemoryStore, force: bool) {
+    /// Writes a snapshot if enough changed since the last one (or `force` and anything did),
+    /// recording whether other instances are known (`others_known`).
+    pub async fn maybe_write(&self, memory: &MemoryStore, force: bool, others_known: bool) {
         let changes = memory.changes();
         let pending = changes.saturating_sub(self.written_at_changes.load(Ordering::Relaxed));
         if pending == 0 {
@@ -222,7 +234,8 @@ impl Snapshotter {
         if !(force || pending >= self.every_changes || elapsed >= self.interval) {
             return;
         }
-        let contents = memory.export();
+        let mut contents = memory.export();
+        contents.others_known = others_known;
         let count = contents.entries.len();
         let path = self.path.clone();
         let result =
@@ -280,6 +293,7 @@ mod tests {
         let contents = MemoryContents {
             entries: vec![("p:v1:model:metrics:1".into(), 99, entry(b"{\"a\":1}"))],
             gens: vec![("p:_gen:v1:run:1".into(), 3)],
+            others_known: true,
         };
         let raw = encode(&contents);
         assert_eq!(decode(&raw).expect("decodes"), contents);
@@ -302,6 +316,7 @@ mod tests {
                 ("p:v2:model:metrics:3".into(), 1, entry(b"3")),
             ],
             gens: vec![],
+            others_known: false,
         };
         write_atomically(&path, &encode(&contents)).expect("write");
         let memory = MemoryStore::new(1 << 20, Keyspace::new("p"));

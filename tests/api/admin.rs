@@ -98,6 +98,23 @@ async fn stats_count_requests_per_view_and_report_redis() {
 }
 
 #[tokio::test]
+async fn the_key_count_is_pending_until_a_scan_has_finished() {
+    let redis = TestRedis::start().await;
+    let app = spawn_app(Some(&redis)).await;
+    app.metrics("1").await;
+    // Redis hangs before any count: the figure says it is not known, not that there are none.
+    redis.pause();
+    let s = app.stats().await;
+    redis.resume();
+    assert_eq!(s["backend"], "redis", "admin calls never open the circuit");
+    assert_eq!(s["stats"]["keys_method"], "pending");
+    assert_eq!(s["stats"]["keys"], 0);
+    let s = app.stats().await;
+    assert_eq!(s["stats"]["keys_method"], "scan");
+    assert_eq!(s["stats"]["keys"], 1);
+}
+
+#[tokio::test]
 async fn clear_by_glob_counts_and_never_touches_other_keys() {
     let redis = TestRedis::start().await;
     let app = spawn_app(Some(&redis)).await;

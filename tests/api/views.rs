@@ -299,12 +299,27 @@ async fn origin_4xx_pass_through_unchanged_and_are_not_cached() {
 
 #[tokio::test]
 async fn origin_404_is_cached_briefly_when_configured() {
-    let app = spawn_app_with(None, |s| s.cache.not_found_ttl = 30).await;
+    let app = spawn_app_with(None, |s| {
+        s.cache.not_found_ttl = 30;
+        s.auth.frontend = "none".into();
+    })
+    .await;
     assert_eq!(header(&app.metrics("missing").await, "x-cache"), "MISS");
     let again = app.metrics("missing").await;
     assert_eq!(again.status(), 404);
     assert_eq!(header(&again, "x-cache"), "HIT");
     assert_eq!(app.origin.calls("/api/v1/models/train/missing/metrics"), 1);
+
+    // With access control only a 2xx accepts a credential: a 404 may be the origin hiding
+    // the run from this caller, so the cached one goes to no one.
+    let guarded = spawn_app_with(None, |s| s.cache.not_found_ttl = 30).await;
+    for _ in 0..2 {
+        let resp = guarded.metrics("missing").await;
+        assert_eq!(
+            (resp.status().as_u16(), header(&resp, "x-cache")),
+            (404, "MISS")
+        );
+    }
 }
 
 #[tokio::test]

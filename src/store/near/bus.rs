@@ -43,8 +43,31 @@ struct Message {
 
 #[derive(Default)]
 struct Pending {
-    acked: AtomicU64,
+    /// The instances that confirmed.
+    acked: Mutex<Vec<String>>,
     notify: Notify,
+}
+
+/// Forgets a pending publication however its wait ends (a request cancelled while waiting
+/// for confirmations included).
+struct Forget<'a> {
+    bus: &'a Bus,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.bus.pending().remove(&self.id);
+    }
+}
+
+/// Who confirmed a publication.
+#[derive(Debug, Clone, Default)]
+pub struct Confirmed {
+    /// Whether every instance the message reached confirmed it.
+    pub all: bool,
+    /// The instances that confirmed (ids).
+    pub by: Vec<String>,
 }
 
 /// This instance's end of the bus.
@@ -69,10 +92,10 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// The bus of the service under `prefix`. `ack_timeout` bounds the wait for
-    /// confirmations; `retry` is the delay between subscription attempts.
-    pub fn new(prefix: &str, ack_timeout: Duration, retry: Duration) -> Self {
-        let instance = uuid::Uuid::new_v4().simple().to_string();
+    /// The bus of the service under `prefix`, for the instance `instance` (its id in the
+    /// registry of instances too). `ack_timeout` bounds the wait for confirmations; `retry` is
+    /// the delay between subscription attempts.
+    pub fn new(prefix: &str, instance: String, ack_timeout: Duration, retry: Duration) -> Self {
         let ack_prefix = format!("{prefix}:_l1:ack:");
         Self {
             channel: format!("{prefix}:_l1:invalidate"),
@@ -91,11 +114,13 @@ impl Bus {
     }
 
     /// Publishes `op` and waits until every subscribed instance confirmed it dropped its
-    /// copies, or `l1.ack_timeout_ms` passed. Returns whether every confirmation came.
-    pub async fn publish(&self, store: &FallbackStore, near: &NearCache, op: NearOp) -> bool {
+    /// copies, or `l1.ack_timeout_ms` passed. Returns who confirmed.
+    pub async fn publish(&self, store: &FallbackStore, near: &NearCache, op: NearOp) -> Confirmed {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let waiter = Arc::new(Pending::default());
         self.pending().insert(id, waiter.clone());
+        let _forget = Forget { bus: self, id };
+        let count = |w: &Pending| w.acked.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
         let payload = serde_json::to_string(&Message {
             from: self.instance.clone(),
             id,
@@ -107,7 +132,7 @@ impl Bus {
                 let wait = async {
                     loop {
                         let notified = waiter.notify.notified();
-                        if waiter.acked.load(Ordering::SeqCst) >= receivers {
+                        if count(&waiter) >= receivers {
                             return;
                         }
                         notified.await;
@@ -120,20 +145,28 @@ impl Bus {
                 false
             }
         };
-        self.pending().remove(&id);
         if !confirmed {
             near.ack_timed_out();
         }
-        confirmed
+        let by = waiter
+            .acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Confirmed { all: confirmed, by }
     }
 
     fn handle(&self, near: &NearCache, store: &Arc<FallbackStore>, channel: &str, payload: &[u8]) {
         if channel == self.ack_channel {
-            let id = std::str::from_utf8(payload)
+            // `{id}|{instance}`: which publication, confirmed by whom.
+            let ack = std::str::from_utf8(payload)
                 .ok()
-                .and_then(|s| s.parse::<u64>().ok());
-            if let Some(p) = id.and_then(|id| self.pending().get(&id).cloned()) {
-                p.acked.fetch_add(1, Ordering::SeqCst);
+                .and_then(|s| s.split_once('|'))
+                .and_then(|(id, by)| Some((id.parse::<u64>().ok()?, by.to_owned())));
+            if let Some((id, by)) = ack
+                && let Some(p) = self.pending().get(&id).cloned()
+            {
+                p.acked.lock().unwrap_or_else(|e| e.into_inner()).push(by);
                 p.notify.notify_one();
             }
             return;
@@ -147,20 +180,19 @@ impl Bus {
             match &msg.op {
                 NearOp::Op(op) => {
                     near.apply(op);
-                    // Should Redis come back from an older snapshot, this is replayed too.
-                    store.remember(op);
+                    // An instance serving from memory meanwhile drops its copies too.
+                    store.heard(op);
                 }
                 NearOp::Flush => near.flush(),
             }
         }
         let store = store.clone();
         let ack_channel = format!("{}{}", self.ack_prefix, msg.from);
+        let ack = format!("{}|{}", msg.id, self.instance);
+        // Not awaited here: the subscription loop must keep reading while the confirmation
+        // goes out (a single PUBLISH, bounded by the command time-out).
         tokio::spawn(async move {
-            if let Err(e) = store
-                .redis()
-                .publish(&ack_channel, &msg.id.to_string())
-                .await
-            {
+            if let Err(e) = store.redis().publish(&ack_channel, &ack).await {
                 tracing::debug!(error = %e, "near-cache confirmation not sent");
             }
         });

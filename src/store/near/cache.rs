@@ -40,10 +40,22 @@ pub struct NearSlot {
     pub validated: ArcSwapOption<(Credential, Instant)>,
     /// Physical keys of the counters it depends on (view, runs, clear sequence).
     deps: Vec<String>,
+    /// The tiered store's serving epoch when it was read (see `NearStore::peek`).
+    pub(super) serving: u64,
     /// When it stops being served.
     expires_at: Instant,
     /// Bytes it holds (approximate), for the `l1.max_bytes` bound.
     weight: u64,
+}
+
+/// What a copy read from Redis is checked against before it is kept: the near cache's epoch
+/// and the tiered store's serving epoch, both read before the Redis read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadMark {
+    /// [`NearCache::epoch`].
+    pub epoch: u64,
+    /// The tiered store's serving epoch.
+    pub serving: u64,
 }
 
 /// Near-cache figures for `/cache/stats`.
@@ -147,7 +159,7 @@ impl NearCache {
     }
 
     /// Keeps `entry` (read from Redis and servable under `deps`, fresh for `fresh_for` more,
-    /// its reads counted on `hits`) unless an invalidation happened since `epoch_before` was
+    /// its reads counted on `hits`) unless an invalidation happened since `mark` was
     /// read.
     pub fn insert(
         &self,
@@ -156,8 +168,9 @@ impl NearCache {
         deps: &Deps,
         hits: Arc<AtomicU32>,
         fresh_for: Duration,
-        epoch_before: u64,
+        mark: ReadMark,
     ) {
+        let epoch_before = mark.epoch;
         let life = fresh_for.min(self.jittered_lifetime(key));
         if life.is_zero() || !self.is_live() || self.epoch() != epoch_before {
             return;
@@ -182,6 +195,7 @@ impl NearCache {
                 .cloned()
                 .chain(std::iter::once(deps.clears_key().to_owned()))
                 .collect(),
+            serving: mark.serving,
             expires_at,
             weight,
         };
@@ -352,6 +366,10 @@ mod tests {
         )
     }
 
+    fn mark(epoch: u64) -> ReadMark {
+        ReadMark { epoch, serving: 0 }
+    }
+
     fn live() -> NearCache {
         let near = NearCache::new(1 << 20, Duration::from_secs(60));
         near.set_live(true);
@@ -361,7 +379,14 @@ mod tests {
     /// Keeps an untagged entry of run 0 under `key`, fresh for 10 s, read at `epoch`.
     fn keep(near: &NearCache, key: &str, epoch: u64) {
         let fresh = Duration::from_secs(10);
-        near.insert(key, &entry(&[]), &deps("0"), Arc::default(), fresh, epoch);
+        near.insert(
+            key,
+            &entry(&[]),
+            &deps("0"),
+            Arc::default(),
+            fresh,
+            mark(epoch),
+        );
     }
 
     #[test]
@@ -393,7 +418,14 @@ mod tests {
         let e = near.epoch();
         let put = |key: &str, tag: &str, run: &str| {
             let fresh = Duration::from_secs(10);
-            near.insert(key, &entry(&[tag]), &deps(run), Arc::default(), fresh, e);
+            near.insert(
+                key,
+                &entry(&[tag]),
+                &deps(run),
+                Arc::default(),
+                fresh,
+                mark(e),
+            );
         };
         put("p:v1:a", "tag:1", "1");
         put("p:v1:b", "tag:2", "2");
@@ -446,7 +478,7 @@ mod tests {
             &deps("0"),
             Arc::default(),
             Duration::ZERO,
-            e,
+            mark(e),
         );
         assert!(near.get("capped").is_some());
         assert!(

@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use cache::{NearCache, NearCounts, NearSlot};
+pub use cache::{NearCache, NearCounts, NearSlot, ReadMark};
 
 use self::bus::{Bus, NearOp};
 use super::counters::ReadCounters;
 use super::tiered::{Applied, FallbackStore};
 use super::{
-    CacheEntry, Deps, FetchLock, Invalidation, Lookup, Shared, Source, Stamp, Store, StoreError,
-    Tier,
+    CacheEntry, Deps, FetchLock, Invalidation, Lock, Lookup, Shared, Source, Stamp, Store,
+    StoreError, Tier,
 };
 use crate::domain::policy::now_ms;
 
@@ -86,22 +86,32 @@ impl NearStore {
         probe.serving_redis
     }
 
-    /// Applies an invalidation another instance sent while it could not reach Redis.
+    /// Applies an invalidation another instance sent directly (it could not reach Redis, or
+    /// this instance did not confirm it on the bus). The sender tells every instance itself,
+    /// so it is not published again.
     pub async fn apply_from_peer(&self, inv: &Invalidation) -> Result<u64, StoreError> {
         let result = self.inner.apply_from_peer(inv).await;
-        self.after(inv, &result).await;
+        if let Some(near) = &self.near {
+            near.cache.apply(inv);
+        }
         result.map(|(n, _)| n)
     }
 
     /// Drops this instance's copies of what `inv` names and, if Redis took it, every other
-    /// instance's (publishing it and waiting, bounded, until they confirm).
+    /// instance's: it is published, and the instances that did not confirm in time (or all,
+    /// when publishing failed) are sent it directly before the invalidation is acknowledged.
     async fn after(&self, inv: &Invalidation, result: &Result<(u64, Applied), StoreError>) {
-        if let Some(near) = &self.near {
-            near.cache.apply(inv);
-            if let Ok((_, Applied::Redis)) = result {
-                near.bus
-                    .publish(&self.inner, &near.cache, NearOp::Op(inv.clone()))
-                    .await;
+        let Some(near) = &self.near else {
+            return;
+        };
+        near.cache.apply(inv);
+        if let Ok((_, Applied::Redis)) = result {
+            let confirmed = near
+                .bus
+                .publish(&self.inner, &near.cache, NearOp::Op(inv.clone()))
+                .await;
+            if !confirmed.all {
+                self.inner.peers().tell_all_but(inv, &confirmed.by).await;
             }
         }
     }
@@ -124,7 +134,9 @@ impl Store for NearStore {
 
     fn peek(&self, key: &str) -> Option<Arc<NearSlot>> {
         let slot = self.near.as_ref()?.cache.get(key)?;
-        (slot.entry.stamp.source() == self.inner.source()).then_some(slot)
+        let current = slot.entry.stamp.source() == self.inner.source()
+            && slot.serving == self.inner.serving_epoch();
+        current.then_some(slot)
     }
 
     fn copy_served(&self, lane: bool) {
@@ -134,7 +146,10 @@ impl Store for NearStore {
     }
 
     async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
-        let epoch = self.near.as_ref().map_or(0, |n| n.cache.epoch());
+        let mark = ReadMark {
+            epoch: self.near.as_ref().map_or(0, |n| n.cache.epoch()),
+            serving: self.inner.serving_epoch(),
+        };
         let lookup = self.inner.get(key, deps).await?;
         if let Some(near) = &self.near
             && lookup.current.source().tier == Tier::Redis
@@ -145,7 +160,7 @@ impl Store for NearStore {
         {
             let fresh_for = Duration::from_millis(entry.fresh_until_ms().saturating_sub(now_ms()));
             let hits = self.counters.of(key);
-            near.cache.insert(key, entry, deps, hits, fresh_for, epoch);
+            near.cache.insert(key, entry, deps, hits, fresh_for, mark);
         }
         Ok(lookup)
     }
@@ -191,7 +206,7 @@ impl Store for NearStore {
 
 #[async_trait]
 impl FetchLock for NearStore {
-    async fn try_lock(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, StoreError> {
+    async fn try_lock(&self, key: &str, token: &str, ttl: Duration) -> Result<Lock, StoreError> {
         self.inner.try_lock(key, token, ttl).await
     }
 

@@ -151,7 +151,12 @@ impl Link {
         };
         let restarted = {
             let mut known = self.run_id.lock().unwrap_or_else(|e| e.into_inner());
-            let restarted = known.as_ref().is_some_and(|k| *k != run_id);
+            // A new process; or, on this runcache process's first connection, a marker of
+            // another process: Redis came back from a snapshot while nobody watched.
+            let restarted = match known.as_ref() {
+                Some(k) => *k != run_id,
+                None => !fresh,
+            };
             *known = Some(run_id);
             restarted
         };
@@ -171,6 +176,25 @@ impl Link {
         });
         self.current.store(Some(c.clone()));
         Ok(c)
+    }
+
+    /// Writes this process's `run_id` into the marker (after a restored Redis has been made
+    /// safe: it is this keyspace's own from now on).
+    pub(crate) async fn claim_marker(&self) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        let run_id = self
+            .run_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        let mut conn = c.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&self.marker_key).arg(run_id);
+        match tokio::time::timeout(self.connect_timeout, cmd.query_async::<()>(&mut conn)).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(StoreError::Unavailable("redis command timed out".into())),
+        }
     }
 
     /// Forgets `c` after a connection-level error, so the next command reconnects.

@@ -136,6 +136,11 @@ impl RedisStore {
         }
     }
 
+    /// Claims the keyspace marker for the Redis process connected to (see [`link`]).
+    pub async fn claim_marker(&self) -> Result<(), StoreError> {
+        self.link.claim_marker().await
+    }
+
     /// The latest restart of Redis seen, with its incarnation.
     pub fn last_restart(&self) -> Option<(u64, Restart)> {
         self.link.last_restart()
@@ -185,13 +190,14 @@ impl RedisStore {
             .await
     }
 
+    /// An admin connection. Its failures are [`StoreError::Busy`], whatever their cause: the
+    /// request path's own connection decides whether Redis is down.
     async fn admin_conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
         self.pool.get().await.map_err(|e| match e {
-            // All admin connections busy: admin capacity, not Redis, is the problem.
             deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
                 StoreError::Busy("every admin connection to redis is in use".into())
             }
-            other => StoreError::Unavailable(format!("redis pool: {other}")),
+            other => StoreError::Busy(format!("redis pool: {other}")),
         })
     }
 
@@ -314,7 +320,7 @@ impl RedisStore {
                 .arg(self.scan_batch)
                 .query_async(&mut *conn)
                 .await
-                .map_err(classify)?;
+                .map_err(|e| StoreError::Busy(e.to_string()))?;
             if !keys.is_empty() {
                 total += each(keys).await?;
             }
@@ -358,7 +364,7 @@ impl RedisStore {
             .arg("stats")
             .query_async(&mut *conn)
             .await
-            .map_err(classify)?;
+            .map_err(|e| StoreError::Busy(e.to_string()))?;
         let field = |name: &str| -> u64 {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))

@@ -23,6 +23,8 @@ pub struct CircuitOptions {
 #[derive(Debug)]
 pub struct Circuit {
     open: AtomicBool,
+    /// Opens and closes so far: what near-cache copies are tied to.
+    transitions: AtomicU64,
     streak: AtomicU32,
     streak_started: Mutex<Option<Instant>>,
     opened: AtomicU64,
@@ -37,6 +39,7 @@ impl Circuit {
         gauge.set(1.0);
         Self {
             open: AtomicBool::new(true),
+            transitions: AtomicU64::new(0),
             streak: AtomicU32::new(0),
             streak_started: Mutex::new(None),
             opened: AtomicU64::new(0),
@@ -48,6 +51,11 @@ impl Circuit {
     /// Whether reads and writes go to memory.
     pub fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Opens and closes so far.
+    pub fn transitions(&self) -> u64 {
+        self.transitions.load(Ordering::Acquire)
     }
 
     /// Times it opened.
@@ -89,6 +97,7 @@ impl Circuit {
         if self.open.swap(true, Ordering::AcqRel) {
             return false;
         }
+        self.transitions.fetch_add(1, Ordering::AcqRel);
         self.gauge.set(1.0);
         self.opened.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::CACHE_FALLBACK_TOTAL).increment(1);
@@ -99,6 +108,7 @@ impl Circuit {
     /// Closes (the probe found Redis, and the journal is replayed).
     pub fn close(&self) {
         self.success();
+        self.transitions.fetch_add(1, Ordering::AcqRel);
         self.open.store(false, Ordering::Release);
         self.gauge.set(0.0);
     }

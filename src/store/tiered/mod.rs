@@ -5,8 +5,6 @@
 //!   operation journaled before Redis came back has been applied.
 //! - [`journal`]: invalidations made while Redis is unusable, durable, replayed before Redis
 //!   serves again; file I/O on a writer thread of its own.
-//! - [`recent`]: what was applied to Redis lately, replayed to a Redis that came back from an
-//!   older snapshot.
 //! - [`peers`]: the other instances, told directly of invalidations made during an outage.
 //!
 //! While the circuit is closed the memory tier holds nothing: entries are written to memory
@@ -15,7 +13,6 @@
 pub mod circuit;
 pub mod journal;
 pub mod peers;
-pub mod recent;
 mod recovery;
 mod shared;
 
@@ -24,13 +21,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use secrecy::SecretString;
 use serde::Serialize;
 
 use self::circuit::{Circuit, CircuitOptions};
 use self::journal::{Appended, Journal, durable};
 use self::peers::Peers;
-use self::recent::Recent;
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
 use super::{
@@ -49,12 +44,8 @@ pub struct TieredOptions {
     pub journal_max_ops: usize,
     /// When the circuit opens.
     pub circuit: CircuitOptions,
-    /// How far back invalidations are replayed to a Redis restored from a snapshot.
-    pub rollback_window: Duration,
     /// Oldest entry served from memory while other instances are known.
     pub degraded_max_age: Duration,
-    /// Time-out of one direct invalidation sent to another instance.
-    pub peer_timeout: Duration,
 }
 
 /// Where an invalidation was applied.
@@ -99,7 +90,8 @@ pub struct KeyCount {
     /// Entries of the current version.
     pub keys: u64,
     /// `scan`: counted by a SCAN of Redis, at most once per 10 s whatever the number of
-    /// callers (`age_ms` old); `memory`: counted now in the memory tier.
+    /// callers (`age_ms` old); `memory`: counted now in the memory tier; `pending`: no SCAN
+    /// of this version has finished yet (`keys` is 0 and means nothing).
     pub method: &'static str,
     /// Milliseconds since it was counted.
     pub age_ms: u64,
@@ -158,23 +150,27 @@ pub struct FallbackStore {
     /// The incarnation a recovery was last prepared for (so it is prepared once).
     recovering: AtomicU64,
     restarts: AtomicU64,
-    recent: Recent,
+    /// The incarnation whose marker and version were claimed after its recovery.
+    claimed: AtomicU64,
+    /// When this process's store was built, in Unix milliseconds.
+    started_ms: u64,
     peers: Peers,
     degraded_max_age: Duration,
-    key_counted: std::sync::Mutex<Option<(u64, Instant)>>,
+    /// The last SCAN count: version, entries, when.
+    key_counted: std::sync::Mutex<Option<(String, u64, Instant)>>,
     counting: tokio::sync::Mutex<()>,
     calls: Calls,
 }
 
 impl FallbackStore {
     /// Both tiers; the circuit starts open until [`FallbackStore::probe`] finds Redis.
-    /// `token` authenticates direct invalidations to other instances.
+    /// `peers` are the other instances, told directly of invalidations during an outage.
     pub fn new(
         redis: RedisStore,
         memory: MemoryStore,
         keys: Keyspace,
         version: Arc<KeyVersion>,
-        token: Arc<SecretString>,
+        peers: Peers,
         opts: TieredOptions,
     ) -> Self {
         Self {
@@ -188,8 +184,9 @@ impl FallbackStore {
             accepted: AtomicU64::new(0),
             recovering: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
-            recent: Recent::new(opts.rollback_window),
-            peers: Peers::new(token, opts.peer_timeout),
+            claimed: AtomicU64::new(0),
+            started_ms: now_ms(),
+            peers,
             degraded_max_age: opts.degraded_max_age,
             key_counted: std::sync::Mutex::new(None),
             counting: tokio::sync::Mutex::new(()),
@@ -231,6 +228,13 @@ impl FallbackStore {
                 incarnation: self.accepted.load(Ordering::Acquire),
             }
         }
+    }
+
+    /// Changes every time the circuit opens or closes: a near-cache copy read before the
+    /// last change is never served (while Redis was unusable, invalidations may have missed
+    /// it).
+    pub fn serving_epoch(&self) -> u64 {
+        self.circuit.transitions()
     }
 
     /// Operations and errors per tier.
@@ -294,16 +298,22 @@ impl FallbackStore {
         self.circuit.is_open()
     }
 
-    /// Drops entries older than `memory.degraded_max_age_ms` while serving from memory with
-    /// other instances known: an invalidation they could not send is late by at most that.
+    /// Drops entries whose data is older than `memory.degraded_max_age_ms` while serving from
+    /// memory with other instances known: an invalidation they could not send is late by at
+    /// most that. Age counts from when the entry's stamp was read, before its fetch began.
+    /// Until this process has read the registry, entries from before it started (a snapshot
+    /// written while others were known) are held to the bound too.
     fn degraded(&self, mut lookup: Lookup) -> Lookup {
-        if self.peers.any() {
-            let max_age = u64::try_from(self.degraded_max_age.as_millis()).unwrap_or(u64::MAX);
-            let now = now_ms();
-            lookup.entry = lookup
-                .entry
-                .filter(|e| now.saturating_sub(e.stored_at_ms) <= max_age);
-        }
+        let max_age = u64::try_from(self.degraded_max_age.as_millis()).unwrap_or(u64::MAX);
+        let now = now_ms();
+        let bounded = |e: &CacheEntry| {
+            let read_at = e.stamp.read_at_ms();
+            self.peers.any()
+                || (!self.peers.ever_read() && self.peers.assumed() && read_at < self.started_ms)
+        };
+        lookup.entry = lookup
+            .entry
+            .filter(|e| !bounded(e) || now.saturating_sub(e.stamp.read_at_ms()) <= max_age);
         lookup
     }
 
@@ -413,6 +423,14 @@ impl FallbackStore {
         self.apply(inv, true).await
     }
 
+    /// An invalidation another instance applied to Redis, heard on the bus: while this one
+    /// serves from memory, its memory tier drops what it names too.
+    pub fn heard(&self, inv: &Invalidation) {
+        if self.circuit.is_open() {
+            self.memory.apply(inv);
+        }
+    }
+
     /// Applies an invalidation another instance made while it could not reach Redis: as
     /// [`FallbackStore::invalidate`], but without telling the others again. Journaled here
     /// too when Redis is unusable from here: this instance must not serve from Redis again
@@ -428,7 +446,6 @@ impl FallbackStore {
                 match self.redis.apply(inv).await {
                     Ok(n) => {
                         self.circuit.success();
-                        self.recent.push(inv);
                         return Ok((n, Applied::Redis));
                     }
                     Err(e) if e.is_unavailable() => {
@@ -461,12 +478,6 @@ impl FallbackStore {
         Err(StoreError::Unavailable(
             "redis kept flapping during an invalidation".into(),
         ))
-    }
-
-    /// Remembers an invalidation another instance applied to Redis (heard on the bus), for a
-    /// Redis that comes back from a snapshot.
-    pub fn remember(&self, inv: &Invalidation) {
-        self.recent.push(inv);
     }
 }
 

@@ -8,6 +8,7 @@
 //! most that.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,9 +40,15 @@ pub struct PeerMessage {
 pub struct Peers {
     id: String,
     url: ArcSwapOption<String>,
-    others: ArcSwap<Vec<String>>,
-    /// When each other instance was last read from the registry.
-    seen: Mutex<HashMap<String, Instant>>,
+    /// The others, `(id, url)`.
+    others: ArcSwap<Vec<(String, String)>>,
+    /// Each other instance's URL and when it was last read from the registry, by id.
+    seen: Mutex<HashMap<String, (String, Instant)>>,
+    /// Whether the registry has been read at all by this process.
+    read: AtomicBool,
+    /// Whether, before this process read the registry, others are to be assumed (a
+    /// snapshot written while others were known).
+    assumed: AtomicBool,
     token: Arc<SecretString>,
     client: reqwest::Client,
 }
@@ -58,21 +65,22 @@ impl std::fmt::Debug for Peers {
 impl Peers {
     /// Peers of an instance that authenticates to them with `token` (every instance of a
     /// deployment shares `admin.token`) and waits at most `timeout` per attempt.
-    pub fn new(token: Arc<SecretString>, timeout: Duration) -> Self {
+    pub fn new(token: Arc<SecretString>, timeout: Duration) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Self {
+            .build()?;
+        Ok(Self {
             id: uuid::Uuid::new_v4().simple().to_string(),
             url: ArcSwapOption::empty(),
             others: ArcSwap::from_pointee(Vec::new()),
             seen: Mutex::default(),
+            read: AtomicBool::new(false),
+            assumed: AtomicBool::new(false),
             token,
             client,
-        }
+        })
     }
 
     /// This instance's id.
@@ -99,17 +107,38 @@ impl Peers {
     /// momentarily short (a Redis restarted empty, before everyone registered again) does not
     /// make this instance forget whom to tell.
     pub fn set_members(&self, members: Vec<String>) {
+        self.read.store(true, Ordering::Release);
         let now = Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         for (id, url) in members.iter().filter_map(|m| m.split_once('|')) {
             if id != self.id {
-                seen.insert(url.to_owned(), now);
+                seen.insert(id.to_owned(), (url.to_owned(), now));
             }
         }
-        seen.retain(|_, at| now.duration_since(*at) <= SEEN_WINDOW);
-        let mut urls: Vec<String> = seen.keys().cloned().collect();
-        urls.sort();
-        self.others.store(Arc::new(urls));
+        seen.retain(|_, (_, at)| now.duration_since(*at) <= SEEN_WINDOW);
+        let mut others: Vec<(String, String)> = seen
+            .iter()
+            .map(|(id, (url, _))| (id.clone(), url.clone()))
+            .collect();
+        others.sort();
+        self.others.store(Arc::new(others));
+    }
+
+    /// Whether this process has read the registry at least once (the others are then what
+    /// it says).
+    pub fn ever_read(&self) -> bool {
+        self.read.load(Ordering::Acquire)
+    }
+
+    /// Assume others until the registry is read (the snapshot loaded was written while they
+    /// were known).
+    pub fn assume_others(&self) {
+        self.assumed.store(true, Ordering::Release);
+    }
+
+    /// Whether others are assumed until the registry is read.
+    pub fn assumed(&self) -> bool {
+        self.assumed.load(Ordering::Acquire)
     }
 
     /// Whether other instances are known.
@@ -124,7 +153,19 @@ impl Peers {
 
     /// Sends `inv` to every known instance, concurrently; returns how many confirmed.
     pub async fn tell(&self, inv: &Invalidation) -> usize {
-        let others = self.others.load_full();
+        self.tell_all_but(inv, &[]).await
+    }
+
+    /// Sends `inv` to every known instance whose id is not in `confirmed`, concurrently;
+    /// returns how many confirmed.
+    pub async fn tell_all_but(&self, inv: &Invalidation, confirmed: &[String]) -> usize {
+        let others: Vec<(String, String)> = self
+            .others
+            .load()
+            .iter()
+            .filter(|(id, _)| !confirmed.contains(id))
+            .cloned()
+            .collect();
         if others.is_empty() {
             return 0;
         }
@@ -133,7 +174,9 @@ impl Peers {
             invalidation: inv.clone(),
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&message).unwrap_or_default());
-        let sends = others.iter().map(|url| self.tell_one(url, body.clone()));
+        let sends = others
+            .iter()
+            .map(|(_, url)| self.tell_one(url, body.clone()));
         let confirmed = futures_util::future::join_all(sends)
             .await
             .into_iter()
@@ -143,7 +186,7 @@ impl Peers {
             tracing::warn!(
                 confirmed,
                 known = others.len(),
-                "an invalidation made while redis is unreachable did not reach every instance; they serve nothing older than memory.degraded_max_age_ms"
+                "an invalidation did not reach every instance directly; their copies go within memory.degraded_max_age_ms or l1.max_lifetime_ms"
             );
         }
         confirmed
@@ -185,7 +228,8 @@ mod tests {
         let peers = Peers::new(
             Arc::new(SecretString::from("t")),
             Duration::from_millis(100),
-        );
+        )
+        .expect("client");
         peers.advertise("http://127.0.0.1:1/".into());
         let me = peers.member().expect("member");
         assert!(me.ends_with("|http://127.0.0.1:1"));

@@ -1,5 +1,13 @@
 //! Recovery: the probe that brings the circuit back to Redis (one at a time, closing only
-//! once the journal is replayed), and what a restarted Redis must get again before it serves.
+//! once the journal is replayed), and what a restarted Redis must get before it serves.
+//!
+//! A Redis that came back empty is taken at once: nothing stale can be in it, and no stamp of
+//! the process before it validates anything in it. One that came back from a snapshot (or a
+//! replica promoted in its place) holds entries and counters from before invalidations it had
+//! applied, and which of them it lost cannot be known: every entry is invalidated (and the
+//! fetch locks that came back with nobody holding them purged) before it serves, the keyspace
+//! marker is claimed for the new process, and the key version this instance uses is written
+//! back. A cold cache is safe; a revived entry is not.
 
 use std::sync::atomic::Ordering;
 
@@ -8,10 +16,8 @@ use crate::store::Invalidation;
 use crate::store::redis::link::Restart;
 
 impl FallbackStore {
-    /// Whether a reply from Redis incarnation `incarnation` may be used. A Redis restarted
-    /// empty is taken at once (nothing stale can be in it, and no stamp of the old one
-    /// validates in it); one restored from a snapshot first gets the recent invalidations
-    /// again (the circuit opens, and the probe replays them).
+    /// Whether a reply from Redis incarnation `incarnation` may be used: the one accepted, or
+    /// a Redis restarted empty. A restored one opens the circuit, and the probe recovers it.
     pub(super) fn usable(&self, incarnation: u64) -> bool {
         if incarnation == self.accepted.load(Ordering::Acquire) {
             return true;
@@ -32,8 +38,8 @@ impl FallbackStore {
         }
     }
 
-    /// Puts what a Redis restored from a snapshot may have lost in front of the journal,
-    /// once per incarnation.
+    /// Puts the recovery of a Redis restored from a snapshot in front of the journal, once per
+    /// incarnation.
     pub(super) fn prepare_recovery(&self, incarnation: u64) {
         if incarnation == self.accepted.load(Ordering::Acquire)
             || self.recovering.swap(incarnation, Ordering::AcqRel) == incarnation
@@ -46,28 +52,36 @@ impl FallbackStore {
         if !restored {
             return;
         }
-        // Fetch locks came back too, with nobody holding them: waiters would poll them out.
+        tracing::warn!(
+            "redis came back from a snapshot: invalidating every entry before it serves"
+        );
         let locks = Invalidation {
             matching: vec![self.keys.lock_pattern()],
             ..Invalidation::default()
         };
-        let mut ops = match self.recent.replay() {
-            Some(ops) => {
-                tracing::warn!(
-                    count = ops.len(),
-                    "redis came back from a snapshot; replaying the invalidations of redis.rollback_window_secs before it serves"
-                );
-                ops
-            }
-            None => {
-                tracing::warn!(
-                    "redis came back from a snapshot older than this instance can vouch for; invalidating every entry before it serves"
-                );
-                vec![self.everything()]
-            }
+        self.journal.prepend(vec![locks, self.everything()]);
+    }
+
+    /// Once a restored Redis has been recovered: the marker names the new process (so no
+    /// other instance takes it for a snapshot again), and the version is this instance's.
+    async fn claim(&self, incarnation: u64) -> Result<(), crate::store::StoreError> {
+        if self.recovering.load(Ordering::Acquire) != incarnation
+            || self.claimed.swap(incarnation, Ordering::AcqRel) == incarnation
+        {
+            return Ok(());
+        }
+        let claimed = async {
+            self.redis.claim_marker().await?;
+            self.redis
+                .set_string(&self.keys.version_key(), &self.version.get(), false)
+                .await
+                .map(|_| ())
         };
-        ops.insert(0, locks);
-        self.journal.prepend(ops);
+        let result = claimed.await;
+        if result.is_err() {
+            self.claimed.store(0, Ordering::Release);
+        }
+        result
     }
 
     /// Checks Redis while the circuit is open (at most one probe at a time); when it answers,
@@ -99,6 +113,13 @@ impl FallbackStore {
             self.prepare_recovery(incarnation);
             let ops = self.journal.take();
             if ops.is_empty() {
+                if let Err(e) = self.claim(incarnation).await {
+                    tracing::warn!(error = %e, "cannot claim the restarted redis; the circuit stays open");
+                    return Probe {
+                        serving_redis: false,
+                        replayed,
+                    };
+                }
                 let closed = self.journal.close_if_empty(|| {
                     if self.redis.source().incarnation != incarnation {
                         return false;
@@ -133,7 +154,6 @@ impl FallbackStore {
                         replayed,
                     };
                 }
-                self.recent.push(op);
                 replayed += 1;
             }
             self.journal.compact();

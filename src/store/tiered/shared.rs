@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use super::peers::SEEN_WINDOW;
 use super::{FallbackStore, KeyCount, unreachable_redis};
-use crate::store::StoreError;
 use crate::store::redis::RedisInfo;
+use crate::store::{Lock, StoreError};
 
 impl FallbackStore {
     /// While Redis serves: registers this instance and reads who else is there.
@@ -48,15 +48,18 @@ impl FallbackStore {
         self.redis.delete_matching(pattern).await
     }
 
-    /// Takes the cross-instance fetch lock (`Unavailable` without Redis: nobody else can
-    /// hold it then).
+    /// Takes the cross-instance fetch lock (see [`crate::store::FetchLock`]).
     pub async fn try_lock(
         &self,
         key: &str,
         token: &str,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.on_redis(self.redis.try_lock(key, token, ttl)).await
+    ) -> Result<Lock, StoreError> {
+        if self.circuit.is_open() {
+            return Ok(Lock::Unshared);
+        }
+        let taken = self.on_redis(self.redis.try_lock(key, token, ttl)).await?;
+        Ok(if taken { Lock::Taken } else { Lock::Held })
     }
 
     /// Releases the fetch lock. Sent whatever the circuit says, and never counted against
@@ -76,6 +79,13 @@ impl FallbackStore {
         self.calls.redis();
         let result = call.await;
         match &result {
+            // A restarted Redis is not read (the version it holds may predate a switch) nor
+            // written until it has been made safe.
+            Ok(_) if !self.usable(self.redis.source().incarnation) => {
+                return Err(StoreError::Unavailable(
+                    "redis restarted; recovering".into(),
+                ));
+            }
             Ok(_) => self.circuit.success(),
             Err(e) => {
                 self.redis_failed(e);
@@ -96,12 +106,27 @@ impl FallbackStore {
                 age_ms: 0,
             };
         }
-        let cached = |c: Option<(u64, Instant)>| KeyCount {
-            keys: c.map_or(0, |(n, _)| n),
-            method: "scan",
-            age_ms: c.map_or(0, |(_, at)| at.elapsed().as_millis() as u64),
+        // A count of another version (before a switch) says nothing about this one.
+        let last = || {
+            self.key_counted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(v, _, _)| v == version)
+                .map(|&(_, n, at)| (n, at))
         };
-        let last = || *self.key_counted.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = |c: Option<(u64, Instant)>| match c {
+            Some((keys, at)) => KeyCount {
+                keys,
+                method: "scan",
+                age_ms: at.elapsed().as_millis() as u64,
+            },
+            None => KeyCount {
+                keys: 0,
+                method: "pending",
+                age_ms: 0,
+            },
+        };
         if let Some((_, at)) = last()
             && at.elapsed() < Duration::from_secs(10)
         {
@@ -112,7 +137,8 @@ impl FallbackStore {
             return cached(last());
         };
         if let Ok(n) = self.redis.count_matching(&pattern).await {
-            *self.key_counted.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, Instant::now()));
+            *self.key_counted.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((version.to_owned(), n, Instant::now()));
         }
         cached(last())
     }
