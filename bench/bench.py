@@ -292,6 +292,19 @@ def pattern_clear(cache_port, redis_port, keys):
             "redis_max_latency_ms": max(maxes) if maxes else None}
 
 
+def baseline_rows(miss, inv):
+    """The miss path and the invalidation against the earlier commit, when it was measured."""
+    if "baseline" not in miss:
+        return []
+    b = miss["baseline"]
+    rows = [f"| miss-path overhead p50, baseline commit | {b['overhead_p50_ms']:.2f} ms | | |"]
+    for size in ("small", "big"):
+        now, base = inv[size]["ms_p50"], inv[size]["baseline"]["ms_p50"]
+        rows.append(f"| invalidation, {inv['unrelated_' + size]:,} unrelated keys: now / "
+                    f"baseline | {now:.2f} / {base:.2f} ms ({now / base:.2f}) | | |")
+    return rows
+
+
 def median_of(rounds, key):
     return statistics.median(r[key] for r in rounds)
 
@@ -331,7 +344,8 @@ def main():
 def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     ports = {name: free_port() for name in
              ("origin", "origin_fast", "default", "redis_only", "memory", "miss", "nginx",
-              "nginx_stock", "ceiling", "dead_redis", "full_path", "baseline")}
+              "nginx_stock", "ceiling", "dead_redis", "full_path", "baseline",
+              "baseline_redis_only", "baseline_memory", "baseline_miss")}
     procs.start("origin", [str(BIN), "sample-origin", "--addr",
                            f"127.0.0.1:{ports['origin']}", "--delay-ms", str(ORIGIN_DELAY_MS)])
     procs.start("origin_fast", [str(BIN), "sample-origin", "--addr",
@@ -358,8 +372,10 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
         env.update(extra or {})
         # A binary reads config/default.toml from its working directory: the baseline's is
         # beside it (bench/run.sh copies it there), with the settings that binary knows.
-        cwd = ROOT if binary == BIN else Path(binary).resolve().parents[2]
-        p = procs.start(name, [str(binary)], env, cwd=cwd)
+        # (A relative program path would be looked up from that directory: resolve it first.)
+        exe = Path(binary).resolve()
+        cwd = ROOT if binary == BIN else exe.parents[2]
+        p = procs.start(name, [str(exe)], env, cwd=cwd)
         wait_http(f"http://127.0.0.1:{ports[name]}/health")
         return p
 
@@ -376,9 +392,20 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
                               {"RUNCACHE__CORS__ALLOWED_ORIGINS": "https://app.example"}),
     }
     if args.baseline:
+        # The same three modes and the miss path, from the earlier commit's binary.
+        base = Path(args.baseline)
         servers["baseline"] = runcache("baseline", "origin", redis_url,
-                                       {"RUNCACHE__CACHE__PREFIX": "baseline"},
-                                       binary=Path(args.baseline))
+                                       {"RUNCACHE__CACHE__PREFIX": "baseline"}, binary=base)
+        servers["baseline_redis_only"] = runcache(
+            "baseline_redis_only", "origin", redis_url,
+            {"RUNCACHE__CACHE__PREFIX": "baseline", "RUNCACHE__L1__ENABLED": "false"},
+            binary=base)
+        servers["baseline_memory"] = runcache(
+            "baseline_memory", "origin", f"redis://127.0.0.1:{ports['dead_redis']}",
+            binary=base)
+        servers["baseline_miss"] = runcache("baseline_miss", "origin_fast", redis_url,
+                                            {"RUNCACHE__CACHE__PREFIX": "baseline-miss"},
+                                            binary=base)
 
     def nginx(name, tuning):
         nginx_dir = scratch / name
@@ -418,6 +445,10 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     if args.baseline:
         targets[f"runcache {args.baseline_label} (default: Redis + L1)"] = (
             "baseline", "x-cache", "HIT")
+        targets[f"runcache {args.baseline_label} (Redis only, L1 off)"] = (
+            "baseline_redis_only", "x-cache", "HIT")
+        targets[f"runcache {args.baseline_label} (memory tier, no Redis)"] = (
+            "baseline_memory", "x-cache", "HIT")
     checks = {}
     for label, (name, header, value) in targets.items():
         log(f"warming {len(paths)} URLs in {label}")
@@ -429,9 +460,16 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
         return [pid] + (child_pids(pid) if name.startswith("nginx") else [])
 
     hits = {label: {8: [], 64: []} for label in targets}
+    # Each baseline cell runs right after the cell it is compared with, so that both see the
+    # same spell of the shared machine.
+    order = list(targets)
+    for base, now in zip(order[7:], order[:3]):
+        order.remove(base)
+        order.insert(order.index(now) + 1, base)
     for conns in (8, 64):
         for rnd in range(args.rounds):
-            for label, (name, header, value) in targets.items():
+            for label in order:
+                name, header, value = targets[label]
                 # With auth.frontend = forward (the default), the origin's acceptance of a
                 # caller for an entry is trusted for auth.validation_ttl (60 s); past it, the
                 # next request asks the origin again. Re-warming before each cell keeps every
@@ -457,14 +495,23 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     log("miss-path overhead")
     miss = miss_overhead(ports["miss"], ports["origin_fast"], 50 if args.smoke else 300)
     log(f"  {miss}")
+    if args.baseline:
+        miss["baseline"] = miss_overhead(ports["baseline_miss"], ports["origin_fast"],
+                                         50 if args.smoke else 300)
+        log(f"  baseline: {miss['baseline']}")
 
     log(f"invalidation cost with {small} and {big} unrelated entries")
     filler = "runcache:v1:model:metrics:filler"
     redis_cli(redis_port, "DEBUG", "POPULATE", small, filler, 64)
     inv_small = invalidation_cost(ports["default"], "inv-small", 100, inv_reps)
+    if args.baseline:
+        inv_small["baseline"] = invalidation_cost(ports["baseline"], "inv-small-b", 100,
+                                                  inv_reps)
     redis_cli(redis_port, "DEBUG", "POPULATE", big, filler, 64)
     dbsize = int(redis_cli(redis_port, "DBSIZE"))
     inv_big = invalidation_cost(ports["default"], "inv-big", 100, inv_reps)
+    if args.baseline:
+        inv_big["baseline"] = invalidation_cost(ports["baseline"], "inv-big-b", 100, inv_reps)
     log(f"  {small}: {inv_small['ms_p50']:.2f} ms; {big}: {inv_big['ms_p50']:.2f} ms "
         f"(dbsize {dbsize})")
 
@@ -558,15 +605,23 @@ def render(res, labels):
     full_path = labels[6]
     lines.append(f"| hit lane: default / full path @8 / @64 | {ratio(default, full_path, '8'):.3f}"
                  f" / {ratio(default, full_path, '64'):.3f} | | |")
+    def paired(a, b, c):
+        # The median of the per-round ratios: both cells of a round ran within seconds of
+        # each other, so a slow spell of the shared machine moves both.
+        return statistics.median(x["rps"] / y["rps"] for x, y in zip(hits[a][c], hits[b][c]))
+
     if len(labels) > 7:
-        base = labels[7]
-        base_cpu = median_of(hits[base]["64"], "cpu_us_per_req")
-        lines.append(f"| default / {base} @8 / @64 | {ratio(default, base, '8'):.3f} / "
-                     f"{ratio(default, base, '64'):.3f} | ≥ 0.95 (no regression) | "
-                     f"{mark(min(ratio(default, base, '8'), ratio(default, base, '64')) >= 0.95)} |")
-        lines.append(f"| ceiling-relative: default / ceiling vs baseline / ceiling @64 | "
-                     f"{ratio(default, ceiling, '64'):.3f} vs {ratio(base, ceiling, '64'):.3f} | | |")
-        lines.append(f"| CPU per hit @64: default vs baseline | {cpu:.1f} vs {base_cpu:.1f} µs | | |")
+        # Each mode against the same mode of the earlier commit, in the same rounds.
+        for mode, (now, base) in zip(("default", "Redis only", "memory tier"),
+                                     ((default, labels[7]), (redis_only, labels[8]),
+                                      (labels[2], labels[9]))):
+            r8, r64 = paired(now, base, "8"), paired(now, base, "64")
+            lines.append(f"| {mode} / {base} @8 / @64 (median of per-round ratios) | "
+                         f"{r8:.3f} / {r64:.3f} | "
+                         f"≥ 0.95 (no regression) | {mark(min(r8, r64) >= 0.95)} |")
+            lines.append(f"| CPU per hit @64, {mode}: now vs baseline | "
+                         f"{median_of(hits[now]['64'], 'cpu_us_per_req'):.1f} vs "
+                         f"{median_of(hits[base]['64'], 'cpu_us_per_req'):.1f} µs | | |")
 
     st = res["stampede"]
     rc = st["runcache"]
@@ -594,6 +649,7 @@ def render(res, labels):
               f"{inv['big']['ms_p50']:.2f} ms | | |",
               f"| invalidation ratio big / small | {inv['ratio']:.2f} | ≤ 1.5 | "
               f"{mark(inv['ratio'] <= 1.5)} |",
+              *baseline_rows(m, inv),
               f"| pattern clear of {c['deleted']:,} keys | {c['keys_per_sec']:,.0f} keys/s "
               f"({c['seconds']:.2f} s) | | |",
               f"| Redis max latency during the clear (`redis-cli --latency`) | "

@@ -319,20 +319,9 @@ impl FallbackStore {
 
     /// Reads `key` and the current stamp of `deps` from the tier in use.
     pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
-        if !self.circuit.is_open() {
-            self.calls.redis();
-            match self.redis.get(key, deps).await {
-                Ok(l) if self.usable(l.current.source().incarnation) => {
-                    self.circuit.success();
-                    return Ok(l);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    if !self.redis_failed(&e) {
-                        return Err(e);
-                    }
-                }
-            }
+        let read = self.redis.get(key, deps);
+        if let Some(l) = self.read_redis(read, |l| l.current.source()).await? {
+            return Ok(l);
         }
         self.calls.memory();
         Ok(self.degraded(self.memory.get(key, deps)))
@@ -340,23 +329,38 @@ impl FallbackStore {
 
     /// The current stamp of `deps` in the tier in use.
     pub async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
-        if !self.circuit.is_open() {
-            self.calls.redis();
-            match self.redis.stamp(deps).await {
-                Ok(s) if self.usable(s.source().incarnation) => {
-                    self.circuit.success();
-                    return Ok(s);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    if !self.redis_failed(&e) {
-                        return Err(e);
-                    }
-                }
-            }
+        if let Some(s) = self
+            .read_redis(self.redis.stamp(deps), Stamp::source)
+            .await?
+        {
+            return Ok(s);
         }
         self.calls.memory();
         Ok(self.memory.stamp(deps))
+    }
+
+    /// A read from Redis while the circuit is closed: `Some` when Redis answered from an
+    /// incarnation that may serve, `None` when the memory tier must answer instead (circuit
+    /// open, a failure that opened it, or a restarted Redis not yet made safe), `Err` for a
+    /// failure that leaves the circuit closed. `read` is not polled when the circuit is open.
+    async fn read_redis<T>(
+        &self,
+        read: impl Future<Output = Result<T, StoreError>>,
+        source: impl Fn(&T) -> Source,
+    ) -> Result<Option<T>, StoreError> {
+        if self.circuit.is_open() {
+            return Ok(None);
+        }
+        self.calls.redis();
+        match read.await {
+            Ok(t) if self.usable(source(&t).incarnation) => {
+                self.circuit.success();
+                Ok(Some(t))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if self.redis_failed(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes `entry` into the tier its stamp was read from, if that tier still serves and
