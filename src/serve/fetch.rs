@@ -117,15 +117,24 @@ impl ReadThrough {
     /// `Err(hit)`: the instance holding the lock stored the entry meanwhile.
     async fn acquire_lock(&self, ctx: &Ctx, lock: &str, token: &str) -> Result<bool, ViewResponse> {
         let deadline = Instant::now() + self.coalesce.lock_ttl;
+        let mut waited = false;
         loop {
             match self
                 .locks
                 .try_lock(lock, token, self.coalesce.lock_ttl)
                 .await
             {
-                Ok(Lock::Taken) | Err(_) => return Ok(true),
+                Ok(Lock::Taken) | Err(_) => {
+                    // The holder may have stored its entry and released the lock between
+                    // this fetch's last look and its `SET NX`: look once more, holding it.
+                    if waited && let Ok(hit) = self.recheck(ctx).await {
+                        self.release(lock.to_owned(), token.to_owned()).await;
+                        return Err(hit.collapsed());
+                    }
+                    return Ok(true);
+                }
                 Ok(Lock::Unshared) => return Ok(false),
-                Ok(Lock::Held) => {}
+                Ok(Lock::Held) => waited = true,
             }
             if Instant::now() >= deadline {
                 tracing::warn!("fetch lock held past its lifetime; fetching anyway");
