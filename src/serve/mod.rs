@@ -274,6 +274,12 @@ impl ReadThrough {
         match self.access.accepted_until(key, cred, status) {
             Some(until) => {
                 slot.validated.store(Some(Arc::new((cred, until))));
+                // A revocation between the lookup and the store would be undone by it: look
+                // once more, after the store.
+                if self.access.accepted_until(key, cred, status).is_none() {
+                    slot.validated.store(None);
+                    return false;
+                }
                 true
             }
             None => false,

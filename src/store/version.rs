@@ -3,6 +3,7 @@
 //! `cache.version` is only the starting value when Redis holds none.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -12,6 +13,9 @@ use super::{Keyspace, Shared, StoreError};
 #[derive(Debug)]
 pub struct KeyVersion {
     current: ArcSwap<String>,
+    /// Whether `current` was read from (or written to) Redis: until then it is only the
+    /// configured starting value, which must never overwrite the shared one.
+    shared: AtomicBool,
 }
 
 impl KeyVersion {
@@ -19,6 +23,7 @@ impl KeyVersion {
     pub fn new(initial: &str) -> Self {
         Self {
             current: ArcSwap::from_pointee(initial.to_owned()),
+            shared: AtomicBool::new(false),
         }
     }
 
@@ -33,10 +38,17 @@ impl KeyVersion {
         self.current.load()
     }
 
-    /// Uses `version` from now on; returns whether it changed.
+    /// Uses `version`, which Redis holds, from now on; returns whether it changed.
     pub fn set(&self, version: &str) -> bool {
         let old = self.current.swap(Arc::new(version.to_owned()));
+        self.shared.store(true, Ordering::Release);
         *old != version
+    }
+
+    /// Whether the version in use is the shared one (read from or written to Redis), not
+    /// just the configured starting value.
+    pub fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Acquire)
     }
 
     /// Adopts the version stored in Redis, or stores ours when Redis has none. Does nothing
@@ -50,7 +62,11 @@ impl KeyVersion {
                 }
                 Ok(())
             }
-            None => store.meta_set(&key, &self.get(), true).await.map(|_| ()),
+            None => {
+                store.meta_set(&key, &self.get(), true).await?;
+                self.shared.store(true, Ordering::Release);
+                Ok(())
+            }
         }
     }
 }
@@ -62,7 +78,9 @@ mod tests {
     #[test]
     fn set_reports_changes() {
         let v = KeyVersion::new("v1");
+        assert!(!v.is_shared());
         assert!(!v.set("v1"));
+        assert!(v.is_shared());
         assert!(v.set("v2"));
         assert_eq!(v.get().as_str(), "v2");
     }

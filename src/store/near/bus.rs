@@ -166,7 +166,13 @@ impl Bus {
             if let Some((id, by)) = ack
                 && let Some(p) = self.pending().get(&id).cloned()
             {
-                p.acked.lock().unwrap_or_else(|e| e.into_inner()).push(by);
+                // One instance subscribed twice (an overlapping resubscription) confirms
+                // twice; it counts once.
+                let mut acked = p.acked.lock().unwrap_or_else(|e| e.into_inner());
+                if !acked.contains(&by) {
+                    acked.push(by);
+                }
+                drop(acked);
                 p.notify.notify_one();
             }
             return;

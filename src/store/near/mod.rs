@@ -87,19 +87,26 @@ impl NearStore {
     }
 
     /// Applies an invalidation another instance sent directly (it could not reach Redis, or
-    /// this instance did not confirm it on the bus). The sender tells every instance itself,
-    /// so it is not published again.
+    /// this instance did not confirm it on the bus). Once Redis has it, it is published too,
+    /// for the instances the sender does not know of (registered after it last read the
+    /// list); the sender tells the ones it knows itself, so no one is sent it again from here.
     pub async fn apply_from_peer(&self, inv: &Invalidation) -> Result<u64, StoreError> {
         let result = self.inner.apply_from_peer(inv).await;
         if let Some(near) = &self.near {
             near.cache.apply(inv);
+            if let Ok((_, Applied::Redis)) = result {
+                near.bus
+                    .publish(&self.inner, &near.cache, NearOp::Op(inv.clone()))
+                    .await;
+            }
         }
         result.map(|(n, _)| n)
     }
 
     /// Drops this instance's copies of what `inv` names and, if Redis took it, every other
-    /// instance's: it is published, and the instances that did not confirm in time (or all,
-    /// when publishing failed) are sent it directly before the invalidation is acknowledged.
+    /// instance's: it is published, and every known instance that did not confirm it (not
+    /// subscribed, as one serving from memory is; too slow; or all, when publishing failed)
+    /// is sent it directly before the invalidation is acknowledged.
     async fn after(&self, inv: &Invalidation, result: &Result<(u64, Applied), StoreError>) {
         let Some(near) = &self.near else {
             return;
@@ -110,9 +117,9 @@ impl NearStore {
                 .bus
                 .publish(&self.inner, &near.cache, NearOp::Op(inv.clone()))
                 .await;
-            if !confirmed.all {
-                self.inner.peers().tell_all_but(inv, &confirmed.by).await;
-            }
+            // `all` counts the subscribers PUBLISH reached: an instance without a
+            // subscription is not among them, so what decides is who confirmed.
+            self.inner.peers().tell_all_but(inv, &confirmed.by).await;
         }
     }
 

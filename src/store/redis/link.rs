@@ -26,6 +26,8 @@ pub(crate) struct Conn {
     pub(crate) conn: MultiplexedConnection,
     /// The incarnation of the Redis process it is connected to.
     pub(crate) incarnation: u64,
+    /// That process's `run_id`.
+    run_id: String,
 }
 
 /// What a new incarnation came back with.
@@ -49,6 +51,8 @@ pub(crate) struct Link {
     incarnation: AtomicU64,
     /// `(incarnation, what it came back with)` of the latest restart seen.
     restart: std::sync::Mutex<Option<(u64, Restart)>>,
+    /// Whether the last connection was refused for its eviction policy (logged once).
+    policy_refused: std::sync::atomic::AtomicBool,
 }
 
 /// Whether `e` means the connection itself is gone (as opposed to one failed command).
@@ -88,6 +92,7 @@ impl Link {
             run_id: std::sync::Mutex::new(None),
             incarnation: AtomicU64::new(0),
             restart: std::sync::Mutex::new(None),
+            policy_refused: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -121,13 +126,20 @@ impl Link {
                 .await?;
             let info: String = redis::cmd("INFO")
                 .arg("server")
+                .arg("memory")
                 .query_async(&mut conn)
                 .await?;
-            let run_id = info
-                .lines()
-                .find_map(|l| l.strip_prefix("run_id:"))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_default();
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            let run_id = field("run_id");
+            // Eviction happens only with a memory limit (0: none) and a policy other than
+            // `noeviction`.
+            let evicting = field("maxmemory") != "0" && field("maxmemory_policy") != "noeviction";
+            let policy = evicting.then(|| field("maxmemory_policy"));
             // The marker holds the run_id of the process it was written in. Absent, or this
             // process's: everything here was written since it started. Another process's: it
             // was loaded from a snapshot, with whatever else that snapshot held.
@@ -138,26 +150,43 @@ impl Link {
                 .arg("GET")
                 .query_async(&mut conn)
                 .await?;
-            let fresh = before.is_none_or(|b| b == run_id);
-            Ok::<_, RedisError>((conn, run_id, fresh))
+            // Without a run_id nothing tells a restart apart from a reconnection: every new
+            // connection is then taken for a restore.
+            let fresh = !run_id.is_empty() && before.is_none_or(|b| b == run_id);
+            Ok::<_, RedisError>((conn, run_id, fresh, policy))
         };
         // The connect time-out covers connecting and the checks; redis-rs's own connection
         // time-out is not enough on its own (redis-rs #1953).
-        let (conn, run_id, fresh) = match tokio::time::timeout(self.connect_timeout * 2, open).await
-        {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(e)) => return Err(classify(e)),
-            Err(_) => return Err(StoreError::Unavailable("redis connect timed out".into())),
-        };
+        let (conn, run_id, fresh, policy) =
+            match tokio::time::timeout(self.connect_timeout * 2, open).await {
+                Ok(Ok(opened)) => opened,
+                Ok(Err(e)) => return Err(classify(e)),
+                Err(_) => return Err(StoreError::Unavailable("redis connect timed out".into())),
+            };
+        // An evicting Redis may drop the counters that make invalidated entries unservable
+        // (they carry a TTL, so `volatile-*` policies may pick them too), which would revive
+        // what they invalidated: such a Redis is not used at all.
+        if let Some(policy) = policy {
+            if !self.policy_refused.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    maxmemory_policy = %policy,
+                    "redis may evict keys, runcache's invalidation counters among them: not using it; set maxmemory-policy noeviction (or no maxmemory)"
+                );
+            }
+            return Err(StoreError::Unavailable(format!(
+                "redis maxmemory-policy {policy} may evict invalidation counters"
+            )));
+        }
+        self.policy_refused.store(false, Ordering::Relaxed);
         let restarted = {
             let mut known = self.run_id.lock().unwrap_or_else(|e| e.into_inner());
             // A new process; or, on this runcache process's first connection, a marker of
             // another process: Redis came back from a snapshot while nobody watched.
             let restarted = match known.as_ref() {
-                Some(k) => *k != run_id,
+                Some(k) => *k != run_id || run_id.is_empty(),
                 None => !fresh,
             };
-            *known = Some(run_id);
+            *known = Some(run_id.clone());
             restarted
         };
         if restarted {
@@ -173,24 +202,40 @@ impl Link {
         let c = Arc::new(Conn {
             conn,
             incarnation: self.incarnation(),
+            run_id,
         });
         self.current.store(Some(c.clone()));
         Ok(c)
     }
 
     /// Writes this process's `run_id` into the marker (after a restored Redis has been made
-    /// safe: it is this keyspace's own from now on).
-    pub(crate) async fn claim_marker(&self) -> Result<(), StoreError> {
+    /// safe: it is this keyspace's own from now on). Refused when the connection is to a
+    /// later process than `incarnation`, the one that was made safe.
+    pub(crate) async fn claim_marker(&self, incarnation: u64) -> Result<(), StoreError> {
         let c = self.conn().await?;
-        let run_id = self
-            .run_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default();
+        if c.incarnation != incarnation {
+            return Err(StoreError::Unavailable(
+                "redis restarted again before its marker was claimed".into(),
+            ));
+        }
         let mut conn = c.conn.clone();
         let mut cmd = redis::cmd("SET");
-        cmd.arg(&self.marker_key).arg(run_id);
+        cmd.arg(&self.marker_key).arg(&c.run_id);
+        match tokio::time::timeout(self.connect_timeout, cmd.query_async::<()>(&mut conn)).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(StoreError::Unavailable("redis command timed out".into())),
+        }
+    }
+
+    /// Sets the marker again, with `NX`, on the open connection (none open: nothing to do; the
+    /// next connection writes it).
+    pub(crate) async fn keep_marker(&self) -> Result<(), StoreError> {
+        let Some(c) = self.current.load_full() else {
+            return Ok(());
+        };
+        let mut conn = c.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&self.marker_key).arg(&c.run_id).arg("NX");
         match tokio::time::timeout(self.connect_timeout, cmd.query_async::<()>(&mut conn)).await {
             Ok(result) => result.map_err(classify),
             Err(_) => Err(StoreError::Unavailable("redis command timed out".into())),

@@ -136,9 +136,17 @@ impl RedisStore {
         }
     }
 
-    /// Claims the keyspace marker for the Redis process connected to (see [`link`]).
-    pub async fn claim_marker(&self) -> Result<(), StoreError> {
-        self.link.claim_marker().await
+    /// Claims the keyspace marker for the Redis process of `incarnation`, if still connected
+    /// to it (see [`link`]).
+    pub async fn claim_marker(&self, incarnation: u64) -> Result<(), StoreError> {
+        self.link.claim_marker(incarnation).await
+    }
+
+    /// Writes the keyspace marker again if it went (evicted, deleted): a snapshot taken
+    /// without it would come back looking empty. Only on the connection the request path
+    /// already holds, so the `run_id` written is the one of the process it runs in.
+    pub async fn keep_marker(&self) -> Result<(), StoreError> {
+        self.link.keep_marker().await
     }
 
     /// The latest restart of Redis seen, with its incarnation.

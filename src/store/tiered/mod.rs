@@ -152,8 +152,6 @@ pub struct FallbackStore {
     restarts: AtomicU64,
     /// The incarnation whose marker and version were claimed after its recovery.
     claimed: AtomicU64,
-    /// When this process's store was built, in Unix milliseconds.
-    started_ms: u64,
     peers: Peers,
     degraded_max_age: Duration,
     /// The last SCAN count: version, entries, when.
@@ -185,7 +183,6 @@ impl FallbackStore {
             recovering: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
-            started_ms: now_ms(),
             peers,
             degraded_max_age: opts.degraded_max_age,
             key_counted: std::sync::Mutex::new(None),
@@ -301,19 +298,19 @@ impl FallbackStore {
     /// Drops entries whose data is older than `memory.degraded_max_age_ms` while serving from
     /// memory with other instances known: an invalidation they could not send is late by at
     /// most that. Age counts from when the entry's stamp was read, before its fetch began.
-    /// Until this process has read the registry, entries from before it started (a snapshot
-    /// written while others were known) are held to the bound too.
+    /// Until this process has read the registry, a snapshot written while others were known
+    /// holds every entry to the bound (those instances may still be there, telling the old
+    /// address).
     fn degraded(&self, mut lookup: Lookup) -> Lookup {
+        let bounded = self.peers.any() || (!self.peers.ever_read() && self.peers.assumed());
+        if !bounded {
+            return lookup;
+        }
         let max_age = u64::try_from(self.degraded_max_age.as_millis()).unwrap_or(u64::MAX);
         let now = now_ms();
-        let bounded = |e: &CacheEntry| {
-            let read_at = e.stamp.read_at_ms();
-            self.peers.any()
-                || (!self.peers.ever_read() && self.peers.assumed() && read_at < self.started_ms)
-        };
         lookup.entry = lookup
             .entry
-            .filter(|e| !bounded(e) || now.saturating_sub(e.stamp.read_at_ms()) <= max_age);
+            .filter(|e| now.saturating_sub(e.stamp.read_at_ms()) <= max_age);
         lookup
     }
 

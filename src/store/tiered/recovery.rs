@@ -63,7 +63,9 @@ impl FallbackStore {
     }
 
     /// Once a restored Redis has been recovered: the marker names the new process (so no
-    /// other instance takes it for a snapshot again), and the version is this instance's.
+    /// other instance takes it for a snapshot again), and the version is this instance's if
+    /// it knew the shared one (the snapshot may predate a switch). A process that has only
+    /// its configured starting value leaves the restored one alone.
     async fn claim(&self, incarnation: u64) -> Result<(), crate::store::StoreError> {
         if self.recovering.load(Ordering::Acquire) != incarnation
             || self.claimed.swap(incarnation, Ordering::AcqRel) == incarnation
@@ -71,11 +73,13 @@ impl FallbackStore {
             return Ok(());
         }
         let claimed = async {
-            self.redis.claim_marker().await?;
-            self.redis
-                .set_string(&self.keys.version_key(), &self.version.get(), false)
-                .await
-                .map(|_| ())
+            self.redis.claim_marker(incarnation).await?;
+            if self.version.is_shared() {
+                self.redis
+                    .set_string(&self.keys.version_key(), &self.version.get(), false)
+                    .await?;
+            }
+            Ok(())
         };
         let result = claimed.await;
         if result.is_err() {

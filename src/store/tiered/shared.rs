@@ -14,6 +14,11 @@ impl FallbackStore {
         if self.circuit.is_open() {
             return;
         }
+        // A marker that went (evicted, deleted) is written again within a heartbeat, so that
+        // a snapshot taken later does not come back looking empty.
+        if let Err(e) = self.redis.keep_marker().await {
+            tracing::debug!(error = %e, "could not keep the keyspace marker");
+        }
         let Some(member) = self.peers.member() else {
             return;
         };
@@ -79,8 +84,10 @@ impl FallbackStore {
         self.calls.redis();
         let result = call.await;
         match &result {
-            // A restarted Redis is not read (the version it holds may predate a switch) nor
-            // written until it has been made safe.
+            // A restarted Redis that has not been made safe: its answer is not used (the
+            // version it holds may predate a switch). A write has already run; what it wrote
+            // (a lock, a version set only if absent) is harmless, and locks are purged by the
+            // recovery.
             Ok(_) if !self.usable(self.redis.source().incarnation) => {
                 return Err(StoreError::Unavailable(
                     "redis restarted; recovering".into(),

@@ -150,3 +150,36 @@ async fn during_an_outage_an_event_on_one_instance_reaches_the_others() {
         "B served the revision A's acknowledged event invalidated: {next:?}"
     );
 }
+
+/// Review of defect 11: a process restarted during an outage, from a snapshot written while
+/// other instances were known, has not read the registry, yet those instances may still be
+/// there (telling its old address). Entries it fetched itself since the start are held to
+/// `memory.degraded_max_age_ms` as well as the snapshot's.
+#[tokio::test]
+async fn after_a_restart_during_an_outage_every_entry_keeps_the_degraded_bound() {
+    let mut redis = TestRedis::start().await;
+    let a = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
+    let mut settings = test_settings(&a.origin.url, &redis.url());
+    settings.auth.frontend = "none".into();
+    settings.cache.prefix = a.prefix.clone();
+    // Beside the test Redis's own files (removed with it).
+    let snapshot = redis.dir().join("b.snapshot");
+    settings.memory.snapshot_path = Some(snapshot.display().to_string());
+    let mut b = spawn_with_settings(settings.clone(), a.origin.clone()).await;
+    // Long enough for both to register while Redis is up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    redis.kill();
+    wait_for(|| async { b.stats().await["backend"] == "memory" }).await;
+    b.stop().await;
+    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    assert_eq!(b.stats().await["backend"], "memory");
+    let fetched = Seen::of(b.metrics("z").await).await;
+    assert_eq!(fetched.x_cache, "MISS", "{fetched:?}");
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let later = Seen::of(b.metrics("z").await).await;
+    assert!(
+        !later.is_hit(),
+        "an entry older than memory.degraded_max_age_ms was served from memory: {later:?}"
+    );
+}
