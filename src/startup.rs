@@ -81,7 +81,7 @@ impl Application {
         let settings = state.settings.clone();
         tracing::info!(
             addr = %listener.local_addr()?,
-            origin = %settings.origin.base_url,
+            origin = %settings.origin_url_redacted(),
             redis = %settings.redis_url_redacted(),
             "runcache listening"
         );
@@ -163,15 +163,29 @@ async fn default_advertise_url(bound: std::net::SocketAddr, redis_url: &str) -> 
     format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
 }
 
-/// Runs `tick` every `period` until cancelled.
-fn every<F, Fut>(tasks: &TaskTracker, cancel: &CancellationToken, period: Duration, mut tick: F)
+/// Runs `tick` every `period` until cancelled, the first time at once.
+fn every<F, Fut>(tasks: &TaskTracker, cancel: &CancellationToken, period: Duration, tick: F)
 where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    every_from(tasks, cancel, Duration::ZERO, period, tick);
+}
+
+/// Runs `tick` every `period` until cancelled, the first time after `first`.
+fn every_from<F, Fut>(
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+    first: Duration,
+    period: Duration,
+    mut tick: F,
+) where
     F: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
     let cancel = cancel.clone();
     tasks.spawn(async move {
-        let mut interval = tokio::time::interval(period);
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -194,7 +208,11 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             }
             tiered.replay_journal_into_memory();
         }
-        if s.store.probe().await {
+        let probed = s.store.probe().await;
+        // The first readiness probe, so that `/ready` reports reachability from its first
+        // 200 (after the store's probe: a ping while it connects would fail).
+        crate::http::ops::probe_readiness(&s).await;
+        if probed {
             tiered.heartbeat().await;
         } else {
             tracing::warn!(redis = %s.settings.redis_url_redacted(), "redis unreachable at start; serving from the memory tier and probing in the background");
@@ -260,6 +278,14 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             }
         },
     );
+
+    // `/ready` answers from this probe (and from the start-up one before it).
+    let s = state.clone();
+    let period = ms(s.settings.server.ready_probe_interval_ms);
+    every_from(tasks, cancel, period, period, move || {
+        let s = s.clone();
+        async move { crate::http::ops::probe_readiness(&s).await }
+    });
 
     // Registration, so that during an outage each instance knows whom to tell.
     let s = state.clone();

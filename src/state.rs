@@ -2,7 +2,7 @@
 //! where the layers are wired together (store → serve → http).
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -75,6 +75,41 @@ pub struct AppStateInner {
     pub tasks: Tasks,
     /// Set once start-up work (first Redis probe, version sync) is done; `/ready` is 503 before.
     pub started: Arc<AtomicBool>,
+    /// What the last background probe of Redis and the origin found (`/ready` reports it).
+    pub readiness: Readiness,
+}
+
+/// The last background probe of Redis and the origin. `/ready` answers from it rather than
+/// calling them itself, so that a load balancer polling `/ready` cannot multiply its traffic
+/// into theirs.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    redis: AtomicBool,
+    origin: AtomicBool,
+    /// When the last probe finished, in Unix ms (0: none yet).
+    at_ms: AtomicU64,
+}
+
+impl Readiness {
+    /// Records a probe's results.
+    pub fn record(&self, redis: bool, origin: bool) {
+        self.redis.store(redis, Ordering::Relaxed);
+        self.origin.store(origin, Ordering::Relaxed);
+        self.at_ms
+            .store(crate::domain::policy::now_ms(), Ordering::Release);
+    }
+
+    /// `(redis reachable, origin reachable, ms since the probe)`; `None` before the first one.
+    pub fn last(&self) -> Option<(bool, bool, u64)> {
+        let at = self.at_ms.load(Ordering::Acquire);
+        (at != 0).then(|| {
+            (
+                self.redis.load(Ordering::Relaxed),
+                self.origin.load(Ordering::Relaxed),
+                crate::domain::policy::now_ms().saturating_sub(at),
+            )
+        })
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -160,6 +195,7 @@ impl AppState {
             snapshots,
             tasks,
             started: Arc::new(AtomicBool::new(false)),
+            readiness: Readiness::default(),
         })))
     }
 }

@@ -261,6 +261,10 @@ impl Settings {
             ("server.event_burst", u64::from(self.server.event_burst)),
             ("server.peer_timeout_ms", self.server.peer_timeout_ms),
             (
+                "server.ready_probe_interval_ms",
+                self.server.ready_probe_interval_ms,
+            ),
+            (
                 "redis.circuit_failures",
                 u64::from(self.redis.circuit_failures),
             ),
@@ -419,14 +423,25 @@ impl Settings {
     pub fn redis_url_redacted(&self) -> String {
         redact_url(self.redis.url.expose_secret())
     }
+
+    /// `origin.base_url` with any credential replaced by `***`, safe for logs.
+    pub fn origin_url_redacted(&self) -> String {
+        redact_url(&self.origin.base_url)
+    }
 }
 
-/// Replaces the password (and a lone user name used as password) in a URL with `***`.
+/// Replaces what may be a credential in a URL with `***`: the password, a lone user name
+/// (`https://token@host`, a common way to pass an API key), and the query.
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
+            } else if !parsed.username().is_empty() {
+                let _ = parsed.set_username("***");
+            }
+            if parsed.query().is_some() {
+                parsed.set_query(Some("***"));
             }
             parsed.to_string()
         }

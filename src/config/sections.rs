@@ -37,6 +37,8 @@ pub struct ServerSettings {
     pub advertise_url: Option<String>,
     /// Time-out of one direct invalidation sent to another instance, in ms (default 750).
     pub peer_timeout_ms: u64,
+    /// How often Redis and the origin are probed for `/ready`, in ms (default 2000).
+    pub ready_probe_interval_ms: u64,
 }
 
 /// `[origin]`

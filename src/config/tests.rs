@@ -101,4 +101,12 @@ fn redaction_hides_the_password() {
         "redis://user:***@host:6379/0"
     );
     assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    assert_eq!(
+        redact_url("https://s3cr3t@origin.internal/api"),
+        "https://***@origin.internal/api"
+    );
+    assert_eq!(
+        redact_url("https://origin.internal/api?api_key=s3cr3t"),
+        "https://origin.internal/api?***"
+    );
 }

@@ -44,11 +44,13 @@ pub async fn get_health() -> Response {
     )
 }
 
-/// Reachability of a dependency.
+/// Reachability of a dependency, as the last background probe found it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Reachability {
-    /// Answered within the probe time-out.
+    /// Answered within the probe time-out (`false` until the first probe finished).
     pub reachable: bool,
+    /// How long ago that probe finished, in ms (`null` before the first one).
+    pub checked_ms_ago: Option<u64>,
 }
 
 /// Readiness.
@@ -60,18 +62,14 @@ pub struct Ready {
     pub store: String,
     /// Key version in use.
     pub version: String,
-    /// Redis, probed now.
+    /// Redis, as last probed (every `server.ready_probe_interval_ms`).
     pub redis: Reachability,
-    /// The origin, probed now (any HTTP answer counts).
+    /// The origin, as last probed (any HTTP answer counts).
     pub origin: Reachability,
 }
 
-/// Ready to serve. A Redis or origin outage is reported but stays `200`: the instance still
-/// serves (from memory, or stale entries), so it must stay in rotation.
-#[utoipa::path(get, path = "/ready", tag = "ops",
-    responses((status = 200, description = "Serving (dependencies' reachability reported)", body = Ready),
-        (status = 503, description = "Still starting", body = Ready)))]
-pub async fn get_ready(State(state): State<AppState>) -> Response {
+/// Probes Redis and the origin once, and records what it found for `/ready`.
+pub async fn probe_readiness(state: &AppState) {
     let probe = Duration::from_millis(state.settings.redis.connect_timeout_ms.max(200));
     let (redis, origin) = tokio::join!(
         async {
@@ -81,13 +79,29 @@ pub async fn get_ready(State(state): State<AppState>) -> Response {
         },
         state.views.origin().is_reachable(Duration::from_secs(1)),
     );
+    state.readiness.record(redis, origin);
+}
+
+/// Ready to serve. A Redis or origin outage is reported but stays `200`: the instance still
+/// serves (from memory, or stale entries), so it must stay in rotation. Reachability comes from
+/// a background probe, never from this request.
+#[utoipa::path(get, path = "/ready", tag = "ops",
+    responses((status = 200, description = "Serving (dependencies' reachability reported)", body = Ready),
+        (status = 503, description = "Still starting", body = Ready)))]
+pub async fn get_ready(State(state): State<AppState>) -> Response {
+    let last = state.readiness.last();
+    let reach = |pick: fn((bool, bool, u64)) -> bool| Reachability {
+        reachable: last.is_some_and(pick),
+        checked_ms_ago: last.map(|(_, _, ago)| ago),
+    };
+    let (redis, origin) = (reach(|l| l.0), reach(|l| l.1));
     let started = state.started.load(Ordering::Acquire);
     let body = Ready {
         status: if started { "ready" } else { "starting" }.into(),
         store: state.store.tiered().tier().as_str().into(),
         version: state.version.get().as_str().to_owned(),
-        redis: Reachability { reachable: redis },
-        origin: Reachability { reachable: origin },
+        redis,
+        origin,
     };
     let status = if started {
         StatusCode::OK

@@ -156,15 +156,26 @@ fn parse_top_n(raw: Option<&str>) -> Result<Option<u32>> {
     .transpose()
 }
 
-/// Does `If-None-Match` match `etag`? Weak comparison (RFC 9110 13.1.2): `W/` is ignored.
-fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
-    let Ok(list) = if_none_match.to_str() else {
-        return false;
-    };
+/// Which `If-None-Match` tag matches `etag`, if any. Weak comparison (RFC 9110 13.1.2): `W/`
+/// is ignored.
+fn etag_match<'a>(if_none_match: &'a HeaderValue, etag: &str) -> Option<&'a str> {
+    let list = if_none_match.to_str().ok()?;
     let opaque = etag.trim_start_matches("W/");
     list.split(',')
         .map(str::trim)
-        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == opaque)
+        .find(|tag| *tag == "*" || tag.trim_start_matches("W/") == opaque)
+}
+
+/// The validator a `304` carries: the form of the representation the client holds. A client
+/// that got a compressed body holds its weak ETag (see `http::weaken_etag_when_compressed`),
+/// and a 304 has no body for that rule to see, so the tag it sent decides.
+fn not_modified_etag(matched: &str, etag: HeaderValue) -> HeaderValue {
+    let strong = etag.to_str().is_ok_and(|e| !e.starts_with("W/"));
+    if strong && matched.starts_with("W/") {
+        HeaderValue::from_str(&format!("W/{}", etag.to_str().unwrap_or_default())).unwrap_or(etag)
+    } else {
+        etag
+    }
 }
 
 /// Builds the HTTP answer: cache headers, `304` on a matching `If-None-Match`, and the
@@ -172,11 +183,12 @@ fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
 /// place with room for every header, and header values stored with the entry are shared, so
 /// a hit copies no header bytes (see the README's Performance section).
 pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response {
-    let not_modified = r.etag.as_ref().is_some_and(|etag| {
+    let matched = r.etag.as_ref().and_then(|etag| {
         request_headers
             .get(header::IF_NONE_MATCH)
-            .is_some_and(|inm| etag_matches(inm, etag.to_str().unwrap_or_default()))
+            .and_then(|inm| etag_match(inm, etag.to_str().unwrap_or_default()))
     });
+    let not_modified = matched.is_some();
     let mut resp = if not_modified {
         Response::new(Body::new(NotModifiedBody))
     } else {
@@ -193,6 +205,10 @@ pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response 
         headers.insert(header::AGE, HeaderValue::from(age));
     }
     if let Some(etag) = r.etag {
+        let etag = match matched {
+            Some(tag) => not_modified_etag(tag, etag),
+            None => etag,
+        };
         headers.insert(header::ETAG, etag);
     }
     if not_modified {
@@ -498,8 +514,21 @@ mod tests {
     fn if_none_match_compares_weakly() {
         let etag = "\"abc\"";
         for inm in ["\"abc\"", "W/\"abc\"", "\"x\", W/\"abc\"", "*"] {
-            assert!(etag_matches(&HeaderValue::from_static(inm), etag), "{inm}");
+            assert!(
+                etag_match(&HeaderValue::from_static(inm), etag).is_some(),
+                "{inm}"
+            );
         }
-        assert!(!etag_matches(&HeaderValue::from_static("\"abd\""), etag));
+        assert!(etag_match(&HeaderValue::from_static("\"abd\""), etag).is_none());
+    }
+
+    #[test]
+    fn a_304_carries_the_form_of_the_tag_the_client_holds() {
+        let strong = || HeaderValue::from_static("\"abc\"");
+        assert_eq!(not_modified_etag("W/\"abc\"", strong()), "W/\"abc\"");
+        assert_eq!(not_modified_etag("\"abc\"", strong()), "\"abc\"");
+        assert_eq!(not_modified_etag("*", strong()), "\"abc\"");
+        let weak = HeaderValue::from_static("W/\"abc\"");
+        assert_eq!(not_modified_etag("\"abc\"", weak), "W/\"abc\"");
     }
 }

@@ -113,6 +113,15 @@ impl Invalidator {
         stats: Arc<Stats>,
         tasks: Tasks,
     ) -> Self {
+        // Every cause is exported from the start, so that `rate()` and alerts see a 0 rather
+        // than nothing before the first invalidation.
+        for cause in Cause::ALL {
+            let c = cause.as_str();
+            metrics::counter!(crate::metrics::names::INVALIDATIONS_TOTAL, "cause" => c)
+                .increment(0);
+            metrics::counter!(crate::metrics::names::ENTRIES_DELETED_TOTAL, "cause" => c)
+                .increment(0);
+        }
         Self {
             store,
             shared,

@@ -53,6 +53,29 @@ pub mod names {
     pub const MEMORY_ENTRIES: &str = "runcache_memory_entries";
     /// Bytes in the memory tier.
     pub const MEMORY_BYTES: &str = "runcache_memory_bytes";
+
+    /// Every family above: each is exported from start-up, at 0 for its known label values.
+    pub const ALL: [&str; 19] = [
+        VIEW_REQUESTS_TOTAL,
+        VIEW_REQUEST_DURATION,
+        ORIGIN_REQUESTS_TOTAL,
+        ORIGIN_REQUEST_DURATION,
+        CACHE_SETS_TOTAL,
+        INVALIDATIONS_TOTAL,
+        ENTRIES_DELETED_TOTAL,
+        CACHE_FALLBACK_TOTAL,
+        REDIS_UP,
+        CIRCUIT_OPEN,
+        STORE_OPERATIONS_TOTAL,
+        STORE_ERRORS_TOTAL,
+        MEMORY_REMOVALS_TOTAL,
+        COALESCED_TOTAL,
+        REFRESHES_TOTAL,
+        WARMED_TOTAL,
+        WARM_ERRORS_TOTAL,
+        MEMORY_ENTRIES,
+        MEMORY_BYTES,
+    ];
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [

@@ -164,7 +164,8 @@ fn map_err(e: reqwest::Error) -> OriginError {
     if e.is_timeout() {
         OriginError::Timeout
     } else {
-        // The reqwest message can name internal hosts: it goes to logs, never to clients.
-        OriginError::Unreachable(e.to_string())
+        // The reqwest message goes to logs, never to clients; without its URL, which may
+        // carry `origin.base_url`'s credentials.
+        OriginError::Unreachable(e.without_url().to_string())
     }
 }

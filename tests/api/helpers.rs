@@ -77,6 +77,8 @@ pub struct OriginControl {
     /// Tokens (the part after `Bearer `) from which run `hidden` is hidden: the origin
     /// answers them 404, as it does every token it does not know (see [`enter`]).
     pub hidden_from: Mutex<std::collections::HashSet<String>>,
+    /// Calls of `/health` (runcache's readiness probe).
+    pub health_calls: AtomicUsize,
 }
 
 /// The in-process origin. Clones share it (two instances in front of one origin).
@@ -101,7 +103,13 @@ impl TestOrigin {
             )
             .route("/api/v1/models/compare", post(compare))
             .route("/api/v1/models/runs", get(list_runs))
-            .route("/health", get(|| async { "ok" }))
+            .route(
+                "/health",
+                get(|State(c): State<Arc<OriginControl>>| async move {
+                    c.health_calls.fetch_add(1, Ordering::SeqCst);
+                    "ok"
+                }),
+            )
             .with_state(control.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -558,4 +566,95 @@ pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> S
         .to_owned();
     assert!(!message.is_empty());
     message
+}
+
+/// The real `runcache` binary in a fresh working directory of its own that holds only
+/// `config/default.toml` (as a fresh clone does: no `data/`), memory only unless `envs`
+/// names a Redis, what it prints kept in a file. Killed when dropped, so a failing assertion
+/// never leaves a server running.
+pub struct Binary {
+    child: Option<std::process::Child>,
+    /// `http://127.0.0.1:{port}`.
+    pub base: String,
+    /// Its working directory.
+    pub dir: std::path::PathBuf,
+    output: std::path::PathBuf,
+}
+
+impl Binary {
+    /// Starts it against `origin_url` with `envs` on top of the defaults, and waits until
+    /// `/health` answers.
+    pub async fn start(origin_url: &str, envs: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!("runcache-bin-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join("config")).expect("working directory");
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"),
+            dir.join("config/default.toml"),
+        )
+        .expect("copy config/default.toml");
+        let output = dir.join("output.log");
+        let log = std::fs::File::create(&output).expect("log file");
+        let port = free_port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_runcache"));
+        cmd.current_dir(&dir)
+            .env("RUNCACHE__SERVER__ADDR", format!("127.0.0.1:{port}"))
+            .env("RUNCACHE__ORIGIN__BASE_URL", origin_url)
+            .env(
+                "RUNCACHE__REDIS__URL",
+                format!("redis://127.0.0.1:{}", free_port()),
+            )
+            .env("RUNCACHE__ADMIN__TOKEN", TOKEN)
+            .env_remove("RUST_LOG")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start runcache");
+        let bin = Self {
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            output,
+        };
+        let client = reqwest::Client::new();
+        wait_for(|| async { client.get(bin.url("/health")).send().await.is_ok() }).await;
+        bin
+    }
+
+    /// `path` on it.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stops it with SIGTERM and waits for it to exit.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+    }
+
+    /// Everything it printed (stdout and stderr) so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -3,6 +3,7 @@
 
 mod access;
 mod admin;
+mod edges;
 mod events;
 mod fallback;
 mod freshness;

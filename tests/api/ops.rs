@@ -1,5 +1,7 @@
 //! Operations routes, the OpenAPI document and its checked-in copy, and start-up errors.
 
+use std::sync::atomic::Ordering;
+
 use serde_json::Value;
 
 use crate::helpers::{TestRedis, header, spawn_app};
@@ -19,6 +21,30 @@ async fn health_and_ready_report_the_store_and_dependencies() {
     assert_eq!(body["store"], "redis");
     assert_eq!(body["redis"]["reachable"], true);
     assert_eq!(body["origin"]["reachable"], true);
+}
+
+/// `/ready` answers from the background probe: a load balancer polling it sends nothing to
+/// the origin (nor to Redis, probed by the same code).
+#[tokio::test]
+async fn ready_answers_from_the_last_background_probe() {
+    let redis = TestRedis::start().await;
+    let app = crate::helpers::spawn_app_with(Some(&redis), |s| {
+        s.server.ready_probe_interval_ms = 3_600_000;
+    })
+    .await;
+    let health = || app.origin.control.health_calls.load(Ordering::SeqCst);
+    // The start-up probe (the next one is an hour away).
+    crate::helpers::wait_for(|| async { health() >= 1 }).await;
+    let before = health();
+    for _ in 0..50 {
+        let ready = app.get("/ready").await;
+        assert_eq!(ready.status(), 200);
+        let body: Value = ready.json().await.expect("json");
+        assert_eq!(body["redis"]["reachable"], true);
+        assert_eq!(body["origin"]["reachable"], true);
+        assert!(body["origin"]["checked_ms_ago"].is_u64(), "{body}");
+    }
+    assert_eq!(health(), before, "/ready called the origin itself");
 }
 
 #[tokio::test]

@@ -67,8 +67,29 @@ fn write_all_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Reports a journal that cannot be written once, not on every write, and says when it can
+/// be written again.
+#[derive(Default)]
+struct Failing(bool);
+
+impl Failing {
+    fn report(&mut self, path: &Path, what: &str, result: &std::io::Result<()>) {
+        match result {
+            Err(e) if !self.0 => {
+                self.0 = true;
+                tracing::error!(path = %path.display(), error = %e, "cannot {what} the journal; invalidations are kept in memory only until it can be written (reported once)");
+            }
+            Ok(()) if self.0 => {
+                self.0 = false;
+                tracing::info!(path = %path.display(), "the journal can be written again");
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Appends `appends` to the file with one sync, and confirms each.
-fn append_all(path: &Path, appends: &mut Vec<(Vec<u8>, Done)>) {
+fn append_all(path: &Path, appends: &mut Vec<(Vec<u8>, Done)>, failing: &mut Failing) {
     if appends.is_empty() {
         return;
     }
@@ -85,9 +106,7 @@ fn append_all(path: &Path, appends: &mut Vec<(Vec<u8>, Done)>) {
         }
         f.sync_data()
     })();
-    if let Err(e) = &result {
-        tracing::error!(path = %path.display(), error = %e, "cannot write the journal; the invalidation is kept in memory only");
-    }
+    failing.report(path, "write", &result);
     let result = result.map_err(|e| e.to_string());
     for (_, done) in appends.drain(..) {
         let _ = done.send(result.clone());
@@ -96,22 +115,21 @@ fn append_all(path: &Path, appends: &mut Vec<(Vec<u8>, Done)>) {
 
 /// The writer thread: drains what is queued, writes it, syncs once, confirms each command.
 fn run_writer(path: PathBuf, commands: mpsc::Receiver<Command>) {
+    let mut failing = Failing::default();
     while let Ok(first) = commands.recv() {
         let mut appends = Vec::new();
         for command in std::iter::once(first).chain(commands.try_iter()) {
             match command {
                 Command::Append(line, done) => appends.push((line, done)),
                 Command::Rewrite(content, done) => {
-                    append_all(&path, &mut appends);
+                    append_all(&path, &mut appends, &mut failing);
                     let result = write_all_atomically(&path, &content);
-                    if let Err(e) = &result {
-                        tracing::error!(path = %path.display(), error = %e, "cannot rewrite the journal");
-                    }
+                    failing.report(&path, "rewrite", &result);
                     let _ = done.send(result.map_err(|e| e.to_string()));
                 }
             }
         }
-        append_all(&path, &mut appends);
+        append_all(&path, &mut appends, &mut failing);
     }
 }
 
