@@ -92,16 +92,25 @@ impl Application {
         let store = state.store.clone();
         let snapshots = state.snapshots.clone();
         let work = state.tasks.clone();
-        let app = build_service(state).per_connection();
+        let app = build_service(state);
         let stopping = CancellationToken::new();
         let stop_signal = stopping.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            shutdown.await;
-            stop_signal.cancel();
-        });
+        let conn_opts = crate::http::conn::ConnOptions {
+            header_read_timeout: ms(settings.server.header_read_timeout_ms),
+            max_connections: settings.server.max_connections,
+        };
+        let server = crate::http::conn::serve(
+            listener,
+            move |peer| app.for_peer(peer),
+            conn_opts,
+            async move {
+                shutdown.await;
+                stop_signal.cancel();
+            },
+        );
         let grace = ms(settings.server.shutdown_timeout_ms);
         tokio::select! {
-            result = server => result.context("serve")?,
+            () = server => {},
             () = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!("in-flight requests did not finish within server.shutdown_timeout_ms; stopping");
             }

@@ -265,6 +265,11 @@ impl Settings {
                 self.server.ready_probe_interval_ms,
             ),
             (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            ("server.max_connections", self.server.max_connections as u64),
+            (
                 "redis.circuit_failures",
                 u64::from(self.redis.circuit_failures),
             ),

@@ -39,6 +39,12 @@ pub struct ServerSettings {
     pub peer_timeout_ms: u64,
     /// How often Redis and the origin are probed for `/ready`, in ms (default 2000).
     pub ready_probe_interval_ms: u64,
+    /// How long a client may take to send a request head, in ms, counted from when its
+    /// connection opened or went idle after a response (default 30000): it is also the
+    /// keep-alive idle time-out.
+    pub header_read_timeout_ms: u64,
+    /// Client connections open at once; more wait in the listen backlog (default 4096).
+    pub max_connections: usize,
 }
 
 /// `[origin]`

@@ -20,10 +20,8 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
-use axum::serve::IncomingStream;
 use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Method, Request, Uri, header};
-use tokio::net::TcpListener;
 use tower::Service;
 
 use super::{FastRequestId, X_REQUEST_ID};
@@ -90,29 +88,11 @@ pub struct HitLane<S> {
 }
 
 impl<S: Clone> HitLane<S> {
-    /// The make-service for `axum::serve`: one lane per connection, knowing its peer.
-    pub fn per_connection(self) -> MakeHitLane<S> {
-        MakeHitLane(self)
-    }
-}
-
-/// Makes a [`HitLane`] for each accepted connection.
-#[derive(Clone)]
-pub struct MakeHitLane<S>(HitLane<S>);
-
-impl<'a, S: Clone> Service<IncomingStream<'a, TcpListener>> for MakeHitLane<S> {
-    type Response = HitLane<S>;
-    type Error = Infallible;
-    type Future = Ready<Result<HitLane<S>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, stream: IncomingStream<'a, TcpListener>) -> Self::Future {
-        let mut lane = self.0.clone();
-        lane.peer = Some(ConnectInfo(*stream.remote_addr()));
-        ready(Ok(lane))
+    /// The lane of one connection, knowing its peer.
+    pub fn for_peer(&self, peer: SocketAddr) -> Self {
+        let mut lane = self.clone();
+        lane.peer = Some(ConnectInfo(peer));
+        lane
     }
 }
 

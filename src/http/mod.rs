@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod conn;
 pub mod events;
 pub mod hit_lane;
 pub mod limits;

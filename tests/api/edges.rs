@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use runcache::metrics::names;
 
@@ -199,4 +200,114 @@ fn the_compose_file_ships_no_admin_token() {
     let config = String::from_utf8_lossy(&accepted.stdout);
     assert!(config.contains("a-token-of-my-own"), "{config}");
     assert!(!config.contains("change-me"), "{config}");
+}
+
+/// A slowloris: 200 connections that trickle a request head one byte every 200 ms, for far
+/// longer than `server.header_read_timeout_ms` (2 s here). Each is closed by the server while
+/// it is still trickling, and normal requests are served meanwhile. The time until the last
+/// one was closed, and the p99 of the normal requests, are printed (not asserted).
+#[tokio::test]
+async fn a_slowloris_is_closed_after_the_header_time_out_while_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TRICKLERS: usize = 200;
+    let app = crate::helpers::spawn_app_with(None, |s| {
+        s.server.header_read_timeout_ms = 2_000;
+        s.auth.frontend = "none".into();
+    })
+    .await;
+    assert_eq!(app.metrics("1").await.status(), 200);
+    let addr = app.url("").trim_start_matches("http://").to_owned();
+    let started = std::time::Instant::now();
+    let mut tricklers = Vec::new();
+    for _ in 0..TRICKLERS {
+        let addr = addr.clone();
+        tricklers.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            let head = b"GET /api/v1/models/train/1/metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+            // 100 bytes at 200 ms each: 20 s of trickling, ten times the time-out.
+            for byte in head
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(b'a'))
+                .take(100)
+            {
+                if s.write_all(&[byte]).await.is_err() {
+                    return Some(started.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                // The server closing shows as EOF (or a reset) on a read that does not wait.
+                let mut buf = [0u8; 512];
+                match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+                    _ => {}
+                }
+            }
+            None
+        }));
+    }
+    let mut latencies = Vec::new();
+    let client = reqwest::Client::new();
+    let normal_until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < normal_until {
+        let t = std::time::Instant::now();
+        let resp = client
+            .get(app.url("/api/v1/models/train/1/metrics"))
+            .send()
+            .await
+            .expect("a normal request during the slowloris");
+        assert_eq!(resp.status(), 200);
+        latencies.push(t.elapsed());
+    }
+    let mut closed = Vec::new();
+    for t in tricklers {
+        closed.push(
+            t.await
+                .expect("trickler")
+                .expect("a trickling connection was still open after 20 s"),
+        );
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    let last = closed.iter().max().expect("closed");
+    println!(
+        "slowloris: {TRICKLERS} connections closed by {last:?} (header time-out 2 s); \
+         {} normal requests meanwhile, p50 {:?}, p99 {p99:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2]
+    );
+}
+
+/// `server.max_connections` bounds open connections: past it, a new one waits in the backlog
+/// until one closes (it is not refused, as with nginx's `worker_connections`).
+#[tokio::test]
+async fn connections_past_the_bound_wait_until_one_closes() {
+    let app = crate::helpers::spawn_app_with(None, |s| {
+        s.server.max_connections = 1;
+    })
+    .await;
+    let addr = app.url("").trim_start_matches("http://").to_owned();
+    let holder = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    // Accepted, and holding the only slot, once the server has taken it from the backlog.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = reqwest::Client::new();
+    let waiting = tokio::spawn({
+        let url = app.url("/health");
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second connection was served past the bound"
+    );
+    drop(holder);
+    let status = waiting
+        .await
+        .expect("task")
+        .expect("served once the slot is free");
+    assert_eq!(status, 200);
 }
