@@ -167,6 +167,7 @@ impl Settings {
     /// Checks every value that parsing alone cannot; fails on the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.socket_addr()?;
+        self.stored_headers()?;
         let base = reqwest::Url::parse(&self.origin.base_url)
             .map_err(|e| invalid("origin.base_url", e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
@@ -385,6 +386,49 @@ impl Settings {
                 v.comparison.stale_if_error,
             ),
         ]
+    }
+
+    /// `cache.stored_headers` as header names, lower case. Refused: a name that is not one,
+    /// and headers that must never be replayed from the cache: hop-by-hop ones, `Set-Cookie`,
+    /// and those runcache sets itself.
+    pub fn stored_headers(&self) -> Result<Vec<http::HeaderName>, ConfigError> {
+        const REFUSED: [&str; 20] = [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "te",
+            "trailer",
+            "upgrade",
+            "set-cookie",
+            "content-length",
+            "content-type",
+            "content-encoding",
+            "etag",
+            "vary",
+            "age",
+            "date",
+            "server",
+            "x-cache",
+            "cache-status",
+            "x-request-id",
+            "www-authenticate",
+            "authorization",
+        ];
+        self.cache
+            .stored_headers
+            .iter()
+            .map(|h| {
+                let name = http::HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes())
+                    .map_err(|_| invalid("cache.stored_headers", format!("{h:?} is not a header name")))?;
+                if REFUSED.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+                    return Err(invalid(
+                        "cache.stored_headers",
+                        format!("{h:?} is never stored (hop-by-hop, a cookie, or set by runcache itself)"),
+                    ));
+                }
+                Ok(name)
+            })
+            .collect()
     }
 
     /// The JWT verifier of `auth.frontend = jwt` (`None` in other modes).

@@ -113,6 +113,10 @@ pub struct CacheSettings {
     /// Largest body stored; larger origin answers are passed through but not cached
     /// (default 1 MiB).
     pub max_entry_bytes: usize,
+    /// Origin headers stored with an entry and sent on its hits, besides `Content-Type`
+    /// (default `Content-Language`, `Content-Disposition`, `Link`, `Cache-Control`,
+    /// `Last-Modified`, `Expires`).
+    pub stored_headers: Vec<String>,
 }
 
 /// `[views]`

@@ -212,14 +212,23 @@ pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response 
         headers.insert(header::ETAG, etag);
     }
     if not_modified {
+        // What a 304 must carry of the 200 it stands for (RFC 9110 section 15.4.5).
+        for (name, value) in r.headers.iter() {
+            if matches!(
+                name.as_str(),
+                "cache-control" | "expires" | "content-location"
+            ) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         return resp;
     }
     if let Some(ct) = r.content_type {
         headers.insert(header::CONTENT_TYPE, ct);
     }
-    if let Some(auth) = r.www_authenticate {
-        headers.insert(header::WWW_AUTHENTICATE, auth);
+    for (name, value) in r.headers.iter() {
+        headers.append(name.clone(), value.clone());
     }
     *resp.status_mut() = r.status;
     resp.extensions_mut().insert(OriginAnswer);
@@ -439,9 +448,7 @@ pub async fn delete_run(
     if let Some(ct) = resp.content_type {
         out.insert(header::CONTENT_TYPE, ct);
     }
-    if let Some(auth) = resp.www_authenticate {
-        out.insert(header::WWW_AUTHENTICATE, auth);
-    }
+    out.extend(resp.headers);
     let mut response = (resp.status, out, resp.body).into_response();
     response.extensions_mut().insert(OriginAnswer);
     Ok(response)

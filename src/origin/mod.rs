@@ -54,10 +54,66 @@ pub struct OriginResponse {
     pub content_type: Option<HeaderValue>,
     /// `Cache-Control`, which decides whether and how long to store.
     pub cache_control: Option<String>,
-    /// `WWW-Authenticate`, passed through with 401s.
-    pub www_authenticate: Option<HeaderValue>,
+    /// The origin's end-to-end headers but those runcache sets itself (see [`end_to_end`]):
+    /// what a client is passed when the answer is not served from the cache.
+    pub headers: HeaderMap,
     /// The body, byte for byte.
     pub body: Bytes,
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1), which end at runcache.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "proxy-authenticate",
+];
+
+/// Headers runcache sets itself on every view answer (or that describe the origin's own
+/// connection and server, which nginx's `proxy_pass` drops too): the origin's copy would
+/// contradict or duplicate them.
+const OWN: [&str; 10] = [
+    "content-length",
+    "content-type",
+    "etag",
+    "vary",
+    "age",
+    "date",
+    "server",
+    "x-cache",
+    "cache-status",
+    "x-request-id",
+];
+
+/// The end-to-end headers of an origin answer: hop-by-hop headers, `Proxy-*`, whatever
+/// `Connection` names, and the headers runcache sets itself are dropped; everything else
+/// (`Location`, `Retry-After`, `Cache-Control`, `Set-Cookie`, `WWW-Authenticate`, …) is kept.
+pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n)
+            || n.starts_with("proxy-")
+            || OWN.contains(&n)
+            || named.iter().any(|c| c == n)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
 }
 
 /// HTTP client for the origin. Cloning shares the connection pool.
@@ -125,7 +181,7 @@ impl OriginClient {
         }
         let headers = resp.headers();
         let content_type = headers.get(header::CONTENT_TYPE).cloned();
-        let www_authenticate = headers.get(header::WWW_AUTHENTICATE).cloned();
+        let passed = end_to_end(headers);
         let cache_control = headers
             .get_all(header::CACHE_CONTROL)
             .iter()
@@ -144,7 +200,7 @@ impl OriginClient {
             status,
             content_type,
             cache_control: (!cache_control.is_empty()).then_some(cache_control),
-            www_authenticate,
+            headers: passed,
             body: body.freeze(),
         })
     }
@@ -167,5 +223,53 @@ fn map_err(e: reqwest::Error) -> OriginError {
         // The reqwest message goes to logs, never to clients; without its URL, which may
         // carry `origin.base_url`'s credentials.
         OriginError::Unreachable(e.without_url().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_end_to_end_headers_pass() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "keep-alive, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("upgrade", "h2c"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-foo", "1"),
+            ("x-hop", "named by connection"),
+            ("content-length", "3"),
+            ("etag", "\"origin\""),
+            ("date", "Tue, 01 Dec 2026 00:00:00 GMT"),
+            ("location", "/elsewhere"),
+            ("retry-after", "7"),
+            ("cache-control", "private"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("www-authenticate", "Bearer"),
+        ] {
+            h.append(
+                HeaderName::from_static(n),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let out = end_to_end(&h);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "location",
+                "retry-after",
+                "cache-control",
+                "set-cookie",
+                "www-authenticate"
+            ]
+        );
+        assert_eq!(out.get_all("set-cookie").iter().count(), 2);
     }
 }

@@ -36,6 +36,8 @@ pub enum CacheOutcome {
     Bypass,
 }
 
+use crate::store::Headers;
+
 /// The answer to a cached-view request.
 #[derive(Debug, Clone)]
 pub struct ViewResponse {
@@ -43,8 +45,9 @@ pub struct ViewResponse {
     pub status: StatusCode,
     /// Origin `Content-Type`.
     pub content_type: Option<HeaderValue>,
-    /// Origin `WWW-Authenticate` on a passed-through 401.
-    pub www_authenticate: Option<HeaderValue>,
+    /// The origin's headers sent with it: all of its end-to-end headers when it comes
+    /// straight from the origin, the stored ones (`cache.stored_headers`) when from the cache.
+    pub headers: Headers,
     /// Body, byte for byte as the origin sent it.
     pub body: Bytes,
     /// Strong ETag (quoted) for 200 answers.
@@ -116,6 +119,14 @@ impl ViewResponse {
     /// `Cache-Status` as a header value, built without copying the text again.
     pub fn cache_status_value(&self) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
         HeaderValue::from_maybe_shared(Bytes::from(self.cache_status()))
+    }
+
+    /// Whether it carries `Set-Cookie`: then it goes to its own requester only (never stored,
+    /// never shared with requests that joined its fetch), as Varnish and nginx do.
+    pub fn sets_cookie(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|(n, _)| n == http::header::SET_COOKIE)
     }
 
     /// `Age` in seconds, on hits and stale answers.

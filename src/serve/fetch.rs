@@ -162,6 +162,19 @@ impl ReadThrough {
         if resp.body.len() > self.max_entry_bytes {
             return Err("too-large");
         }
+        // A cookie is for its requester alone (Varnish and nginx do not store such answers
+        // either).
+        if resp.headers.contains_key(http::header::SET_COOKIE) {
+            return Err("set-cookie");
+        }
+        // A body the origin encoded would be served later without its encoding.
+        if resp
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            return Err("encoded");
+        }
         match policy::storability(resp.cache_control.as_deref(), configured) {
             Storability::Store(ttl) => Ok(ttl),
             Storability::DoNotStore(why) => Err(why),
@@ -175,6 +188,7 @@ impl ReadThrough {
         stamp: Stamp,
     ) -> Result<ViewResponse, OriginError> {
         let resp = self.fetch(req.view, req.origin).await?;
+        let passed = crate::store::headers_of(&resp.headers);
         let ttl = match self.storable(&resp, ctx.policy) {
             Ok(ttl) => ttl,
             Err(why) => {
@@ -190,7 +204,6 @@ impl ReadThrough {
             // A 404 kept for negative caching: stored, but only a 2xx accepts (SPEC 4).
             self.revoke(ctx);
         }
-        let www_authenticate = resp.www_authenticate.clone();
         let (entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
         let (stored, detail) = match self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
             Ok(true) => {
@@ -213,7 +226,9 @@ impl ReadThrough {
                 collapsed: false,
             },
         );
-        out.www_authenticate = www_authenticate;
+        // Its requester gets every end-to-end header the origin sent; later hits, the
+        // stored ones.
+        out.headers = passed;
         Ok(out)
     }
 
@@ -237,6 +252,7 @@ impl ReadThrough {
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
+        let resp_headers = resp.headers;
         let mut entry = CacheEntry::new(
             resp.status.as_u16(),
             content_type,
@@ -246,9 +262,26 @@ impl ReadThrough {
             tags,
             stamp,
         );
+        entry = entry.with_headers(self.stored_subset(&resp_headers));
         let stale_window = ctx.policy.stale_window();
         entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
         (entry, ttl + stale_window)
+    }
+
+    /// The headers of `headers` that entries keep (`cache.stored_headers`).
+    pub(super) fn stored_subset(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Vec<(http::HeaderName, http::HeaderValue)> {
+        self.stored_headers
+            .iter()
+            .flat_map(|name| {
+                headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| (name.clone(), v.clone()))
+            })
+            .collect()
     }
 
     /// Fetches from the origin, counting it; a 5xx becomes an error.

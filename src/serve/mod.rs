@@ -92,6 +92,7 @@ pub struct ReadThrough {
     invalidator: Invalidator,
     access: Arc<AccessControl>,
     max_entry_bytes: usize,
+    stored_headers: Arc<[http::HeaderName]>,
     tasks: Tasks,
 }
 
@@ -123,6 +124,7 @@ impl ReadThrough {
                 options.jwt,
             )),
             max_entry_bytes: options.max_entry_bytes,
+            stored_headers: options.stored_headers.into(),
             tasks: parts.tasks,
         }
     }
@@ -346,6 +348,7 @@ impl ReadThrough {
         let view = req.view;
         let result = match stamp {
             Some(stamp) => {
+                let origin_req = req.origin.clone();
                 let (flight, joined) = self.start_fetch(req, ctx, stamp);
                 if joined {
                     self.stats.record_coalesced(view);
@@ -353,7 +356,14 @@ impl ReadThrough {
                 let result = tokio::time::timeout(self.coalesce.wait, flight)
                     .await
                     .unwrap_or(Err(OriginError::Timeout));
-                result.map(|r| if joined { r.collapsed() } else { r })
+                match result {
+                    // A cookie was for the request that fetched it: this one asks for itself.
+                    Ok(r) if joined && r.sets_cookie() => self
+                        .fetch(view, origin_req)
+                        .await
+                        .map(|r| self.passthrough_miss(r, Some("set-cookie"))),
+                    other => other.map(|r| if joined { r.collapsed() } else { r }),
+                }
             }
             // The store could not say what the entry depends on: answer from the origin,
             // alone (nothing safe to join) and without storing.
@@ -401,7 +411,7 @@ impl ReadThrough {
         ViewResponse {
             status,
             content_type: Some(entry.content_type.clone()).filter(|v| !v.is_empty()),
-            www_authenticate: None,
+            headers: entry.headers.clone(),
             etag: (status == StatusCode::OK).then(|| entry.etag.clone()),
             body: entry.body.clone(),
             outcome,
@@ -427,7 +437,7 @@ fn passthrough(resp: OriginResponse, outcome: CacheOutcome, degraded: bool) -> V
     ViewResponse {
         status: resp.status,
         content_type: resp.content_type,
-        www_authenticate: resp.www_authenticate,
+        headers: crate::store::headers_of(&resp.headers),
         body: resp.body,
         etag,
         outcome,

@@ -271,7 +271,9 @@ impl ReadThrough {
         self.access.accept(&ctx.key, ctx.cred, resp.status.as_u16());
         let volatile = &self.refresher.opts.volatile_fields;
         if content_hash(&resp.body, volatile) == content_hash(&old.body, volatile) {
-            let mut touched = old;
+            // The origin's headers may have moved (a new Last-Modified, say) even when the
+            // body did not.
+            let mut touched = old.with_headers(self.stored_subset(&resp.headers));
             touched.stored_at_ms = policy::now_ms();
             touched.ttl_secs = ttl.as_secs();
             let retention = ttl + ctx.policy.stale_window();

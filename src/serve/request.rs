@@ -117,4 +117,6 @@ pub struct ReadThroughOptions {
     pub validation_ttl: Duration,
     /// Largest body stored; larger answers are passed through.
     pub max_entry_bytes: usize,
+    /// Origin headers stored with an entry (`cache.stored_headers`), lower case.
+    pub stored_headers: Vec<http::HeaderName>,
 }

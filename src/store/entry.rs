@@ -5,10 +5,20 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::HeaderValue;
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use super::{Source, Stamp, StoreError};
+
+/// Origin headers kept with an answer, shared rather than copied on every hit.
+pub type Headers = Arc<[(HeaderName, HeaderValue)]>;
+
+/// `map` as [`Headers`].
+pub fn headers_of(map: &http::HeaderMap) -> Headers {
+    map.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+}
 
 /// A stored origin answer: the body byte for byte, plus what is needed to serve it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +28,8 @@ pub struct CacheEntry {
     /// Origin `Content-Type` (empty when the origin sent none), ready to be sent: a hit
     /// copies no header bytes.
     pub content_type: HeaderValue,
+    /// The origin headers kept with it (`cache.stored_headers`), sent on every hit.
+    pub headers: Headers,
     /// Strong validator, quoted (`"…"`), from the body's hash, computed once when stored.
     pub etag: HeaderValue,
     /// When its data was fetched from the origin (or, after an unchanged refresh, confirmed),
@@ -56,6 +68,9 @@ struct EntryMeta<'a> {
     /// be).
     #[serde(default)]
     sa: u64,
+    /// Stored origin headers, as name and value.
+    #[serde(default)]
+    h: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
 
 const ENTRY_MAGIC: &[u8; 3] = b"RC1";
@@ -95,6 +110,7 @@ impl CacheEntry {
         Self {
             status,
             content_type: header_value(content_type),
+            headers: Arc::from([]),
             etag: strong_etag(&body),
             stored_at_ms,
             ttl_secs: ttl.as_secs(),
@@ -119,6 +135,14 @@ impl CacheEntry {
             g: self.stamp.counters().to_vec(),
             c: self.stamp.clears(),
             sa: self.stamp.read_at_ms(),
+            // Only values that are text are kept (see `with_headers`).
+            h: self
+                .headers
+                .iter()
+                .filter_map(|(n, v)| {
+                    Some((Cow::Borrowed(n.as_str()), Cow::Borrowed(v.to_str().ok()?)))
+                })
+                .collect(),
         };
         let meta = serde_json::to_vec(&meta).unwrap_or_default();
         let mut out = BytesMut::with_capacity(7 + meta.len() + self.body.len());
@@ -142,9 +166,22 @@ impl CacheEntry {
         let meta_bytes = raw.split_to(meta_len);
         let meta: EntryMeta<'_> =
             serde_json::from_slice(&meta_bytes).map_err(|_| StoreError::Corrupt("bad metadata"))?;
+        let headers = meta
+            .h
+            .iter()
+            .map(|(n, v)| {
+                Ok((
+                    HeaderName::from_bytes(n.as_bytes())
+                        .map_err(|_| StoreError::Corrupt("bad header name"))?,
+                    HeaderValue::from_str(v)
+                        .map_err(|_| StoreError::Corrupt("bad header value"))?,
+                ))
+            })
+            .collect::<Result<Headers, StoreError>>()?;
         Ok(Self {
             status: meta.s,
             content_type: header_value(&meta.ct),
+            headers,
             etag: HeaderValue::from_str(&meta.et).map_err(|_| StoreError::Corrupt("bad etag"))?,
             stored_at_ms: meta.at,
             ttl_secs: meta.ttl,
@@ -153,6 +190,18 @@ impl CacheEntry {
             stamp: Stamp::read_at(source, meta.g, meta.c, meta.sa),
             body: raw,
         })
+    }
+
+    /// Keeps `headers` (text values only: the codec stores text) with it.
+    pub fn with_headers(
+        mut self,
+        headers: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+    ) -> Self {
+        self.headers = headers
+            .into_iter()
+            .filter(|(_, v)| v.to_str().is_ok())
+            .collect();
+        self
     }
 
     /// When it stops being fresh, in Unix milliseconds.
@@ -166,6 +215,11 @@ impl CacheEntry {
         self.body.len()
             + self.content_type.len()
             + self.etag.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len())
+                .sum::<usize>()
             + self.tags.iter().map(String::len).sum::<usize>()
             + 8 * self.stamp.counters().len()
             + 64

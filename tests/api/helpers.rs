@@ -79,6 +79,22 @@ pub struct OriginControl {
     pub hidden_from: Mutex<std::collections::HashSet<String>>,
     /// Calls of `/health` (runcache's readiness probe).
     pub health_calls: AtomicUsize,
+    /// Headers added to every view answer (failures included).
+    pub extra_headers: Mutex<Vec<(String, String)>>,
+    /// Headers added to the next view answer only.
+    pub next_headers: Mutex<Vec<(String, String)>>,
+}
+
+/// Adds the configured extra headers (and the one-shot ones, consumed) to `resp`.
+fn add_extra_headers(c: &OriginControl, resp: &mut Response) {
+    let once = std::mem::take(&mut *c.next_headers.lock().expect("lock"));
+    let always = c.extra_headers.lock().expect("lock").clone();
+    for (name, value) in always.iter().chain(once.iter()) {
+        resp.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            value.parse().expect("value"),
+        );
+    }
 }
 
 /// The in-process origin. Clones share it (two instances in front of one origin).
@@ -136,6 +152,22 @@ impl TestOrigin {
 
     pub fn set_delay(&self, ms: u64) {
         self.control.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Adds `headers` to every view answer from now on.
+    pub fn set_headers(&self, headers: &[(&str, &str)]) {
+        *self.control.extra_headers.lock().expect("lock") = headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+    }
+
+    /// Adds `headers` to the next view answer only.
+    pub fn set_next_headers(&self, headers: &[(&str, &str)]) {
+        *self.control.next_headers.lock().expect("lock") = headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
     }
 
     pub fn set_fail(&self, status: u16) {
@@ -198,7 +230,9 @@ async fn enter(
     let fail = c.fail_status.load(Ordering::SeqCst);
     if fail != 0 {
         let status = StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Err((status, "origin exploded at 10.1.2.3").into_response());
+        let mut resp = (status, "origin exploded at 10.1.2.3").into_response();
+        add_extra_headers(c, &mut resp);
+        return Err(resp);
     }
     if id == "secure" {
         // Token A may read run "secure"; token B may not; anonymous callers must log in.
@@ -285,6 +319,7 @@ fn json_answer(c: &OriginControl, body: String) -> Response {
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, cc.parse().expect("header"));
     }
+    add_extra_headers(c, &mut resp);
     resp
 }
 

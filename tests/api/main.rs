@@ -7,6 +7,7 @@ mod edges;
 mod events;
 mod fallback;
 mod freshness;
+mod headers;
 mod helpers;
 mod jwt;
 mod lane;

@@ -1,0 +1,135 @@
+//! What runcache does with the origin's headers: end-to-end ones reach the client on misses
+//! and passed-through answers, hop-by-hop ones end at runcache, entries keep the configured
+//! representation headers, and a `Set-Cookie` goes to its own requester only.
+
+use crate::helpers::{TestApp, header, spawn_app_with};
+
+const METRICS: &str = "/api/v1/models/train/7/metrics";
+
+/// Views public (`auth.frontend = none`): these tests are about headers, not credentials,
+/// and public views share one fetch between concurrent readers.
+async fn public_app() -> TestApp {
+    spawn_app_with(None, |s| s.auth.frontend = "none".into()).await
+}
+
+fn all(resp: &reqwest::Response, name: &str) -> Vec<String> {
+    resp.headers()
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().expect("text").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn location_and_retry_after_are_passed_through() {
+    let app = public_app().await;
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    app.origin.set_headers(&[("location", "/login?next=7")]);
+    app.origin.set_fail(302);
+    let resp = no_redirects
+        .get(app.url(METRICS))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 302);
+    assert_eq!(header(&resp, "location"), "/login?next=7");
+
+    app.origin.set_headers(&[("retry-after", "7")]);
+    app.origin.set_fail(429);
+    let resp = app.get(METRICS).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(header(&resp, "retry-after"), "7");
+}
+
+#[tokio::test]
+async fn end_to_end_headers_pass_hop_by_hop_ones_stop_and_entries_keep_the_stored_set() {
+    let app = public_app().await;
+    app.origin.set_headers(&[
+        ("x-origin-trace", "abc"),
+        ("content-language", "fr"),
+        ("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT"),
+        ("link", "</api/v1/models/train/7>; rel=\"up\""),
+        ("connection", "x-hop"),
+        ("x-hop", "named by connection"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-authenticate", "Basic"),
+        ("etag", "\"the-origin's\""),
+    ]);
+    *app.origin.control.cache_control.lock().expect("lock") = Some("max-age=600".into());
+
+    let miss = app.get(METRICS).await;
+    assert_eq!(header(&miss, "x-cache"), "MISS");
+    assert_eq!(header(&miss, "x-origin-trace"), "abc");
+    assert_eq!(header(&miss, "content-language"), "fr");
+    assert_eq!(header(&miss, "cache-control"), "max-age=600");
+    for gone in ["x-hop", "keep-alive", "proxy-authenticate"] {
+        assert!(miss.headers().get(gone).is_none(), "{gone} reached the client");
+    }
+    assert_eq!(all(&miss, "etag").len(), 1, "one ETag: runcache's");
+    assert_ne!(header(&miss, "etag"), "\"the-origin's\"");
+
+    let hit = app.get(METRICS).await;
+    assert_eq!(header(&hit, "x-cache"), "HIT");
+    // The stored set (cache.stored_headers), not the rest.
+    assert_eq!(header(&hit, "content-language"), "fr");
+    assert_eq!(header(&hit, "last-modified"), "Tue, 01 Dec 2026 10:00:00 GMT");
+    assert_eq!(header(&hit, "link"), "</api/v1/models/train/7>; rel=\"up\"");
+    assert_eq!(header(&hit, "cache-control"), "max-age=600");
+    assert!(hit.headers().get("x-origin-trace").is_none());
+    assert!(hit.headers().get("x-hop").is_none());
+
+    // A 304 carries the Cache-Control of the 200 it stands for.
+    let etag = header(&hit, "etag").to_owned();
+    let not_modified = app
+        .client
+        .get(app.url(METRICS))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(not_modified.status(), 304);
+    assert_eq!(header(&not_modified, "cache-control"), "max-age=600");
+}
+
+#[tokio::test]
+async fn a_set_cookie_answer_goes_to_its_requester_only_and_is_never_stored() {
+    let app = public_app().await;
+    app.origin.set_next_headers(&[("set-cookie", "session=for-the-first-reader; HttpOnly")]);
+    let first = app.get(METRICS).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(all(&first, "set-cookie"), ["session=for-the-first-reader; HttpOnly"]);
+    let status = header(&first, "cache-status");
+    assert!(status.contains("set-cookie"), "{status}");
+
+    // Not stored: the second reader is a miss of its own, without the cookie.
+    let second = app.get(METRICS).await;
+    assert_eq!(header(&second, "x-cache"), "MISS");
+    assert!(second.headers().get("set-cookie").is_none());
+    assert_eq!(app.origin.calls(METRICS), 2);
+    let third = app.get(METRICS).await;
+    assert_eq!(header(&third, "x-cache"), "HIT");
+    assert!(third.headers().get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn readers_that_joined_a_fetch_whose_answer_set_a_cookie_do_not_get_it() {
+    let app = public_app().await;
+    app.origin.set_delay(300);
+    app.origin.set_next_headers(&[("set-cookie", "session=one-reader")]);
+    let readers: Vec<_> = (0..5)
+        .map(|_| {
+            let (client, url) = (app.client.clone(), app.url(METRICS));
+            tokio::spawn(async move { client.get(url).send().await.expect("request") })
+        })
+        .collect();
+    let mut with_cookie = 0;
+    for r in readers {
+        let resp = r.await.expect("reader");
+        assert_eq!(resp.status(), 200);
+        with_cookie += usize::from(resp.headers().contains_key("set-cookie"));
+    }
+    assert_eq!(with_cookie, 1, "the cookie reached readers other than its own");
+}
