@@ -281,6 +281,7 @@ fn read_through_options(settings: &Settings) -> anyhow::Result<ReadThroughOption
         validation_ttl: Duration::from_secs(settings.auth.validation_ttl),
         max_entry_bytes: settings.cache.max_entry_bytes,
         stored_headers: settings.stored_headers()?,
+        max_variants: settings.cache.max_variants,
     })
 }
 

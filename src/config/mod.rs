@@ -270,6 +270,7 @@ impl Settings {
                 self.server.header_read_timeout_ms,
             ),
             ("server.max_connections", self.server.max_connections as u64),
+            ("cache.max_variants", self.cache.max_variants as u64),
             (
                 "redis.circuit_failures",
                 u64::from(self.redis.circuit_failures),

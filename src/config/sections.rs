@@ -117,6 +117,8 @@ pub struct CacheSettings {
     /// (default `Content-Language`, `Content-Disposition`, `Link`, `Cache-Control`,
     /// `Last-Modified`, `Expires`).
     pub stored_headers: Vec<String>,
+    /// Most variants stored per entry for an origin that answers with `Vary` (default 8).
+    pub max_variants: usize,
 }
 
 /// `[views]`

@@ -58,6 +58,9 @@ pub struct StatsBody {
     pub origin_errors: u64,
     /// Misses that waited for another request's origin fetch.
     pub coalesced: u64,
+    /// Origin answers with `Vary` not stored because their entry already had
+    /// `cache.max_variants` variants.
+    pub variants_refused: u64,
     /// Mean request latency.
     pub avg_latency_ms: f64,
     /// Median request latency.
@@ -277,6 +280,7 @@ async fn stats(state: &AppState) -> StatsResponse {
             origin_fetches: s.sum(|v| &v.origin_fetches),
             origin_errors: s.sum(|v| &v.origin_errors),
             coalesced: s.sum(|v| &v.coalesced),
+            variants_refused: s.variants_refused.load(Relaxed),
             avg_latency_ms: round2(s.latency.mean_ms()),
             p50_latency_ms: round2(s.latency.quantile_ms(0.50)),
             p95_latency_ms: round2(s.latency.quantile_ms(0.95)),

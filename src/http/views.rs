@@ -216,7 +216,7 @@ pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response 
         for (name, value) in r.headers.iter() {
             if matches!(
                 name.as_str(),
-                "cache-control" | "expires" | "content-location"
+                "cache-control" | "expires" | "content-location" | "vary"
             ) {
                 headers.append(name.clone(), value.clone());
             }

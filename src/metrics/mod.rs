@@ -53,9 +53,11 @@ pub mod names {
     pub const MEMORY_ENTRIES: &str = "runcache_memory_entries";
     /// Bytes in the memory tier.
     pub const MEMORY_BYTES: &str = "runcache_memory_bytes";
+    /// Origin answers not stored because their entry had `cache.max_variants` variants.
+    pub const VARIANTS_REFUSED_TOTAL: &str = "runcache_variants_refused_total";
 
     /// Every family above: each is exported from start-up, at 0 for its known label values.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         VIEW_REQUESTS_TOTAL,
         VIEW_REQUEST_DURATION,
         ORIGIN_REQUESTS_TOTAL,
@@ -75,6 +77,7 @@ pub mod names {
         WARM_ERRORS_TOTAL,
         MEMORY_ENTRIES,
         MEMORY_BYTES,
+        VARIANTS_REFUSED_TOTAL,
     ];
 }
 
@@ -159,6 +162,10 @@ fn describe() {
     );
     describe_counter!(names::WARMED_TOTAL, "Entries filled by warming");
     describe_counter!(names::WARM_ERRORS_TOTAL, "Entries warming could not fill");
+    describe_counter!(
+        names::VARIANTS_REFUSED_TOTAL,
+        "Origin answers not stored because their entry had cache.max_variants variants"
+    );
     describe_gauge!(names::MEMORY_ENTRIES, "Entries in the memory tier");
     // Label-less counters are registered at zero, so dashboards see them before the first event.
     for name in [
@@ -166,6 +173,7 @@ fn describe() {
         names::CACHE_FALLBACK_TOTAL,
         names::WARMED_TOTAL,
         names::WARM_ERRORS_TOTAL,
+        names::VARIANTS_REFUSED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }

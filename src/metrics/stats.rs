@@ -196,6 +196,9 @@ pub struct Stats {
     pub warmed: AtomicU64,
     /// Entries warming could not fill.
     pub warm_errors: AtomicU64,
+    /// Origin answers not stored because their entry already had `cache.max_variants`
+    /// variants.
+    pub variants_refused: AtomicU64,
 }
 
 impl Default for Stats {
@@ -209,6 +212,7 @@ impl Default for Stats {
             latency: Histogram::default(),
             warmed: AtomicU64::new(0),
             warm_errors: AtomicU64::new(0),
+            variants_refused: AtomicU64::new(0),
         }
     }
 }
@@ -282,6 +286,12 @@ impl Stats {
         self.deletes.fetch_add(deleted, Relaxed);
         metrics::counter!(super::names::INVALIDATIONS_TOTAL, "cause" => cause).increment(1);
         metrics::counter!(super::names::ENTRIES_DELETED_TOTAL, "cause" => cause).increment(deleted);
+    }
+
+    /// Records an answer not stored because its entry had every variant it may have.
+    pub fn record_variant_refused(&self) {
+        self.variants_refused.fetch_add(1, Relaxed);
+        metrics::counter!(super::names::VARIANTS_REFUSED_TOTAL).increment(1);
     }
 
     /// Records one entry written.

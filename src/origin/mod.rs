@@ -54,6 +54,8 @@ pub struct OriginResponse {
     pub content_type: Option<HeaderValue>,
     /// `Cache-Control`, which decides whether and how long to store.
     pub cache_control: Option<String>,
+    /// `Vary`, every field line joined, which decides how it is stored.
+    pub vary: Option<String>,
     /// The origin's end-to-end headers but those runcache sets itself (see [`end_to_end`]):
     /// what a client is passed when the answer is not served from the cache.
     pub headers: HeaderMap,
@@ -76,11 +78,10 @@ const HOP_BY_HOP: [&str; 8] = [
 /// Headers runcache sets itself on every view answer (or that describe the origin's own
 /// connection and server, which nginx's `proxy_pass` drops too): the origin's copy would
 /// contradict or duplicate them.
-const OWN: [&str; 10] = [
+const OWN: [&str; 9] = [
     "content-length",
     "content-type",
     "etag",
-    "vary",
     "age",
     "date",
     "server",
@@ -151,6 +152,11 @@ impl OriginClient {
         })
     }
 
+    /// Whether `name` (lower case) is one of the headers forwarded to the origin.
+    pub fn forwards(&self, name: &str) -> bool {
+        self.forward.iter().any(|h| h.as_str() == name)
+    }
+
     /// The configured headers of `incoming`, to be forwarded.
     pub fn forwarded_headers(&self, incoming: &HeaderMap) -> HeaderMap {
         let mut out = HeaderMap::new();
@@ -188,6 +194,12 @@ impl OriginClient {
             .filter_map(|v| v.to_str().ok())
             .collect::<Vec<_>>()
             .join(", ");
+        let vary = headers
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
         let status = resp.status();
         let mut body = BytesMut::new();
         while let Some(chunk) = resp.chunk().await.map_err(map_err)? {
@@ -200,6 +212,7 @@ impl OriginClient {
             status,
             content_type,
             cache_control: (!cache_control.is_empty()).then_some(cache_control),
+            vary: (!vary.is_empty()).then_some(vary),
             headers: passed,
             body: body.freeze(),
         })

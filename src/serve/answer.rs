@@ -48,6 +48,10 @@ pub struct ViewResponse {
     /// The origin's headers sent with it: all of its end-to-end headers when it comes
     /// straight from the origin, the stored ones (`cache.stored_headers`) when from the cache.
     pub headers: Headers,
+    /// For an answer fetched for an entry the origin varies: the request headers it varies
+    /// on and the hash of their values it was fetched with (a request that joined its fetch
+    /// with other values may not be given it).
+    pub variant: Option<(std::sync::Arc<[String]>, u64)>,
     /// Body, byte for byte as the origin sent it.
     pub body: Bytes,
     /// Strong ETag (quoted) for 200 answers.

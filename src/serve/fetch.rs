@@ -11,7 +11,11 @@ use super::{CacheOutcome, Ctx, ReadThrough, ViewRequest, ViewResponse};
 use crate::domain::policy::{self, Storability};
 use crate::domain::{View, ViewPolicy};
 use crate::origin::{OriginError, OriginRequest, OriginResponse};
-use crate::store::{CacheEntry, Lock, Stamp};
+use std::sync::Arc;
+
+use super::request::VariantOf;
+use super::vary::{self, Spec};
+use crate::store::{CacheEntry, Lock, Stamp, VaryMarker};
 
 impl ReadThrough {
     /// Joins the fetch of `ctx`'s entry if one running saw at least `stamp`, or starts one in
@@ -35,6 +39,10 @@ impl ReadThrough {
 
     /// A fresh copy of `ctx`'s entry that its caller may be served, as a hit.
     fn fresh_for(&self, ctx: &Ctx, entry: &CacheEntry) -> Option<ViewResponse> {
+        // A Vary marker is no answer: the flight goes on to the origin.
+        if entry.vary.is_some() {
+            return None;
+        }
         if !self.access.may_serve(&ctx.key, ctx.cred, entry.status) {
             return None;
         }
@@ -187,9 +195,15 @@ impl ReadThrough {
         ctx: &Ctx,
         stamp: Stamp,
     ) -> Result<ViewResponse, OriginError> {
+        let req_headers = req.origin.headers.clone();
         let resp = self.fetch(req.view, req.origin).await?;
         let passed = crate::store::headers_of(&resp.headers);
-        let ttl = match self.storable(&resp, ctx.policy) {
+        let spec = vary::spec(resp.vary.as_deref(), &self.origin);
+        let storable = match spec {
+            Spec::Unstorable => Err("vary"),
+            _ => self.storable(&resp, ctx.policy),
+        };
+        let ttl = match storable {
             Ok(ttl) => ttl,
             Err(why) => {
                 // Only an answer that would itself be stored accepts credentials for the
@@ -198,13 +212,51 @@ impl ReadThrough {
                 return Ok(self.passthrough_miss(resp, Some(why)));
             }
         };
+        // An answer that varies is stored as a variant: under the marker it was read
+        // through, or, the first time, under a new marker left at the entry's key.
+        let mut variant = None;
+        let mut variant_ctx = None;
+        if let Spec::Fields(fields) = &spec {
+            let hash = vary::hash(fields, &req_headers);
+            variant = Some((Arc::<[String]>::from(fields.as_slice()), hash));
+            match &req.variant {
+                Some(of) => self.note_variant(ctx, of).await,
+                None => {
+                    let marker = vary::new_marker(fields.clone(), hash);
+                    let logical = vary::key(&req.logical_key, marker.nonce, hash);
+                    if !self
+                        .put_marker(&req.run_ids, ctx, marker, ttl, stamp.clone())
+                        .await
+                    {
+                        return Ok(self.passthrough_miss(resp, Some("superseded")));
+                    }
+                    let key = self.keys.entry(&ctx.version, &logical);
+                    variant_ctx = Some(Ctx {
+                        flight: self.access.flight_key(&key, ctx.cred),
+                        key,
+                        ..ctx.clone()
+                    });
+                }
+            }
+        }
+        let ctx = variant_ctx.as_ref().unwrap_or(ctx);
+        let vary_value = match &spec {
+            Spec::Fields(fields) => http::HeaderValue::from_str(&fields.join(", ")).ok(),
+            _ => None,
+        };
         if resp.status.is_success() {
             self.access.accept(&ctx.key, ctx.cred, resp.status.as_u16());
         } else {
             // A 404 kept for negative caching: stored, but only a 2xx accepts (SPEC 4).
             self.revoke(ctx);
         }
-        let (entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
+        let (mut entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
+        // Its hits tell downstream caches what it varies on.
+        if let Some(v) = vary_value {
+            let mut headers = entry.headers.to_vec();
+            headers.push((http::header::VARY, v));
+            entry = entry.with_headers(headers);
+        }
         let (stored, detail) = match self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
             Ok(true) => {
                 self.stats.record_set();
@@ -229,7 +281,53 @@ impl ReadThrough {
         // Its requester gets every end-to-end header the origin sent; later hits, the
         // stored ones.
         out.headers = passed;
+        out.variant = variant;
         Ok(out)
+    }
+
+    /// Leaves the Vary marker `marker` at `ctx`'s key, stamped and kept as its variants are.
+    /// `false`: something it depends on moved since `stamp` was read, or the store failed.
+    async fn put_marker(
+        &self,
+        run_ids: &[String],
+        ctx: &Ctx,
+        marker: VaryMarker,
+        ttl: Duration,
+        stamp: Stamp,
+    ) -> bool {
+        let tags = run_ids
+            .iter()
+            .map(|id| self.keys.run_tag(&ctx.version, id))
+            .collect();
+        let mut entry = CacheEntry::marker(marker, policy::now_ms(), ttl, tags, stamp);
+        let stale_window = ctx.policy.stale_window();
+        entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
+        matches!(
+            self.store
+                .put(&ctx.key, &entry, &ctx.deps, ttl + stale_window)
+                .await,
+            Ok(true)
+        )
+    }
+
+    /// Records a variant new to the marker it was read through (best effort: a marker moved
+    /// meanwhile keeps its own list, which only bounds how many variants are stored).
+    async fn note_variant(&self, ctx: &Ctx, of: &VariantOf) {
+        let Some(marker) = of.marker.vary.as_deref() else {
+            return;
+        };
+        if marker.variants.contains(&of.hash) {
+            return;
+        }
+        let mut updated = marker.clone();
+        updated.variants.push(of.hash);
+        let mut entry = of.marker.clone();
+        entry.vary = Some(Arc::new(updated));
+        let Some(base) = ctx.key.rsplit_once(":vary-").map(|(base, _)| base) else {
+            return;
+        };
+        let retention = Duration::from_secs(entry.ttl_secs) + Duration::from_millis(entry.stale_ms);
+        let _ = self.store.put(base, &entry, &ctx.deps, retention).await;
     }
 
     /// The entry for the origin's answer `resp`: tagged with its runs, stamped with what was

@@ -14,6 +14,7 @@ pub mod coalesce;
 mod fetch;
 pub mod refresh;
 pub mod request;
+mod vary;
 mod warm;
 
 use std::sync::Arc;
@@ -93,6 +94,7 @@ pub struct ReadThrough {
     access: Arc<AccessControl>,
     max_entry_bytes: usize,
     stored_headers: Arc<[http::HeaderName]>,
+    max_variants: usize,
     tasks: Tasks,
 }
 
@@ -125,6 +127,7 @@ impl ReadThrough {
             )),
             max_entry_bytes: options.max_entry_bytes,
             stored_headers: options.stored_headers.into(),
+            max_variants: options.max_variants,
             tasks: parts.tasks,
         }
     }
@@ -204,11 +207,15 @@ impl ReadThrough {
         let cred = self.credential(&req);
         // The hot path: a fresh near-cache copy this caller may be served, without a Redis
         // round trip and without building the rest of the context.
-        if let Some(slot) = self.store.peek(&key)
-            && self.slot_may_serve(&key, &slot, cred)
-            && let Some(hit) = self.serve_slot(&key, &slot, false, || req.clone())
-        {
-            return Ok(hit);
+        if let Some(slot) = self.store.peek(&key) {
+            if slot.entry.vary.is_some() {
+                return self.serve_variant(req, slot.entry.clone()).await;
+            }
+            if self.slot_may_serve(&key, &slot, cred)
+                && let Some(hit) = self.serve_slot(&key, &slot, false, || req.clone())
+            {
+                return Ok(hit);
+            }
         }
         let ctx = self.context_for(&req, version, key, cred);
         // Boxed: the store and origin paths are large futures, and every layer above would
@@ -227,6 +234,10 @@ impl ReadThrough {
         req: impl FnOnce() -> ViewRequest,
     ) -> Option<ViewResponse> {
         let entry = &slot.entry;
+        // A Vary marker is no answer (see `vary`).
+        if entry.vary.is_some() {
+            return None;
+        }
         let now = policy::now_ms();
         let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
         self.store.copy_served(lane);
@@ -305,6 +316,9 @@ impl ReadThrough {
         let (entry, stamp) = match self.store.get(&ctx.key, &ctx.deps).await {
             Ok(lookup) => {
                 let (entry, stamp) = lookup.servable();
+                if let Some(marker) = entry.as_ref().filter(|e| e.vary.is_some()) {
+                    return self.serve_variant(req, marker.clone()).await;
+                }
                 (entry, Some(stamp))
             }
             Err(e) => {
@@ -362,6 +376,17 @@ impl ReadThrough {
                         .fetch(view, origin_req)
                         .await
                         .map(|r| self.passthrough_miss(r, Some("set-cookie"))),
+                    // The answer turned out to vary on headers this request sent otherwise.
+                    Ok(r)
+                        if joined
+                            && r.variant.as_ref().is_some_and(|(fields, hash)| {
+                                vary::hash(fields, &origin_req.headers) != *hash
+                            }) =>
+                    {
+                        self.fetch(view, origin_req)
+                            .await
+                            .map(|r| self.passthrough_miss(r, Some("vary")))
+                    }
                     other => other.map(|r| if joined { r.collapsed() } else { r }),
                 }
             }
@@ -412,6 +437,7 @@ impl ReadThrough {
             status,
             content_type: Some(entry.content_type.clone()).filter(|v| !v.is_empty()),
             headers: entry.headers.clone(),
+            variant: None,
             etag: (status == StatusCode::OK).then(|| entry.etag.clone()),
             body: entry.body.clone(),
             outcome,
@@ -438,6 +464,7 @@ fn passthrough(resp: OriginResponse, outcome: CacheOutcome, degraded: bool) -> V
         status: resp.status,
         content_type: resp.content_type,
         headers: crate::store::headers_of(&resp.headers),
+        variant: None,
         body: resp.body,
         etag,
         outcome,

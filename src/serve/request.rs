@@ -27,6 +27,18 @@ pub struct ViewRequest {
     pub origin: OriginRequest,
     /// `false`: go to the origin, neither read nor write the cache.
     pub use_cache: bool,
+    /// Set when this is the request for one variant of an entry the origin varies (see
+    /// `serve::vary`): its logical key is then the variant's.
+    pub variant: Option<Arc<VariantOf>>,
+}
+
+/// The variant of an entry a request is for.
+#[derive(Debug)]
+pub struct VariantOf {
+    /// The marker, as read from the entry's own key.
+    pub marker: crate::store::CacheEntry,
+    /// The variant's hash (of the request headers the marker names).
+    pub hash: u64,
 }
 
 impl ViewRequest {
@@ -43,6 +55,7 @@ impl ViewRequest {
                 headers,
             },
             use_cache,
+            variant: None,
         }
     }
 
@@ -65,6 +78,7 @@ impl ViewRequest {
                 headers,
             },
             use_cache,
+            variant: None,
         }
     }
 
@@ -83,6 +97,7 @@ impl ViewRequest {
             },
             run_ids,
             use_cache,
+            variant: None,
         }
     }
 }
@@ -119,4 +134,6 @@ pub struct ReadThroughOptions {
     pub max_entry_bytes: usize,
     /// Origin headers stored with an entry (`cache.stored_headers`), lower case.
     pub stored_headers: Vec<http::HeaderName>,
+    /// Most variants per entry (`cache.max_variants`).
+    pub max_variants: usize,
 }

@@ -12,8 +12,30 @@ use serde::{Deserialize, Serialize};
 
 use super::{Source, Stamp, StoreError};
 
-/// Origin headers kept with an answer, shared rather than copied on every hit.
-pub type Headers = Arc<[(HeaderName, HeaderValue)]>;
+/// Origin headers kept with an answer, shared rather than copied on every hit. None is no
+/// allocation and no reference count: most answers carry none, and a count shared by every
+/// worker thread would be touched on each of their hits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Option<Arc<[(HeaderName, HeaderValue)]>>);
+
+impl Headers {
+    /// Each name and value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
+        self.0.iter().flat_map(|h| h.iter())
+    }
+
+    /// A copy, to be extended.
+    pub fn to_vec(&self) -> Vec<(HeaderName, HeaderValue)> {
+        self.iter().cloned().collect()
+    }
+}
+
+impl FromIterator<(HeaderName, HeaderValue)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (HeaderName, HeaderValue)>>(iter: I) -> Self {
+        let all: Vec<_> = iter.into_iter().collect();
+        Self((!all.is_empty()).then(|| all.into()))
+    }
+}
 
 /// `map` as [`Headers`].
 pub fn headers_of(map: &http::HeaderMap) -> Headers {
@@ -45,6 +67,23 @@ pub struct CacheEntry {
     pub stamp: Stamp,
     /// The origin's body.
     pub body: Bytes,
+    /// Set on a Vary marker: an entry that is no answer, kept where an answer that the origin
+    /// sent with `Vary` would be. Its variants are entries of their own (see
+    /// `serve::vary`).
+    pub vary: Option<Arc<VaryMarker>>,
+}
+
+/// What a Vary marker records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaryMarker {
+    /// The request headers the origin's answers vary on, lower case, sorted.
+    pub headers: Vec<String>,
+    /// Drawn when the marker is made: variants are keyed under it, so that a marker deleted
+    /// (by a key or pattern invalidation) takes every variant made under it with it.
+    pub nonce: u64,
+    /// Hashes of the variants stored under it (at most `cache.max_variants`; approximate
+    /// under concurrent writes, which may each add one).
+    pub variants: Vec<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -71,6 +110,9 @@ struct EntryMeta<'a> {
     /// Stored origin headers, as name and value.
     #[serde(default)]
     h: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// A Vary marker's record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vy: Option<VaryMarker>,
 }
 
 const ENTRY_MAGIC: &[u8; 3] = b"RC1";
@@ -110,7 +152,7 @@ impl CacheEntry {
         Self {
             status,
             content_type: header_value(content_type),
-            headers: Arc::from([]),
+            headers: Headers::default(),
             etag: strong_etag(&body),
             stored_at_ms,
             ttl_secs: ttl.as_secs(),
@@ -118,7 +160,21 @@ impl CacheEntry {
             tags,
             stamp,
             body,
+            vary: None,
         }
+    }
+
+    /// A Vary marker for `marker`, stamped and tagged as the answers it stands for.
+    pub fn marker(
+        marker: VaryMarker,
+        stored_at_ms: u64,
+        ttl: Duration,
+        tags: Vec<String>,
+        stamp: Stamp,
+    ) -> Self {
+        let mut entry = Self::new(200, "", Bytes::new(), stored_at_ms, ttl, tags, stamp);
+        entry.vary = Some(Arc::new(marker));
+        entry
     }
 
     /// Serialises as `RC1`, a 4-byte metadata length, JSON metadata, then the raw body. The
@@ -143,6 +199,7 @@ impl CacheEntry {
                     Some((Cow::Borrowed(n.as_str()), Cow::Borrowed(v.to_str().ok()?)))
                 })
                 .collect(),
+            vy: self.vary.as_deref().cloned(),
         };
         let meta = serde_json::to_vec(&meta).unwrap_or_default();
         let mut out = BytesMut::with_capacity(7 + meta.len() + self.body.len());
@@ -189,6 +246,7 @@ impl CacheEntry {
             tags: meta.tags,
             stamp: Stamp::read_at(source, meta.g, meta.c, meta.sa),
             body: raw,
+            vary: meta.vy.map(Arc::new),
         })
     }
 

@@ -66,7 +66,10 @@ async fn end_to_end_headers_pass_hop_by_hop_ones_stop_and_entries_keep_the_store
     assert_eq!(header(&miss, "content-language"), "fr");
     assert_eq!(header(&miss, "cache-control"), "max-age=600");
     for gone in ["x-hop", "keep-alive", "proxy-authenticate"] {
-        assert!(miss.headers().get(gone).is_none(), "{gone} reached the client");
+        assert!(
+            miss.headers().get(gone).is_none(),
+            "{gone} reached the client"
+        );
     }
     assert_eq!(all(&miss, "etag").len(), 1, "one ETag: runcache's");
     assert_ne!(header(&miss, "etag"), "\"the-origin's\"");
@@ -75,7 +78,10 @@ async fn end_to_end_headers_pass_hop_by_hop_ones_stop_and_entries_keep_the_store
     assert_eq!(header(&hit, "x-cache"), "HIT");
     // The stored set (cache.stored_headers), not the rest.
     assert_eq!(header(&hit, "content-language"), "fr");
-    assert_eq!(header(&hit, "last-modified"), "Tue, 01 Dec 2026 10:00:00 GMT");
+    assert_eq!(
+        header(&hit, "last-modified"),
+        "Tue, 01 Dec 2026 10:00:00 GMT"
+    );
     assert_eq!(header(&hit, "link"), "</api/v1/models/train/7>; rel=\"up\"");
     assert_eq!(header(&hit, "cache-control"), "max-age=600");
     assert!(hit.headers().get("x-origin-trace").is_none());
@@ -97,10 +103,14 @@ async fn end_to_end_headers_pass_hop_by_hop_ones_stop_and_entries_keep_the_store
 #[tokio::test]
 async fn a_set_cookie_answer_goes_to_its_requester_only_and_is_never_stored() {
     let app = public_app().await;
-    app.origin.set_next_headers(&[("set-cookie", "session=for-the-first-reader; HttpOnly")]);
+    app.origin
+        .set_next_headers(&[("set-cookie", "session=for-the-first-reader; HttpOnly")]);
     let first = app.get(METRICS).await;
     assert_eq!(first.status(), 200);
-    assert_eq!(all(&first, "set-cookie"), ["session=for-the-first-reader; HttpOnly"]);
+    assert_eq!(
+        all(&first, "set-cookie"),
+        ["session=for-the-first-reader; HttpOnly"]
+    );
     let status = header(&first, "cache-status");
     assert!(status.contains("set-cookie"), "{status}");
 
@@ -118,7 +128,8 @@ async fn a_set_cookie_answer_goes_to_its_requester_only_and_is_never_stored() {
 async fn readers_that_joined_a_fetch_whose_answer_set_a_cookie_do_not_get_it() {
     let app = public_app().await;
     app.origin.set_delay(300);
-    app.origin.set_next_headers(&[("set-cookie", "session=one-reader")]);
+    app.origin
+        .set_next_headers(&[("set-cookie", "session=one-reader")]);
     let readers: Vec<_> = (0..5)
         .map(|_| {
             let (client, url) = (app.client.clone(), app.url(METRICS));
@@ -131,5 +142,170 @@ async fn readers_that_joined_a_fetch_whose_answer_set_a_cookie_do_not_get_it() {
         assert_eq!(resp.status(), 200);
         with_cookie += usize::from(resp.headers().contains_key("set-cookie"));
     }
-    assert_eq!(with_cookie, 1, "the cookie reached readers other than its own");
+    assert_eq!(
+        with_cookie, 1,
+        "the cookie reached readers other than its own"
+    );
+}
+
+/// An origin whose metrics answers vary on `Accept-Language` (forwarded by default).
+fn vary_on_language(app: &TestApp) {
+    app.origin
+        .control
+        .echo_language
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    app.origin.set_headers(&[("vary", "Accept-Language")]);
+}
+
+async fn in_language(app: &TestApp, path: &str, lang: &str) -> (String, String, String) {
+    let resp = app
+        .client
+        .get(app.url(path))
+        .header("accept-language", lang)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let x_cache = header(&resp, "x-cache").to_owned();
+    let vary = all(&resp, "vary").join(", ").to_ascii_lowercase();
+    let body: serde_json::Value = resp.json().await.expect("json");
+    (
+        x_cache,
+        body["lang"].as_str().unwrap_or("").to_owned(),
+        vary,
+    )
+}
+
+#[tokio::test]
+async fn each_language_gets_its_own_variant_and_an_event_drops_them_all() {
+    let redis = crate::helpers::TestRedis::start().await;
+    let app = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
+    vary_on_language(&app);
+
+    let (x, lang, vary) = in_language(&app, METRICS, "fr").await;
+    assert_eq!((x.as_str(), lang.as_str()), ("MISS", "fr"));
+    assert!(vary.contains("accept-language"), "{vary}");
+    let (x, lang, _) = in_language(&app, METRICS, "en").await;
+    assert_eq!(
+        (x.as_str(), lang.as_str()),
+        ("MISS", "en"),
+        "a French body went to an English reader"
+    );
+    let (x, lang, vary) = in_language(&app, METRICS, "fr").await;
+    assert_eq!((x.as_str(), lang.as_str()), ("HIT", "fr"));
+    assert!(
+        vary.contains("accept-language"),
+        "hits say what they vary on: {vary}"
+    );
+    // Normalised: case and spaces do not make a new variant.
+    let (x, lang, _) = in_language(&app, METRICS, " EN").await;
+    assert_eq!((x.as_str(), lang.as_str()), ("HIT", "en"));
+    assert_eq!(app.origin.calls(METRICS), 2);
+
+    let ev = app
+        .event("training-completed", serde_json::json!("7"))
+        .await;
+    assert_eq!(ev.status(), 200);
+    for lang in ["fr", "en"] {
+        let (x, got, _) = in_language(&app, METRICS, lang).await;
+        assert_eq!(
+            (x.as_str(), got.as_str()),
+            ("MISS", lang),
+            "a variant survived the event"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_invalidation_drops_every_variant() {
+    let redis = crate::helpers::TestRedis::start().await;
+    let app = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
+    vary_on_language(&app);
+    for lang in ["fr", "en", "fr", "en"] {
+        in_language(&app, METRICS, lang).await;
+    }
+    assert_eq!(app.origin.calls(METRICS), 2);
+    let inv = app
+        .admin(
+            reqwest::Method::POST,
+            "/cache/invalidate",
+            Some(serde_json::json!({"keys": ["model:metrics:7"]})),
+        )
+        .await;
+    assert_eq!(inv.status(), 200);
+    for lang in ["fr", "en"] {
+        let (x, _, _) = in_language(&app, METRICS, lang).await;
+        assert_eq!(
+            x, "MISS",
+            "the {lang} variant survived the key invalidation"
+        );
+    }
+}
+
+#[tokio::test]
+async fn vary_star_and_headers_that_are_not_forwarded_are_never_stored() {
+    for vary in ["*", "X-Tenant", "Accept-Language, *"] {
+        let app = public_app().await;
+        app.origin.set_headers(&[("vary", vary)]);
+        for _ in 0..2 {
+            let resp = app.get(METRICS).await;
+            assert_eq!(header(&resp, "x-cache"), "MISS", "Vary: {vary} was stored");
+            assert!(header(&resp, "cache-status").contains("vary"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn variants_past_the_bound_are_passed_through_and_counted() {
+    let app = spawn_app_with(None, |s| {
+        s.auth.frontend = "none".into();
+        s.cache.max_variants = 2;
+    })
+    .await;
+    vary_on_language(&app);
+    for lang in ["fr", "en"] {
+        in_language(&app, METRICS, lang).await;
+    }
+    for _ in 0..2 {
+        let (x, lang, _) = in_language(&app, METRICS, "de").await;
+        assert_eq!((x.as_str(), lang.as_str()), ("MISS", "de"));
+    }
+    let (x, _, _) = in_language(&app, METRICS, "fr").await;
+    assert_eq!(x, "HIT");
+    assert_eq!(app.stats().await["stats"]["variants_refused"], 2);
+}
+
+#[tokio::test]
+async fn vary_accept_encoding_alone_needs_no_variants() {
+    let app = public_app().await;
+    app.origin.set_headers(&[("vary", "Accept-Encoding")]);
+    assert_eq!(header(&app.get(METRICS).await, "x-cache"), "MISS");
+    assert_eq!(header(&app.get(METRICS).await, "x-cache"), "HIT");
+}
+
+#[tokio::test]
+async fn readers_that_joined_the_first_fetch_with_other_values_get_their_own_variant() {
+    let app = public_app().await;
+    vary_on_language(&app);
+    app.origin.set_delay(300);
+    let readers: Vec<_> = ["fr", "en", "de", "fr"]
+        .into_iter()
+        .map(|lang| {
+            let (client, url) = (app.client.clone(), app.url(METRICS));
+            tokio::spawn(async move {
+                let resp = client
+                    .get(url)
+                    .header("accept-language", lang)
+                    .send()
+                    .await
+                    .expect("request");
+                let body: serde_json::Value = resp.json().await.expect("json");
+                (lang, body["lang"].as_str().unwrap_or("").to_owned())
+            })
+        })
+        .collect();
+    for r in readers {
+        let (asked, got) = r.await.expect("reader");
+        assert_eq!(asked, got, "a reader got another language's body");
+    }
 }

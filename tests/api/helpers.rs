@@ -83,6 +83,8 @@ pub struct OriginControl {
     pub extra_headers: Mutex<Vec<(String, String)>>,
     /// Headers added to the next view answer only.
     pub next_headers: Mutex<Vec<(String, String)>>,
+    /// Metrics bodies name the request's `Accept-Language` (an origin that varies on it).
+    pub echo_language: std::sync::atomic::AtomicBool,
 }
 
 /// Adds the configured extra headers (and the one-shot ones, consumed) to `resp`.
@@ -332,7 +334,20 @@ async fn metrics(
     // The data as it was when the request arrived: a slow answer is computed from it, so a
     // change made while the origin is still answering is not in that answer.
     let revision = c.revision.load(Ordering::SeqCst);
+    let lang = c.echo_language.load(Ordering::SeqCst).then(|| {
+        headers
+            .get("accept-language")
+            .map_or("none", |v| v.to_str().unwrap_or("?"))
+            .to_owned()
+    });
     match enter(&c, path, headers, &id).await {
+        Ok(n) if lang.is_some() => json_answer(
+            &c,
+            format!(
+                "{{\"model_run_id\": \"{id}\", \"revision\": {revision}, \"fetch\": {n}, \"lang\": \"{}\"}}",
+                lang.unwrap_or_default()
+            ),
+        ),
         // Deliberately odd spacing: the cache must return these bytes, not re-serialised JSON.
         Ok(n) => json_answer(
             &c,

@@ -1,0 +1,161 @@
+//! `Vary`: an origin answer that varies on request headers is stored once per variant.
+//!
+//! The first such answer for an entry leaves a *marker* at the entry's own key: the headers
+//! it varies on and a nonce drawn then. Each variant is an entry of its own, at the logical
+//! key `{entry}:vary-{nonce}{hash of the normalised header values}`, reached only through the
+//! marker. So every invalidation that reaches the entry reaches its variants: events bump
+//! the counters both are stamped with, and a key or pattern invalidation deletes the marker,
+//! after which the next answer draws a new nonce and the old variants cannot be reached
+//! (they expire by their TTL).
+//!
+//! Only headers runcache forwards can be varied on (the origin sees no other); an answer that
+//! varies on another, or on `*`, is passed through and not stored. `Accept-Encoding` is
+//! runcache's own business: it compresses itself, so it needs no variants.
+
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use http::HeaderMap;
+
+use super::{ReadThrough, ViewRequest, ViewResponse, request::VariantOf};
+use crate::origin::{OriginClient, OriginError};
+use crate::store::{CacheEntry, VaryMarker};
+
+/// What an origin answer's `Vary` asks of its storage.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Spec {
+    /// Nothing (no `Vary`, or only `Accept-Encoding`).
+    None,
+    /// One entry per combination of these request headers (lower case, sorted).
+    Fields(Vec<String>),
+    /// Not storable: `*`, or a header runcache does not forward.
+    Unstorable,
+}
+
+/// The storage `vary` asks for, given what `origin` forwards.
+pub(super) fn spec(vary: Option<&str>, origin: &OriginClient) -> Spec {
+    let Some(vary) = vary else {
+        return Spec::None;
+    };
+    let mut fields: Vec<String> = vary
+        .split(',')
+        .map(|f| f.trim().to_ascii_lowercase())
+        .filter(|f| !f.is_empty() && f != "accept-encoding")
+        .collect();
+    if fields.iter().any(|f| f == "*" || !origin.forwards(f)) {
+        return Spec::Unstorable;
+    }
+    fields.sort();
+    fields.dedup();
+    if fields.is_empty() {
+        Spec::None
+    } else {
+        Spec::Fields(fields)
+    }
+}
+
+/// The hash of `headers`' normalised values of `fields`: every field line joined, each
+/// comma-separated element trimmed and lower-cased (`fr-CH, fr;q=0.9` and `fr-ch,fr;q=0.9`
+/// are one variant); an absent header is its own value.
+pub(super) fn hash(fields: &[String], headers: &HeaderMap) -> u64 {
+    let mut canonical = String::new();
+    for field in fields {
+        canonical.push_str(field);
+        let values: Vec<&str> = headers
+            .get_all(field.as_str())
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if values.is_empty() {
+            canonical.push_str("\n-\n");
+            continue;
+        }
+        canonical.push_str("\n=");
+        let elements: Vec<String> = values
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|e| {
+                e.split_whitespace()
+                    .collect::<String>()
+                    .to_ascii_lowercase()
+            })
+            .filter(|e| !e.is_empty())
+            .collect();
+        canonical.push_str(&elements.join(","));
+        canonical.push('\n');
+    }
+    xxhash_rust::xxh3::xxh3_64(canonical.as_bytes())
+}
+
+/// The logical key of a variant (only characters the keyspace allows).
+pub(super) fn key(base: &str, nonce: u64, hash: u64) -> String {
+    format!("{base}:vary-{nonce:016x}{hash:016x}")
+}
+
+/// A new marker for `fields`, with its first variant.
+pub(super) fn new_marker(fields: Vec<String>, first: u64) -> VaryMarker {
+    let mut nonce = [0u8; 8];
+    // A nonce from the clock would do as well; randomness keeps two instances apart.
+    if getrandom::fill(&mut nonce).is_err() {
+        nonce = crate::domain::policy::now_ms().to_le_bytes();
+    }
+    VaryMarker {
+        headers: fields,
+        nonce: u64::from_le_bytes(nonce),
+        variants: vec![first],
+    }
+}
+
+/// `req` as the request for the variant of `marker_entry` (whose marker is `marker`) that
+/// its headers select.
+fn variant_request(
+    mut req: ViewRequest,
+    marker: &VaryMarker,
+    marker_entry: &CacheEntry,
+) -> ViewRequest {
+    let hash = hash(&marker.headers, &req.origin.headers);
+    req.logical_key = key(&req.logical_key, marker.nonce, hash);
+    req.variant = Some(Arc::new(VariantOf {
+        marker: marker_entry.clone(),
+        hash,
+    }));
+    req
+}
+
+impl ReadThrough {
+    /// Serves `req` through the marker found at its key: the variant its headers select, or,
+    /// when the entry has every variant it may have and this is a new one, the origin's
+    /// answer without storing it.
+    pub(super) fn serve_variant(
+        &self,
+        req: ViewRequest,
+        marker_entry: CacheEntry,
+    ) -> BoxFuture<'_, Result<ViewResponse, OriginError>> {
+        // Boxed with its type spelt out: it recurses (once) into `serve_inner`.
+        async move { self.serve_variant_inner(req, marker_entry).await }.boxed()
+    }
+
+    async fn serve_variant_inner(
+        &self,
+        req: ViewRequest,
+        marker_entry: CacheEntry,
+    ) -> Result<ViewResponse, OriginError> {
+        // A marker at a variant's key is never written; should one be read, nothing is stored.
+        let marker = match (&req.variant, &marker_entry.vary) {
+            (None, Some(m)) => m.clone(),
+            _ => {
+                let resp = self.fetch(req.view, req.origin).await?;
+                return Ok(self.passthrough_miss(resp, Some("vary")));
+            }
+        };
+        let variant = variant_request(req, &marker, &marker_entry);
+        let hash = variant.variant.as_ref().map_or(0, |v| v.hash);
+        if !marker.variants.contains(&hash) && marker.variants.len() >= self.max_variants {
+            self.stats.record_variant_refused();
+            let resp = self.fetch(variant.view, variant.origin).await?;
+            return Ok(self.passthrough_miss(resp, Some("too-many-variants")));
+        }
+        self.serve_inner(variant).await
+    }
+}
