@@ -97,6 +97,40 @@ impl ViewPolicy {
     pub fn stale_window(&self) -> Duration {
         self.grace.max(self.stale_if_error)
     }
+
+    /// The policy of one origin answer: its own `stale-while-revalidate` and
+    /// `stale-if-error` (RFC 5861) replace the configured windows, and `must-revalidate` or
+    /// `proxy-revalidate` (RFC 9111 section 5.2.2.2 and .8) turn stale serving off.
+    pub fn for_answer(self, cache_control: Option<&str>) -> Self {
+        let mut p = self;
+        let Some(cc) = cache_control else {
+            return p;
+        };
+        let mut revalidate = false;
+        for directive in cc.split(',') {
+            let directive = directive.trim();
+            let (name, value) = match directive.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                None => (directive, None),
+            };
+            let secs = || {
+                value
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs)
+            };
+            match name.to_ascii_lowercase().as_str() {
+                "must-revalidate" | "proxy-revalidate" => revalidate = true,
+                "stale-while-revalidate" => p.grace = secs().unwrap_or(p.grace),
+                "stale-if-error" => p.stale_if_error = secs().unwrap_or(p.stale_if_error),
+                _ => {}
+            }
+        }
+        if revalidate {
+            p.grace = Duration::ZERO;
+            p.stale_if_error = Duration::ZERO;
+        }
+        p
+    }
 }
 
 /// How cached views are protected (`auth.frontend`, SPEC section 4).
@@ -216,6 +250,35 @@ mod tests {
     use super::*;
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn the_origins_stale_directives_replace_the_configured_windows() {
+        let configured = ViewPolicy {
+            ttl: HOUR,
+            grace: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(300),
+        };
+        let p = configured.for_answer(Some(
+            "max-age=60, stale-while-revalidate=5, stale-if-error=9",
+        ));
+        assert_eq!(
+            (p.grace, p.stale_if_error),
+            (Duration::from_secs(5), Duration::from_secs(9))
+        );
+        for cc in [
+            "max-age=60, must-revalidate",
+            "proxy-revalidate, stale-if-error=9",
+        ] {
+            let p = configured.for_answer(Some(cc));
+            assert_eq!(
+                (p.grace, p.stale_if_error),
+                (Duration::ZERO, Duration::ZERO),
+                "{cc}"
+            );
+        }
+        assert_eq!(configured.for_answer(Some("max-age=60")), configured);
+        assert_eq!(configured.for_answer(None), configured);
+    }
 
     #[test]
     fn tiers_parse_by_name_and_have_spec_lengths() {

@@ -142,7 +142,7 @@ impl<S> HitLane<S> {
             headers.get(header::AUTHORIZATION),
             make_request,
         )?;
-        let mut resp = super::views::respond(answer, headers);
+        let mut resp = super::views::respond(answer, headers, true);
         let request_id = headers
             .get(X_REQUEST_ID)
             .cloned()

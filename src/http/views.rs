@@ -166,6 +166,23 @@ fn etag_match<'a>(if_none_match: &'a HeaderValue, etag: &str) -> Option<&'a str>
         .find(|tag| *tag == "*" || tag.trim_start_matches("W/") == opaque)
 }
 
+/// Whether `r` has a `Last-Modified` no later than the request's `If-Modified-Since`.
+fn not_modified_since(r: &ViewResponse, request_headers: &HeaderMap) -> bool {
+    let date = |v: &HeaderValue| httpdate::parse_http_date(v.to_str().ok()?).ok();
+    let Some(since) = request_headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(date)
+    else {
+        return false;
+    };
+    r.status == StatusCode::OK
+        && r.headers
+            .iter()
+            .find(|(n, _)| n == header::LAST_MODIFIED)
+            .and_then(|(_, v)| date(v))
+            .is_some_and(|modified| modified <= since)
+}
+
 /// The validator a `304` carries: the form of the representation the client holds. A client
 /// that got a compressed body holds its weak ETag (see `http::weaken_etag_when_compressed`),
 /// and a 304 has no body for that rule to see, so the tag it sent decides.
@@ -182,13 +199,18 @@ fn not_modified_etag(matched: &str, etag: HeaderValue) -> HeaderValue {
 /// origin's own 4xx bodies marked so they pass through untouched. The response is built in
 /// place with room for every header, and header values stored with the entry are shared, so
 /// a hit copies no header bytes (see the README's Performance section).
-pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap) -> Response {
+pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap, get: bool) -> Response {
     let matched = r.etag.as_ref().and_then(|etag| {
         request_headers
             .get(header::IF_NONE_MATCH)
             .and_then(|inm| etag_match(inm, etag.to_str().unwrap_or_default()))
     });
-    let not_modified = matched.is_some();
+    // If-Modified-Since counts only without If-None-Match, and only for GET (RFC 9110
+    // section 13.1.3).
+    let not_modified = matched.is_some()
+        || (get
+            && !request_headers.contains_key(header::IF_NONE_MATCH)
+            && not_modified_since(&r, request_headers));
     let mut resp = if not_modified {
         Response::new(Body::new(NotModifiedBody))
     } else {
@@ -260,8 +282,9 @@ const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 async fn serve(state: &AppState, req: ViewRequest, headers: &HeaderMap) -> Result<Response> {
+    let get = req.origin.method == Method::GET;
     let answer = state.views.serve(req).await?;
-    Ok(respond(answer, headers))
+    Ok(respond(answer, headers, get))
 }
 
 /// A run's training metrics.

@@ -17,6 +17,23 @@ use super::request::VariantOf;
 use super::vary::{self, Spec};
 use crate::store::{CacheEntry, Lock, Stamp, VaryMarker};
 
+/// The stale windows an entry records when its answer set its own (see [`CacheEntry::windows`]).
+pub(super) fn windows_of(answer: ViewPolicy, view: ViewPolicy) -> Option<(u64, u64)> {
+    (answer != view).then_some((answer.grace.as_secs(), answer.stale_if_error.as_secs()))
+}
+
+/// The stale windows that apply to `entry` under `view`'s policy.
+pub(super) fn entry_policy(entry: &CacheEntry, view: ViewPolicy) -> ViewPolicy {
+    match entry.windows {
+        Some((grace, if_error)) => ViewPolicy {
+            grace: Duration::from_secs(grace),
+            stale_if_error: Duration::from_secs(if_error),
+            ..view
+        },
+        None => view,
+    }
+}
+
 impl ReadThrough {
     /// Joins the fetch of `ctx`'s entry if one running saw at least `stamp`, or starts one in
     /// a tracked task.
@@ -224,8 +241,9 @@ impl ReadThrough {
                 None => {
                     let marker = vary::new_marker(fields.clone(), hash);
                     let logical = vary::key(&req.logical_key, marker.nonce, hash);
+                    let answer_policy = ctx.policy.for_answer(resp.cache_control.as_deref());
                     if !self
-                        .put_marker(&req.run_ids, ctx, marker, ttl, stamp.clone())
+                        .put_marker(&req.run_ids, ctx, marker, ttl, stamp.clone(), answer_policy)
                         .await
                     {
                         return Ok(self.passthrough_miss(resp, Some("superseded")));
@@ -294,13 +312,14 @@ impl ReadThrough {
         marker: VaryMarker,
         ttl: Duration,
         stamp: Stamp,
+        answer_policy: ViewPolicy,
     ) -> bool {
         let tags = run_ids
             .iter()
             .map(|id| self.keys.run_tag(&ctx.version, id))
             .collect();
         let mut entry = CacheEntry::marker(marker, policy::now_ms(), ttl, tags, stamp);
-        let stale_window = ctx.policy.stale_window();
+        let stale_window = answer_policy.stale_window();
         entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
         matches!(
             self.store
@@ -351,6 +370,7 @@ impl ReadThrough {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         let resp_headers = resp.headers;
+        let answer_policy = ctx.policy.for_answer(resp.cache_control.as_deref());
         let mut entry = CacheEntry::new(
             resp.status.as_u16(),
             content_type,
@@ -361,8 +381,9 @@ impl ReadThrough {
             stamp,
         );
         entry = entry.with_headers(self.stored_subset(&resp_headers));
-        let stale_window = ctx.policy.stale_window();
+        let stale_window = answer_policy.stale_window();
         entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
+        entry.windows = windows_of(answer_policy, ctx.policy);
         (entry, ttl + stale_window)
     }
 

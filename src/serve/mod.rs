@@ -333,7 +333,7 @@ impl ReadThrough {
             // After the lookup: the entry's store time may be derived from the key's
             // remaining life at the moment it was read.
             let now = policy::now_ms();
-            let p = ctx.policy;
+            let p = fetch::entry_policy(&entry, ctx.policy);
             match policy::freshness(
                 entry.stored_at_ms,
                 entry.ttl_secs,

@@ -276,7 +276,11 @@ impl ReadThrough {
             let mut touched = old.with_headers(self.stored_subset(&resp.headers));
             touched.stored_at_ms = policy::now_ms();
             touched.ttl_secs = ttl.as_secs();
-            let retention = ttl + ctx.policy.stale_window();
+            let answer_policy = ctx.policy.for_answer(resp.cache_control.as_deref());
+            touched.windows = super::fetch::windows_of(answer_policy, ctx.policy);
+            touched.stale_ms =
+                u64::try_from(answer_policy.stale_window().as_millis()).unwrap_or(u64::MAX);
+            let retention = ttl + answer_policy.stale_window();
             let _ = self.store.touch(&ctx.key, &touched, retention).await;
             return RefreshResult::Unchanged;
         }

@@ -61,6 +61,9 @@ pub struct CacheEntry {
     pub ttl_secs: u64,
     /// How long it is kept past its TTL (to be served stale), in milliseconds.
     pub stale_ms: u64,
+    /// The origin's own stale windows for it, in seconds (while revalidating, if error), when
+    /// its `Cache-Control` set them (`must-revalidate`: both 0); `None`: the view's.
+    pub windows: Option<(u64, u64)>,
     /// Physical keys of the tag sets this entry belongs to.
     pub tags: Vec<String>,
     /// The invalidation state read before its origin fetch began.
@@ -113,6 +116,9 @@ struct EntryMeta<'a> {
     /// A Vary marker's record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vy: Option<VaryMarker>,
+    /// The origin's stale windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sw: Option<(u64, u64)>,
 }
 
 const ENTRY_MAGIC: &[u8; 3] = b"RC1";
@@ -157,6 +163,7 @@ impl CacheEntry {
             stored_at_ms,
             ttl_secs: ttl.as_secs(),
             stale_ms: 0,
+            windows: None,
             tags,
             stamp,
             body,
@@ -200,6 +207,7 @@ impl CacheEntry {
                 })
                 .collect(),
             vy: self.vary.as_deref().cloned(),
+            sw: self.windows,
         };
         let meta = serde_json::to_vec(&meta).unwrap_or_default();
         let mut out = BytesMut::with_capacity(7 + meta.len() + self.body.len());
@@ -243,6 +251,7 @@ impl CacheEntry {
             stored_at_ms: meta.at,
             ttl_secs: meta.ttl,
             stale_ms: meta.st,
+            windows: meta.sw,
             tags: meta.tags,
             stamp: Stamp::read_at(source, meta.g, meta.c, meta.sa),
             body: raw,

@@ -309,3 +309,116 @@ async fn readers_that_joined_the_first_fetch_with_other_values_get_their_own_var
         assert_eq!(asked, got, "a reader got another language's body");
     }
 }
+
+fn set_cache_control(app: &TestApp, cc: &str) {
+    *app.origin.control.cache_control.lock().expect("lock") = Some(cc.into());
+}
+
+/// Lets an entry stored with `max-age=1` expire.
+async fn let_it_expire() {
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+}
+
+#[tokio::test]
+async fn must_revalidate_entries_are_never_served_stale_when_the_origin_fails() {
+    for (cc, expected) in [
+        ("max-age=1, must-revalidate", 502),
+        ("max-age=1, proxy-revalidate", 502),
+        // The configured stale-if-error (300 s) applies without them.
+        ("max-age=1", 200),
+    ] {
+        let app = spawn_app_with(None, |s| {
+            s.auth.frontend = "none".into();
+            s.views.metrics.grace = 0;
+        })
+        .await;
+        set_cache_control(&app, cc);
+        assert_eq!(app.get(METRICS).await.status(), 200);
+        let_it_expire().await;
+        app.origin.set_fail(503);
+        let resp = app.get(METRICS).await;
+        assert_eq!(
+            resp.status(),
+            expected,
+            "Cache-Control: {cc}: {:?}",
+            resp.headers()
+        );
+        if expected == 200 {
+            assert_eq!(header(&resp, "x-cache"), "STALE");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_origins_stale_while_revalidate_overrides_the_configured_window() {
+    // Configured: no grace; the origin grants 30 s.
+    let app = spawn_app_with(None, |s| {
+        s.auth.frontend = "none".into();
+        s.views.metrics.grace = 0;
+    })
+    .await;
+    set_cache_control(&app, "max-age=1, stale-while-revalidate=30");
+    app.get(METRICS).await;
+    let_it_expire().await;
+    let resp = app.get(METRICS).await;
+    assert_eq!(header(&resp, "x-cache"), "STALE");
+    assert_eq!(
+        header(&resp, "cache-status"),
+        "runcache; fwd=stale; hit; detail=memory-fallback"
+    );
+
+    // Configured: 60 s of grace; the origin grants none.
+    let app = spawn_app_with(None, |s| {
+        s.auth.frontend = "none".into();
+        s.views.metrics.grace = 60;
+        s.views.metrics.stale_if_error = 0;
+    })
+    .await;
+    set_cache_control(&app, "max-age=1, stale-while-revalidate=0");
+    app.get(METRICS).await;
+    let_it_expire().await;
+    assert_eq!(header(&app.get(METRICS).await, "x-cache"), "MISS");
+}
+
+#[tokio::test]
+async fn s_maxage_wins_over_max_age() {
+    let app = public_app().await;
+    set_cache_control(&app, "max-age=1, s-maxage=600");
+    app.get(METRICS).await;
+    let_it_expire().await;
+    assert_eq!(header(&app.get(METRICS).await, "x-cache"), "HIT");
+}
+
+#[tokio::test]
+async fn if_modified_since_is_answered_304_next_to_etags() {
+    let app = public_app().await;
+    app.origin
+        .set_headers(&[("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT")]);
+    app.get(METRICS).await;
+    let ask = |ims: &'static str| {
+        let (client, url) = (app.client.clone(), app.url(METRICS));
+        async move {
+            client
+                .get(url)
+                .header("if-modified-since", ims)
+                .send()
+                .await
+                .expect("request")
+                .status()
+        }
+    };
+    assert_eq!(ask("Tue, 01 Dec 2026 10:00:00 GMT").await, 304);
+    assert_eq!(ask("Wed, 02 Dec 2026 10:00:00 GMT").await, 304);
+    assert_eq!(ask("Mon, 30 Nov 2026 10:00:00 GMT").await, 200);
+    assert_eq!(ask("not a date").await, 200);
+    // If-None-Match decides when both are sent.
+    let resp = app
+        .client
+        .get(app.url(METRICS))
+        .header("if-none-match", "\"other\"")
+        .header("if-modified-since", "Wed, 02 Dec 2026 10:00:00 GMT")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+}
