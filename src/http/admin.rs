@@ -115,14 +115,32 @@ pub async fn clear_cache_alias(
 #[schema(min_properties = 1, max_properties = 1)]
 pub struct InvalidateBody {
     /// A run: its metrics, feature importance and comparisons.
+    #[serde(default, deserialize_with = "not_null")]
     #[schema(value_type = Option<RunId>, nullable = false, example = json!("42"))]
     pub model_run_id: Option<Value>,
     /// A whole view: `metrics`, `feature_importance` or `comparison`.
+    #[serde(default, deserialize_with = "not_null")]
     #[schema(value_type = Option<String>, nullable = false, pattern = "^(metrics|feature_importance|comparison)$")]
     pub namespace: Option<String>,
     /// 1-1000 logical keys, e.g. `model:metrics:42`.
+    #[serde(default, deserialize_with = "not_null")]
     #[schema(value_type = Option<Vec<LogicalKey>>, nullable = false, min_items = 1, max_items = 1000)]
     pub keys: Option<Vec<String>>,
+}
+
+/// A field that may be absent but, as the schema says, is never `null`.
+fn not_null<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = Value::deserialize(d)?;
+    if value.is_null() {
+        return Err(serde::de::Error::custom("must not be null"));
+    }
+    T::deserialize(value)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// The OpenAPI schema of a logical key named by `/cache/invalidate` (what

@@ -110,11 +110,22 @@ fn run_id(raw: String) -> Result<String> {
     Ok(raw)
 }
 
-/// A run id from JSON: a string, or a non-negative integer (`42` is the id `"42"`).
+/// A run id from JSON: a string, or a non-negative integer (`42` is the id `"42"`). An
+/// integral number written with a fraction (`1060.0`) is that integer, as JSON Schema's
+/// `integer` has it.
 pub fn run_id_from_json(value: &Value) -> Result<String> {
+    // Beyond 2^53 a float no longer names one integer.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    let integral = |n: &serde_json::Number| {
+        n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..=EXACT).contains(f))
+                .map(|f| f as u64)
+        })
+    };
     let id = match value {
         Value::String(s) => s.clone(),
-        Value::Number(n) => n.as_u64().map(|n| n.to_string()).ok_or_else(|| {
+        Value::Number(n) => integral(n).map(|n| n.to_string()).ok_or_else(|| {
             AppError::InvalidArgument(format!(
                 "model_run_id {n} must be a non-negative integer or a string"
             ))

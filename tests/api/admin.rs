@@ -228,12 +228,38 @@ async fn invalidate_by_run_namespace_or_keys() {
         json!({"keys": ["model:*"]}),
         json!({"model_run_id": "../x"}),
         json!({"unknown": 1}),
+        // The schema's fields are never null (schemathesis --checks all found this one
+        // accepted).
+        json!({"keys": ["model:metrics:1"], "namespace": null}),
+        json!({"model_run_id": null, "namespace": "metrics"}),
+        json!({"model_run_id": 1060.5}),
+        json!({"model_run_id": -1.0}),
     ] {
         let resp = app
             .admin(Method::POST, "/cache/invalidate", Some(body.clone()))
             .await;
         assert_error(resp, 400, "invalid_argument").await;
     }
+}
+
+/// `1060.0` is a JSON Schema integer, so it is the run `1060` (schemathesis --checks all
+/// found it refused).
+#[tokio::test]
+async fn an_integral_number_with_a_fraction_is_that_run() {
+    let app = spawn_app(None).await;
+    let resp = app
+        .admin(
+            Method::POST,
+            "/cache/invalidate",
+            Some(json!({"model_run_id": 1060.0})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let compared = app.compare(json!([41.0, "42"])).await;
+    assert_eq!(compared.status(), 200);
+    assert_eq!(header(&compared, "x-cache"), "MISS");
+    let again = app.compare(json!(["41", 42])).await;
+    assert_eq!(header(&again, "x-cache"), "HIT", "41.0 and 41 are one id");
 }
 
 #[tokio::test]
