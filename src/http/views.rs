@@ -93,13 +93,18 @@ impl utoipa::PartialSchema for RunId {
             .item(
                 ObjectBuilder::new()
                     .schema_type(Type::Integer)
-                    .minimum(Some(0)),
+                    .minimum(Some(0))
+                    .maximum(Some(MAX_INTEGER_ID as f64)),
             )
             .into()
     }
 }
 
 impl ToSchema for RunId {}
+
+/// The largest run id accepted as a JSON number: beyond 2^53 - 1 a number no longer names
+/// one integer everywhere (JavaScript's `Number.MAX_SAFE_INTEGER`). Larger ids work as strings.
+pub const MAX_INTEGER_ID: u64 = 9_007_199_254_740_991;
 
 /// `model_run_id` as an OpenAPI pattern (what [`validate_run_id`] accepts).
 pub const RUN_ID_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$";
@@ -114,20 +119,20 @@ fn run_id(raw: String) -> Result<String> {
 /// integral number written with a fraction (`1060.0`) is that integer, as JSON Schema's
 /// `integer` has it.
 pub fn run_id_from_json(value: &Value) -> Result<String> {
-    // Beyond 2^53 a float no longer names one integer.
-    const EXACT: f64 = 9_007_199_254_740_992.0;
     let integral = |n: &serde_json::Number| {
-        n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && (0.0..=EXACT).contains(f))
-                .map(|f| f as u64)
-        })
+        n.as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && (0.0..=MAX_INTEGER_ID as f64).contains(f))
+                    .map(|f| f as u64)
+            })
+            .filter(|n| *n <= MAX_INTEGER_ID)
     };
     let id = match value {
         Value::String(s) => s.clone(),
         Value::Number(n) => integral(n).map(|n| n.to_string()).ok_or_else(|| {
             AppError::InvalidArgument(format!(
-                "model_run_id {n} must be a non-negative integer or a string"
+                "model_run_id {n} must be a string or an integer from 0 to {MAX_INTEGER_ID}"
             ))
         })?,
         _ => {

@@ -234,6 +234,8 @@ async fn invalidate_by_run_namespace_or_keys() {
         json!({"model_run_id": null, "namespace": "metrics"}),
         json!({"model_run_id": 1060.5}),
         json!({"model_run_id": -1.0}),
+        json!({"model_run_id": 9_007_199_254_740_992_u64}),
+        json!({"model_run_id": 8.245_713_320_181_86e25}),
     ] {
         let resp = app
             .admin(Method::POST, "/cache/invalidate", Some(body.clone()))

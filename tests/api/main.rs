@@ -11,6 +11,7 @@ mod headers;
 mod helpers;
 mod jwt;
 mod lane;
+mod managed;
 mod near;
 mod ops;
 mod regressions;

@@ -51,8 +51,18 @@ pub(crate) struct Link {
     incarnation: AtomicU64,
     /// `(incarnation, what it came back with)` of the latest restart seen.
     restart: std::sync::Mutex<Option<(u64, Restart)>>,
-    /// Whether the last connection was refused for its eviction policy (logged once).
+    /// Whether the last connection was refused (eviction policy, version; logged once).
     policy_refused: std::sync::atomic::AtomicBool,
+}
+
+/// Whether `redis_version` (from `INFO server`) is below 7.0. An unparseable one (some
+/// Redis-compatible servers) is given the benefit of the doubt: its commands fail loudly.
+fn older_than_7(redis_version: &str) -> bool {
+    redis_version
+        .split('.')
+        .next()
+        .and_then(|major| major.trim().parse::<u32>().ok())
+        .is_some_and(|major| major < 7)
 }
 
 /// Whether `e` means the connection itself is gone (as opposed to one failed command).
@@ -139,7 +149,27 @@ impl Link {
             // Eviction happens only with a memory limit (0: none) and a policy other than
             // `noeviction`.
             let evicting = field("maxmemory") != "0" && field("maxmemory_policy") != "noeviction";
-            let policy = evicting.then(|| field("maxmemory_policy"));
+            let version = field("redis_version");
+            let too_old = older_than_7(&version);
+            // An evicting Redis may drop the counters that make invalidated entries
+            // unservable (they carry a TTL, so `volatile-*` policies may pick them too),
+            // which would revive what they invalidated; an older one lacks commands the
+            // store relies on. Neither is used at all.
+            let refusal = if too_old {
+                Some(format!(
+                    "redis {version} is older than 7.0, which runcache needs (SET … NX GET, EXPIRE … NX/GT): not using it"
+                ))
+            } else if evicting {
+                Some(format!(
+                    "redis maxmemory-policy {} may evict keys, runcache's invalidation counters among them: not using it; set maxmemory-policy noeviction (or no maxmemory)",
+                    field("maxmemory_policy")
+                ))
+            } else {
+                None
+            };
+            if refusal.is_some() {
+                return Ok::<_, RedisError>((conn, run_id, false, refusal));
+            }
             // The marker holds the run_id of the process it was written in. Absent, or this
             // process's: everything here was written since it started. Another process's: it
             // was loaded from a snapshot, with whatever else that snapshot held.
@@ -153,29 +183,21 @@ impl Link {
             // Without a run_id nothing tells a restart apart from a reconnection: every new
             // connection is then taken for a restore.
             let fresh = !run_id.is_empty() && before.is_none_or(|b| b == run_id);
-            Ok::<_, RedisError>((conn, run_id, fresh, policy))
+            Ok::<_, RedisError>((conn, run_id, fresh, None))
         };
         // The connect time-out covers connecting and the checks; redis-rs's own connection
         // time-out is not enough on its own (redis-rs #1953).
-        let (conn, run_id, fresh, policy) =
+        let (conn, run_id, fresh, refusal) =
             match tokio::time::timeout(self.connect_timeout * 2, open).await {
                 Ok(Ok(opened)) => opened,
                 Ok(Err(e)) => return Err(classify(e)),
                 Err(_) => return Err(StoreError::Unavailable("redis connect timed out".into())),
             };
-        // An evicting Redis may drop the counters that make invalidated entries unservable
-        // (they carry a TTL, so `volatile-*` policies may pick them too), which would revive
-        // what they invalidated: such a Redis is not used at all.
-        if let Some(policy) = policy {
+        if let Some(why) = refusal {
             if !self.policy_refused.swap(true, Ordering::Relaxed) {
-                tracing::error!(
-                    maxmemory_policy = %policy,
-                    "redis may evict keys, runcache's invalidation counters among them: not using it; set maxmemory-policy noeviction (or no maxmemory)"
-                );
+                tracing::error!("{why}");
             }
-            return Err(StoreError::Unavailable(format!(
-                "redis maxmemory-policy {policy} may evict invalidation counters"
-            )));
+            return Err(StoreError::Unavailable(why));
         }
         self.policy_refused.store(false, Ordering::Relaxed);
         let restarted = {
@@ -247,6 +269,21 @@ impl Link {
         let current = self.current.load();
         if current.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, c)) {
             self.current.compare_and_swap(&current, None::<Arc<Conn>>);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::older_than_7;
+
+    #[test]
+    fn servers_before_7_0_are_refused() {
+        for old in ["6.2.14", "5.0.7", "2.8"] {
+            assert!(older_than_7(old), "{old}");
+        }
+        for new in ["7.0.15", "7.2.4", "8.0.0", "", "valkey"] {
+            assert!(!older_than_7(new), "{new}");
         }
     }
 }

@@ -32,9 +32,41 @@ pub struct PeerMessage {
     #[schema(pattern = "^[A-Za-z0-9]{1,64}$")]
     pub from: String,
     /// What to invalidate (physical keys; see the README's Storage section).
-    #[schema(value_type = Object)]
+    #[schema(value_type = InvalidationSchema)]
     pub invalidation: Invalidation,
 }
+
+/// The OpenAPI schema of an [`Invalidation`] as sent between instances. Documentation only.
+pub struct InvalidationSchema;
+
+impl utoipa::PartialSchema for InvalidationSchema {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Type,
+        };
+        let keys = || ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String));
+        // Tag sets and globs may be one string or a list (older journal lines).
+        let one_or_many = || {
+            OneOfBuilder::new()
+                .item(ObjectBuilder::new().schema_type(Type::String))
+                .item(keys())
+        };
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "Counters to bump, entries to delete, tag sets whose members are deleted, globs                  whose matches are deleted, or everything; physical keys of this keyspace only.",
+            ))
+            .property("bump", keys())
+            .property("delete", keys())
+            .property("delete_tagged", one_or_many())
+            .property("delete_matching", one_or_many())
+            .property("everything", ObjectBuilder::new().schema_type(Type::Boolean))
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for InvalidationSchema {}
 
 /// This instance's view of the others.
 pub struct Peers {
