@@ -211,6 +211,13 @@ fn build_store(
     let redis = RedisStore::new(
         &RedisOptions {
             url: r.url.expose_secret().to_owned(),
+            tls_roots: match &r.tls_ca_file {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .with_context(|| format!("redis.tls_ca_file: cannot read {path}"))?,
+                ),
+                None => None,
+            },
             command_timeout: ms(r.command_timeout_ms),
             connect_timeout: ms(r.connect_timeout_ms),
             pool_max_size: r.pool_max_size,

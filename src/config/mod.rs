@@ -197,8 +197,25 @@ impl Settings {
             })?;
         }
         let url = self.redis.url.expose_secret();
-        if !url.starts_with("redis://") {
-            return Err(invalid("redis.url", "must start with redis://"));
+        if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            return Err(invalid(
+                "redis.url",
+                "must start with redis:// (or rediss:// for TLS)",
+            ));
+        }
+        if let Some(path) = &self.redis.tls_ca_file {
+            if !url.starts_with("rediss://") {
+                return Err(invalid(
+                    "redis.tls_ca_file",
+                    "is set, but redis.url is not rediss://",
+                ));
+            }
+            if !std::path::Path::new(path).is_file() {
+                return Err(invalid(
+                    "redis.tls_ca_file",
+                    format!("{path:?} is not a readable file"),
+                ));
+            }
         }
         redis::Client::open(url).map_err(|_| invalid("redis.url", "is not a valid Redis URL"))?;
         let positive = [

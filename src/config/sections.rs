@@ -73,8 +73,12 @@ pub struct OriginSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// Redis URL; may carry a password, hence secret (default `redis://127.0.0.1:6379`).
+    /// Redis URL; may carry a password, hence secret (default `redis://127.0.0.1:6379`;
+    /// `rediss://` for TLS).
     pub url: SecretString,
+    /// PEM file of the certificate authorities a `rediss://` server is verified against
+    /// (default unset: the system's roots).
+    pub tls_ca_file: Option<String>,
     /// Per-command time-out on the request path, in ms (default 250).
     pub command_timeout_ms: u64,
     /// Connect time-out in ms (default 500).

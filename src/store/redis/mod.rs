@@ -22,6 +22,8 @@ use crate::domain::policy::now_ms;
 pub struct RedisOptions {
     /// Redis URL (may hold a password; never logged).
     pub url: String,
+    /// PEM roots a `rediss://` server is verified against, instead of the system's.
+    pub tls_roots: Option<Vec<u8>>,
     /// Per-command time-out on the request path.
     pub command_timeout: Duration,
     /// TCP connect time-out.
@@ -92,8 +94,17 @@ impl RedisStore {
     /// Creates the store without connecting: Redis may be absent at start, and the first
     /// command (or the health probe) connects.
     pub fn new(opts: &RedisOptions, keys: Keyspace) -> Result<Self, StoreError> {
-        let client = redis::Client::open(opts.url.as_str())
-            .map_err(|_| StoreError::Command("invalid redis url".into()))?;
+        let client = match &opts.tls_roots {
+            Some(roots) => redis::Client::build_with_tls(
+                opts.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(roots.clone()),
+                },
+            ),
+            None => redis::Client::open(opts.url.as_str()),
+        }
+        .map_err(|_| StoreError::Command("invalid redis url or TLS roots".into()))?;
         let link = Arc::new(Link::new(
             client.clone(),
             opts.connect_timeout,
@@ -102,8 +113,9 @@ impl RedisStore {
         ));
         // Admin commands may legitimately take longer than request-path commands.
         let admin_timeout = opts.command_timeout.max(Duration::from_secs(5));
+        // The admin pool connects as the request path does, TLS roots included.
         let manager = Manager::new_with_config(
-            opts.url.as_str(),
+            client.get_connection_info().clone(),
             AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(opts.connect_timeout))
                 .set_response_timeout(Some(admin_timeout)),
