@@ -9,7 +9,8 @@
 //! (they expire by their TTL).
 //!
 //! Only headers runcache forwards can be varied on (the origin sees no other); an answer that
-//! varies on another, or on `*`, is passed through and not stored. `Accept-Encoding` is
+//! varies on another, on `*`, or on the credential (`Authorization`, `Cookie`) is passed
+//! through and not stored. `Accept-Encoding` is
 //! runcache's own business: it compresses itself, so it needs no variants.
 
 use std::sync::Arc;
@@ -43,7 +44,13 @@ pub(super) fn spec(vary: Option<&str>, origin: &OriginClient) -> Spec {
         .map(|f| f.trim().to_ascii_lowercase())
         .filter(|f| !f.is_empty() && f != "accept-encoding")
         .collect();
-    if fields.iter().any(|f| f == "*" || !origin.forwards(f)) {
+    // A body that differs per credential is not shared through the cache at all: access
+    // control decides who may see an entry, not which entry (and a variant key would be
+    // derived from the credential itself).
+    if fields
+        .iter()
+        .any(|f| f == "*" || f == "authorization" || f == "cookie" || !origin.forwards(f))
+    {
         return Spec::Unstorable;
     }
     fields.sort();
