@@ -92,6 +92,9 @@ pub struct ViewPolicy {
     pub stale_if_error: Duration,
 }
 
+/// The longest stale window an origin's `Cache-Control` may set.
+pub const MAX_ORIGIN_WINDOW_SECS: u64 = 7 * 86_400;
+
 impl ViewPolicy {
     /// How long an entry is kept past its TTL, to be served stale.
     pub fn stale_window(&self) -> Duration {
@@ -113,10 +116,11 @@ impl ViewPolicy {
                 Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
                 None => (directive, None),
             };
+            // Capped at a week: an origin's window is trusted, its arithmetic is not.
             let secs = || {
                 value
                     .and_then(|v| v.parse::<u64>().ok())
-                    .map(Duration::from_secs)
+                    .map(|s| Duration::from_secs(s.min(MAX_ORIGIN_WINDOW_SECS)))
             };
             match name.to_ascii_lowercase().as_str() {
                 "must-revalidate" | "proxy-revalidate" => revalidate = true,
@@ -277,6 +281,8 @@ mod tests {
             );
         }
         assert_eq!(configured.for_answer(Some("max-age=60")), configured);
+        let huge = configured.for_answer(Some("stale-while-revalidate=18446744073709551615"));
+        assert_eq!(huge.grace, Duration::from_secs(MAX_ORIGIN_WINDOW_SECS));
         assert_eq!(configured.for_answer(None), configured);
     }
 

@@ -216,8 +216,16 @@ impl ReadThrough {
         let resp = self.fetch(req.view, req.origin).await?;
         let passed = crate::store::headers_of(&resp.headers);
         let spec = vary::spec(resp.vary.as_deref(), &self.origin);
+        // What requests that joined this fetch must match to be given its answer, stored or
+        // not (see `vary::joiner_may_share`).
+        let variant = vary::shared_with(&spec, &req_headers);
+        // A variant whose origin now varies on other headers than its marker names would be
+        // stored under a key that does not say what it varies on.
+        let marker_moved = matches!((&spec, &req.variant), (Spec::Fields(f), Some(of))
+            if of.marker.vary.as_ref().is_some_and(|m| &m.headers != f));
         let storable = match spec {
             Spec::Unstorable => Err("vary"),
+            _ if marker_moved => Err("vary"),
             _ => self.storable(&resp, ctx.policy),
         };
         let ttl = match storable {
@@ -226,16 +234,16 @@ impl ReadThrough {
                 // Only an answer that would itself be stored accepts credentials for the
                 // entry: this one withdraws any acceptance, and nothing cached is revealed.
                 self.revoke(ctx);
-                return Ok(self.passthrough_miss(resp, Some(why)));
+                let mut out = self.passthrough_miss(resp, Some(why));
+                out.variant = variant;
+                return Ok(out);
             }
         };
         // An answer that varies is stored as a variant: under the marker it was read
         // through, or, the first time, under a new marker left at the entry's key.
-        let mut variant = None;
         let mut variant_ctx = None;
         if let Spec::Fields(fields) = &spec {
             let hash = vary::hash(fields, &req_headers);
-            variant = Some((Arc::<[String]>::from(fields.as_slice()), hash));
             match &req.variant {
                 Some(of) => self.note_variant(ctx, of).await,
                 None => {
@@ -246,7 +254,9 @@ impl ReadThrough {
                         .put_marker(&req.run_ids, ctx, marker, ttl, stamp.clone(), answer_policy)
                         .await
                     {
-                        return Ok(self.passthrough_miss(resp, Some("superseded")));
+                        let mut out = self.passthrough_miss(resp, Some("superseded"));
+                        out.variant = variant;
+                        return Ok(out);
                     }
                     let key = self.keys.entry(&ctx.version, &logical);
                     variant_ctx = Some(Ctx {
@@ -258,10 +268,6 @@ impl ReadThrough {
             }
         }
         let ctx = variant_ctx.as_ref().unwrap_or(ctx);
-        let vary_value = match &spec {
-            Spec::Fields(fields) => http::HeaderValue::from_str(&fields.join(", ")).ok(),
-            _ => None,
-        };
         if resp.status.is_success() {
             self.access.accept(&ctx.key, ctx.cred, resp.status.as_u16());
         } else {
@@ -270,11 +276,7 @@ impl ReadThrough {
         }
         let (mut entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
         // Its hits tell downstream caches what it varies on.
-        if let Some(v) = vary_value {
-            let mut headers = entry.headers.to_vec();
-            headers.push((http::header::VARY, v));
-            entry = entry.with_headers(headers);
-        }
+        entry = vary::with_vary_header(entry, &spec);
         let (stored, detail) = match self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
             Ok(true) => {
                 self.stats.record_set();
@@ -323,7 +325,12 @@ impl ReadThrough {
         entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
         matches!(
             self.store
-                .put(&ctx.key, &entry, &ctx.deps, ttl + stale_window)
+                .put(
+                    &ctx.key,
+                    &entry,
+                    &ctx.deps,
+                    ttl.saturating_add(stale_window)
+                )
                 .await,
             Ok(true)
         )
@@ -345,7 +352,8 @@ impl ReadThrough {
         let Some(base) = ctx.key.rsplit_once(":vary-").map(|(base, _)| base) else {
             return;
         };
-        let retention = Duration::from_secs(entry.ttl_secs) + Duration::from_millis(entry.stale_ms);
+        let retention = Duration::from_secs(entry.ttl_secs)
+            .saturating_add(Duration::from_millis(entry.stale_ms));
         let _ = self.store.put(base, &entry, &ctx.deps, retention).await;
     }
 
@@ -384,7 +392,7 @@ impl ReadThrough {
         let stale_window = answer_policy.stale_window();
         entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
         entry.windows = windows_of(answer_policy, ctx.policy);
-        (entry, ttl + stale_window)
+        (entry, ttl.saturating_add(stale_window))
     }
 
     /// The headers of `headers` that entries keep (`cache.stored_headers`).

@@ -377,16 +377,10 @@ impl ReadThrough {
                         .await
                         .map(|r| self.passthrough_miss(r, Some("set-cookie"))),
                     // The answer turned out to vary on headers this request sent otherwise.
-                    Ok(r)
-                        if joined
-                            && r.variant.as_ref().is_some_and(|(fields, hash)| {
-                                vary::hash(fields, &origin_req.headers) != *hash
-                            }) =>
-                    {
-                        self.fetch(view, origin_req)
-                            .await
-                            .map(|r| self.passthrough_miss(r, Some("vary")))
-                    }
+                    Ok(r) if joined && !vary::joiner_may_share(&r, &origin_req.headers) => self
+                        .fetch(view, origin_req)
+                        .await
+                        .map(|r| self.passthrough_miss(r, Some("vary"))),
                     other => other.map(|r| if joined { r.collapsed() } else { r }),
                 }
             }

@@ -251,6 +251,20 @@ impl ReadThrough {
                 Err(_) => RefreshResult::Error,
             };
         }
+        // An answer that now varies otherwise than the entry does (a plain entry whose origin
+        // began to vary, a variant whose marker names other headers, `Vary: *`) is not
+        // stored by a refresh: the next miss stores it as it should be.
+        let spec = super::vary::spec(resp.vary.as_deref(), &self.origin);
+        let vary_matches = match (&spec, &req.variant) {
+            (super::vary::Spec::None, _) => true,
+            (super::vary::Spec::Fields(f), Some(of)) => {
+                of.marker.vary.as_ref().is_some_and(|m| &m.headers == f)
+            }
+            _ => false,
+        };
+        if !vary_matches {
+            return RefreshResult::Error;
+        }
         let ttl = match self.storable(&resp, ctx.policy) {
             Ok(ttl) if resp.status == StatusCode::OK => ttl,
             _ => {
@@ -271,16 +285,13 @@ impl ReadThrough {
         self.access.accept(&ctx.key, ctx.cred, resp.status.as_u16());
         let volatile = &self.refresher.opts.volatile_fields;
         if content_hash(&resp.body, volatile) == content_hash(&old.body, volatile) {
-            // The origin's headers may have moved (a new Last-Modified, say) even when the
-            // body did not.
-            let mut touched = old.with_headers(self.stored_subset(&resp.headers));
+            // Only its lifetime is extended (on Redis, a PEXPIRE): headers and stale windows
+            // stay those stored, and so does the retention past the TTL, from which Redis
+            // reads derive when it was stored.
+            let mut touched = old;
             touched.stored_at_ms = policy::now_ms();
             touched.ttl_secs = ttl.as_secs();
-            let answer_policy = ctx.policy.for_answer(resp.cache_control.as_deref());
-            touched.windows = super::fetch::windows_of(answer_policy, ctx.policy);
-            touched.stale_ms =
-                u64::try_from(answer_policy.stale_window().as_millis()).unwrap_or(u64::MAX);
-            let retention = ttl + answer_policy.stale_window();
+            let retention = ttl.saturating_add(Duration::from_millis(touched.stale_ms));
             let _ = self.store.touch(&ctx.key, &touched, retention).await;
             return RefreshResult::Unchanged;
         }
@@ -295,6 +306,7 @@ impl ReadThrough {
             stamp = stamp.after_own_bump(&ctx.deps, &self.keys.run_gen(&ctx.version, &run_id));
         }
         let (entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
+        let entry = super::vary::with_vary_header(entry, &spec);
         if let Ok(true) = self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
             self.stats.record_set();
         }

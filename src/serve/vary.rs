@@ -95,6 +95,41 @@ pub(super) fn hash(fields: &[String], headers: &HeaderMap) -> u64 {
     xxhash_rust::xxh3::xxh3_64(canonical.as_bytes())
 }
 
+/// What a request that joined the fetch of an answer under `spec` must match to be given
+/// it: `None`, nothing; the fields and the hash of the leader's values; or, for an answer
+/// that varies on what runcache cannot key (`*`, credentials, headers it does not forward),
+/// the `*` field, which nothing matches.
+pub(super) fn shared_with(spec: &Spec, leader: &HeaderMap) -> Option<(Arc<[String]>, u64)> {
+    match spec {
+        Spec::None => None,
+        Spec::Fields(fields) => Some((Arc::from(fields.as_slice()), hash(fields, leader))),
+        Spec::Unstorable => Some((Arc::from(["*".to_owned()]), 0)),
+    }
+}
+
+/// Whether a request with `headers` that joined a fetch may be given its answer `r`.
+pub(super) fn joiner_may_share(r: &ViewResponse, headers: &HeaderMap) -> bool {
+    match &r.variant {
+        None => true,
+        Some((fields, leader)) => {
+            !fields.iter().any(|f| f == "*") && hash(fields, headers) == *leader
+        }
+    }
+}
+
+/// `entry` with the `Vary` its hits send, when its answer varies (`spec`).
+pub(super) fn with_vary_header(entry: CacheEntry, spec: &Spec) -> CacheEntry {
+    let Spec::Fields(fields) = spec else {
+        return entry;
+    };
+    let Ok(value) = http::HeaderValue::from_str(&fields.join(", ")) else {
+        return entry;
+    };
+    let mut headers = entry.headers.to_vec();
+    headers.push((http::header::VARY, value));
+    entry.with_headers(headers)
+}
+
 /// The logical key of a variant (only characters the keyspace allows).
 pub(super) fn key(base: &str, nonce: u64, hash: u64) -> String {
     format!("{base}:vary-{nonce:016x}{hash:016x}")

@@ -285,8 +285,33 @@ async fn vary_accept_encoding_alone_needs_no_variants() {
 
 #[tokio::test]
 async fn readers_that_joined_the_first_fetch_with_other_values_get_their_own_variant() {
+    four_languages_at_once(None).await;
+}
+
+/// Review of the Vary fix: an answer that varies but is not stored (here `no-store`) was
+/// given to every reader that joined its fetch.
+#[tokio::test]
+async fn readers_that_joined_an_unstored_varying_answer_get_their_own() {
+    four_languages_at_once(Some("no-store")).await;
+}
+
+/// An origin's absurd stale window is capped, not a panic that leaves its fetch behind.
+#[tokio::test]
+async fn an_absurd_stale_window_from_the_origin_is_capped() {
+    let app = public_app().await;
+    set_cache_control(&app, "max-age=60, stale-while-revalidate=18446744073709551615");
+    for _ in 0..2 {
+        assert_eq!(app.get(METRICS).await.status(), 200);
+    }
+    assert_eq!(header(&app.get(METRICS).await, "x-cache"), "HIT");
+}
+
+async fn four_languages_at_once(cache_control: Option<&str>) {
     let app = public_app().await;
     vary_on_language(&app);
+    if let Some(cc) = cache_control {
+        set_cache_control(&app, cc);
+    }
     app.origin.set_delay(300);
     let readers: Vec<_> = ["fr", "en", "de", "fr"]
         .into_iter()
