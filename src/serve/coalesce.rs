@@ -67,12 +67,14 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         // this function holds until the insert below. A newer flight for the key may have
         // replaced it meanwhile, and stays.
         let task = self.tasks.spawn(async move {
-            let result = fut.await;
-            let mut map = registry.lock().unwrap_or_else(|e| e.into_inner());
-            if map.get(&owned_key).is_some_and(|r| r.id == id) {
-                map.remove(&owned_key);
-            }
-            result
+            // Removed however the fetch ends: finished, cancelled, or panicked (a flight left
+            // behind would be joined by every later request for the key and fail them all).
+            let _leaving = Leaving {
+                registry,
+                key: owned_key,
+                id,
+            };
+            fut.await
         });
         let flight = async move {
             match task.await {
@@ -94,12 +96,28 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         (flight, false)
     }
 
-    /// Whether a fetch for `key` is running.
+    /// Whether a fetch for `key` is running (test and diagnostics).
     pub fn is_running(&self, key: &str) -> bool {
         self.map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(key)
+    }
+}
+
+/// Takes a flight out of the map when its task ends, unless a newer one replaced it.
+struct Leaving<T: Clone> {
+    registry: Arc<Mutex<HashMap<String, Running<T>>>>,
+    key: String,
+    id: u64,
+}
+
+impl<T: Clone> Drop for Leaving<T> {
+    fn drop(&mut self) {
+        let mut map = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&self.key).is_some_and(|r| r.id == self.id) {
+            map.remove(&self.key);
+        }
     }
 }
 
@@ -179,6 +197,21 @@ mod tests {
             async { Err(OriginError::Timeout) }.boxed()
         });
         assert!(f.await.is_err());
+        let (f, joined) = flights.join_or_start("k", &stamp(0), || async { Ok(1) }.boxed());
+        assert!(!joined);
+        assert_eq!(f.await.expect("ok"), 1);
+    }
+
+    /// A fetch that panics fails its requesters and is forgotten: the next request starts
+    /// its own instead of joining a flight that can only fail.
+    #[tokio::test]
+    async fn a_fetch_that_panics_is_not_joined_afterwards() {
+        let flights: Flights<u32> = Flights::new(Tasks::new());
+        let (f, _) = flights.join_or_start("k", &stamp(0), || {
+            async { panic!("a bug in a fetch") }.boxed()
+        });
+        assert!(f.await.is_err());
+        assert!(!flights.is_running("k"));
         let (f, joined) = flights.join_or_start("k", &stamp(0), || async { Ok(1) }.boxed());
         assert!(!joined);
         assert_eq!(f.await.expect("ok"), 1);

@@ -299,7 +299,10 @@ async fn readers_that_joined_an_unstored_varying_answer_get_their_own() {
 #[tokio::test]
 async fn an_absurd_stale_window_from_the_origin_is_capped() {
     let app = public_app().await;
-    set_cache_control(&app, "max-age=60, stale-while-revalidate=18446744073709551615");
+    set_cache_control(
+        &app,
+        "max-age=60, stale-while-revalidate=18446744073709551615",
+    );
     for _ in 0..2 {
         assert_eq!(app.get(METRICS).await.status(), 200);
     }
