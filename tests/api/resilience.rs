@@ -370,3 +370,50 @@ async fn sigterm_lets_an_in_flight_request_finish() {
     );
     let _ = std::fs::remove_file(&journal);
 }
+
+/// Two instances replay their journals to Redis at once. An event acknowledged by A while
+/// Redis hung is journaled by A and, told directly, by B. When Redis answers again both
+/// probes replay the same invalidation concurrently: applying it twice is harmless (it only
+/// bumps counters and deletes), both close their circuits, and neither serves the entry
+/// Redis still held from before the event.
+#[tokio::test]
+async fn two_instances_replaying_the_same_journal_at_once_serve_nothing_stale() {
+    let redis = TestRedis::start().await;
+    let a = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
+    let mut settings = test_settings(&a.origin.url, &redis.url());
+    settings.auth.frontend = "none".into();
+    settings.cache.prefix = a.prefix.clone();
+    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    let revision = |resp: reqwest::Response| async move {
+        let x_cache = header(&resp, "x-cache").to_owned();
+        let body: Value = resp.json().await.expect("json");
+        (x_cache, body["revision"].as_u64())
+    };
+    assert_eq!(
+        revision(a.metrics("r").await).await,
+        ("MISS".into(), Some(0))
+    );
+    assert_eq!(revision(b.metrics("r").await).await.1, Some(0));
+    // Both registered while Redis is up, so each knows whom to tell.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    redis.pause();
+    a.origin.set_revision(1);
+    let event = a.event("training-completed", json!("r")).await;
+    assert_eq!(event.status(), 200);
+    for app in [&a, &b] {
+        wait_for(|| async { app.stats().await["pending_invalidations"].as_u64() >= Some(1) }).await;
+    }
+    redis.resume();
+    for app in [&a, &b] {
+        wait_for(|| async {
+            let stats = app.stats().await;
+            stats["backend"] == "redis" && stats["pending_invalidations"] == 0
+        })
+        .await;
+    }
+    for app in [&a, &b] {
+        let (x_cache, rev) = revision(app.metrics("r").await).await;
+        assert_eq!(rev, Some(1), "served the invalidated revision ({x_cache})");
+    }
+}
