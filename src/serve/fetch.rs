@@ -217,8 +217,8 @@ impl ReadThrough {
         let passed = crate::store::headers_of(&resp.headers);
         let spec = vary::spec(resp.vary.as_deref(), &self.origin);
         // What requests that joined this fetch must match to be given its answer, stored or
-        // not (see `vary::joiner_may_share`).
-        let variant = vary::shared_with(&spec, &req_headers);
+        // not (see `vary::not_for_joiner`).
+        let variant = vary::shared_with(&spec, &req_headers, ctx.cred);
         // A variant whose origin now varies on other headers than its marker names would be
         // stored under a key that does not say what it varies on.
         let marker_moved = matches!((&spec, &req.variant), (Spec::Fields(f), Some(of))
@@ -243,7 +243,7 @@ impl ReadThrough {
         // through, or, the first time, under a new marker left at the entry's key.
         let mut variant_ctx = None;
         if let Spec::Fields(fields) = &spec {
-            let hash = vary::hash(fields, &req_headers);
+            let hash = vary::hash(fields, &req_headers, ctx.cred);
             match &req.variant {
                 Some(of) => self.note_variant(ctx, of).await,
                 None => {

@@ -363,6 +363,7 @@ impl ReadThrough {
         let result = match stamp {
             Some(stamp) => {
                 let origin_req = req.origin.clone();
+                let cred = ctx.cred;
                 let (flight, joined) = self.start_fetch(req, ctx, stamp);
                 if joined {
                     self.stats.record_coalesced(view);
@@ -371,17 +372,14 @@ impl ReadThrough {
                     .await
                     .unwrap_or(Err(OriginError::Timeout));
                 match result {
-                    // A cookie was for the request that fetched it: this one asks for itself.
-                    Ok(r) if joined && r.sets_cookie() => self
-                        .fetch(view, origin_req)
-                        .await
-                        .map(|r| self.passthrough_miss(r, Some("set-cookie"))),
-                    // The answer turned out to vary on headers this request sent otherwise.
-                    Ok(r) if joined && !vary::joiner_may_share(&r, &origin_req.headers) => self
-                        .fetch(view, origin_req)
-                        .await
-                        .map(|r| self.passthrough_miss(r, Some("vary"))),
-                    other => other.map(|r| if joined { r.collapsed() } else { r }),
+                    Ok(r) if joined => match vary::not_for_joiner(&r, &origin_req.headers, cred) {
+                        Some(why) => self
+                            .fetch(view, origin_req)
+                            .await
+                            .map(|r| self.passthrough_miss(r, Some(why))),
+                        None => Ok(r.collapsed()),
+                    },
+                    other => other,
                 }
             }
             // The store could not say what the entry depends on: answer from the origin,

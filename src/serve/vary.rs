@@ -9,8 +9,9 @@
 //! (they expire by their TTL).
 //!
 //! Only headers runcache forwards can be varied on (the origin sees no other); an answer that
-//! varies on another, on `*`, or on the credential (`Authorization`, `Cookie`) is passed
-//! through and not stored. `Accept-Encoding` is
+//! varies on another, on `*`, or on `Cookie` is passed through and not stored. A variant of
+//! `Authorization` is keyed by the credential's keyed hash, which is per process: such
+//! variants are not shared between instances. `Accept-Encoding` is
 //! runcache's own business: it compresses itself, so it needs no variants.
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use http::HeaderMap;
 
 use super::{ReadThrough, ViewRequest, ViewResponse, request::VariantOf};
 use crate::origin::{OriginClient, OriginError};
+use crate::security::Credential;
 use crate::store::{CacheEntry, VaryMarker};
 
 /// What an origin answer's `Vary` asks of its storage.
@@ -44,12 +46,10 @@ pub(super) fn spec(vary: Option<&str>, origin: &OriginClient) -> Spec {
         .map(|f| f.trim().to_ascii_lowercase())
         .filter(|f| !f.is_empty() && f != "accept-encoding")
         .collect();
-    // A body that differs per credential is not shared through the cache at all: access
-    // control decides who may see an entry, not which entry (and a variant key would be
-    // derived from the credential itself).
+    // Cookies have no keyed hash here, and a key must not be derived from a credential.
     if fields
         .iter()
-        .any(|f| f == "*" || f == "authorization" || f == "cookie" || !origin.forwards(f))
+        .any(|f| f == "*" || f == "cookie" || !origin.forwards(f))
     {
         return Spec::Unstorable;
     }
@@ -64,11 +64,18 @@ pub(super) fn spec(vary: Option<&str>, origin: &OriginClient) -> Spec {
 
 /// The hash of `headers`' normalised values of `fields`: every field line joined, each
 /// comma-separated element trimmed and lower-cased (`fr-CH, fr;q=0.9` and `fr-ch,fr;q=0.9`
-/// are one variant); an absent header is its own value.
-pub(super) fn hash(fields: &[String], headers: &HeaderMap) -> u64 {
+/// are one variant); an absent header is its own value. `Authorization` counts as `cred`,
+/// its keyed hash: no key is derived from a credential itself (SPEC section 4).
+pub(super) fn hash(fields: &[String], headers: &HeaderMap, cred: Credential) -> u64 {
     let mut canonical = String::new();
     for field in fields {
         canonical.push_str(field);
+        if field == "authorization" {
+            canonical.push_str("\n#");
+            canonical.push_str(&cred.tag());
+            canonical.push('\n');
+            continue;
+        }
         let values: Vec<&str> = headers
             .get_all(field.as_str())
             .iter()
@@ -99,21 +106,36 @@ pub(super) fn hash(fields: &[String], headers: &HeaderMap) -> u64 {
 /// it: `None`, nothing; the fields and the hash of the leader's values; or, for an answer
 /// that varies on what runcache cannot key (`*`, credentials, headers it does not forward),
 /// the `*` field, which nothing matches.
-pub(super) fn shared_with(spec: &Spec, leader: &HeaderMap) -> Option<(Arc<[String]>, u64)> {
+pub(super) fn shared_with(
+    spec: &Spec,
+    leader: &HeaderMap,
+    cred: Credential,
+) -> Option<(Arc<[String]>, u64)> {
     match spec {
         Spec::None => None,
-        Spec::Fields(fields) => Some((Arc::from(fields.as_slice()), hash(fields, leader))),
+        Spec::Fields(fields) => Some((Arc::from(fields.as_slice()), hash(fields, leader, cred))),
         Spec::Unstorable => Some((Arc::from(["*".to_owned()]), 0)),
     }
 }
 
-/// Whether a request with `headers` that joined a fetch may be given its answer `r`.
-pub(super) fn joiner_may_share(r: &ViewResponse, headers: &HeaderMap) -> bool {
+/// Why a request with `headers` and `cred` that joined a fetch may not be given its answer
+/// `r` (it then asks the origin for itself), or `None`: it may. A cookie is for the request
+/// that fetched it; an answer that varies goes only to requests with the same values.
+pub(super) fn not_for_joiner(
+    r: &ViewResponse,
+    headers: &HeaderMap,
+    cred: Credential,
+) -> Option<&'static str> {
+    if r.sets_cookie() {
+        return Some("set-cookie");
+    }
     match &r.variant {
-        None => true,
-        Some((fields, leader)) => {
-            !fields.iter().any(|f| f == "*") && hash(fields, headers) == *leader
+        Some((fields, leader))
+            if fields.iter().any(|f| f == "*") || hash(fields, headers, cred) != *leader =>
+        {
+            Some("vary")
         }
+        _ => None,
     }
 }
 
@@ -155,8 +177,9 @@ fn variant_request(
     mut req: ViewRequest,
     marker: &VaryMarker,
     marker_entry: &CacheEntry,
+    cred: Credential,
 ) -> ViewRequest {
-    let hash = hash(&marker.headers, &req.origin.headers);
+    let hash = hash(&marker.headers, &req.origin.headers, cred);
     req.logical_key = key(&req.logical_key, marker.nonce, hash);
     req.variant = Some(Arc::new(VariantOf {
         marker: marker_entry.clone(),
@@ -191,7 +214,8 @@ impl ReadThrough {
                 return Ok(self.passthrough_miss(resp, Some("vary")));
             }
         };
-        let variant = variant_request(req, &marker, &marker_entry);
+        let cred = self.credential(&req);
+        let variant = variant_request(req, &marker, &marker_entry, cred);
         let hash = variant.variant.as_ref().map_or(0, |v| v.hash);
         if !marker.variants.contains(&hash) && marker.variants.len() >= self.max_variants {
             self.stats.record_variant_refused();

@@ -244,7 +244,7 @@ async fn a_key_invalidation_drops_every_variant() {
 
 #[tokio::test]
 async fn vary_star_and_headers_that_are_not_forwarded_are_never_stored() {
-    for vary in ["*", "X-Tenant", "Accept-Language, *", "Authorization"] {
+    for vary in ["*", "X-Tenant", "Accept-Language, *", "Cookie"] {
         let app = public_app().await;
         app.origin.set_headers(&[("vary", vary)]);
         for _ in 0..2 {
@@ -273,6 +273,45 @@ async fn variants_past_the_bound_are_passed_through_and_counted() {
     let (x, _, _) = in_language(&app, METRICS, "fr").await;
     assert_eq!(x, "HIT");
     assert_eq!(app.stats().await["stats"]["variants_refused"], 2);
+}
+
+/// `Vary: Authorization` is stored per credential, keyed by the credential's keyed hash: no
+/// key in Redis is derived from the token itself.
+#[tokio::test]
+async fn vary_on_authorization_is_one_variant_per_credential() {
+    let redis = crate::helpers::TestRedis::start().await;
+    let app = spawn_app_with(Some(&redis), |_| {}).await;
+    app.origin.set_headers(&[("vary", "Authorization")]);
+    let read = |token: &'static str| {
+        let (client, url) = (app.client.clone(), app.url(METRICS));
+        async move {
+            let resp = client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(resp.status(), 200);
+            header(&resp, "x-cache").to_owned()
+        }
+    };
+    for token in ["token-of-alice", "token-of-bob"] {
+        assert_eq!(read(token).await, "MISS");
+        assert_eq!(read(token).await, "HIT", "{token}");
+    }
+    let keys = redis.keys(&format!("{}:*", app.prefix)).await;
+    assert_eq!(
+        keys.iter().filter(|k| k.contains(":vary-")).count(),
+        2,
+        "{keys:?}"
+    );
+    let tag = |t: &str| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(t.as_bytes()));
+    for k in &keys {
+        assert!(
+            !k.contains("alice") && !k.contains(&tag("Bearer token-of-alice")),
+            "{k}"
+        );
+    }
 }
 
 #[tokio::test]
