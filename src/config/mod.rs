@@ -410,25 +410,13 @@ impl Settings {
     /// and headers that must never be replayed from the cache: hop-by-hop ones, `Set-Cookie`,
     /// and those runcache sets itself.
     pub fn stored_headers(&self) -> Result<Vec<http::HeaderName>, ConfigError> {
-        const REFUSED: [&str; 20] = [
-            "connection",
-            "keep-alive",
-            "transfer-encoding",
-            "te",
-            "trailer",
-            "upgrade",
-            "set-cookie",
-            "content-length",
-            "content-type",
-            "content-encoding",
-            "etag",
+        // Never replayed from the cache besides the hop-by-hop headers and runcache's own:
+        // a cookie, what says how the body is encoded, credentials, and `Vary` (a variant
+        // gets the one it was stored under).
+        const REFUSED: [&str; 5] = [
             "vary",
-            "age",
-            "date",
-            "server",
-            "x-cache",
-            "cache-status",
-            "x-request-id",
+            "set-cookie",
+            "content-encoding",
             "www-authenticate",
             "authorization",
         ];
@@ -438,7 +426,11 @@ impl Settings {
             .map(|h| {
                 let name = http::HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes())
                     .map_err(|_| invalid("cache.stored_headers", format!("{h:?} is not a header name")))?;
-                if REFUSED.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+                let n = name.as_str();
+                if REFUSED.contains(&n)
+                    || crate::domain::headers::is_hop_by_hop(n)
+                    || crate::domain::headers::is_set_by_runcache(n)
+                {
                     return Err(invalid(
                         "cache.stored_headers",
                         format!("{h:?} is never stored (hop-by-hop, a cookie, or set by runcache itself)"),

@@ -110,3 +110,23 @@ fn redaction_hides_the_password() {
         "https://origin.internal/api?***"
     );
 }
+
+#[test]
+fn stored_headers_refuse_what_must_not_be_replayed() {
+    let mut s = Settings::load_from(None, Some(HashMap::new())).expect("defaults load");
+    assert!(s.stored_headers().is_ok());
+    for refused in [
+        "Set-Cookie",
+        "Connection",
+        "Proxy-Authenticate",
+        "ETag",
+        "Vary",
+        "Authorization",
+        "not a name",
+    ] {
+        s.cache.stored_headers = vec![refused.to_owned()];
+        assert!(s.stored_headers().is_err(), "{refused}");
+    }
+    s.cache.stored_headers = vec!["X-Model-Version".into()];
+    assert_eq!(s.stored_headers().expect("ok")[0], "x-model-version");
+}

@@ -2,6 +2,7 @@
 //! key, pattern or version unrepresentable past the edge. Plain data and pure functions;
 //! depends on nothing else in the crate (config, store and serve build on it).
 
+pub mod headers;
 pub mod policy;
 
 pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};

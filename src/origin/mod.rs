@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 
 use crate::config::{OriginSettings, ms};
+use crate::domain::headers::{is_hop_by_hop, is_set_by_runcache};
 
 /// What went wrong talking to the origin.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -63,33 +64,6 @@ pub struct OriginResponse {
     pub body: Bytes,
 }
 
-/// Hop-by-hop headers (RFC 9110 section 7.6.1), which end at runcache.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-connection",
-    "proxy-authenticate",
-];
-
-/// Headers runcache sets itself on every view answer (or that describe the origin's own
-/// connection and server, which nginx's `proxy_pass` drops too): the origin's copy would
-/// contradict or duplicate them.
-const OWN: [&str; 9] = [
-    "content-length",
-    "content-type",
-    "etag",
-    "age",
-    "date",
-    "server",
-    "x-cache",
-    "cache-status",
-    "x-request-id",
-];
-
 /// The end-to-end headers of an origin answer: hop-by-hop headers, `Proxy-*`, whatever
 /// `Connection` names, and the headers runcache sets itself are dropped; everything else
 /// (`Location`, `Retry-After`, `Cache-Control`, `Set-Cookie`, `WWW-Authenticate`, …) is kept.
@@ -105,11 +79,7 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let n = name.as_str();
-        if HOP_BY_HOP.contains(&n)
-            || n.starts_with("proxy-")
-            || OWN.contains(&n)
-            || named.iter().any(|c| c == n)
-        {
+        if is_hop_by_hop(n) || is_set_by_runcache(n) || named.iter().any(|c| c == n) {
             continue;
         }
         out.append(name.clone(), value.clone());

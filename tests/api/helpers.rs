@@ -708,3 +708,14 @@ impl Drop for Binary {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Two instances with public views (`auth.frontend = none`) on `redis`, one prefix and one
+/// origin: what several replicas behind a load balancer share.
+pub async fn two_public_instances(redis: &TestRedis) -> (TestApp, TestApp) {
+    let a = spawn_app_with(Some(redis), |s| s.auth.frontend = "none".into()).await;
+    let mut settings = test_settings(&a.origin.url, &redis.url());
+    settings.auth.frontend = "none".into();
+    settings.cache.prefix = a.prefix.clone();
+    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    (a, b)
+}

@@ -13,11 +13,7 @@ async fn near_live(app: &TestApp) {
 /// Two instances on one Redis and one origin, with public views (so each instance serves
 /// an entry without first validating the caller with the origin).
 async fn two_instances(redis: &TestRedis) -> (TestApp, TestApp) {
-    let a = spawn_app_with(Some(redis), |s| s.auth.frontend = "none".into()).await;
-    let mut settings = test_settings(&a.origin.url, &redis.url());
-    settings.auth.frontend = "none".into();
-    settings.cache.prefix = a.prefix.clone();
-    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    let (a, b) = crate::helpers::two_public_instances(redis).await;
     near_live(&a).await;
     near_live(&b).await;
     (a, b)

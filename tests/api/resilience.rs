@@ -64,11 +64,7 @@ async fn two_instances_sharing_redis_make_one_origin_call() {
     let redis = TestRedis::start().await;
     // Public views: with `forward`, each instance validates each credential with the origin
     // once (access::another_instance_revalidates_before_serving covers that).
-    let a = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
-    let mut settings = test_settings(&a.origin.url, &redis.url());
-    settings.auth.frontend = "none".into();
-    settings.cache.prefix = a.prefix.clone();
-    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    let (a, b) = crate::helpers::two_public_instances(&redis).await;
     a.origin.set_delay(300);
 
     let from_a = (0..20).map(|_| a.metrics("shared"));
@@ -379,11 +375,7 @@ async fn sigterm_lets_an_in_flight_request_finish() {
 #[tokio::test]
 async fn two_instances_replaying_the_same_journal_at_once_serve_nothing_stale() {
     let redis = TestRedis::start().await;
-    let a = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
-    let mut settings = test_settings(&a.origin.url, &redis.url());
-    settings.auth.frontend = "none".into();
-    settings.cache.prefix = a.prefix.clone();
-    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    let (a, b) = crate::helpers::two_public_instances(&redis).await;
     let revision = |resp: reqwest::Response| async move {
         let x_cache = header(&resp, "x-cache").to_owned();
         let body: Value = resp.json().await.expect("json");

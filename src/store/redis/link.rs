@@ -52,7 +52,7 @@ pub(crate) struct Link {
     /// `(incarnation, what it came back with)` of the latest restart seen.
     restart: std::sync::Mutex<Option<(u64, Restart)>>,
     /// Whether the last connection was refused (eviction policy, version; logged once).
-    policy_refused: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicBool,
 }
 
 /// Whether `redis_version` (from `INFO server`) is below 7.0. An unparseable one (some
@@ -102,7 +102,7 @@ impl Link {
             run_id: std::sync::Mutex::new(None),
             incarnation: AtomicU64::new(0),
             restart: std::sync::Mutex::new(None),
-            policy_refused: std::sync::atomic::AtomicBool::new(false),
+            refused: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -194,12 +194,12 @@ impl Link {
                 Err(_) => return Err(StoreError::Unavailable("redis connect timed out".into())),
             };
         if let Some(why) = refusal {
-            if !self.policy_refused.swap(true, Ordering::Relaxed) {
+            if !self.refused.swap(true, Ordering::Relaxed) {
                 tracing::error!("{why}");
             }
             return Err(StoreError::Unavailable(why));
         }
-        self.policy_refused.store(false, Ordering::Relaxed);
+        self.refused.store(false, Ordering::Relaxed);
         let restarted = {
             let mut known = self.run_id.lock().unwrap_or_else(|e| e.into_inner());
             // A new process; or, on this runcache process's first connection, a marker of

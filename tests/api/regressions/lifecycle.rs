@@ -116,11 +116,7 @@ async fn no_background_fetch_writes_to_redis_after_a_graceful_stop() {
 #[tokio::test]
 async fn during_an_outage_an_event_on_one_instance_reaches_the_others() {
     let mut redis = TestRedis::start().await;
-    let a = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
-    let mut settings = test_settings(&a.origin.url, &redis.url());
-    settings.auth.frontend = "none".into();
-    settings.cache.prefix = a.prefix.clone();
-    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    let (a, b) = crate::helpers::two_public_instances(&redis).await;
     // Long enough for both to register while Redis is up.
     tokio::time::sleep(Duration::from_secs(2)).await;
 

@@ -88,11 +88,7 @@ async fn no_entry_is_served_from_redis_while_the_start_up_replay_runs() {
 #[tokio::test]
 async fn a_stamp_read_from_redis_does_not_validate_an_entry_in_the_memory_tier() {
     let mut redis = TestRedis::start().await;
-    let a = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
-    let mut settings = test_settings(&a.origin.url, &redis.url());
-    settings.auth.frontend = "none".into();
-    settings.cache.prefix = a.prefix.clone();
-    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    let (a, b) = crate::helpers::two_public_instances(&redis).await;
 
     a.origin.set_delay(1_000);
     let client = a.client.clone();
