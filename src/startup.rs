@@ -256,6 +256,37 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         ));
     }
 
+    if let Some(stream) = state.settings.events.stream.clone() {
+        let e = &state.settings.events;
+        let tiered = state.store.tiered();
+        let consumer = e
+            .stream_consumer
+            .clone()
+            .or_else(|| tiered.peers().url())
+            .unwrap_or_else(|| tiered.peers().id().to_owned());
+        let opts = crate::invalidation::stream::StreamOptions {
+            stream,
+            group: e.stream_group.clone(),
+            consumer,
+            block: ms(e.stream_block_ms),
+            claim_idle: ms(e.stream_claim_idle_ms),
+            batch: e.stream_batch,
+            retry: ms(state
+                .settings
+                .redis
+                .probe_interval_ms
+                .max(state.settings.redis.connect_timeout_ms)),
+            command_timeout: ms(state.settings.redis.command_timeout_ms)
+                .max(Duration::from_secs(1)),
+        };
+        let intake = crate::invalidation::stream::StreamIntake::new(
+            tiered.redis().client().clone(),
+            state.invalidator.clone(),
+            opts,
+        );
+        tasks.spawn(intake.run(cancel.clone()));
+    }
+
     // The probe runs only while the circuit is open; at most one runs at a time in any case.
     let s = state.clone();
     every(

@@ -164,6 +164,39 @@ impl Settings {
         Ok(settings)
     }
 
+    fn validate_stream(&self) -> Result<(), ConfigError> {
+        let e = &self.events;
+        let name_ok = |s: &str| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control);
+        if let Some(stream) = &e.stream
+            && !name_ok(stream)
+        {
+            return Err(invalid(
+                "events.stream",
+                "must be 1 to 256 characters, none of them control characters",
+            ));
+        }
+        for (key, value) in [
+            ("events.stream_group", Some(&e.stream_group)),
+            ("events.stream_consumer", e.stream_consumer.as_ref()),
+        ] {
+            if let Some(v) = value
+                && !name_ok(v)
+            {
+                return Err(invalid(
+                    key,
+                    "must be 1 to 256 characters, none of them control characters",
+                ));
+            }
+        }
+        if e.stream_batch > 10_000 {
+            return Err(invalid("events.stream_batch", "must be at most 10000"));
+        }
+        if e.stream_block_ms > 60_000 {
+            return Err(invalid("events.stream_block_ms", "must be at most 60000"));
+        }
+        Ok(())
+    }
+
     /// Checks every value that parsing alone cannot; fails on the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.socket_addr()?;
@@ -294,10 +327,17 @@ impl Settings {
             ),
             ("journal.max_ops", self.journal.max_ops as u64),
             ("l1.ack_timeout_ms", self.l1.ack_timeout_ms),
+            ("events.stream_block_ms", self.events.stream_block_ms),
+            (
+                "events.stream_claim_idle_ms",
+                self.events.stream_claim_idle_ms,
+            ),
+            ("events.stream_batch", self.events.stream_batch as u64),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be greater than 0"));
         }
+        self.validate_stream()?;
         match self.auth.frontend.as_str() {
             "forward" | "none" => {}
             "jwt" => {

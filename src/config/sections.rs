@@ -307,6 +307,22 @@ pub struct EventsSettings {
     /// How far a signed event's timestamp may be from this clock, either way, in seconds
     /// (default 300).
     pub tolerance_secs: u64,
+    /// Redis stream read for events through a consumer group, for example `runcache:events`
+    /// (default unset: off).
+    pub stream: Option<String>,
+    /// The consumer group every instance reads the stream through (default `runcache`).
+    pub stream_group: String,
+    /// This instance's consumer name in the group (default unset: its advertised URL, which
+    /// stays the same across restarts, so a restarted instance finds its own pending entries).
+    pub stream_consumer: Option<String>,
+    /// Longest wait for new entries before the loop checks again, in ms (default 2000).
+    pub stream_block_ms: u64,
+    /// Entries another consumer has left pending this long are taken over, in ms
+    /// (default 30000): longer than any invalidation takes, or live instances would steal
+    /// each other's work (harmless, since applying an event twice is, but wasted).
+    pub stream_claim_idle_ms: u64,
+    /// Entries read per step (default 100).
+    pub stream_batch: usize,
 }
 
 /// `[cors]`

@@ -13,6 +13,8 @@ use crate::metrics::Stats;
 use crate::store::{Invalidation, KeyVersion, Keyspace, Shared, Store, StoreError, Tier};
 use crate::tasks::Tasks;
 
+pub mod stream;
+
 /// The views every key of which `pattern` matches.
 fn covered_views(pattern: &str) -> Vec<View> {
     if pattern == "*" || pattern == "model:*" {
@@ -46,11 +48,13 @@ pub enum Cause {
     Refresh,
     /// Another instance's invalidation, made while it could not reach Redis.
     Peer,
+    /// Events trimmed from the event stream before any instance read them: everything goes.
+    StreamGap,
 }
 
 impl Cause {
     /// Every cause, for metrics registered at zero.
-    pub const ALL: [Cause; 7] = [
+    pub const ALL: [Cause; 8] = [
         Cause::Event,
         Cause::RunDeleted,
         Cause::Admin,
@@ -58,6 +62,7 @@ impl Cause {
         Cause::Version,
         Cause::Refresh,
         Cause::Peer,
+        Cause::StreamGap,
     ];
 
     /// The metric label.
@@ -70,6 +75,7 @@ impl Cause {
             Cause::Version => "version",
             Cause::Refresh => "refresh",
             Cause::Peer => "peer",
+            Cause::StreamGap => "stream_gap",
         }
     }
 }
@@ -200,6 +206,14 @@ impl Invalidator {
             ..Invalidation::default()
         };
         self.apply(inv, cause).await
+    }
+
+    /// Drops every entry of the current version, as a clear of `*` does, and empties every
+    /// near cache: for when invalidations may have been lost and nobody can say which.
+    pub async fn everything(&self, cause: Cause) -> Result<u64, StoreError> {
+        let n = self.pattern("*", cause).await?;
+        self.shared.flush_copies().await;
+        Ok(n)
     }
 
     /// Counts an invalidation another instance sent while it could not reach Redis (the store

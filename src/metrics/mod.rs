@@ -56,8 +56,21 @@ pub mod names {
     /// Origin answers not stored because their entry had `cache.max_variants` variants.
     pub const VARIANTS_REFUSED_TOTAL: &str = "runcache_variants_refused_total";
 
+    /// Event-stream entries handled, by outcome (`applied`, `invalid`).
+    pub const STREAM_EVENTS_TOTAL: &str = "runcache_stream_events_total";
+    /// Entries taken over from consumers that left them pending (a dead instance's).
+    pub const STREAM_CLAIMED_TOTAL: &str = "runcache_stream_claimed_total";
+    /// Gaps found in the event stream (entries trimmed before they were read), each handled
+    /// by dropping every entry.
+    pub const STREAM_GAPS_TOTAL: &str = "runcache_stream_gaps_total";
+    /// Entries added to the stream and not yet delivered to the consumer group (`XINFO GROUPS`
+    /// `lag`; -1 while Redis cannot tell).
+    pub const STREAM_LAG: &str = "runcache_stream_lag";
+    /// Entries delivered to the group and not yet acknowledged, by any instance.
+    pub const STREAM_PENDING: &str = "runcache_stream_pending";
+
     /// Every family above: each is exported from start-up, at 0 for its known label values.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 25] = [
         VIEW_REQUESTS_TOTAL,
         VIEW_REQUEST_DURATION,
         ORIGIN_REQUESTS_TOTAL,
@@ -78,6 +91,11 @@ pub mod names {
         MEMORY_ENTRIES,
         MEMORY_BYTES,
         VARIANTS_REFUSED_TOTAL,
+        STREAM_EVENTS_TOTAL,
+        STREAM_CLAIMED_TOTAL,
+        STREAM_GAPS_TOTAL,
+        STREAM_LAG,
+        STREAM_PENDING,
     ];
 }
 
@@ -167,6 +185,31 @@ fn describe() {
         "Origin answers not stored because their entry had cache.max_variants variants"
     );
     describe_gauge!(names::MEMORY_ENTRIES, "Entries in the memory tier");
+    describe_counter!(
+        names::STREAM_EVENTS_TOTAL,
+        "Event-stream entries handled, by outcome (applied, invalid)"
+    );
+    describe_counter!(
+        names::STREAM_CLAIMED_TOTAL,
+        "Event-stream entries taken over from consumers that left them pending"
+    );
+    describe_counter!(
+        names::STREAM_GAPS_TOTAL,
+        "Gaps found in the event stream (entries trimmed before they were read)"
+    );
+    describe_gauge!(
+        names::STREAM_LAG,
+        "Event-stream entries not yet delivered to the consumer group (-1: unknown)"
+    );
+    describe_gauge!(
+        names::STREAM_PENDING,
+        "Event-stream entries delivered and not yet acknowledged"
+    );
+    for outcome in ["applied", "invalid"] {
+        metrics::counter!(names::STREAM_EVENTS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!(names::STREAM_LAG).set(0.0);
+    metrics::gauge!(names::STREAM_PENDING).set(0.0);
     // Label-less counters are registered at zero, so dashboards see them before the first event.
     for name in [
         names::CACHE_SETS_TOTAL,
@@ -174,6 +217,8 @@ fn describe() {
         names::WARMED_TOTAL,
         names::WARM_ERRORS_TOTAL,
         names::VARIANTS_REFUSED_TOTAL,
+        names::STREAM_CLAIMED_TOTAL,
+        names::STREAM_GAPS_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -18,4 +18,5 @@ mod regressions;
 mod resilience;
 mod security;
 mod snapshots;
+mod stream;
 mod views;

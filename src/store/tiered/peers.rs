@@ -126,6 +126,11 @@ impl Peers {
             .store(Some(Arc::new(url.trim_end_matches('/').to_owned())));
     }
 
+    /// The URL other instances reach this one at, once known.
+    pub fn url(&self) -> Option<String> {
+        self.url.load().as_deref().cloned()
+    }
+
     /// The registry member naming this instance, once it has a URL.
     pub fn member(&self) -> Option<String> {
         self.url

@@ -1,0 +1,619 @@
+//! Durable event intake: the training system appends events to a Redis stream
+//! (`events.stream`) whether or not any runcache is up, and every instance reads them through
+//! one consumer group.
+//!
+//! - An instance reads its own pending entries first (ID `0`: those it read and did not
+//!   acknowledge before it stopped or failed), then new ones (`>`).
+//! - An entry is acknowledged (`XACK`) only once its invalidation is applied, so an entry
+//!   whose instance dies is still pending, and `XAUTOCLAIM` hands it to a live one after
+//!   `events.stream_claim_idle_ms`. Applying an event twice is harmless.
+//! - Trimming (`MAXLEN ~ N`) may drop entries nobody read, without an error. Each read runs in
+//!   one Lua script with the check for that (see [`READ`]), so the evidence cannot be read
+//!   past unnoticed; a gap is recorded in a flag key beside the stream, and whichever instance
+//!   sees the flag drops every entry and empties every near cache before it clears the flag.
+//!   The flag outlives an instance that dies before it has handled it.
+//!
+//! The loop has its own connection: a blocking read would hold up every command multiplexed
+//! behind it.
+
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::{Cause, Invalidator};
+use crate::domain::validate_run_id;
+use crate::metrics::names;
+
+/// One read step, atomic: creates the group if it is missing, checks for a gap, reads.
+///
+/// `KEYS`: the stream, the gap flag. `ARGV`: group, consumer, count, start ID (`0` for this
+/// consumer's pending entries, `>` for new ones), whether this process has seen the group
+/// before (`1`: its disappearance, with the stream deleted or Redis restarted empty, may
+/// have lost events).
+///
+/// A gap: every entry in the stream (or none left) comes after the group's last-delivered
+/// ID, and more entries were added since it than are left (`lag`, which Redis 7 keeps through
+/// trimming, exceeds the length; a `lag` Redis cannot compute counts as a gap). Entries that
+/// were delivered here but trimmed before they were acknowledged come back without fields:
+/// a gap too.
+///
+/// Returns `{created, flag, entries, last-generated-id, lag (-1: unknown), pending}`.
+pub const READ: &str = r#"
+local stream, flag = KEYS[1], KEYS[2]
+local group, consumer, count, start, seen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local function field(arr, name)
+  for i = 1, #arr, 2 do if arr[i] == name then return arr[i + 1] end end
+  return nil
+end
+local function after(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+local created = 0
+local made = redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+if type(made) == 'table' and made.err then
+  if not string.find(made.err, 'BUSYGROUP', 1, true) then return redis.error_reply(made.err) end
+else
+  created = 1
+end
+local st = redis.call('XINFO', 'STREAM', stream)
+local lag, pending = -1, 0
+if created == 1 then
+  if seen == '1' then redis.call('INCR', flag) end
+else
+  local info
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    if field(g, 'name') == group then info = g end
+  end
+  local l = field(info, 'lag')
+  pending = field(info, 'pending')
+  local first = field(st, 'first-entry')
+  local past = (not first) or after(first[1], field(info, 'last-delivered-id'))
+  if past and ((not l) or l > field(st, 'length')) then redis.call('INCR', flag) end
+  if l then lag = l end
+end
+local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, start)
+if start == '0' and read then
+  for _, e in ipairs(read[1][2]) do
+    if not e[2] then redis.call('INCR', flag) break end
+  end
+end
+return {created, redis.call('GET', flag), read, field(st, 'last-generated-id'), lag, pending}
+"#;
+
+/// Takes over entries other consumers left pending for `min-idle` ms. `KEYS`: the stream, the
+/// gap flag; `ARGV`: group, consumer, min-idle, start, count. Entries trimmed while pending
+/// (`XAUTOCLAIM`'s third list) were never applied: a gap. Returns `{next, entries, flag}`.
+pub const CLAIM: &str = r#"
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+if r[3] and #r[3] > 0 then redis.call('INCR', KEYS[2]) end
+return {r[1], r[2], redis.call('GET', KEYS[2])}
+"#;
+
+/// Clears the gap flag if it still holds the value that was handled: a gap flagged meanwhile
+/// stays flagged.
+const CLEAR_FLAG: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// What the loop needs.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// The stream's key.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// This instance's consumer name.
+    pub consumer: String,
+    /// Longest blocking wait for new entries.
+    pub block: Duration,
+    /// Pending time after which another consumer's entries are taken over.
+    pub claim_idle: Duration,
+    /// Entries per read.
+    pub batch: usize,
+    /// Connect time-out, and the pause before trying again after a failure.
+    pub retry: Duration,
+    /// Time-out of one command (the blocking read gets `block` on top).
+    pub command_timeout: Duration,
+}
+
+/// The key of the gap flag: beside the stream, in its hash slot (a Redis Cluster runs a
+/// script only over keys of one slot), and per group.
+pub fn flag_key(stream: &str, group: &str) -> String {
+    let tagged = stream
+        .find('{')
+        .is_some_and(|open| stream[open + 1..].find('}').is_some_and(|len| len > 0));
+    if tagged {
+        format!("{stream}:gap:{group}")
+    } else {
+        format!("{{{stream}}}:gap:{group}")
+    }
+}
+
+/// One stream entry: its ID and its fields (none: trimmed while pending here).
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    id: String,
+    fields: Option<Vec<(String, String)>>,
+}
+
+/// The outcome of one read step.
+#[derive(Debug, Default)]
+struct Read {
+    created: bool,
+    flag: Option<String>,
+    entries: Vec<Entry>,
+    last_id: String,
+    lag: i64,
+    pending: i64,
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(i) => *i,
+        other => text(other).and_then(|t| t.parse().ok()).unwrap_or(0),
+    }
+}
+
+fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        _ => &[],
+    }
+}
+
+/// Entries from a list of `[id, [field, value, …] | nil]`.
+fn entries(list: &Value) -> Vec<Entry> {
+    items(list)
+        .iter()
+        .filter_map(|e| {
+            let parts = items(e);
+            let id = text(parts.first()?)?;
+            let fields = match parts.get(1) {
+                Some(Value::Array(kv)) => Some(
+                    kv.chunks(2)
+                        .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
+                        .collect(),
+                ),
+                _ => None,
+            };
+            Some(Entry { id, fields })
+        })
+        .collect()
+}
+
+fn parse_read(v: &Value) -> Read {
+    let parts = items(v);
+    let get = |i: usize| parts.get(i).unwrap_or(&Value::Nil);
+    // XREADGROUP's reply: `[[stream, [entries…]]]`, or nil when nothing is there.
+    let listed = items(get(2))
+        .first()
+        .and_then(|s| items(s).get(1))
+        .map(entries)
+        .unwrap_or_default();
+    Read {
+        created: int(get(0)) == 1,
+        flag: text(get(1)),
+        entries: listed,
+        last_id: text(get(3)).unwrap_or_else(|| "0-0".into()),
+        lag: int(get(4)),
+        pending: int(get(5)),
+    }
+}
+
+/// What an entry asks for: the run to invalidate, or why it cannot be applied.
+fn event_of(fields: &[(String, String)]) -> Result<String, String> {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    match get("kind") {
+        Some("training-completed" | "training-failed" | "model-deleted") => {}
+        Some(other) => {
+            return Err(format!(
+                "kind {other:?} is not training-completed, training-failed or model-deleted"
+            ));
+        }
+        None => return Err("no kind field".into()),
+    }
+    let id = get("model_run_id").ok_or("no model_run_id field")?;
+    validate_run_id(id)?;
+    Ok(id.to_owned())
+}
+
+/// The consumer loop.
+pub struct StreamIntake {
+    client: redis::Client,
+    invalidator: Invalidator,
+    opts: StreamOptions,
+    flag: String,
+    conn: Option<redis::aio::MultiplexedConnection>,
+    /// Whether this process has seen the group (its disappearance is then a gap).
+    seen: bool,
+    /// Whether this consumer's own pending entries are still to be read (at start, and after
+    /// a failure left some unacknowledged).
+    own_pending: bool,
+    last_claim: Option<Instant>,
+    /// Whether the last failure was logged (one line per outage).
+    failing: bool,
+}
+
+impl std::fmt::Debug for StreamIntake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamIntake")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a step stopped early.
+#[derive(Debug)]
+enum StepError {
+    /// Redis failed or is unreachable.
+    Redis(redis::RedisError),
+    /// A command timed out.
+    Timeout,
+    /// An invalidation failed; its entry stays pending.
+    Apply(String),
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Redis(e) => write!(f, "redis: {e}"),
+            StepError::Timeout => f.write_str("redis command timed out"),
+            StepError::Apply(e) => write!(f, "invalidation failed: {e}"),
+        }
+    }
+}
+
+impl From<redis::RedisError> for StepError {
+    fn from(e: redis::RedisError) -> Self {
+        StepError::Redis(e)
+    }
+}
+
+impl StreamIntake {
+    /// A loop over `opts.stream`, connecting with `client` and applying through `invalidator`.
+    pub fn new(client: redis::Client, invalidator: Invalidator, opts: StreamOptions) -> Self {
+        let flag = flag_key(&opts.stream, &opts.group);
+        Self {
+            client,
+            invalidator,
+            opts,
+            flag,
+            conn: None,
+            seen: false,
+            own_pending: true,
+            last_claim: None,
+            failing: false,
+        }
+    }
+
+    /// Reads and applies events until `cancel`; Redis failures are retried every
+    /// `opts.retry`. An entry being applied when `cancel` fires stays pending, for the next
+    /// start or another instance.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        tracing::info!(stream = %self.opts.stream, group = %self.opts.group, consumer = %self.opts.consumer, "reading events from the stream");
+        loop {
+            let step = tokio::select! {
+                () = cancel.cancelled() => return,
+                step = self.step() => step,
+            };
+            match step {
+                Ok(Some(last_id)) => {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = self.wait_for_entries(&last_id) => {}
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if !self.failing {
+                        tracing::warn!(stream = %self.opts.stream, error = %e, "event stream: reading failed; retrying");
+                    }
+                    self.failing = true;
+                    self.own_pending = true;
+                    if !matches!(e, StepError::Apply(_)) {
+                        self.conn = None;
+                    }
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(self.opts.retry) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn conn(&mut self) -> Result<redis::aio::MultiplexedConnection, StepError> {
+        if let Some(c) = &self.conn {
+            return Ok(c.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.opts.retry))
+            .set_response_timeout(Some(self.opts.block + self.opts.command_timeout));
+        let open = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config);
+        // redis-rs's own connection time-out does not cover every step (redis-rs #1953).
+        let c = tokio::time::timeout(self.opts.retry * 2, open)
+            .await
+            .map_err(|_| StepError::Timeout)??;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn query<T: redis::FromRedisValue + Send>(
+        &mut self,
+        cmd: redis::Cmd,
+    ) -> Result<T, StepError> {
+        let mut c = self.conn().await?;
+        tokio::time::timeout(self.opts.command_timeout, cmd.query_async(&mut c))
+            .await
+            .map_err(|_| StepError::Timeout)?
+            .map_err(StepError::Redis)
+    }
+
+    /// One step: a read (own pending entries, else new ones), the gap it may have found,
+    /// the entries applied and acknowledged, and now and then a claim of entries dead
+    /// consumers left. Returns the stream's last ID when nothing new was there (the loop
+    /// then waits for more).
+    async fn step(&mut self) -> Result<Option<String>, StepError> {
+        let start = if self.own_pending { "0" } else { ">" };
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(READ)
+            .arg(2)
+            .arg(&self.opts.stream)
+            .arg(&self.flag)
+            .arg(&self.opts.group)
+            .arg(&self.opts.consumer)
+            .arg(self.opts.batch)
+            .arg(start)
+            .arg(if self.seen { "1" } else { "0" });
+        let reply: Value = self.query(cmd).await?;
+        let read = parse_read(&reply);
+        if read.created {
+            tracing::info!(stream = %self.opts.stream, group = %self.opts.group, "event stream: consumer group created");
+        }
+        self.seen = true;
+        if self.failing {
+            tracing::info!(stream = %self.opts.stream, "event stream: reading again");
+            self.failing = false;
+        }
+        metrics::gauge!(names::STREAM_LAG).set(read.lag as f64);
+        metrics::gauge!(names::STREAM_PENDING).set(read.pending as f64);
+        self.handle_gap(read.flag.as_deref()).await?;
+        let empty = read.entries.is_empty();
+        self.apply(read.entries).await?;
+        self.claim().await?;
+        if self.own_pending {
+            // Own pending entries are read until none is left; then new ones.
+            if empty {
+                self.own_pending = false;
+            }
+            return Ok(None);
+        }
+        Ok(empty.then_some(read.last_id))
+    }
+
+    /// Drops everything if a gap is flagged, then clears the flag (if no newer gap was).
+    async fn handle_gap(&mut self, flag: Option<&str>) -> Result<(), StepError> {
+        let Some(value) = flag else {
+            return Ok(());
+        };
+        tracing::warn!(stream = %self.opts.stream, "event stream: entries were trimmed before any instance read them; dropping every entry");
+        let dropped = self
+            .invalidator
+            .everything(Cause::StreamGap)
+            .await
+            .map_err(|e| StepError::Apply(e.to_string()))?;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(CLEAR_FLAG).arg(1).arg(&self.flag).arg(value);
+        let cleared: i64 = self.query(cmd).await?;
+        if cleared == 1 {
+            metrics::counter!(names::STREAM_GAPS_TOTAL).increment(1);
+        }
+        tracing::warn!(stream = %self.opts.stream, dropped, "event stream: gap handled");
+        Ok(())
+    }
+
+    /// Applies `entries` in order and acknowledges those applied (and those that cannot be:
+    /// malformed, or trimmed while pending, which the gap flag covers). Stops at the first
+    /// failed invalidation: it and the rest stay pending.
+    async fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StepError> {
+        let mut done = Vec::with_capacity(entries.len());
+        let mut failure = None;
+        for entry in entries {
+            let Some(fields) = &entry.fields else {
+                done.push(entry.id);
+                continue;
+            };
+            match event_of(fields) {
+                Ok(run_id) => match self.invalidator.run(&run_id, Cause::Event).await {
+                    Ok(n) => {
+                        tracing::info!(stream_id = %entry.id, run_id, invalidated = n, "event from the stream applied");
+                        metrics::counter!(names::STREAM_EVENTS_TOTAL, "outcome" => "applied")
+                            .increment(1);
+                        done.push(entry.id);
+                    }
+                    Err(e) => {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                },
+                Err(why) => {
+                    tracing::warn!(stream_id = %entry.id, reason = %why, "event-stream entry ignored (acknowledged, so it does not come back)");
+                    metrics::counter!(names::STREAM_EVENTS_TOTAL, "outcome" => "invalid")
+                        .increment(1);
+                    done.push(entry.id);
+                }
+            }
+        }
+        if !done.is_empty() {
+            let mut ack = redis::cmd("XACK");
+            ack.arg(&self.opts.stream).arg(&self.opts.group).arg(&done);
+            let _: i64 = self.query(ack).await?;
+        }
+        match failure {
+            Some(e) => Err(StepError::Apply(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Every `claim_idle / 2`, takes over and applies the entries other consumers have left
+    /// pending for `claim_idle` (an instance that died after reading them).
+    async fn claim(&mut self) -> Result<(), StepError> {
+        let every = self.opts.claim_idle / 2;
+        if self.last_claim.is_some_and(|t| t.elapsed() < every) {
+            return Ok(());
+        }
+        self.last_claim = Some(Instant::now());
+        let idle = u64::try_from(self.opts.claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let mut cursor = "0-0".to_owned();
+        // Bounded: a stream with more pending entries than this is claimed over later steps.
+        for _ in 0..100 {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(CLAIM)
+                .arg(2)
+                .arg(&self.opts.stream)
+                .arg(&self.flag)
+                .arg(&self.opts.group)
+                .arg(&self.opts.consumer)
+                .arg(idle)
+                .arg(&cursor)
+                .arg(self.opts.batch);
+            let reply: Value = self.query(cmd).await?;
+            let parts = items(&reply);
+            let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
+            let claimed = parts.get(1).map(entries).unwrap_or_default();
+            let flag = parts.get(2).and_then(text);
+            if !claimed.is_empty() {
+                tracing::info!(stream = %self.opts.stream, entries = claimed.len(), "event stream: took over entries another consumer left pending");
+                metrics::counter!(names::STREAM_CLAIMED_TOTAL).increment(claimed.len() as u64);
+            }
+            self.handle_gap(flag.as_deref()).await?;
+            self.apply(claimed).await?;
+            if next == "0-0" {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(())
+    }
+
+    /// Waits until the stream has an entry after `last_id`, or `block` passes (then the loop
+    /// runs its claim and gap checks again). Errors end the wait early; the next step sees
+    /// them again.
+    async fn wait_for_entries(&mut self, last_id: &str) {
+        let Ok(mut c) = self.conn().await else {
+            return;
+        };
+        let block = u64::try_from(self.opts.block.as_millis()).unwrap_or(u64::MAX);
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(block)
+            .arg("STREAMS")
+            .arg(&self.opts.stream)
+            .arg(last_id);
+        let wait = self.opts.block + self.opts.command_timeout;
+        match tokio::time::timeout(wait, cmd.query_async::<Value>(&mut c)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => self.conn = None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_gap_flag_shares_the_streams_hash_slot() {
+        assert_eq!(flag_key("runcache:events", "g"), "{runcache:events}:gap:g");
+        assert_eq!(flag_key("ev{42}", "g"), "ev{42}:gap:g");
+        // `{}` is no hash tag: the whole name is hashed.
+        assert_eq!(flag_key("ev{}", "g"), "{ev{}}:gap:g");
+    }
+
+    #[test]
+    fn events_are_validated() {
+        let f = |kind: &str, id: &str| {
+            vec![
+                ("kind".to_owned(), kind.to_owned()),
+                ("model_run_id".to_owned(), id.to_owned()),
+            ]
+        };
+        assert_eq!(event_of(&f("training-completed", "42")), Ok("42".into()));
+        assert_eq!(event_of(&f("model-deleted", "r-1")), Ok("r-1".into()));
+        assert!(event_of(&f("training-started", "42")).is_err());
+        assert!(event_of(&f("training-failed", "")).is_err());
+        assert!(event_of(&[("kind".into(), "model-deleted".into())]).is_err());
+    }
+
+    #[test]
+    fn a_read_reply_is_parsed_with_trimmed_entries_kept() {
+        let reply = Value::Array(vec![
+            Value::Int(0),
+            bulk("3"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("s"),
+                Value::Array(vec![
+                    Value::Array(vec![
+                        bulk("1-0"),
+                        Value::Array(vec![bulk("kind"), bulk("model-deleted")]),
+                    ]),
+                    Value::Array(vec![bulk("2-0"), Value::Nil]),
+                ]),
+            ])]),
+            bulk("5-0"),
+            Value::Int(-1),
+            Value::Int(2),
+        ]);
+        let read = parse_read(&reply);
+        assert!(!read.created);
+        assert_eq!(read.flag.as_deref(), Some("3"));
+        assert_eq!(read.last_id, "5-0");
+        assert_eq!((read.lag, read.pending), (-1, 2));
+        assert_eq!(
+            read.entries,
+            [
+                Entry {
+                    id: "1-0".into(),
+                    fields: Some(vec![("kind".into(), "model-deleted".into())]),
+                },
+                Entry {
+                    id: "2-0".into(),
+                    fields: None
+                },
+            ]
+        );
+        let nothing = parse_read(&Value::Array(vec![
+            Value::Int(1),
+            Value::Nil,
+            Value::Nil,
+            bulk("0-0"),
+            Value::Int(-1),
+            Value::Int(0),
+        ]));
+        assert!(nothing.created && nothing.entries.is_empty() && nothing.flag.is_none());
+    }
+}

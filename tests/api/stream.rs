@@ -1,0 +1,362 @@
+//! Durable event intake through a Redis stream (`events.stream`): events sent while runcache
+//! is down are applied when it starts, a dead consumer's pending entries are taken over,
+//! trimmed-away entries are detected and everything is dropped, and entries are acknowledged
+//! only once applied.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    TestApp, TestRedis, header, spawn_app_with, spawn_with_settings, test_settings, wait_for,
+};
+
+const GROUP: &str = "runcache";
+
+fn stream_name() -> String {
+    format!("events-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// An instance reading `stream`, with public views (so that what one instance stored, the
+/// others serve: validation records are per instance); with `like`, another instance of its
+/// deployment (its prefix and origin).
+async fn reader(redis: &TestRedis, stream: &str, like: Option<&TestApp>) -> TestApp {
+    let tweak = |s: &mut runcache::config::Settings| {
+        s.auth.frontend = "none".into();
+        s.events.stream = Some(stream.to_owned());
+        s.events.stream_block_ms = 200;
+        s.events.stream_claim_idle_ms = 400;
+    };
+    match like {
+        None => spawn_app_with(Some(redis), tweak).await,
+        Some(first) => {
+            let mut settings = test_settings(&first.origin.url, &redis.url());
+            settings.cache.prefix = first.prefix.clone();
+            tweak(&mut settings);
+            spawn_with_settings(settings, first.origin.clone()).await
+        }
+    }
+}
+
+async fn xadd(redis: &TestRedis, stream: &str, fields: &[&str]) -> String {
+    let mut args = vec!["XADD", stream, "*"];
+    args.extend_from_slice(fields);
+    redis.cmd(&args).await.expect("XADD")
+}
+
+async fn revision(app: &TestApp, run: &str) -> (String, Value) {
+    let resp = app.metrics(run).await;
+    assert_eq!(resp.status(), 200);
+    let cache = header(&resp, "x-cache").to_owned();
+    (
+        cache,
+        resp.json::<Value>().await.expect("json")["revision"].clone(),
+    )
+}
+
+/// The group's last-delivered ID and pending count, from `XINFO GROUPS`.
+async fn group(redis: &TestRedis, stream: &str) -> (String, i64) {
+    let groups: Vec<HashMap<String, redis::Value>> = redis
+        .cmd(&["XINFO", "GROUPS", stream])
+        .await
+        .unwrap_or_default();
+    groups
+        .into_iter()
+        .find(|g| g.get("name").and_then(text).as_deref() == Some(GROUP))
+        .map(|g| {
+            let last = g
+                .get("last-delivered-id")
+                .and_then(text)
+                .unwrap_or_default();
+            let pending = g
+                .get("pending")
+                .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+                .unwrap_or(-1);
+            (last, pending)
+        })
+        .unwrap_or_default()
+}
+
+fn text(v: &redis::Value) -> Option<String> {
+    redis::from_redis_value::<String>(v.clone()).ok()
+}
+
+/// Waits until the group has delivered everything up to `last` and nothing is pending: every
+/// entry up to it is applied and acknowledged (an entry is acknowledged only once applied).
+async fn settled(redis: &TestRedis, stream: &str, last: &str) {
+    wait_for(|| async { group(redis, stream).await == (last.to_owned(), 0) }).await;
+}
+
+#[tokio::test]
+async fn an_event_from_the_stream_invalidates_the_run_and_is_acknowledged() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let app = reader(&redis, &stream, None).await;
+    assert_eq!(revision(&app, "7").await.0, "MISS");
+    assert_eq!(revision(&app, "8").await.0, "MISS");
+    assert_eq!(revision(&app, "7").await.0, "HIT");
+
+    app.origin.set_revision(1);
+    let id = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "7"],
+    )
+    .await;
+    settled(&redis, &stream, &id).await;
+    assert_eq!(revision(&app, "7").await, ("MISS".to_owned(), json!(1)));
+    assert_eq!(revision(&app, "7").await, ("HIT".to_owned(), json!(1)));
+    assert_eq!(
+        revision(&app, "8").await.0,
+        "HIT",
+        "another run's entry survives"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_entry_is_acknowledged_and_does_not_hold_up_the_next() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let app = reader(&redis, &stream, None).await;
+    revision(&app, "3").await;
+    for bad in [
+        &["kind", "training-started", "model_run_id", "3"][..],
+        &["kind", "model-deleted"][..],
+        &["kind", "model-deleted", "model_run_id", "bad id!"][..],
+    ] {
+        xadd(&redis, &stream, bad).await;
+    }
+    let id = xadd(
+        &redis,
+        &stream,
+        &["kind", "model-deleted", "model_run_id", "3"],
+    )
+    .await;
+    settled(&redis, &stream, &id).await;
+    assert_eq!(revision(&app, "3").await.0, "MISS");
+}
+
+#[tokio::test]
+async fn events_sent_while_runcache_is_stopped_are_applied_when_it_starts() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let mut first = reader(&redis, &stream, None).await;
+    revision(&first, "1").await;
+    revision(&first, "2").await;
+    assert_eq!(revision(&first, "1").await.0, "HIT");
+    first.stop().await;
+
+    // Nobody reads: the events wait in the stream.
+    first.origin.set_revision(5);
+    xadd(
+        &redis,
+        &stream,
+        &["kind", "training-failed", "model_run_id", "1"],
+    )
+    .await;
+    let id = xadd(
+        &redis,
+        &stream,
+        &["kind", "model-deleted", "model_run_id", "2"],
+    )
+    .await;
+
+    let second = reader(&redis, &stream, Some(&first)).await;
+    settled(&redis, &stream, &id).await;
+    assert_eq!(revision(&second, "1").await, ("MISS".to_owned(), json!(5)));
+    assert_eq!(revision(&second, "2").await, ("MISS".to_owned(), json!(5)));
+}
+
+#[tokio::test]
+async fn a_consumer_killed_with_entries_pending_has_them_applied_by_another_instance() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let first = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
+    revision(&first, "6").await;
+    assert_eq!(revision(&first, "6").await.0, "HIT");
+    // A consumer of the group ("dead") reads the entry and dies before it acknowledges it,
+    // while no runcache reads the stream: only a claim can apply it.
+    let _: () = redis
+        .cmd(&["XGROUP", "CREATE", &stream, GROUP, "0", "MKSTREAM"])
+        .await
+        .expect("XGROUP CREATE");
+    let id = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "6"],
+    )
+    .await;
+    let _: redis::Value = redis
+        .cmd(&[
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            "dead",
+            "STREAMS",
+            &stream,
+            ">",
+        ])
+        .await
+        .expect("XREADGROUP");
+    assert_eq!(group(&redis, &stream).await, (id.clone(), 1));
+    first.origin.set_revision(3);
+
+    let second = reader(&redis, &stream, Some(&first)).await;
+    // Taken over after `stream_claim_idle_ms` (400 ms), applied, acknowledged.
+    settled(&redis, &stream, &id).await;
+    assert_eq!(revision(&first, "6").await, ("MISS".to_owned(), json!(3)));
+    assert_eq!(revision(&second, "6").await, ("HIT".to_owned(), json!(3)));
+    let consumers: Vec<HashMap<String, redis::Value>> = redis
+        .cmd(&["XINFO", "CONSUMERS", &stream, GROUP])
+        .await
+        .expect("XINFO CONSUMERS");
+    let names: Vec<String> = consumers
+        .iter()
+        .filter_map(|c| c.get("name").and_then(text))
+        .collect();
+    assert!(
+        names.contains(&second.address),
+        "the instance reads under its advertised URL: {names:?}"
+    );
+}
+
+#[tokio::test]
+async fn entries_trimmed_before_anyone_read_them_drop_every_entry() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let mut first = reader(&redis, &stream, None).await;
+    revision(&first, "1").await;
+    revision(&first, "2").await;
+    first
+        .compare(json!(["1", "2"]))
+        .await
+        .error_for_status()
+        .expect("compare");
+    let id = xadd(
+        &redis,
+        &stream,
+        &["kind", "model-deleted", "model_run_id", "99"],
+    )
+    .await;
+    settled(&redis, &stream, &id).await;
+    first.stop().await;
+
+    // While no instance runs, the producer trims with an exact MAXLEN: the event about run 1
+    // goes before anyone read it.
+    first.origin.set_revision(9);
+    let _: String = redis
+        .cmd(&[
+            "XADD",
+            &stream,
+            "MAXLEN",
+            "1",
+            "*",
+            "kind",
+            "model-deleted",
+            "model_run_id",
+            "1",
+        ])
+        .await
+        .expect("XADD");
+    let id: String = redis
+        .cmd(&[
+            "XADD",
+            &stream,
+            "MAXLEN",
+            "1",
+            "*",
+            "kind",
+            "model-deleted",
+            "model_run_id",
+            "50",
+        ])
+        .await
+        .expect("XADD");
+
+    let second = reader(&redis, &stream, Some(&first)).await;
+    // The entry after the gap is acknowledged only once the gap is handled.
+    settled(&redis, &stream, &id).await;
+    // Run 1's event is gone, yet nothing from before the gap is served: every entry went.
+    assert_eq!(revision(&second, "1").await, ("MISS".to_owned(), json!(9)));
+    assert_eq!(revision(&second, "2").await.0, "MISS");
+    let resp = second.compare(json!(["1", "2"])).await;
+    assert_eq!(header(&resp, "x-cache"), "MISS");
+    let flag = format!("{{{stream}}}:gap:{GROUP}");
+    let left: Option<String> = redis.cmd(&["GET", &flag]).await.expect("GET");
+    assert_eq!(left, None, "the flag is cleared once handled");
+}
+
+#[tokio::test]
+async fn trimming_what_was_already_read_is_no_gap() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let app = reader(&redis, &stream, None).await;
+    revision(&app, "1").await;
+    revision(&app, "2").await;
+    for _ in 0..3 {
+        let id: String = redis
+            .cmd(&[
+                "XADD",
+                &stream,
+                "MAXLEN",
+                "1",
+                "*",
+                "kind",
+                "model-deleted",
+                "model_run_id",
+                "2",
+            ])
+            .await
+            .expect("XADD");
+        settled(&redis, &stream, &id).await;
+        assert_eq!(revision(&app, "2").await.0, "MISS");
+    }
+    assert_eq!(
+        revision(&app, "1").await.0,
+        "HIT",
+        "entries trimmed after they were read lose nothing, so nothing is dropped"
+    );
+}
+
+#[tokio::test]
+async fn an_event_read_by_one_instance_reaches_the_others() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let a = reader(&redis, &stream, None).await;
+    let b = reader(&redis, &stream, Some(&a)).await;
+    revision(&a, "5").await;
+    assert_eq!(revision(&b, "5").await.0, "HIT", "shared through redis");
+    a.origin.set_revision(4);
+    let id = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "5"],
+    )
+    .await;
+    settled(&redis, &stream, &id).await;
+    // One of them applied it; once it is acknowledged, neither serves the old entry.
+    let (_, on_a) = revision(&a, "5").await;
+    let (_, on_b) = revision(&b, "5").await;
+    assert_eq!((on_a, on_b), (json!(4), json!(4)));
+}
+
+#[tokio::test]
+async fn a_gap_flagged_by_an_instance_that_died_before_handling_it_is_handled_by_the_next() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let mut first = reader(&redis, &stream, None).await;
+    revision(&first, "1").await;
+    assert_eq!(revision(&first, "1").await.0, "HIT");
+    first.stop().await;
+    // What an instance leaves when it found a gap and died before dropping everything.
+    let flag = format!("{{{stream}}}:gap:{GROUP}");
+    let _: () = redis.cmd(&["SET", &flag, "1"]).await.expect("SET");
+
+    let second = reader(&redis, &stream, Some(&first)).await;
+    wait_for(|| async {
+        let left: Option<String> = redis.cmd(&["GET", &flag]).await.expect("GET");
+        left.is_none()
+    })
+    .await;
+    assert_eq!(revision(&second, "1").await.0, "MISS");
+}
