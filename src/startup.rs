@@ -280,12 +280,18 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
                 .max(Duration::from_secs(1)),
         };
         let intake = crate::invalidation::stream::StreamIntake::new(
-            tiered.redis().client().clone(),
+            tiered.redis().clone(),
             state.invalidator.clone(),
             opts,
         );
         tasks.spawn(intake.run(cancel.clone()));
     }
+
+    // Sentinel mode: a failover drops the request path's connection at once.
+    let redis = state.store.tiered().redis().clone();
+    let retry = ms(state.settings.redis.probe_interval_ms);
+    let watching = cancel.clone();
+    tasks.spawn(async move { redis.follow_master(retry, watching).await });
 
     // The probe runs only while the circuit is open; at most one runs at a time in any case.
     let s = state.clone();

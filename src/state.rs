@@ -20,6 +20,7 @@ use crate::store::counters::ReadCounters;
 use crate::store::memory::MemoryStore;
 use crate::store::near::bus::Bus;
 use crate::store::near::{Near, NearCache};
+use crate::store::redis::sentinel::SentinelOptions;
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::snapshot::Snapshotter;
 use crate::store::tiered::circuit::CircuitOptions;
@@ -226,6 +227,14 @@ fn build_store(
             pool_recycle_timeout: ms(r.pool_recycle_timeout_ms),
             scan_batch: r.scan_batch,
             gen_ttl: gen_ttl(settings),
+            sentinel: (r.mode == "sentinel").then(|| SentinelOptions {
+                urls: r
+                    .sentinel_urls
+                    .iter()
+                    .map(|u| u.expose_secret().to_owned())
+                    .collect(),
+                master_name: r.master_name.clone().unwrap_or_default(),
+            }),
         },
         keys.clone(),
     )

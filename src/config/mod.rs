@@ -121,8 +121,10 @@ fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 }
 
 /// Environment keys whose values are comma-separated lists.
-const LIST_KEYS: [&str; 4] = [
+const LIST_KEYS: [&str; 6] = [
     "cors.allowed_origins",
+    "redis.cluster_urls",
+    "redis.sentinel_urls",
     "warm.model_run_ids",
     "origin.forward_headers",
     "refresh.volatile_fields",
@@ -162,6 +164,53 @@ impl Settings {
             .try_deserialize()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    fn validate_redis_mode(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        let urls_ok =
+            |key: &'static str, urls: &[secrecy::SecretString]| -> Result<(), ConfigError> {
+                for url in urls {
+                    let u = url.expose_secret();
+                    if !(u.starts_with("redis://") || u.starts_with("rediss://"))
+                        || redis::Client::open(u).is_err()
+                    {
+                        return Err(invalid(
+                            key,
+                            "every entry must be a redis:// (or rediss://) URL",
+                        ));
+                    }
+                }
+                Ok(())
+            };
+        urls_ok("redis.cluster_urls", &r.cluster_urls)?;
+        urls_ok("redis.sentinel_urls", &r.sentinel_urls)?;
+        match r.mode.as_str() {
+            "single" => Ok(()),
+            "sentinel" => {
+                if r.sentinel_urls.is_empty() {
+                    return Err(invalid(
+                        "redis.sentinel_urls",
+                        "must name at least one sentinel with redis.mode = \"sentinel\"",
+                    ));
+                }
+                match &r.master_name {
+                    Some(name) if !name.is_empty() && !name.contains(char::is_whitespace) => Ok(()),
+                    _ => Err(invalid(
+                        "redis.master_name",
+                        "must be set (without spaces) with redis.mode = \"sentinel\"",
+                    )),
+                }
+            }
+            "cluster" => Err(invalid(
+                "redis.mode",
+                "\"cluster\" is not supported by this version of runcache yet (single and sentinel are)",
+            )),
+            other => Err(invalid(
+                "redis.mode",
+                format!("{other:?} is not single, cluster or sentinel"),
+            )),
+        }
     }
 
     fn validate_stream(&self) -> Result<(), ConfigError> {
@@ -251,6 +300,7 @@ impl Settings {
             }
         }
         redis::Client::open(url).map_err(|_| invalid("redis.url", "is not a valid Redis URL"))?;
+        self.validate_redis_mode()?;
         let positive = [
             ("server.request_timeout_ms", self.server.request_timeout_ms),
             ("origin.connect_timeout_ms", self.origin.connect_timeout_ms),

@@ -79,6 +79,14 @@ pub struct RedisSettings {
     /// PEM file of the certificate authorities a `rediss://` server is verified against
     /// (default unset: the system's roots).
     pub tls_ca_file: Option<String>,
+    /// `single` (default: `url`), `cluster` or `sentinel`.
+    pub mode: String,
+    /// Seed nodes of a Redis Cluster (`mode = "cluster"`).
+    pub cluster_urls: Vec<SecretString>,
+    /// Sentinel addresses (`mode = "sentinel"`); each may carry the sentinels' own password.
+    pub sentinel_urls: Vec<SecretString>,
+    /// The name the sentinels monitor the master under (`mode = "sentinel"`).
+    pub master_name: Option<String>,
     /// Per-command time-out on the request path, in ms (default 250).
     pub command_timeout_ms: u64,
     /// Connect time-out in ms (default 500).

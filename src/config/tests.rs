@@ -130,3 +130,47 @@ fn stored_headers_refuse_what_must_not_be_replayed() {
     s.cache.stored_headers = vec!["X-Model-Version".into()];
     assert_eq!(s.stored_headers().expect("ok")[0], "x-model-version");
 }
+
+#[test]
+fn redis_modes_and_the_event_stream_are_validated() {
+    let load = |pairs: &[(&str, &str)]| Settings::load_from(None, Some(env(pairs)));
+    let ok = load(&[
+        ("RUNCACHE__REDIS__MODE", "sentinel"),
+        (
+            "RUNCACHE__REDIS__SENTINEL_URLS",
+            "redis://a:26379,redis://b:26379",
+        ),
+        ("RUNCACHE__REDIS__MASTER_NAME", "mymaster"),
+        ("RUNCACHE__EVENTS__STREAM", "runcache:events"),
+    ])
+    .expect("sentinel mode with a stream");
+    assert_eq!(ok.redis.sentinel_urls.len(), 2);
+    assert_eq!(ok.events.stream.as_deref(), Some("runcache:events"));
+    for (pairs, name) in [
+        (
+            &[("RUNCACHE__REDIS__MODE", "sentinel")][..],
+            "redis.sentinel_urls",
+        ),
+        (
+            &[
+                ("RUNCACHE__REDIS__MODE", "sentinel"),
+                ("RUNCACHE__REDIS__SENTINEL_URLS", "redis://a:26379"),
+            ][..],
+            "redis.master_name",
+        ),
+        (
+            &[("RUNCACHE__REDIS__SENTINEL_URLS", "http://a:26379")][..],
+            "redis.sentinel_urls",
+        ),
+        (&[("RUNCACHE__REDIS__MODE", "cluster")][..], "not supported"),
+        (&[("RUNCACHE__REDIS__MODE", "replicated")][..], "redis.mode"),
+        (&[("RUNCACHE__EVENTS__STREAM", "")][..], "events.stream"),
+        (
+            &[("RUNCACHE__EVENTS__STREAM_BATCH", "0")][..],
+            "events.stream_batch",
+        ),
+    ] {
+        let err = load(pairs).expect_err("must fail");
+        assert!(err.to_string().contains(name), "{pairs:?}: {err}");
+    }
+}

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Cause, Invalidator};
 use crate::domain::validate_run_id;
 use crate::metrics::names;
+use crate::store::redis::RedisStore;
 
 /// One read step, atomic: creates the group if it is missing, checks for a gap, reads.
 ///
@@ -235,7 +236,8 @@ fn event_of(fields: &[(String, String)]) -> Result<String, String> {
 
 /// The consumer loop.
 pub struct StreamIntake {
-    client: redis::Client,
+    /// Where the client comes from at each connection (in sentinel mode, the master moves).
+    redis: RedisStore,
     invalidator: Invalidator,
     opts: StreamOptions,
     flag: String,
@@ -286,11 +288,12 @@ impl From<redis::RedisError> for StepError {
 }
 
 impl StreamIntake {
-    /// A loop over `opts.stream`, connecting with `client` and applying through `invalidator`.
-    pub fn new(client: redis::Client, invalidator: Invalidator, opts: StreamOptions) -> Self {
+    /// A loop over `opts.stream`, connecting to the Redis `redis` uses and applying through
+    /// `invalidator`.
+    pub fn new(redis: RedisStore, invalidator: Invalidator, opts: StreamOptions) -> Self {
         let flag = flag_key(&opts.stream, &opts.group);
         Self {
-            client,
+            redis,
             invalidator,
             opts,
             flag,
@@ -345,9 +348,8 @@ impl StreamIntake {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.opts.retry))
             .set_response_timeout(Some(self.opts.block + self.opts.command_timeout));
-        let open = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
+        let client = self.redis.client();
+        let open = client.get_multiplexed_async_connection_with_config(&config);
         // redis-rs's own connection time-out does not cover every step (redis-rs #1953).
         let c = tokio::time::timeout(self.opts.retry * 2, open)
             .await

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 #[allow(dead_code)]
 #[path = "../support/redis.rs"]
 mod redis_server;
-pub use redis_server::{TestRedis, free_port};
+pub use redis_server::{TestRedis, TestSentinels, free_port};
 
 pub const TOKEN: &str = "test-admin-token";
 

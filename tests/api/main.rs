@@ -17,6 +17,7 @@ mod ops;
 mod regressions;
 mod resilience;
 mod security;
+mod sentinel;
 mod snapshots;
 mod stream;
 mod views;

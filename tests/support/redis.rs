@@ -20,6 +20,8 @@ pub struct TestRedis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Arguments added to every start (`--replicaof …`).
+    extra: Vec<String>,
 }
 
 impl TestRedis {
@@ -27,12 +29,18 @@ impl TestRedis {
     /// (`SAVE` still writes `dump.rdb` there, and a restart loads it) and `DEBUG` allowed from
     /// loopback (`DEBUG SLEEP`, `DEBUG POPULATE`).
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`TestRedis::start`], with `extra` arguments (`["--replicaof", "127.0.0.1 6400"]`).
+    pub async fn start_with(extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("runcache-test-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut redis = Self {
             port: free_port(),
             dir,
             child: None,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
         redis.spawn().await;
         redis
@@ -45,6 +53,7 @@ impl TestRedis {
             .args(["--enable-debug-command", "local"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -225,5 +234,157 @@ impl TestRedis {
             .join(format!("saved-{}.rdb", uuid::Uuid::new_v4().simple()));
         std::fs::copy(self.dir.join("dump.rdb"), &copy).map_err(|e| e.to_string())?;
         Ok(copy)
+    }
+}
+
+/// A master with one replica, watched by three real sentinels (`redis-server s.conf
+/// --sentinel`, each with its own config file, which sentinels rewrite), quorum 2, a master
+/// taken for down after 1 s.
+pub struct TestSentinels {
+    pub master: TestRedis,
+    pub replica: TestRedis,
+    pub ports: Vec<u16>,
+    pub name: String,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl TestSentinels {
+    pub async fn start() -> Self {
+        // A diskless sync would first wait 5 s for more replicas.
+        let master = TestRedis::start_with(&["--repl-diskless-sync-delay", "0"]).await;
+        let of = format!("127.0.0.1 {}", master.port);
+        let replica =
+            TestRedis::start_with(&["--replicaof", &of, "--repl-diskless-sync-delay", "0"]).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info: String = replica
+                .cmd(&["INFO", "replication"])
+                .await
+                .unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not sync within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let dir = std::env::temp_dir().join(format!("runcache-sentinel-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let name = "runcache-test".to_owned();
+        let mut ports = Vec::new();
+        let mut children = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    dir.display(),
+                    master.port
+                ),
+            )
+            .expect("sentinel config");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server --sentinel");
+            ports.push(port);
+            children.push(child);
+        }
+        let sentinels = Self {
+            master,
+            replica,
+            ports,
+            name,
+            dir,
+            children,
+        };
+        // Ready when every sentinel knows the master, its replica and the other sentinels.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut ready = true;
+            for port in &sentinels.ports {
+                let info: Option<Vec<String>> = sentinels
+                    .ask(*port, &["SENTINEL", "master", &sentinels.name])
+                    .await
+                    .ok();
+                let field = |name: &str| {
+                    info.as_ref().and_then(|kv| {
+                        kv.chunks(2)
+                            .find(|p| p[0] == name)
+                            .and_then(|p| p.get(1).cloned())
+                    })
+                };
+                ready &= field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels").as_deref() == Some("2");
+            }
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sentinels did not settle within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sentinels
+    }
+
+    async fn ask<T: redis::FromRedisValue>(
+        &self,
+        port: u16,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+            .get_multiplexed_async_connection()
+            .await?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
+    /// The sentinels' URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The port of the master the first sentinel that answers names now.
+    pub async fn master_port(&self) -> Option<u16> {
+        for port in &self.ports {
+            if let Ok(Some((_, p))) = self
+                .ask::<Option<(String, u16)>>(
+                    *port,
+                    &["SENTINEL", "get-master-addr-by-name", &self.name],
+                )
+                .await
+            {
+                return Some(p);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for TestSentinels {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError};
 
+use super::sentinel::{Sentinels, is_master};
 use crate::store::StoreError;
 
 /// One open, checked connection.
@@ -41,7 +42,10 @@ pub enum Restart {
 
 /// The request path's connection.
 pub(crate) struct Link {
-    client: redis::Client,
+    /// The client of the Redis connected to: fixed, or the master the sentinels named last.
+    client: ArcSwap<redis::Client>,
+    /// In sentinel mode, who names the master.
+    sentinels: Option<Arc<Sentinels>>,
     config: AsyncConnectionConfig,
     connect_timeout: Duration,
     marker_key: String,
@@ -67,10 +71,24 @@ fn older_than_7(redis_version: &str) -> bool {
 
 /// Whether `e` means the connection itself is gone (as opposed to one failed command).
 pub(crate) fn is_connection_error(e: &RedisError) -> bool {
-    e.is_io_error()
+    // A replica (a master demoted by a failover) refuses writes: the connection is to the
+    // wrong server, and the next one goes to the master the sentinels name.
+    let wrong_server = matches!(
+        e.kind(),
+        redis::ErrorKind::Server(
+            redis::ServerErrorKind::ReadOnly | redis::ServerErrorKind::MasterDown
+        )
+    );
+    wrong_server
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_unrecoverable_error()
+}
+
+/// A connection-level error (so the store takes Redis for unreachable) with `message`.
+fn unreachable(message: String) -> RedisError {
+    RedisError::from(std::io::Error::other(message))
 }
 
 /// Maps a Redis error to a store error: unreachable, or a bad answer.
@@ -85,6 +103,7 @@ pub(crate) fn classify(e: RedisError) -> StoreError {
 impl Link {
     pub(crate) fn new(
         client: redis::Client,
+        sentinels: Option<Arc<Sentinels>>,
         connect_timeout: Duration,
         command_timeout: Duration,
         marker_key: String,
@@ -93,7 +112,8 @@ impl Link {
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(command_timeout));
         Self {
-            client,
+            client: ArcSwap::from_pointee(client),
+            sentinels,
             config,
             connect_timeout,
             marker_key,
@@ -103,6 +123,55 @@ impl Link {
             incarnation: AtomicU64::new(0),
             restart: std::sync::Mutex::new(None),
             refused: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The client of the Redis last connected to (in sentinel mode, of the master named last):
+    /// for connections of their own.
+    pub(crate) fn client(&self) -> Arc<redis::Client> {
+        self.client.load_full()
+    }
+
+    /// Drops the open connection, so the next command connects again (in sentinel mode, to
+    /// the master the sentinels name then).
+    pub(crate) fn reset(&self) {
+        self.current.store(None);
+    }
+
+    /// In sentinel mode, drops the open connection if its server is no longer a master (a
+    /// failover the watcher missed). Nothing to do otherwise, or with no connection open.
+    pub(crate) async fn check_master(&self) {
+        let Some(sentinels) = &self.sentinels else {
+            return;
+        };
+        let Some(c) = self.current.load_full() else {
+            return;
+        };
+        // The sentinels' newest configuration names another master: a failover the watcher
+        // did not hear of (the old master may still take writes, so `ROLE` alone would not
+        // tell).
+        if let Ok((host, port)) = sentinels.master(self.connect_timeout).await {
+            let named = format!("{host}:{port}");
+            if self.client.load().get_connection_info().addr().to_string() != named {
+                tracing::warn!(master = %named, "the sentinels name another master; reconnecting");
+                self.broken(&c);
+                return;
+            }
+        }
+        let mut conn = c.conn.clone();
+        let role = tokio::time::timeout(
+            self.connect_timeout,
+            redis::cmd("ROLE").query_async::<redis::Value>(&mut conn),
+        )
+        .await;
+        match role {
+            Ok(Ok(role)) if is_master(&role) => {}
+            Ok(Ok(_)) => {
+                tracing::warn!("the redis connected to is no longer a master; reconnecting");
+                self.broken(&c);
+            }
+            // Failures are the request path's to notice.
+            Ok(Err(_)) | Err(_) => {}
         }
     }
 
@@ -130,10 +199,34 @@ impl Link {
             return Ok(c);
         }
         let open = async {
-            let mut conn = self
-                .client
+            if let Some(sentinels) = &self.sentinels {
+                let (host, port) = sentinels
+                    .master(self.connect_timeout)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let current = self.client.load();
+                let addr = current.get_connection_info().addr().to_string();
+                let named = format!("{host}:{port}");
+                if addr != named {
+                    let client = sentinels
+                        .client_for(&host, port)
+                        .map_err(|e| unreachable(e.to_string()))?;
+                    tracing::info!(master = %named, "sentinel names the master");
+                    self.client.store(Arc::new(client));
+                }
+            }
+            let client = self.client.load_full();
+            let mut conn = client
                 .get_multiplexed_async_connection_with_config(&self.config)
                 .await?;
+            if self.sentinels.is_some() {
+                let role: redis::Value = redis::cmd("ROLE").query_async(&mut conn).await?;
+                if !is_master(&role) {
+                    return Err(unreachable(
+                        "the server the sentinels named is not a master (yet)".into(),
+                    ));
+                }
+            }
             let info: String = redis::cmd("INFO")
                 .arg("server")
                 .arg("memory")

@@ -6,6 +6,7 @@
 
 mod data;
 pub mod link;
+pub mod sentinel;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use deadpool_redis::{Manager, Pool, Runtime};
 use redis::AsyncConnectionConfig;
 
 use self::link::{Conn, Link, Restart, classify, is_connection_error};
+use self::sentinel::{SentinelOptions, Sentinels};
 use super::{Keyspace, Source, StoreError, Tier};
 use crate::domain::policy::now_ms;
 
@@ -40,6 +42,9 @@ pub struct RedisOptions {
     pub scan_batch: usize,
     /// Lifetime of generation counters; longer than any entry lives.
     pub gen_ttl: Duration,
+    /// Sentinel mode: the master is the one these sentinels name (`url` then gives only the
+    /// credentials, TLS and database).
+    pub sentinel: Option<SentinelOptions>,
 }
 
 /// Figures from Redis `INFO` shown in `/cache/stats`.
@@ -58,13 +63,50 @@ pub struct RedisInfo {
 /// Redis-backed store. Cloning shares the connections.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
     link: Arc<Link>,
-    pool: Pool,
+    /// The admin pool, and the address it connects to (rebuilt when the master moves).
+    pool: Arc<arc_swap::ArcSwap<(String, Pool)>>,
+    pool_opts: PoolOptions,
+    sentinels: Option<Arc<Sentinels>>,
     keys: Keyspace,
     timeout: Duration,
     scan_batch: usize,
     gen_ttl_secs: u64,
+}
+
+/// How the admin pool is built.
+#[derive(Debug, Clone, Copy)]
+struct PoolOptions {
+    max_size: usize,
+    wait: Duration,
+    create: Duration,
+    recycle: Duration,
+    connect: Duration,
+    response: Duration,
+}
+
+impl PoolOptions {
+    /// A pool connecting as `client` does (TLS roots included), with the address it goes to.
+    fn build(&self, client: &redis::Client) -> Result<(String, Pool), StoreError> {
+        let info = client.get_connection_info().clone();
+        let addr = info.addr().to_string();
+        let manager = Manager::new_with_config(
+            info,
+            AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.connect))
+                .set_response_timeout(Some(self.response)),
+        )
+        .map_err(classify)?;
+        let pool = Pool::builder(manager)
+            .max_size(self.max_size)
+            .wait_timeout(Some(self.wait))
+            .create_timeout(Some(self.create))
+            .recycle_timeout(Some(self.recycle))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Command(e.to_string()))?;
+        Ok((addr, pool))
+    }
 }
 
 /// Deletes the lock only if it still holds our token (single key: cluster-safe).
@@ -105,34 +147,36 @@ impl RedisStore {
             None => redis::Client::open(opts.url.as_str()),
         }
         .map_err(|_| StoreError::Command("invalid redis url or TLS roots".into()))?;
+        let sentinels = match &opts.sentinel {
+            Some(s) => Some(Arc::new(Sentinels::new(
+                s,
+                &opts.url,
+                opts.tls_roots.clone(),
+            )?)),
+            None => None,
+        };
         let link = Arc::new(Link::new(
             client.clone(),
+            sentinels.clone(),
             opts.connect_timeout,
             opts.command_timeout,
             keys.marker_key(),
         ));
-        // Admin commands may legitimately take longer than request-path commands.
-        let admin_timeout = opts.command_timeout.max(Duration::from_secs(5));
-        // The admin pool connects as the request path does, TLS roots included.
-        let manager = Manager::new_with_config(
-            client.get_connection_info().clone(),
-            AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(opts.connect_timeout))
-                .set_response_timeout(Some(admin_timeout)),
-        )
-        .map_err(classify)?;
-        let pool = Pool::builder(manager)
-            .max_size(opts.pool_max_size)
-            .wait_timeout(Some(opts.pool_timeout))
-            .create_timeout(Some(opts.pool_create_timeout))
-            .recycle_timeout(Some(opts.pool_recycle_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Command(e.to_string()))?;
+        let pool_opts = PoolOptions {
+            max_size: opts.pool_max_size,
+            wait: opts.pool_timeout,
+            create: opts.pool_create_timeout,
+            recycle: opts.pool_recycle_timeout,
+            connect: opts.connect_timeout,
+            // Admin commands may legitimately take longer than request-path commands.
+            response: opts.command_timeout.max(Duration::from_secs(5)),
+        };
+        let pool = pool_opts.build(&client)?;
         Ok(Self {
-            client,
             link,
-            pool,
+            pool: Arc::new(arc_swap::ArcSwap::from_pointee(pool)),
+            pool_opts,
+            sentinels,
             keys,
             timeout: opts.command_timeout,
             scan_batch: opts.scan_batch,
@@ -211,9 +255,18 @@ impl RedisStore {
     }
 
     /// An admin connection. Its failures are [`StoreError::Busy`], whatever their cause: the
-    /// request path's own connection decides whether Redis is down.
+    /// request path's own connection decides whether Redis is down. It goes where the request
+    /// path's goes: in sentinel mode, a master that moved gets a new pool.
     async fn admin_conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
+        let client = self.link.client();
+        let addr = client.get_connection_info().addr().to_string();
+        let mut pool = self.pool.load_full();
+        if pool.0 != addr {
+            let fresh = Arc::new(self.pool_opts.build(&client)?);
+            self.pool.store(fresh.clone());
+            pool = fresh;
+        }
+        pool.1.get().await.map_err(|e| match e {
             deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
                 StoreError::Busy("every admin connection to redis is in use".into())
             }
@@ -221,9 +274,30 @@ impl RedisStore {
         })
     }
 
-    /// The client, for connections of their own (the near cache's subscription).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// The client of the Redis in use (in sentinel mode, of the master named last), for
+    /// connections of their own (the near cache's subscription, the event stream).
+    pub fn client(&self) -> redis::Client {
+        (*self.link.client()).clone()
+    }
+
+    /// In sentinel mode: follows `+switch-master` announcements until `cancel`, dropping the
+    /// request path's connection at each, so the next command connects to the new master.
+    /// Returns at once in the other modes.
+    pub async fn follow_master(
+        &self,
+        retry: Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let Some(sentinels) = &self.sentinels else {
+            return;
+        };
+        let link = self.link.clone();
+        sentinels.watch(retry, cancel, move || link.reset()).await;
+    }
+
+    /// In sentinel mode, drops the connection if its server is no longer a master.
+    pub async fn check_master(&self) {
+        self.link.check_master().await;
     }
 
     /// Checks that Redis answers (and, through the link, notices a restarted one).

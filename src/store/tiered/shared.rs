@@ -16,6 +16,8 @@ impl FallbackStore {
         }
         // A marker that went (evicted, deleted) is written again within a heartbeat, so that
         // a snapshot taken later does not come back looking empty.
+        // Sentinel mode: a master demoted without the watcher hearing of it is left.
+        self.redis.check_master().await;
         if let Err(e) = self.redis.keep_marker().await {
             tracing::debug!(error = %e, "could not keep the keyspace marker");
         }

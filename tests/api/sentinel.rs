@@ -1,0 +1,179 @@
+//! Redis Sentinel (`redis.mode = "sentinel"`): a real master, its replica and three real
+//! sentinels. runcache serves through the master the sentinels name, follows a failover,
+//! and serves nothing invalidated after it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, TestSentinels, header, spawn_app_with, wait_for};
+
+async fn sentinel_app(s: &TestSentinels) -> TestApp {
+    let urls = s.urls();
+    let name = s.name.clone();
+    spawn_app_with(None, move |settings| {
+        settings.redis.mode = "sentinel".into();
+        settings.redis.sentinel_urls = urls.into_iter().map(SecretString::from).collect();
+        settings.redis.master_name = Some(name);
+        // Only the credentials and database of this URL are used; host and port come from
+        // the sentinels.
+        settings.redis.url = SecretString::from("redis://placeholder:1/0".to_owned());
+        settings.auth.frontend = "none".into();
+    })
+    .await
+}
+
+async fn ready(app: &TestApp) -> Value {
+    app.get("/ready").await.json().await.expect("ready json")
+}
+
+async fn read(app: &TestApp, run: &str) -> (u16, String, String, Value) {
+    let resp = app.metrics(run).await;
+    let status = resp.status().as_u16();
+    let cache = header(&resp, "x-cache").to_owned();
+    let detail = header(&resp, "cache-status").to_owned();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (status, cache, detail, body["revision"].clone())
+}
+
+#[tokio::test]
+async fn views_events_and_clears_go_to_the_master_the_sentinels_name() {
+    let s = TestSentinels::start().await;
+    let app = sentinel_app(&s).await;
+    assert_eq!(ready(&app).await["store"], "redis");
+    assert_eq!(read(&app, "1").await.1, "MISS");
+    assert_eq!(read(&app, "1").await.1, "HIT");
+    let prefix = format!("{}:*", app.prefix);
+    assert!(
+        !s.master.keys(&prefix).await.is_empty(),
+        "entries are written to the master"
+    );
+    let resp = app.event("training-completed", json!("1")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(read(&app, "1").await.1, "MISS");
+    let resp = app
+        .admin(reqwest::Method::DELETE, "/cache/clear?pattern=*", None)
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(read(&app, "1").await.1, "MISS");
+}
+
+/// Reads runs 1 and 2 over and over until `stop`; returns what each read got, with when it
+/// started and how long it took.
+fn load(app: &TestApp, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Sample>> {
+    let client = app.client.clone();
+    let base = app.address.clone();
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let run = if i.is_multiple_of(2) { "1" } else { "2" };
+            i += 1;
+            let started = Instant::now();
+            let resp = client
+                .get(format!("{base}/api/v1/models/train/{run}/metrics"))
+                .send()
+                .await;
+            let (status, detail, revision) = match resp {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let detail = header(&r, "cache-status").to_owned();
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    (status, detail, body["revision"].clone())
+                }
+                Err(_) => (0, String::new(), Value::Null),
+            };
+            out.push(Sample {
+                run,
+                started,
+                took: started.elapsed(),
+                status,
+                detail,
+                revision,
+            });
+        }
+        out
+    })
+}
+
+struct Sample {
+    run: &'static str,
+    started: Instant,
+    took: Duration,
+    status: u16,
+    detail: String,
+    revision: Value,
+}
+
+#[tokio::test]
+async fn a_failover_under_load_fails_no_request_and_serves_nothing_invalidated() {
+    let mut s = TestSentinels::start().await;
+    let app = sentinel_app(&s).await;
+    let old_master = s.master.port;
+    read(&app, "1").await;
+    read(&app, "2").await;
+    assert_eq!(read(&app, "1").await.1, "HIT");
+    // The replica has what the master has, as a failover would find it.
+    let _: i64 = s
+        .master
+        .cmd_unbounded(&["WAIT", "1", "2000"])
+        .await
+        .expect("WAIT");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = load(&app, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Instant::now();
+    s.master.kill();
+
+    // Run 1 changes at the origin and its event is acknowledged during the failover.
+    app.origin.set_revision(1);
+    let resp = app.event("training-completed", json!("1")).await;
+    assert_eq!(resp.status(), 200);
+    let acknowledged = Instant::now();
+
+    // The sentinels promote the replica; runcache follows and is back on Redis.
+    wait_for(|| async { s.master_port().await == Some(s.replica.port) }).await;
+    let promoted = killed.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ready(&app).await["store"] != "redis" {
+        assert!(
+            Instant::now() < deadline,
+            "runcache did not return to redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = killed.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = loader.await.expect("load");
+
+    let failed = samples.iter().filter(|x| x.status != 200).count();
+    let from_memory = samples
+        .iter()
+        .filter(|x| x.detail.contains("memory-fallback"))
+        .count();
+    let stale = samples
+        .iter()
+        .filter(|x| x.run == "1" && x.started > acknowledged && x.revision != json!(1))
+        .count();
+    let longest = samples.iter().map(|x| x.took).max().unwrap_or_default();
+    println!(
+        "sentinel failover: {} requests, {failed} failed, {from_memory} served from memory, longest {longest:?}; \
+         replica promoted after {promoted:?}, runcache back on redis after {back:?}; \
+         {stale} reads of the invalidated run served the old revision",
+        samples.len()
+    );
+    assert_eq!(failed, 0, "no request fails during the failover");
+    assert_eq!(stale, 0, "nothing invalidated is served after the failover");
+    assert!(samples.len() > 20, "the load ran: {}", samples.len());
+
+    // After the failover, writes go to the new master.
+    assert_eq!(read(&app, "1").await.3, json!(1));
+    let prefix = format!("{}:*", app.prefix);
+    assert!(!s.replica.keys(&prefix).await.is_empty());
+    assert_ne!(s.master_port().await, Some(old_master));
+}
