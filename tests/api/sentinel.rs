@@ -9,12 +9,21 @@ use std::time::{Duration, Instant};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, TestSentinels, header, spawn_app_with, wait_for};
+use crate::helpers::{
+    TestApp, TestSentinels, closed_redis_url, header, spawn_app_with, spawn_with_settings,
+    test_settings, wait_for,
+};
 
 async fn sentinel_app(s: &TestSentinels) -> TestApp {
+    sentinel_app_like(s, None).await
+}
+
+/// An instance in sentinel mode; with `like`, another instance of its deployment (its prefix
+/// and origin).
+async fn sentinel_app_like(s: &TestSentinels, like: Option<&TestApp>) -> TestApp {
     let urls = s.urls();
     let name = s.name.clone();
-    spawn_app_with(None, move |settings| {
+    let tweak = move |settings: &mut runcache::config::Settings| {
         settings.redis.mode = "sentinel".into();
         settings.redis.sentinel_urls = urls.into_iter().map(SecretString::from).collect();
         settings.redis.master_name = Some(name);
@@ -22,8 +31,16 @@ async fn sentinel_app(s: &TestSentinels) -> TestApp {
         // the sentinels.
         settings.redis.url = SecretString::from("redis://placeholder:1/0".to_owned());
         settings.auth.frontend = "none".into();
-    })
-    .await
+    };
+    match like {
+        None => spawn_app_with(None, tweak).await,
+        Some(first) => {
+            let mut settings = test_settings(&first.origin.url, &closed_redis_url());
+            settings.cache.prefix = first.prefix.clone();
+            tweak(&mut settings);
+            spawn_with_settings(settings, first.origin.clone()).await
+        }
+    }
 }
 
 async fn ready(app: &TestApp) -> Value {
@@ -176,4 +193,120 @@ async fn a_failover_under_load_fails_no_request_and_serves_nothing_invalidated()
     let prefix = format!("{}:*", app.prefix);
     assert!(!s.replica.keys(&prefix).await.is_empty());
     assert_ne!(s.master_port().await, Some(old_master));
+}
+
+#[tokio::test]
+async fn an_invalidation_no_replica_confirmed_is_told_to_the_other_instances() {
+    let s = TestSentinels::start().await;
+    let a = sentinel_app(&s).await;
+    let b = sentinel_app_like(&s, Some(&a)).await;
+    wait_for(|| async {
+        a.state.store.tiered().peers().any() && b.state.store.tiered().peers().any()
+    })
+    .await;
+    let seen_by_b = || async {
+        b.stats().await["stats"]["invalidations"]
+            .as_u64()
+            .expect("count")
+    };
+
+    // Replicated (`WAIT 1` confirms it): the others read it from Redis, nobody is told.
+    let before = seen_by_b().await;
+    assert_eq!(
+        a.event("training-completed", json!("1")).await.status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        seen_by_b().await,
+        before,
+        "a replicated invalidation is not sent around"
+    );
+
+    // The replica hangs: this master could be one the sentinels already gave up on, whose
+    // writes the new master never sees. The other instance is told directly.
+    s.replica.pause();
+    assert_eq!(
+        a.event("training-completed", json!("2")).await.status(),
+        200
+    );
+    wait_for(|| async { seen_by_b().await == before + 1 }).await;
+    s.replica.resume();
+}
+
+#[tokio::test]
+async fn a_switch_while_the_old_master_still_takes_writes_serves_nothing_invalidated() {
+    let s = TestSentinels::start().await;
+    let a = sentinel_app(&s).await;
+    let b = sentinel_app_like(&s, Some(&a)).await;
+    wait_for(|| async {
+        a.state.store.tiered().peers().any() && b.state.store.tiered().peers().any()
+    })
+    .await;
+    read(&a, "9").await;
+    let _: i64 = s
+        .master
+        .cmd_unbounded(&["WAIT", "1", "2000"])
+        .await
+        .expect("WAIT");
+    // A forced failover: the replica is promoted while the old master stays up and, for
+    // several seconds, a master still taking writes (the sentinels reconfigure it later).
+    let mut c = redis::Client::open(s.urls()[0].as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("sentinel");
+    let _: String = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(&s.name)
+        .query_async(&mut c)
+        .await
+        .expect("SENTINEL FAILOVER");
+    // Through the switch, each instance in turn takes an event for run 9 (after the origin
+    // changed it), and once it is acknowledged neither may serve an older revision.
+    let mut stale = Vec::new();
+    let mut failed = 0;
+    let started = Instant::now();
+    let mut revision = 0u64;
+    while started.elapsed() < Duration::from_secs(4) {
+        revision += 1;
+        a.origin.set_revision(revision);
+        let (sender, other) = if revision.is_multiple_of(2) {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        if sender
+            .event("training-completed", json!("9"))
+            .await
+            .status()
+            != 200
+        {
+            failed += 1;
+            continue;
+        }
+        for app in [sender, other] {
+            let (status, _, detail, got) = read(app, "9").await;
+            if status != 200 {
+                failed += 1;
+            } else if got != json!(revision) {
+                stale.push(format!(
+                    "{:?}: revision {got} after {revision} ({detail})",
+                    started.elapsed()
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "graceful switch: {revision} events, {failed} failures, {} stale reads",
+        stale.len()
+    );
+    assert_eq!(failed, 0);
+    assert!(stale.is_empty(), "{stale:#?}");
+    assert_eq!(
+        s.master_port().await,
+        Some(s.replica.port),
+        "the switch happened"
+    );
 }

@@ -143,8 +143,10 @@ impl RedisStore {
     }
 
     /// Applies `inv`: counters first (one pipeline), then the deletes. Returns entries
-    /// dropped.
-    pub async fn apply(&self, inv: &Invalidation) -> Result<u64, StoreError> {
+    /// dropped, and whether the counters are known to have reached a replica (always `true`
+    /// outside sentinel mode, where there is no failover to lose them in).
+    pub async fn apply(&self, inv: &Invalidation) -> Result<(u64, bool), StoreError> {
+        let mut replicated = true;
         if !inv.bump.is_empty() {
             let mut pipe = redis::pipe();
             for counter in &inv.bump {
@@ -154,7 +156,11 @@ impl RedisStore {
                     .arg(self.gen_ttl_secs)
                     .ignore();
             }
-            self.run_pipe::<()>(pipe).await?;
+            if self.sentinels.is_some() {
+                replicated = self.bump_replicated(pipe).await?;
+            } else {
+                self.run_pipe::<()>(pipe).await?;
+            }
         }
         let mut dropped = self.unlink_each(&inv.delete).await?;
         for tag in &inv.tagged {
@@ -176,7 +182,38 @@ impl RedisStore {
                 })
                 .await?;
         }
-        Ok(dropped)
+        Ok((dropped, replicated))
+    }
+
+    /// Sentinel mode: runs the counter bumps, then `WAIT 1`, on a connection of their own
+    /// (`WAIT` counts the writes of its connection, and would hold up whatever is multiplexed
+    /// behind it). A master that no replica confirms within the command time-out may be the
+    /// old master of a failover, still taking writes that the new one will never see: the
+    /// caller then tells the other instances directly. With no admin connection free, the
+    /// bumps go over the request path's connection and count as unconfirmed.
+    async fn bump_replicated(&self, pipe: redis::Pipeline) -> Result<bool, StoreError> {
+        let Ok(mut conn) = self.admin_conn().await else {
+            self.run_pipe::<()>(pipe).await?;
+            return Ok(false);
+        };
+        let wait_ms = u64::try_from(self.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let work = async {
+            pipe.query_async::<()>(&mut *conn).await?;
+            redis::cmd("WAIT")
+                .arg(1)
+                .arg(wait_ms)
+                .query_async::<i64>(&mut *conn)
+                .await
+        };
+        match tokio::time::timeout(self.timeout * 2 + self.timeout, work).await {
+            Ok(Ok(replicas)) => Ok(replicas >= 1),
+            Ok(Err(e)) => Err(classify(e)),
+            Err(_) => Err(StoreError::Unavailable(
+                "redis invalidation timed out".into(),
+            )),
+        }
     }
 
     async fn delete_tagged(&self, tag: &str) -> Result<u64, StoreError> {

@@ -445,8 +445,13 @@ impl FallbackStore {
             if !self.circuit.is_open() {
                 self.calls.redis();
                 match self.redis.apply(inv).await {
-                    Ok(n) => {
+                    Ok((n, replicated)) => {
                         self.circuit.success();
+                        if !replicated && tell {
+                            // It may be lost in a failover, while other instances already
+                            // read from the new master: they hear of it directly.
+                            self.peers.tell(inv).await;
+                        }
                         return Ok((n, Applied::Redis));
                     }
                     Err(e) if e.is_unavailable() => {
