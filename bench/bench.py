@@ -344,7 +344,7 @@ def main():
 def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     ports = {name: free_port() for name in
              ("origin", "origin_fast", "default", "redis_only", "memory", "miss", "nginx",
-              "nginx_stock", "ceiling", "dead_redis", "full_path", "baseline",
+              "nginx_stock", "ceiling", "ceiling_get", "dead_redis", "full_path", "baseline",
               "baseline_redis_only", "baseline_memory", "baseline_miss")}
     procs.start("origin", [str(BIN), "sample-origin", "--addr",
                            f"127.0.0.1:{ports['origin']}", "--delay-ms", str(ORIGIN_DELAY_MS)])
@@ -430,6 +430,11 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     servers["ceiling"] = procs.start("ceiling", [str(CEILING), f"127.0.0.1:{ports['ceiling']}",
                                                  str(body_size)])
     wait_http(f"http://127.0.0.1:{ports['ceiling']}/")
+    # The Redis tier's own ceiling: the same handler making one GET on a multiplexed
+    # connection to the same Redis.
+    servers["ceiling_get"] = procs.start("ceiling_get", [
+        str(CEILING), f"127.0.0.1:{ports['ceiling_get']}", str(body_size), redis_url])
+    wait_http(f"http://127.0.0.1:{ports['ceiling_get']}/")
     paths_file = scratch / "paths.txt"
     paths_file.write_text("\n".join(paths) + "\n")
 
@@ -441,6 +446,8 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
         "nginx proxy_cache, stock (access log on)": ("nginx_stock", "x-cache-status", "HIT"),
         "bare axum (ceiling)": ("ceiling", "content-type", "application/json"),
         "runcache (Redis + L1, full path: no hit lane)": ("full_path", "x-cache", "HIT"),
+        "axum + one Redis GET (Redis ceiling)": ("ceiling_get", "content-type",
+                                                 "application/json"),
     }
     if args.baseline:
         targets[f"runcache {args.baseline_label} (default: Redis + L1)"] = (
@@ -463,7 +470,7 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     # Each baseline cell runs right after the cell it is compared with, so that both see the
     # same spell of the shared machine.
     order = list(targets)
-    for base, now in zip(order[7:], order[:3]):
+    for base, now in zip(order[8:], order[:3]):
         order.remove(base)
         order.insert(order.index(now) + 1, base)
     for conns in (8, 64):
@@ -610,11 +617,26 @@ def render(res, labels):
         # each other, so a slow spell of the shared machine moves both.
         return statistics.median(x["rps"] / y["rps"] for x, y in zip(hits[a][c], hits[b][c]))
 
-    if len(labels) > 7:
+    memory, one_get = labels[2], labels[7]
+    for c in ("8", "64"):
+        value = paired(redis_only, one_get, c)
+        lines.append(f"| Redis only / one-GET ceiling @{c} (median of per-round ratios) | "
+                     f"{value:.3f} | ≥ 0.80 | {mark(value >= 0.80)} |")
+    for c in ("8", "64"):
+        value = paired(memory, ceiling, c)
+        lines.append(f"| memory tier / bare ceiling @{c} (median of per-round ratios) | "
+                     f"{value:.3f} | ≥ 0.85 | {mark(value >= 0.85)} |")
+    lines.append(f"| CPU per request @64: Redis only / one-GET ceiling / memory tier / bare | "
+                 f"{median_of(hits[redis_only]['64'], 'cpu_us_per_req'):.1f} / "
+                 f"{median_of(hits[one_get]['64'], 'cpu_us_per_req'):.1f} / "
+                 f"{median_of(hits[memory]['64'], 'cpu_us_per_req'):.1f} / "
+                 f"{median_of(hits[ceiling]['64'], 'cpu_us_per_req'):.1f} µs | | |")
+
+    if len(labels) > 8:
         # Each mode against the same mode of the earlier commit, in the same rounds.
         for mode, (now, base) in zip(("default", "Redis only", "memory tier"),
-                                     ((default, labels[7]), (redis_only, labels[8]),
-                                      (labels[2], labels[9]))):
+                                     ((default, labels[8]), (redis_only, labels[9]),
+                                      (labels[2], labels[10]))):
             r8, r64 = paired(now, base, "8"), paired(now, base, "64")
             lines.append(f"| {mode} / {base} @8 / @64 (median of per-round ratios) | "
                          f"{r8:.3f} / {r64:.3f} | "
