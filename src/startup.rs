@@ -283,6 +283,7 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             tiered.redis().clone(),
             state.invalidator.clone(),
             opts,
+            state.started.clone(),
         );
         tasks.spawn(intake.run(cancel.clone()));
     }

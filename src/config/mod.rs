@@ -237,6 +237,12 @@ impl Settings {
                 ));
             }
         }
+        if e.stream.as_deref().is_some_and(|s| s.contains("{}")) {
+            return Err(invalid(
+                "events.stream",
+                "must not contain an empty hash tag `{}` (its side keys could not share its slot)",
+            ));
+        }
         if e.stream_batch > 10_000 {
             return Err(invalid("events.stream_batch", "must be at most 10000"));
         }

@@ -16,6 +16,8 @@
 //! The loop has its own connection: a blocking read would hold up every command multiplexed
 //! behind it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::Value;
@@ -28,30 +30,39 @@ use crate::store::redis::RedisStore;
 
 /// One read step, atomic: creates the group if it is missing, checks for a gap, reads.
 ///
-/// `KEYS`: the stream, the gap flag. `ARGV`: group, consumer, count, start ID (`0` for this
-/// consumer's pending entries, `>` for new ones), whether this process has seen the group
-/// before (`1`: its disappearance, with the stream deleted or Redis restarted empty, may
-/// have lost events).
+/// `KEYS`: the stream, the gap flag, the delivered counter. `ARGV`: group, consumer, count,
+/// start ID (`0` for this consumer's pending entries, `>` for new ones), whether this process
+/// has seen the group before (`1`: its disappearance, with the stream deleted or Redis
+/// restarted empty, may have lost events).
 ///
-/// A gap: every entry in the stream (or none left) comes after the group's last-delivered
-/// ID, and more entries were added since it than are left (`lag`, which Redis 7 keeps through
-/// trimming, exceeds the length; a `lag` Redis cannot compute counts as a gap). Entries that
-/// were delivered here but trimmed before they were acknowledged come back without fields:
-/// a gap too.
+/// A gap: every entry left in the stream (or none is left) comes after the group's
+/// last-delivered ID, and more entries were added than were delivered and are left. The
+/// count of deliveries is kept by this script itself (the delivered counter, bumped by every
+/// `>` read), not taken from `XINFO GROUPS`: Redis 7.0 leaves the group's `entries-read` and
+/// `lag` too high or too low once a trim passed its last-delivered ID, and later versions
+/// compute them otherwise. A counter that is missing (a group created by another client) is
+/// set from the group's `entries-read`. Once a gap is flagged the counter is set as if every
+/// entry removed had been read, so one gap is flagged once. Entries that were delivered here
+/// but trimmed before they were acknowledged come back without fields: a gap too.
 ///
 /// Returns `{created, flag, entries, last-generated-id, lag (-1: unknown), pending}`.
 pub const READ: &str = r#"
-local stream, flag = KEYS[1], KEYS[2]
+local stream, flag, delivered = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer, count, start, seen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local function field(arr, name)
   for i = 1, #arr, 2 do if arr[i] == name then return arr[i + 1] end end
   return nil
 end
+-- Stream IDs compared exactly (as decimal strings: Lua numbers lose precision past 2^53).
+local function less(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
 local function after(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
   local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
+  if am ~= bm then return less(bm, am) end
+  return less(bs, as)
 end
 local created = 0
 local made = redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
@@ -61,8 +72,11 @@ else
   created = 1
 end
 local st = redis.call('XINFO', 'STREAM', stream)
+local added, length = field(st, 'entries-added'), field(st, 'length')
 local lag, pending = -1, 0
 if created == 1 then
+  -- Entries removed before the group existed were nobody's to read.
+  redis.call('SET', delivered, added - length)
   if seen == '1' then redis.call('INCR', flag) end
 else
   local info
@@ -70,19 +84,31 @@ else
     if field(g, 'name') == group then info = g end
   end
   local l = field(info, 'lag')
+  if l then lag = l end
   pending = field(info, 'pending')
+  local read = tonumber(redis.call('GET', delivered))
+  if not read then
+    read = field(info, 'entries-read') or (added - length)
+    redis.call('SET', delivered, read)
+  end
   local first = field(st, 'first-entry')
   local past = (not first) or after(first[1], field(info, 'last-delivered-id'))
-  if past and ((not l) or l > field(st, 'length')) then redis.call('INCR', flag) end
-  if l then lag = l end
-end
-local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, start)
-if start == '0' and read then
-  for _, e in ipairs(read[1][2]) do
-    if not e[2] then redis.call('INCR', flag) break end
+  if past and added - read > length then
+    redis.call('INCR', flag)
+    redis.call('SET', delivered, added - length)
   end
 end
-return {created, redis.call('GET', flag), read, field(st, 'last-generated-id'), lag, pending}
+local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, start)
+if got then
+  if start == '0' then
+    for _, e in ipairs(got[1][2]) do
+      if not e[2] then redis.call('INCR', flag) break end
+    end
+  else
+    redis.call('INCRBY', delivered, #got[1][2])
+  end
+end
+return {created, redis.call('GET', flag), got, field(st, 'last-generated-id'), lag, pending}
 "#;
 
 /// Takes over entries other consumers left pending for `min-idle` ms. `KEYS`: the stream, the
@@ -119,17 +145,13 @@ pub struct StreamOptions {
     pub command_timeout: Duration,
 }
 
-/// The key of the gap flag: beside the stream, in its hash slot (a Redis Cluster runs a
-/// script only over keys of one slot), and per group.
-pub fn flag_key(stream: &str, group: &str) -> String {
-    let tagged = stream
-        .find('{')
-        .is_some_and(|open| stream[open + 1..].find('}').is_some_and(|len| len > 0));
-    if tagged {
-        format!("{stream}:gap:{group}")
-    } else {
-        format!("{{{stream}}}:gap:{group}")
-    }
+/// The key of the group's gap flag (`what` = `gap`) or delivered counter (`delivered`):
+/// named after the stream, so an ACL that grants the stream's pattern grants them too, and in
+/// the stream's hash slot (a Redis Cluster runs a script only over keys of one slot): a
+/// stream name without a hash tag is hashed whole, which the `{stream}` tag added here
+/// matches; a name with one keeps it first.
+pub fn side_key(stream: &str, what: &str, group: &str) -> String {
+    format!("{stream}:{what}:{{{stream}}}:{group}")
 }
 
 /// One stream entry: its ID and its fields (none: trimmed while pending here).
@@ -241,7 +263,15 @@ pub struct StreamIntake {
     invalidator: Invalidator,
     opts: StreamOptions,
     flag: String,
+    /// The group's delivered counter (see [`READ`]).
+    delivered: String,
+    /// Set once start-up is done: the shared key version is known, so events invalidate the
+    /// keys readers use (an event applied under the configured version, after an operator
+    /// switched it, would be acknowledged and invalidate nothing that is served).
+    started: Arc<AtomicBool>,
     conn: Option<redis::aio::MultiplexedConnection>,
+    /// The address `conn` goes to.
+    conn_target: Option<String>,
     /// Whether this process has seen the group (its disappearance is then a gap).
     seen: bool,
     /// Whether this consumer's own pending entries are still to be read (at start, and after
@@ -290,14 +320,23 @@ impl From<redis::RedisError> for StepError {
 impl StreamIntake {
     /// A loop over `opts.stream`, connecting to the Redis `redis` uses and applying through
     /// `invalidator`.
-    pub fn new(redis: RedisStore, invalidator: Invalidator, opts: StreamOptions) -> Self {
-        let flag = flag_key(&opts.stream, &opts.group);
+    pub fn new(
+        redis: RedisStore,
+        invalidator: Invalidator,
+        opts: StreamOptions,
+        started: Arc<AtomicBool>,
+    ) -> Self {
+        let flag = side_key(&opts.stream, "gap", &opts.group);
+        let delivered = side_key(&opts.stream, "delivered", &opts.group);
         Self {
             redis,
             invalidator,
             opts,
             flag,
+            delivered,
+            started,
             conn: None,
+            conn_target: None,
             seen: false,
             own_pending: true,
             last_claim: None,
@@ -309,6 +348,12 @@ impl StreamIntake {
     /// `opts.retry`. An entry being applied when `cancel` fires stays pending, for the next
     /// start or another instance.
     pub async fn run(mut self, cancel: CancellationToken) {
+        while !self.started.load(Ordering::Acquire) {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
         tracing::info!(stream = %self.opts.stream, group = %self.opts.group, consumer = %self.opts.consumer, "reading events from the stream");
         loop {
             let step = tokio::select! {
@@ -317,9 +362,15 @@ impl StreamIntake {
             };
             match step {
                 Ok(Some(last_id)) => {
-                    tokio::select! {
+                    let waited = tokio::select! {
                         () = cancel.cancelled() => return,
-                        () = self.wait_for_entries(&last_id) => {}
+                        ok = self.wait_for_entries(&last_id) => ok,
+                    };
+                    if !waited {
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = tokio::time::sleep(self.opts.retry) => {}
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -342,6 +393,11 @@ impl StreamIntake {
     }
 
     async fn conn(&mut self) -> Result<redis::aio::MultiplexedConnection, StepError> {
+        // In sentinel mode the request path follows the master; so does this loop.
+        let target = self.redis.client().get_connection_info().addr().to_string();
+        if self.conn_target.as_deref() != Some(target.as_str()) {
+            self.conn = None;
+        }
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
@@ -355,6 +411,7 @@ impl StreamIntake {
             .await
             .map_err(|_| StepError::Timeout)??;
         self.conn = Some(c.clone());
+        self.conn_target = Some(target);
         Ok(c)
     }
 
@@ -377,9 +434,10 @@ impl StreamIntake {
         let start = if self.own_pending { "0" } else { ">" };
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(READ)
-            .arg(2)
+            .arg(3)
             .arg(&self.opts.stream)
             .arg(&self.flag)
+            .arg(&self.delivered)
             .arg(&self.opts.group)
             .arg(&self.opts.consumer)
             .arg(self.opts.batch)
@@ -517,11 +575,11 @@ impl StreamIntake {
     }
 
     /// Waits until the stream has an entry after `last_id`, or `block` passes (then the loop
-    /// runs its claim and gap checks again). Errors end the wait early; the next step sees
-    /// them again.
-    async fn wait_for_entries(&mut self, last_id: &str) {
+    /// runs its claim and gap checks again). Returns `false` when the wait failed (a Redis
+    /// that refuses blocking commands, say): the loop then pauses as after any failure.
+    async fn wait_for_entries(&mut self, last_id: &str) -> bool {
         let Ok(mut c) = self.conn().await else {
-            return;
+            return false;
         };
         let block = u64::try_from(self.opts.block.as_millis()).unwrap_or(u64::MAX);
         let mut cmd = redis::cmd("XREAD");
@@ -534,8 +592,11 @@ impl StreamIntake {
             .arg(last_id);
         let wait = self.opts.block + self.opts.command_timeout;
         match tokio::time::timeout(wait, cmd.query_async::<Value>(&mut c)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => self.conn = None,
+            Ok(Ok(_)) => true,
+            Ok(Err(_)) | Err(_) => {
+                self.conn = None;
+                false
+            }
         }
     }
 }
@@ -549,11 +610,13 @@ mod tests {
     }
 
     #[test]
-    fn the_gap_flag_shares_the_streams_hash_slot() {
-        assert_eq!(flag_key("runcache:events", "g"), "{runcache:events}:gap:g");
-        assert_eq!(flag_key("ev{42}", "g"), "ev{42}:gap:g");
-        // `{}` is no hash tag: the whole name is hashed.
-        assert_eq!(flag_key("ev{}", "g"), "{ev{}}:gap:g");
+    fn side_keys_start_with_the_stream_and_share_its_hash_slot() {
+        assert_eq!(
+            side_key("runcache:events", "gap", "g"),
+            "runcache:events:gap:{runcache:events}:g"
+        );
+        // The stream's own tag comes first, so it decides the slot.
+        assert_eq!(side_key("ev{42}", "gap", "g"), "ev{42}:gap:{ev{42}}:g");
     }
 
     #[test]

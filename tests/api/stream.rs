@@ -281,9 +281,30 @@ async fn entries_trimmed_before_anyone_read_them_drop_every_entry() {
     assert_eq!(revision(&second, "2").await.0, "MISS");
     let resp = second.compare(json!(["1", "2"])).await;
     assert_eq!(header(&resp, "x-cache"), "MISS");
-    let flag = format!("{{{stream}}}:gap:{GROUP}");
+    let flag = format!("{stream}:gap:{{{stream}}}:{GROUP}");
     let left: Option<String> = redis.cmd(&["GET", &flag]).await.expect("GET");
     assert_eq!(left, None, "the flag is cleared once handled");
+
+    // One gap is flagged once: trimming what was read after it drops nothing more (Redis 7.0
+    // leaves the group's own counters wrong after a gap, so they are not what decides).
+    revision(&second, "2").await;
+    assert_eq!(revision(&second, "2").await.0, "HIT");
+    let id: String = redis
+        .cmd(&[
+            "XADD",
+            &stream,
+            "MAXLEN",
+            "1",
+            "*",
+            "kind",
+            "model-deleted",
+            "model_run_id",
+            "77",
+        ])
+        .await
+        .expect("XADD");
+    settled(&redis, &stream, &id).await;
+    assert_eq!(revision(&second, "2").await.0, "HIT", "no second gap");
 }
 
 #[tokio::test]
@@ -349,7 +370,7 @@ async fn a_gap_flagged_by_an_instance_that_died_before_handling_it_is_handled_by
     assert_eq!(revision(&first, "1").await.0, "HIT");
     first.stop().await;
     // What an instance leaves when it found a gap and died before dropping everything.
-    let flag = format!("{{{stream}}}:gap:{GROUP}");
+    let flag = format!("{stream}:gap:{{{stream}}}:{GROUP}");
     let _: () = redis.cmd(&["SET", &flag, "1"]).await.expect("SET");
 
     let second = reader(&redis, &stream, Some(&first)).await;

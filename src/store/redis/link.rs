@@ -51,6 +51,9 @@ pub(crate) struct Link {
     marker_key: String,
     current: ArcSwapOption<Conn>,
     connecting: tokio::sync::Mutex<()>,
+    /// Bumped by [`Link::reset`]: a connection opened across a reset (to the master named
+    /// before a switch) is not kept.
+    resets: AtomicU64,
     run_id: std::sync::Mutex<Option<String>>,
     incarnation: AtomicU64,
     /// `(incarnation, what it came back with)` of the latest restart seen.
@@ -119,6 +122,7 @@ impl Link {
             marker_key,
             current: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
+            resets: AtomicU64::new(0),
             run_id: std::sync::Mutex::new(None),
             incarnation: AtomicU64::new(0),
             restart: std::sync::Mutex::new(None),
@@ -135,6 +139,7 @@ impl Link {
     /// Drops the open connection, so the next command connects again (in sentinel mode, to
     /// the master the sentinels name then).
     pub(crate) fn reset(&self) {
+        self.resets.fetch_add(1, Ordering::AcqRel);
         self.current.store(None);
     }
 
@@ -195,6 +200,7 @@ impl Link {
         let Ok(_connecting) = self.connecting.try_lock() else {
             return Err(StoreError::Unavailable("redis is reconnecting".into()));
         };
+        let resets = self.resets.load(Ordering::Acquire);
         if let Some(c) = self.current.load_full() {
             return Ok(c);
         }
@@ -293,6 +299,12 @@ impl Link {
             return Err(StoreError::Unavailable(why));
         }
         self.refused.store(false, Ordering::Relaxed);
+        if self.resets.load(Ordering::Acquire) != resets {
+            // The master changed while this connection was opened: it may be to the old one.
+            return Err(StoreError::Unavailable(
+                "the master changed while connecting".into(),
+            ));
+        }
         let restarted = {
             let mut known = self.run_id.lock().unwrap_or_else(|e| e.into_inner());
             // A new process; or, on this runcache process's first connection, a marker of
@@ -320,6 +332,14 @@ impl Link {
             run_id,
         });
         self.current.store(Some(c.clone()));
+        // A reset between the check above and the store: undo the store (the reset's own
+        // clearing may have come first).
+        if self.resets.load(Ordering::Acquire) != resets {
+            self.broken(&c);
+            return Err(StoreError::Unavailable(
+                "the master changed while connecting".into(),
+            ));
+        }
         Ok(c)
     }
 
