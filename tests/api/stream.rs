@@ -381,3 +381,34 @@ async fn a_gap_flagged_by_an_instance_that_died_before_handling_it_is_handled_by
     .await;
     assert_eq!(revision(&second, "1").await.0, "MISS");
 }
+
+#[tokio::test]
+async fn a_backlog_is_applied_under_the_shared_version_not_the_configured_one() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let mut first = reader(&redis, &stream, None).await;
+    let resp = first
+        .admin(
+            reqwest::Method::POST,
+            "/cache/version",
+            Some(json!({"version": "v2"})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    revision(&first, "1").await;
+    assert_eq!(revision(&first, "1").await.0, "HIT");
+    first.stop().await;
+
+    // Waiting while no instance runs; the next one is configured with v1 and must first learn
+    // that v2 is in use, or it would invalidate v1's keys and acknowledge.
+    first.origin.set_revision(4);
+    let id = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "1"],
+    )
+    .await;
+    let second = reader(&redis, &stream, Some(&first)).await;
+    settled(&redis, &stream, &id).await;
+    assert_eq!(revision(&second, "1").await, ("MISS".to_owned(), json!(4)));
+}
