@@ -125,7 +125,11 @@ impl AppState {
     /// Builds the state from validated settings. Does no network I/O: Redis connects lazily.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         let prometheus = crate::metrics::install();
-        let keys = Keyspace::new(settings.cache.prefix.clone());
+        let keys = if settings.redis.mode == "cluster" {
+            Keyspace::clustered(settings.cache.prefix.clone())
+        } else {
+            Keyspace::new(settings.cache.prefix.clone())
+        };
         let (admin_token, token_generated) = match &settings.admin.token {
             Some(t) => (t.clone(), false),
             None => (SecretString::from(crate::security::generate_token()), true),
@@ -234,6 +238,12 @@ fn build_store(
                     .map(|u| u.expose_secret().to_owned())
                     .collect(),
                 master_name: r.master_name.clone().unwrap_or_default(),
+            }),
+            cluster_urls: (r.mode == "cluster").then(|| {
+                r.cluster_urls
+                    .iter()
+                    .map(|u| u.expose_secret().to_owned())
+                    .collect()
             }),
         },
         keys.clone(),

@@ -202,10 +202,11 @@ impl Settings {
                     )),
                 }
             }
-            "cluster" => Err(invalid(
-                "redis.mode",
-                "\"cluster\" is not supported by this version of runcache yet (single and sentinel are)",
+            "cluster" if r.cluster_urls.is_empty() => Err(invalid(
+                "redis.cluster_urls",
+                "must name at least one node with redis.mode = \"cluster\"",
             )),
+            "cluster" => Ok(()),
             other => Err(invalid(
                 "redis.mode",
                 format!("{other:?} is not single, cluster or sentinel"),

@@ -162,7 +162,10 @@ fn redis_modes_and_the_event_stream_are_validated() {
             &[("RUNCACHE__REDIS__SENTINEL_URLS", "http://a:26379")][..],
             "redis.sentinel_urls",
         ),
-        (&[("RUNCACHE__REDIS__MODE", "cluster")][..], "not supported"),
+        (
+            &[("RUNCACHE__REDIS__MODE", "cluster")][..],
+            "redis.cluster_urls",
+        ),
         (&[("RUNCACHE__REDIS__MODE", "replicated")][..], "redis.mode"),
         (&[("RUNCACHE__EVENTS__STREAM", "")][..], "events.stream"),
         (

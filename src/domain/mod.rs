@@ -45,6 +45,20 @@ impl View {
     }
 }
 
+/// The views whose keys `pattern` (a logical key, or a glob of `*` and `?`) may match: those
+/// whose key prefix (`model:{view}:`) agrees with the pattern's literal start. Conservative:
+/// a view it cannot match is never named, one it might is.
+pub fn views_matched_by(pattern: &str) -> Vec<View> {
+    let literal = pattern.split(['*', '?']).next().unwrap_or_default();
+    View::ALL
+        .into_iter()
+        .filter(|v| {
+            let start = concat(&["model:", v.name(), ":"]);
+            start.starts_with(literal) || literal.starts_with(&start)
+        })
+        .collect()
+}
+
 /// Logical key of a run's metrics.
 pub fn metrics_key(run_id: &str) -> String {
     concat(&["model:metrics:", run_id])
@@ -194,6 +208,20 @@ fn truncate(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pattern_names_every_view_it_may_match() {
+        assert_eq!(views_matched_by("*"), View::ALL.to_vec());
+        assert_eq!(views_matched_by("m?del:metrics:1"), View::ALL.to_vec());
+        assert_eq!(views_matched_by("model:metrics:4*"), [View::Metrics]);
+        assert_eq!(views_matched_by("model:metrics"), [View::Metrics]);
+        assert_eq!(
+            views_matched_by("model:feature_importance:42:top_5"),
+            [View::FeatureImportance]
+        );
+        assert_eq!(views_matched_by("model:c*"), [View::Comparison]);
+        assert!(views_matched_by("other:1").is_empty());
+    }
 
     #[test]
     fn run_ids_follow_the_spec_pattern() {

@@ -45,6 +45,9 @@ pub struct ClearQuery {
     /// A-Z, a-z, 0-9, `_`, `.`, `-`, `:`, `*`, `?`. Absent: every entry.
     #[param(pattern = "^[A-Za-z0-9_.:*?-]{1,512}$")]
     pub pattern: Option<String>,
+    /// `true`: count what would be deleted, and delete nothing.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// Result of a clear.
@@ -59,7 +62,9 @@ pub struct ClearResponse {
 }
 
 /// Deletes the entries of the current version whose logical key matches `pattern`
-/// (SCAN in batches; only this service's prefix and version are touched).
+/// (SCAN in batches; only this service's prefix and version are touched). With
+/// `dry_run=true`, answers the same body with the number of entries that would be deleted,
+/// and deletes nothing.
 #[utoipa::path(delete, path = "/cache/clear", tag = "admin", security(("bearer" = [])), params(ClearQuery),
     responses((status = 200, description = "Cleared", body = ClearResponse),
         (status = 400, description = "Invalid pattern or query", body = ErrorBody),
@@ -75,6 +80,19 @@ pub async fn clear_cache(
     validate_pattern(&pattern).map_err(AppError::InvalidArgument)?;
     if pattern.bytes().all(|b| b == b'*') {
         tracing::warn!(addr = %caller.addr, "clear of every entry requested");
+    }
+    if q.dry_run {
+        let deleted_count = state.invalidator.count(&pattern).await?;
+        return Ok(json(
+            StatusCode::OK,
+            &ClearResponse {
+                message: format!(
+                    "Dry run: would clear {deleted_count} cache entries matching pattern: {pattern}"
+                ),
+                deleted_count,
+                pattern,
+            },
+        ));
     }
     let deleted_count = state.invalidator.pattern(&pattern, Cause::Clear).await?;
     audit(

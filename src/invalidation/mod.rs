@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::domain::{View, feature_importance_key, metrics_key};
+use crate::domain::{View, feature_importance_key, metrics_key, views_matched_by};
 use crate::metrics::Stats;
 use crate::store::{Invalidation, KeyVersion, Keyspace, Shared, Store, StoreError, Tier};
 use crate::tasks::Tasks;
@@ -181,8 +181,11 @@ impl Invalidator {
     /// that no fetch that overlapped the invalidation stores one of them behind it.
     pub async fn keys(&self, logical: &[String], cause: Cause) -> Result<u64, StoreError> {
         let v = self.version.get();
+        let mut views: Vec<View> = logical.iter().flat_map(|k| views_matched_by(k)).collect();
+        views.sort_by_key(|view| view.index());
+        views.dedup();
         let inv = Invalidation {
-            bump: vec![self.keys.clears(&v)],
+            bump: self.keys.clears_for(&v, &views),
             delete: logical.iter().map(|k| self.keys.entry(&v, k)).collect(),
             ..Invalidation::default()
         };
@@ -199,13 +202,22 @@ impl Invalidator {
             .into_iter()
             .map(|view| self.keys.view_gen(&v, view))
             .collect();
-        bump.push(self.keys.clears(&v));
+        bump.extend(self.keys.clears_for(&v, &views_matched_by(pattern)));
         let inv = Invalidation {
             bump,
             matching: vec![self.keys.entry_pattern(&v, pattern)],
             ..Invalidation::default()
         };
         self.apply(inv, cause).await
+    }
+
+    /// Counts the entries of the current version whose logical key matches `pattern`, and
+    /// drops nothing (a clear's dry run).
+    pub async fn count(&self, pattern: &str) -> Result<u64, StoreError> {
+        let v = self.version.get();
+        self.shared
+            .count_matching(&self.keys.entry_pattern(&v, pattern))
+            .await
     }
 
     /// Drops every entry of the current version, as a clear of `*` does, and empties every
@@ -246,8 +258,8 @@ impl Invalidator {
             .into_iter()
             .map(|view| self.keys.view_gen(&previous, view))
             .collect();
-        bump.push(self.keys.clears(&previous));
-        bump.push(self.keys.clears(new));
+        bump.extend(self.keys.clears_for(&previous, &View::ALL));
+        bump.extend(self.keys.clears_for(new, &View::ALL));
         let inv = Invalidation {
             bump,
             matching: vec![

@@ -269,7 +269,7 @@ pub struct StreamIntake {
     /// keys readers use (an event applied under the configured version, after an operator
     /// switched it, would be acknowledged and invalidate nothing that is served).
     started: Arc<AtomicBool>,
-    conn: Option<redis::aio::MultiplexedConnection>,
+    conn: Option<crate::store::redis::cluster::Handle>,
     /// The address `conn` goes to.
     conn_target: Option<String>,
     /// Whether this process has seen the group (its disappearance is then a gap).
@@ -392,24 +392,19 @@ impl StreamIntake {
         }
     }
 
-    async fn conn(&mut self) -> Result<redis::aio::MultiplexedConnection, StepError> {
+    async fn conn(&mut self) -> Result<crate::store::redis::cluster::Handle, StepError> {
         // In sentinel mode the request path follows the master; so does this loop.
-        let target = self.redis.client().get_connection_info().addr().to_string();
+        let target = self.redis.dedicated_target();
         if self.conn_target.as_deref() != Some(target.as_str()) {
             self.conn = None;
         }
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.opts.retry))
-            .set_response_timeout(Some(self.opts.block + self.opts.command_timeout));
-        let client = self.redis.client();
-        let open = client.get_multiplexed_async_connection_with_config(&config);
-        // redis-rs's own connection time-out does not cover every step (redis-rs #1953).
-        let c = tokio::time::timeout(self.opts.retry * 2, open)
-            .await
-            .map_err(|_| StepError::Timeout)??;
+        let (c, target) = self
+            .redis
+            .dedicated(self.opts.retry, self.opts.block + self.opts.command_timeout)
+            .await?;
         self.conn = Some(c.clone());
         self.conn_target = Some(target);
         Ok(c)

@@ -349,12 +349,12 @@ impl ReadThrough {
         updated.variants.push(of.hash);
         let mut entry = of.marker.clone();
         entry.vary = Some(Arc::new(updated));
-        let Some(base) = ctx.key.rsplit_once(":vary-").map(|(base, _)| base) else {
+        let Some(base) = self.keys.variant_base(&ctx.key) else {
             return;
         };
         let retention = Duration::from_secs(entry.ttl_secs)
             .saturating_add(Duration::from_millis(entry.stale_ms));
-        let _ = self.store.put(base, &entry, &ctx.deps, retention).await;
+        let _ = self.store.put(&base, &entry, &ctx.deps, retention).await;
     }
 
     /// The entry for the origin's answer `resp`: tagged with its runs, stamped with what was

@@ -315,7 +315,10 @@ impl Invalidation {
     /// entries of one version, tag sets or fetch locks. Nothing else of the keyspace (the
     /// version, the marker, the registry, counters) can be deleted this way.
     pub fn is_within(&self, prefix: &str) -> bool {
-        let key_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':');
+        // `{` and `}`: the hash tags of a cluster keyspace.
+        let key_byte = |b: u8| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':' | b'{' | b'}')
+        };
         let rest = |k: &str, glob: bool| -> Option<String> {
             let ok = k.len() <= 1024
                 && k.bytes()
@@ -437,6 +440,8 @@ pub trait Shared: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// Deletes the keys matching `pattern` in Redis (cleanup of an old version).
     async fn purge(&self, pattern: &str) -> Result<u64, StoreError>;
+    /// Counts the entries matching `pattern` in the tier in use (SCAN in batches on Redis).
+    async fn count_matching(&self, pattern: &str) -> Result<u64, StoreError>;
     /// Empties every copy of entries held in process, here and on every other instance
     /// (near caches; this instance's memory tier).
     async fn flush_copies(&self);

@@ -137,6 +137,20 @@ async fn clear_by_glob_counts_and_never_touches_other_keys() {
     app.get("/api/v1/models/train/1/feature-importance").await;
     app.compare(json!(["1", "2"])).await;
 
+    // A dry run counts what a clear would delete, and deletes nothing.
+    let resp = app
+        .admin(
+            Method::DELETE,
+            "/cache/clear?pattern=model:metrics:*&dry_run=true",
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.json::<Value>().await.expect("json");
+    assert_eq!(body["deleted_count"], 2, "{body}");
+    assert_eq!(body["pattern"], "model:metrics:*");
+    assert_eq!(header(&app.metrics("1").await, "x-cache"), "HIT");
+
     let resp = app
         .admin(Method::DELETE, "/cache/clear?pattern=model:metrics:*", None)
         .await;

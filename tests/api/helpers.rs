@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 #[allow(dead_code)]
 #[path = "../support/redis.rs"]
 mod redis_server;
-pub use redis_server::{TestRedis, TestSentinels, free_port};
+pub use redis_server::{TestCluster, TestRedis, TestSentinels, free_port};
 
 pub const TOKEN: &str = "test-admin-token";
 
@@ -718,4 +718,56 @@ pub async fn two_public_instances(redis: &TestRedis) -> (TestApp, TestApp) {
     settings.cache.prefix = a.prefix.clone();
     let b = spawn_with_settings(settings, a.origin.clone()).await;
     (a, b)
+}
+
+/// Reads the metrics of `runs` in turn through `app` until `stop`, one request at a time,
+/// recording each (a failover under load).
+pub fn load(
+    app: &TestApp,
+    runs: &'static [&'static str],
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Sample>> {
+    let client = app.client.clone();
+    let base = app.address.clone();
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let run = runs[(i % runs.len() as u64) as usize];
+            i += 1;
+            let started = Instant::now();
+            let resp = client
+                .get(format!("{base}/api/v1/models/train/{run}/metrics"))
+                .send()
+                .await;
+            let (status, detail, revision) = match resp {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let detail = header(&r, "cache-status").to_owned();
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    (status, detail, body["revision"].clone())
+                }
+                Err(_) => (0, String::new(), Value::Null),
+            };
+            out.push(Sample {
+                run,
+                started,
+                took: started.elapsed(),
+                status,
+                detail,
+                revision,
+            });
+        }
+        out
+    })
+}
+
+/// One request of [`load`].
+pub struct Sample {
+    pub run: &'static str,
+    pub started: Instant,
+    pub took: Duration,
+    pub status: u16,
+    pub detail: String,
+    pub revision: Value,
 }

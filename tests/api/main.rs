@@ -3,6 +3,7 @@
 
 mod access;
 mod admin;
+mod cluster;
 mod edges;
 mod events;
 mod fallback;

@@ -10,7 +10,7 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, TestSentinels, closed_redis_url, header, spawn_app_with, spawn_with_settings,
+    TestApp, TestSentinels, closed_redis_url, header, load, spawn_app_with, spawn_with_settings,
     test_settings, wait_for,
 };
 
@@ -80,51 +80,6 @@ async fn views_events_and_clears_go_to_the_master_the_sentinels_name() {
 
 /// Reads runs 1 and 2 over and over until `stop`; returns what each read got, with when it
 /// started and how long it took.
-fn load(app: &TestApp, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Sample>> {
-    let client = app.client.clone();
-    let base = app.address.clone();
-    tokio::spawn(async move {
-        let mut out = Vec::new();
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let run = if i.is_multiple_of(2) { "1" } else { "2" };
-            i += 1;
-            let started = Instant::now();
-            let resp = client
-                .get(format!("{base}/api/v1/models/train/{run}/metrics"))
-                .send()
-                .await;
-            let (status, detail, revision) = match resp {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let detail = header(&r, "cache-status").to_owned();
-                    let body: Value = r.json().await.unwrap_or(Value::Null);
-                    (status, detail, body["revision"].clone())
-                }
-                Err(_) => (0, String::new(), Value::Null),
-            };
-            out.push(Sample {
-                run,
-                started,
-                took: started.elapsed(),
-                status,
-                detail,
-                revision,
-            });
-        }
-        out
-    })
-}
-
-struct Sample {
-    run: &'static str,
-    started: Instant,
-    took: Duration,
-    status: u16,
-    detail: String,
-    revision: Value,
-}
-
 #[tokio::test]
 async fn a_failover_under_load_fails_no_request_and_serves_nothing_invalidated() {
     let mut s = TestSentinels::start().await;
@@ -141,7 +96,7 @@ async fn a_failover_under_load_fails_no_request_and_serves_nothing_invalidated()
         .expect("WAIT");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let loader = load(&app, stop.clone());
+    let loader = load(&app, &["1", "2"], stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed = Instant::now();
     s.master.kill();

@@ -34,10 +34,15 @@ impl TestRedis {
 
     /// Like [`TestRedis::start`], with `extra` arguments (`["--replicaof", "127.0.0.1 6400"]`).
     pub async fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra).await
+    }
+
+    /// Like [`TestRedis::start_with`], on `port`.
+    pub async fn start_on(port: u16, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("runcache-test-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut redis = Self {
-            port: free_port(),
+            port,
             dir,
             child: None,
             extra: extra.iter().map(|a| (*a).to_owned()).collect(),
@@ -386,5 +391,135 @@ impl Drop for TestSentinels {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && StdListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A real Redis Cluster: `primaries` primaries with `replicas` replicas each, every node a
+/// [`TestRedis`] (`--cluster-enabled yes`, node time-out 1 s), formed with `redis-cli
+/// --cluster create` and ready once every node reports `cluster_state:ok` and every replica is
+/// in sync. Killed on drop.
+pub struct TestCluster {
+    pub nodes: Vec<TestRedis>,
+}
+
+impl TestCluster {
+    pub async fn start(primaries: usize, replicas: usize) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..primaries * (1 + replicas) {
+            let node = TestRedis::start_on(
+                free_cluster_port(),
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ],
+            )
+            .await;
+            nodes.push(node);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create (apt-get install -y redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_ok(primaries, replicas).await;
+        cluster
+    }
+
+    /// Waits until every running node says the cluster is ok, `primaries` primaries hold
+    /// every slot and each has `replicas` replicas in sync.
+    pub async fn wait_ok(&self, primaries: usize, replicas: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                let info: String = node.cmd(&["CLUSTER", "INFO"]).await.unwrap_or_default();
+                ok &= info.contains("cluster_state:ok");
+                let role: String = node.cmd(&["INFO", "replication"]).await.unwrap_or_default();
+                if role.contains("role:slave") {
+                    ok &= role.contains("master_link_status:up");
+                }
+            }
+            ok &= self.primary_ports().await.len() == primaries;
+            let running = self.nodes.iter().filter(|n| n.is_running()).count();
+            ok &= running >= primaries * (1 + replicas);
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not settle within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `redis://127.0.0.1:{port}` of every node (the seeds).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(TestRedis::url).collect()
+    }
+
+    /// The ports of the primaries that hold slots, as a running node sees them.
+    pub async fn primary_ports(&self) -> Vec<u16> {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let Ok(text) = node.cmd::<String>(&["CLUSTER", "NODES"]).await else {
+                continue;
+            };
+            let mut ports: Vec<u16> = text
+                .lines()
+                .filter_map(|line| {
+                    let f: Vec<&str> = line.split(' ').collect();
+                    let master = f.get(2)?.split(',').any(|flag| flag == "master");
+                    let failed = f.get(2)?.contains("fail");
+                    let has_slots = f.len() > 8;
+                    let port = f.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                    (master && !failed && has_slots).then_some(port)
+                })
+                .collect();
+            ports.sort_unstable();
+            return ports;
+        }
+        Vec::new()
+    }
+
+    /// The node on `port`.
+    pub fn node(&mut self, port: u16) -> &mut TestRedis {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster")
+    }
+
+    /// Every key matching `pattern` on the node on `port` (KEYS: test servers are small).
+    pub async fn keys_on(&self, port: u16, pattern: &str) -> Vec<String> {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("node");
+        node.keys(pattern).await
     }
 }

@@ -129,6 +129,14 @@ impl Bus {
         .unwrap_or_default();
         let confirmed = match store.redis().publish(&self.channel, &payload).await {
             Ok(receivers) => {
+                // On a cluster PUBLISH counts the subscribers of the node it ran on only:
+                // every instance known is waited for (one not subscribed is then told
+                // directly after the wait, as any that did not confirm).
+                let receivers = if store.redis().is_cluster() {
+                    receivers.max(store.peers().count() as u64 + 1)
+                } else {
+                    receivers
+                };
                 let wait = async {
                     loop {
                         let notified = waiter.notify.notified();
@@ -215,7 +223,11 @@ impl Bus {
         let mut was_live = false;
         loop {
             let subscribe = async {
-                let mut pubsub = store.redis().client().get_async_pubsub().await?;
+                let client = store
+                    .redis()
+                    .pubsub_client()
+                    .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
+                let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&self.channel).await?;
                 pubsub.subscribe(&self.ack_channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)

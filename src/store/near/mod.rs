@@ -241,6 +241,10 @@ impl Shared for NearStore {
         self.inner.purge(pattern).await
     }
 
+    async fn count_matching(&self, pattern: &str) -> Result<u64, StoreError> {
+        self.inner.count_matching(pattern).await
+    }
+
     async fn flush_copies(&self) {
         self.inner.memory().clear();
         self.flush_everywhere().await;

@@ -8,41 +8,53 @@ use bytes::Bytes;
 use super::link::{classify, is_connection_error};
 use super::{RedisStore, counter_of};
 use crate::domain::policy::now_ms;
+use crate::store::keyspace::hash_part;
 use crate::store::{CacheEntry, Deps, Invalidation, Lookup, Stamp, StoreError};
 
-/// Writes an entry only if the counters it depends on, and the clear sequence, still hold
-/// the values its stamp read. KEYS: the entry, the `n` counters, the clear sequence, then the
-/// tag sets. ARGV: `n`, the `n` expected values, the expected sequence, the encoded entry, its
-/// life in ms, the tag sets' life in seconds. A tag set lives as long as its longest-lived
-/// member: NX gives a new set a TTL, GT extends an existing one (GT alone treats "no TTL" as
-/// infinite).
+/// Writes an entry only if the counters it is checked against still hold the values its
+/// stamp read. KEYS: the entry, the `n` checked counters, then the tag sets. ARGV: `n`, the `n`
+/// expected values, the encoded entry, its life in ms, the tag sets' life in seconds. A tag set
+/// lives as long as its longest-lived member: NX gives a new set a TTL, GT extends an existing
+/// one (GT alone treats "no TTL" as infinite).
+///
+/// On one Redis the checked counters are every counter the entry depends on and the clear
+/// sequence. On a cluster a script runs over one slot: they are those of the entry's slot (its
+/// run's counter), and the tag sets of other slots are added to afterwards; a read checks
+/// every counter, the view's clear sequence included, so nothing stored behind an
+/// invalidation is served.
 const PUT: &str = r"
 local n = tonumber(ARGV[1])
-for i = 1, n + 1 do
+for i = 1, n do
   local v = tonumber(redis.call('GET', KEYS[1 + i])) or 0
   if v ~= tonumber(ARGV[1 + i]) then return 0 end
 end
-redis.call('SET', KEYS[1], ARGV[n + 3], 'PX', ARGV[n + 4])
-for i = n + 3, #KEYS do
+redis.call('SET', KEYS[1], ARGV[n + 2], 'PX', ARGV[n + 3])
+for i = n + 2, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[1])
-  redis.call('EXPIRE', KEYS[i], ARGV[n + 5], 'NX')
-  redis.call('EXPIRE', KEYS[i], ARGV[n + 5], 'GT')
+  redis.call('EXPIRE', KEYS[i], ARGV[n + 4], 'NX')
+  redis.call('EXPIRE', KEYS[i], ARGV[n + 4], 'GT')
 end
 return 1
 ";
+
+/// `GET key` as a command of a grouped batch.
+fn get(key: &str) -> (&str, redis::Cmd) {
+    let mut cmd = redis::cmd("GET");
+    cmd.arg(key);
+    (key, cmd)
+}
 
 impl RedisStore {
     /// Reads an entry and the current stamp of `deps` in one round trip. The entry's store
     /// time is taken from the key's remaining life, so an entry whose life an unchanged
     /// refresh extended (without rewriting it) counts as fresh again.
     pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
-        for dep in deps.counters() {
-            pipe.cmd("GET").arg(dep);
-        }
-        pipe.cmd("GET").arg(deps.clears_key());
-        let (replies, source): (Vec<redis::Value>, _) = self.run_pipe(pipe).await?;
+        let mut pttl = redis::cmd("PTTL");
+        pttl.arg(key);
+        let mut cmds = vec![get(key), (key, pttl)];
+        cmds.extend(deps.counters().iter().map(|dep| get(dep)));
+        cmds.push(get(deps.clears_key()));
+        let (replies, source) = self.run_each(cmds).await?;
         let [raw, pttl, counters @ .., clears] = replies.as_slice() else {
             return Err(StoreError::Command("short pipeline reply".into()));
         };
@@ -73,12 +85,9 @@ impl RedisStore {
 
     /// The current stamp of `deps`.
     pub async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
-        let mut pipe = redis::pipe();
-        for dep in deps.counters() {
-            pipe.cmd("GET").arg(dep);
-        }
-        pipe.cmd("GET").arg(deps.clears_key());
-        let (replies, source): (Vec<redis::Value>, _) = self.run_pipe(pipe).await?;
+        let mut cmds: Vec<_> = deps.counters().iter().map(|dep| get(dep)).collect();
+        cmds.push(get(deps.clears_key()));
+        let (replies, source) = self.run_each(cmds).await?;
         let Some((clears, counters)) = replies.split_last() else {
             return Err(StoreError::Command("short pipeline reply".into()));
         };
@@ -102,18 +111,33 @@ impl RedisStore {
         if stamp.counters().len() != deps.counters().len() {
             return Ok(false);
         }
+        // What the script checks and tags: everything, or on a cluster what shares the
+        // entry's slot.
+        let slot = hash_part(key);
+        let local = |k: &str| !self.keys.is_clustered() || hash_part(k) == slot;
+        let mut checked: Vec<(&str, u64)> = deps
+            .counters()
+            .iter()
+            .map(String::as_str)
+            .zip(stamp.counters().iter().copied())
+            .filter(|(k, _)| local(k))
+            .collect();
+        if !self.keys.is_clustered() {
+            checked.push((deps.clears_key(), stamp.clears()));
+        }
+        let (tags, elsewhere): (Vec<&String>, Vec<&String>) =
+            entry.tags.iter().partition(|t| local(t));
         // Sent whole (`EVAL`): one round trip whatever Redis's script cache holds.
         let mut call = redis::cmd("EVAL");
-        call.arg(PUT)
-            .arg(2 + deps.counters().len() + entry.tags.len())
-            .arg(key)
-            .arg(deps.counters())
-            .arg(deps.clears_key())
-            .arg(&entry.tags)
-            .arg(stamp.counters().len())
-            .arg(stamp.counters())
-            .arg(stamp.clears())
-            .arg(entry.encode().as_ref())
+        call.arg(PUT).arg(1 + checked.len() + tags.len()).arg(key);
+        for (counter, _) in &checked {
+            call.arg(*counter);
+        }
+        call.arg(&tags).arg(checked.len());
+        for (_, value) in &checked {
+            call.arg(*value);
+        }
+        call.arg(entry.encode().as_ref())
             .arg(retention.as_millis().max(1) as u64)
             .arg(retention.as_secs().max(1));
         let conn = self.link.conn().await?;
@@ -122,16 +146,34 @@ impl RedisStore {
             return Ok(false);
         }
         let mut c = conn.conn.clone();
-        match tokio::time::timeout(self.timeout, call.query_async::<i64>(&mut c)).await {
-            Ok(Ok(stored)) => Ok(stored == 1),
+        let stored = match tokio::time::timeout(self.timeout, call.query_async::<i64>(&mut c)).await
+        {
+            Ok(Ok(stored)) => stored == 1,
             Ok(Err(e)) => {
                 if is_connection_error(&e) {
                     self.link.broken(&conn);
                 }
-                Err(classify(e))
+                return Err(classify(e));
             }
-            Err(_) => Err(StoreError::Unavailable("redis write timed out".into())),
+            Err(_) => return Err(StoreError::Unavailable("redis write timed out".into())),
+        };
+        if stored && !elsewhere.is_empty() {
+            // Tag sets of other slots (a comparison's runs): only for deleting it with a run;
+            // a read checks the runs' counters whether or not these were added.
+            let secs = retention.as_secs().max(1);
+            let mut cmds = Vec::with_capacity(elsewhere.len() * 3);
+            for tag in &elsewhere {
+                let mut add = redis::cmd("SADD");
+                add.arg(tag.as_str()).arg(key);
+                let mut nx = redis::cmd("EXPIRE");
+                nx.arg(tag.as_str()).arg(secs).arg("NX");
+                let mut gt = redis::cmd("EXPIRE");
+                gt.arg(tag.as_str()).arg(secs).arg("GT");
+                cmds.extend([(tag.as_str(), add), (tag.as_str(), nx), (tag.as_str(), gt)]);
+            }
+            self.run_each(cmds).await?;
         }
+        Ok(stored)
     }
 
     /// Extends the life of `key`; returns whether it existed.
@@ -148,18 +190,18 @@ impl RedisStore {
     pub async fn apply(&self, inv: &Invalidation) -> Result<(u64, bool), StoreError> {
         let mut replicated = true;
         if !inv.bump.is_empty() {
-            let mut pipe = redis::pipe();
+            let mut cmds = Vec::with_capacity(inv.bump.len() * 2);
             for counter in &inv.bump {
-                pipe.cmd("INCR").arg(counter).ignore();
-                pipe.cmd("EXPIRE")
-                    .arg(counter)
-                    .arg(self.gen_ttl_secs)
-                    .ignore();
+                let mut incr = redis::cmd("INCR");
+                incr.arg(counter);
+                let mut expire = redis::cmd("EXPIRE");
+                expire.arg(counter).arg(self.gen_ttl_secs);
+                cmds.extend([(counter.as_str(), incr), (counter.as_str(), expire)]);
             }
-            if self.sentinels.is_some() {
-                replicated = self.bump_replicated(pipe).await?;
+            if self.sentinels.is_some() || self.cluster.is_some() {
+                replicated = self.bump_replicated(cmds).await?;
             } else {
-                self.run_pipe::<()>(pipe).await?;
+                self.run_each(cmds).await?;
             }
         }
         let mut dropped = self.unlink_each(&inv.delete).await?;
@@ -185,34 +227,77 @@ impl RedisStore {
         Ok((dropped, replicated))
     }
 
-    /// Sentinel mode: runs the counter bumps, then `WAIT 1`, on a connection of their own
-    /// (`WAIT` counts the writes of its connection, and would hold up whatever is multiplexed
-    /// behind it). A master that no replica confirms within the command time-out may be the
-    /// old master of a failover, still taking writes that the new one will never see: the
-    /// caller then tells the other instances directly. With no admin connection free, the
-    /// bumps go over the request path's connection and count as unconfirmed.
-    async fn bump_replicated(&self, pipe: redis::Pipeline) -> Result<bool, StoreError> {
-        let Ok(mut conn) = self.admin_conn().await else {
-            self.run_pipe::<()>(pipe).await?;
-            return Ok(false);
-        };
+    /// Sentinel and cluster modes: runs the counter bumps, then `WAIT 1`, on a connection of
+    /// their own (`WAIT` counts the writes of its connection, and would hold up whatever is
+    /// multiplexed behind it); on a cluster, bumps and `WAIT` per slot, on the admin connection.
+    /// A master that no replica confirms within the command time-out may be the old master of
+    /// a failover, still taking writes that the new one will never see: the caller then tells
+    /// the other instances directly. With no admin connection free, the bumps go over the
+    /// request path's connection and count as unconfirmed.
+    async fn bump_replicated(&self, cmds: Vec<(&str, redis::Cmd)>) -> Result<bool, StoreError> {
         let wait_ms = u64::try_from(self.timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
+        let wait = || {
+            let mut cmd = redis::cmd("WAIT");
+            cmd.arg(1).arg(wait_ms);
+            cmd
+        };
+        let limit = self.timeout * 2 + self.timeout;
+        let timed_out = || StoreError::Unavailable("redis invalidation timed out".into());
+        if self.cluster.is_some() {
+            let Ok(Some(admin)) = self.cluster_admin().await else {
+                self.run_each(cmds).await?;
+                return Ok(false);
+            };
+            let mut groups: Vec<(&str, redis::Pipeline)> = Vec::new();
+            for (key, cmd) in cmds {
+                let tag = hash_part(key);
+                match groups.iter_mut().find(|(t, _)| *t == tag) {
+                    Some((_, pipe)) => {
+                        pipe.add_command(cmd);
+                    }
+                    None => {
+                        let mut pipe = redis::pipe();
+                        pipe.add_command(cmd);
+                        groups.push((tag, pipe));
+                    }
+                }
+            }
+            // `WAIT` has no key: in a pipeline it goes to the node of the pipeline's keys.
+            let sent = groups.into_iter().map(|(_, mut pipe)| {
+                let mut conn = admin.clone();
+                pipe.add_command(wait());
+                async move {
+                    let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+                    Ok::<_, redis::RedisError>(
+                        matches!(replies.last(), Some(redis::Value::Int(n)) if *n >= 1),
+                    )
+                }
+            });
+            return match tokio::time::timeout(limit, futures_util::future::try_join_all(sent)).await
+            {
+                Ok(Ok(confirmed)) => Ok(confirmed.into_iter().all(|c| c)),
+                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(timed_out()),
+            };
+        }
+        let Ok(mut conn) = self.admin_conn().await else {
+            self.run_each(cmds).await?;
+            return Ok(false);
+        };
+        let mut pipe = redis::pipe();
+        for (_, cmd) in cmds {
+            pipe.add_command(cmd).ignore();
+        }
         let work = async {
             pipe.query_async::<()>(&mut *conn).await?;
-            redis::cmd("WAIT")
-                .arg(1)
-                .arg(wait_ms)
-                .query_async::<i64>(&mut *conn)
-                .await
+            wait().query_async::<i64>(&mut *conn).await
         };
-        match tokio::time::timeout(self.timeout * 2 + self.timeout, work).await {
+        match tokio::time::timeout(limit, work).await {
             Ok(Ok(replicas)) => Ok(replicas >= 1),
             Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(StoreError::Unavailable(
-                "redis invalidation timed out".into(),
-            )),
+            Err(_) => Err(timed_out()),
         }
     }
 

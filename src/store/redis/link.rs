@@ -16,15 +16,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError};
 
+use super::cluster::{Handle, Seeds};
 use super::sentinel::{Sentinels, is_master};
 use crate::store::StoreError;
 
 /// One open, checked connection.
 pub(crate) struct Conn {
-    pub(crate) conn: MultiplexedConnection,
+    pub(crate) conn: Handle,
     /// The incarnation of the Redis process it is connected to.
     pub(crate) incarnation: u64,
     /// That process's `run_id`.
@@ -46,7 +46,11 @@ pub(crate) struct Link {
     client: ArcSwap<redis::Client>,
     /// In sentinel mode, who names the master.
     sentinels: Option<Arc<Sentinels>>,
+    /// In cluster mode, the seed nodes (the connection is to the whole cluster; its
+    /// "`run_id`" is the identity of its primaries, see [`super::cluster::ClusterFacts`]).
+    cluster: Option<Arc<Seeds>>,
     config: AsyncConnectionConfig,
+    command_timeout: Duration,
     connect_timeout: Duration,
     marker_key: String,
     current: ArcSwapOption<Conn>,
@@ -72,15 +76,39 @@ fn older_than_7(redis_version: &str) -> bool {
         .is_some_and(|major| major < 7)
 }
 
+/// Why a server (or a cluster's primaries) is not used: older than 7.0, or evicting (its
+/// policy named). An evicting Redis may drop the counters that make invalidated entries
+/// unservable (they carry a TTL, so `volatile-*` policies may pick them too), which would
+/// revive what they invalidated; an older one lacks commands the store relies on.
+fn refusal(version: &str, evicting: Option<&str>) -> Option<String> {
+    if older_than_7(version) {
+        Some(format!(
+            "redis {version} is older than 7.0, which runcache needs (SET … NX GET, EXPIRE … NX/GT): not using it"
+        ))
+    } else {
+        evicting.map(|policy| format!(
+            "redis maxmemory-policy {policy} may evict keys, runcache's invalidation counters among them: not using it; set maxmemory-policy noeviction (or no maxmemory)"
+        ))
+    }
+}
+
 /// Whether `e` means the connection itself is gone (as opposed to one failed command).
 pub(crate) fn is_connection_error(e: &RedisError) -> bool {
     // A replica (a master demoted by a failover) refuses writes: the connection is to the
     // wrong server, and the next one goes to the master the sentinels name.
+    // On a cluster: slots moving, a failover under way, or a node the client cannot reach
+    // (its retries spent). The next connection reads the new topology, and checks it.
     let wrong_server = matches!(
         e.kind(),
         redis::ErrorKind::Server(
-            redis::ServerErrorKind::ReadOnly | redis::ServerErrorKind::MasterDown
-        )
+            redis::ServerErrorKind::ReadOnly
+                | redis::ServerErrorKind::MasterDown
+                | redis::ServerErrorKind::Moved
+                | redis::ServerErrorKind::Ask
+                | redis::ServerErrorKind::TryAgain
+                | redis::ServerErrorKind::ClusterDown
+                | redis::ServerErrorKind::BusyLoading
+        ) | redis::ErrorKind::ClusterConnectionNotFound
     );
     wrong_server
         || e.is_io_error()
@@ -107,6 +135,7 @@ impl Link {
     pub(crate) fn new(
         client: redis::Client,
         sentinels: Option<Arc<Sentinels>>,
+        cluster: Option<Arc<Seeds>>,
         connect_timeout: Duration,
         command_timeout: Duration,
         marker_key: String,
@@ -117,7 +146,9 @@ impl Link {
         Self {
             client: ArcSwap::from_pointee(client),
             sentinels,
+            cluster,
             config,
+            command_timeout,
             connect_timeout,
             marker_key,
             current: ArcSwapOption::empty(),
@@ -146,10 +177,24 @@ impl Link {
     /// In sentinel mode, drops the open connection if its server is no longer a master (a
     /// failover the watcher missed). Nothing to do otherwise, or with no connection open.
     pub(crate) async fn check_master(&self) {
-        let Some(sentinels) = &self.sentinels else {
+        let Some(c) = self.current.load_full() else {
             return;
         };
-        let Some(c) = self.current.load_full() else {
+        if let Handle::Cluster(conn) = &c.conn {
+            // A primary restarted or replaced (a failover) since this connection was opened:
+            // the next connection takes the cluster for restored (see `conn`).
+            let mut conn = conn.clone();
+            let facts =
+                tokio::time::timeout(self.connect_timeout, super::cluster::facts(&mut conn)).await;
+            if let Ok(Ok(facts)) = facts
+                && facts.identity != c.run_id
+            {
+                tracing::warn!("a primary of the redis cluster changed; reconnecting");
+                self.broken(&c);
+            }
+            return;
+        }
+        let Some(sentinels) = &self.sentinels else {
             return;
         };
         // The sentinels' newest configuration names another master: a failover the watcher
@@ -221,6 +266,20 @@ impl Link {
                     self.client.store(Arc::new(client));
                 }
             }
+            if let Some(seeds) = &self.cluster {
+                let mut cluster = seeds
+                    .connect(self.connect_timeout, self.command_timeout)
+                    .await?;
+                let facts = super::cluster::facts(&mut cluster).await?;
+                let refusal = refusal(&facts.oldest_version, facts.evicting.as_deref());
+                let mut conn = Handle::Cluster(cluster);
+                if refusal.is_some() {
+                    return Ok::<_, RedisError>((conn, facts.identity, false, refusal));
+                }
+                let before = self.set_marker_nx_get(&mut conn, &facts.identity).await?;
+                let fresh = before.is_none_or(|b| b == facts.identity);
+                return Ok((conn, facts.identity, fresh, None));
+            }
             let client = self.client.load_full();
             let mut conn = client
                 .get_multiplexed_async_connection_with_config(&self.config)
@@ -247,38 +306,17 @@ impl Link {
             let run_id = field("run_id");
             // Eviction happens only with a memory limit (0: none) and a policy other than
             // `noeviction`.
-            let evicting = field("maxmemory") != "0" && field("maxmemory_policy") != "noeviction";
-            let version = field("redis_version");
-            let too_old = older_than_7(&version);
-            // An evicting Redis may drop the counters that make invalidated entries
-            // unservable (they carry a TTL, so `volatile-*` policies may pick them too),
-            // which would revive what they invalidated; an older one lacks commands the
-            // store relies on. Neither is used at all.
-            let refusal = if too_old {
-                Some(format!(
-                    "redis {version} is older than 7.0, which runcache needs (SET … NX GET, EXPIRE … NX/GT): not using it"
-                ))
-            } else if evicting {
-                Some(format!(
-                    "redis maxmemory-policy {} may evict keys, runcache's invalidation counters among them: not using it; set maxmemory-policy noeviction (or no maxmemory)",
-                    field("maxmemory_policy")
-                ))
-            } else {
-                None
-            };
+            let policy = field("maxmemory_policy");
+            let evicting = (field("maxmemory") != "0" && policy != "noeviction").then_some(policy);
+            let refusal = refusal(&field("redis_version"), evicting.as_deref());
+            let mut conn = Handle::Single(conn);
             if refusal.is_some() {
                 return Ok::<_, RedisError>((conn, run_id, false, refusal));
             }
             // The marker holds the run_id of the process it was written in. Absent, or this
             // process's: everything here was written since it started. Another process's: it
             // was loaded from a snapshot, with whatever else that snapshot held.
-            let before: Option<String> = redis::cmd("SET")
-                .arg(&self.marker_key)
-                .arg(&run_id)
-                .arg("NX")
-                .arg("GET")
-                .query_async(&mut conn)
-                .await?;
+            let before = self.set_marker_nx_get(&mut conn, &run_id).await?;
             // Without a run_id nothing tells a restart apart from a reconnection: every new
             // connection is then taken for a restore.
             let fresh = !run_id.is_empty() && before.is_none_or(|b| b == run_id);
@@ -341,6 +379,21 @@ impl Link {
             ));
         }
         Ok(c)
+    }
+
+    /// `SET marker run_id NX GET`: what the marker held before, if anything.
+    async fn set_marker_nx_get(
+        &self,
+        conn: &mut Handle,
+        run_id: &str,
+    ) -> Result<Option<String>, RedisError> {
+        redis::cmd("SET")
+            .arg(&self.marker_key)
+            .arg(run_id)
+            .arg("NX")
+            .arg("GET")
+            .query_async(conn)
+            .await
     }
 
     /// Writes this process's `run_id` into the marker (after a restored Redis has been made

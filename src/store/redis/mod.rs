@@ -4,6 +4,7 @@
 //! behind, or ahead of, request traffic. Every command names one key, except the conditional
 //! write, whose keys are one entry and the counters it depends on.
 
+pub mod cluster;
 mod data;
 pub mod link;
 pub mod sentinel;
@@ -14,8 +15,10 @@ use std::time::Duration;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::AsyncConnectionConfig;
 
+use self::cluster::{Handle, Seeds};
 use self::link::{Conn, Link, Restart, classify, is_connection_error};
 use self::sentinel::{SentinelOptions, Sentinels};
+use super::keyspace::hash_part;
 use super::{Keyspace, Source, StoreError, Tier};
 use crate::domain::policy::now_ms;
 
@@ -45,6 +48,8 @@ pub struct RedisOptions {
     /// Sentinel mode: the master is the one these sentinels name (`url` then gives only the
     /// credentials, TLS and database).
     pub sentinel: Option<SentinelOptions>,
+    /// Cluster mode: the seed nodes (`url` is then not used).
+    pub cluster_urls: Option<Vec<String>>,
 }
 
 /// Figures from Redis `INFO` shown in `/cache/stats`.
@@ -68,6 +73,10 @@ pub struct RedisStore {
     pool: Arc<arc_swap::ArcSwap<(String, Pool)>>,
     pool_opts: PoolOptions,
     sentinels: Option<Arc<Sentinels>>,
+    /// Cluster mode: the seeds, and the admin work's own connection (opened when first
+    /// needed; SCAN, INFO and replicated bumps, with the admin time-out).
+    cluster: Option<Arc<Seeds>>,
+    cluster_admin: Arc<tokio::sync::Mutex<Option<redis::cluster_async::ClusterConnection>>>,
     keys: Keyspace,
     timeout: Duration,
     scan_batch: usize,
@@ -127,6 +136,14 @@ fn parse_counter(raw: Option<&[u8]>) -> u64 {
         .unwrap_or(0)
 }
 
+/// An integer reply (an `UNLINK` count); anything else counts as 0.
+fn counter_of_int(value: &redis::Value) -> u64 {
+    match value {
+        redis::Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+        other => counter_of(other),
+    }
+}
+
 fn counter_of(value: &redis::Value) -> u64 {
     let raw: Option<Vec<u8>> = redis::from_redis_value_ref(value).ok().flatten();
     parse_counter(raw.as_deref())
@@ -155,9 +172,14 @@ impl RedisStore {
             )?)),
             None => None,
         };
+        let cluster = opts
+            .cluster_urls
+            .clone()
+            .map(|urls| Arc::new(Seeds::new(urls, opts.tls_roots.clone())));
         let link = Arc::new(Link::new(
             client.clone(),
             sentinels.clone(),
+            cluster.clone(),
             opts.connect_timeout,
             opts.command_timeout,
             keys.marker_key(),
@@ -177,6 +199,8 @@ impl RedisStore {
             pool: Arc::new(arc_swap::ArcSwap::from_pointee(pool)),
             pool_opts,
             sentinels,
+            cluster,
+            cluster_admin: Arc::default(),
             keys,
             timeout: opts.command_timeout,
             scan_batch: opts.scan_batch,
@@ -221,7 +245,7 @@ impl RedisStore {
     /// and the incarnation it ran against.
     async fn on_link<T, F, Fut>(&self, query: F) -> Result<(T, Source), StoreError>
     where
-        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        F: FnOnce(Handle) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.link.conn().await?;
@@ -254,6 +278,73 @@ impl RedisStore {
             .await
     }
 
+    /// Runs `cmds` (each given with the key it touches) and returns their replies in order:
+    /// one pipeline on one server; on a cluster, one pipeline per hash tag, all at once (a
+    /// cluster client refuses a pipeline that crosses slots).
+    async fn run_each(
+        &self,
+        cmds: Vec<(&str, redis::Cmd)>,
+    ) -> Result<(Vec<redis::Value>, Source), StoreError> {
+        if !self.keys.is_clustered() {
+            let mut pipe = redis::pipe();
+            for (_, cmd) in cmds {
+                pipe.add_command(cmd);
+            }
+            return self.run_pipe(pipe).await;
+        }
+        let total = cmds.len();
+        let mut groups: Vec<(&str, Vec<usize>, redis::Pipeline)> = Vec::new();
+        for (i, (key, cmd)) in cmds.into_iter().enumerate() {
+            let tag = hash_part(key);
+            let at = match groups.iter().position(|(t, _, _)| *t == tag) {
+                Some(at) => at,
+                None => {
+                    groups.push((tag, Vec::new(), redis::pipe()));
+                    groups.len() - 1
+                }
+            };
+            groups[at].1.push(i);
+            groups[at].2.add_command(cmd);
+        }
+        self.on_link(|conn| async move {
+            let sent = groups.into_iter().map(|(_, indices, pipe)| {
+                let mut conn = conn.clone();
+                async move {
+                    let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+                    Ok::<_, redis::RedisError>((indices, replies))
+                }
+            });
+            let mut out = vec![redis::Value::Nil; total];
+            for (indices, replies) in futures_util::future::try_join_all(sent).await? {
+                for (i, reply) in indices.into_iter().zip(replies) {
+                    out[i] = reply;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The cluster's admin connection (cluster mode only), opened when first needed. Its
+    /// failures are [`StoreError::Busy`], as the admin pool's are.
+    async fn cluster_admin(
+        &self,
+    ) -> Result<Option<redis::cluster_async::ClusterConnection>, StoreError> {
+        let Some(seeds) = &self.cluster else {
+            return Ok(None);
+        };
+        let mut held = self.cluster_admin.lock().await;
+        if let Some(c) = held.as_ref() {
+            return Ok(Some(c.clone()));
+        }
+        let conn = seeds
+            .connect(self.pool_opts.connect, self.pool_opts.response)
+            .await
+            .map_err(|e| StoreError::Busy(format!("redis cluster admin connection: {e}")))?;
+        *held = Some(conn.clone());
+        Ok(Some(conn))
+    }
+
     /// An admin connection. Its failures are [`StoreError::Busy`], whatever their cause: the
     /// request path's own connection decides whether Redis is down. It goes where the request
     /// path's goes: in sentinel mode, a master that moved gets a new pool.
@@ -275,9 +366,59 @@ impl RedisStore {
     }
 
     /// The client of the Redis in use (in sentinel mode, of the master named last), for
-    /// connections of their own (the near cache's subscription, the event stream).
+    /// connections of their own (the event stream outside cluster mode).
     pub fn client(&self) -> redis::Client {
         (*self.link.client()).clone()
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// A client to subscribe with: the Redis in use, or on a cluster a seed node, another one
+    /// at each call (a `PUBLISH` anywhere in a cluster reaches every node's subscribers).
+    pub fn pubsub_client(&self) -> Result<redis::Client, StoreError> {
+        match &self.cluster {
+            Some(seeds) => seeds.pubsub_client().map_err(classify),
+            None => Ok(self.client()),
+        }
+    }
+
+    /// A connection of its own whose commands time out after `response` (for blocking reads,
+    /// which would hold up every command multiplexed behind them), with where it goes (it is
+    /// opened again when that changes: the master moved). On a cluster, a cluster connection.
+    pub async fn dedicated(
+        &self,
+        connect: Duration,
+        response: Duration,
+    ) -> Result<(Handle, String), redis::RedisError> {
+        if let Some(seeds) = &self.cluster {
+            let conn = seeds.connect(connect, response).await?;
+            return Ok((Handle::Cluster(conn), "cluster".to_owned()));
+        }
+        let client = self.client();
+        let target = client.get_connection_info().addr().to_string();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect))
+            .set_response_timeout(Some(response));
+        let open = client.get_multiplexed_async_connection_with_config(&config);
+        // redis-rs's own connection time-out does not cover every step (redis-rs #1953).
+        match tokio::time::timeout(connect * 2, open).await {
+            Ok(conn) => Ok((Handle::Single(conn?), target)),
+            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "redis connect timed out",
+            ))),
+        }
+    }
+
+    /// Where a dedicated connection would go now (see [`RedisStore::dedicated`]).
+    pub fn dedicated_target(&self) -> String {
+        if self.cluster.is_some() {
+            return "cluster".to_owned();
+        }
+        self.client().get_connection_info().addr().to_string()
     }
 
     /// In sentinel mode: follows `+switch-master` announcements until `cancel`, dropping the
@@ -300,8 +441,23 @@ impl RedisStore {
         self.link.check_master().await;
     }
 
-    /// Checks that Redis answers (and, through the link, notices a restarted one).
+    /// Checks that Redis answers (and, through the link, notices a restarted one). On a
+    /// cluster, every primary must answer.
     pub async fn ping(&self) -> Result<(), StoreError> {
+        if self.cluster.is_some() {
+            return self
+                .on_link(|conn| async move {
+                    let Handle::Cluster(mut conn) = conn else {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::Client,
+                            "not a cluster connection",
+                        )));
+                    };
+                    cluster::on_primaries(&mut conn, redis::cmd("PING")).await
+                })
+                .await
+                .map(|_| ());
+        }
         let pong: String = self.run(redis::cmd("PING")).await?;
         if pong == "PONG" {
             Ok(())
@@ -402,6 +558,31 @@ impl RedisStore {
         F: FnMut(Vec<String>) -> Fut,
         Fut: Future<Output = Result<u64, StoreError>>,
     {
+        let busy = |e: redis::RedisError| StoreError::Busy(e.to_string());
+        if let Some(mut conn) = self.cluster_admin().await? {
+            // A SCAN through a cluster client sees one node: the cursor runs on each primary.
+            let mut total = 0;
+            for node in cluster::primaries(&mut conn).await.map_err(busy)? {
+                let mut cursor: u64 = 0;
+                let mut seen = 0;
+                loop {
+                    let (next, keys) =
+                        cluster::scan_node(&mut conn, &node, cursor, pattern, self.scan_batch)
+                            .await
+                            .map_err(busy)?;
+                    if !keys.is_empty() {
+                        seen += keys.len();
+                        total += each(keys).await?;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+                tracing::debug!(node = %node, pattern, matched = seen, "scanned a cluster primary");
+            }
+            return Ok(total);
+        }
         let mut conn = self.admin_conn().await?;
         let mut cursor: u64 = 0;
         let mut total = 0;
@@ -414,7 +595,7 @@ impl RedisStore {
                 .arg(self.scan_batch)
                 .query_async(&mut *conn)
                 .await
-                .map_err(|e| StoreError::Busy(e.to_string()))?;
+                .map_err(busy)?;
             if !keys.is_empty() {
                 total += each(keys).await?;
             }
@@ -430,12 +611,16 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("UNLINK").arg(key);
-        }
-        let (counts, _): (Vec<u64>, _) = self.run_pipe(pipe).await?;
-        Ok(counts.iter().sum())
+        let cmds = keys
+            .iter()
+            .map(|key| {
+                let mut cmd = redis::cmd("UNLINK");
+                cmd.arg(key);
+                (key.as_str(), cmd)
+            })
+            .collect();
+        let (counts, _) = self.run_each(cmds).await?;
+        Ok(counts.iter().map(counter_of_int).sum())
     }
 
     /// Deletes every key matching `pattern`, in SCAN batches; returns how many.
@@ -451,19 +636,35 @@ impl RedisStore {
     }
 
     /// `used_memory`, `keyspace_hits`, `keyspace_misses` and `evicted_keys` from `INFO`.
+    /// On a cluster, the sums over its primaries.
     pub async fn info(&self) -> Result<RedisInfo, StoreError> {
-        let mut conn = self.admin_conn().await?;
-        let text: String = redis::cmd("INFO")
-            .arg("memory")
-            .arg("stats")
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| StoreError::Busy(e.to_string()))?;
+        let busy = |e: redis::RedisError| StoreError::Busy(e.to_string());
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("memory").arg("stats");
+        let texts: Vec<String> = match self.cluster_admin().await? {
+            Some(mut conn) => cluster::on_primaries(&mut conn, cmd)
+                .await
+                .map_err(busy)?
+                .into_iter()
+                .map(|(_, v)| {
+                    redis::from_redis_value(v).map_err(|e| StoreError::Busy(e.to_string()))
+                })
+                .collect::<Result<_, _>>()?,
+            None => {
+                let mut conn = self.admin_conn().await?;
+                vec![cmd.query_async(&mut *conn).await.map_err(busy)?]
+            }
+        };
         let field = |name: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
+            texts
+                .iter()
+                .map(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                })
+                .sum()
         };
         Ok(RedisInfo {
             used_memory: field("used_memory"),

@@ -55,6 +55,14 @@ impl FallbackStore {
         self.redis.delete_matching(pattern).await
     }
 
+    /// Counts the entries matching `pattern` in the tier in use (never touches the circuit).
+    pub async fn count_matching(&self, pattern: &str) -> Result<u64, StoreError> {
+        if self.circuit.is_open() {
+            return Ok(self.memory.count_matching(pattern));
+        }
+        self.redis.count_matching(pattern).await
+    }
+
     /// Takes the cross-instance fetch lock (see [`crate::store::FetchLock`]).
     pub async fn try_lock(
         &self,

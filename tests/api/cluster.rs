@@ -1,0 +1,325 @@
+//! Redis Cluster (`redis.mode = "cluster"`): a real cluster of three primaries (with a
+//! replica each where a failover is provoked), formed with `redis-cli --cluster create`.
+//! Every view and admin route works against it, pattern clears reach every primary, and an
+//! event on one instance is seen by the others.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    TestApp, TestCluster, closed_redis_url, header, load, spawn_app_with, spawn_with_settings,
+    test_settings,
+};
+
+fn cluster_mode(cluster: &TestCluster) -> impl FnOnce(&mut runcache::config::Settings) {
+    let urls = cluster.urls();
+    move |s| {
+        s.redis.mode = "cluster".into();
+        s.redis.cluster_urls = urls.into_iter().map(SecretString::from).collect();
+        s.auth.frontend = "none".into();
+    }
+}
+
+async fn cluster_app(cluster: &TestCluster) -> TestApp {
+    spawn_app_with(None, cluster_mode(cluster)).await
+}
+
+/// Another instance of `first`'s deployment (its prefix and origin) on the same cluster.
+async fn another_instance(cluster: &TestCluster, first: &TestApp) -> TestApp {
+    let mut settings = test_settings(&first.origin.url, &closed_redis_url());
+    settings.cache.prefix = first.prefix.clone();
+    cluster_mode(cluster)(&mut settings);
+    spawn_with_settings(settings, first.origin.clone()).await
+}
+
+async fn x_cache(resp: reqwest::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let cache = header(&resp, "x-cache").to_owned();
+    let detail = header(&resp, "cache-status").to_owned();
+    (status, cache, detail)
+}
+
+async fn json_of(resp: reqwest::Response) -> Value {
+    resp.json().await.expect("json body")
+}
+
+#[tokio::test]
+async fn every_view_and_admin_route_works_against_a_cluster() {
+    let cluster = TestCluster::start(3, 0).await;
+    let app = cluster_app(&cluster).await;
+
+    let ready = json_of(app.get("/ready").await).await;
+    assert_eq!(ready["store"], "redis", "{ready}");
+
+    // The three views: a miss stored in the cluster, then a hit.
+    for path in [
+        "/api/v1/models/train/42/metrics",
+        "/api/v1/models/train/42/feature-importance?top_n=5",
+    ] {
+        let (status, cache, detail) = x_cache(app.get(path).await).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"), "{path}: {detail}");
+        assert!(detail.contains("stored"), "{path}: {detail}");
+        let (_, cache, _) = x_cache(app.get(path).await).await;
+        assert_eq!(cache, "HIT", "{path}");
+    }
+    let (status, cache, _) = x_cache(app.compare(json!([42, "43"])).await).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"));
+    let (_, cache, _) = x_cache(app.compare(json!(["43", 42])).await).await;
+    assert_eq!(cache, "HIT");
+
+    // An event drops the run's metrics, its feature importance and the comparison with it.
+    let resp = app.event("training-completed", json!(42)).await;
+    assert_eq!(resp.status(), 200);
+    assert!(json_of(resp).await["invalidated"].as_u64().unwrap_or(0) >= 3);
+    for path in [
+        "/api/v1/models/train/42/metrics",
+        "/api/v1/models/train/42/feature-importance?top_n=5",
+    ] {
+        let (_, cache, _) = x_cache(app.get(path).await).await;
+        assert_eq!(cache, "MISS", "{path} after the event");
+    }
+    let (_, cache, _) = x_cache(app.compare(json!([42, 43])).await).await;
+    assert_eq!(cache, "MISS", "the comparison after the event");
+
+    // Keys, namespaces and patterns.
+    let resp = app
+        .admin(
+            Method::POST,
+            "/cache/invalidate",
+            Some(json!({"keys": ["model:metrics:42"]})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let (_, cache, _) = x_cache(app.metrics("42").await).await;
+    assert_eq!(cache, "MISS", "after a keys invalidation");
+    let resp = app
+        .admin(
+            Method::POST,
+            "/cache/invalidate",
+            Some(json!({"namespace": "metrics"})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let (_, cache, _) = x_cache(app.metrics("42").await).await;
+    assert_eq!(cache, "MISS", "after a namespace invalidation");
+    let (_, cache, _) = x_cache(app.metrics("42").await).await;
+    assert_eq!(cache, "HIT");
+    let resp = app
+        .admin(
+            Method::DELETE,
+            "/cache/clear?pattern=model:metrics:4*&dry_run=true",
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json_of(resp).await["deleted_count"], 1);
+    let (_, cache, _) = x_cache(app.metrics("42").await).await;
+    assert_eq!(cache, "HIT", "a dry run deletes nothing");
+    let resp = app
+        .admin(
+            Method::DELETE,
+            "/cache/clear?pattern=model:metrics:4*",
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body = json_of(resp).await;
+    assert_eq!(body["deleted_count"], 1, "{body}");
+    assert_eq!(body["pattern"], "model:metrics:4*");
+    let (_, cache, _) = x_cache(app.metrics("42").await).await;
+    assert_eq!(cache, "MISS", "after the clear");
+
+    // Warming, stats and a version switch.
+    let resp = app
+        .admin(
+            Method::POST,
+            "/cache/warm",
+            Some(json!({"model_run_ids": ["7", "8"]})),
+        )
+        .await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+    let (_, cache, _) = x_cache(app.metrics("7").await).await;
+    assert_eq!(cache, "HIT", "a warmed run");
+    let stats = app.stats().await;
+    assert_eq!(stats["backend"], "redis", "{stats}");
+    assert!(
+        stats["redis"]["used_memory"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    let resp = app
+        .admin(
+            Method::POST,
+            "/cache/version",
+            Some(json!({"version": "v2"})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let (_, cache, _) = x_cache(app.metrics("7").await).await;
+    assert_eq!(cache, "MISS", "after the version switch");
+    let resp = app.admin(Method::DELETE, "/cache/clear", None).await;
+    assert_eq!(resp.status(), 200);
+    let (_, cache, _) = x_cache(app.metrics("7").await).await;
+    assert_eq!(cache, "MISS", "after clearing everything");
+    assert_eq!(app.stats().await["backend"], "redis");
+}
+
+#[tokio::test]
+async fn a_pattern_clear_finds_keys_on_every_primary() {
+    let cluster = TestCluster::start(3, 0).await;
+    let app = cluster_app(&cluster).await;
+    let runs: Vec<String> = (0..40).map(|i| format!("run-{i}")).collect();
+    for run in &runs {
+        let (status, _, _) = x_cache(app.metrics(run).await).await;
+        assert_eq!(status, 200);
+    }
+    let entries = format!("{}:v1:model:metrics:*", app.prefix);
+    let primaries = cluster.primary_ports().await;
+    assert_eq!(primaries.len(), 3);
+    let mut held = 0;
+    for port in &primaries {
+        let here = cluster.keys_on(*port, &entries).await.len();
+        assert!(here > 0, "primary {port} holds none of the 40 runs");
+        held += here;
+    }
+    assert_eq!(held, runs.len());
+
+    let resp = app
+        .admin(Method::DELETE, "/cache/clear?pattern=model:metrics:*", None)
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body = json_of(resp).await;
+    assert_eq!(body["deleted_count"], runs.len(), "{body}");
+    for port in &primaries {
+        assert!(
+            cluster.keys_on(*port, &entries).await.is_empty(),
+            "entries left on primary {port}"
+        );
+    }
+    let (_, cache, _) = x_cache(app.metrics("run-3").await).await;
+    assert_eq!(cache, "MISS");
+}
+
+#[tokio::test]
+async fn an_event_on_one_instance_is_seen_by_the_next_read_on_every_other() {
+    let cluster = TestCluster::start(3, 0).await;
+    let a = cluster_app(&cluster).await;
+    let b = another_instance(&cluster, &a).await;
+    let c = another_instance(&cluster, &a).await;
+    for app in [&a, &b, &c] {
+        x_cache(app.metrics("5").await).await;
+        let (_, cache, _) = x_cache(app.metrics("5").await).await;
+        assert_eq!(cache, "HIT");
+    }
+    // Near-cache copies on b and c are dropped before a's event is answered: whoever reads
+    // next, anywhere, gets the new revision.
+    for round in 1..=6u64 {
+        a.origin.set_revision(round);
+        let sender = [&a, &b, &c][round as usize % 3];
+        let resp = sender.event("training-completed", json!("5")).await;
+        assert_eq!(resp.status(), 200);
+        for app in [&b, &c, &a] {
+            let resp = app.metrics("5").await;
+            let detail = header(&resp, "cache-status").to_owned();
+            let body = json_of(resp).await;
+            assert_eq!(body["revision"], round, "round {round}: {detail}");
+        }
+    }
+    let stats = b.stats().await;
+    assert_eq!(stats["l1"]["subscribed"], true, "{stats}");
+}
+
+#[tokio::test]
+async fn a_primary_killed_under_load_fails_no_request_and_serves_nothing_invalidated() {
+    let mut cluster = TestCluster::start(3, 1).await;
+    let app = cluster_app(&cluster).await;
+    for run in ["1", "2", "3"] {
+        x_cache(app.metrics(run).await).await;
+    }
+    assert_eq!(x_cache(app.metrics("1").await).await.1, "HIT");
+    // The primary that holds run 1, its replica in sync with it.
+    let mut victim = None;
+    for port in cluster.primary_ports().await {
+        if !cluster.keys_on(port, "*{run:1}").await.is_empty() {
+            victim = Some(port);
+        }
+    }
+    let victim = victim.expect("a primary holds run 1");
+    let _: i64 = cluster
+        .node(victim)
+        .cmd_unbounded(&["WAIT", "1", "2000"])
+        .await
+        .expect("WAIT");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = load(&app, &["1", "2", "3"], stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Instant::now();
+    cluster.node(victim).kill();
+
+    // Run 1 changes at the origin, and its event is acknowledged during the failover.
+    app.origin.set_revision(1);
+    let resp = app.event("training-completed", json!("1")).await;
+    assert_eq!(resp.status(), 200);
+    let acknowledged = Instant::now();
+
+    // The cluster promotes the replica; runcache is back on Redis.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let primaries = cluster.primary_ports().await;
+        if primaries.len() == 3 && !primaries.contains(&victim) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no replica was promoted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let promoted = killed.elapsed();
+    loop {
+        let ready = json_of(app.get("/ready").await).await;
+        if ready["store"] == "redis" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runcache did not return to redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = killed.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = loader.await.expect("load");
+
+    let failed = samples.iter().filter(|x| x.status != 200).count();
+    let from_memory = samples
+        .iter()
+        .filter(|x| x.detail.contains("memory-fallback"))
+        .count();
+    let stale = samples
+        .iter()
+        .filter(|x| x.run == "1" && x.started > acknowledged && x.revision != json!(1))
+        .count();
+    let longest = samples.iter().map(|x| x.took).max().unwrap_or_default();
+    println!(
+        "cluster failover: {} requests, {failed} failed, {from_memory} served from memory, longest {longest:?}; \
+         replica promoted after {promoted:?}, runcache back on redis after {back:?}; \
+         {stale} reads of the invalidated run served the old revision",
+        samples.len()
+    );
+    assert_eq!(failed, 0, "no request fails during the failover");
+    assert_eq!(stale, 0, "nothing invalidated is served after the failover");
+    assert!(samples.len() > 20, "the load ran: {}", samples.len());
+    let resp = app.metrics("1").await;
+    assert_eq!(json_of(resp).await["revision"], 1);
+    let stats = app.stats().await;
+    assert_eq!(stats["backend"], "redis", "{stats}");
+}
