@@ -22,6 +22,8 @@ fn cluster_mode(cluster: &TestCluster) -> impl FnOnce(&mut runcache::config::Set
         s.redis.mode = "cluster".into();
         s.redis.cluster_urls = urls.into_iter().map(SecretString::from).collect();
         s.auth.frontend = "none".into();
+        s.events.stream_block_ms = 200;
+        s.events.stream_claim_idle_ms = 400;
     }
 }
 
@@ -34,6 +36,15 @@ async fn another_instance(cluster: &TestCluster, first: &TestApp) -> TestApp {
     let mut settings = test_settings(&first.origin.url, &closed_redis_url());
     settings.cache.prefix = first.prefix.clone();
     cluster_mode(cluster)(&mut settings);
+    spawn_with_settings(settings, first.origin.clone()).await
+}
+
+/// Another instance of `first`'s deployment reading the event stream `stream`.
+async fn stream_reader(cluster: &TestCluster, first: &TestApp, stream: &str) -> TestApp {
+    let mut settings = test_settings(&first.origin.url, &closed_redis_url());
+    settings.cache.prefix = first.prefix.clone();
+    cluster_mode(cluster)(&mut settings);
+    settings.events.stream = Some(stream.to_owned());
     spawn_with_settings(settings, first.origin.clone()).await
 }
 
@@ -322,4 +333,70 @@ async fn a_primary_killed_under_load_fails_no_request_and_serves_nothing_invalid
     assert_eq!(json_of(resp).await["revision"], 1);
     let stats = app.stats().await;
     assert_eq!(stats["backend"], "redis", "{stats}");
+}
+
+#[tokio::test]
+async fn stream_events_sent_while_no_instance_runs_are_applied_by_the_next_one_on_a_cluster() {
+    let cluster = TestCluster::start(3, 0).await;
+    let stream = format!("events-{}", uuid::Uuid::new_v4().simple());
+    let mut a = cluster_app(&cluster).await;
+    let first = stream_reader(&cluster, &a, &stream).await;
+    x_cache(a.metrics("7").await).await;
+    assert_eq!(x_cache(a.metrics("7").await).await.1, "HIT");
+
+    // Read by the running instance.
+    a.origin.set_revision(1);
+    let _: String = cluster
+        .cmd(&[
+            "XADD",
+            &stream,
+            "MAXLEN",
+            "~",
+            "1000",
+            "*",
+            "kind",
+            "training-completed",
+            "model_run_id",
+            "7",
+        ])
+        .await
+        .expect("XADD");
+    crate::helpers::wait_for(|| async { json_of(a.metrics("7").await).await["revision"] == 1 })
+        .await;
+
+    // Sent while no instance reads the stream: applied by the next one to start.
+    let mut first = first;
+    first.stop().await;
+    a.origin.set_revision(2);
+    let _: String = cluster
+        .cmd(&[
+            "XADD",
+            &stream,
+            "*",
+            "kind",
+            "model-deleted",
+            "model_run_id",
+            "7",
+        ])
+        .await
+        .expect("XADD");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        json_of(a.metrics("7").await).await["revision"],
+        1,
+        "nobody read the event yet"
+    );
+    let _next = stream_reader(&cluster, &a, &stream).await;
+    crate::helpers::wait_for(|| async { json_of(a.metrics("7").await).await["revision"] == 2 })
+        .await;
+    // Whatever the stopped instance left pending is taken over and acknowledged.
+    crate::helpers::wait_for(|| async {
+        let pending: Vec<redis::Value> = cluster
+            .cmd(&["XPENDING", &stream, "runcache"])
+            .await
+            .expect("XPENDING");
+        pending.first() == Some(&redis::Value::Int(0))
+    })
+    .await;
+    a.stop().await;
 }

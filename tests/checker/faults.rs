@@ -31,8 +31,12 @@ impl Planned {
             "+{:.1}s {}{} hold={}ms",
             self.at_us as f64 / 1e6,
             self.kind.name(),
-            self.instance
-                .map_or_else(String::new, |i| format!(" instance={i}")),
+            self.instance.map_or_else(String::new, |i| match self.kind {
+                FaultKind::PrimaryFailover | FaultKind::PausePrimary => {
+                    format!(" primary#{i}")
+                }
+                _ => format!(" instance={i}"),
+            }),
             self.hold_ms
         )
     }
@@ -67,7 +71,9 @@ pub fn plan(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
                 Some(rng.below(instances as u64) as usize),
                 rng.range(0, 500),
             ),
-            FaultKind::SaveCopy => unreachable!(),
+            FaultKind::SaveCopy | FaultKind::PrimaryFailover | FaultKind::PausePrimary => {
+                unreachable!()
+            }
         };
         if kind == FaultKind::KillRestartStale {
             // The RDB file it restarts from is saved a few seconds earlier.
@@ -208,6 +214,9 @@ pub async fn run(
                 let d = cluster.slots[i].restart(hold).await;
                 format!("pause {}ms, {d}", p.hold_ms)
             }
+            FaultKind::PrimaryFailover | FaultKind::PausePrimary => {
+                unreachable!("a cluster fault against one redis")
+            }
         };
         done.push(FaultOp {
             id: id as u64,
@@ -223,6 +232,143 @@ pub async fn run(
         redis.resume();
     } else {
         redis.restart_empty().await;
+    }
+    (redis, done)
+}
+
+/// Plans faults for a Redis Cluster (three primaries with a replica each): primary
+/// failovers, short pauses of a primary, lost near-cache subscriptions, instance restarts.
+pub fn plan_cluster(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
+    let mut rng = Rng::derive(seed, STREAM_FAULTS, 0);
+    let mut out = Vec::new();
+    let mut t = rng.range(1_000, 2_500) * 1_000;
+    let last = duration_us.saturating_sub(1_500_000);
+    while t < last {
+        let kind = [
+            FaultKind::PrimaryFailover,
+            FaultKind::PausePrimary,
+            FaultKind::ClientKillPubsub,
+            FaultKind::InstanceRestart,
+        ][rng.weighted(&[35, 25, 20, 20])];
+        let (instance, hold_ms) = match kind {
+            // Which primary: drawn here, by index among the primaries when the fault runs.
+            FaultKind::PrimaryFailover => (Some(rng.below(3) as usize), 0),
+            // Under the node time-out (1 s): no failover, just a stall.
+            FaultKind::PausePrimary => (Some(rng.below(3) as usize), rng.range(200, 700)),
+            FaultKind::ClientKillPubsub => (None, 0),
+            _ => (
+                Some(rng.below(instances as u64) as usize),
+                rng.range(0, 500),
+            ),
+        };
+        out.push(Planned {
+            at_us: t,
+            kind,
+            instance,
+            hold_ms,
+        });
+        t += (hold_ms + rng.range(2_000, 4_000)) * 1_000;
+    }
+    out
+}
+
+/// Executes a cluster `plan` (see [`plan_cluster`]) as [`run`] does for one Redis, and
+/// leaves every node running and the cluster settled.
+pub async fn run_cluster(
+    plan: Vec<Planned>,
+    mut redis: crate::redis_server::TestCluster,
+    cluster: Arc<Cluster>,
+    start_us: u64,
+    end_us: u64,
+) -> (crate::redis_server::TestCluster, Vec<FaultOp>) {
+    let mut done = Vec::new();
+    for (id, p) in plan.into_iter().enumerate() {
+        let at = start_us + p.at_us;
+        let now = now_us();
+        if at > now {
+            tokio::time::sleep(Duration::from_micros(at - now)).await;
+        }
+        if now_us() >= end_us {
+            break;
+        }
+        let start = now_us();
+        let primaries = redis.primary_ports().await;
+        let pick = |i: Option<usize>| {
+            primaries
+                .get(i.unwrap_or(0) % primaries.len().max(1))
+                .copied()
+        };
+        let detail = match p.kind {
+            FaultKind::PrimaryFailover => match pick(p.instance) {
+                Some(port) => {
+                    redis.node(port).kill();
+                    let promoted = bounded("a failover", async {
+                        loop {
+                            let now = redis.primary_ports().await;
+                            if now.len() == 3 && !now.contains(&port) {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    })
+                    .await;
+                    redis.node(port).restart().await;
+                    let settled = bounded("the cluster settling", redis.wait_ok(3, 1)).await;
+                    format!(
+                        "killed primary {port}; {}; restarted as a replica; {}",
+                        promoted.map_or_else(|e| e, |()| "replica promoted".to_owned()),
+                        settled.map_or_else(|e| e, |()| "settled".to_owned())
+                    )
+                }
+                None => "no primary found".to_owned(),
+            },
+            FaultKind::PausePrimary => match pick(p.instance) {
+                Some(port) => {
+                    redis.node(port).pause();
+                    tokio::time::sleep(Duration::from_millis(p.hold_ms)).await;
+                    redis.node(port).resume();
+                    format!("stopped primary {port} {}ms", p.hold_ms)
+                }
+                None => "no primary found".to_owned(),
+            },
+            FaultKind::ClientKillPubsub => {
+                let mut killed = 0;
+                for node in redis.nodes.iter().filter(|n| n.is_running()) {
+                    if let Ok(Ok(n)) = bounded(
+                        "CLIENT KILL",
+                        node.cmd::<i64>(&["CLIENT", "KILL", "TYPE", "pubsub"]),
+                    )
+                    .await
+                    {
+                        killed += n;
+                    }
+                }
+                format!("killed {killed} subscription(s)")
+            }
+            FaultKind::InstanceRestart => {
+                let i = p.instance.expect("instance");
+                let d = cluster.slots[i]
+                    .restart(Duration::from_millis(p.hold_ms))
+                    .await;
+                format!("pause {}ms, {d}", p.hold_ms)
+            }
+            other => format!("{} does not apply to a cluster", other.name()),
+        };
+        done.push(FaultOp {
+            id: id as u64,
+            kind: p.kind,
+            instance: p.instance,
+            start_us: start,
+            end_us: now_us(),
+            detail,
+        });
+    }
+    for node in redis.nodes.iter_mut() {
+        if node.is_running() {
+            node.resume();
+        } else {
+            node.restart().await;
+        }
     }
     (redis, done)
 }

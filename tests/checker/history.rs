@@ -223,6 +223,11 @@ pub enum FaultKind {
     DebugSleep,
     /// Graceful stop of one instance, then a new one with the same settings.
     InstanceRestart,
+    /// Cluster: SIGKILL of a primary; its replica is promoted, and the killed node is
+    /// restarted (it rejoins as a replica).
+    PrimaryFailover,
+    /// Cluster: SIGSTOP of a primary for less than the node time-out, then SIGCONT.
+    PausePrimary,
 }
 
 impl FaultKind {
@@ -235,6 +240,8 @@ impl FaultKind {
             FaultKind::ClientKillPubsub => "client-kill-pubsub",
             FaultKind::DebugSleep => "debug-sleep",
             FaultKind::InstanceRestart => "instance-restart",
+            FaultKind::PrimaryFailover => "primary-failover",
+            FaultKind::PausePrimary => "sigstop-sigcont-primary",
         }
     }
 }
@@ -257,8 +264,12 @@ impl FaultOp {
             "fault#{} {}{} [{} .. {}] {}",
             self.id,
             self.kind.name(),
-            self.instance
-                .map_or_else(String::new, |i| format!(" instance={i}")),
+            self.instance.map_or_else(String::new, |i| match self.kind {
+                FaultKind::PrimaryFailover | FaultKind::PausePrimary => {
+                    format!(" primary#{i}")
+                }
+                _ => format!(" instance={i}"),
+            }),
             secs(self.start_us),
             secs(self.end_us),
             self.detail

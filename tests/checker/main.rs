@@ -37,6 +37,9 @@
 //! - `CHECKER_SHOW`: examples printed per violation kind (default 8).
 //! - `CHECKER_HISTORY`: a file to write the whole history to, one operation per line.
 //! - `CHECKER_LOG`: a file to write runcache's own logs to (JSON lines; `RUST_LOG` filters).
+//! - `CHECKER_REDIS`: `single` (one `redis-server` and its faults), `cluster` (a Redis Cluster
+//!   of three primaries with a replica each, `redis.mode = "cluster"`, with primary failovers
+//!   in the schedule) or `both` (the default: one run of each, one after the other).
 //!
 //! # Reproducibility
 //!
@@ -74,7 +77,7 @@ use crate::check::check;
 use crate::cluster::{Cluster, instance_settings};
 use crate::history::{History, now_us, start_clock};
 use crate::origin::Origin;
-use crate::redis_server::TestRedis;
+use crate::redis_server::{TestCluster, TestRedis};
 use crate::rng::{Rng, STREAM_SETUP};
 use crate::workload::Workload;
 
@@ -149,29 +152,67 @@ fn init_logs() {
     });
 }
 
+/// What runcache runs on in one run of the checker.
+enum Backend {
+    Single(TestRedis),
+    Cluster(TestCluster),
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistency_under_faults() {
-    let began = Instant::now();
     start_clock();
     init_logs();
+    let which = std::env::var("CHECKER_REDIS").unwrap_or_else(|_| "both".into());
+    assert!(
+        matches!(which.as_str(), "single" | "cluster" | "both"),
+        "CHECKER_REDIS must be single, cluster or both"
+    );
+    if which != "cluster" {
+        run(Backend::Single(TestRedis::start().await)).await;
+    }
+    if which != "single" {
+        run(Backend::Cluster(TestCluster::start(3, 1).await)).await;
+    }
+}
+
+async fn run(backend: Backend) {
+    let began = Instant::now();
     let cfg = Config::from_env();
+    let mode = match &backend {
+        Backend::Single(_) => "single",
+        Backend::Cluster(_) => "cluster",
+    };
     println!(
-        "checker: {cfg:?}\nchecker: reproduce with {}",
+        "checker ({mode} redis): {cfg:?}\nchecker: reproduce with CHECKER_REDIS={mode} {}",
         cfg.reproduce()
     );
-
-    let redis = TestRedis::start().await;
     let origin = Origin::start(cfg.seed, RUNS).await;
     let prefix = format!("checker-{}", uuid::Uuid::new_v4().simple());
     let settings: Vec<_> = (0..cfg.instances)
-        .map(|i| instance_settings(&origin.url, &redis.url(), &prefix, i))
+        .map(|i| match &backend {
+            Backend::Single(redis) => instance_settings(&origin.url, &redis.url(), &prefix, i),
+            Backend::Cluster(nodes) => {
+                let mut s = instance_settings(&origin.url, "redis://unused:1", &prefix, i);
+                s.redis.mode = "cluster".into();
+                s.redis.cluster_urls = nodes
+                    .urls()
+                    .into_iter()
+                    .map(secrecy::SecretString::from)
+                    .collect();
+                s.validate().expect("valid cluster settings");
+                s
+            }
+        })
         .collect();
     let journals: Vec<String> = settings.iter().map(|s| s.journal.path.clone()).collect();
     let cluster = Arc::new(Cluster::start(settings).await);
     cluster.wait_near_live().await;
 
     let duration_us = cfg.secs * 1_000_000;
-    let plan = faults::plan(cfg.seed, duration_us, cfg.instances);
+    let plan = match &backend {
+        Backend::Single(_) => faults::plan(cfg.seed, duration_us, cfg.instances),
+        Backend::Cluster(_) => faults::plan_cluster(cfg.seed, duration_us, cfg.instances),
+    };
     println!("checker: {} planned faults", plan.len());
     for p in &plan {
         println!("   {}", p.describe());
@@ -198,7 +239,20 @@ async fn consistency_under_faults() {
         .map(|j| tokio::spawn(workload::reader(w.clone(), j)))
         .collect();
     let writer = tokio::spawn(workload::writer(w.clone()));
-    let fault_task = tokio::spawn(faults::run(plan, redis, cluster.clone(), start_us, end_us));
+    let faulted = cluster.clone();
+    let fault_task = tokio::spawn(async move {
+        match backend {
+            Backend::Single(redis) => {
+                let (redis, faults) = faults::run(plan, redis, faulted, start_us, end_us).await;
+                (Backend::Single(redis), faults)
+            }
+            Backend::Cluster(nodes) => {
+                let (nodes, faults) =
+                    faults::run_cluster(plan, nodes, faulted, start_us, end_us).await;
+                (Backend::Cluster(nodes), faults)
+            }
+        }
+    });
 
     // Nothing may keep the run going: a read or an event is bounded by the client time-out,
     // a fault step by its own; a generous margin over that catches a harness bug.
@@ -215,7 +269,7 @@ async fn consistency_under_faults() {
     .await;
     let Ok((reads, events, redis, faults)) = joined else {
         panic!(
-            "the run did not finish within {stuck_after:?} (stuck); reproduce with {}",
+            "the {mode} run did not finish within {stuck_after:?} (stuck); reproduce with CHECKER_REDIS={mode} {}",
             cfg.reproduce()
         );
     };
@@ -246,7 +300,7 @@ async fn consistency_under_faults() {
         totals: cluster.slots.iter().map(|s| s.totals()).collect(),
         origin_calls: origin.state.calls.load(Ordering::Relaxed),
         origin_refusals: origin.state.refusals.load(Ordering::Relaxed),
-        reproduce: cfg.reproduce(),
+        reproduce: format!("CHECKER_REDIS={mode} {}", cfg.reproduce()),
     };
     println!("{}", summary::render(&info, &history, &report));
     assert!(
@@ -255,7 +309,7 @@ async fn consistency_under_faults() {
     );
     assert!(
         report.violations.is_empty(),
-        "{} violation(s) (see the summary above); reproduce with {}",
+        "{} violation(s) on {mode} redis (see the summary above); reproduce with CHECKER_REDIS={mode} {}",
         report.violations.len(),
         cfg.reproduce()
     );

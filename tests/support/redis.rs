@@ -517,6 +517,18 @@ impl TestCluster {
             .expect("a node of this cluster")
     }
 
+    /// Runs a command through a cluster connection (routed by its key) and returns its reply.
+    pub async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let mut conn = redis::cluster::ClusterClient::new(self.urls())?
+            .get_async_connection()
+            .await?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
     /// Every key matching `pattern` on the node on `port` (KEYS: test servers are small).
     pub async fn keys_on(&self, port: u16, pattern: &str) -> Vec<String> {
         let node = self.nodes.iter().find(|n| n.port == port).expect("node");
