@@ -159,6 +159,11 @@ async fn a_first_start_in_a_fresh_directory_logs_no_error() {
 /// `docker compose config` (or the older `docker-compose`), which parses and interpolates the
 /// file without a Docker engine, with `token` as the admin token (`None`: unset).
 fn compose_config(token: Option<&str>) -> std::process::Output {
+    compose_config_with(token, &[])
+}
+
+/// [`compose_config`] with `profiles` enabled.
+fn compose_config_with(token: Option<&str>, profiles: &[&str]) -> std::process::Output {
     let dir = env!("CARGO_MANIFEST_DIR");
     let with_plugin = Command::new("docker")
         .args(["compose", "version"])
@@ -171,9 +176,11 @@ fn compose_config(token: Option<&str>) -> std::process::Output {
     } else {
         Command::new("docker-compose")
     };
-    cmd.current_dir(dir)
-        .args(["-f", "docker-compose.yml", "config"])
-        .env_remove("RUNCACHE_ADMIN_TOKEN");
+    cmd.current_dir(dir).args(["-f", "docker-compose.yml"]);
+    for profile in profiles {
+        cmd.args(["--profile", profile]);
+    }
+    cmd.arg("config").env_remove("RUNCACHE_ADMIN_TOKEN");
     if let Some(t) = token {
         cmd.env("RUNCACHE_ADMIN_TOKEN", t);
     }
@@ -200,6 +207,46 @@ fn the_compose_file_ships_no_admin_token() {
     let config = String::from_utf8_lossy(&accepted.stdout);
     assert!(config.contains("a-token-of-my-own"), "{config}");
     assert!(!config.contains("change-me"), "{config}");
+}
+
+/// The `cluster` profile parses: a Redis Cluster formed once, three runcache replicas in
+/// cluster mode sharing one token, and a balancer whose configuration file exists.
+#[test]
+fn the_cluster_profile_runs_three_replicas_behind_a_balancer() {
+    assert!(
+        !compose_config_with(None, &["cluster"]).status.success(),
+        "the cluster profile accepted no admin token"
+    );
+    let accepted = compose_config_with(Some("a-token-of-my-own"), &["cluster"]);
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    let config = String::from_utf8_lossy(&accepted.stdout);
+    for service in [
+        "redis-c1:",
+        "redis-c2:",
+        "redis-c3:",
+        "redis-cluster-init:",
+        "runcache-a:",
+        "runcache-b:",
+        "runcache-c:",
+        "balancer:",
+    ] {
+        assert!(config.contains(service), "{service} missing:\n{config}");
+    }
+    assert_eq!(
+        config.matches("RUNCACHE__REDIS__MODE: cluster").count(),
+        3,
+        "{config}"
+    );
+    let balancer =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx-cluster.conf");
+    let conf = std::fs::read_to_string(&balancer).expect("deploy/nginx-cluster.conf");
+    for replica in ["runcache-a:8080", "runcache-b:8080", "runcache-c:8080"] {
+        assert!(conf.contains(replica), "{replica} not balanced");
+    }
 }
 
 /// A slowloris: 200 connections that trickle a request head one byte every 200 ms, for far
