@@ -328,24 +328,68 @@ def main():
     scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
     procs = Processes(scratch)
     redis_port = free_port()
+    cluster_ports = []
     try:
         subprocess.run(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                         "--save", "", "--appendonly", "no", "--daemonize", "yes",
                         "--enable-debug-command", "local", "--dir", str(scratch),
                         "--logfile", str(scratch / "redis.log")], check=True)
-        return run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps)
+        cluster_ports = start_cluster(scratch)
+        return run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps,
+                   cluster_ports)
     finally:
         procs.stop_all()
-        subprocess.run(["redis-cli", "-p", str(redis_port), "shutdown", "nosave"],
-                       capture_output=True)
+        for port in [redis_port, *cluster_ports]:
+            subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"],
+                           capture_output=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
+def free_cluster_port():
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port < 55000:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    pass
+
+
+def start_cluster(scratch, nodes=3):
+    """A private 3-primary Redis Cluster on loopback (the cluster-mode cell)."""
+    ports = [free_cluster_port() for _ in range(nodes)]
+    for port in ports:
+        d = scratch / f"cluster-{port}"
+        d.mkdir()
+        subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                        "--save", "", "--appendonly", "no", "--daemonize", "yes",
+                        "--dir", str(d), "--logfile", str(d / "redis.log")], check=True)
+    for port in ports:
+        deadline = time.time() + 10
+        while redis_cli(port, "PING") != "PONG":
+            if time.time() > deadline:
+                raise RuntimeError(f"cluster node {port} did not start")
+            time.sleep(0.05)
+    subprocess.run(["redis-cli", "--cluster", "create",
+                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
+                   check=True, capture_output=True)
+    deadline = time.time() + 30
+    while not all("cluster_state:ok" in redis_cli(p, "CLUSTER", "INFO") for p in ports):
+        if time.time() > deadline:
+            raise RuntimeError("the cluster did not settle")
+        time.sleep(0.1)
+    return ports
+
+
+def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, cluster_ports):
     ports = {name: free_port() for name in
              ("origin", "origin_fast", "default", "redis_only", "memory", "miss", "nginx",
               "nginx_stock", "ceiling", "ceiling_get", "dead_redis", "full_path", "baseline",
-              "baseline_redis_only", "baseline_memory", "baseline_miss")}
+              "baseline_redis_only", "baseline_memory", "baseline_miss", "cluster_only")}
     procs.start("origin", [str(BIN), "sample-origin", "--addr",
                            f"127.0.0.1:{ports['origin']}", "--delay-ms", str(ORIGIN_DELAY_MS)])
     procs.start("origin_fast", [str(BIN), "sample-origin", "--addr",
@@ -390,6 +434,12 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
         # and every hit takes the full path (routing, extractors, the tower stack).
         "full_path": runcache("full_path", "origin", redis_url,
                               {"RUNCACHE__CORS__ALLOWED_ORIGINS": "https://app.example"}),
+        # The Redis-only cell again, on a 3-primary Redis Cluster (redis.mode = cluster).
+        "cluster_only": runcache("cluster_only", "origin", redis_url, {
+            "RUNCACHE__L1__ENABLED": "false",
+            "RUNCACHE__REDIS__MODE": "cluster",
+            "RUNCACHE__REDIS__CLUSTER_URLS": ",".join(
+                f"redis://127.0.0.1:{p}" for p in cluster_ports)}),
     }
     if args.baseline:
         # The same three modes and the miss path, from the earlier commit's binary.
@@ -456,6 +506,7 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
             "baseline_redis_only", "x-cache", "HIT")
         targets[f"runcache {args.baseline_label} (memory tier, no Redis)"] = (
             "baseline_memory", "x-cache", "HIT")
+    targets[CLUSTER_CELL] = ("cluster_only", "x-cache", "HIT")
     checks = {}
     for label, (name, header, value) in targets.items():
         log(f"warming {len(paths)} URLs in {label}")
@@ -470,7 +521,8 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     # Each baseline cell runs right after the cell it is compared with, so that both see the
     # same spell of the shared machine.
     order = list(targets)
-    for base, now in zip(order[8:], order[:3]):
+    baselines = order[8:11] if args.baseline else []
+    for base, now in zip(baselines, order[:3]):
         order.remove(base)
         order.insert(order.index(now) + 1, base)
     for conns in (8, 64):
@@ -556,6 +608,9 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps):
     return 0
 
 
+CLUSTER_CELL = "runcache (Redis Cluster only, 3 primaries, L1 off)"
+
+
 def render(res, labels):
     hits = res["hits"]
     s = res["settings"]
@@ -632,7 +687,17 @@ def render(res, labels):
                  f"{median_of(hits[memory]['64'], 'cpu_us_per_req'):.1f} / "
                  f"{median_of(hits[ceiling]['64'], 'cpu_us_per_req'):.1f} µs | | |")
 
-    if len(labels) > 8:
+    if CLUSTER_CELL in labels:
+        for c in ("8", "64"):
+            lines.append(f"| Redis Cluster only / one-GET ceiling @{c} (median of per-round "
+                         f"ratios; the ceiling's GET is to one node) | "
+                         f"{paired(CLUSTER_CELL, one_get, c):.3f} | | |")
+        lines.append(f"| CPU per request @64: Redis Cluster only / Redis only | "
+                     f"{median_of(hits[CLUSTER_CELL]['64'], 'cpu_us_per_req'):.1f} / "
+                     f"{median_of(hits[redis_only]['64'], 'cpu_us_per_req'):.1f} µs | | |")
+
+    if any(label.startswith("runcache ") and label not in labels[:8] and label != CLUSTER_CELL
+           for label in labels):
         # Each mode against the same mode of the earlier commit, in the same rounds.
         for mode, (now, base) in zip(("default", "Redis only", "memory tier"),
                                      ((default, labels[8]), (redis_only, labels[9]),

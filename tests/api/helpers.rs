@@ -771,3 +771,35 @@ pub struct Sample {
     pub detail: String,
     pub revision: Value,
 }
+
+/// Checks a failover under load ([`load`]): prints what happened (`what`: which failover;
+/// `promoted` and `back`: when the replica was promoted and runcache back on Redis, after the
+/// kill) and asserts that no request failed and that no read of run `"1"` that started after
+/// `acknowledged` (its event) returned a revision other than 1.
+pub fn assert_failover(
+    what: &str,
+    samples: &[Sample],
+    acknowledged: Instant,
+    promoted: Duration,
+    back: Duration,
+) {
+    let failed = samples.iter().filter(|x| x.status != 200).count();
+    let from_memory = samples
+        .iter()
+        .filter(|x| x.detail.contains("memory-fallback"))
+        .count();
+    let stale = samples
+        .iter()
+        .filter(|x| x.run == "1" && x.started > acknowledged && x.revision != json!(1))
+        .count();
+    let longest = samples.iter().map(|x| x.took).max().unwrap_or_default();
+    println!(
+        "{what}: {} requests, {failed} failed, {from_memory} served from memory, longest {longest:?}; \
+         replica promoted after {promoted:?}, runcache back on redis after {back:?}; \
+         {stale} reads of the invalidated run served the old revision",
+        samples.len()
+    );
+    assert_eq!(failed, 0, "no request fails during the failover");
+    assert_eq!(stale, 0, "nothing invalidated is served after the failover");
+    assert!(samples.len() > 20, "the load ran: {}", samples.len());
+}
