@@ -9,7 +9,7 @@ use super::link::{classify, is_connection_error};
 use super::{RedisStore, counter_of};
 use crate::domain::policy::now_ms;
 use crate::store::keyspace::hash_part;
-use crate::store::{CacheEntry, Deps, Invalidation, Lookup, Stamp, StoreError};
+use crate::store::{CacheEntry, Deps, Invalidation, Lookup, Source, Stamp, StoreError};
 
 /// Writes an entry only if the counters it is checked against still hold the values its
 /// stamp read. KEYS: the entry, the `n` checked counters, then the tag sets. ARGV: `n`, the `n`
@@ -44,6 +44,30 @@ fn get(key: &str) -> (&str, redis::Cmd) {
     (key, cmd)
 }
 
+/// `GET`s of the counters of `deps`, then of its clear sequence unless it is one of them (on a
+/// cluster, where it is the view's, checked like a counter).
+fn counter_reads(deps: &Deps) -> Vec<(&str, redis::Cmd)> {
+    let mut cmds: Vec<_> = deps.counters().iter().map(|dep| get(dep)).collect();
+    if !deps.counters().iter().any(|c| c == deps.clears_key()) {
+        cmds.push(get(deps.clears_key()));
+    }
+    cmds
+}
+
+/// The stamp read by [`counter_reads`]' commands, whose replies are `values`.
+fn stamp_of(source: Source, deps: &Deps, values: &[redis::Value]) -> Result<Stamp, StoreError> {
+    let n = deps.counters().len();
+    let counters: Vec<u64> = values.iter().take(n).map(counter_of).collect();
+    let clears = match deps.counters().iter().position(|c| c == deps.clears_key()) {
+        Some(i) => counters.get(i).copied(),
+        None => values.get(n).map(counter_of),
+    };
+    match clears {
+        Some(clears) if counters.len() == n => Ok(Stamp::new(source, counters, clears)),
+        _ => Err(StoreError::Command("short pipeline reply".into())),
+    }
+}
+
 impl RedisStore {
     /// Reads an entry and the current stamp of `deps` in one round trip. The entry's store
     /// time is taken from the key's remaining life, so an entry whose life an unchanged
@@ -52,20 +76,15 @@ impl RedisStore {
         let mut pttl = redis::cmd("PTTL");
         pttl.arg(key);
         let mut cmds = vec![get(key), (key, pttl)];
-        cmds.extend(deps.counters().iter().map(|dep| get(dep)));
-        cmds.push(get(deps.clears_key()));
+        cmds.extend(counter_reads(deps));
         let (replies, source) = self.run_each(cmds).await?;
-        let [raw, pttl, counters @ .., clears] = replies.as_slice() else {
+        let [raw, pttl, counters @ ..] = replies.as_slice() else {
             return Err(StoreError::Command("short pipeline reply".into()));
         };
         let parse_err = |e: redis::ParsingError| StoreError::Command(e.to_string());
         let raw: Option<Vec<u8>> = redis::from_redis_value_ref(raw).map_err(parse_err)?;
         let pttl: i64 = redis::from_redis_value_ref(pttl).map_err(parse_err)?;
-        let current = Stamp::new(
-            source,
-            counters.iter().map(counter_of).collect(),
-            counter_of(clears),
-        );
+        let current = stamp_of(source, deps, counters)?;
         // A value that does not decode is no entry: the next fetch overwrites it.
         let mut entry = raw.and_then(|r| match CacheEntry::decode(Bytes::from(r), source) {
             Ok(e) => Some(e),
@@ -85,17 +104,8 @@ impl RedisStore {
 
     /// The current stamp of `deps`.
     pub async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
-        let mut cmds: Vec<_> = deps.counters().iter().map(|dep| get(dep)).collect();
-        cmds.push(get(deps.clears_key()));
-        let (replies, source) = self.run_each(cmds).await?;
-        let Some((clears, counters)) = replies.split_last() else {
-            return Err(StoreError::Command("short pipeline reply".into()));
-        };
-        Ok(Stamp::new(
-            source,
-            counters.iter().map(counter_of).collect(),
-            counter_of(clears),
-        ))
+        let (replies, source) = self.run_each(counter_reads(deps)).await?;
+        stamp_of(source, deps, &replies)
     }
 
     /// Writes `entry` unless its stamp is of another incarnation or anything it depends on
