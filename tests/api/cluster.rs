@@ -382,3 +382,229 @@ async fn stream_events_sent_while_no_instance_runs_are_applied_by_the_next_one_o
     .await;
     a.stop().await;
 }
+
+/// Moves the slot of `{run:RUN}` from the primary that holds it to `to`, one step at a time
+/// as `redis-cli --cluster reshard` does, calling `between` while the slot is half-moved
+/// (keys on both sides: clients get `ASK` redirections).
+async fn migrate_slot<F, Fut>(cluster: &TestCluster, run: &str, from: u16, to: u16, between: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let node = |port: u16| cluster.nodes.iter().find(|n| n.port == port).expect("node");
+    let id = |port: u16| async move {
+        node(port)
+            .cmd::<String>(&["CLUSTER", "MYID"])
+            .await
+            .expect("CLUSTER MYID")
+    };
+    let (from_id, to_id) = (id(from).await, id(to).await);
+    let slot: i64 = node(from)
+        .cmd(&["CLUSTER", "KEYSLOT", &format!("run:{run}")])
+        .await
+        .expect("CLUSTER KEYSLOT");
+    let slot = slot.to_string();
+    let _: () = node(to)
+        .cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
+        .await
+        .expect("IMPORTING");
+    let _: () = node(from)
+        .cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
+        .await
+        .expect("MIGRATING");
+    // Half the keys move first.
+    let keys: Vec<String> = node(from)
+        .cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "1000"])
+        .await
+        .expect("GETKEYSINSLOT");
+    let (first, rest) = keys.split_at(keys.len() / 2);
+    let migrate = |batch: &[String]| {
+        let mut args = vec![
+            "MIGRATE".to_owned(),
+            "127.0.0.1".to_owned(),
+            to.to_string(),
+            String::new(),
+            "0".to_owned(),
+            "5000".to_owned(),
+            "KEYS".to_owned(),
+        ];
+        args.extend(batch.iter().cloned());
+        args
+    };
+    let run_migrate = |batch: Vec<String>| {
+        let args = migrate(&batch);
+        async move {
+            if !batch.is_empty() {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let _: redis::Value = node(from).cmd(&args).await.expect("MIGRATE");
+            }
+        }
+    };
+    run_migrate(first.to_vec()).await;
+    between().await;
+    // The rest, and whatever was written meanwhile (a live slot keeps taking writes).
+    run_migrate(rest.to_vec()).await;
+    let late: Vec<String> = node(from)
+        .cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "1000"])
+        .await
+        .expect("GETKEYSINSLOT");
+    run_migrate(late).await;
+    for n in cluster.nodes.iter() {
+        let _: () = n
+            .cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])
+            .await
+            .expect("SETSLOT NODE");
+    }
+}
+
+async fn revision_9(app: &TestApp) -> Value {
+    json_of(app.metrics("9").await).await["revision"].clone()
+}
+
+#[tokio::test]
+async fn a_slot_migrating_under_reads_and_events_loses_no_invalidation() {
+    let cluster = TestCluster::start(3, 0).await;
+    let a = cluster_app(&cluster).await;
+    let b = another_instance(&cluster, &a).await;
+    for app in [&a, &b] {
+        revision_9(app).await;
+        revision_9(app).await;
+    }
+    let restarts_before = [
+        a.stats().await["store"]["redis_restarts"].clone(),
+        b.stats().await["store"]["redis_restarts"].clone(),
+    ];
+    let primaries = cluster.primary_ports().await;
+    let mut from = None;
+    for port in &primaries {
+        if !cluster.keys_on(*port, "*{run:9}").await.is_empty() {
+            from = Some(*port);
+        }
+    }
+    let from = from.expect("a primary holds run 9");
+    let to = *primaries
+        .iter()
+        .find(|p| **p != from)
+        .expect("another primary");
+
+    // Half-moved: an event on one instance is seen by the other's next read.
+    migrate_slot(&cluster, "9", from, to, || async {
+        a.origin.set_revision(1);
+        let resp = a.event("training-completed", json!("9")).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(revision_9(&b).await, 1, "b, with the slot half-moved");
+        assert_eq!(revision_9(&a).await, 1, "a, with the slot half-moved");
+    })
+    .await;
+
+    // Moved: the entries and counters went with the slot; events still reach everyone.
+    assert!(!cluster.keys_on(to, "*{run:9}").await.is_empty());
+    assert!(cluster.keys_on(from, "*{run:9}").await.is_empty());
+    a.origin.set_revision(2);
+    let resp = b.event("training-completed", json!("9")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(revision_9(&a).await, 2, "a, after the move");
+    assert_eq!(revision_9(&b).await, 2, "b, after the move");
+    let (_, cache, _) = x_cache(b.metrics("9").await).await;
+    assert_eq!(cache, "HIT", "served from the slot's new primary");
+    for (app, before) in [&a, &b].into_iter().zip(restarts_before) {
+        let stats = app.stats().await;
+        assert_eq!(stats["backend"], "redis", "{stats}");
+        assert_eq!(stats["l1"]["subscribed"], true, "{stats}");
+        assert_eq!(
+            stats["store"]["redis_restarts"], before,
+            "a migration is no restart: {stats}"
+        );
+    }
+}
+
+/// The node holding the global keys (view counters, clear sequences, the version and the
+/// marker) restarts empty, while an entry that a namespace invalidation had made unservable
+/// (through the view counter on that node alone) survives on another primary, as a fetch that
+/// raced the invalidation would leave it. The counter comes back at 0, which would make the
+/// entry current again: the cluster is taken for restored, and nothing from before is served.
+#[tokio::test]
+async fn a_restarted_primary_holding_the_global_counters_revives_nothing() {
+    let mut cluster = TestCluster::start(3, 0).await;
+    let app = cluster_app(&cluster).await;
+    let global = format!("*{{{}}}", app.prefix);
+    let mut global_node = None;
+    for port in cluster.primary_ports().await {
+        if !cluster.keys_on(port, &global).await.is_empty() {
+            global_node = Some(port);
+        }
+    }
+    let global_node = global_node.expect("a primary holds the global keys");
+    // A run whose entry lives on another primary.
+    let mut run = None;
+    for i in 0..50 {
+        let id = format!("r{i}");
+        x_cache(app.metrics(&id).await).await;
+        if cluster
+            .keys_on(global_node, &format!("*{{run:{id}}}"))
+            .await
+            .is_empty()
+        {
+            run = Some(id);
+            break;
+        }
+    }
+    let run = run.expect("a run stored away from the global keys");
+    let key = format!("{}:v1:model:metrics:{run}{{run:{run}}}", app.prefix);
+    let mut conn = redis::cluster::ClusterClient::new(cluster.urls())
+        .expect("cluster client")
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    let old: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert!(!old.is_empty(), "the entry is stored");
+
+    app.origin.set_revision(1);
+    let resp = app
+        .admin(
+            Method::POST,
+            "/cache/invalidate",
+            Some(json!({"namespace": "metrics"})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    // The old entry written back behind the invalidation (a racing fetch's store).
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&old)
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    assert_eq!(
+        json_of(app.metrics(&run).await).await["revision"],
+        1,
+        "the view counter keeps it unservable"
+    );
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&old)
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+
+    cluster.node(global_node).restart_empty().await;
+    for _ in 0..40 {
+        let resp = app.metrics(&run).await;
+        assert_eq!(resp.status(), 200);
+        let body = json_of(resp).await;
+        assert_eq!(
+            body["revision"], 1,
+            "an entry from before the invalidation was served"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cluster.wait_ok(3, 0).await;
+}

@@ -129,14 +129,6 @@ impl Bus {
         .unwrap_or_default();
         let confirmed = match store.redis().publish(&self.channel, &payload).await {
             Ok(receivers) => {
-                // On a cluster PUBLISH counts the subscribers of the node it ran on only:
-                // every instance known is waited for (one not subscribed is then told
-                // directly after the wait, as any that did not confirm).
-                let receivers = if store.redis().is_cluster() {
-                    receivers.max(store.peers().count() as u64 + 1)
-                } else {
-                    receivers
-                };
                 let wait = async {
                     loop {
                         let notified = waiter.notify.notified();

@@ -12,7 +12,9 @@
 //!   short, and each command is bounded by the caller's time-out: a request during a failover
 //!   either succeeds or falls back to the memory tier, never hangs.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -59,6 +61,65 @@ impl ConnectionLike for Handle {
     }
 }
 
+/// Whether `e` is a redirection: the slot moved (`MOVED`), or is being migrated and the key
+/// is already on the other side (`ASK`), or is split between both (`TRYAGAIN`).
+pub fn is_redirect(e: &redis::RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(
+            redis::ServerErrorKind::Moved
+                | redis::ServerErrorKind::Ask
+                | redis::ServerErrorKind::TryAgain
+        )
+    )
+}
+
+/// Sends `pipe` (one slot's commands) and returns its replies. A cluster client follows a
+/// redirection for a command but not for commands inside a pipeline: while the slot
+/// migrates, the group is sent again one command at a time, each followed to where its key
+/// is.
+pub async fn send_group(conn: &mut Handle, pipe: Pipeline) -> RedisResult<Vec<Value>> {
+    match pipe.query_async::<Vec<Value>>(conn).await {
+        Err(e) if is_redirect(&e) => {
+            let mut out = Vec::with_capacity(pipe.len());
+            for cmd in pipe.cmd_iter() {
+                out.push(cmd.query_async::<Value>(conn).await?);
+            }
+            Ok(out)
+        }
+        other => other,
+    }
+}
+
+/// Counts the connections a cluster client opens (it resolves a node's address for each, the
+/// first ones and every reconnection alike). A cluster client reconnects to a node by itself,
+/// a restarted one included, and follows a failover: an answer that came after a new
+/// connection may come from a process that lost writes, so the request path does not use it
+/// before the primaries' identity has been checked again (see `link`).
+#[derive(Debug, Clone, Default)]
+pub struct Dials(Arc<AtomicU64>);
+
+impl Dials {
+    /// Connections opened so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl redis::io::AsyncDNSResolver for Dials {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        host: &'b str,
+        port: u16,
+    ) -> RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+            Ok(Box::new(addrs.into_iter()) as Box<dyn Iterator<Item = SocketAddr> + Send + 'a>)
+        })
+    }
+}
+
 /// The seed nodes of a cluster (`redis.cluster_urls`) and how to connect to them.
 pub struct Seeds {
     urls: Vec<String>,
@@ -86,19 +147,24 @@ impl Seeds {
 
     /// A cluster connection whose commands each time out after `response`, opened within
     /// `connect` (the whole call, slot map included, is bounded: redis-rs #1953).
+    /// `dials`, when given, counts the connections it opens.
     pub async fn connect(
         &self,
         connect: Duration,
         response: Duration,
+        dials: Option<Dials>,
     ) -> RedisResult<ClusterConnection> {
         let mut builder = ClusterClientBuilder::new(self.urls.iter().map(String::as_str))
             .connection_timeout(connect)
             .response_timeout(response)
-            // Retries are the caller's to decide: a few short ones ride out a MOVED or a
-            // reconnect, and nothing waits on a failed node for long.
+            // A few short retries follow an ASK or MOVED during a slot migration; whatever
+            // they reconnect is seen through `dials`.
             .retries(2)
             .min_retry_wait(10)
             .max_retry_wait(100);
+        if let Some(dials) = dials {
+            builder = builder.async_dns_resolver(dials);
+        }
         if let Some(roots) = &self.tls_roots {
             builder = builder.certs(redis::TlsCertificates {
                 client_tls: None,
@@ -163,6 +229,29 @@ pub async fn on_primaries(
         .collect()
 }
 
+/// How many clients are subscribed to `channel` on every node of the cluster together (a
+/// `PUBLISH` counts those of its own node only).
+pub async fn subscribers(conn: &mut ClusterConnection, channel: &str) -> RedisResult<u64> {
+    let mut cmd = redis::cmd("PUBSUB");
+    cmd.arg("NUMSUB").arg(channel);
+    let reply = conn
+        .route_command(
+            cmd,
+            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None)),
+        )
+        .await?;
+    let Value::Map(pairs) = reply else {
+        return Ok(0);
+    };
+    let mut total = 0;
+    for (_, value) in pairs {
+        if let Ok((_, n)) = redis::from_redis_value::<(String, u64)>(value) {
+            total += n;
+        }
+    }
+    Ok(total)
+}
+
 /// The primaries' addresses, as the cluster reports them (`host:port`).
 pub async fn primaries(conn: &mut ClusterConnection) -> RedisResult<Vec<String>> {
     let mut addrs: Vec<String> = on_primaries(conn, redis::cmd("PING"))
@@ -213,13 +302,16 @@ pub struct ClusterFacts {
     pub evicting: Option<String>,
     /// The oldest `redis_version` among the primaries.
     pub oldest_version: String,
+    /// Whether every primary has at least one replica connected.
+    pub replicated: bool,
 }
 
 /// Reads [`ClusterFacts`] from every primary.
 pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
     let mut cmd = redis::cmd("INFO");
-    cmd.arg("server").arg("memory");
+    cmd.arg("server").arg("memory").arg("replication");
     let mut ids = Vec::new();
+    let mut replicated = true;
     let mut evicting = None;
     let mut oldest: Option<String> = None;
     for (addr, value) in on_primaries(conn, cmd).await? {
@@ -234,6 +326,7 @@ pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
         if field("maxmemory") != "0" && field("maxmemory_policy") != "noeviction" {
             evicting = Some(field("maxmemory_policy"));
         }
+        replicated &= field("connected_slaves").parse::<u64>().unwrap_or(0) > 0;
         let version = field("redis_version");
         if oldest.as_ref().is_none_or(|o| major(&version) < major(o)) {
             oldest = Some(version);
@@ -244,6 +337,7 @@ pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
         identity: ids.join(","),
         evicting,
         oldest_version: oldest.unwrap_or_default(),
+        replicated,
     })
 }
 

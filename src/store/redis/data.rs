@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::cluster::Handle;
 use super::link::{classify, is_connection_error};
 use super::{RedisStore, counter_of};
 use crate::domain::policy::now_ms;
@@ -158,6 +159,7 @@ impl RedisStore {
         let mut c = conn.conn.clone();
         let stored = match tokio::time::timeout(self.timeout, call.query_async::<i64>(&mut c)).await
         {
+            Ok(Ok(_)) if conn.redialed() => return Err(self.redialed(&conn)),
             Ok(Ok(stored)) => stored == 1,
             Ok(Err(e)) => {
                 if is_connection_error(&e) {
@@ -256,6 +258,12 @@ impl RedisStore {
         let limit = self.timeout * 2 + self.timeout;
         let timed_out = || StoreError::Unavailable("redis invalidation timed out".into());
         if self.cluster.is_some() {
+            if !self.link.cluster_replicated() {
+                // No replica to promote: no failover can lose these bumps, and a restarted
+                // node is a changed identity, taken for a restore. `WAIT` would only time out.
+                self.run_each(cmds).await?;
+                return Ok(true);
+            }
             let Ok(Some(admin)) = self.cluster_admin().await else {
                 self.run_each(cmds).await?;
                 return Ok(false);
@@ -274,23 +282,36 @@ impl RedisStore {
                     }
                 }
             }
-            // `WAIT` has no key: in a pipeline it goes to the node of the pipeline's keys.
-            let sent = groups.into_iter().map(|(_, mut pipe)| {
-                let mut conn = admin.clone();
-                pipe.add_command(wait());
+            // `WAIT` has no key: in a pipeline it goes to the node of the pipeline's keys. A
+            // slot being migrated answers with a redirection: its bumps then go one by one,
+            // unconfirmed.
+            let sent = groups.into_iter().map(|(_, pipe)| {
+                let mut conn = Handle::Cluster(admin.clone());
+                let mut waited = pipe.clone();
+                waited.add_command(wait());
                 async move {
-                    let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-                    Ok::<_, redis::RedisError>(
-                        matches!(replies.last(), Some(redis::Value::Int(n)) if *n >= 1),
-                    )
+                    match waited.query_async::<Vec<redis::Value>>(&mut conn).await {
+                        Ok(replies) => {
+                            Ok(matches!(replies.last(), Some(redis::Value::Int(n)) if *n >= 1))
+                        }
+                        Err(e) if super::cluster::is_redirect(&e) => {
+                            super::cluster::send_group(&mut conn, pipe).await?;
+                            Ok(false)
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
             });
-            return match tokio::time::timeout(limit, futures_util::future::try_join_all(sent)).await
-            {
-                Ok(Ok(confirmed)) => Ok(confirmed.into_iter().all(|c| c)),
-                Ok(Err(e)) => Err(classify(e)),
-                Err(_) => Err(timed_out()),
-            };
+            let result =
+                match tokio::time::timeout(limit, futures_util::future::try_join_all(sent)).await {
+                    Ok(Ok(confirmed)) => Ok(confirmed.into_iter().all(|c| c)),
+                    Ok(Err(e)) => Err(classify(e)),
+                    Err(_) => Err(timed_out()),
+                };
+            if result.is_err() {
+                self.forget_cluster_admin().await;
+            }
+            return result;
         }
         let Ok(mut conn) = self.admin_conn().await else {
             self.run_each(cmds).await?;

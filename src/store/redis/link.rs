@@ -18,7 +18,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::{AsyncConnectionConfig, RedisError};
 
-use super::cluster::{Handle, Seeds};
+use super::cluster::{Dials, Handle, Seeds};
 use super::sentinel::{Sentinels, is_master};
 use crate::store::StoreError;
 
@@ -29,6 +29,20 @@ pub(crate) struct Conn {
     pub(crate) incarnation: u64,
     /// That process's `run_id`.
     run_id: String,
+    /// Cluster mode: the connections the cluster client opened, and how many it had when
+    /// this connection was checked.
+    dials: Option<(Dials, u64)>,
+}
+
+impl Conn {
+    /// Cluster mode: whether the client opened a connection since this one was checked (a
+    /// node reconnected, a failover followed): what it answers since may come from a process
+    /// that lost writes, and is not used before the primaries are checked again.
+    pub(crate) fn redialed(&self) -> bool {
+        self.dials
+            .as_ref()
+            .is_some_and(|(dials, checked)| dials.count() != *checked)
+    }
 }
 
 /// What a new incarnation came back with.
@@ -64,6 +78,8 @@ pub(crate) struct Link {
     restart: std::sync::Mutex<Option<(u64, Restart)>>,
     /// Whether the last connection was refused (eviction policy, version; logged once).
     refused: std::sync::atomic::AtomicBool,
+    /// Cluster mode: whether every primary had a replica at the last connection.
+    cluster_replicated: std::sync::atomic::AtomicBool,
 }
 
 /// Whether `redis_version` (from `INFO server`) is below 7.0. An unparseable one (some
@@ -158,6 +174,7 @@ impl Link {
             incarnation: AtomicU64::new(0),
             restart: std::sync::Mutex::new(None),
             refused: std::sync::atomic::AtomicBool::new(false),
+            cluster_replicated: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -225,6 +242,12 @@ impl Link {
         }
     }
 
+    /// Cluster mode: whether every primary had a replica when last connected (with none, no
+    /// failover can lose a write: a restart is a change of identity, taken for a restore).
+    pub(crate) fn cluster_replicated(&self) -> bool {
+        self.cluster_replicated.load(Ordering::Relaxed)
+    }
+
     /// The incarnation of the Redis process last connected to.
     pub(crate) fn incarnation(&self) -> u64 {
         self.incarnation.load(Ordering::Acquire)
@@ -267,18 +290,34 @@ impl Link {
                 }
             }
             if let Some(seeds) = &self.cluster {
+                let dials = Dials::default();
                 let mut cluster = seeds
-                    .connect(self.connect_timeout, self.command_timeout)
+                    .connect(
+                        self.connect_timeout,
+                        self.command_timeout,
+                        Some(dials.clone()),
+                    )
                     .await?;
+                let opened = dials.count();
                 let facts = super::cluster::facts(&mut cluster).await?;
                 let refusal = refusal(&facts.oldest_version, facts.evicting.as_deref());
                 let mut conn = Handle::Cluster(cluster);
                 if refusal.is_some() {
-                    return Ok::<_, RedisError>((conn, facts.identity, false, refusal));
+                    return Ok::<_, RedisError>((conn, facts.identity, false, refusal, None));
                 }
+                self.cluster_replicated
+                    .store(facts.replicated, Ordering::Relaxed);
+                // Only a marker of these very primaries says nothing was lost. An absent one
+                // says nothing either: the primary holding it (and the global counters) may
+                // have restarted empty while the others kept their entries.
                 let before = self.set_marker_nx_get(&mut conn, &facts.identity).await?;
-                let fresh = before.is_none_or(|b| b == facts.identity);
-                return Ok((conn, facts.identity, fresh, None));
+                let fresh = before.as_deref() == Some(facts.identity.as_str());
+                if dials.count() != opened {
+                    return Err(unreachable(
+                        "a cluster node was reconnected while the cluster was checked".into(),
+                    ));
+                }
+                return Ok((conn, facts.identity, fresh, None, Some((dials, opened))));
             }
             let client = self.client.load_full();
             let mut conn = client
@@ -311,7 +350,7 @@ impl Link {
             let refusal = refusal(&field("redis_version"), evicting.as_deref());
             let mut conn = Handle::Single(conn);
             if refusal.is_some() {
-                return Ok::<_, RedisError>((conn, run_id, false, refusal));
+                return Ok::<_, RedisError>((conn, run_id, false, refusal, None));
             }
             // The marker holds the run_id of the process it was written in. Absent, or this
             // process's: everything here was written since it started. Another process's: it
@@ -320,11 +359,11 @@ impl Link {
             // Without a run_id nothing tells a restart apart from a reconnection: every new
             // connection is then taken for a restore.
             let fresh = !run_id.is_empty() && before.is_none_or(|b| b == run_id);
-            Ok::<_, RedisError>((conn, run_id, fresh, None))
+            Ok::<_, RedisError>((conn, run_id, fresh, None, None))
         };
         // The connect time-out covers connecting and the checks; redis-rs's own connection
         // time-out is not enough on its own (redis-rs #1953).
-        let (conn, run_id, fresh, refusal) =
+        let (conn, run_id, fresh, refusal, dials) =
             match tokio::time::timeout(self.connect_timeout * 2, open).await {
                 Ok(Ok(opened)) => opened,
                 Ok(Err(e)) => return Err(classify(e)),
@@ -368,6 +407,7 @@ impl Link {
             conn,
             incarnation: self.incarnation(),
             run_id,
+            dials,
         });
         self.current.store(Some(c.clone()));
         // A reset between the check above and the store: undo the store (the reset's own

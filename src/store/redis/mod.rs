@@ -251,6 +251,7 @@ impl RedisStore {
         let conn = self.link.conn().await?;
         let source = Self::source_of(&conn);
         match tokio::time::timeout(self.timeout, query(conn.conn.clone())).await {
+            Ok(Ok(_)) if conn.redialed() => Err(self.redialed(&conn)),
             Ok(Ok(v)) => Ok((v, source)),
             Ok(Err(e)) => {
                 if is_connection_error(&e) {
@@ -260,6 +261,14 @@ impl RedisStore {
             }
             Err(_) => Err(StoreError::Unavailable("redis command timed out".into())),
         }
+    }
+
+    /// A reply that came after the cluster client reconnected a node is not used: the link is
+    /// dropped, and the next connection checks the primaries' identity (a restarted or
+    /// replaced primary is taken for a restore) before anything is served from it.
+    fn redialed(&self, conn: &Arc<Conn>) -> StoreError {
+        self.link.broken(conn);
+        StoreError::Unavailable("a redis cluster node was reconnected; checking the cluster".into())
     }
 
     /// Runs `cmd` on the shared connection.
@@ -310,12 +319,18 @@ impl RedisStore {
             let sent = groups.into_iter().map(|(_, indices, pipe)| {
                 let mut conn = conn.clone();
                 async move {
-                    let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+                    let replies = cluster::send_group(&mut conn, pipe).await?;
                     Ok::<_, redis::RedisError>((indices, replies))
                 }
             });
             let mut out = vec![redis::Value::Nil; total];
             for (indices, replies) in futures_util::future::try_join_all(sent).await? {
+                if replies.len() != indices.len() {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "short pipeline reply",
+                    )));
+                }
                 for (i, reply) in indices.into_iter().zip(replies) {
                     out[i] = reply;
                 }
@@ -338,11 +353,17 @@ impl RedisStore {
             return Ok(Some(c.clone()));
         }
         let conn = seeds
-            .connect(self.pool_opts.connect, self.pool_opts.response)
+            .connect(self.pool_opts.connect, self.pool_opts.response, None)
             .await
             .map_err(|e| StoreError::Busy(format!("redis cluster admin connection: {e}")))?;
         *held = Some(conn.clone());
         Ok(Some(conn))
+    }
+
+    /// Drops the cluster's admin connection after a failure: the next admin work opens a new
+    /// one, with the topology as it is then.
+    async fn forget_cluster_admin(&self) {
+        self.cluster_admin.lock().await.take();
     }
 
     /// An admin connection. Its failures are [`StoreError::Busy`], whatever their cause: the
@@ -371,11 +392,6 @@ impl RedisStore {
         (*self.link.client()).clone()
     }
 
-    /// Whether this is a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        self.cluster.is_some()
-    }
-
     /// A client to subscribe with: the Redis in use, or on a cluster a seed node, another one
     /// at each call (a `PUBLISH` anywhere in a cluster reaches every node's subscribers).
     pub fn pubsub_client(&self) -> Result<redis::Client, StoreError> {
@@ -394,7 +410,7 @@ impl RedisStore {
         response: Duration,
     ) -> Result<(Handle, String), redis::RedisError> {
         if let Some(seeds) = &self.cluster {
-            let conn = seeds.connect(connect, response).await?;
+            let conn = seeds.connect(connect, response, None).await?;
             return Ok((Handle::Cluster(conn), "cluster".to_owned()));
         }
         let client = self.client();
@@ -469,10 +485,27 @@ impl RedisStore {
     }
 
     /// Publishes `payload` on `channel`; returns how many subscribers received it.
+    /// On a cluster, `PUBLISH` reaches every node's subscribers but counts its own node's only:
+    /// the count is then the subscribers of every node, read just before (one that
+    /// subscribes in between has emptied its near cache on subscribing; one that leaves is
+    /// waited for in vain, then told directly).
     pub async fn publish(&self, channel: &str, payload: &str) -> Result<u64, StoreError> {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(channel).arg(payload);
-        self.run(cmd).await
+        if self.cluster.is_none() {
+            return self.run(cmd).await;
+        }
+        let channel = channel.to_owned();
+        self.on_link(|conn| async move {
+            let Handle::Cluster(mut conn) = conn else {
+                return cmd.query_async(&mut conn.clone()).await;
+            };
+            let everywhere = cluster::subscribers(&mut conn, &channel).await?;
+            let here: u64 = cmd.query_async(&mut conn).await?;
+            Ok(everywhere.max(here))
+        })
+        .await
+        .map(|(n, _)| n)
     }
 
     /// Reads a plain string value (the shared version).
@@ -560,28 +593,11 @@ impl RedisStore {
     {
         let busy = |e: redis::RedisError| StoreError::Busy(e.to_string());
         if let Some(mut conn) = self.cluster_admin().await? {
-            // A SCAN through a cluster client sees one node: the cursor runs on each primary.
-            let mut total = 0;
-            for node in cluster::primaries(&mut conn).await.map_err(busy)? {
-                let mut cursor: u64 = 0;
-                let mut seen = 0;
-                loop {
-                    let (next, keys) =
-                        cluster::scan_node(&mut conn, &node, cursor, pattern, self.scan_batch)
-                            .await
-                            .map_err(busy)?;
-                    if !keys.is_empty() {
-                        seen += keys.len();
-                        total += each(keys).await?;
-                    }
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
-                tracing::debug!(node = %node, pattern, matched = seen, "scanned a cluster primary");
+            let scanned = self.scan_primaries(&mut conn, pattern, &mut each).await;
+            if matches!(scanned, Err(StoreError::Busy(_))) {
+                self.forget_cluster_admin().await;
             }
-            return Ok(total);
+            return scanned;
         }
         let mut conn = self.admin_conn().await?;
         let mut cursor: u64 = 0;
@@ -604,6 +620,42 @@ impl RedisStore {
             }
             cursor = next;
         }
+    }
+
+    /// [`RedisStore::scan_batches`] on a cluster: a SCAN through a cluster client sees one
+    /// node, so the cursor runs on each primary in turn (progress logged per node).
+    async fn scan_primaries<F, Fut>(
+        &self,
+        conn: &mut redis::cluster_async::ClusterConnection,
+        pattern: &str,
+        each: &mut F,
+    ) -> Result<u64, StoreError>
+    where
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: Future<Output = Result<u64, StoreError>>,
+    {
+        let busy = |e: redis::RedisError| StoreError::Busy(e.to_string());
+        let mut total = 0;
+        for node in cluster::primaries(conn).await.map_err(busy)? {
+            let mut cursor: u64 = 0;
+            let mut seen = 0;
+            loop {
+                let (next, keys) =
+                    cluster::scan_node(conn, &node, cursor, pattern, self.scan_batch)
+                        .await
+                        .map_err(busy)?;
+                if !keys.is_empty() {
+                    seen += keys.len();
+                    total += each(keys).await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+            tracing::debug!(node = %node, pattern, matched = seen, "scanned a cluster primary");
+        }
+        Ok(total)
     }
 
     /// Deletes keys one command each, pipelined; returns how many existed.
@@ -642,14 +694,19 @@ impl RedisStore {
         let mut cmd = redis::cmd("INFO");
         cmd.arg("memory").arg("stats");
         let texts: Vec<String> = match self.cluster_admin().await? {
-            Some(mut conn) => cluster::on_primaries(&mut conn, cmd)
-                .await
-                .map_err(busy)?
-                .into_iter()
-                .map(|(_, v)| {
-                    redis::from_redis_value(v).map_err(|e| StoreError::Busy(e.to_string()))
-                })
-                .collect::<Result<_, _>>()?,
+            Some(mut conn) => {
+                let replies = cluster::on_primaries(&mut conn, cmd).await;
+                if replies.is_err() {
+                    self.forget_cluster_admin().await;
+                }
+                replies
+                    .map_err(busy)?
+                    .into_iter()
+                    .map(|(_, v)| {
+                        redis::from_redis_value(v).map_err(|e| StoreError::Busy(e.to_string()))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             None => {
                 let mut conn = self.admin_conn().await?;
                 vec![cmd.query_async(&mut *conn).await.map_err(busy)?]

@@ -456,6 +456,7 @@ impl FallbackStore {
                     }
                     Err(e) if e.is_unavailable() => {
                         self.calls.redis_error();
+                        tracing::warn!(error = %e, "an invalidation could not reach redis");
                         self.circuit.open("an invalidation could not reach redis");
                     }
                     Err(e) => return Err(e),
