@@ -1,8 +1,11 @@
-//! The hit lane: plain `GET`s of the metrics and feature-importance views whose answer is a
-//! fresh near-cache copy are answered before routing and the middleware stack, which
-//! otherwise cost several times the cache lookup itself (see the README's Performance
-//! section). Everything else, and every request the lane is not certain to answer exactly as
-//! the full path would, goes to the router untouched.
+//! The hit lane: plain `GET`s of the metrics and feature-importance views are answered before
+//! routing and the middleware stack, which otherwise cost several times the cache lookup
+//! itself (see the README's Performance section). A fresh near-cache copy is answered at once,
+//! without a task switch; any other such request (an entry in Redis or in the memory tier, a
+//! miss) is served by the same read-through, with what the stack would have given it: its
+//! place among the requests in flight, the request time-out, the panic catcher, the request's
+//! span and access line, and JSON errors. Everything else, and every request the lane is not
+//! certain to answer exactly as the full path would, goes to the router untouched.
 //!
 //! What the lane keeps from the full path: the same answer and headers (it calls the same
 //! read-through and `respond` code), `X-Request-Id` (the client's or a new one), header limits
@@ -14,19 +17,24 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use futures_util::future::{Either, Ready, ready};
-use http::{HeaderValue, Method, Request, Uri, header};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use tower::Service;
+use tracing::Instrument;
 
 use super::{FastRequestId, X_REQUEST_ID};
 use crate::domain::FrontendAuth;
 use crate::domain::{View, feature_importance_key, is_run_id, metrics_key};
+use crate::error::{AppError, codes, error_response};
 use crate::serve::ViewRequest;
 use crate::state::AppState;
 
@@ -111,18 +119,40 @@ impl<S> HitLane<S> {
         }
     }
 
-    fn try_hit(&self, req: &Request<Body>) -> Option<Response> {
+    /// What the lane does with `req`: answers it from a near-cache copy, serves it on its own
+    /// (with the permit of its place among the requests in flight), or leaves it to the router.
+    fn route(&self, req: &Request<Body>) -> Route {
         if !self.open || req.method() != Method::GET {
-            return None;
+            return Route::Pass;
         }
-        let lane = parse(req.uri())?;
+        let Some(lane) = parse(req.uri()) else {
+            return Route::Pass;
+        };
         let headers = req.headers();
         if headers.contains_key(header::ACCEPT_ENCODING)
             || !self.state.limits.headers_within(headers)
-            || !self.state.limits.has_room()
         {
-            return None;
+            return Route::Pass;
         }
+        if self.state.limits.has_room()
+            && let Some(resp) = self.near_hit(req, &lane)
+        {
+            return Route::Answered(resp);
+        }
+        // Past the in-flight limit the full path sheds the request, as it always has.
+        match self.state.limits.admit() {
+            Some(permit) => Route::Serve(Owned {
+                view: lane.view,
+                run_id: lane.run_id.to_owned(),
+                top_n: lane.top_n,
+                permit,
+            }),
+            None => Route::Pass,
+        }
+    }
+
+    fn near_hit(&self, req: &Request<Body>, lane: &LaneRequest<'_>) -> Option<Response> {
+        let headers = req.headers();
         let started = Instant::now();
         let views = &self.state.views;
         let logical = match lane.view {
@@ -155,6 +185,77 @@ impl<S> HitLane<S> {
     }
 }
 
+/// What [`HitLane::route`] decided.
+enum Route {
+    /// Answered from a near-cache copy.
+    Answered(Response),
+    /// Served by the lane, asynchronously.
+    Serve(Owned),
+    /// Left to the router.
+    Pass,
+}
+
+/// A lane request that outlives the borrow of its request, with its in-flight permit.
+struct Owned {
+    view: View,
+    run_id: String,
+    top_n: Option<u32>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Serves `req` as the router and its stack would: the view handler's work (the caller's
+/// admission, the read-through, the answer) under the request time-out, in the request's span,
+/// with a panic answered `500` and errors as JSON, then the access line and `X-Request-Id`.
+async fn serve(state: AppState, ids: FastRequestId, req: Request<Body>, lane: Owned) -> Response {
+    let started = Instant::now();
+    let headers = req.headers();
+    let request_id = headers
+        .get(X_REQUEST_ID)
+        .cloned()
+        .unwrap_or_else(|| ids.next());
+    // The span the router's trace layer opens (disabled, and nearly free, below `info`).
+    let id = request_id.to_str().unwrap_or("-");
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id);
+    let work = async {
+        if let Err(e) = super::views::admit(&state, headers) {
+            return e.into_response();
+        }
+        let forwarded = state.views.origin().forwarded_headers(headers);
+        let view_request = match lane.view {
+            View::Metrics => ViewRequest::metrics(&lane.run_id, forwarded, true),
+            _ => ViewRequest::feature_importance(&lane.run_id, lane.top_n, forwarded, true),
+        };
+        match state.views.serve(view_request).await {
+            Ok(answer) => super::views::respond(answer, headers, true),
+            Err(e) => AppError::from(e).into_response(),
+        }
+    };
+    let limit = Duration::from_millis(state.settings.server.request_timeout_ms);
+    let guarded = AssertUnwindSafe(tokio::time::timeout(limit, work).instrument(span))
+        .catch_unwind()
+        .await;
+    let resp = match guarded {
+        Ok(Ok(resp)) => super::weaken_etag_when_compressed(super::json_errors(resp)),
+        Ok(Err(_elapsed)) => {
+            let mut timed_out = Response::new(Body::empty());
+            *timed_out.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+            super::json_errors(timed_out)
+        }
+        Err(_panic) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::INTERNAL,
+            "internal error",
+        ),
+    };
+    drop(lane.permit);
+    let mut resp = resp;
+    if tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::INFO) {
+        access_line(&req, &request_id, &resp, started);
+    }
+    resp.headers_mut().insert(X_REQUEST_ID, request_id);
+    resp
+}
+
 /// The access line the full path's trace layer writes, in the same span and fields.
 fn access_line(req: &Request<Body>, request_id: &HeaderValue, resp: &Response, started: Instant) {
     let id = request_id.to_str().unwrap_or("-");
@@ -168,26 +269,35 @@ fn access_line(req: &Request<Body>, request_id: &HeaderValue, resp: &Response, s
     );
 }
 
+/// The lane's own serving of a request (see [`serve`]).
+type Served = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
 impl<S> Service<Request<Body>> for HitLane<S>
 where
     S: Service<Request<Body>, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+    type Future = Either<Ready<Result<Response, Infallible>>, Either<Served, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        if let Some(resp) = self.try_hit(&req) {
-            return Either::Left(ready(Ok(resp)));
+        match self.route(&req) {
+            Route::Answered(resp) => Either::Left(ready(Ok(resp))),
+            Route::Serve(lane) => {
+                let served = serve(self.state.clone(), self.ids.clone(), req, lane);
+                Either::Right(Either::Left(Box::pin(served.map(Ok))))
+            }
+            Route::Pass => {
+                if let Some(peer) = self.peer {
+                    req.extensions_mut().insert(peer);
+                }
+                Either::Right(Either::Right(self.inner.call(req)))
+            }
         }
-        if let Some(peer) = self.peer {
-            req.extensions_mut().insert(peer);
-        }
-        Either::Right(self.inner.call(req))
     }
 }
 

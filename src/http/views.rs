@@ -64,7 +64,7 @@ pub struct CompareBody {
 }
 
 /// In `auth.frontend = jwt`, a request without a valid bearer JWT stops here (401).
-fn admit(state: &AppState, headers: &HeaderMap) -> Result<()> {
+pub(super) fn admit(state: &AppState, headers: &HeaderMap) -> Result<()> {
     state
         .views
         .access()
