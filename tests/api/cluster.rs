@@ -59,6 +59,13 @@ async fn json_of(resp: reqwest::Response) -> Value {
     resp.json().await.expect("json body")
 }
 
+/// An admin call that must succeed; its JSON answer.
+async fn admin_ok(app: &TestApp, method: Method, path: &str, body: Option<Value>) -> Value {
+    let resp = app.admin(method, path, body).await;
+    assert_eq!(resp.status(), 200, "{path}");
+    json_of(resp).await
+}
+
 #[tokio::test]
 async fn every_view_and_admin_route_works_against_a_cluster() {
     let cluster = TestCluster::start(3, 0).await;
@@ -98,48 +105,43 @@ async fn every_view_and_admin_route_works_against_a_cluster() {
     assert_eq!(cache, "MISS", "the comparison after the event");
 
     // Keys, namespaces and patterns.
-    let resp = app
-        .admin(
-            Method::POST,
-            "/cache/invalidate",
-            Some(json!({"keys": ["model:metrics:42"]})),
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
+    admin_ok(
+        &app,
+        Method::POST,
+        "/cache/invalidate",
+        Some(json!({"keys": ["model:metrics:42"]})),
+    )
+    .await;
     let (_, cache, _) = x_cache(app.metrics("42").await).await;
     assert_eq!(cache, "MISS", "after a keys invalidation");
-    let resp = app
-        .admin(
-            Method::POST,
-            "/cache/invalidate",
-            Some(json!({"namespace": "metrics"})),
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
+    admin_ok(
+        &app,
+        Method::POST,
+        "/cache/invalidate",
+        Some(json!({"namespace": "metrics"})),
+    )
+    .await;
     let (_, cache, _) = x_cache(app.metrics("42").await).await;
     assert_eq!(cache, "MISS", "after a namespace invalidation");
     let (_, cache, _) = x_cache(app.metrics("42").await).await;
     assert_eq!(cache, "HIT");
-    let resp = app
-        .admin(
-            Method::DELETE,
-            "/cache/clear?pattern=model:metrics:4*&dry_run=true",
-            None,
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(json_of(resp).await["deleted_count"], 1);
+    let dry = admin_ok(
+        &app,
+        Method::DELETE,
+        "/cache/clear?pattern=model:metrics:4*&dry_run=true",
+        None,
+    )
+    .await;
+    assert_eq!(dry["deleted_count"], 1, "{dry}");
     let (_, cache, _) = x_cache(app.metrics("42").await).await;
     assert_eq!(cache, "HIT", "a dry run deletes nothing");
-    let resp = app
-        .admin(
-            Method::DELETE,
-            "/cache/clear?pattern=model:metrics:4*",
-            None,
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
-    let body = json_of(resp).await;
+    let body = admin_ok(
+        &app,
+        Method::DELETE,
+        "/cache/clear?pattern=model:metrics:4*",
+        None,
+    )
+    .await;
     assert_eq!(body["deleted_count"], 1, "{body}");
     assert_eq!(body["pattern"], "model:metrics:4*");
     let (_, cache, _) = x_cache(app.metrics("42").await).await;
@@ -167,18 +169,16 @@ async fn every_view_and_admin_route_works_against_a_cluster() {
         stats["redis"]["used_memory"].as_u64().unwrap_or(0) > 0,
         "{stats}"
     );
-    let resp = app
-        .admin(
-            Method::POST,
-            "/cache/version",
-            Some(json!({"version": "v2"})),
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
+    admin_ok(
+        &app,
+        Method::POST,
+        "/cache/version",
+        Some(json!({"version": "v2"})),
+    )
+    .await;
     let (_, cache, _) = x_cache(app.metrics("7").await).await;
     assert_eq!(cache, "MISS", "after the version switch");
-    let resp = app.admin(Method::DELETE, "/cache/clear", None).await;
-    assert_eq!(resp.status(), 200);
+    admin_ok(&app, Method::DELETE, "/cache/clear", None).await;
     let (_, cache, _) = x_cache(app.metrics("7").await).await;
     assert_eq!(cache, "MISS", "after clearing everything");
     assert_eq!(app.stats().await["backend"], "redis");
@@ -204,11 +204,13 @@ async fn a_pattern_clear_finds_keys_on_every_primary() {
     }
     assert_eq!(held, runs.len());
 
-    let resp = app
-        .admin(Method::DELETE, "/cache/clear?pattern=model:metrics:*", None)
-        .await;
-    assert_eq!(resp.status(), 200);
-    let body = json_of(resp).await;
+    let body = admin_ok(
+        &app,
+        Method::DELETE,
+        "/cache/clear?pattern=model:metrics:*",
+        None,
+    )
+    .await;
     assert_eq!(body["deleted_count"], runs.len(), "{body}");
     for port in &primaries {
         assert!(
@@ -564,14 +566,13 @@ async fn a_restarted_primary_holding_the_global_counters_revives_nothing() {
     assert!(!old.is_empty(), "the entry is stored");
 
     app.origin.set_revision(1);
-    let resp = app
-        .admin(
-            Method::POST,
-            "/cache/invalidate",
-            Some(json!({"namespace": "metrics"})),
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
+    admin_ok(
+        &app,
+        Method::POST,
+        "/cache/invalidate",
+        Some(json!({"namespace": "metrics"})),
+    )
+    .await;
     // The old entry written back behind the invalidation (a racing fetch's store).
     let _: () = redis::cmd("SET")
         .arg(&key)
