@@ -231,15 +231,27 @@ async fn serve(state: AppState, ids: FastRequestId, req: Request<Body>, lane: Ow
         }
     };
     let limit = Duration::from_millis(state.settings.server.request_timeout_ms);
-    let guarded = AssertUnwindSafe(tokio::time::timeout(limit, work).instrument(span))
+    // As the router's time-out layer: the deadline is looked at before the work, so an
+    // answer that comes at the deadline is a time-out there too.
+    let timed = async {
+        let deadline = tokio::time::sleep(limit);
+        tokio::select! {
+            biased;
+            () = deadline => None,
+            resp = work => Some(resp),
+        }
+    };
+    let guarded = AssertUnwindSafe(timed.instrument(span))
         .catch_unwind()
         .await;
-    let resp = match guarded {
-        Ok(Ok(resp)) => super::weaken_etag_when_compressed(super::json_errors(resp)),
-        Ok(Err(_elapsed)) => {
-            let mut timed_out = Response::new(Body::empty());
-            *timed_out.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-            super::json_errors(timed_out)
+    let mut resp = match guarded {
+        Ok(answered) => {
+            let resp = answered.unwrap_or_else(|| {
+                let mut timed_out = Response::new(Body::empty());
+                *timed_out.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+                timed_out
+            });
+            super::weaken_etag_when_compressed(super::json_errors(vary_as_compression_would(resp)))
         }
         Err(_panic) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -248,11 +260,34 @@ async fn serve(state: AppState, ids: FastRequestId, req: Request<Body>, lane: Ow
         ),
     };
     drop(lane.permit);
-    let mut resp = resp;
+    state
+        .stats
+        .lane_served
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::INFO) {
         access_line(&req, &request_id, &resp, started);
     }
     resp.headers_mut().insert(X_REQUEST_ID, request_id);
+    resp
+}
+
+/// What the router's compression layer does to an answer it leaves uncompressed (the lane
+/// takes no request with `Accept-Encoding`): one it would have compressed for a client that
+/// asked says so in `Vary` (error bodies, for instance; view answers already do).
+fn vary_as_compression_would(mut resp: Response) -> Response {
+    use tower_http::compression::predicate::{DefaultPredicate, Predicate};
+    let headers = resp.headers();
+    let compressible = !headers.contains_key(header::CONTENT_ENCODING)
+        && !headers.contains_key(header::CONTENT_RANGE)
+        && DefaultPredicate::new().should_compress(&resp);
+    let varies = resp.headers().get_all(header::VARY).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("accept-encoding"))
+    });
+    if compressible && !varies {
+        resp.headers_mut()
+            .append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
     resp
 }
 
@@ -285,6 +320,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        // As the router's first layer does: the id is in the request before anything else
+        // (header limits count it, and a fetch forwards it to the origin).
+        if !req.headers().contains_key(X_REQUEST_ID) {
+            req.headers_mut().insert(X_REQUEST_ID, self.ids.next());
+        }
         match self.route(&req) {
             Route::Answered(resp) => Either::Left(ready(Ok(resp))),
             Route::Serve(lane) => {

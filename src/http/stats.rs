@@ -61,6 +61,9 @@ pub struct StatsBody {
     /// Origin answers with `Vary` not stored because their entry already had
     /// `cache.max_variants` variants.
     pub variants_refused: u64,
+    /// View requests the hit lane served without the router, other than from a near-cache
+    /// copy (those are `l1.lane_hits`): entries in Redis or the memory tier, misses.
+    pub lane_served: u64,
     /// Mean request latency.
     pub avg_latency_ms: f64,
     /// Median request latency.
@@ -281,6 +284,7 @@ async fn stats(state: &AppState) -> StatsResponse {
             origin_errors: s.sum(|v| &v.origin_errors),
             coalesced: s.sum(|v| &v.coalesced),
             variants_refused: s.variants_refused.load(Relaxed),
+            lane_served: s.lane_served.load(Relaxed),
             avg_latency_ms: round2(s.latency.mean_ms()),
             p50_latency_ms: round2(s.latency.quantile_ms(0.50)),
             p95_latency_ms: round2(s.latency.quantile_ms(0.95)),

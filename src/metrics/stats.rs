@@ -199,6 +199,9 @@ pub struct Stats {
     /// Origin answers not stored because their entry already had `cache.max_variants`
     /// variants.
     pub variants_refused: AtomicU64,
+    /// View requests the hit lane served without the router, other than from a near-cache
+    /// copy (those are `l1.lane_hits`).
+    pub lane_served: AtomicU64,
 }
 
 impl Default for Stats {
@@ -213,6 +216,7 @@ impl Default for Stats {
             warmed: AtomicU64::new(0),
             warm_errors: AtomicU64::new(0),
             variants_refused: AtomicU64::new(0),
+            lane_served: AtomicU64::new(0),
         }
     }
 }

@@ -242,10 +242,20 @@ async fn the_hit_lane_and_the_full_path_answer_alike_in_every_state() {
         }
         compare_stale(&app, &shapes).await;
         let lane_hits = app.state.store.near_counts().lane_hits;
+        let lane_served = app
+            .state
+            .stats
+            .lane_served
+            .load(std::sync::atomic::Ordering::Relaxed);
         if mode == "cors" {
             assert_eq!(lane_hits, 0, "the lane stays closed with CORS configured");
+            assert_eq!(lane_served, 0, "the lane stays closed with CORS configured");
         } else {
-            assert!(lane_hits > 0, "{mode}: the lane answered some of them");
+            assert!(lane_hits > 0, "{mode}: the lane answered some from copies");
+            assert!(
+                lane_served > 0,
+                "{mode}: the lane served some from Redis, stale or cold"
+            );
         }
     }
 }
@@ -283,4 +293,37 @@ async fn with_jwt_the_hit_lane_steps_aside_and_answers_alike() {
     }
     compare_stale(&app, &shapes).await;
     assert_eq!(app.state.store.near_counts().lane_hits, 0);
+    assert_eq!(
+        app.state
+            .stats
+            .lane_served
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+/// A failing origin behind a cold entry: the lane's error answer is the full path's (JSON,
+/// `Vary` as the compression layer leaves it), and the origin got the request id runcache
+/// generated, as it does through the router.
+#[tokio::test]
+async fn an_origin_failure_is_answered_alike_and_the_origin_gets_the_request_id() {
+    let redis = TestRedis::start().await;
+    let app = lane_app(&redis, |s| s.auth.frontend = "none".into()).await;
+    app.origin.set_fail(500);
+    for shape in [&[][..], &[("if-none-match", "*")][..]] {
+        compare(&app, State::Cold, shape).await;
+    }
+    let served = through_service(&app, &[]).await;
+    assert_eq!(served.status, StatusCode::BAD_GATEWAY, "{served:?}");
+    assert!(
+        app.origin.last_headers().contains_key("x-request-id"),
+        "the origin got no request id"
+    );
+    assert!(
+        app.state
+            .stats
+            .lane_served
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
 }
