@@ -140,6 +140,7 @@ impl AppState {
         let store = Arc::new(build_store(&settings, &keys, &version, &admin_token)?);
         let stats = Arc::new(Stats::default());
         let origin = OriginClient::new(&settings.origin).context("build the origin client")?;
+        let started = Arc::new(AtomicBool::new(false));
         let invalidator = Invalidator::new(
             store.clone(),
             store.clone(),
@@ -147,6 +148,7 @@ impl AppState {
             version.clone(),
             stats.clone(),
             tasks.clone(),
+            started.clone(),
         );
         let views = ReadThrough::new(
             Parts {
@@ -199,7 +201,7 @@ impl AppState {
             prometheus,
             snapshots,
             tasks,
-            started: Arc::new(AtomicBool::new(false)),
+            started,
             readiness: Readiness::default(),
         })))
     }

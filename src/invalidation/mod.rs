@@ -5,6 +5,7 @@
 //! sequence for keys and narrower patterns. Callable from handlers and background tasks alike.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
@@ -100,6 +101,8 @@ pub struct Invalidator {
     version: Arc<KeyVersion>,
     stats: Arc<Stats>,
     tasks: Tasks,
+    /// Set once start-up is done (see [`Invalidator::new`]).
+    started: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Invalidator {
@@ -110,7 +113,9 @@ impl std::fmt::Debug for Invalidator {
 
 impl Invalidator {
     /// Builds an invalidator over `store` (with its shared side `shared`); background
-    /// clean-ups run on `tasks`.
+    /// clean-ups run on `tasks`. Until `started` is set, it acknowledges nothing: a starting
+    /// instance may not have reached Redis yet, nor read who the other instances are, so an
+    /// invalidation it journaled could reach nobody else before its answer.
     pub fn new(
         store: Arc<dyn Store>,
         shared: Arc<dyn Shared>,
@@ -118,6 +123,7 @@ impl Invalidator {
         version: Arc<KeyVersion>,
         stats: Arc<Stats>,
         tasks: Tasks,
+        started: Arc<AtomicBool>,
     ) -> Self {
         // Every cause is exported from the start, so that `rate()` and alerts see a 0 rather
         // than nothing before the first invalidation.
@@ -135,10 +141,24 @@ impl Invalidator {
             version,
             stats,
             tasks,
+            started,
+        }
+    }
+
+    /// Refuses while the instance is starting (see [`Invalidator::new`]): the caller gets a
+    /// `503` and retries, as it would against an instance not yet listening.
+    fn ready(&self) -> Result<(), StoreError> {
+        if self.started.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "runcache is still starting; retry shortly".into(),
+            ))
         }
     }
 
     async fn apply(&self, inv: Invalidation, cause: Cause) -> Result<u64, StoreError> {
+        self.ready()?;
         let result = self.store.invalidate(&inv).await;
         if let Ok(n) = result {
             self.stats.record_invalidation(cause.as_str(), n);
@@ -241,6 +261,7 @@ impl Invalidator {
     /// every near cache emptied; old entries are deleted in the background. Needs Redis, where
     /// the version lives.
     pub async fn switch_version(&self, new: &str) -> Result<VersionSwitch, StoreError> {
+        self.ready()?;
         if self.store.source().tier != Tier::Redis {
             return Err(StoreError::Unavailable(
                 "the key version lives in redis, which is unreachable".into(),

@@ -224,7 +224,7 @@ async fn a_pattern_clear_finds_keys_on_every_primary() {
 
 #[tokio::test]
 async fn an_event_on_one_instance_is_seen_by_the_next_read_on_every_other() {
-    let cluster = TestCluster::start(3, 0).await;
+    let cluster = TestCluster::start(3, 1).await;
     let a = cluster_app(&cluster).await;
     let b = another_instance(&cluster, &a).await;
     let c = another_instance(&cluster, &a).await;
@@ -247,8 +247,13 @@ async fn an_event_on_one_instance_is_seen_by_the_next_read_on_every_other() {
             assert_eq!(body["revision"], round, "round {round}: {detail}");
         }
     }
-    let stats = b.stats().await;
-    assert_eq!(stats["l1"]["subscribed"], true, "{stats}");
+    for app in [&a, &b, &c] {
+        let stats = app.stats().await;
+        assert_eq!(stats["l1"]["subscribed"], true, "{stats}");
+        // Every publication reached everyone and was confirmed: none waited in vain, none
+        // failed (the count of subscribers on every node, replicas included, is right).
+        assert_eq!(stats["l1"]["ack_timeouts"], 0, "{stats}");
+    }
 }
 
 #[tokio::test]

@@ -163,7 +163,8 @@ pub fn judge_read(read: &ReadOp, windows: &[(usize, u64, u64)]) -> Judgement {
 
 /// Judges one failed event attempt. SPEC 1: an event is answered `200` once applied, also
 /// while Redis is down (memory tier plus journal). A connection failure while the instance
-/// restarts (not a time-out) and a `429` (rate limit) are excused; anything else is a violation.
+/// restarts (not a time-out), a `503` while it starts again, and a `429` (rate limit) are
+/// excused; anything else is a violation.
 pub fn judge_attempt(a: &crate::history::Attempt, windows: &[(usize, u64, u64)]) -> Judgement {
     match a.status {
         None => {
@@ -177,6 +178,10 @@ pub fn judge_attempt(a: &crate::history::Attempt, windows: &[(usize, u64, u64)])
             }
         }
         Some(429) => Judgement::Excused("event 429 rate_limited".into()),
+        // An instance refuses events until it has started (it may not know the others yet).
+        Some(503) if during_restart(windows, a.instance, a.start_us, a.end_us) => {
+            Judgement::Excused("event 503 while the instance restarted (starting)".into())
+        }
         Some(s) => Judgement::Violation(format!(
             "event {s} {}",
             a.error_code.as_deref().unwrap_or("-")

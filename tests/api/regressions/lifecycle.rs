@@ -179,3 +179,26 @@ async fn after_a_restart_during_an_outage_every_entry_keeps_the_degraded_bound()
         "an entry older than memory.degraded_max_age_ms was served from memory: {later:?}"
     );
 }
+
+/// Seen by the checker on a cluster (seed 20250611): an instance restarted by the checker took
+/// an event before its start-up had reached Redis or read who the others were, journaled it,
+/// told nobody, and answered `200` within 7 ms; another instance then served the old
+/// revision. An event that arrives while the instance is starting is refused with `503`
+/// (the sender retries, here or at another instance) and acknowledged once it has started.
+#[tokio::test]
+async fn an_event_during_start_up_is_refused_until_the_instance_has_started() {
+    let redis = TestRedis::start().await;
+    let origin = TestOrigin::start().await;
+    let mut settings = test_settings(&origin.url, &redis.url());
+    settings.redis.connect_timeout_ms = 1_000;
+    // A hung Redis holds the start-up's first probe for a while.
+    redis.pause();
+    let app = start_app_unwaited(settings, origin).await;
+    assert!(!app.state.started.load(Ordering::Acquire));
+    let resp = app.event("training-completed", json!("7")).await;
+    assert_error(resp, 503, "unavailable").await;
+    redis.resume();
+    wait_for(|| async { app.state.started.load(Ordering::Acquire) }).await;
+    let resp = app.event("training-completed", json!("7")).await;
+    assert_eq!(resp.status(), 200);
+}
