@@ -460,6 +460,9 @@ pub async fn delete_run(
     headers: HeaderMap,
 ) -> Result<Response> {
     let id = run_id(id)?;
+    // A starting instance could not invalidate behind the origin's delete (see
+    // `Invalidator::new`): nothing is sent to the origin until it can.
+    state.invalidator.ready()?;
     let resp = state
         .views
         .origin()

@@ -146,8 +146,10 @@ impl Invalidator {
     }
 
     /// Refuses while the instance is starting (see [`Invalidator::new`]): the caller gets a
-    /// `503` and retries, as it would against an instance not yet listening.
-    fn ready(&self) -> Result<(), StoreError> {
+    /// `503` and retries, as it would against an instance not yet listening. Work that must
+    /// not start unless its invalidation can follow (a `DELETE` passed to the origin) asks
+    /// first.
+    pub fn ready(&self) -> Result<(), StoreError> {
         if self.started.load(Ordering::Acquire) {
             Ok(())
         } else {

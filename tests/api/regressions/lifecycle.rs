@@ -197,6 +197,19 @@ async fn an_event_during_start_up_is_refused_until_the_instance_has_started() {
     assert!(!app.state.started.load(Ordering::Acquire));
     let resp = app.event("training-completed", json!("7")).await;
     assert_error(resp, 503, "unavailable").await;
+    // A DELETE is not passed to the origin while its invalidation could not follow it.
+    let resp = app
+        .client
+        .delete(app.url("/api/v1/models/train/7"))
+        .send()
+        .await
+        .expect("request");
+    assert_error(resp, 503, "unavailable").await;
+    assert_eq!(
+        app.origin.calls("DELETE /api/v1/models/train/7"),
+        0,
+        "the origin saw the DELETE"
+    );
     redis.resume();
     wait_for(|| async { app.state.started.load(Ordering::Acquire) }).await;
     let resp = app.event("training-completed", json!("7")).await;
