@@ -159,13 +159,8 @@ impl<S> HitLane<S> {
             View::Metrics => metrics_key(lane.run_id),
             _ => feature_importance_key(lane.run_id, lane.top_n),
         };
-        let make_request = || {
-            let forwarded = views.origin().forwarded_headers(headers);
-            match lane.view {
-                View::Metrics => ViewRequest::metrics(lane.run_id, forwarded, true),
-                _ => ViewRequest::feature_importance(lane.run_id, lane.top_n, forwarded, true),
-            }
-        };
+        let make_request =
+            || view_request(&self.state, lane.view, lane.run_id, lane.top_n, headers);
         let answer = views.near_hit(
             lane.view,
             &logical,
@@ -173,16 +168,36 @@ impl<S> HitLane<S> {
             make_request,
         )?;
         let mut resp = super::views::respond(answer, headers, true);
-        let request_id = headers
-            .get(X_REQUEST_ID)
-            .cloned()
-            .unwrap_or_else(|| self.ids.next());
+        let request_id = request_id(headers);
         if tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::INFO) {
             access_line(req, &request_id, &resp, started);
         }
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
         Some(resp)
     }
+}
+
+/// The request the view handler would build for a lane request.
+fn view_request(
+    state: &AppState,
+    view: View,
+    run_id: &str,
+    top_n: Option<u32>,
+    headers: &http::HeaderMap,
+) -> ViewRequest {
+    let forwarded = state.views.origin().forwarded_headers(headers);
+    match view {
+        View::Metrics => ViewRequest::metrics(run_id, forwarded, true),
+        _ => ViewRequest::feature_importance(run_id, top_n, forwarded, true),
+    }
+}
+
+/// The request's id: [`HitLane`] sets one before routing when the client sent none.
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    headers
+        .get(X_REQUEST_ID)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("-"))
 }
 
 /// What [`HitLane::route`] decided.
@@ -206,13 +221,10 @@ struct Owned {
 /// Serves `req` as the router and its stack would: the view handler's work (the caller's
 /// admission, the read-through, the answer) under the request time-out, in the request's span,
 /// with a panic answered `500` and errors as JSON, then the access line and `X-Request-Id`.
-async fn serve(state: AppState, ids: FastRequestId, req: Request<Body>, lane: Owned) -> Response {
+async fn serve(state: AppState, req: Request<Body>, lane: Owned) -> Response {
     let started = Instant::now();
     let headers = req.headers();
-    let request_id = headers
-        .get(X_REQUEST_ID)
-        .cloned()
-        .unwrap_or_else(|| ids.next());
+    let request_id = request_id(headers);
     // The span the router's trace layer opens (disabled, and nearly free, below `info`).
     let id = request_id.to_str().unwrap_or("-");
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id);
@@ -220,11 +232,7 @@ async fn serve(state: AppState, ids: FastRequestId, req: Request<Body>, lane: Ow
         if let Err(e) = super::views::admit(&state, headers) {
             return e.into_response();
         }
-        let forwarded = state.views.origin().forwarded_headers(headers);
-        let view_request = match lane.view {
-            View::Metrics => ViewRequest::metrics(&lane.run_id, forwarded, true),
-            _ => ViewRequest::feature_importance(&lane.run_id, lane.top_n, forwarded, true),
-        };
+        let view_request = view_request(&state, lane.view, &lane.run_id, lane.top_n, headers);
         match state.views.serve(view_request).await {
             Ok(answer) => super::views::respond(answer, headers, true),
             Err(e) => AppError::from(e).into_response(),
@@ -280,9 +288,11 @@ fn vary_as_compression_would(mut resp: Response) -> Response {
     let compressible = !headers.contains_key(header::CONTENT_ENCODING)
         && !headers.contains_key(header::CONTENT_RANGE)
         && DefaultPredicate::new().should_compress(&resp);
+    // Without an allocation: this runs on every answer the lane serves.
     let varies = resp.headers().get_all(header::VARY).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.to_ascii_lowercase().contains("accept-encoding"))
+        v.as_bytes()
+            .windows(b"accept-encoding".len())
+            .any(|w| w.eq_ignore_ascii_case(b"accept-encoding"))
     });
     if compressible && !varies {
         resp.headers_mut()
@@ -328,7 +338,7 @@ where
         match self.route(&req) {
             Route::Answered(resp) => Either::Left(ready(Ok(resp))),
             Route::Serve(lane) => {
-                let served = serve(self.state.clone(), self.ids.clone(), req, lane);
+                let served = serve(self.state.clone(), req, lane);
                 Either::Right(Either::Left(Box::pin(served.map(Ok))))
             }
             Route::Pass => {
