@@ -284,6 +284,7 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             state.invalidator.clone(),
             opts,
             state.started.clone(),
+            state.audit.clone(),
         );
         tasks.spawn(intake.run(cancel.clone()));
     }
@@ -293,6 +294,15 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
     let retry = ms(state.settings.redis.probe_interval_ms);
     let watching = cancel.clone();
     tasks.spawn(async move { redis.follow_master(retry, watching).await });
+
+    // The history's first sample is taken now, so the dashboard has a point from the start.
+    state.history.push(crate::http::stats::reading(state));
+    let s = state.clone();
+    let interval = ms(state.settings.admin.history_interval_ms);
+    every_from(tasks, cancel, interval, interval, move || {
+        s.history.push(crate::http::stats::reading(&s));
+        std::future::ready(())
+    });
 
     // The probe runs only while the circuit is open; at most one runs at a time in any case.
     let s = state.clone();

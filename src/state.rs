@@ -12,6 +12,8 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::config::{Settings, ms};
 use crate::invalidation::Invalidator;
 use crate::metrics::Stats;
+use crate::metrics::audit::AuditTrail;
+use crate::metrics::history::History;
 use crate::origin::OriginClient;
 use crate::security::limits::Rate;
 use crate::security::{Deliveries, Limits};
@@ -78,6 +80,10 @@ pub struct AppStateInner {
     pub started: Arc<AtomicBool>,
     /// What the last background probe of Redis and the origin found (`/ready` reports it).
     pub readiness: Readiness,
+    /// Periodic samples of the headline figures (`/cache/stats/history`).
+    pub history: Arc<History>,
+    /// Admin actions and events: logged, and the last few kept for `/cache/stats`.
+    pub audit: Arc<AuditTrail>,
 }
 
 /// The last background probe of Redis and the origin. `/ready` answers from it rather than
@@ -171,6 +177,11 @@ impl AppState {
                 Duration::from_secs(settings.memory.snapshot_interval_secs),
             ))
         });
+        let history = Arc::new(History::new(
+            settings.admin.history_samples,
+            settings.admin.history_interval_ms,
+        ));
+        let audit = Arc::new(AuditTrail::new(settings.admin.recent_actions));
         let server = &settings.server;
         let limits = Arc::new(Limits::new(
             server.max_headers,
@@ -203,6 +214,8 @@ impl AppState {
             tasks,
             started,
             readiness: Readiness::default(),
+            history,
+            audit,
         })))
     }
 }

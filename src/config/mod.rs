@@ -407,6 +407,25 @@ impl Settings {
                 ));
             }
         }
+        let a = &self.admin;
+        if !(100..=3_600_000).contains(&a.history_interval_ms) {
+            return Err(invalid(
+                "admin.history_interval_ms",
+                "must be between 100 and 3600000",
+            ));
+        }
+        if !(1..=100_000).contains(&a.history_samples) {
+            return Err(invalid(
+                "admin.history_samples",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=10_000).contains(&a.recent_actions) {
+            return Err(invalid(
+                "admin.recent_actions",
+                "must be between 1 and 10000",
+            ));
+        }
         if self.auth.validation_ttl == 0 {
             return Err(invalid("auth.validation_ttl", "must be greater than 0"));
         }

@@ -227,6 +227,12 @@ pub struct WarmSettings {
 pub struct AdminSettings {
     /// Bearer token for admin routes and events; generated at start when unset.
     pub token: Option<SecretString>,
+    /// Time between two samples of `/cache/stats/history`, in ms (default 5000).
+    pub history_interval_ms: u64,
+    /// Samples `/cache/stats/history` keeps (default 720: an hour at 5 s).
+    pub history_samples: usize,
+    /// Admin actions and events kept in memory for `/cache/stats` (default 50).
+    pub recent_actions: usize,
 }
 
 /// `[coalesce]`

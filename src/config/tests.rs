@@ -87,6 +87,21 @@ fn bad_values_name_the_setting() {
             "750",
             "server.peer_timeout_ms",
         ),
+        (
+            "RUNCACHE__ADMIN__HISTORY_INTERVAL_MS",
+            "10",
+            "admin.history_interval_ms",
+        ),
+        (
+            "RUNCACHE__ADMIN__HISTORY_SAMPLES",
+            "0",
+            "admin.history_samples",
+        ),
+        (
+            "RUNCACHE__ADMIN__RECENT_ACTIONS",
+            "100000",
+            "admin.recent_actions",
+        ),
     ] {
         let err =
             Settings::load_from(None, Some(env(&[(key, value)]))).expect_err("bad value must fail");

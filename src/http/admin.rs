@@ -96,6 +96,7 @@ pub async fn clear_cache(
     }
     let deleted_count = state.invalidator.pattern(&pattern, Cause::Clear).await?;
     audit(
+        &state,
         &state.admin_token_id,
         &caller,
         "clear",
@@ -236,6 +237,7 @@ pub async fn create_invalidation(
         }
     };
     audit(
+        &state,
         &state.admin_token_id,
         &caller,
         "invalidate",
@@ -284,6 +286,7 @@ pub async fn create_warmup(
         .await;
     let target = format!("runs:{}", ids.len());
     audit(
+        &state,
         &state.admin_token_id,
         &caller,
         "warm",
@@ -320,6 +323,7 @@ pub async fn switch_version(
     let switched = state.invalidator.switch_version(&body.version).await?;
     let target = format!("{}->{}", switched.previous, switched.version);
     audit(
+        &state,
         &state.admin_token_id,
         &caller,
         "version",
@@ -361,6 +365,7 @@ pub async fn apply_peer_invalidation(
     state.invalidator.record_peer(invalidated);
     let target = format!("peer:{}", message.from);
     audit(
+        &state,
         &state.admin_token_id,
         &caller,
         "peer-invalidation",

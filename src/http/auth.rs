@@ -105,8 +105,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// Writes one audit line (target `audit`): who (the token's id, never the token, or
-/// `signature`), from where, what, on what, and how many entries it dropped.
-pub fn audit(who: &str, caller: &Caller, action: &str, target: &str, entries: u64) {
-    tracing::info!(target: "audit", who, addr = %caller.addr, action, target, entries, "admin action");
+/// Writes one audit line (target `audit`) and keeps it for `/cache/stats`: who (the token's
+/// id, never the token, or `signature`), from where, what, on what, and how many entries it
+/// dropped.
+pub fn audit(
+    state: &AppState,
+    who: &str,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    entries: u64,
+) {
+    state
+        .audit
+        .record(who, &caller.addr, action, target, entries);
 }

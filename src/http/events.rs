@@ -65,7 +65,7 @@ async fn handle(
             ("signature", delivery.invalidated)
         }
     };
-    audit(who, caller, event, &id, invalidated);
+    audit(state, who, caller, event, &id, invalidated);
     Ok(json(StatusCode::OK, &InvalidatedResponse { invalidated }))
 }
 

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod conn;
+pub mod dashboard;
 pub mod events;
 pub mod hit_lane;
 pub mod limits;
@@ -174,6 +175,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(events::router())
         .merge(ops::router())
         .merge(stats::router())
+        .merge(dashboard::router())
 }
 
 /// The routes, and the OpenAPI document that describes them.

@@ -123,6 +123,9 @@ pub async fn get_metrics(State(state): State<AppState>) -> Response {
     });
     metrics::gauge!(names::MEMORY_ENTRIES).set(memory.entry_count() as f64);
     metrics::gauge!(names::MEMORY_BYTES).set(memory.weighted_size() as f64);
+    metrics::gauge!(names::NEAR_CACHE_BYTES).set(state.store.near_counts().bytes as f64);
+    metrics::gauge!(names::PENDING_INVALIDATIONS)
+        .set(state.store.tiered().pending_invalidations() as f64);
     (
         [(
             header::CONTENT_TYPE,

@@ -1,5 +1,7 @@
 //! `GET /cache/stats` (and its alias `/api/v1/models/cache/stats`): counters, latency
-//! percentiles, the per-view breakdown, Redis INFO figures, the memory tier and snapshots.
+//! percentiles, the per-view breakdown, Redis INFO figures, the memory tier and snapshots,
+//! the hottest keys and the recent admin actions; and `GET /cache/stats/history`, the
+//! periodic samples behind the dashboard's charts.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -12,10 +14,13 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::AppQuery;
 use super::auth::AdminAuth;
 use super::json;
 use crate::domain::{TtlTier, View};
 use crate::error::ErrorBody;
+use crate::metrics::audit::AuditRecord;
+use crate::metrics::history::{Reading, Sample};
 use crate::metrics::stats::ViewStats;
 use crate::state::AppState;
 use crate::store::Tier;
@@ -29,6 +34,20 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(get_stats))
         .routes(routes!(get_stats_alias))
+        .routes(routes!(get_stats_history))
+}
+
+/// Hot keys shown in `/cache/stats`.
+const HOT_KEYS: usize = 10;
+
+/// One of the most read keys.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HotKey {
+    /// Logical key, e.g. `model:metrics:42`.
+    pub key: String,
+    /// Reads this instance counted recently (a key is forgotten 10 minutes after its last
+    /// read); refresh-ahead refreshes a key from `refresh.min_hits` reads.
+    pub reads: u32,
 }
 
 /// Counters over every view.
@@ -205,6 +224,12 @@ pub struct StatsResponse {
     pub l1: NearCounts,
     /// TTL tiers and prefix.
     pub config: ConfigBody,
+    /// The most read keys of the current version on this instance, most read first (at most
+    /// 10; from the refresh-ahead read counters).
+    pub hot_keys: Vec<HotKey>,
+    /// The last admin actions and events this instance applied, newest first (at most
+    /// `admin.recent_actions`; each is also an `audit` log line).
+    pub recent_actions: Vec<AuditRecord>,
     /// Summary.
     pub message: String,
 }
@@ -335,6 +360,19 @@ async fn stats(state: &AppState) -> StatsResponse {
             ttl_day: tier_secs(TtlTier::Day),
             ttl_week: tier_secs(TtlTier::Week),
         },
+        hot_keys: state
+            .store
+            .counters()
+            .hottest(HOT_KEYS, |k| state.keys.logical(&version, k).is_some())
+            .into_iter()
+            .filter_map(|(k, reads)| {
+                Some(HotKey {
+                    key: state.keys.logical(&version, &k)?.to_owned(),
+                    reads,
+                })
+            })
+            .collect(),
+        recent_actions: state.audit.recent(),
         message: format!(
             "Cache statistics retrieved successfully ({} backend, {} entries)",
             tier.as_str(),
@@ -357,4 +395,80 @@ pub async fn get_stats(_: AdminAuth, State(state): State<AppState>) -> Response 
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody)))]
 pub async fn get_stats_alias(auth: AdminAuth, state: State<AppState>) -> Response {
     get_stats(auth, state).await
+}
+
+/// The figures a history sample is made of, read now. Every one is an atomic load or a
+/// gauge the store keeps: sampling adds nothing to the request path.
+pub fn reading(state: &AppState) -> Reading {
+    let s = &state.stats;
+    let tiered = state.store.tiered();
+    let memory = tiered.memory();
+    let tier = tiered.tier();
+    Reading {
+        at_ms: crate::domain::policy::now_ms(),
+        requests: s.latency.count(),
+        hits: s.sum(|v| &v.hits),
+        misses: s.sum(|v| &v.misses),
+        stale_served: s.sum(|v| &v.stale_served),
+        coalesced: s.sum(|v| &v.coalesced),
+        origin_fetches: s.sum(|v| &v.origin_fetches),
+        origin_errors: s.sum(|v| &v.origin_errors),
+        latency: s.latency.counts(),
+        backend: tier.as_str(),
+        circuit_open: tier == Tier::Memory,
+        redis_reachable: state.readiness.last().map(|(redis, _, _)| redis),
+        memory_bytes: memory.weighted_size(),
+        memory_entries: memory.entry_count(),
+        near_bytes: state.store.near_counts().bytes,
+        pending_journal: tiered.pending_invalidations() as u64,
+    }
+}
+
+/// Query of `GET /cache/stats/history`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Only the samples taken after this time (Unix milliseconds): a page that polls passes
+    /// the `t_ms` of the last sample it has. Absent: every sample kept.
+    #[param(minimum = 0)]
+    pub since: Option<u64>,
+}
+
+/// `GET /cache/stats/history`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryResponse {
+    /// Configured time between samples (`admin.history_interval_ms`).
+    pub interval_ms: u64,
+    /// Samples kept at most (`admin.history_samples`); older ones are dropped.
+    pub capacity: u64,
+    /// Key version in use now.
+    pub version: String,
+    /// The samples, oldest first. The first one, taken at start, has `interval_ms` 0.
+    pub samples: Vec<Sample>,
+}
+
+/// Periodic samples of the headline figures: request and hit rate, latency percentiles, origin
+/// rate and errors, stale serves, coalesced waiters, store and circuit state, memory-tier and
+/// near-cache bytes, and the pending journal. Each sample covers the interval before it.
+#[utoipa::path(get, path = "/cache/stats/history", tag = "admin", security(("bearer" = [])),
+    params(HistoryQuery),
+    responses((status = 200, description = "Samples, oldest first", body = HistoryResponse),
+        (status = 400, description = "Invalid query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody)))]
+pub async fn get_stats_history(
+    _: AdminAuth,
+    State(state): State<AppState>,
+    AppQuery(q): AppQuery<HistoryQuery>,
+) -> Response {
+    let h = &state.history;
+    json(
+        StatusCode::OK,
+        &HistoryResponse {
+            interval_ms: h.interval_ms(),
+            capacity: h.capacity() as u64,
+            version: state.version.get().as_str().to_owned(),
+            samples: h.since(q.since.unwrap_or(0)),
+        },
+    )
 }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Cause, Invalidator};
 use crate::domain::validate_run_id;
+use crate::metrics::audit::AuditTrail;
 use crate::metrics::names;
 use crate::store::redis::RedisStore;
 
@@ -261,6 +262,8 @@ pub struct StreamIntake {
     /// Where the client comes from at each connection (in sentinel mode, the master moves).
     redis: RedisStore,
     invalidator: Invalidator,
+    /// Applied events are recorded there, as the HTTP events are.
+    audit: Arc<AuditTrail>,
     opts: StreamOptions,
     flag: String,
     /// The group's delivered counter (see [`READ`]).
@@ -325,6 +328,7 @@ impl StreamIntake {
         invalidator: Invalidator,
         opts: StreamOptions,
         started: Arc<AtomicBool>,
+        audit: Arc<AuditTrail>,
     ) -> Self {
         let flag = side_key(&opts.stream, "gap", &opts.group);
         let delivered = side_key(&opts.stream, "delivered", &opts.group);
@@ -335,6 +339,7 @@ impl StreamIntake {
             flag,
             delivered,
             started,
+            audit,
             conn: None,
             conn_target: None,
             seen: false,
@@ -500,6 +505,11 @@ impl StreamIntake {
                 Ok(run_id) => match self.invalidator.run(&run_id, Cause::Event).await {
                     Ok(n) => {
                         tracing::info!(stream_id = %entry.id, run_id, invalidated = n, "event from the stream applied");
+                        let kind = fields
+                            .iter()
+                            .find(|(k, _)| k == "kind")
+                            .map_or("event", |(_, v)| v.as_str());
+                        self.audit.record("stream", &entry.id, kind, &run_id, n);
                         metrics::counter!(names::STREAM_EVENTS_TOTAL, "outcome" => "applied")
                             .increment(1);
                         done.push(entry.id);

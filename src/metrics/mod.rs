@@ -1,6 +1,8 @@
 //! Metrics: Prometheus names (constants with help text), the process-wide recorder, per-view
 //! handles registered once at start (so recording is an atomic add), and `/cache/stats` counters.
 
+pub mod audit;
+pub mod history;
 pub mod stats;
 
 use std::sync::OnceLock;
@@ -68,9 +70,13 @@ pub mod names {
     pub const STREAM_LAG: &str = "runcache_stream_lag";
     /// Entries delivered to the group and not yet acknowledged, by any instance.
     pub const STREAM_PENDING: &str = "runcache_stream_pending";
+    /// Bytes in the near cache (in-process copies of Redis entries).
+    pub const NEAR_CACHE_BYTES: &str = "runcache_near_cache_bytes";
+    /// Invalidations journaled while Redis was unreachable, waiting to be replayed.
+    pub const PENDING_INVALIDATIONS: &str = "runcache_pending_invalidations";
 
     /// Every family above: each is exported from start-up, at 0 for its known label values.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 27] = [
         VIEW_REQUESTS_TOTAL,
         VIEW_REQUEST_DURATION,
         ORIGIN_REQUESTS_TOTAL,
@@ -96,6 +102,8 @@ pub mod names {
         STREAM_GAPS_TOTAL,
         STREAM_LAG,
         STREAM_PENDING,
+        NEAR_CACHE_BYTES,
+        PENDING_INVALIDATIONS,
     ];
 }
 
@@ -227,6 +235,17 @@ fn describe() {
         metrics::Unit::Bytes,
         "Bytes in the memory tier"
     );
+    describe_gauge!(
+        names::NEAR_CACHE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes in the near cache (in-process copies of Redis entries)"
+    );
+    describe_gauge!(
+        names::PENDING_INVALIDATIONS,
+        "Invalidations journaled while Redis was unreachable, waiting to be replayed"
+    );
+    metrics::gauge!(names::NEAR_CACHE_BYTES).set(0.0);
+    metrics::gauge!(names::PENDING_INVALIDATIONS).set(0.0);
 }
 
 /// Prometheus handles of one view, registered once so the request path only adds atomically.

@@ -105,21 +105,32 @@ impl Histogram {
 
     /// The `q` quantile (0..=1) in milliseconds (0 when empty).
     pub fn quantile_ms(&self, q: f64) -> f64 {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return 0.0;
-        }
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return bucket_value(i) / 1000.0;
-            }
-        }
-        0.0
+        quantile_of(&self.counts(), q).unwrap_or(0.0)
     }
+
+    /// A copy of the bucket counts: subtracting two copies gives the histogram of what was
+    /// recorded in between (see [`quantile_of`]).
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.load(Relaxed)).collect()
+    }
+}
+
+/// The `q` quantile (0..=1), in milliseconds, of bucket counts taken from
+/// [`Histogram::counts`] (or a difference of two); `None` when they hold nothing.
+pub fn quantile_of(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(bucket_value(i) / 1000.0);
+        }
+    }
+    None
 }
 
 /// Counters of one view.

@@ -2,7 +2,7 @@
 //! near-cache copy carries its key's counter so that a hit counts without a lookup.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// Reads per key, forgotten after 10 minutes without one, at most 100 000 keys.
@@ -33,5 +33,36 @@ impl ReadCounters {
     /// The counter of `key` (created at 0).
     pub fn of(&self, key: &str) -> Arc<AtomicU32> {
         self.hits.get_with_by_ref(key, Arc::default)
+    }
+
+    /// The `n` keys read most recently often, most read first, among those `keep` accepts.
+    /// Walks every counter (at most 100 000): for an admin request, never a view request.
+    pub fn hottest(&self, n: usize, keep: impl Fn(&str) -> bool) -> Vec<(Arc<String>, u32)> {
+        let mut top: Vec<(Arc<String>, u32)> = self
+            .hits
+            .iter()
+            .map(|(k, c)| (k, c.load(Ordering::Relaxed)))
+            .filter(|(k, c)| *c > 0 && keep(k))
+            .collect();
+        top.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(n);
+        top
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hottest_keys_come_most_read_first() {
+        let counters = ReadCounters::default();
+        for (key, reads) in [("a", 3), ("b", 7), ("c", 1), ("other:d", 9)] {
+            counters.of(key).fetch_add(reads, Ordering::Relaxed);
+        }
+        counters.of("never-read");
+        let top = counters.hottest(2, |k| !k.starts_with("other:"));
+        let top: Vec<_> = top.iter().map(|(k, c)| (k.as_str(), *c)).collect();
+        assert_eq!(top, [("b", 7), ("a", 3)]);
     }
 }

@@ -180,7 +180,10 @@ fn compose_config_with(token: Option<&str>, profiles: &[&str]) -> std::process::
     for profile in profiles {
         cmd.args(["--profile", profile]);
     }
-    cmd.arg("config").env_remove("RUNCACHE_ADMIN_TOKEN");
+    cmd.arg("config")
+        .env_remove("RUNCACHE_ADMIN_TOKEN")
+        .env_remove("GRAFANA_ADMIN_PASSWORD")
+        .env_remove("GRAFANA_ANONYMOUS_VIEWER");
     if let Some(t) = token {
         cmd.env("RUNCACHE_ADMIN_TOKEN", t);
     }
@@ -247,6 +250,87 @@ fn the_cluster_profile_runs_three_replicas_behind_a_balancer() {
     for replica in ["runcache-a:8080", "runcache-b:8080", "runcache-c:8080"] {
         assert!(conf.contains(replica), "{replica} not balanced");
     }
+}
+
+/// The `observability` profile parses: Prometheus and Grafana on the loopback interface only,
+/// their configuration files in place, and no Grafana password in the file (its start refuses
+/// an empty one, since compose would refuse every profile if the file required it).
+#[test]
+fn the_observability_profile_adds_prometheus_and_grafana_on_loopback() {
+    let accepted = compose_config_with(Some("a-token-of-my-own"), &["observability"]);
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    let config = String::from_utf8_lossy(&accepted.stdout);
+    for needle in [
+        "prometheus:",
+        "grafana:",
+        "prom/prometheus:v",
+        "grafana/grafana:11.",
+        // The entrypoint that refuses to start Grafana without a password.
+        "GRAFANA_ADMIN_PASSWORD",
+        "/run.sh",
+    ] {
+        assert!(config.contains(needle), "{needle} missing:\n{config}");
+    }
+    // `docker-compose` 1.x prints `127.0.0.1:9090:9090`, the plugin a long form.
+    for port in [9090, 3000] {
+        let short = config.contains(&format!("127.0.0.1:{port}:{port}"));
+        let long = config.contains("host_ip: 127.0.0.1")
+            && (config.contains(&format!("published: \"{port}\""))
+                || config.contains(&format!("published: {port}")));
+        assert!(
+            short || long,
+            "port {port} not on 127.0.0.1 only:\n{config}"
+        );
+    }
+    let value = |key: &str| {
+        config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .map(|v| v.trim().trim_matches(['"', '\'']).to_owned())
+            .unwrap_or_else(|| panic!("{key} missing:\n{config}"))
+    };
+    assert_eq!(value("GF_AUTH_ANONYMOUS_ENABLED:"), "false");
+    assert_eq!(
+        value("GF_SECURITY_ADMIN_PASSWORD:"),
+        "",
+        "a Grafana password is committed"
+    );
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| {
+        std::fs::read_to_string(dir.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    for (mounted, target) in [
+        (
+            "deploy/prometheus/prometheus.yml",
+            "/etc/prometheus/prometheus.yml",
+        ),
+        ("deploy/grafana/provisioning", "/etc/grafana/provisioning"),
+        (
+            "deploy/grafana/runcache.json",
+            "/etc/grafana/dashboards/runcache.json",
+        ),
+    ] {
+        assert!(dir.join(mounted).exists(), "{mounted} missing");
+        let source = dir.join(mounted).display().to_string();
+        assert!(
+            config.contains(&source) && config.contains(target),
+            "{mounted} not mounted on {target}:\n{config}"
+        );
+    }
+    assert!(read("deploy/prometheus/prometheus.yml").contains("\"runcache:8080\""));
+    let source = read("deploy/grafana/provisioning/datasources/prometheus.yml");
+    assert!(source.contains("uid: prometheus"), "{source}");
+    assert!(source.contains("url: http://prometheus:9090"), "{source}");
+    let provider = read("deploy/grafana/provisioning/dashboards/runcache.yml");
+    assert!(
+        provider.contains("path: /etc/grafana/dashboards"),
+        "{provider}"
+    );
 }
 
 /// A slowloris: 200 connections that trickle a request head one byte every 200 ms, for far

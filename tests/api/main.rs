@@ -4,10 +4,12 @@
 mod access;
 mod admin;
 mod cluster;
+mod dashboard;
 mod edges;
 mod events;
 mod fallback;
 mod freshness;
+mod grafana;
 mod headers;
 mod helpers;
 mod jwt;
