@@ -18,7 +18,7 @@ use super::AppQuery;
 use super::auth::AdminAuth;
 use super::json;
 use crate::domain::{TtlTier, View};
-use crate::error::ErrorBody;
+use crate::error::{AppError, ErrorBody};
 use crate::metrics::audit::AuditRecord;
 use crate::metrics::history::{Reading, Sample};
 use crate::metrics::stats::ViewStats;
@@ -431,8 +431,9 @@ pub fn reading(state: &AppState) -> Reading {
 pub struct HistoryQuery {
     /// Only the samples taken after this time (Unix milliseconds): a page that polls passes
     /// the `t_ms` of the last sample it has. Absent: every sample kept.
+    // i64, as the OpenAPI `int64` format says: a value past it is refused, not wrapped.
     #[param(minimum = 0)]
-    pub since: Option<u64>,
+    pub since: Option<i64>,
 }
 
 /// `GET /cache/stats/history`.
@@ -460,15 +461,23 @@ pub async fn get_stats_history(
     _: AdminAuth,
     State(state): State<AppState>,
     AppQuery(q): AppQuery<HistoryQuery>,
-) -> Response {
+) -> Result<Response, AppError> {
+    let since = match q.since {
+        None => 0,
+        Some(t) => u64::try_from(t).map_err(|_| {
+            AppError::InvalidArgument(
+                "since must be a time in Unix milliseconds, at least 0".into(),
+            )
+        })?,
+    };
     let h = &state.history;
-    json(
+    Ok(json(
         StatusCode::OK,
         &HistoryResponse {
             interval_ms: h.interval_ms(),
             capacity: h.capacity() as u64,
             version: state.version.get().as_str().to_owned(),
-            samples: h.since(q.since.unwrap_or(0)),
+            samples: h.since(since),
         },
-    )
+    ))
 }

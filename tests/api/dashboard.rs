@@ -104,6 +104,16 @@ async fn history_samples_the_headline_figures_every_interval() {
         )
         .await;
     assert_error(resp, 400, "invalid_argument").await;
+    for bad in ["-1", "9223372036854775808", "1.5"] {
+        let resp = app
+            .admin(
+                reqwest::Method::GET,
+                &format!("/cache/stats/history?since={bad}"),
+                None,
+            )
+            .await;
+        assert_error(resp, 400, "invalid_argument").await;
+    }
     let resp = app
         .admin(reqwest::Method::GET, "/cache/stats/history?until=1", None)
         .await;
