@@ -300,8 +300,8 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
     let s = state.clone();
     let interval = ms(state.settings.admin.history_interval_ms);
     every_from(tasks, cancel, interval, interval, move || {
-        s.history.push(crate::http::stats::reading(&s));
-        std::future::ready(())
+        let s = s.clone();
+        async move { crate::http::stats::sample(&s).await }
     });
 
     // The probe runs only while the circuit is open; at most one runs at a time in any case.

@@ -6,6 +6,8 @@
 
   const TOKEN_KEY = 'runcache.adminToken';
   const REFRESH_MS = 2000;
+  // A request that hangs must not stop the refreshing: it is abandoned after this.
+  const TIMEOUT_MS = 5000;
 
   const $ = (sel) => document.querySelector(sel);
   const el = (tag, attrs, ...children) => {
@@ -26,6 +28,9 @@
   let capacity = 720;
   let charts = [];
   let currentVersion = '';
+  let instance = null; // `instance` and `started_ms` of the history being drawn
+  let intervalMs = 5000;
+  let lastOk = 0;
 
   class ApiError extends Error {
     constructor(status, code, message, retryAfter) {
@@ -40,7 +45,7 @@
   // serves runcache under a prefix.
   async function api(method, path, body) {
     const headers = { Authorization: 'Bearer ' + token, Accept: 'application/json' };
-    const init = { method, headers, cache: 'no-store', credentials: 'omit' };
+    const init = { method, headers, cache: 'no-store', credentials: 'omit', signal: AbortSignal.timeout(TIMEOUT_MS) };
     if (body !== undefined) {
       headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
@@ -49,7 +54,8 @@
     try {
       resp = await fetch(path, init);
     } catch (e) {
-      throw new ApiError(0, 'unreachable', 'runcache did not answer (' + e.message + ')');
+      const why = e.name === 'TimeoutError' ? 'no answer within ' + TIMEOUT_MS / 1000 + ' s' : e.message;
+      throw new ApiError(0, 'unreachable', 'runcache did not answer (' + why + ')');
     }
     let data = null;
     try {
@@ -124,7 +130,8 @@
       $('#main').focus();
     } catch (e) {
       token = null;
-      sessionStorage.removeItem(TOKEN_KEY);
+      // Only a refusal forgets the saved token: after an outage or a 429, a reload retries.
+      if (e.status === 401) sessionStorage.removeItem(TOKEN_KEY);
       showLogin(explain(e));
     } finally {
       button.disabled = false;
@@ -136,6 +143,7 @@
     sessionStorage.removeItem(TOKEN_KEY);
     samples = [];
     lastT = 0;
+    instance = null;
     destroyCharts();
     showLogin(message);
   }
@@ -143,7 +151,18 @@
   // ---- refresh loop --------------------------------------------------------------------
   function start() {
     stop();
-    timer = setInterval(refresh, REFRESH_MS);
+    lastOk = Date.now();
+    timer = setInterval(() => {
+      checkStale();
+      refresh();
+    }, REFRESH_MS);
+  }
+
+  // Figures older than a few refreshes are said to be so, whatever is failing.
+  function checkStale() {
+    if (Date.now() - lastOk > 3 * REFRESH_MS && !problem) {
+      setProblem('The figures are stale: no update from runcache since ' + fmtTime(lastOk) + '.');
+    }
   }
 
   function stop() {
@@ -158,6 +177,7 @@
       const stats = await api('GET', 'cache/stats');
       renderStats(stats);
       await loadHistory(false);
+      lastOk = Date.now();
       setProblem(null);
     } catch (e) {
       if (e.status === 401) {
@@ -187,6 +207,17 @@
 
   async function loadHistory(initial) {
     const hist = await api('GET', 'cache/stats/history' + (lastT && !initial ? '?since=' + lastT : ''));
+    const from = hist.instance + '@' + hist.started_ms;
+    if (!initial && instance !== from) {
+      // Another instance answered (a balancer in front), or this one restarted: its history is
+      // its own, so the charts start again from it rather than splice two series together.
+      lastT = 0;
+      return loadHistory(true);
+    }
+    instance = from;
+    $('#instance').textContent = 'instance ' + hist.instance.slice(0, 8) + ' ·';
+    $('#instance').title = hist.instance;
+    intervalMs = hist.interval_ms || intervalMs;
     capacity = hist.capacity || capacity;
     $('#interval').textContent = String(Math.round((hist.interval_ms || 5000) / 100) / 10);
     if (initial) samples = [];
@@ -195,6 +226,13 @@
     }
     if (samples.length > capacity) samples = samples.slice(samples.length - capacity);
     if (samples.length) lastT = samples[samples.length - 1].t_ms;
+    const last = samples[samples.length - 1];
+    // Whether Redis answers is what the last background probe found, which can differ from
+    // the store in use: the circuit closes only once a returning Redis is made safe.
+    if (last && last.redis_reachable != null) {
+      const up = last.redis_reachable;
+      setStat('redis', up, up ? 'up' : 'unreachable', up ? 'good' : 'bad');
+    }
     drawCharts();
   }
 
@@ -263,7 +301,7 @@
   // ---- charts --------------------------------------------------------------------------
   // A log scale has no 0: a sub-microsecond interval is drawn as a gap.
   const positive = (v) => (v > 0 ? v : null);
-  const perSec = (field) => (s) => (s.interval_ms > 0 ? (s[field] * 1000) / s.interval_ms : 0);
+  const perSec = (field) => (s) => (s.interval_ms > 0 ? (s[field] * 1000) / s.interval_ms : null);
   const CHARTS = [
     {
       id: 'chart-traffic',
@@ -363,8 +401,21 @@
     return { def, fig, plot, ro };
   }
 
+  // A missed sample (the instance was down or stalled) is drawn as a gap, not a straight line.
   function dataFor(def) {
-    return [samples.map((s) => s.t_ms / 1000), ...def.series.map((ser) => samples.map(ser.value))];
+    const xs = [];
+    const ys = def.series.map(() => []);
+    let prev = null;
+    for (const s of samples) {
+      if (prev && s.t_ms - prev.t_ms > 2.5 * intervalMs) {
+        xs.push((prev.t_ms + intervalMs) / 1000);
+        ys.forEach((y) => y.push(null));
+      }
+      xs.push(s.t_ms / 1000);
+      def.series.forEach((ser, i) => ys[i].push(ser.value(s)));
+      prev = s;
+    }
+    return [xs, ...ys];
   }
 
   function drawCharts() {
@@ -457,6 +508,9 @@
         result(explain(e), true);
       } finally {
         button.disabled = false;
+        // A disabled button loses the focus (and a closed dialog returns it to nothing):
+        // give it back, so that keyboard users carry on where they were.
+        if (!document.activeElement || document.activeElement === document.body) button.focus();
         refresh();
       }
     });

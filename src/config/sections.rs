@@ -231,7 +231,7 @@ pub struct AdminSettings {
     pub history_interval_ms: u64,
     /// Samples `/cache/stats/history` keeps (default 720: an hour at 5 s).
     pub history_samples: usize,
-    /// Admin actions and events kept in memory for `/cache/stats` (default 50).
+    /// Admin actions, and events, kept in memory (each) for `/cache/stats` (default 50).
     pub recent_actions: usize,
 }
 

@@ -86,11 +86,17 @@ fn serve(index: usize, asset: &Asset, headers: &HeaderMap) -> Response {
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().trim_start_matches("W/") == etag.to_str().unwrap_or_default())
+            v.split(',').any(|t| {
+                let t = t.trim();
+                t == "*" || t.trim_start_matches("W/") == etag.to_str().unwrap_or_default()
+            })
         });
     let mut resp = if matches {
-        StatusCode::NOT_MODIFIED.into_response()
+        // As the 200 it stands for would (the compression layer adds it there).
+        let mut r = StatusCode::NOT_MODIFIED.into_response();
+        r.headers_mut()
+            .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        r
     } else {
         let mut r = asset.body.into_response();
         r.headers_mut().insert(

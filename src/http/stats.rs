@@ -225,7 +225,9 @@ pub struct StatsResponse {
     /// TTL tiers and prefix.
     pub config: ConfigBody,
     /// The most read keys of the current version on this instance, most read first (at most
-    /// 10; from the refresh-ahead read counters).
+    /// 10; from the refresh-ahead read counters, which count fresh hits while
+    /// `refresh.min_hits` is above 0). Recomputed at each history sample
+    /// (`admin.history_interval_ms`), off the request path.
     pub hot_keys: Vec<HotKey>,
     /// The last admin actions and events this instance applied, newest first (at most
     /// `admin.recent_actions`; each is also an `audit` log line).
@@ -361,16 +363,10 @@ async fn stats(state: &AppState) -> StatsResponse {
             ttl_week: tier_secs(TtlTier::Week),
         },
         hot_keys: state
-            .store
-            .counters()
-            .hottest(HOT_KEYS, |k| state.keys.logical(&version, k).is_some())
+            .history
+            .hot()
             .into_iter()
-            .filter_map(|(k, reads)| {
-                Some(HotKey {
-                    key: state.keys.logical(&version, &k)?.to_owned(),
-                    reads,
-                })
-            })
+            .map(|(key, reads)| HotKey { key, reads })
             .collect(),
         recent_actions: state.audit.recent(),
         message: format!(
@@ -397,6 +393,26 @@ pub async fn get_stats_alias(auth: AdminAuth, state: State<AppState>) -> Respons
     get_stats(auth, state).await
 }
 
+/// Takes one history sample, then recomputes the most read keys of the current version on a
+/// blocking thread: walking up to 100 000 counters must not hold a request worker.
+pub async fn sample(state: &AppState) {
+    state.history.push(reading(state));
+    let counters = state.store.counters().clone();
+    let keys = state.keys.clone();
+    let version = state.version.get();
+    let hot = tokio::task::spawn_blocking(move || {
+        counters
+            .hottest(HOT_KEYS, |k| keys.logical(&version, k).is_some())
+            .into_iter()
+            .filter_map(|(k, reads)| Some((keys.logical(&version, &k)?.to_owned(), reads)))
+            .collect()
+    })
+    .await;
+    if let Ok(hot) = hot {
+        state.history.set_hot(hot);
+    }
+}
+
 /// The figures a history sample is made of, read now. Every one is an atomic load or a
 /// gauge the store keeps: sampling adds nothing to the request path.
 pub fn reading(state: &AppState) -> Reading {
@@ -406,6 +422,7 @@ pub fn reading(state: &AppState) -> Reading {
     let tier = tiered.tier();
     Reading {
         at_ms: crate::domain::policy::now_ms(),
+        mono_ms: state.history.mono_ms(),
         requests: s.latency.count(),
         hits: s.sum(|v| &v.hits),
         misses: s.sum(|v| &v.misses),
@@ -445,6 +462,10 @@ pub struct HistoryResponse {
     pub capacity: u64,
     /// Key version in use now.
     pub version: String,
+    /// This instance's id (the samples are its own: each instance keeps its history).
+    pub instance: String,
+    /// When this instance started, in Unix milliseconds; a restart starts a new history.
+    pub started_ms: u64,
     /// The samples, oldest first. The first one, taken at start, has `interval_ms` 0.
     pub samples: Vec<Sample>,
 }
@@ -477,6 +498,8 @@ pub async fn get_stats_history(
             interval_ms: h.interval_ms(),
             capacity: h.capacity() as u64,
             version: state.version.get().as_str().to_owned(),
+            instance: state.store.tiered().peers().id().to_owned(),
+            started_ms: h.started_ms(),
             samples: h.since(since),
         },
     ))

@@ -26,11 +26,21 @@ pub struct AuditRecord {
     pub entries: u64,
 }
 
-/// The audit trail of one instance: log lines, and the last `capacity` records in memory.
+/// The audit trail of one instance: log lines, and the last `capacity` admin actions and the
+/// last `capacity` events in memory. Two rings, so that a training sweep's burst of events
+/// (up to `server.event_rate_per_sec`) does not push the admin actions out.
 #[derive(Debug)]
 pub struct AuditTrail {
-    recent: Mutex<VecDeque<AuditRecord>>,
+    admin: Mutex<VecDeque<AuditRecord>>,
+    events: Mutex<VecDeque<AuditRecord>>,
     capacity: usize,
+}
+
+fn is_event(action: &str) -> bool {
+    matches!(
+        action,
+        "training-completed" | "training-failed" | "model-deleted"
+    )
 }
 
 impl AuditTrail {
@@ -38,7 +48,8 @@ impl AuditTrail {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         Self {
-            recent: Mutex::new(VecDeque::with_capacity(capacity)),
+            admin: Mutex::new(VecDeque::with_capacity(capacity)),
+            events: Mutex::new(VecDeque::with_capacity(capacity)),
             capacity,
         }
     }
@@ -55,17 +66,31 @@ impl AuditTrail {
             target: truncate(target, 200),
             entries,
         };
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let ring = if is_event(action) {
+            &self.events
+        } else {
+            &self.admin
+        };
+        let mut recent = ring.lock().unwrap_or_else(PoisonError::into_inner);
         if recent.len() == self.capacity {
             recent.pop_front();
         }
         recent.push_back(record);
     }
 
-    /// The kept records, newest first.
+    /// The kept records, admin actions and events together, newest first.
     pub fn recent(&self) -> Vec<AuditRecord> {
-        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.iter().rev().cloned().collect()
+        let mut all: Vec<AuditRecord> = [&self.admin, &self.events]
+            .iter()
+            .flat_map(|ring| {
+                let ring = ring.lock().unwrap_or_else(PoisonError::into_inner);
+                ring.iter().cloned().collect::<Vec<_>>()
+            })
+            .collect();
+        // Stable: records of one millisecond keep the order they were made in.
+        all.reverse();
+        all.sort_by_key(|r| std::cmp::Reverse(r.at_ms));
+        all
     }
 }
 
@@ -102,6 +127,18 @@ mod tests {
         let targets: Vec<_> = recent.iter().map(|r| r.target.as_str()).collect();
         assert_eq!(targets, ["4", "3", "2"]);
         assert_eq!(recent[0].entries, 4);
+    }
+
+    #[test]
+    fn a_burst_of_events_does_not_push_out_the_admin_actions() {
+        let trail = AuditTrail::new(2);
+        trail.record("token:abcd1234", "-", "clear", "model:*", 3);
+        for i in 0..10 {
+            trail.record("signature", "-", "training-completed", &i.to_string(), 1);
+        }
+        let actions: Vec<_> = trail.recent().iter().map(|r| r.action.clone()).collect();
+        assert_eq!(actions.len(), 3);
+        assert!(actions.contains(&"clear".to_owned()), "{actions:?}");
     }
 
     #[test]

@@ -16,8 +16,10 @@ use super::stats::quantile_of;
 /// Cumulative counters and current gauges, read at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Reading {
-    /// When, in Unix milliseconds.
+    /// When, in Unix milliseconds (shown; the wall clock may step).
     pub at_ms: u64,
+    /// When, in milliseconds of a monotonic clock: intervals are measured with it.
+    pub mono_ms: u64,
     /// Cached-view requests answered so far.
     pub requests: u64,
     /// Of which served from the cache.
@@ -59,8 +61,8 @@ pub struct Sample {
     pub interval_ms: u64,
     /// Cached-view requests answered in the interval.
     pub requests: u64,
-    /// Requests per second over the interval.
-    pub request_rate: f64,
+    /// Requests per second over the interval; `null` for the first sample.
+    pub request_rate: Option<f64>,
     /// Hits in the interval.
     pub hits: u64,
     /// Misses in the interval.
@@ -75,8 +77,8 @@ pub struct Sample {
     pub p99_ms: Option<f64>,
     /// Origin requests in the interval.
     pub origin_fetches: u64,
-    /// Origin requests per second over the interval.
-    pub origin_rate: f64,
+    /// Origin requests per second over the interval; `null` for the first sample.
+    pub origin_rate: Option<f64>,
     /// Failed origin requests in the interval.
     pub origin_errors: u64,
     /// Expired copies served in the interval.
@@ -99,11 +101,8 @@ pub struct Sample {
     pub pending_journal: u64,
 }
 
-fn per_sec(n: u64, ms: u64) -> f64 {
-    if ms == 0 {
-        return 0.0;
-    }
-    (n as f64 * 1000.0 / ms as f64 * 100.0).round() / 100.0
+fn per_sec(n: u64, ms: u64) -> Option<f64> {
+    (ms > 0).then(|| (n as f64 * 1000.0 / ms as f64 * 100.0).round() / 100.0)
 }
 
 fn round2(v: f64) -> f64 {
@@ -126,7 +125,7 @@ impl Sample {
         let interval_ms = if first {
             0
         } else {
-            now.at_ms.saturating_sub(b.at_ms)
+            now.mono_ms.saturating_sub(b.mono_ms)
         };
         let hits = d(|r| r.hits);
         let misses = d(|r| r.misses);
@@ -176,12 +175,15 @@ struct Ring {
     last: Option<Reading>,
 }
 
-/// The last `capacity` samples of one instance.
+/// The last `capacity` samples of one instance, and its most read keys as of the last sample.
 #[derive(Debug)]
 pub struct History {
     ring: Mutex<Ring>,
+    hot: Mutex<Vec<(String, u32)>>,
     capacity: usize,
     interval_ms: u64,
+    started_ms: u64,
+    clock: std::time::Instant,
 }
 
 impl History {
@@ -193,9 +195,36 @@ impl History {
                 samples: VecDeque::with_capacity(capacity),
                 last: None,
             }),
+            hot: Mutex::default(),
             capacity,
             interval_ms,
+            started_ms: crate::domain::policy::now_ms(),
+            clock: std::time::Instant::now(),
         }
+    }
+
+    /// When this ring (this process) started, in Unix milliseconds: a page that sees it
+    /// change knows the instance restarted and its series start again.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    /// Milliseconds of the monotonic clock readings are stamped with.
+    pub fn mono_ms(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Replaces the most read keys (computed off the request path by the sampler).
+    pub fn set_hot(&self, hot: Vec<(String, u32)>) {
+        *self.hot.lock().unwrap_or_else(PoisonError::into_inner) = hot;
+    }
+
+    /// The most read keys as of the last sample.
+    pub fn hot(&self) -> Vec<(String, u32)> {
+        self.hot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Samples kept at most.
@@ -219,11 +248,15 @@ impl History {
         ring.last = Some(now);
     }
 
-    /// The samples that end after `since_ms` (all with 0), oldest first.
+    /// The samples that end after `since_ms` (all with 0), in the order they were taken. A
+    /// filter rather than a search: after a step of the wall clock, `t_ms` is not sorted.
     pub fn since(&self, since_ms: u64) -> Vec<Sample> {
         let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        let start = ring.samples.partition_point(|s| s.t_ms <= since_ms);
-        ring.samples.range(start..).cloned().collect()
+        ring.samples
+            .iter()
+            .filter(|s| s.t_ms > since_ms)
+            .cloned()
+            .collect()
     }
 }
 
@@ -237,6 +270,7 @@ mod tests {
     fn reading(at_ms: u64, hits: u64, misses: u64, latency: &Histogram) -> Reading {
         Reading {
             at_ms,
+            mono_ms: at_ms,
             requests: hits + misses,
             hits,
             misses,
@@ -270,7 +304,8 @@ mod tests {
             (0, None, None)
         );
         assert_eq!(s[1].requests, 100);
-        assert_eq!(s[1].request_rate, 20.0);
+        assert_eq!(s[0].request_rate, None);
+        assert_eq!(s[1].request_rate, Some(20.0));
         assert_eq!(s[1].hit_rate_percent, Some(90.0));
         let p99 = s[1].p99_ms.expect("p99");
         assert!((88.0..=112.0).contains(&p99), "{p99}");

@@ -35,8 +35,9 @@ impl ReadCounters {
         self.hits.get_with_by_ref(key, Arc::default)
     }
 
-    /// The `n` keys read most recently often, most read first, among those `keep` accepts.
-    /// Walks every counter (at most 100 000): for an admin request, never a view request.
+    /// The `n` most read keys, most read first, among those `keep` accepts. Walks every
+    /// counter (at most 100 000), so it is for a background task (see
+    /// [`crate::metrics::history`]), never a request.
     pub fn hottest(&self, n: usize, keep: impl Fn(&str) -> bool) -> Vec<(Arc<String>, u32)> {
         let mut top: Vec<(Arc<String>, u32)> = self
             .hits
@@ -44,8 +45,17 @@ impl ReadCounters {
             .map(|(k, c)| (k, c.load(Ordering::Relaxed)))
             .filter(|(k, c)| *c > 0 && keep(k))
             .collect();
-        top.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        top.truncate(n);
+        let order = |a: &(Arc<String>, u32), b: &(Arc<String>, u32)| {
+            b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+        };
+        if n == 0 {
+            return Vec::new();
+        }
+        if top.len() > n {
+            top.select_nth_unstable_by(n - 1, order);
+            top.truncate(n);
+        }
+        top.sort_unstable_by(order);
         top
     }
 }

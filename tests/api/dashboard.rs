@@ -25,6 +25,9 @@ async fn history_samples_the_headline_figures_every_interval() {
     assert_eq!(first["interval_ms"], 200);
     assert_eq!(first["capacity"], 720);
     assert_eq!(first["version"], "v1");
+    assert!(first["instance"].as_str().is_some_and(|i| !i.is_empty()));
+    assert!(first["started_ms"].as_u64() > Some(0));
+    assert!(first["samples"][0]["request_rate"].is_null());
     // The sample taken at start is there at once.
     assert_eq!(first["samples"][0]["interval_ms"], 0);
 
@@ -125,7 +128,7 @@ async fn history_samples_the_headline_figures_every_interval() {
 #[tokio::test]
 async fn stats_show_the_hottest_keys_and_the_recent_admin_actions() {
     let redis = TestRedis::start().await;
-    let app = spawn_app(Some(&redis)).await;
+    let app = spawn_app_with(Some(&redis), |s| s.admin.history_interval_ms = 100).await;
     for _ in 0..4 {
         app.metrics("hot").await;
     }
@@ -138,6 +141,8 @@ async fn stats_show_the_hottest_keys_and_the_recent_admin_actions() {
     )
     .await;
     app.event("training-completed", json!("hot")).await;
+    // Hot keys are recomputed at each history sample, off the request path.
+    wait_for(|| async { app.stats().await["hot_keys"][1]["key"] == "model:metrics:warm" }).await;
     let stats = app.stats().await;
     let hot = stats["hot_keys"].as_array().expect("hot_keys");
     assert_eq!(hot[0]["key"], "model:metrics:hot", "{hot:?}");
@@ -186,8 +191,22 @@ async fn the_page_and_its_assets_are_served_without_a_token() {
         .await
         .expect("request");
     assert_eq!(again.status(), 304);
-    let missing = app.get("/dashboard/assets/../Cargo.toml").await;
-    assert_eq!(missing.status(), 404);
+    assert_eq!(header(&again, "vary"), "accept-encoding");
+    let any = app
+        .client
+        .get(app.url("/dashboard"))
+        .header("if-none-match", "*")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(any.status(), 304);
+    // Encoded, so that the client does not resolve the dots before sending.
+    for path in [
+        "/dashboard/assets/%2e%2e%2f%2e%2e%2fCargo.toml",
+        "/dashboard/assets/..%2fdashboard.rs",
+    ] {
+        assert_error(app.get(path).await, 404, "not_found").await;
+    }
     assert_error(app.get("/dashboard/assets/nope.js").await, 404, "not_found").await;
 }
 

@@ -143,6 +143,73 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     found
 }
 
+/// The label matchers of every selector written `metric{…}`: `(metric, label, op, value)`.
+fn matchers(expr: &str) -> Vec<(String, String, String, String)> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if matches!(c, '"' | '\'' | '`') {
+            i = skip_string(&chars, i);
+        } else if c.is_ascii_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && is_ident(chars[i]) {
+                i += 1;
+            }
+            if chars.get(i) != Some(&'{') {
+                continue;
+            }
+            let metric: String = chars[start..i].iter().collect();
+            let end = skip_group(&chars, i, '}');
+            let body: String = chars[i + 1..end.saturating_sub(1)].iter().collect();
+            for part in body.split(',') {
+                let part = part.trim();
+                let Some(at) = part.find(['=', '!']) else {
+                    continue;
+                };
+                let label = part[..at].trim().to_owned();
+                let rest = &part[at..];
+                let op_len =
+                    if rest.starts_with("=~") || rest.starts_with("!~") || rest.starts_with("!=") {
+                        2
+                    } else {
+                        1
+                    };
+                let value = rest[op_len..].trim().trim_matches('"').to_owned();
+                out.push((metric.clone(), label, rest[..op_len].to_owned(), value));
+            }
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// `(metric, label, value)` of every exported sample.
+fn exported_labels(text: &str) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((metric, rest)) = line.split_once('{') else {
+            continue;
+        };
+        let Some((labels, _)) = rest.split_once('}') else {
+            continue;
+        };
+        for pair in labels.split("\",") {
+            if let Some((k, v)) = pair.split_once("=\"") {
+                out.insert((
+                    metric.to_owned(),
+                    k.trim_start_matches(',').to_owned(),
+                    v.trim_end_matches('"').to_owned(),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// The metric names of a templating query: Grafana's `label_values(expr, label)` and
 /// `query_result(expr)` name metrics in `expr` only; `label_names()` and `metrics(re)` none.
 fn variable_query_names(query: &str) -> BTreeSet<String> {
@@ -166,6 +233,29 @@ fn variable_query_names(query: &str) -> BTreeSet<String> {
         return BTreeSet::new();
     }
     metric_names(q)
+}
+
+#[test]
+fn label_matchers_are_read_from_selectors() {
+    let m = matchers(
+        "sum(rate(a_total{instance=~\"$instance\", result=\"hit\"}[5m])) / b{x=~\"p|q\",y!=\"z\"}",
+    );
+    let m: Vec<_> = m
+        .iter()
+        .map(|(a, b, c, d)| format!("{a} {b}{c}{d}"))
+        .collect();
+    assert_eq!(
+        m,
+        [
+            "a_total instance=~$instance",
+            "a_total result=hit",
+            "b x=~p|q",
+            "b y!=z"
+        ]
+    );
+    let labels = exported_labels("a_total{view=\"m\",result=\"hit\"} 1\n# HELP x\nb 2\n");
+    assert!(labels.contains(&("a_total".into(), "result".into(), "hit".into())));
+    assert!(labels.contains(&("a_total".into(), "view".into(), "m".into())));
 }
 
 #[test]
@@ -336,6 +426,44 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_running_runcache() 
         "the dashboard queries metrics that /metrics does not export:\n{}\n\n{text}",
         missing.join("\n")
     );
+
+    // And every label value they select on: a typo in `result="hit"` or `cause=~"…"` would
+    // leave a panel empty as surely as a renamed metric.
+    let labels = exported_labels(&text);
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    for (place, query, _) in &queries {
+        for (metric, label, op, value) in matchers(query) {
+            // Variables, and labels Prometheus adds at scrape time, are not the exporter's.
+            if value.contains('$') || matches!(label.as_str(), "instance" | "job") {
+                continue;
+            }
+            let alternatives: Vec<&str> = match op.as_str() {
+                "=" => vec![value.as_str()],
+                "=~" if value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_|".contains(c)) =>
+                {
+                    value.split('|').collect()
+                }
+                _ => continue,
+            };
+            for v in alternatives {
+                checked += 1;
+                if !labels.contains(&(metric.clone(), label.clone(), v.to_owned())) {
+                    wrong.push(format!(
+                        "{place}: {metric}{{{label}{op}\"{value}\"}}: no series has {label}=\"{v}\""
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the dashboard selects label values that /metrics never exports:\n{}",
+        wrong.join("\n")
+    );
+    assert!(checked >= 5, "only {checked} label values checked");
 
     // Not vacuous: the board reads many families, and the panels the issue asks for are there.
     assert!(
