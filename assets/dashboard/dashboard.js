@@ -127,7 +127,7 @@
       renderStats(stats);
       await loadHistory(true);
       start();
-      $('#main').focus();
+      $('#main').focus({ preventScroll: true });
     } catch (e) {
       token = null;
       // Only a refusal forgets the saved token: after an outage or a 429, a reload retries.
