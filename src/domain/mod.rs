@@ -7,6 +7,10 @@ pub mod policy;
 
 pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};
 
+/// The events that invalidate a run, as the hooks (`/events/{kind}`) and the stream's `kind`
+/// field name them.
+pub const EVENT_KINDS: [&str; 3] = ["training-completed", "training-failed", "model-deleted"];
+
 /// Longest accepted logical key or clear pattern.
 pub const MAX_KEY_LEN: usize = 512;
 

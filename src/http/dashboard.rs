@@ -84,14 +84,8 @@ fn serve(index: usize, asset: &Asset, headers: &HeaderMap) -> Response {
     let etag = ETAGS[index].clone();
     let matches = headers
         .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',').any(|t| {
-                let t = t.trim();
-                t == "*" || t.trim_start_matches("W/") == etag.to_str().unwrap_or_default()
-            })
-        });
-    let mut resp = if matches {
+        .and_then(|inm| super::etag_match(inm, etag.to_str().unwrap_or_default()));
+    let mut resp = if matches.is_some() {
         // As the 200 it stands for would (the compression layer adds it there).
         let mut r = StatusCode::NOT_MODIFIED.into_response();
         r.headers_mut()

@@ -283,6 +283,16 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
+/// Which `If-None-Match` tag matches `etag`, if any. Weak comparison (RFC 9110 13.1.2): `W/`
+/// is ignored.
+pub(crate) fn etag_match<'a>(if_none_match: &'a HeaderValue, etag: &str) -> Option<&'a str> {
+    let list = if_none_match.to_str().ok()?;
+    let opaque = etag.trim_start_matches("W/");
+    list.split(',')
+        .map(str::trim)
+        .find(|tag| *tag == "*" || tag.trim_start_matches("W/") == opaque)
+}
+
 /// Request limits on the way in; on the way out, JSON error bodies and weak ETags on
 /// compressed bodies. One middleware rather than three: each axum middleware boxes and moves
 /// the future it wraps, on every request.

@@ -21,7 +21,7 @@ use crate::domain::{TtlTier, View};
 use crate::error::{AppError, ErrorBody};
 use crate::metrics::audit::AuditRecord;
 use crate::metrics::history::{Reading, Sample};
-use crate::metrics::stats::ViewStats;
+use crate::metrics::stats::{ViewStats, hit_rate, quantile_of, round2};
 use crate::state::AppState;
 use crate::store::Tier;
 use crate::store::near::NearCounts;
@@ -236,17 +236,9 @@ pub struct StatsResponse {
     pub message: String,
 }
 
+/// The hit rate `/cache/stats` shows: 0 with neither hits nor misses.
 fn rate(hits: u64, misses: u64) -> f64 {
-    let total = hits + misses;
-    if total == 0 {
-        0.0
-    } else {
-        (hits as f64 * 10_000.0 / total as f64).round() / 100.0
-    }
-}
-
-fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
+    hit_rate(hits, misses).unwrap_or(0.0)
 }
 
 fn view_body(v: &ViewStats, ttl_seconds: u64) -> ViewStatsBody {
@@ -283,8 +275,10 @@ async fn stats(state: &AppState) -> StatsResponse {
     if let Some(near) = state.store.near() {
         near.cache.run_pending_tasks();
     }
-    let hits = s.sum(|v| &v.hits);
-    let misses = s.sum(|v| &v.misses);
+    // The totals the history samples too, read the same way (after the memory tier's pending
+    // work, so its sizes are current).
+    let r = reading(state);
+    let quantile = |q| round2(quantile_of(&r.latency, q).unwrap_or(0.0));
     let ttls = [
         state.settings.views.metrics.ttl.0.as_secs(),
         state.settings.views.feature_importance.ttl.0.as_secs(),
@@ -296,26 +290,26 @@ async fn stats(state: &AppState) -> StatsResponse {
         backend: tier.as_str().to_owned(),
         version: version.as_str().to_owned(),
         redis_reachable: tier == Tier::Redis,
-        pending_invalidations: tiered.pending_invalidations() as u64,
+        pending_invalidations: r.pending_journal,
         stats: StatsBody {
-            hits,
-            misses,
-            hit_rate_percent: rate(hits, misses),
-            total_requests: s.latency.count(),
+            hits: r.hits,
+            misses: r.misses,
+            hit_rate_percent: rate(r.hits, r.misses),
+            total_requests: r.requests,
             bypasses: s.sum(|v| &v.bypasses),
-            stale_served: s.sum(|v| &v.stale_served),
+            stale_served: r.stale_served,
             sets: s.sets.load(Relaxed),
             deletes: s.deletes.load(Relaxed),
             invalidations: s.invalidations.load(Relaxed),
-            origin_fetches: s.sum(|v| &v.origin_fetches),
-            origin_errors: s.sum(|v| &v.origin_errors),
-            coalesced: s.sum(|v| &v.coalesced),
+            origin_fetches: r.origin_fetches,
+            origin_errors: r.origin_errors,
+            coalesced: r.coalesced,
             variants_refused: s.variants_refused.load(Relaxed),
             lane_served: s.lane_served.load(Relaxed),
             avg_latency_ms: round2(s.latency.mean_ms()),
-            p50_latency_ms: round2(s.latency.quantile_ms(0.50)),
-            p95_latency_ms: round2(s.latency.quantile_ms(0.95)),
-            p99_latency_ms: round2(s.latency.quantile_ms(0.99)),
+            p50_latency_ms: quantile(0.50),
+            p95_latency_ms: quantile(0.95),
+            p99_latency_ms: quantile(0.99),
             keys: counted.keys,
             keys_method: counted.method.to_owned(),
             keys_age_ms: counted.age_ms,
@@ -342,8 +336,8 @@ async fn stats(state: &AppState) -> StatsResponse {
             .collect(),
         redis,
         memory: MemoryBody {
-            entries: memory.entry_count(),
-            bytes: memory.weighted_size(),
+            entries: r.memory_entries,
+            bytes: r.memory_bytes,
             max_bytes: memory.max_bytes(),
             evictions: memory.removals().evicted.load(Relaxed),
             expirations: memory.removals().expired.load(Relaxed),

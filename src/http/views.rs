@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{AppJson, AppQuery, OriginAnswer, parse_use_cache};
+use super::{AppJson, AppQuery, OriginAnswer, etag_match, parse_use_cache};
 use crate::domain::validate_run_id;
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::Cause;
@@ -170,16 +170,6 @@ fn parse_top_n(raw: Option<&str>) -> Result<Option<u32>> {
             .ok_or_else(|| AppError::InvalidArgument("top_n must be between 1 and 1000".into()))
     })
     .transpose()
-}
-
-/// Which `If-None-Match` tag matches `etag`, if any. Weak comparison (RFC 9110 13.1.2): `W/`
-/// is ignored.
-fn etag_match<'a>(if_none_match: &'a HeaderValue, etag: &str) -> Option<&'a str> {
-    let list = if_none_match.to_str().ok()?;
-    let opaque = etag.trim_start_matches("W/");
-    list.split(',')
-        .map(str::trim)
-        .find(|tag| *tag == "*" || tag.trim_start_matches("W/") == opaque)
 }
 
 /// Whether `r` has a `Last-Modified` no later than the request's `If-Modified-Since`.

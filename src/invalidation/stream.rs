@@ -24,7 +24,7 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{Cause, Invalidator};
-use crate::domain::validate_run_id;
+use crate::domain::{EVENT_KINDS, validate_run_id};
 use crate::metrics::audit::AuditTrail;
 use crate::metrics::names;
 use crate::store::redis::RedisStore;
@@ -244,7 +244,7 @@ fn event_of(fields: &[(String, String)]) -> Result<String, String> {
             .map(|(_, v)| v.as_str())
     };
     match get("kind") {
-        Some("training-completed" | "training-failed" | "model-deleted") => {}
+        Some(kind) if EVENT_KINDS.contains(&kind) => {}
         Some(other) => {
             return Err(format!(
                 "kind {other:?} is not training-completed, training-failed or model-deleted"

@@ -37,10 +37,7 @@ pub struct AuditTrail {
 }
 
 fn is_event(action: &str) -> bool {
-    matches!(
-        action,
-        "training-completed" | "training-failed" | "model-deleted"
-    )
+    crate::domain::EVENT_KINDS.contains(&action)
 }
 
 impl AuditTrail {

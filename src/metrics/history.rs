@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::stats::quantile_of;
+use super::stats::{hit_rate, quantile_of, round2};
 
 /// Cumulative counters and current gauges, read at one moment.
 #[derive(Debug, Clone, Default)]
@@ -105,10 +105,6 @@ fn per_sec(n: u64, ms: u64) -> Option<f64> {
     (ms > 0).then(|| (n as f64 * 1000.0 / ms as f64 * 100.0).round() / 100.0)
 }
 
-fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
-}
-
 impl Sample {
     /// The sample ending at `now`, given the reading before it (none: the first sample).
     pub fn between(before: Option<&Reading>, now: &Reading) -> Self {
@@ -148,8 +144,7 @@ impl Sample {
             request_rate: per_sec(requests, interval_ms),
             hits,
             misses,
-            hit_rate_percent: (hits + misses > 0)
-                .then(|| round2(hits as f64 * 100.0 / (hits + misses) as f64)),
+            hit_rate_percent: hit_rate(hits, misses),
             p50_ms: q(0.50),
             p95_ms: q(0.95),
             p99_ms: q(0.99),

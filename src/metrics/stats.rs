@@ -133,6 +133,17 @@ pub fn quantile_of(counts: &[u64], q: f64) -> Option<f64> {
     None
 }
 
+/// `v` rounded to two decimals, as every figure in `/cache/stats` is.
+pub fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// hits / (hits + misses) × 100, to two decimals; `None` with neither.
+pub fn hit_rate(hits: u64, misses: u64) -> Option<f64> {
+    let total = hits + misses;
+    (total > 0).then(|| round2(hits as f64 * 100.0 / total as f64))
+}
+
 /// Counters of one view.
 #[derive(Debug, Default)]
 pub struct ViewStats {
