@@ -49,6 +49,9 @@ impl Application {
             None => default_advertise_url(bound, state.settings.redis.url.expose_secret()).await,
         };
         tracing::info!(url = %advertised, "advertised to other instances");
+        if !state.store.tiered().peers().allows(&advertised) {
+            tracing::warn!(url = %advertised, "the advertised URL's host is not in peers.allowed: instances with these settings ignore it, so none can tell this one of invalidations directly (set server.advertise_url or peers.allowed)");
+        }
         state.store.tiered().peers().advertise(advertised);
         Ok(Self {
             listener,
@@ -123,6 +126,9 @@ impl Application {
         tasks.close();
         tasks.wait().await;
         let tiered = store.tiered();
+        // The heartbeat has stopped: leave the registry, so that the others stop sending
+        // this instance invalidations now rather than once it ages out.
+        tiered.leave().await;
         if let Some(snap) = snapshots
             && tiered.tier() == Tier::Memory
         {

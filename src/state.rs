@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::config::{Settings, ms};
 use crate::invalidation::Invalidator;
@@ -16,6 +16,7 @@ use crate::metrics::audit::AuditTrail;
 use crate::metrics::history::History;
 use crate::origin::OriginClient;
 use crate::security::limits::Rate;
+use crate::security::signature::derive_key;
 use crate::security::{Deliveries, Limits};
 use crate::serve::{CoalesceOptions, Parts, ReadThrough, ReadThroughOptions, RefreshOptions};
 use crate::store::counters::ReadCounters;
@@ -26,7 +27,7 @@ use crate::store::redis::sentinel::SentinelOptions;
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::snapshot::Snapshotter;
 use crate::store::tiered::circuit::CircuitOptions;
-use crate::store::tiered::peers::Peers;
+use crate::store::tiered::peers::{PeerOptions, Peers};
 use crate::store::tiered::{FallbackStore, TieredOptions};
 use crate::store::{KeyVersion, Keyspace, NearStore};
 use crate::tasks::Tasks;
@@ -62,6 +63,9 @@ pub struct AppStateInner {
     pub keys: Keyspace,
     /// Token for admin routes and events (configured or generated).
     pub admin_token: Arc<SecretString>,
+    /// The key direct invalidations from other instances are signed with (`peers.secret`, or
+    /// derived from the admin token).
+    pub peer_secret: SecretSlice<u8>,
     /// Whether `admin_token` was generated at start (and must be logged once).
     pub token_generated: bool,
     /// How the admin token is named in audit lines (a short hash).
@@ -143,7 +147,11 @@ impl AppState {
         let admin_token = Arc::new(admin_token);
         let version = Arc::new(KeyVersion::new(&settings.cache.version));
         let tasks = Tasks::new();
-        let store = Arc::new(build_store(&settings, &keys, &version, &admin_token)?);
+        let peer_secret = match &settings.peers.secret {
+            Some(secret) => secret.expose_secret().as_bytes().to_vec(),
+            None => derive_key(admin_token.expose_secret().as_bytes(), PEER_KEY_PURPOSE),
+        };
+        let store = Arc::new(build_store(&settings, &keys, &version, &peer_secret)?);
         let stats = Arc::new(Stats::default());
         let origin = OriginClient::new(&settings.origin).context("build the origin client")?;
         let started = Arc::new(AtomicBool::new(false));
@@ -207,6 +215,7 @@ impl AppState {
             keys,
             admin_token_id: crate::security::token_id(admin_token.expose_secret()),
             admin_token,
+            peer_secret: SecretSlice::from(peer_secret),
             token_generated,
             limits,
             prometheus,
@@ -220,12 +229,17 @@ impl AppState {
     }
 }
 
+/// What the key of direct invalidations is derived from `admin.token` for, when
+/// `peers.secret` is unset: every instance sharing the token derives the same key, and the
+/// key reveals nothing of the token.
+const PEER_KEY_PURPOSE: &str = "runcache peers.secret v1";
+
 /// Redis, the memory tier, the tiered store over them, and the near cache in front.
 fn build_store(
     settings: &Settings,
     keys: &Keyspace,
     version: &Arc<KeyVersion>,
-    admin_token: &Arc<SecretString>,
+    peer_secret: &[u8],
 ) -> anyhow::Result<NearStore> {
     let r = &settings.redis;
     let redis = RedisStore::new(
@@ -268,8 +282,13 @@ fn build_store(
     let journal_path = Some(settings.journal.path.trim())
         .filter(|p| !p.is_empty())
         .map(std::path::PathBuf::from);
-    let peers = Peers::new(admin_token.clone(), ms(settings.server.peer_timeout_ms))
-        .context("build the client for other instances")?;
+    let peers = Peers::new(PeerOptions {
+        secret: SecretSlice::from(peer_secret.to_vec()),
+        allowed: settings.peer_allow_list()?,
+        timeout: ms(settings.server.peer_timeout_ms),
+        down: ms(settings.peers.down_ms),
+    })
+    .context("build the client for other instances")?;
     let instance = peers.id().to_owned();
     let tiered = Arc::new(FallbackStore::new(
         redis,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Deserializer};
 
+use crate::domain::peer_addr::PeerAllowList;
 use crate::domain::{TtlTier, ViewPolicy, validate_run_id, validate_version};
 use crate::security::JwtVerifier;
 
@@ -70,6 +71,8 @@ pub struct Settings {
     pub refresh: RefreshSettings,
     /// Log output.
     pub log: LogSettings,
+    /// Direct invalidations between instances.
+    pub peers: PeersSettings,
 }
 
 /// A TTL given as a tier name (`LONG`) or as seconds (`3600` or `"3600"`).
@@ -121,8 +124,9 @@ fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 }
 
 /// Environment keys whose values are comma-separated lists.
-const LIST_KEYS: [&str; 6] = [
+const LIST_KEYS: [&str; 7] = [
     "cors.allowed_origins",
+    "peers.allowed",
     "redis.cluster_urls",
     "redis.sentinel_urls",
     "warm.model_run_ids",
@@ -164,6 +168,11 @@ impl Settings {
             .try_deserialize()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// `peers.allowed`, parsed.
+    pub fn peer_allow_list(&self) -> Result<PeerAllowList, ConfigError> {
+        PeerAllowList::parse(&self.peers.allowed).map_err(|e| invalid("peers.allowed", e))
     }
 
     fn validate_redis_mode(&self) -> Result<(), ConfigError> {
@@ -390,6 +399,7 @@ impl Settings {
                 self.events.stream_claim_idle_ms,
             ),
             ("events.stream_batch", self.events.stream_batch as u64),
+            ("peers.down_ms", self.peers.down_ms),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be greater than 0"));
@@ -477,6 +487,12 @@ impl Settings {
                     self.redis.command_timeout_ms
                 ),
             ));
+        }
+        self.peer_allow_list()?;
+        if let Some(secret) = &self.peers.secret
+            && secret.expose_secret().len() < 16
+        {
+            return Err(invalid("peers.secret", "must be at least 16 characters"));
         }
         if let Some(url) = &self.server.advertise_url {
             let parsed = reqwest::Url::parse(url)

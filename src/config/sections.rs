@@ -339,6 +339,22 @@ pub struct EventsSettings {
     pub stream_batch: usize,
 }
 
+/// `[peers]`: direct invalidations between instances (SPEC section 2, "Peers never trust the
+/// registry").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeersSettings {
+    /// HMAC-SHA256 key that direct invalidations are signed with; every instance of a
+    /// deployment shares it (default unset: derived from `admin.token`, which is never sent).
+    pub secret: Option<SecretString>,
+    /// Hosts, IP addresses or CIDR ranges a registered address may name (default: loopback
+    /// and private ranges).
+    pub allowed: Vec<String>,
+    /// How long an instance that did not answer a direct invalidation is skipped before it
+    /// is tried again, in ms (default 30000).
+    pub down_ms: u64,
+}
+
 /// `[cors]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

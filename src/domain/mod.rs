@@ -3,6 +3,7 @@
 //! depends on nothing else in the crate (config, store and serve build on it).
 
 pub mod headers;
+pub mod peer_addr;
 pub mod policy;
 
 pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};

@@ -3,16 +3,16 @@
 
 use axum::extract::State;
 use axum::response::Response;
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::{AdminAuth, Caller, audit};
+use super::auth::{AdminAuth, Caller, EventAuth, audit, check_peer};
 use super::views::{RunId, run_id_from_json};
-use super::{AppJson, AppQuery, json};
+use super::{AppJson, AppQuery, RawBody, json, parse_json};
 use crate::domain::{View, validate_logical_key, validate_pattern, validate_version};
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::{Cause, VersionSwitch};
@@ -333,27 +333,37 @@ pub async fn switch_version(
     Ok(json(StatusCode::OK, &switched))
 }
 
-/// Applies an invalidation another instance made while it could not reach Redis (SPEC
-/// section 2, "Several instances while Redis is unreachable"). Instances authenticate to each
-/// other with the admin token; an invalidation may only name this service's keyspace.
-#[utoipa::path(post, path = "/cache/peer-invalidation", tag = "admin", security(("bearer" = [])), request_body = PeerMessage,
-    responses((status = 200, description = "Applied (to Redis if this instance reaches it, else to its memory tier)", body = InvalidatedResponse),
+/// Applies an invalidation another instance made while it could not reach Redis, or that
+/// this instance did not confirm on the near-cache bus (SPEC section 2, "Several instances
+/// while Redis is unreachable"). Instances sign what they send under `peers.secret` (as signed
+/// events are signed, over the timestamp and the raw body, which names the sender); the admin
+/// bearer token is accepted too. An invalidation may only name this service's keyspace, and
+/// a signed delivery is applied at most once.
+#[utoipa::path(post, path = "/cache/peer-invalidation", tag = "admin", security(("peer_signature" = []), ("bearer" = [])), request_body = PeerMessage,
+    responses((status = 200, description = "Applied (to Redis if this instance reaches it, else to its memory tier); a signed delivery already applied gets the same answer again", body = InvalidatedResponse),
         (status = 400, description = "Invalid body, or keys outside this service's keyspace", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 401, description = "Missing or bad signature (or bearer token), or a timestamp outside the tolerance", body = ErrorBody),
         (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
         (status = 503, description = "The store failed", body = ErrorBody)))]
 pub async fn apply_peer_invalidation(
-    _: AdminAuth,
     caller: Caller,
     State(state): State<AppState>,
-    AppJson(message): AppJson<PeerMessage>,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
 ) -> Result<Response> {
-    let from_ok = !message.from.is_empty()
-        && message.from.len() <= 64
-        && message.from.bytes().all(|b| b.is_ascii_alphanumeric());
-    if !from_ok {
+    // The signature covers the raw bytes, so authentication comes before parsing.
+    let via = check_peer(&headers, &raw, &state)?;
+    let message: PeerMessage = parse_json(&raw)?;
+    let short_word =
+        |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !short_word(&message.from) {
         return Err(AppError::InvalidArgument(
             "from must be 1-64 letters and digits".into(),
+        ));
+    }
+    if !message.delivery.as_deref().is_none_or(short_word) {
+        return Err(AppError::InvalidArgument(
+            "delivery must be 1-64 letters and digits".into(),
         ));
     }
     if !message.invalidation.is_within(state.keys.prefix()) {
@@ -361,12 +371,30 @@ pub async fn apply_peer_invalidation(
             "the invalidation names keys outside this service's keyspace".into(),
         ));
     }
-    let invalidated = state.store.apply_from_peer(&message.invalidation).await?;
-    state.invalidator.record_peer(invalidated);
+    let apply = || async {
+        let invalidated = state.store.apply_from_peer(&message.invalidation).await?;
+        state.invalidator.record_peer(invalidated);
+        Ok::<u64, AppError>(invalidated)
+    };
+    let (who, invalidated) = match &via {
+        EventAuth::Token => (state.admin_token_id.as_str(), apply().await?),
+        EventAuth::Signature(sig) => {
+            let delivery = state.deliveries.apply_once(sig, apply).await?;
+            if delivery.repeated {
+                return Ok(json(
+                    StatusCode::OK,
+                    &InvalidatedResponse {
+                        invalidated: delivery.invalidated,
+                    },
+                ));
+            }
+            ("peer", delivery.invalidated)
+        }
+    };
     let target = format!("peer:{}", message.from);
     audit(
         &state,
-        &state.admin_token_id,
+        who,
         &caller,
         "peer-invalidation",
         &target,

@@ -57,18 +57,51 @@ pub fn check_event(
     body: &[u8],
     state: &AppState,
 ) -> Result<EventAuth, AppError> {
+    let secret = state
+        .settings
+        .events
+        .secret
+        .as_ref()
+        .map(|s| s.expose_secret().as_bytes());
+    signed_or_bearer(headers, body, secret, state)
+}
+
+/// Authorises a direct invalidation from another instance: a valid, fresh signature under
+/// the peers' key (`peers.secret`), which is what instances send, or else the admin bearer
+/// token (an operator's own call).
+pub fn check_peer(
+    headers: &http::HeaderMap,
+    body: &[u8],
+    state: &AppState,
+) -> Result<EventAuth, AppError> {
+    signed_or_bearer(
+        headers,
+        body,
+        Some(state.peer_secret.expose_secret()),
+        state,
+    )
+}
+
+/// A signature under `secret` when the request is signed and a secret is set, else the admin
+/// bearer token.
+fn signed_or_bearer(
+    headers: &http::HeaderMap,
+    body: &[u8],
+    secret: Option<&[u8]>,
+    state: &AppState,
+) -> Result<EventAuth, AppError> {
     let signed = headers.contains_key(SIGNATURE_HEADER) || headers.contains_key(TIMESTAMP_HEADER);
-    let Some(secret) = state.settings.events.secret.as_ref().filter(|_| signed) else {
+    let Some(secret) = secret.filter(|_| signed) else {
         return check_bearer(headers, state).map(|()| EventAuth::Token);
     };
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let (Some(ts), Some(sig)) = (get(TIMESTAMP_HEADER), get(SIGNATURE_HEADER)) else {
         return Err(AppError::Unauthorized(
-            "signed events need both X-Runcache-Timestamp and X-Runcache-Signature",
+            "signed requests need both X-Runcache-Timestamp and X-Runcache-Signature",
         ));
     };
     verify_signature(
-        secret.expose_secret().as_bytes(),
+        secret,
         ts,
         sig,
         body,

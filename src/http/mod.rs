@@ -74,6 +74,13 @@ impl utoipa::Modify for BearerScheme {
                 "sha256=<hex of HMAC-SHA256(events.secret, \"<timestamp>.<raw body>\")>, with X-Runcache-Timestamp: <unix seconds>",
             ))),
         );
+        components.add_security_scheme(
+            "peer_signature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Runcache-Signature",
+                "sha256=<hex of HMAC-SHA256(peers.secret, \"<timestamp>.<raw body>\")>, with X-Runcache-Timestamp: <unix seconds>; the body names the sending instance",
+            ))),
+        );
     }
 }
 

@@ -17,6 +17,7 @@ mod lane;
 mod managed;
 mod near;
 mod ops;
+mod peers;
 mod regressions;
 mod resilience;
 mod security;

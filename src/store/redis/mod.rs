@@ -20,7 +20,6 @@ use self::link::{Conn, Link, Restart, classify, is_connection_error};
 use self::sentinel::{SentinelOptions, Sentinels};
 use super::keyspace::hash_part;
 use super::{Keyspace, Source, StoreError, Tier};
-use crate::domain::policy::now_ms;
 
 /// Connection settings for [`RedisStore::new`].
 #[derive(Debug, Clone)]
@@ -119,6 +118,27 @@ impl PoolOptions {
 }
 
 /// Deletes the lock only if it still holds our token (single key: cluster-safe).
+/// Registers `ARGV[1]` as seen now, by Redis' own clock (so an instance whose clock is
+/// behind is not invisible to the others), drops members unseen for ten windows and members
+/// claiming a time beyond now plus the skew (nothing honest writes one: a forged member could
+/// otherwise stay for ever), and returns the members seen within the window, at most
+/// `ARGV[4]` of them.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+local skew = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%d', now - window * 10))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%d', now + skew), '+inf')
+return redis.call('ZRANGEBYSCORE', KEYS[1], string.format('%d', now - window),
+    string.format('%d', now + skew), 'LIMIT', 0, tonumber(ARGV[4]))
+";
+
+/// How far ahead of Redis' clock a registry member's last-seen time may be (members are
+/// scored by Redis' clock, so only a failover to a node whose clock differs moves it).
+const REGISTRY_SKEW: Duration = Duration::from_secs(2);
+
 const UNLOCK: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 impl std::fmt::Debug for RedisStore {
@@ -558,29 +578,36 @@ impl RedisStore {
         self.run::<i64>(cmd).await.map(|_| ())
     }
 
-    /// Records this instance (`member`) as seen now in the registry and returns the other
-    /// members seen within `window`; members unseen for ten windows are removed.
+    /// Records this instance (`member`) as seen now in the registry and returns at most
+    /// `max` other members seen within `window`, by Redis' clock; members unseen for ten
+    /// windows, or claiming a last-seen time in the future, are removed.
     pub async fn heartbeat(
         &self,
         member: &str,
         window: Duration,
+        max: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let now = now_ms();
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-        let key = self.keys.instances_key();
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZADD").arg(&key).arg(now).arg(member).ignore();
-        pipe.cmd("ZREMRANGEBYSCORE")
-            .arg(&key)
-            .arg("-inf")
-            .arg(now.saturating_sub(window_ms.saturating_mul(10)))
-            .ignore();
-        pipe.cmd("ZRANGEBYSCORE")
-            .arg(&key)
-            .arg(now.saturating_sub(window_ms))
-            .arg("+inf");
-        let ((members,), _): ((Vec<String>,), _) = self.run_pipe(pipe).await?;
+        let skew_ms = u64::try_from(REGISTRY_SKEW.as_millis()).unwrap_or(u64::MAX);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(HEARTBEAT)
+            .arg(1)
+            .arg(self.keys.instances_key())
+            .arg(member)
+            .arg(window_ms)
+            .arg(skew_ms)
+            // This instance is among the members read.
+            .arg(max.saturating_add(1));
+        let members: Vec<String> = self.run(cmd).await?;
         Ok(members.into_iter().filter(|m| m != member).collect())
+    }
+
+    /// Removes this instance (`member`) from the registry (a graceful stop), so that the
+    /// others stop telling it of invalidations at once rather than after it ages out.
+    pub async fn leave(&self, member: &str) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(self.keys.instances_key()).arg(member);
+        self.run::<i64>(cmd).await.map(|_| ())
     }
 
     /// Calls `each` with every batch of keys matching `pattern` and sums what it returns,

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::peers::SEEN_WINDOW;
+use super::peers::{MAX_MEMBERS, SEEN_WINDOW};
 use super::{FallbackStore, KeyCount, unreachable_redis};
 use crate::store::redis::RedisInfo;
 use crate::store::{Lock, StoreError};
@@ -24,9 +24,28 @@ impl FallbackStore {
         let Some(member) = self.peers.member() else {
             return;
         };
-        match self.redis.heartbeat(&member, SEEN_WINDOW).await {
+        match self
+            .redis
+            .heartbeat(&member, SEEN_WINDOW, MAX_MEMBERS)
+            .await
+        {
             Ok(others) => self.peers.set_members(others),
             Err(e) => tracing::debug!(error = %e, "instance registration failed"),
+        }
+    }
+
+    /// Removes this instance from the registry (a graceful stop; the heartbeat has stopped).
+    /// Never touches the circuit: a Redis that is down has nothing to forget, and the
+    /// member ages out of the registry by itself.
+    pub async fn leave(&self) {
+        let Some(member) = self.peers.member() else {
+            return;
+        };
+        if self.circuit.is_open() {
+            return;
+        }
+        if let Err(e) = self.redis.leave(&member).await {
+            tracing::debug!(error = %e, "could not leave the instance registry");
         }
     }
 

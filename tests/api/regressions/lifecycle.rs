@@ -145,6 +145,20 @@ async fn during_an_outage_an_event_on_one_instance_reaches_the_others() {
         Some(0),
         "B served the revision A's acknowledged event invalidated: {next:?}"
     );
+    // The same invalidation again, within the same second: a signed direct invalidation is
+    // applied once per delivery, and this is another delivery, not a repeat of the first.
+    assert_eq!(Seen::of(b.metrics("y").await).await.revision(), Some(1));
+    a.origin.set_revision(2);
+    assert_eq!(
+        a.event("training-completed", json!("y")).await.status(),
+        200
+    );
+    let again = Seen::of(b.metrics("y").await).await;
+    assert_eq!(
+        again.revision(),
+        Some(2),
+        "B served the revision A's second acknowledged event invalidated: {again:?}"
+    );
 }
 
 /// Review of defect 11: a process restarted during an outage, from a snapshot written while
