@@ -121,8 +121,8 @@ impl PoolOptions {
 /// Registers `ARGV[1]` as seen now, by Redis' own clock (so an instance whose clock is
 /// behind is not invisible to the others), drops members unseen for ten windows and members
 /// claiming a time beyond now plus the skew (nothing honest writes one: a forged member could
-/// otherwise stay for ever), and returns the members seen within the window, at most
-/// `ARGV[4]` of them.
+/// otherwise stay for ever), and returns the members seen within the window, the most
+/// recently seen first, at most `ARGV[4]` of them.
 const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -131,8 +131,8 @@ local skew = tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%d', now - window * 10))
 redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%d', now + skew), '+inf')
-return redis.call('ZRANGEBYSCORE', KEYS[1], string.format('%d', now - window),
-    string.format('%d', now + skew), 'LIMIT', 0, tonumber(ARGV[4]))
+return redis.call('ZREVRANGEBYSCORE', KEYS[1], string.format('%d', now + skew),
+    string.format('%d', now - window), 'LIMIT', 0, tonumber(ARGV[4]))
 ";
 
 /// How far ahead of Redis' clock a registry member's last-seen time may be (members are
