@@ -23,4 +23,5 @@ mod security;
 mod sentinel;
 mod snapshots;
 mod stream;
+mod variants;
 mod views;
