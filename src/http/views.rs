@@ -18,6 +18,7 @@ use crate::domain::{MAX_INTEGER_ID, RUN_ID_PATTERN, RawRunId, parse_run_id};
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::Cause;
 use crate::origin::{OriginError, OriginRequest};
+use crate::security::single_authorization;
 use crate::serve::{ViewRequest, ViewResponse};
 use crate::state::AppState;
 
@@ -63,13 +64,21 @@ pub struct CompareBody {
     pub model_run_ids: Vec<Value>,
 }
 
-/// In `auth.frontend = jwt`, a request without a valid bearer JWT stops here (401).
+/// A request with more than one `Authorization` header stops here (400): the cache would
+/// check one credential while the origin is sent both. In `auth.frontend = jwt`, a request
+/// without a valid bearer JWT stops here too (401).
 pub(super) fn admit(state: &AppState, headers: &HeaderMap) -> Result<()> {
+    let authorization = one_authorization(headers)?;
     state
         .views
         .access()
-        .admit(headers.get(header::AUTHORIZATION))
+        .admit(authorization)
         .map_err(AppError::Unauthorized)
+}
+
+/// The request's one `Authorization` header, if any; two or more are a `400`.
+fn one_authorization(headers: &HeaderMap) -> Result<Option<&HeaderValue>> {
+    single_authorization(headers).map_err(|e| AppError::InvalidArgument(e.to_owned()))
 }
 
 /// The OpenAPI schema of a run id in a JSON body: a string matching
@@ -418,6 +427,8 @@ pub async fn delete_run(
     headers: HeaderMap,
 ) -> Result<Response> {
     let id = run_id(id)?;
+    // Forwarded to the origin, whose answer decides the invalidation: one credential only.
+    one_authorization(&headers)?;
     // A starting instance could not invalidate behind the origin's delete (see
     // `Invalidator::new`): nothing is sent to the origin until it can.
     state.invalidator.ready()?;

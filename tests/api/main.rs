@@ -3,6 +3,7 @@
 
 mod access;
 mod admin;
+mod authorization;
 mod cluster;
 mod dashboard;
 mod edges;
