@@ -9,7 +9,7 @@ use serde_json::{Number, Value};
 /// one integer everywhere (JavaScript's `Number.MAX_SAFE_INTEGER`). Larger ids work as strings.
 pub const MAX_INTEGER_ID: u64 = 9_007_199_254_740_991;
 
-/// `model_run_id` as an OpenAPI pattern (what [`is_run_id`] accepts).
+/// `model_run_id` as an OpenAPI pattern (what [`super::is_run_id`] accepts).
 pub const RUN_ID_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$";
 
 /// A run id as it arrives, typed by where it comes from.
