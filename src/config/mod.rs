@@ -9,7 +9,9 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Deserializer};
 
 use crate::domain::peer_addr::PeerAllowList;
-use crate::domain::{TtlTier, ViewPolicy, validate_run_id, validate_version};
+use crate::domain::{
+    RawRunId, TtlTier, ViewPolicy, parse_run_id, validate_run_id, validate_version,
+};
 use crate::security::JwtVerifier;
 
 /// Why settings could not be loaded. The message names the setting at fault.
@@ -106,21 +108,14 @@ impl<'de> Deserialize<'de> for Ttl {
     }
 }
 
-/// Run ids in config may be written as strings or non-negative integers.
+/// Run ids in config may be written as strings or non-negative integers, read by the one
+/// run-id parser (a TOML `42.0`, or an environment variable `42.0` that the loader reads as a
+/// number, is the id `"42"`, as in a JSON body).
 fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Num(u64),
-        Text(String),
-    }
-    Ok(Vec::<Raw>::deserialize(d)?
-        .into_iter()
-        .map(|r| match r {
-            Raw::Num(n) => n.to_string(),
-            Raw::Text(s) => s,
-        })
-        .collect())
+    Vec::<serde_json::Value>::deserialize(d)?
+        .iter()
+        .map(|v| parse_run_id(RawRunId::Json(v)).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// Environment keys whose values are comma-separated lists.

@@ -51,6 +51,27 @@ fn environment_overrides_nested_keys_and_lists() {
 }
 
 #[test]
+fn warm_run_ids_are_read_by_the_run_id_parser() {
+    let file = std::env::temp_dir().join(format!("runcache-warm-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &file,
+        "[warm]\nmodel_run_ids = [42.0, 7, \"42.0\", \"run-8\"]\n",
+    )
+    .expect("write");
+    let s = Settings::load_from(file.to_str(), Some(HashMap::new()));
+    std::fs::write(&file, "[warm]\nmodel_run_ids = [1.5]\n").expect("write");
+    let bad = Settings::load_from(file.to_str(), Some(HashMap::new()));
+    let _ = std::fs::remove_file(&file);
+    // A number is its integer, as in a JSON body; a string is itself.
+    assert_eq!(
+        s.expect("loads").warm.model_run_ids,
+        ["42", "7", "42.0", "run-8"]
+    );
+    let err = bad.expect_err("1.5 is no id");
+    assert!(err.to_string().contains("model_run_id"), "{err}");
+}
+
+#[test]
 fn unknown_environment_key_is_an_error() {
     let err = Settings::load_from(None, Some(env(&[("RUNCACHE__REDIS__URLL", "x")])))
         .expect_err("typo must fail");

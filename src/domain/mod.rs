@@ -5,8 +5,10 @@
 pub mod headers;
 pub mod peer_addr;
 pub mod policy;
+pub mod run_id;
 
 pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};
+pub use run_id::{MAX_INTEGER_ID, RUN_ID_PATTERN, RawRunId, parse_run_id, run_ids_in_untyped_text};
 
 /// The events that invalidate a run, as the hooks (`/events/{kind}`) and the stream's `kind`
 /// field name them.

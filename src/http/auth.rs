@@ -3,23 +3,22 @@
 //! audit trail of what they did.
 
 use axum::extract::FromRequestParts;
-use http::header;
 use http::request::Parts;
 use secrecy::ExposeSecret;
 
 use crate::error::AppError;
 use crate::security::signature::{SIGNATURE_HEADER, TIMESTAMP_HEADER, now_secs};
-use crate::security::{bearer_token, secrets_match, verify_signature};
+use crate::security::{bearer_token, secrets_match, single_authorization, verify_signature};
 use crate::state::AppState;
 
 /// Proof that the request carried `Authorization: Bearer <admin.token>`.
 #[derive(Debug, Clone, Copy)]
 pub struct AdminAuth;
 
-/// Checks `Authorization: Bearer <admin.token>`.
+/// Checks `Authorization: Bearer <admin.token>` (one `Authorization` header: two are a `400`).
 pub fn check_bearer(headers: &http::HeaderMap, state: &AppState) -> Result<(), AppError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
+    let value = single_authorization(headers)
+        .map_err(|e| AppError::InvalidArgument(e.to_owned()))?
         .ok_or(AppError::Unauthorized(
             "missing Authorization: Bearer <token>",
         ))?;
@@ -90,6 +89,8 @@ fn signed_or_bearer(
     secret: Option<&[u8]>,
     state: &AppState,
 ) -> Result<EventAuth, AppError> {
+    // A signed request does not read `Authorization`, but one that carries two is as ambiguous.
+    single_authorization(headers).map_err(|e| AppError::InvalidArgument(e.to_owned()))?;
     let signed = headers.contains_key(SIGNATURE_HEADER) || headers.contains_key(TIMESTAMP_HEADER);
     let Some(secret) = secret.filter(|_| signed) else {
         return check_bearer(headers, state).map(|()| EventAuth::Token);

@@ -13,7 +13,7 @@
 //! `none`; `jwt` requests take the full path), statistics, refresh-ahead counting, and the
 //! access line when `tower_http` logs at `info`. What makes it step aside: another method or
 //! path, any query other than a plain `top_n`, an `Accept-Encoding` header (compression is the
-//! full path's), CORS being configured, or anything but a fresh near-cache hit.
+//! full path's), two `Authorization` headers (the full path refuses them), CORS being configured, or anything but a fresh near-cache hit.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -129,7 +129,13 @@ impl<S> HitLane<S> {
             return Route::Pass;
         };
         let headers = req.headers();
+        // Two `Authorization` headers: the full path refuses them (`views::admit`).
         if headers.contains_key(header::ACCEPT_ENCODING)
+            || headers
+                .get_all(header::AUTHORIZATION)
+                .iter()
+                .nth(1)
+                .is_some()
             || !self.state.limits.headers_within(headers)
         {
             return Route::Pass;

@@ -374,6 +374,7 @@ async fn stats(state: &AppState) -> StatsResponse {
 /// Cache statistics.
 #[utoipa::path(get, path = "/cache/stats", tag = "admin", security(("bearer" = [])),
     responses((status = 200, description = "Statistics", body = StatsResponse),
+        (status = 400, description = "More than one Authorization header", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody)))]
 pub async fn get_stats(_: AdminAuth, State(state): State<AppState>) -> Response {
     json(StatusCode::OK, &stats(&state).await)
@@ -382,6 +383,7 @@ pub async fn get_stats(_: AdminAuth, State(state): State<AppState>) -> Response 
 /// Alias of `GET /cache/stats`.
 #[utoipa::path(get, path = "/api/v1/models/cache/stats", tag = "admin", security(("bearer" = [])),
     responses((status = 200, description = "Statistics", body = StatsResponse),
+        (status = 400, description = "More than one Authorization header", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody)))]
 pub async fn get_stats_alias(auth: AdminAuth, state: State<AppState>) -> Response {
     get_stats(auth, state).await

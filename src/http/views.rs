@@ -14,10 +14,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{AppJson, AppQuery, OriginAnswer, etag_match, parse_use_cache};
-use crate::domain::validate_run_id;
+use crate::domain::{MAX_INTEGER_ID, RUN_ID_PATTERN, RawRunId, parse_run_id};
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::Cause;
 use crate::origin::{OriginError, OriginRequest};
+use crate::security::single_authorization;
 use crate::serve::{ViewRequest, ViewResponse};
 use crate::state::AppState;
 
@@ -63,13 +64,21 @@ pub struct CompareBody {
     pub model_run_ids: Vec<Value>,
 }
 
-/// In `auth.frontend = jwt`, a request without a valid bearer JWT stops here (401).
+/// A request with more than one `Authorization` header stops here (400): the cache would
+/// check one credential while the origin is sent both. In `auth.frontend = jwt`, a request
+/// without a valid bearer JWT stops here too (401).
 pub(super) fn admit(state: &AppState, headers: &HeaderMap) -> Result<()> {
+    let authorization = one_authorization(headers)?;
     state
         .views
         .access()
-        .admit(headers.get(header::AUTHORIZATION))
+        .admit(authorization)
         .map_err(AppError::Unauthorized)
+}
+
+/// The request's one `Authorization` header, if any; two or more are a `400`.
+fn one_authorization(headers: &HeaderMap) -> Result<Option<&HeaderValue>> {
+    single_authorization(headers).map_err(|e| AppError::InvalidArgument(e.to_owned()))
 }
 
 /// The OpenAPI schema of a run id in a JSON body: a string matching
@@ -102,47 +111,15 @@ impl utoipa::PartialSchema for RunId {
 
 impl ToSchema for RunId {}
 
-/// The largest run id accepted as a JSON number: beyond 2^53 - 1 a number no longer names
-/// one integer everywhere (JavaScript's `Number.MAX_SAFE_INTEGER`). Larger ids work as strings.
-pub const MAX_INTEGER_ID: u64 = 9_007_199_254_740_991;
-
-/// `model_run_id` as an OpenAPI pattern (what [`validate_run_id`] accepts).
-pub const RUN_ID_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$";
-
 /// Validates a run id given as a path segment.
 fn run_id(raw: String) -> Result<String> {
-    validate_run_id(&raw).map_err(AppError::InvalidArgument)?;
-    Ok(raw)
+    parse_run_id(RawRunId::Text(&raw)).map_err(AppError::InvalidArgument)
 }
 
-/// A run id from JSON: a string, or a non-negative integer (`42` is the id `"42"`). An
-/// integral number written with a fraction (`1060.0`) is that integer, as JSON Schema's
-/// `integer` has it.
+/// A run id from a JSON body, through the one parser ([`parse_run_id`]): a string, or a
+/// non-negative integer (`42` and `42.0` are the id `"42"`).
 pub fn run_id_from_json(value: &Value) -> Result<String> {
-    let integral = |n: &serde_json::Number| {
-        n.as_u64()
-            .or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && (0.0..=MAX_INTEGER_ID as f64).contains(f))
-                    .map(|f| f as u64)
-            })
-            .filter(|n| *n <= MAX_INTEGER_ID)
-    };
-    let id = match value {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => integral(n).map(|n| n.to_string()).ok_or_else(|| {
-            AppError::InvalidArgument(format!(
-                "model_run_id {n} must be a string or an integer from 0 to {MAX_INTEGER_ID}"
-            ))
-        })?,
-        _ => {
-            return Err(AppError::InvalidArgument(
-                "model_run_id must be a string or a non-negative integer".into(),
-            ));
-        }
-    };
-    validate_run_id(&id).map_err(AppError::InvalidArgument)?;
-    Ok(id)
+    parse_run_id(RawRunId::Json(value)).map_err(AppError::InvalidArgument)
 }
 
 /// Normalises comparison ids: strings, de-duplicated, sorted in byte order, 2..=`max`.
@@ -450,6 +427,8 @@ pub async fn delete_run(
     headers: HeaderMap,
 ) -> Result<Response> {
     let id = run_id(id)?;
+    // Forwarded to the origin, whose answer decides the invalidation: one credential only.
+    one_authorization(&headers)?;
     // A starting instance could not invalidate behind the origin's delete (see
     // `Invalidator::new`): nothing is sent to the origin until it can.
     state.invalidator.ready()?;

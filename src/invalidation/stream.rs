@@ -24,7 +24,7 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{Cause, Invalidator};
-use crate::domain::{EVENT_KINDS, validate_run_id};
+use crate::domain::{EVENT_KINDS, run_ids_in_untyped_text};
 use crate::metrics::audit::AuditTrail;
 use crate::metrics::names;
 use crate::store::redis::RedisStore;
@@ -235,8 +235,10 @@ fn parse_read(v: &Value) -> Read {
     }
 }
 
-/// What an entry asks for: the run to invalidate, or why it cannot be applied.
-fn event_of(fields: &[(String, String)]) -> Result<String, String> {
+/// What an entry asks for: the runs to invalidate, or why it cannot be applied. A stream field
+/// is untyped text, read by the one run-id parser as every run it may name (`42.0` is the run
+/// `42`, as in a JSON event, and may be the string id `42.0`: both are invalidated).
+fn event_of(fields: &[(String, String)]) -> Result<Vec<String>, String> {
     let get = |name: &str| {
         fields
             .iter()
@@ -253,8 +255,7 @@ fn event_of(fields: &[(String, String)]) -> Result<String, String> {
         None => return Err("no kind field".into()),
     }
     let id = get("model_run_id").ok_or("no model_run_id field")?;
-    validate_run_id(id)?;
-    Ok(id.to_owned())
+    run_ids_in_untyped_text(id)
 }
 
 /// The consumer loop.
@@ -502,8 +503,9 @@ impl StreamIntake {
                 continue;
             };
             match event_of(fields) {
-                Ok(run_id) => match self.invalidator.run(&run_id, Cause::Event).await {
+                Ok(run_ids) => match self.invalidate(&run_ids).await {
                     Ok(n) => {
+                        let run_id = run_ids.join(" ");
                         tracing::info!(stream_id = %entry.id, run_id, invalidated = n, "event from the stream applied");
                         let kind = fields
                             .iter()
@@ -536,6 +538,15 @@ impl StreamIntake {
             Some(e) => Err(StepError::Apply(e)),
             None => Ok(()),
         }
+    }
+
+    /// Invalidates every run of one entry; the count of entries dropped.
+    async fn invalidate(&self, run_ids: &[String]) -> Result<u64, crate::store::StoreError> {
+        let mut n = 0;
+        for id in run_ids {
+            n += self.invalidator.run(id, Cause::Event).await?;
+        }
+        Ok(n)
     }
 
     /// Every `claim_idle / 2`, takes over and applies the entries other consumers have left
@@ -632,8 +643,15 @@ mod tests {
                 ("model_run_id".to_owned(), id.to_owned()),
             ]
         };
-        assert_eq!(event_of(&f("training-completed", "42")), Ok("42".into()));
-        assert_eq!(event_of(&f("model-deleted", "r-1")), Ok("r-1".into()));
+        assert_eq!(
+            event_of(&f("training-completed", "42")),
+            Ok(vec!["42".into()])
+        );
+        assert_eq!(event_of(&f("model-deleted", "r-1")), Ok(vec!["r-1".into()]));
+        assert_eq!(
+            event_of(&f("model-deleted", "42.0")),
+            Ok(vec!["42".into(), "42.0".into()])
+        );
         assert!(event_of(&f("training-started", "42")).is_err());
         assert!(event_of(&f("training-failed", "")).is_err());
         assert!(event_of(&[("kind".into(), "model-deleted".into())]).is_err());

@@ -15,6 +15,20 @@ pub use credential::{Credential, CredentialHasher, JwtVerifier};
 pub use limits::{Limits, RateClass};
 pub use signature::{Deliveries, replay_key, verify_signature};
 
+/// The request's `Authorization` header (`None`: absent), or `Err` when it carries more than
+/// one: a check would read one of them while the origin is sent both, so a request with two
+/// is refused wherever credentials count (views, admin routes, events).
+pub fn single_authorization(
+    headers: &http::HeaderMap,
+) -> Result<Option<&http::HeaderValue>, &'static str> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let first = values.next();
+    match values.next() {
+        None => Ok(first),
+        Some(_) => Err("more than one Authorization header"),
+    }
+}
+
 /// Compares two secrets in constant time. Hashing first makes the comparison independent of
 /// where the first difference is and of the lengths.
 pub fn secrets_match(given: &[u8], expected: &[u8]) -> bool {

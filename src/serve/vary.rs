@@ -2,7 +2,7 @@
 //!
 //! The first such answer for an entry leaves a *marker* at the entry's own key: the headers
 //! it varies on and a nonce drawn then. Each variant is an entry of its own, at the logical
-//! key `{entry}:vary-{nonce}{hash of the normalised header values}`, reached only through the
+//! key `{entry}:vary-{nonce}{hash of the header values}` (see `hash`), reached only through the
 //! marker. So every invalidation that reaches the entry reaches its variants: events bump
 //! the counters both are stamped with, and a key or pattern invalidation deletes the marker,
 //! after which the next answer draws a new nonce and the old variants cannot be reached
@@ -62,44 +62,68 @@ pub(super) fn spec(vary: Option<&str>, origin: &OriginClient) -> Spec {
     }
 }
 
-/// The hash of `headers`' normalised values of `fields`: every field line joined, each
-/// comma-separated element trimmed and lower-cased (`fr-CH, fr;q=0.9` and `fr-ch,fr;q=0.9`
-/// are one variant); an absent header is its own value. `Authorization` counts as `cred`,
-/// its keyed hash: no key is derived from a credential itself (SPEC section 4).
+/// Headers whose values are case-insensitive by definition (RFC 9110 sections 12.5.1-12.5.4:
+/// media ranges, content codings, language ranges, and the parameters and weights between
+/// them, around which whitespace is optional): their values are compared lower-cased with
+/// whitespace removed. Every other header is compared byte for byte: the origin may well tell
+/// `Acme` from `ACME` or `Ac me`.
+const CASE_INSENSITIVE: [&str; 3] = ["accept", "accept-language", "accept-encoding"];
+
+/// The hash of `headers`' values of `fields`, each header's lines in order, split at commas.
+/// [`CASE_INSENSITIVE`] headers are normalised (`fr-CH, fr;q=0.9` and `FR-ch,fr; q=0.9` are
+/// one variant); every other value is kept byte for byte, with at most the spaces and tabs
+/// around its commas dropped (`a, b` and `a,b` are one variant; `Ac me`, `ACME` and `Acme`
+/// are three). An absent header is its own value. `Authorization` counts as `cred`, its keyed
+/// hash: no key is derived from a credential itself (SPEC section 4).
 pub(super) fn hash(fields: &[String], headers: &HeaderMap, cred: Credential) -> u64 {
-    let mut canonical = String::new();
+    let mut canonical: Vec<u8> = Vec::new();
     for field in fields {
-        canonical.push_str(field);
+        canonical.extend_from_slice(field.as_bytes());
         if field == "authorization" {
-            canonical.push_str("\n#");
-            canonical.push_str(&cred.tag());
-            canonical.push('\n');
+            canonical.extend_from_slice(b"\n#");
+            canonical.extend_from_slice(cred.tag().as_bytes());
+            canonical.push(b'\n');
             continue;
         }
-        let values: Vec<&str> = headers
-            .get_all(field.as_str())
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if values.is_empty() {
-            canonical.push_str("\n-\n");
+        let lines = headers.get_all(field.as_str());
+        if lines.iter().next().is_none() {
+            canonical.extend_from_slice(b"\n-\n");
             continue;
         }
-        canonical.push_str("\n=");
-        let elements: Vec<String> = values
-            .iter()
-            .flat_map(|v| v.split(','))
-            .map(|e| {
-                e.split_whitespace()
-                    .collect::<String>()
-                    .to_ascii_lowercase()
-            })
-            .filter(|e| !e.is_empty())
-            .collect();
-        canonical.push_str(&elements.join(","));
-        canonical.push('\n');
+        let folded = CASE_INSENSITIVE.contains(&field.as_str());
+        if folded {
+            // One list across lines (RFC 9110 section 5.3), empty elements ignored.
+            canonical.extend_from_slice(b"\n=");
+            let elements: Vec<Vec<u8>> = lines
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .map(|e| {
+                    e.iter()
+                        .filter(|b| !b.is_ascii_whitespace())
+                        .map(u8::to_ascii_lowercase)
+                        .collect::<Vec<u8>>()
+                })
+                .filter(|e| !e.is_empty())
+                .collect();
+            canonical.extend_from_slice(&elements.join(&b',')[..]);
+            canonical.push(b'\n');
+            continue;
+        }
+        // Byte for byte, each line on its own (two lines are not one line joined: the origin
+        // may read only the first), with only the spaces and tabs around commas dropped.
+        // Header values hold no line feed, so the separators cannot be forged.
+        for line in &lines {
+            canonical.extend_from_slice(b"\n=");
+            let elements: Vec<&[u8]> = line
+                .as_bytes()
+                .split(|b| *b == b',')
+                .map(|e| e.trim_ascii_start().trim_ascii_end())
+                .collect();
+            canonical.extend_from_slice(&elements.join(&b',')[..]);
+        }
+        canonical.push(b'\n');
     }
-    xxhash_rust::xxh3::xxh3_64(canonical.as_bytes())
+    xxhash_rust::xxh3::xxh3_64(&canonical)
 }
 
 /// What a request that joined the fetch of an answer under `spec` must match to be given
@@ -223,5 +247,64 @@ impl ReadThrough {
             return Ok(self.passthrough_miss(resp, Some("too-many-variants")));
         }
         self.serve_inner(variant).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::CredentialHasher;
+
+    fn hash_of(field: &str, lines: &[&str]) -> u64 {
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            headers.append(
+                http::HeaderName::from_bytes(field.as_bytes()).expect("name"),
+                http::HeaderValue::from_bytes(line.as_bytes()).expect("value"),
+            );
+        }
+        hash(
+            &[field.to_owned()],
+            &headers,
+            CredentialHasher::new().anonymous(),
+        )
+    }
+
+    #[test]
+    fn other_headers_are_compared_byte_for_byte() {
+        let acme = hash_of("x-tenant", &["Acme"]);
+        for other in ["ACME", "acme", "Ac me", "Acme.", ""] {
+            assert_ne!(hash_of("x-tenant", &[other]), acme, "{other:?}");
+        }
+        assert_ne!(hash_of("x-tenant", &[]), hash_of("x-tenant", &[""]));
+        // Only the whitespace around commas is dropped.
+        assert_eq!(
+            hash_of("x-tenant", &["a, b"]),
+            hash_of("x-tenant", &["a,b"])
+        );
+        assert_eq!(
+            hash_of("x-tenant", &["a ,\tb"]),
+            hash_of("x-tenant", &["a,b"])
+        );
+        assert_ne!(hash_of("x-tenant", &["a b"]), hash_of("x-tenant", &["ab"]));
+        assert_ne!(
+            hash_of("x-tenant", &["a", "b"]),
+            hash_of("x-tenant", &["a,b"])
+        );
+        // Bytes that are not visible ASCII are values too, not an absent header.
+        assert_ne!(
+            hash_of("x-tenant", &["caf\u{e9}"]),
+            hash_of("x-tenant", &[])
+        );
+    }
+
+    #[test]
+    fn accept_headers_are_normalised() {
+        for field in ["accept", "accept-language"] {
+            let a = hash_of(field, &["fr-CH, fr;q=0.9"]);
+            assert_eq!(hash_of(field, &["FR-ch,fr; q=0.9"]), a, "{field}");
+            assert_eq!(hash_of(field, &["fr-CH", "fr;q=0.9"]), a, "{field}");
+            assert_ne!(hash_of(field, &["fr"]), a, "{field}");
+        }
     }
 }

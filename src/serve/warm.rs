@@ -6,7 +6,7 @@ use http::{HeaderMap, Method};
 use serde_json::Value;
 
 use super::{CacheOutcome, ReadThrough, ViewRequest};
-use crate::domain::validate_run_id;
+use crate::domain::{RawRunId, parse_run_id};
 use crate::origin::{OriginError, OriginRequest};
 
 /// What a warm-up did.
@@ -141,12 +141,7 @@ fn parse_run_list(body: &[u8]) -> Result<Vec<String>, String> {
                 .find_map(|k| o.get(*k))?,
             other => other,
         };
-        let id = match raw {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.as_u64()?.to_string(),
-            _ => return None,
-        };
-        validate_run_id(&id).ok().map(|()| id)
+        parse_run_id(RawRunId::Json(raw)).ok()
     };
     Ok(list.iter().filter_map(id_of).collect())
 }
@@ -161,7 +156,7 @@ mod tests {
             br#"["1", 2, "three"]"#,
             br#"{"runs": [{"model_run_id": "1"}, {"model_run_id": 2}, {"id": "three"}]}"#,
             br#"{"items": [{"run_id": "1"}, {"run_id": "2"}, {"run_id": "three"}]}"#,
-            br#"{"data": ["1", "2", "three", "..", -4, null]}"#,
+            br#"{"data": ["1", 2.0, "three", "..", -4, 1.5, null]}"#,
         ];
         for body in shapes {
             assert_eq!(parse_run_list(body).expect("parses"), ["1", "2", "three"]);

@@ -3,6 +3,7 @@
 
 mod access;
 mod admin;
+mod authorization;
 mod cluster;
 mod dashboard;
 mod edges;
@@ -24,4 +25,5 @@ mod security;
 mod sentinel;
 mod snapshots;
 mod stream;
+mod variants;
 mod views;

@@ -412,3 +412,58 @@ async fn a_backlog_is_applied_under_the_shared_version_not_the_configured_one() 
     settled(&redis, &stream, &id).await;
     assert_eq!(revision(&second, "1").await, ("MISS".to_owned(), json!(4)));
 }
+
+/// Issue 20, defect 7: the stream and the HTTP hook read one id alike. `42.0` is the run `42`
+/// in a JSON event; in a stream field (untyped text) it named only the string id `42.0`, so
+/// the run's entries stayed HITs. Now the stream invalidates every run the text may name: the
+/// run `42` and the string id `42.0`, and the admin and event routes agree over HTTP.
+#[tokio::test]
+async fn an_id_written_as_a_float_names_the_same_run_in_the_stream_and_over_http() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let app = reader(&redis, &stream, None).await;
+    for run in ["42", "42.0", "43"] {
+        assert_eq!(revision(&app, run).await.0, "MISS");
+        assert_eq!(revision(&app, run).await.0, "HIT");
+    }
+
+    app.origin.set_revision(1);
+    let id = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "42.0"],
+    )
+    .await;
+    settled(&redis, &stream, &id).await;
+    assert_eq!(
+        revision(&app, "42").await,
+        ("MISS".to_owned(), json!(1)),
+        "the stream's 42.0 is the run 42"
+    );
+    assert_eq!(
+        revision(&app, "42.0").await,
+        ("MISS".to_owned(), json!(1)),
+        "and may be the string id 42.0"
+    );
+    assert_eq!(revision(&app, "43").await.0, "HIT", "another run survives");
+
+    // Over HTTP, the JSON number 43.0 is the run 43, on the event and the admin routes.
+    app.origin.set_revision(2);
+    let resp = app.event("training-completed", json!(43.0)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(revision(&app, "43").await, ("MISS".to_owned(), json!(2)));
+    let resp = app
+        .admin(
+            reqwest::Method::POST,
+            "/cache/invalidate",
+            Some(json!({"model_run_id": 42.0})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(revision(&app, "42").await, ("MISS".to_owned(), json!(2)));
+    assert_eq!(
+        revision(&app, "42.0").await.0,
+        "HIT",
+        "a JSON number is no string"
+    );
+}
