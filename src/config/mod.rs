@@ -483,11 +483,30 @@ impl Settings {
                 ),
             ));
         }
-        self.peer_allow_list()?;
-        if let Some(secret) = &self.peers.secret
-            && secret.expose_secret().len() < 16
+        let allowed = self.peer_allow_list()?;
+        if let Some(secret) = &self.peers.secret {
+            if secret.expose_secret().len() < 16 {
+                return Err(invalid("peers.secret", "must be at least 16 characters"));
+            }
+            // A peer signature would otherwise also be a valid signed event, and back.
+            if self
+                .events
+                .secret
+                .as_ref()
+                .is_some_and(|e| e.expose_secret() == secret.expose_secret())
+            {
+                return Err(invalid("peers.secret", "must differ from events.secret"));
+            }
+        }
+        if let Some(url) = &self.server.advertise_url
+            && let Err(why) = allowed.check_url(url)
         {
-            return Err(invalid("peers.secret", "must be at least 16 characters"));
+            return Err(invalid(
+                "server.advertise_url",
+                format!(
+                    "must be a bare http(s)://host[:port] on a host in peers.allowed, or other instances never tell this one of invalidations ({why})"
+                ),
+            ));
         }
         if let Some(url) = &self.server.advertise_url {
             let parsed = reqwest::Url::parse(url)

@@ -213,3 +213,45 @@ fn redis_modes_and_the_event_stream_are_validated() {
         assert!(err.to_string().contains(name), "{pairs:?}: {err}");
     }
 }
+
+#[test]
+fn peer_settings_are_validated() {
+    for (pairs, name) in [
+        (
+            vec![("RUNCACHE__PEERS__ALLOWED", "10.0.0.0/33")],
+            "peers.allowed",
+        ),
+        (vec![("RUNCACHE__PEERS__DOWN_MS", "0")], "peers.down_ms"),
+        (vec![("RUNCACHE__PEERS__SECRET", "short")], "peers.secret"),
+        (
+            vec![
+                ("RUNCACHE__PEERS__SECRET", "0123456789abcdef"),
+                ("RUNCACHE__EVENTS__SECRET", "0123456789abcdef"),
+            ],
+            "peers.secret",
+        ),
+        (
+            vec![("RUNCACHE__SERVER__ADVERTISE_URL", "http://203.0.113.9:8080")],
+            "server.advertise_url",
+        ),
+        (
+            vec![("RUNCACHE__SERVER__ADVERTISE_URL", "http://10.0.0.2:8080/x")],
+            "server.advertise_url",
+        ),
+    ] {
+        let err = Settings::load_from(None, Some(env(&pairs))).expect_err("bad value must fail");
+        assert!(err.to_string().contains(name), "{pairs:?}: {err}");
+    }
+    let s = Settings::load_from(
+        None,
+        Some(env(&[
+            (
+                "RUNCACHE__PEERS__ALLOWED",
+                "runcache-1,runcache-2,10.1.0.0/16",
+            ),
+            ("RUNCACHE__SERVER__ADVERTISE_URL", "http://runcache-1:8080"),
+        ])),
+    )
+    .expect("names and ranges from the environment");
+    assert_eq!(s.peers.allowed.len(), 3);
+}

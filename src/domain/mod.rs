@@ -116,6 +116,12 @@ pub fn comparison_key(ids: &[String]) -> String {
     format!("model:comparison:{}", hex(&Sha256::digest(&canonical)))
 }
 
+/// Whether `s` is 1-64 ASCII letters and digits: the form of an instance id and of a
+/// delivery id, which are written into logs and the audit trail.
+pub fn is_short_word(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -66,7 +66,12 @@ impl PeerAllowList {
         if !self.allows_host(authority.host()) {
             return Err("host not in peers.allowed");
         }
-        Ok(url.trim_end_matches('/').to_owned())
+        // Rebuilt from what was checked, so that nothing else of the text reaches a client.
+        let scheme = uri.scheme_str().unwrap_or("http").to_ascii_lowercase();
+        Ok(match authority.port_u16() {
+            Some(port) => format!("{scheme}://{}:{port}", authority.host()),
+            None => format!("{scheme}://{}", authority.host()),
+        })
     }
 }
 
@@ -79,8 +84,14 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A host name: dot-separated labels of letters, digits and `-`, the last one not all
+/// digits (so that a mistyped address such as `10.0.0` is refused, not taken for a name).
 fn is_host_name(s: &str) -> bool {
     !s.is_empty()
+        && !s
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
         && s.len() <= 253
         && s.split('.').all(|label| {
             !label.is_empty()
@@ -142,7 +153,15 @@ mod tests {
 
     #[test]
     fn a_bad_entry_is_refused() {
-        for bad in ["10.0.0.0/33", "-host", "a b", "http://x", ""] {
+        for bad in [
+            "10.0.0.0/33",
+            "-host",
+            "a b",
+            "http://x",
+            "",
+            "10.0.0",
+            "0177.0.0.1",
+        ] {
             assert!(
                 PeerAllowList::parse(&[bad.to_owned()]).is_err(),
                 "{bad:?} was taken"

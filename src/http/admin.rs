@@ -13,7 +13,9 @@ use utoipa_axum::routes;
 use super::auth::{AdminAuth, Caller, EventAuth, audit, check_peer};
 use super::views::{RunId, run_id_from_json};
 use super::{AppJson, AppQuery, RawBody, json, parse_json};
-use crate::domain::{View, validate_logical_key, validate_pattern, validate_version};
+use crate::domain::{
+    View, is_short_word, validate_logical_key, validate_pattern, validate_version,
+};
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::{Cause, VersionSwitch};
 use crate::serve::WarmReport;
@@ -354,17 +356,26 @@ pub async fn apply_peer_invalidation(
     // The signature covers the raw bytes, so authentication comes before parsing.
     let via = check_peer(&headers, &raw, &state)?;
     let message: PeerMessage = parse_json(&raw)?;
-    let short_word =
-        |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric());
-    if !short_word(&message.from) {
+    if !is_short_word(&message.from) {
         return Err(AppError::InvalidArgument(
             "from must be 1-64 letters and digits".into(),
         ));
     }
-    if !message.delivery.as_deref().is_none_or(short_word) {
-        return Err(AppError::InvalidArgument(
-            "delivery must be 1-64 letters and digits".into(),
-        ));
+    // A signed delivery is applied once: without its own id, two invalidations alike sent in
+    // one second would be taken for one.
+    let signed = matches!(via, EventAuth::Signature(_));
+    match message.delivery.as_deref() {
+        Some(d) if !is_short_word(d) => {
+            return Err(AppError::InvalidArgument(
+                "delivery must be 1-64 letters and digits".into(),
+            ));
+        }
+        None if signed => {
+            return Err(AppError::InvalidArgument(
+                "a signed peer invalidation needs a delivery id".into(),
+            ));
+        }
+        _ => {}
     }
     if !message.invalidation.is_within(state.keys.prefix()) {
         return Err(AppError::InvalidArgument(

@@ -25,7 +25,7 @@ pub fn verify_signature(
     now_secs: i64,
     tolerance_secs: u64,
 ) -> Result<(), &'static str> {
-    use hmac::{Hmac, Mac};
+    use hmac::Mac;
     let ts: i64 = timestamp
         .trim()
         .parse()
@@ -38,40 +38,42 @@ pub fn verify_signature(
         .strip_prefix("sha256=")
         .and_then(decode_hex)
         .ok_or("X-Runcache-Signature must be sha256=<hex>")?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| "invalid signing key")?;
-    mac.update(timestamp.trim().as_bytes());
-    mac.update(b".");
-    mac.update(body);
     // `verify_slice` compares in constant time.
-    mac.verify_slice(&given).map_err(|_| "invalid signature")
+    keyed(secret, &[timestamp.trim().as_bytes(), b".", body])
+        .ok_or("invalid signing key")?
+        .verify_slice(&given)
+        .map_err(|_| "invalid signature")
 }
 
 /// Signs `body` as [`verify_signature`] checks it: `sha256=<hex of HMAC-SHA256(secret,
 /// "<timestamp>.<body>")>`.
 pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    use hmac::{Hmac, Mac};
-    // Any key length is valid for HMAC; the fallback is unreachable.
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return String::new();
-    };
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!(
-        "sha256={}",
-        crate::domain::hex(&mac.finalize().into_bytes())
-    )
+    use hmac::Mac;
+    keyed(secret, &[timestamp.as_bytes(), b".", body]).map_or_else(String::new, |mac| {
+        format!(
+            "sha256={}",
+            crate::domain::hex(&mac.finalize().into_bytes())
+        )
+    })
 }
 
 /// A key for one `purpose`, derived from `secret` (HMAC-SHA256 of the purpose under the
 /// secret), so that a key given to one party reveals nothing of the secret it came from.
 pub fn derive_key(secret: &[u8], purpose: &str) -> Vec<u8> {
+    use hmac::Mac;
+    keyed(secret, &[purpose.as_bytes()])
+        .map_or_else(Vec::new, |mac| mac.finalize().into_bytes().to_vec())
+}
+
+/// HMAC-SHA256 under `secret`, fed `parts` in order (`None` never happens: HMAC takes a key
+/// of any length).
+fn keyed(secret: &[u8], parts: &[&[u8]]) -> Option<hmac::Hmac<Sha256>> {
     use hmac::{Hmac, Mac};
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return Vec::new();
-    };
-    mac.update(purpose.as_bytes());
-    mac.finalize().into_bytes().to_vec()
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).ok()?;
+    for part in parts {
+        mac.update(part);
+    }
+    Some(mac)
 }
 
 /// What a used signature is remembered by: trimmed, its hex in lowercase, so that a captured

@@ -145,12 +145,15 @@ async fn direct_invalidations_carry_no_secret_and_go_only_to_allowed_hosts() {
         now + 1_000_000_000,
     )
     .await;
-    wait_for(|| async { a.state.store.tiered().peers().count() >= 1 }).await;
+    wait_for(|| async { a.state.store.tiered().peers().reachable() >= 1 }).await;
     assert_eq!(
-        a.state.store.tiered().peers().count(),
+        a.state.store.tiered().peers().reachable(),
         1,
-        "only the member on an allowed host, at a bare URL, with a sane last-seen time counts"
+        "only the member on an allowed host, at a bare URL, with a sane last-seen time is told"
     );
+    // The members outside peers.allowed or at a URL with a path are known all the same (they
+    // keep the memory bound); the one from the future is not.
+    assert_eq!(a.state.store.tiered().peers().count(), 3);
 
     // An ordinary event with Redis healthy: the forged member did not confirm on the
     // near-cache bus, so the instance tells it directly.
@@ -216,6 +219,7 @@ async fn peer_invalidations_need_a_valid_signature_or_the_admin_token() {
     let prefix = &app.prefix;
     let body = json!({
         "from": "abc123",
+        "delivery": "d1",
         "invalidation": {"delete": [format!("{prefix}:v1:model:metrics:1")]}
     })
     .to_string();
@@ -274,6 +278,29 @@ async fn peer_invalidations_need_a_valid_signature_or_the_admin_token() {
         .expect("send");
     assert_eq!(bearer.status(), 200);
 
+    // A signed delivery without its own id could be taken for another alike: refused.
+    let bare = json!({
+        "from": "abc123",
+        "invalidation": {"delete": [format!("{prefix}:v1:model:metrics:1")]}
+    })
+    .to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&derived_peer_key()).expect("key");
+    mac.update(format!("{ts}.{bare}").as_bytes());
+    let resp = app
+        .client
+        .post(app.url("/cache/peer-invalidation"))
+        .header("content-type", "application/json")
+        .header("x-runcache-timestamp", ts.clone())
+        .header(
+            "x-runcache-signature",
+            format!("sha256={}", hex(&mac.finalize().into_bytes())),
+        )
+        .body(bare)
+        .send()
+        .await
+        .expect("send");
+    assert_error(resp, 400, "invalid_argument").await;
+
     // An explicit peers.secret replaces the derived key.
     let other = spawn_app_with(Some(&redis), |s| {
         s.peers.secret = Some(secrecy::SecretString::from("0123456789abcdef0123"));
@@ -288,7 +315,7 @@ async fn peer_invalidations_need_a_valid_signature_or_the_admin_token() {
             .header("x-runcache-timestamp", ts.clone())
             .header("x-runcache-signature", sign(key, &ts))
             .body(
-                json!({"from": "abc123", "invalidation": {"delete": [format!("{}:v1:model:metrics:1", other.prefix)]}})
+                json!({"from": "abc123", "delivery": "d2", "invalidation": {"delete": [format!("{}:v1:model:metrics:1", other.prefix)]}})
                     .to_string(),
             )
             .send()
@@ -303,16 +330,42 @@ async fn a_silent_member_costs_one_time_out_per_down_period_not_one_per_invalida
     let (url, accepted) = silent_listener().await;
     let now = redis_now_ms(&redis).await;
     forge_member(&redis, &a, &format!("silent|{url}"), now).await;
-    wait_for(|| async { a.state.store.tiered().peers().count() == 1 }).await;
+    wait_for(|| async { a.state.store.tiered().peers().reachable() == 1 }).await;
     for run in 0..5 {
         let resp = a.event("training-completed", json!(run)).await;
         assert_eq!(resp.status(), 200);
     }
+    // Only the first invalidation waited for it; the others sent it in the background.
+    let sends = a.state.store.tiered().peers().sends();
     assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        1,
-        "a member that never answers was tried more than once within peers.down_ms"
+        (sends.silent, sends.confirmed),
+        (1, 0),
+        "a member that never answers was waited for more than once within peers.down_ms"
     );
+    assert!(sends.in_background >= 1, "{sends:?}");
+    // At most one background delivery is under way at a time.
+    assert!(accepted.load(Ordering::SeqCst) <= 5);
+    assert_eq!(a.stats().await["store"]["peer_sends"]["silent"], json!(1));
+}
+
+#[tokio::test]
+async fn a_member_outside_peers_allowed_still_counts_as_another_instance() {
+    // Told nothing, but known: the memory tier keeps memory.degraded_max_age_ms for it.
+    let redis = TestRedis::start().await;
+    let a = spawn_app_with(Some(&redis), |s| {
+        s.peers.allowed = vec!["127.0.0.1/32".into()];
+    })
+    .await;
+    let capture = Capture::start("127.0.0.3").await;
+    let now = redis_now_ms(&redis).await;
+    forge_member(&redis, &a, &format!("elsewhere|{}", capture.url), now).await;
+    wait_for(|| async { a.state.store.tiered().peers().any() }).await;
+    assert_eq!(a.state.store.tiered().peers().reachable(), 0);
+    assert_eq!(
+        a.event("training-completed", json!("5")).await.status(),
+        200
+    );
+    assert!(capture.requests().is_empty());
 }
 
 #[tokio::test]

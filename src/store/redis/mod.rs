@@ -117,7 +117,6 @@ impl PoolOptions {
     }
 }
 
-/// Deletes the lock only if it still holds our token (single key: cluster-safe).
 /// Registers `ARGV[1]` as seen now, by Redis' own clock (so an instance whose clock is
 /// behind is not invisible to the others), drops members unseen for ten windows and members
 /// claiming a time beyond now plus the skew (nothing honest writes one: a forged member could
@@ -139,6 +138,7 @@ return redis.call('ZREVRANGEBYSCORE', KEYS[1], string.format('%d', now + skew),
 /// scored by Redis' clock, so only a failover to a node whose clock differs moves it).
 const REGISTRY_SKEW: Duration = Duration::from_secs(2);
 
+/// Deletes the lock only if it still holds our token (single key: cluster-safe).
 const UNLOCK: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 impl std::fmt::Debug for RedisStore {

@@ -80,8 +80,11 @@ pub struct TierCounts {
     pub circuit_opened: u64,
     /// Redis restarts noticed (a new `run_id` behind a new connection).
     pub redis_restarts: u64,
-    /// Other instances known (for invalidations made while Redis is unreachable).
+    /// Other instances known (for invalidations made while Redis is unreachable), whether
+    /// or not `peers.allowed` lets this one tell them directly.
     pub known_instances: u64,
+    /// Direct invalidations sent to other instances, by outcome.
+    pub peer_sends: peers::PeerSends,
 }
 
 /// How `keys` in `/cache/stats` was obtained.
@@ -243,6 +246,7 @@ impl FallbackStore {
             circuit_opened: self.circuit.openings(),
             redis_restarts: self.restarts.load(Ordering::Relaxed),
             known_instances: self.peers.count() as u64,
+            peer_sends: self.peers.sends(),
         }
     }
 

@@ -15,7 +15,7 @@
 //! costs one time-out per period, not one per invalidation.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use secrecy::{ExposeSecret, SecretSlice};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::is_short_word;
 use crate::domain::peer_addr::PeerAllowList;
 use crate::security::limits::PEER_PATH;
 use crate::security::signature::{SIGNATURE_HEADER, TIMESTAMP_HEADER, now_secs, sign};
@@ -30,13 +31,15 @@ use crate::store::Invalidation;
 
 /// How long an instance counts as present after it was last seen.
 pub const SEEN_WINDOW: Duration = Duration::from_secs(10);
-/// Attempts per peer for one invalidation when the first is refused at once (a restart); a
-/// time-out is not retried.
+/// Attempts per peer for one invalidation when the first connection is refused at once (a
+/// restart); nothing else is retried.
 const ATTEMPTS: u32 = 2;
 /// Most members read from the registry at once.
 pub const MAX_MEMBERS: usize = 256;
-/// Refused registry members remembered so that each is logged once.
-const MAX_REFUSED_LOGGED: usize = 1024;
+/// Refused registry members remembered (by hash) so that each is logged once.
+const MAX_REFUSED_LOGGED: usize = 4096;
+/// Longest registry member read; a longer one is anyone's junk.
+const MAX_MEMBER_LEN: usize = 512;
 
 /// The body of a peer invalidation.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -97,32 +100,51 @@ pub struct PeerOptions {
     pub allowed: PeerAllowList,
     /// Time-out of one attempt (`server.peer_timeout_ms`).
     pub timeout: Duration,
-    /// How long a member that did not answer is skipped (`peers.down_ms`).
+    /// How long a member that did not answer is not waited for (`peers.down_ms`).
     pub down: Duration,
 }
+
+/// Direct invalidations sent so far, for `/cache/stats`: those an invalidation waited for,
+/// by outcome, and those sent without waiting.
+#[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
+pub struct PeerSends {
+    /// Waited for, and applied by the other instance.
+    pub confirmed: u64,
+    /// Waited for, and answered with something other than a success (a different
+    /// `peers.secret`?).
+    pub refused: u64,
+    /// Waited for, and not answered within `server.peer_timeout_ms` (or the connection was
+    /// refused): each costs its invalidation up to one time-out.
+    pub silent: u64,
+    /// Sent without waiting, to a member that did not answer (or answered slowly) within the
+    /// last `peers.down_ms`.
+    pub in_background: u64,
+}
+
+/// A registry member as last read: its `(id, url)` when it may be told, and when.
+type Seen = (Option<(String, String)>, Instant);
 
 /// This instance's view of the others.
 pub struct Peers {
     id: String,
     url: ArcSwapOption<String>,
-    /// The others, `(member, url)`.
+    /// The others that can be told, `(id, url)`.
     others: ArcSwap<Vec<(String, String)>>,
-    /// Each other instance's URL and when it was last read from the registry, by id.
-    seen: Mutex<HashMap<String, (String, Instant)>>,
-    /// Members that did not answer, and until when they are skipped.
-    down: Mutex<HashMap<String, Instant>>,
-    /// Registry members refused (bad form, or an address outside `peers.allowed`), each
-    /// logged once.
-    refused: Mutex<HashSet<String>>,
+    /// Every other member read from the registry within [`SEEN_WINDOW`], told or not.
+    known: AtomicUsize,
+    /// Each member read, by id (or, for one that cannot be told, by what was registered),
+    /// with what can be told of it and when it was last read.
+    seen: Mutex<HashMap<String, Seen>>,
+    /// Hashes of registry members refused (bad form, or an address outside
+    /// `peers.allowed`), each logged once.
+    refused: Mutex<HashSet<u64>>,
     /// Whether the registry has been read at all by this process.
     read: AtomicBool,
     /// Whether, before this process read the registry, others are to be assumed (a
     /// snapshot written while others were known).
     assumed: AtomicBool,
-    secret: SecretSlice<u8>,
     allowed: PeerAllowList,
-    down_for: Duration,
-    client: reqwest::Client,
+    sender: Arc<Sender>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -141,8 +163,90 @@ enum Told {
     Confirmed,
     /// The peer answered, but not with a success (a wrong `peers.secret`, a full store).
     Refused,
-    /// The peer did not answer (time-out, connection refused): skipped for `peers.down_ms`.
+    /// The peer did not answer (time-out, connection refused).
     Silent,
+}
+
+/// The sending side, shared with deliveries that run in the background.
+struct Sender {
+    client: reqwest::Client,
+    secret: SecretSlice<u8>,
+    timeout: Duration,
+    down_for: Duration,
+    /// Per URL: until when it is not waited for, and whether a background delivery to it is
+    /// under way (at most one is).
+    health: Mutex<HashMap<String, (Instant, bool)>>,
+    confirmed: AtomicU64,
+    refused: AtomicU64,
+    silent: AtomicU64,
+    in_background: AtomicU64,
+}
+
+impl Sender {
+    /// Delivers `body` to `url`, then records how it went: a member that did not answer, or
+    /// answered with a failure, or took longer than half the time-out, is not waited for
+    /// during `peers.down_ms` (it is still sent every invalidation, in the background).
+    async fn deliver(&self, url: &str, body: bytes::Bytes, awaited: bool) -> Told {
+        let started = Instant::now();
+        let told = self.send(url, body).await;
+        let slow = started.elapsed() > self.timeout / 2;
+        if awaited {
+            let counter = match told {
+                Told::Confirmed => &self.confirmed,
+                Told::Refused => &self.refused,
+                Told::Silent => &self.silent,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if told == Told::Confirmed && !slow {
+            health.remove(url);
+        } else {
+            let entry = health
+                .entry(url.to_owned())
+                .or_insert((Instant::now(), false));
+            entry.0 = Instant::now() + self.down_for;
+        }
+        told
+    }
+
+    async fn send(&self, url: &str, body: bytes::Bytes) -> Told {
+        // One signature for every attempt: a retry of a delivery already applied is
+        // answered as such and applies nothing twice.
+        let timestamp = now_secs().to_string();
+        let signature = sign(self.secret.expose_secret(), &timestamp, &body);
+        for attempt in 0..ATTEMPTS {
+            let sent = self
+                .client
+                .post(format!("{url}{PEER_PATH}"))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(TIMESTAMP_HEADER, &timestamp)
+                .header(SIGNATURE_HEADER, &signature)
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(resp) if resp.status().is_success() => return Told::Confirmed,
+                Ok(resp) => {
+                    tracing::debug!(
+                        status = resp.status().as_u16(),
+                        "another instance refused a direct invalidation"
+                    );
+                    return Told::Refused;
+                }
+                // Only a connection refused at once (a restart) is worth a second attempt.
+                Err(e) if e.is_connect() && !e.is_timeout() => {
+                    tracing::debug!(error = %e, attempt, "peer invalidation not delivered");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "peer invalidation not delivered");
+                    return Told::Silent;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+        }
+        Told::Silent
+    }
 }
 
 impl Peers {
@@ -160,15 +264,23 @@ impl Peers {
             id: uuid::Uuid::new_v4().simple().to_string(),
             url: ArcSwapOption::empty(),
             others: ArcSwap::from_pointee(Vec::new()),
+            known: AtomicUsize::new(0),
             seen: Mutex::default(),
-            down: Mutex::default(),
             refused: Mutex::default(),
             read: AtomicBool::new(false),
             assumed: AtomicBool::new(false),
-            secret: options.secret,
             allowed: options.allowed,
-            down_for: options.down,
-            client,
+            sender: Arc::new(Sender {
+                client,
+                secret: options.secret,
+                timeout: options.timeout,
+                down_for: options.down,
+                health: Mutex::default(),
+                confirmed: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                silent: AtomicU64::new(0),
+                in_background: AtomicU64::new(0),
+            }),
         })
     }
 
@@ -189,7 +301,7 @@ impl Peers {
     }
 
     /// Whether this instance's own `peers.allowed` takes `url` (other instances with the same
-    /// settings would refuse it otherwise).
+    /// settings would never tell it anything otherwise).
     pub fn allows(&self, url: &str) -> bool {
         self.allowed.check_url(url).is_ok()
     }
@@ -202,37 +314,46 @@ impl Peers {
             .map(|url| format!("{}|{url}", self.id))
     }
 
-    /// Takes in the registry's members as read from Redis: untrusted input. A member is kept
-    /// only when it is `<id>|<url>`, the id 1-64 letters and digits and the URL a bare base
-    /// URL on a host `peers.allowed` names; others are logged once and ignored. An instance
-    /// stays known for [`SEEN_WINDOW`] after this instance last read it there, so a registry
-    /// that is momentarily short (a Redis restarted empty, before everyone registered again)
-    /// does not make this instance forget whom to tell.
+    /// Takes in the registry's members as read from Redis: untrusted input. A member is told
+    /// of invalidations only when it is `<id>|<url>`, the id 1-64 letters and digits and the
+    /// URL a bare base URL on a host `peers.allowed` names; others are logged once and never
+    /// sent anything. Every member counts as another instance all the same, so that a
+    /// misconfigured `peers.allowed` keeps `memory.degraded_max_age_ms` in force rather than
+    /// making each instance believe it is alone (a forged member can only add that bound).
+    /// A member stays known for [`SEEN_WINDOW`] after this instance last read it there, so a
+    /// registry that is momentarily short (a Redis restarted empty, before everyone
+    /// registered again) does not make this instance forget whom to tell.
     pub fn set_members(&self, members: Vec<String>) {
         self.read.store(true, Ordering::Release);
         let now = Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         for member in members.iter().take(MAX_MEMBERS) {
             match self.check_member(member) {
-                Ok((id, url)) if id != self.id => {
-                    seen.insert(id.to_owned(), (url, now));
+                Ok((id, _)) if id == self.id => {}
+                Ok((id, url)) => {
+                    seen.insert(id.to_owned(), (Some((id.to_owned(), url)), now));
                 }
-                Ok(_) => {}
-                Err(why) => self.refuse(member, why),
+                Err(why) => {
+                    self.refuse(member, why);
+                    let key = format!("?{:016x}", xxhash_rust::xxh3::xxh3_64(member.as_bytes()));
+                    seen.insert(key, (None, now));
+                }
             }
         }
         seen.retain(|_, (_, at)| now.duration_since(*at) <= SEEN_WINDOW);
-        let mut others: Vec<(String, String)> = seen
-            .iter()
-            .map(|(id, (url, _))| (id.clone(), url.clone()))
-            .collect();
+        let mut others: Vec<(String, String)> =
+            seen.values().filter_map(|(tell, _)| tell.clone()).collect();
         others.sort();
+        self.known.store(seen.len(), Ordering::Release);
         self.others.store(Arc::new(others));
     }
 
     fn check_member<'a>(&self, member: &'a str) -> Result<(&'a str, String), &'static str> {
+        if member.len() > MAX_MEMBER_LEN {
+            return Err("longer than 512 bytes");
+        }
         let (id, url) = member.split_once('|').ok_or("not <id>|<url>")?;
-        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        if !is_short_word(id) {
             return Err("the id is not 1-64 letters and digits");
         }
         Ok((id, self.allowed.check_url(url)?))
@@ -240,13 +361,14 @@ impl Peers {
 
     fn refuse(&self, member: &str, why: &'static str) {
         let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-        if refused.len() < MAX_REFUSED_LOGGED && refused.insert(member.to_owned()) {
+        let hash = xxhash_rust::xxh3::xxh3_64(member.as_bytes());
+        if refused.len() < MAX_REFUSED_LOGGED && refused.insert(hash) {
             // What was registered is shown escaped and cut short: it is anyone's text.
             let shown: String = member.chars().take(200).collect();
             tracing::warn!(
                 member = ?shown,
                 reason = why,
-                "ignored an instance registry member: direct invalidations go only to bare http(s) URLs on hosts in peers.allowed"
+                "an instance registry member is never sent invalidations: they go only to bare http(s) URLs on hosts in peers.allowed"
             );
         }
     }
@@ -268,14 +390,30 @@ impl Peers {
         self.assumed.load(Ordering::Acquire)
     }
 
-    /// Whether other instances are known.
+    /// Whether other instances are known (told of invalidations or not).
     pub fn any(&self) -> bool {
-        !self.others.load().is_empty()
+        self.count() > 0
     }
 
-    /// How many other instances are known.
+    /// How many other instances are known (told of invalidations or not).
     pub fn count(&self) -> usize {
+        self.known.load(Ordering::Acquire)
+    }
+
+    /// How many other instances are told of invalidations directly.
+    pub fn reachable(&self) -> usize {
         self.others.load().len()
+    }
+
+    /// Direct invalidations sent so far, by outcome.
+    pub fn sends(&self) -> PeerSends {
+        let s = &self.sender;
+        PeerSends {
+            confirmed: s.confirmed.load(Ordering::Relaxed),
+            refused: s.refused.load(Ordering::Relaxed),
+            silent: s.silent.load(Ordering::Relaxed),
+            in_background: s.in_background.load(Ordering::Relaxed),
+        }
     }
 
     /// Sends `inv` to every known instance, concurrently; returns how many confirmed.
@@ -283,29 +421,19 @@ impl Peers {
         self.tell_all_but(inv, &[]).await
     }
 
-    /// Sends `inv` to every known instance whose id is not in `confirmed` and that is not
-    /// skipped as down, concurrently; returns how many confirmed.
+    /// Sends `inv` to every known instance whose id is not in `confirmed`, concurrently, and
+    /// waits for those that answered in time within the last `peers.down_ms`; the others are
+    /// sent it in the background (at most one delivery under way per member), so a silent
+    /// member costs an invalidation at most one time-out per `peers.down_ms`. Returns how
+    /// many confirmed before it returned.
     pub async fn tell_all_but(&self, inv: &Invalidation, confirmed: &[String]) -> usize {
-        let now = Instant::now();
-        let (others, skipped) = {
-            let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
-            down.retain(|_, until| *until > now);
-            let mut skipped = 0usize;
-            let others: Vec<(String, String)> = self
-                .others
-                .load()
-                .iter()
-                .filter(|(id, _)| !confirmed.contains(id))
-                .filter(|(id, _)| {
-                    let is_down = down.contains_key(id);
-                    skipped += usize::from(is_down);
-                    !is_down
-                })
-                .cloned()
-                .collect();
-            (others, skipped)
-        };
-        if others.is_empty() && skipped == 0 {
+        let others = self.others.load();
+        let targets: Vec<&str> = others
+            .iter()
+            .filter(|(id, _)| !confirmed.contains(id))
+            .map(|(_, url)| url.as_str())
+            .collect();
+        if targets.is_empty() {
             return 0;
         }
         let message = PeerMessage {
@@ -314,67 +442,55 @@ impl Peers {
             invalidation: inv.clone(),
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&message).unwrap_or_default());
-        let sends = others
-            .iter()
-            .map(|(_, url)| self.tell_one(url, body.clone()));
-        let outcomes = futures_util::future::join_all(sends).await;
-        let mut confirmed = 0;
+        let now = Instant::now();
+        let mut awaited = Vec::with_capacity(targets.len());
+        let mut background = 0usize;
         {
-            let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
-            for ((id, _), told) in others.iter().zip(&outcomes) {
-                match told {
-                    Told::Confirmed => confirmed += 1,
-                    Told::Refused => {}
-                    Told::Silent => {
-                        down.insert(id.clone(), Instant::now() + self.down_for);
+            let mut health = self.sender.health.lock().unwrap_or_else(|e| e.into_inner());
+            health.retain(|_, (until, in_flight)| *in_flight || *until > now);
+            for url in &targets {
+                match health.get_mut(*url) {
+                    Some((until, in_flight)) if *until > now => {
+                        background += 1;
+                        if !*in_flight {
+                            *in_flight = true;
+                            self.deliver_in_background(url, body.clone());
+                        }
                     }
+                    _ => awaited.push(*url),
                 }
             }
         }
-        if confirmed < others.len() + skipped {
+        let sends = awaited
+            .iter()
+            .map(|url| self.sender.deliver(url, body.clone(), true));
+        let told = futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .filter(|t| *t == Told::Confirmed)
+            .count();
+        if told < targets.len() {
             tracing::warn!(
-                confirmed,
-                known = others.len() + skipped,
-                skipped_as_down = skipped,
-                "an invalidation did not reach every instance directly; their copies go within memory.degraded_max_age_ms or l1.max_lifetime_ms"
+                confirmed = told,
+                known = targets.len(),
+                in_background = background,
+                "an invalidation did not reach every instance directly before it was acknowledged; their copies go within memory.degraded_max_age_ms or l1.max_lifetime_ms"
             );
         }
-        confirmed
+        told
     }
 
-    async fn tell_one(&self, url: &str, body: bytes::Bytes) -> Told {
-        // One signature for every attempt: a retry of a delivery already applied is
-        // answered as such and applies nothing twice.
-        let timestamp = now_secs().to_string();
-        let signature = sign(self.secret.expose_secret(), &timestamp, &body);
-        for attempt in 0..ATTEMPTS {
-            let sent = self
-                .client
-                .post(format!("{url}{PEER_PATH}"))
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(TIMESTAMP_HEADER, &timestamp)
-                .header(SIGNATURE_HEADER, &signature)
-                .body(body.clone())
-                .send()
-                .await;
-            match sent {
-                Ok(resp) if resp.status().is_success() => return Told::Confirmed,
-                Ok(resp) => {
-                    tracing::warn!(
-                        status = resp.status().as_u16(),
-                        "another instance refused a direct invalidation (do both share peers.secret?)"
-                    );
-                    return Told::Refused;
-                }
-                Err(e) if e.is_timeout() => {
-                    tracing::debug!(error = %e, "peer invalidation timed out");
-                    return Told::Silent;
-                }
-                Err(e) => tracing::debug!(error = %e, attempt, "peer invalidation not delivered"),
+    fn deliver_in_background(&self, url: &str, body: bytes::Bytes) {
+        let sender = self.sender.clone();
+        let url = url.to_owned();
+        sender.in_background.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            sender.deliver(&url, body, false).await;
+            let mut health = sender.health.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, in_flight)) = health.get_mut(&url) {
+                *in_flight = false;
             }
-            tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
-        }
-        Told::Silent
+        });
     }
 }
 
@@ -401,8 +517,8 @@ mod tests {
         peers.advertise("http://127.0.0.1:1/".into());
         let me = peers.member().expect("member");
         assert!(me.ends_with("|http://127.0.0.1:1"));
-        peers.set_members(vec![me, "x|http://127.0.0.1:2".into(), "garbage".into()]);
-        assert_eq!(peers.count(), 1);
+        peers.set_members(vec![me, "x|http://127.0.0.1:2".into()]);
+        assert_eq!((peers.count(), peers.reachable()), (1, 1));
         assert!(peers.any());
         // A registry read that lacks it (Redis restarted empty) does not forget it.
         peers.set_members(vec![]);
@@ -410,7 +526,7 @@ mod tests {
     }
 
     #[test]
-    fn members_outside_the_allowed_hosts_or_of_another_form_are_ignored() {
+    fn members_outside_the_allowed_hosts_or_of_another_form_are_known_but_never_told() {
         let peers = peers(&["127.0.0.0/8", "runcache-2"]);
         peers.set_members(vec![
             "a|http://10.0.0.1:8080".into(),
@@ -419,12 +535,14 @@ mod tests {
             "d!|http://127.0.0.1:8080".into(),
             "e|gopher://127.0.0.1:70".into(),
             "f|http://runcache-3:8080".into(),
+            format!("g|http://127.0.0.1:8080/{}", "x".repeat(600)),
+            "garbage".into(),
         ]);
-        assert_eq!(peers.count(), 0);
+        assert_eq!((peers.count(), peers.reachable()), (8, 0));
         peers.set_members(vec![
-            "g|http://127.0.0.9:8080/".into(),
-            "h|http://RunCache-2:8080".into(),
+            "h|http://127.0.0.9:8080/".into(),
+            "i|http://RunCache-2:8080".into(),
         ]);
-        assert_eq!(peers.count(), 2);
+        assert_eq!((peers.count(), peers.reachable()), (10, 2));
     }
 }

@@ -34,7 +34,9 @@ impl FallbackStore {
         }
     }
 
-    /// Removes this instance from the registry (a graceful stop; the heartbeat has stopped).
+    /// Removes this instance from the registry (a graceful stop; the heartbeat has stopped):
+    /// the others stop telling it once their last read of it is `SEEN_WINDOW` old, instead of
+    /// after it ages out of the registry too.
     /// Never touches the circuit: a Redis that is down has nothing to forget, and the
     /// member ages out of the registry by itself.
     pub async fn leave(&self) {
