@@ -4,6 +4,7 @@
 mod access;
 mod admin;
 mod cluster;
+mod cluster_consistency;
 mod dashboard;
 mod edges;
 mod events;
