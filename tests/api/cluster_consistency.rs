@@ -235,3 +235,78 @@ async fn a_bumped_counter_outlives_the_entries_it_hides_on_a_cluster() {
     let counter = format!("{}:_gen:v1:run:life{{run:life}}", app.prefix);
     bumped_counter_outlives_the_entry(&app, &cluster, &entry, &counter).await;
 }
+
+/// `PUBSUB NUMSUB` calls on every node of `cluster`, together.
+async fn numsub_calls(cluster: &TestCluster) -> u64 {
+    let mut total = 0;
+    for node in cluster.nodes.iter().filter(|n| n.is_running()) {
+        let stats: String = node
+            .cmd(&["INFO", "commandstats"])
+            .await
+            .expect("INFO commandstats");
+        total += stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_pubsub|numsub:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// An invalidation's publication counts the subscribers on every node once; the
+/// confirmations that come back are plain `PUBLISH`es, which count no one (before, each of
+/// them asked every node too: with three instances on three nodes, 12 `NUMSUB`s per event
+/// instead of 3). Every confirmation still arrives and is waited for.
+#[tokio::test]
+async fn a_bus_confirmation_asks_no_node_for_its_subscribers() {
+    let cluster = TestCluster::start(3, 0).await;
+    let a = spawn_app_with(None, cluster_mode(&cluster)).await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let mut settings =
+            crate::helpers::test_settings(&a.origin.url, &crate::helpers::closed_redis_url());
+        settings.cache.prefix = a.prefix.clone();
+        cluster_mode(&cluster)(&mut settings);
+        others.push(crate::helpers::spawn_with_settings(settings, a.origin.clone()).await);
+    }
+    let everyone: Vec<&TestApp> = std::iter::once(&a).chain(others.iter()).collect();
+    crate::helpers::wait_for(|| async {
+        let mut all = true;
+        for app in &everyone {
+            all &= app.stats().await["l1"]["subscribed"] == true;
+        }
+        all
+    })
+    .await;
+    for app in &everyone {
+        app.metrics("bus").await;
+        assert_eq!(
+            app.metrics("bus").await.headers()["x-cache"],
+            "HIT",
+            "a copy to drop"
+        );
+    }
+
+    let nodes = cluster.nodes.len() as u64;
+    for round in 1..=3u64 {
+        let before = numsub_calls(&cluster).await;
+        a.origin.set_revision(round);
+        let resp = a.event("training-completed", json!("bus")).await;
+        assert_eq!(resp.status(), 200);
+        // The sender waited for the confirmations it counted; let any straggler land.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let asked = numsub_calls(&cluster).await - before;
+        assert!(
+            asked <= nodes,
+            "round {round}: {asked} NUMSUB calls on {nodes} nodes for one event"
+        );
+        for app in &everyone {
+            assert_eq!(json_of(app.metrics("bus").await).await["revision"], round);
+        }
+    }
+    for app in &everyone {
+        let stats = app.stats().await;
+        assert_eq!(stats["l1"]["ack_timeouts"], 0, "{stats}");
+    }
+}

@@ -198,7 +198,7 @@ impl Bus {
         // Not awaited here: the subscription loop must keep reading while the confirmation
         // goes out (a single PUBLISH, bounded by the command time-out).
         tokio::spawn(async move {
-            if let Err(e) = store.redis().publish(&ack_channel, &ack).await {
+            if let Err(e) = store.redis().publish_uncounted(&ack_channel, &ack).await {
                 tracing::debug!(error = %e, "near-cache confirmation not sent");
             }
         });

@@ -508,6 +508,17 @@ impl RedisStore {
         .map(|(n, _)| n)
     }
 
+    /// `PUBLISH` that counts no one: for a message whose sender waits for nobody (a bus
+    /// confirmation). On a cluster it goes to the node of the channel's slot, and classic
+    /// pub/sub carries it to every other; [`RedisStore::publish`] would first ask every node
+    /// for its subscribers.
+    pub async fn publish_uncounted(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(payload);
+        let _: u64 = self.run(cmd).await?;
+        Ok(())
+    }
+
     /// Reads a plain string value (the shared version).
     pub async fn get_string(&self, key: &str) -> Result<Option<String>, StoreError> {
         let mut cmd = redis::cmd("GET");
