@@ -51,9 +51,9 @@ async fn home_of(cluster: &TestCluster, app: &TestApp, id: &str) -> u16 {
     panic!("no primary holds run {id}");
 }
 
-/// One primary of three has lost its replica: invalidations still `WAIT` on the shards that
-/// have one (a failover there could lose an unconfirmed bump), and do not `WAIT` in vain on
-/// the shard that has none.
+/// One primary of three has lost its replica (killed, and marked failed by the cluster):
+/// invalidations still `WAIT` on the shards that have one (a failover there could lose an
+/// unconfirmed bump), and do not `WAIT` in vain on the shard that has none.
 #[tokio::test]
 async fn wait_runs_on_every_shard_with_a_replica_when_another_has_none() {
     let mut cluster = TestCluster::start(3, 1).await;
@@ -80,12 +80,22 @@ async fn wait_runs_on_every_shard_with_a_replica_when_another_has_none() {
             .cmd(&["INFO", "replication"])
             .await
             .expect("INFO");
-        if info.contains("connected_slaves:0") {
+        let nodes: String = cluster
+            .node(orphan)
+            .cmd(&["CLUSTER", "NODES"])
+            .await
+            .expect("CLUSTER NODES");
+        // Disconnected, and marked failed: no longer a replica the cluster could promote.
+        let failed = nodes.lines().any(|l| {
+            l.contains(&format!(":{replica}@"))
+                && l.split(' ').nth(2).is_some_and(|f| f.contains("fail"))
+        });
+        if info.contains("connected_slaves:0") && failed {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "replica still connected"
+            "replica still connected or not marked failed"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

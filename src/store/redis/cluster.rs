@@ -302,8 +302,8 @@ pub struct ClusterFacts {
     pub evicting: Option<String>,
     /// The oldest `redis_version` among the primaries.
     pub oldest_version: String,
-    /// The slot ranges (inclusive) of the primaries that have no replica connected: a bump
-    /// there has nothing to `WAIT` for.
+    /// The slot ranges (inclusive) of the primaries that have no replica connected and none
+    /// that the cluster could promote: a bump there has nothing to `WAIT` for.
     pub unreplicated: Vec<(u16, u16)>,
 }
 
@@ -335,7 +335,9 @@ pub fn slot_of(key: &str) -> u16 {
     crc % 16384
 }
 
-/// The slot ranges of the primaries at `addrs` (`host:port`), from `CLUSTER SLOTS`.
+/// The slot ranges of the primaries at `addrs` (`host:port`) that the cluster lists with no
+/// replica, from `CLUSTER SLOTS` (which leaves out replicas marked failed). A replica that is
+/// listed but not connected could still be promoted: its shard keeps waiting.
 async fn slots_of(conn: &mut ClusterConnection, addrs: &[String]) -> RedisResult<Vec<(u16, u16)>> {
     let reply = conn
         .route_command(
@@ -346,7 +348,7 @@ async fn slots_of(conn: &mut ClusterConnection, addrs: &[String]) -> RedisResult
     let ranges: Vec<Vec<Value>> = redis::from_redis_value(reply)?;
     let mut out = Vec::new();
     for range in ranges {
-        let [from, to, primary, ..] = range.as_slice() else {
+        let [from, to, primary] = range.as_slice() else {
             continue;
         };
         let (from, to) = (

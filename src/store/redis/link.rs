@@ -204,11 +204,15 @@ impl Link {
             let mut conn = conn.clone();
             let facts =
                 tokio::time::timeout(self.connect_timeout, super::cluster::facts(&mut conn)).await;
-            if let Ok(Ok(facts)) = facts
-                && facts.identity != c.run_id
-            {
-                tracing::warn!("a primary of the redis cluster changed; reconnecting");
-                self.broken(&c);
+            if let Ok(Ok(facts)) = facts {
+                if facts.identity != c.run_id {
+                    tracing::warn!("a primary of the redis cluster changed; reconnecting");
+                    self.broken(&c);
+                } else {
+                    // Replicas come and go without changing the identity.
+                    self.cluster_unreplicated
+                        .store(Arc::new(facts.unreplicated));
+                }
             }
             return;
         }
