@@ -148,10 +148,12 @@ async fn wait_runs_on_every_shard_with_a_replica_when_another_has_none() {
 async fn a_comparison_fetched_across_an_event_is_not_served_after_its_counter_expires() {
     let cluster = TestCluster::start(3, 0).await;
     let app = spawn_app_with(None, cluster_mode(&cluster)).await;
-    app.origin.set_delay(600);
+    app.origin.set_delay(1000);
     let ids = json!(["ca", "cb"]);
+    // The event while the origin is answering: after the stamp was read, before the store.
     let (old, event) = tokio::join!(app.compare(ids.clone()), async {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        crate::helpers::wait_for(|| async { app.origin.calls("/api/v1/models/compare") == 1 })
+            .await;
         app.event("training-completed", json!("ca")).await
     });
     assert_eq!(event.status(), 200);

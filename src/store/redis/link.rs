@@ -79,7 +79,7 @@ pub(crate) struct Link {
     /// Whether the last connection was refused (eviction policy, version; logged once).
     refused: std::sync::atomic::AtomicBool,
     /// Cluster mode: the slot ranges of the primaries that had no replica at the last
-    /// connection.
+    /// connection or heartbeat (see [`super::cluster::ClusterFacts::unreplicated`]).
     cluster_unreplicated: ArcSwap<Vec<(u16, u16)>>,
 }
 
