@@ -266,10 +266,11 @@ async fn numsub_calls(cluster: &TestCluster) -> u64 {
     total
 }
 
-/// An invalidation's publication counts the subscribers on every node once; the
-/// confirmations that come back are plain `PUBLISH`es, which count no one (before, each of
-/// them asked every node too: with three instances on three nodes, 12 `NUMSUB`s per event
-/// instead of 3). Every confirmation still arrives and is waited for.
+/// An invalidation's publication counts the subscribers on every node, and that count serves
+/// the publications of the next second too; the confirmations that come back are plain
+/// `PUBLISH`es, which count no one (before, each publication and each confirmation asked
+/// every node: with three instances on three nodes, 12 `NUMSUB`s per event). Every
+/// confirmation still arrives and is waited for, and every instance reads each new revision.
 #[tokio::test]
 async fn a_bus_confirmation_asks_no_node_for_its_subscribers() {
     let cluster = TestCluster::start(3, 0).await;
@@ -301,22 +302,28 @@ async fn a_bus_confirmation_asks_no_node_for_its_subscribers() {
     }
 
     let nodes = cluster.nodes.len() as u64;
-    for round in 1..=3u64 {
-        let before = numsub_calls(&cluster).await;
+    let rounds = 20u64;
+    // Past the reuse of any count taken at start-up (the first connection's restore
+    // publishes): the first event asks every node.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let before = numsub_calls(&cluster).await;
+    for round in 1..=rounds {
         a.origin.set_revision(round);
         let resp = a.event("training-completed", json!("bus")).await;
         assert_eq!(resp.status(), 200);
-        // The sender waited for the confirmations it counted; let any straggler land.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let asked = numsub_calls(&cluster).await - before;
-        assert!(
-            asked <= nodes,
-            "round {round}: {asked} NUMSUB calls on {nodes} nodes for one event"
-        );
         for app in &everyone {
             assert_eq!(json_of(app.metrics("bus").await).await["revision"], round);
         }
     }
+    // The sender waited for the confirmations it counted; let any straggler land.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let asked = numsub_calls(&cluster).await - before;
+    // Each event asked every node once at most (confirmations ask no one), and a count is
+    // used again for a second (far more than 20 events take; half of them is allowed).
+    assert!(
+        asked <= rounds * nodes / 2,
+        "{asked} NUMSUB calls on {nodes} nodes for {rounds} events"
+    );
     for app in &everyone {
         let stats = app.stats().await;
         assert_eq!(stats["l1"]["ack_timeouts"], 0, "{stats}");
