@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::config::{Settings, ms};
+use crate::domain::policy::MAX_ORIGIN_WINDOW_SECS;
 use crate::invalidation::Invalidator;
 use crate::metrics::Stats;
 use crate::metrics::audit::AuditTrail;
@@ -345,13 +346,20 @@ fn read_through_options(settings: &Settings) -> anyhow::Result<ReadThroughOption
     })
 }
 
-/// Generation counters must outlive every entry stamped with them: twice the longest
-/// retention, and at least a day.
+/// Generation counters must outlive every entry stamped with them, or a counter that expires
+/// (back to 0) makes an entry it hid current again: twice the longest retention, and at least
+/// a day. An entry's retention is its TTL (a view's, or `cache.not_found_ttl`) plus its stale
+/// window, and the origin's own `stale-while-revalidate` or `stale-if-error` may set that
+/// window up to a week ([`MAX_ORIGIN_WINDOW_SECS`]), whatever the configured ones say.
 fn gen_ttl(settings: &Settings) -> Duration {
+    let origin_window = Duration::from_secs(MAX_ORIGIN_WINDOW_SECS);
     let longest = settings
         .view_policies()
         .iter()
-        .map(|p| p.ttl + p.stale_window())
+        .map(|p| {
+            p.ttl.max(Duration::from_secs(settings.cache.not_found_ttl))
+                + p.stale_window().max(origin_window)
+        })
         .max()
         .unwrap_or_default();
     (longest * 2).max(Duration::from_secs(86_400))

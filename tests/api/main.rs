@@ -5,6 +5,7 @@ mod access;
 mod admin;
 mod authorization;
 mod cluster;
+mod cluster_consistency;
 mod dashboard;
 mod edges;
 mod events;

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -21,8 +21,29 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::NearCache;
-use crate::store::Invalidation;
 use crate::store::tiered::FallbackStore;
+use crate::store::{Invalidation, StoreError};
+
+/// On a cluster, how long a subscriber count (`PUBSUB NUMSUB` on every node) is used again by
+/// later publications of this instance, instead of asking every node for each one. An
+/// instance whose subscription began after the count was asked for is not counted, and need
+/// not be: it keeps no copy of a read that started less than [`WARM_UP`] after its
+/// subscription, so none of a read older than the bumps of any publication that used the
+/// count (they come before the publication, and it comes less than `COUNT_REUSE` after the
+/// count was asked for). A count found too high (an instance left) costs one wait of
+/// `l1.ack_timeout_ms`, after which it is asked for again.
+pub const COUNT_REUSE: Duration = Duration::from_secs(1);
+
+/// On a cluster, how long after its subscription an instance keeps no near-cache copy: more
+/// than [`COUNT_REUSE`].
+pub const WARM_UP: Duration = Duration::from_secs(2);
+
+/// A subscriber count and when it was asked for.
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    asked_at: Instant,
+    subscribers: u64,
+}
 
 /// What an invalidation message asks of every near cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +101,8 @@ pub struct Bus {
     retry: Duration,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Arc<Pending>>>,
+    /// On a cluster, the last subscriber count (see [`COUNT_REUSE`]).
+    count: Mutex<Option<Count>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -106,11 +129,40 @@ impl Bus {
             retry,
             next_id: AtomicU64::new(1),
             pending: Mutex::default(),
+            count: Mutex::default(),
         }
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Pending>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self) -> std::sync::MutexGuard<'_, Option<Count>> {
+        self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many instances a publication on a cluster must be confirmed by: every node's
+    /// subscribers, asked for at most once per [`COUNT_REUSE`]. `None` on one Redis, where
+    /// `PUBLISH` counts them.
+    async fn subscribers(&self, store: &FallbackStore) -> Result<Option<u64>, StoreError> {
+        let redis = store.redis();
+        if !redis.is_cluster() {
+            return Ok(None);
+        }
+        let known = *self.count();
+        if let Some(c) = known.filter(|c| c.asked_at.elapsed() < COUNT_REUSE) {
+            return Ok(Some(c.subscribers));
+        }
+        // Taken before asking: whoever subscribes after this may be missed by the count.
+        let asked_at = Instant::now();
+        let subscribers = redis.subscribers(&self.channel).await?;
+        if let Some(subscribers) = subscribers {
+            *self.count() = Some(Count {
+                asked_at,
+                subscribers,
+            });
+        }
+        Ok(subscribers)
     }
 
     /// Publishes `op` and waits until every subscribed instance confirmed it dropped its
@@ -127,7 +179,12 @@ impl Bus {
             op,
         })
         .unwrap_or_default();
-        let confirmed = match store.redis().publish(&self.channel, &payload).await {
+        let published = async {
+            let everywhere = self.subscribers(store).await?;
+            let here = store.redis().publish(&self.channel, &payload).await?;
+            Ok::<_, StoreError>(everywhere.unwrap_or(0).max(here))
+        };
+        let confirmed = match published.await {
             Ok(receivers) => {
                 let wait = async {
                     loop {
@@ -146,6 +203,8 @@ impl Bus {
             }
         };
         if !confirmed {
+            // The count may be too high (an instance left): asked for again next time.
+            *self.count() = None;
             near.ack_timed_out();
         }
         let by = waiter
@@ -226,7 +285,17 @@ impl Bus {
             };
             match tokio::time::timeout(connect_timeout, subscribe).await {
                 Ok(Ok(pubsub)) => {
+                    // On a cluster, publishers may count subscribers from before this one
+                    // for a while (see `COUNT_REUSE`): no copies until that has passed.
+                    let cluster = store.redis().is_cluster();
+                    if cluster {
+                        near.hold_copies();
+                    }
                     near.set_live(true);
+                    let warm_up =
+                        tokio::time::sleep(if cluster { WARM_UP } else { Duration::ZERO });
+                    tokio::pin!(warm_up);
+                    let mut warm = !cluster;
                     if was_live {
                         tracing::info!("near-cache subscription restored");
                     }
@@ -237,6 +306,10 @@ impl Bus {
                             () = cancel.cancelled() => {
                                 near.set_live(false);
                                 return;
+                            }
+                            () = &mut warm_up, if !warm => {
+                                warm = true;
+                                near.keep_copies();
                             }
                             msg = messages.next() => match msg {
                                 Some(m) => self.handle(&near, &store, m.get_channel_name(), m.get_payload_bytes()),

@@ -99,6 +99,8 @@ pub struct NearCache {
     epoch: AtomicU64,
     inserts: AtomicU64,
     live: AtomicBool,
+    /// Whether copies are kept (see [`NearCache::hold_copies`]).
+    keeping: AtomicBool,
     hits: AtomicU64,
     lane_hits: AtomicU64,
     invalidations: AtomicU64,
@@ -128,6 +130,7 @@ impl NearCache {
             epoch: AtomicU64::new(0),
             inserts: AtomicU64::new(0),
             live: AtomicBool::new(false),
+            keeping: AtomicBool::new(true),
             hits: AtomicU64::new(0),
             lane_hits: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
@@ -172,7 +175,11 @@ impl NearCache {
     ) {
         let epoch_before = mark.epoch;
         let life = fresh_for.min(self.jittered_lifetime(key));
-        if life.is_zero() || !self.is_live() || self.epoch() != epoch_before {
+        if life.is_zero()
+            || !self.is_live()
+            || !self.keeping.load(Ordering::SeqCst)
+            || self.epoch() != epoch_before
+        {
             return;
         }
         let Some(expires_at) = Instant::now().checked_add(life) else {
@@ -287,6 +294,19 @@ impl NearCache {
         }
     }
 
+    /// Keeps no new copy until [`NearCache::keep_copies`] (a cluster subscription's warm-up,
+    /// see [`super::bus::WARM_UP`]).
+    pub fn hold_copies(&self) {
+        self.keeping.store(false, Ordering::SeqCst);
+    }
+
+    /// Keeps copies again, of reads that start from now on only (the epoch moves, so a read
+    /// already under way is not kept).
+    pub fn keep_copies(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.keeping.store(true, Ordering::SeqCst);
+    }
+
     /// Counts a hit served from a copy; `lane`: answered by the hit lane.
     pub fn served(&self, lane: bool) {
         self.hits.fetch_add(1, Ordering::Relaxed);
@@ -398,6 +418,21 @@ mod tests {
         assert!(near.get("k").is_none());
         near.set_live(true);
         assert!(near.get("k").is_none(), "a resubscription starts empty");
+    }
+
+    #[test]
+    fn while_held_nothing_is_kept_nor_afterwards_from_a_read_begun_while_held() {
+        let near = NearCache::new(1 << 20, Duration::from_secs(60));
+        near.hold_copies();
+        near.set_live(true);
+        let during = near.epoch();
+        keep(&near, "k", during);
+        assert!(near.get("k").is_none(), "kept while held");
+        near.keep_copies();
+        keep(&near, "k", during);
+        assert!(near.get("k").is_none(), "kept a read begun while held");
+        keep(&near, "k", near.epoch());
+        assert!(near.get("k").is_some());
     }
 
     #[test]

@@ -302,8 +302,70 @@ pub struct ClusterFacts {
     pub evicting: Option<String>,
     /// The oldest `redis_version` among the primaries.
     pub oldest_version: String,
-    /// Whether every primary has at least one replica connected.
-    pub replicated: bool,
+    /// The slot ranges (inclusive) of the primaries that have no replica connected and none
+    /// that the cluster could promote: a bump there has nothing to `WAIT` for.
+    pub unreplicated: Vec<(u16, u16)>,
+}
+
+/// Whether a bump of `key` is to be confirmed with `WAIT`, given the slot ranges of the
+/// primaries seen with no replica ([`ClusterFacts::unreplicated`]): unless its slot is in one
+/// of them. A slot moved since to a primary with a replica and then failed over is a change
+/// of the primaries' identity, taken for a restore, like a restarted primary.
+pub fn waits_for(unreplicated: &[(u16, u16)], key: &str) -> bool {
+    let slot = slot_of(key);
+    !unreplicated
+        .iter()
+        .any(|&(from, to)| (from..=to).contains(&slot))
+}
+
+/// The cluster slot of `key` (CRC16/XMODEM of its hash tag, modulo 16384, as Redis Cluster
+/// computes it).
+pub fn slot_of(key: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in super::super::keyspace::hash_part(key).as_bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// The slot ranges of the primaries at `addrs` (`host:port`) that the cluster lists with no
+/// replica, from `CLUSTER SLOTS` (which leaves out replicas marked failed). A replica that is
+/// listed but not connected could still be promoted: its shard keeps waiting.
+async fn slots_of(conn: &mut ClusterConnection, addrs: &[String]) -> RedisResult<Vec<(u16, u16)>> {
+    let reply = conn
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+        )
+        .await?;
+    let ranges: Vec<Vec<Value>> = redis::from_redis_value(reply)?;
+    let mut out = Vec::new();
+    for range in ranges {
+        let [from, to, primary] = range.as_slice() else {
+            continue;
+        };
+        let (from, to) = (
+            redis::from_redis_value_ref::<u16>(from)?,
+            redis::from_redis_value_ref::<u16>(to)?,
+        );
+        let node: Vec<Value> = redis::from_redis_value_ref(primary)?;
+        let (Some(host), Some(port)) = (node.first(), node.get(1)) else {
+            continue;
+        };
+        let host: String = redis::from_redis_value_ref(host)?;
+        let port: u16 = redis::from_redis_value_ref(port)?;
+        if addrs.contains(&format!("{host}:{port}")) {
+            out.push((from, to));
+        }
+    }
+    Ok(out)
 }
 
 /// Reads [`ClusterFacts`] from every primary.
@@ -311,7 +373,7 @@ pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
     let mut cmd = redis::cmd("INFO");
     cmd.arg("server").arg("memory").arg("replication");
     let mut ids = Vec::new();
-    let mut replicated = true;
+    let mut alone = Vec::new();
     let mut evicting = None;
     let mut oldest: Option<String> = None;
     for (addr, value) in on_primaries(conn, cmd).await? {
@@ -326,18 +388,25 @@ pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
         if field("maxmemory") != "0" && field("maxmemory_policy") != "noeviction" {
             evicting = Some(field("maxmemory_policy"));
         }
-        replicated &= field("connected_slaves").parse::<u64>().unwrap_or(0) > 0;
+        if field("connected_slaves").parse::<u64>().unwrap_or(0) == 0 {
+            alone.push(addr.clone());
+        }
         let version = field("redis_version");
         if oldest.as_ref().is_none_or(|o| major(&version) < major(o)) {
             oldest = Some(version);
         }
     }
     ids.sort();
+    let unreplicated = if alone.is_empty() {
+        Vec::new()
+    } else {
+        slots_of(conn, &alone).await?
+    };
     Ok(ClusterFacts {
         identity: ids.join(","),
         evicting,
         oldest_version: oldest.unwrap_or_default(),
-        replicated,
+        unreplicated,
     })
 }
 
@@ -347,4 +416,26 @@ fn major(version: &str) -> u32 {
         .next()
         .and_then(|m| m.trim().parse().ok())
         .unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_computed_as_redis_cluster_does() {
+        // Values from the `CLUSTER KEYSLOT` documentation and the CRC16/XMODEM check value.
+        assert_eq!(slot_of("somekey"), 11058);
+        assert_eq!(slot_of("foo{hash_tag}"), 2515);
+        assert_eq!(slot_of("123456789"), 0x31C3);
+        assert_eq!(slot_of("a{run:7}"), slot_of("b{run:7}"));
+    }
+
+    #[test]
+    fn only_slots_of_a_primary_without_a_replica_skip_wait() {
+        let slot = slot_of("x{run:1}");
+        assert!(!waits_for(&[(slot, slot)], "y{run:1}"));
+        assert!(waits_for(&[(0, slot.saturating_sub(1))], "y{run:1}"));
+        assert!(waits_for(&[], "y{run:1}"));
+    }
 }

@@ -20,9 +20,9 @@ use crate::store::{CacheEntry, Deps, Invalidation, Lookup, Source, Stamp, StoreE
 ///
 /// On one Redis the checked counters are every counter the entry depends on and the clear
 /// sequence. On a cluster a script runs over one slot: they are those of the entry's slot (its
-/// run's counter), and the tag sets of other slots are added to afterwards; a read checks
-/// every counter, the view's clear sequence included, so nothing stored behind an
-/// invalidation is served.
+/// run's counter); the tag sets of other slots are added to afterwards, and the counters of
+/// other slots read behind them, the entry deleted again if one moved (see
+/// [`RedisStore::put`]). A read checks every counter, the view's clear sequence included.
 const PUT: &str = r"
 local n = tonumber(ARGV[1])
 for i = 1, n do
@@ -169,23 +169,56 @@ impl RedisStore {
             }
             Err(_) => return Err(StoreError::Unavailable("redis write timed out".into())),
         };
-        if stored && !elsewhere.is_empty() {
-            // Tag sets of other slots (a comparison's runs): only for deleting it with a run;
-            // a read checks the runs' counters whether or not these were added.
-            let secs = retention.as_secs().max(1);
-            let mut cmds = Vec::with_capacity(elsewhere.len() * 3);
-            for tag in &elsewhere {
-                let mut add = redis::cmd("SADD");
-                add.arg(tag.as_str()).arg(key);
-                let mut nx = redis::cmd("EXPIRE");
-                nx.arg(tag.as_str()).arg(secs).arg("NX");
-                let mut gt = redis::cmd("EXPIRE");
-                gt.arg(tag.as_str()).arg(secs).arg("GT");
-                cmds.extend([(tag.as_str(), add), (tag.as_str(), nx), (tag.as_str(), gt)]);
-            }
-            self.run_each(cmds).await?;
+        if !stored || !self.keys.is_clustered() {
+            return Ok(stored);
         }
-        Ok(stored)
+        // On a cluster the script checked the counters of the entry's own slot only. Those
+        // of other slots (the global view counters, a comparison's runs) are read now, after
+        // the write and behind the entry's tag sets there: an invalidation bumps a counter
+        // before it deletes through the run's tag set or SCANs for entries, so either this
+        // read sees the bump and the entry is deleted here, or the invalidation's deletes come
+        // after the entry is written and tagged, and find it. Nothing written behind an
+        // invalidation is left to its counters alone (single mode refuses it in the script).
+        let remote: Vec<(&str, u64)> = deps
+            .counters()
+            .iter()
+            .map(String::as_str)
+            .zip(stamp.counters().iter().copied())
+            .filter(|(k, _)| !local(k))
+            .collect();
+        let secs = retention.as_secs().max(1);
+        let mut cmds = Vec::with_capacity(elsewhere.len() * 3 + remote.len());
+        for tag in &elsewhere {
+            let mut add = redis::cmd("SADD");
+            add.arg(tag.as_str()).arg(key);
+            let mut nx = redis::cmd("EXPIRE");
+            nx.arg(tag.as_str()).arg(secs).arg("NX");
+            let mut gt = redis::cmd("EXPIRE");
+            gt.arg(tag.as_str()).arg(secs).arg("GT");
+            cmds.extend([(tag.as_str(), add), (tag.as_str(), nx), (tag.as_str(), gt)]);
+        }
+        // After the tag sets: a run's counter shares its tag set's slot, and one slot's
+        // commands run in order.
+        cmds.extend(remote.iter().map(|(counter, _)| get(counter)));
+        if cmds.is_empty() {
+            return Ok(true);
+        }
+        let (replies, source) = self.run_each(cmds).await?;
+        let read = replies.get(elsewhere.len() * 3..).unwrap_or_default();
+        let current = source == stamp.source()
+            && read.len() == remote.len()
+            && read
+                .iter()
+                .zip(&remote)
+                .all(|(value, (_, expected))| counter_of(value) == *expected);
+        if current {
+            return Ok(true);
+        }
+        // Superseded while it was fetched: deleted, as the script would have refused it. Should
+        // this fail, the entry stays unservable: every read checks every counter, and a bumped
+        // counter outlives any entry it hides (`gen_ttl`).
+        self.unlink_each(&[key.to_owned()]).await?;
+        Ok(false)
     }
 
     /// Extends the life of `key`; returns whether it existed.
@@ -258,60 +291,26 @@ impl RedisStore {
         let limit = self.timeout * 2 + self.timeout;
         let timed_out = || StoreError::Unavailable("redis invalidation timed out".into());
         if self.cluster.is_some() {
-            if !self.link.cluster_replicated() {
-                // No replica to promote: no failover can lose these bumps, and a restarted
-                // node is a changed identity, taken for a restore. `WAIT` would only time out.
-                self.run_each(cmds).await?;
-                return Ok(true);
-            }
-            let Ok(Some(admin)) = self.cluster_admin().await else {
-                self.run_each(cmds).await?;
-                return Ok(false);
+            // A shard whose primary has no replica has none to promote: no failover can lose
+            // its bumps, and a restarted node is a changed identity, taken for a restore.
+            // `WAIT` there would only time out. Shards with a replica wait.
+            let (waited, alone): (Vec<_>, Vec<_>) = cmds
+                .into_iter()
+                .partition(|(key, _)| self.link.cluster_waits_for(key));
+            let alone = async {
+                if !alone.is_empty() {
+                    self.run_each(alone).await?;
+                }
+                Ok(())
             };
-            let mut groups: Vec<(&str, redis::Pipeline)> = Vec::new();
-            for (key, cmd) in cmds {
-                let tag = hash_part(key);
-                match groups.iter_mut().find(|(t, _)| *t == tag) {
-                    Some((_, pipe)) => {
-                        pipe.add_command(cmd);
-                    }
-                    None => {
-                        let mut pipe = redis::pipe();
-                        pipe.add_command(cmd);
-                        groups.push((tag, pipe));
-                    }
+            let waited = async {
+                if waited.is_empty() {
+                    return Ok(true);
                 }
-            }
-            // `WAIT` has no key: in a pipeline it goes to the node of the pipeline's keys. A
-            // slot being migrated answers with a redirection: its bumps then go one by one,
-            // unconfirmed.
-            let sent = groups.into_iter().map(|(_, pipe)| {
-                let mut conn = Handle::Cluster(admin.clone());
-                let mut waited = pipe.clone();
-                waited.add_command(wait());
-                async move {
-                    match waited.query_async::<Vec<redis::Value>>(&mut conn).await {
-                        Ok(replies) => {
-                            Ok(matches!(replies.last(), Some(redis::Value::Int(n)) if *n >= 1))
-                        }
-                        Err(e) if super::cluster::is_redirect(&e) => {
-                            super::cluster::send_group(&mut conn, pipe).await?;
-                            Ok(false)
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-            });
-            let result =
-                match tokio::time::timeout(limit, futures_util::future::try_join_all(sent)).await {
-                    Ok(Ok(confirmed)) => Ok(confirmed.into_iter().all(|c| c)),
-                    Ok(Err(e)) => Err(classify(e)),
-                    Err(_) => Err(timed_out()),
-                };
-            if result.is_err() {
-                self.forget_cluster_admin().await;
-            }
-            return result;
+                self.bump_waited(waited, wait, limit).await
+            };
+            let (alone, waited) = tokio::join!(alone, waited);
+            return alone.and(waited);
         }
         let Ok(mut conn) = self.admin_conn().await else {
             self.run_each(cmds).await?;
@@ -330,6 +329,65 @@ impl RedisStore {
             Ok(Err(e)) => Err(classify(e)),
             Err(_) => Err(timed_out()),
         }
+    }
+
+    /// Cluster mode: `cmds` (bumps on primaries that have a replica) and a `WAIT` per slot,
+    /// on the admin connection; whether every slot's `WAIT` was answered by a replica.
+    async fn bump_waited(
+        &self,
+        cmds: Vec<(&str, redis::Cmd)>,
+        wait: impl Fn() -> redis::Cmd,
+        limit: Duration,
+    ) -> Result<bool, StoreError> {
+        let timed_out = || StoreError::Unavailable("redis invalidation timed out".into());
+        let Ok(Some(admin)) = self.cluster_admin().await else {
+            self.run_each(cmds).await?;
+            return Ok(false);
+        };
+        let mut groups: Vec<(&str, redis::Pipeline)> = Vec::new();
+        for (key, cmd) in cmds {
+            let tag = hash_part(key);
+            match groups.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, pipe)) => {
+                    pipe.add_command(cmd);
+                }
+                None => {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(cmd);
+                    groups.push((tag, pipe));
+                }
+            }
+        }
+        // `WAIT` has no key: in a pipeline it goes to the node of the pipeline's keys. A
+        // slot being migrated answers with a redirection: its bumps then go one by one,
+        // unconfirmed.
+        let sent = groups.into_iter().map(|(_, pipe)| {
+            let mut conn = Handle::Cluster(admin.clone());
+            let mut waited = pipe.clone();
+            waited.add_command(wait());
+            async move {
+                match waited.query_async::<Vec<redis::Value>>(&mut conn).await {
+                    Ok(replies) => {
+                        Ok(matches!(replies.last(), Some(redis::Value::Int(n)) if *n >= 1))
+                    }
+                    Err(e) if super::cluster::is_redirect(&e) => {
+                        super::cluster::send_group(&mut conn, pipe).await?;
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        let result =
+            match tokio::time::timeout(limit, futures_util::future::try_join_all(sent)).await {
+                Ok(Ok(confirmed)) => Ok(confirmed.into_iter().all(|c| c)),
+                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(timed_out()),
+            };
+        if result.is_err() {
+            self.forget_cluster_admin().await;
+        }
+        result
     }
 
     async fn delete_tagged(&self, tag: &str) -> Result<u64, StoreError> {

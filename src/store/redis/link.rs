@@ -78,8 +78,9 @@ pub(crate) struct Link {
     restart: std::sync::Mutex<Option<(u64, Restart)>>,
     /// Whether the last connection was refused (eviction policy, version; logged once).
     refused: std::sync::atomic::AtomicBool,
-    /// Cluster mode: whether every primary had a replica at the last connection.
-    cluster_replicated: std::sync::atomic::AtomicBool,
+    /// Cluster mode: the slot ranges of the primaries that had no replica at the last
+    /// connection or heartbeat (see [`super::cluster::ClusterFacts::unreplicated`]).
+    cluster_unreplicated: ArcSwap<Vec<(u16, u16)>>,
 }
 
 /// Whether `redis_version` (from `INFO server`) is below 7.0. An unparseable one (some
@@ -174,7 +175,7 @@ impl Link {
             incarnation: AtomicU64::new(0),
             restart: std::sync::Mutex::new(None),
             refused: std::sync::atomic::AtomicBool::new(false),
-            cluster_replicated: std::sync::atomic::AtomicBool::new(true),
+            cluster_unreplicated: ArcSwap::from_pointee(Vec::new()),
         }
     }
 
@@ -203,11 +204,15 @@ impl Link {
             let mut conn = conn.clone();
             let facts =
                 tokio::time::timeout(self.connect_timeout, super::cluster::facts(&mut conn)).await;
-            if let Ok(Ok(facts)) = facts
-                && facts.identity != c.run_id
-            {
-                tracing::warn!("a primary of the redis cluster changed; reconnecting");
-                self.broken(&c);
+            if let Ok(Ok(facts)) = facts {
+                if facts.identity != c.run_id {
+                    tracing::warn!("a primary of the redis cluster changed; reconnecting");
+                    self.broken(&c);
+                } else {
+                    // Replicas come and go without changing the identity.
+                    self.cluster_unreplicated
+                        .store(Arc::new(facts.unreplicated));
+                }
             }
             return;
         }
@@ -242,10 +247,11 @@ impl Link {
         }
     }
 
-    /// Cluster mode: whether every primary had a replica when last connected (with none, no
-    /// failover can lose a write: a restart is a change of identity, taken for a restore).
-    pub(crate) fn cluster_replicated(&self) -> bool {
-        self.cluster_replicated.load(Ordering::Relaxed)
+    /// Cluster mode: whether a bump of `key` is confirmed with `WAIT`, i.e. its primary had a
+    /// replica when last connected (with none, no failover can lose a write there: a restart
+    /// is a change of identity, taken for a restore).
+    pub(crate) fn cluster_waits_for(&self, key: &str) -> bool {
+        super::cluster::waits_for(&self.cluster_unreplicated.load(), key)
     }
 
     /// The incarnation of the Redis process last connected to.
@@ -305,8 +311,8 @@ impl Link {
                 if refusal.is_some() {
                     return Ok::<_, RedisError>((conn, facts.identity, false, refusal, None));
                 }
-                self.cluster_replicated
-                    .store(facts.replicated, Ordering::Relaxed);
+                self.cluster_unreplicated
+                    .store(Arc::new(facts.unreplicated.clone()));
                 // Only a marker of these very primaries says nothing was lost. An absent one
                 // says nothing either: the primary holding it (and the global counters) may
                 // have restarted empty while the others kept their entries.

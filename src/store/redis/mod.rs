@@ -504,28 +504,35 @@ impl RedisStore {
         }
     }
 
-    /// Publishes `payload` on `channel`; returns how many subscribers received it.
-    /// On a cluster, `PUBLISH` reaches every node's subscribers but counts its own node's only:
-    /// the count is then the subscribers of every node, read just before (one that
-    /// subscribes in between has emptied its near cache on subscribing; one that leaves is
-    /// waited for in vain, then told directly).
+    /// Publishes `payload` on `channel`; returns how many subscribers of the node that took it
+    /// received it: all of them on one Redis. On a cluster, classic `PUBLISH` reaches every
+    /// node's subscribers but counts its own node's only (see [`RedisStore::subscribers`]).
     pub async fn publish(&self, channel: &str, payload: &str) -> Result<u64, StoreError> {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(channel).arg(payload);
+        self.run(cmd).await
+    }
+
+    /// On a cluster, how many clients are subscribed to `channel` on every node together
+    /// (`PUBSUB NUMSUB` on each); `None` on one Redis, where `PUBLISH` counts them all.
+    pub async fn subscribers(&self, channel: &str) -> Result<Option<u64>, StoreError> {
         if self.cluster.is_none() {
-            return self.run(cmd).await;
+            return Ok(None);
         }
         let channel = channel.to_owned();
         self.on_link(|conn| async move {
             let Handle::Cluster(mut conn) = conn else {
-                return cmd.query_async(&mut conn.clone()).await;
+                return Ok(None);
             };
-            let everywhere = cluster::subscribers(&mut conn, &channel).await?;
-            let here: u64 = cmd.query_async(&mut conn).await?;
-            Ok(everywhere.max(here))
+            cluster::subscribers(&mut conn, &channel).await.map(Some)
         })
         .await
         .map(|(n, _)| n)
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// Reads a plain string value (the shared version).
