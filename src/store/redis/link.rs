@@ -366,7 +366,7 @@ impl Link {
         let (conn, run_id, fresh, refusal, dials) =
             match tokio::time::timeout(self.connect_timeout * 2, open).await {
                 Ok(Ok(opened)) => opened,
-                Ok(Err(e)) => return Err(classify(e)),
+                Ok(Err(e)) => return Err(self.connect_failed(e)),
                 Err(_) => return Err(StoreError::Unavailable("redis connect timed out".into())),
             };
         if let Some(why) = refusal {
@@ -419,6 +419,18 @@ impl Link {
             ));
         }
         Ok(c)
+    }
+
+    /// Why a new connection could not be opened. A refusal proves the server gone (nothing
+    /// listens at its address), except in cluster mode, where one node refusing says nothing
+    /// of the others (the cluster client goes on to the other seeds and to the replicas
+    /// promoted in its place).
+    fn connect_failed(&self, e: RedisError) -> StoreError {
+        if self.cluster.is_none() && e.is_connection_refusal() {
+            StoreError::Refused(e.to_string())
+        } else {
+            classify(e)
+        }
     }
 
     /// `SET marker run_id NX GET`: what the marker held before, if anything.
