@@ -262,11 +262,27 @@ impl Link {
     /// connect time-out); the others do not queue behind it, which could add up to far more
     /// than any request may wait: they fail at once, as if Redis were down.
     pub(crate) async fn conn(&self) -> Result<Arc<Conn>, StoreError> {
+        self.open(false).await
+    }
+
+    /// Like [`Link::conn`], but waits for a connection attempt under way, then makes its own
+    /// if that one failed: for a caller that must know whether Redis is there (its own
+    /// connection was just closed by the server), within a bound of its own.
+    pub(crate) async fn reconnect(&self) -> Result<Arc<Conn>, StoreError> {
+        self.open(true).await
+    }
+
+    async fn open(&self, wait: bool) -> Result<Arc<Conn>, StoreError> {
         if let Some(c) = self.current.load_full() {
             return Ok(c);
         }
-        let Ok(_connecting) = self.connecting.try_lock() else {
-            return Err(StoreError::Unavailable("redis is reconnecting".into()));
+        let _connecting = if wait {
+            self.connecting.lock().await
+        } else {
+            let Ok(connecting) = self.connecting.try_lock() else {
+                return Err(StoreError::Unavailable("redis is reconnecting".into()));
+            };
+            connecting
         };
         let resets = self.resets.load(Ordering::Acquire);
         if let Some(c) = self.current.load_full() {

@@ -267,15 +267,16 @@ impl RedisStore {
     }
 
     /// After the server closed the link's connection (reset, end of stream, broken pipe: not a
-    /// time-out), one attempt to connect again, within the command time-out, tells whether it
-    /// is gone: a refusal proves it (returned, so the circuit opens at once rather than after
-    /// a streak of failed requests). Any other outcome leaves the failure as it was; a new
-    /// connection is kept for the next command.
+    /// time-out), one attempt to connect again (or the outcome of one under way), within the
+    /// command time-out, tells whether it is gone: a refusal proves it (returned, so the
+    /// circuit opens at once rather than after a streak of failed requests; every request the
+    /// dropped connection carried learns it, not only the first). Any other outcome leaves
+    /// the failure as it was; a new connection is kept for the next command.
     async fn gone_after(&self, e: &redis::RedisError) -> Option<StoreError> {
         if !e.is_connection_dropped() || e.is_timeout() || self.cluster.is_some() {
             return None;
         }
-        match tokio::time::timeout(self.timeout, self.link.conn()).await {
+        match tokio::time::timeout(self.timeout, self.link.reconnect()).await {
             Ok(Err(gone)) if gone.proves_down() => Some(gone),
             _ => None,
         }
