@@ -8,7 +8,9 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestRedis, header, spawn_app, wait_for};
+use crate::helpers::{
+    TestRedis, header, spawn_app, spawn_app_with, spawn_with_settings, test_settings, wait_for,
+};
 
 #[tokio::test]
 async fn without_redis_the_memory_tier_serves_and_says_so() {
@@ -266,4 +268,74 @@ async fn an_answer_fetched_across_an_invalidation_is_not_kept_in_memory_when_red
             );
         }
     }
+}
+
+/// Issue 20, item 10, promise 1 across instances: an instance that does not hear the others'
+/// invalidations (`l1.enabled = false`: no bus) never keeps in memory an answer fetched under
+/// Redis, since another instance's invalidation made through Redis meanwhile would reach it
+/// by no path once Redis is gone. (A's bound is widened so that only this keeps it safe.)
+#[tokio::test]
+async fn an_instance_deaf_to_the_others_keeps_nothing_fetched_under_redis_in_memory() {
+    across_an_invalidation_by_another_instance(false).await;
+}
+
+/// The same with the bus: the other instance's invalidation is heard, and the answer fetched
+/// across it is not kept.
+#[tokio::test]
+async fn an_invalidation_heard_on_the_bus_keeps_an_answer_fetched_across_it_out_of_memory() {
+    across_an_invalidation_by_another_instance(true).await;
+}
+
+/// A fetches run 1 under Redis; B invalidates it through Redis; Redis dies before A's answer
+/// is stored. A's next read must get the new data.
+async fn across_an_invalidation_by_another_instance(l1: bool) {
+    let mut redis = TestRedis::start().await;
+    let a = spawn_app_with(Some(&redis), |s| {
+        s.auth.frontend = "none".into();
+        s.l1.enabled = l1;
+        s.memory.degraded_max_age_ms = 60_000;
+    })
+    .await;
+    let mut settings = test_settings(&a.origin.url, &redis.url());
+    settings.auth.frontend = "none".into();
+    settings.l1.enabled = l1;
+    settings.cache.prefix = a.prefix.clone();
+    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    wait_for(|| async {
+        a.state.store.tiered().peers().any() && b.state.store.tiered().peers().any()
+    })
+    .await;
+    if l1 {
+        wait_for(|| async {
+            [&a, &b]
+                .iter()
+                .all(|x| x.state.store.near().is_some_and(|n| n.cache.is_live()))
+        })
+        .await;
+    }
+
+    a.origin.set_delay(1000);
+    let slow = {
+        let (client, url) = (a.client.clone(), a.url("/api/v1/models/train/1/metrics"));
+        tokio::spawn(async move { client.get(url).send().await.expect("request").status() })
+    };
+    wait_for(|| async { a.origin.calls("/api/v1/models/train/1/metrics") == 1 }).await;
+    a.origin.set_revision(1);
+    // B's invalidation goes to Redis (and, with the bus, to A).
+    assert_eq!(
+        b.event("training-completed", json!("1")).await.status(),
+        200
+    );
+    redis.kill();
+    a.origin.set_delay(0);
+    assert_eq!(a.metrics("2").await.status(), 200);
+    assert_eq!(slow.await.expect("slow").as_u16(), 200);
+
+    let resp = a.metrics("1").await;
+    let status = header(&resp, "cache-status").to_owned();
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["revision"], 1,
+        "A kept the answer B's acknowledged event invalidated (l1 {l1}; {status})"
+    );
 }

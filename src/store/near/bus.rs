@@ -227,6 +227,7 @@ impl Bus {
             match tokio::time::timeout(connect_timeout, subscribe).await {
                 Ok(Ok(pubsub)) => {
                     near.set_live(true);
+                    store.hearing(true);
                     if was_live {
                         tracing::info!("near-cache subscription restored");
                     }
@@ -235,6 +236,7 @@ impl Bus {
                     loop {
                         tokio::select! {
                             () = cancel.cancelled() => {
+                                store.hearing(false);
                                 near.set_live(false);
                                 return;
                             }
@@ -244,6 +246,7 @@ impl Bus {
                             },
                         }
                     }
+                    store.hearing(false);
                     near.set_live(false);
                     tracing::warn!(
                         "near-cache subscription lost; near cache emptied and off until resubscribed"

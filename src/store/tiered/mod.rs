@@ -18,7 +18,7 @@ mod shared;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -162,6 +162,10 @@ pub struct FallbackStore {
     /// Invalidations begun on this instance (applied here, sent by a peer, or heard on the
     /// bus), counted before anything is applied: see [`Fence`].
     invalidations: AtomicU64,
+    /// Whether the near-cache subscription is live: the other instances' invalidations then
+    /// reach this one before they are acknowledged (on the bus, or sent directly to an
+    /// instance that did not confirm).
+    hears_others: AtomicBool,
 }
 
 impl FallbackStore {
@@ -193,6 +197,7 @@ impl FallbackStore {
             counting: tokio::sync::Mutex::new(()),
             calls: Calls::new(),
             invalidations: AtomicU64::new(0),
+            hears_others: AtomicBool::new(false),
         }
     }
 
@@ -307,12 +312,23 @@ impl FallbackStore {
     }
 
     /// What a stamp about to be read from Redis is fenced with (see [`Fence`]): read before
-    /// the Redis read, so that an invalidation racing it counts as after it.
-    fn fence(&self) -> Fence {
-        Fence {
+    /// the Redis read, so that an invalidation racing it counts as after it. None while other
+    /// instances are known and this one does not hear their invalidations (no near-cache
+    /// subscription, `l1.enabled = false` among them): one they make through Redis would
+    /// reach it by no path, and an answer fetched across it must not outlive Redis.
+    fn fence(&self) -> Option<Fence> {
+        if self.peers.any() && !self.hears_others.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(Fence {
             invalidations: self.invalidations.load(Ordering::Acquire),
             memory: self.memory.source().incarnation,
-        }
+        })
+    }
+
+    /// Records whether the near-cache subscription is live (see `fence`).
+    pub fn hearing(&self, live: bool) {
+        self.hears_others.store(live, Ordering::Release);
     }
 
     /// An answer fetched under a Redis stamp that Redis cannot take (its write failed, or the
@@ -377,7 +393,9 @@ impl FallbackStore {
         let fence = self.fence();
         let read = self.redis.get(key, deps);
         if let Some(mut l) = self.read_redis(read, |l| l.current.source()).await? {
-            l.current = l.current.fenced(fence);
+            if let Some(fence) = fence {
+                l.current = l.current.fenced(fence);
+            }
             return Ok(l);
         }
         self.calls.memory();
@@ -391,7 +409,10 @@ impl FallbackStore {
             .read_redis(self.redis.stamp(deps), Stamp::source)
             .await?
         {
-            return Ok(s.fenced(fence));
+            return Ok(match fence {
+                Some(fence) => s.fenced(fence),
+                None => s,
+            });
         }
         self.calls.memory();
         Ok(self.memory.stamp(deps))
