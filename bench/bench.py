@@ -6,8 +6,9 @@ second one with none, for the miss path), runcache in release mode (default conf
 Redis only; memory tier only), nginx as a proxy_cache, and a bare axum handler serving a
 static body of the same size (the framework's ceiling). Then it warms the same URLs in each,
 measures hits with wrk in alternating rounds, a cold-key stampede, the miss-path overhead,
-invalidation cost against the size of the keyspace, and a large pattern clear, and prints one
-table, also written as Markdown and JSON under bench/results/.
+invalidation cost against the size of the keyspace, a large pattern clear, and the origin calls
+that a Redis SIGKILL under load costs, and prints one table, also written as Markdown and JSON
+under bench/results/.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -292,6 +294,150 @@ def pattern_clear(cache_port, redis_port, keys):
             "redis_max_latency_ms": max(maxes) if maxes else None}
 
 
+HOT_KEYS = 100
+DEATH_SECS = 3
+
+
+def hot_load(port, paths, threads=16):
+    """Reads `paths` in turn on `threads` keep-alive connections until stopped; counts the
+    requests and the failures (not 200, or no answer) of the phase named in `phase["name"]`."""
+    phase = {"name": "settle"}
+    tally = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(w):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        i = w * 7
+        while not stop.is_set():
+            path = paths[i % len(paths)]
+            i += 1
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            with lock:
+                t = tally.setdefault(phase["name"], {"requests": 0, "failed": 0})
+                t["requests"] += 1
+                t["failed"] += not ok
+        conn.close()
+
+    workers = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(threads)]
+    for t in workers:
+        t.start()
+
+    def finish():
+        stop.set()
+        for t in workers:
+            t.join()
+        return tally
+
+    return phase, finish
+
+
+def redis_death(binary, scratch, procs, name):
+    """Origin calls under load on HOT_KEYS hot keys: over DEATH_SECS with Redis up, then over
+    the first DEATH_SECS after a SIGKILL of Redis, under the same load. A runcache of its own
+    (default configuration) on a Redis and a sample origin of its own, so nothing else is
+    counted."""
+    redis_port, origin_port, port = free_port(), free_port(), free_port()
+    redis_dir = scratch / f"{name}-redis"
+    redis_dir.mkdir()
+    redis = procs.start(f"{name}-redis", ["redis-server", "--port", str(redis_port), "--bind",
+                                          "127.0.0.1", "--save", "", "--appendonly", "no",
+                                          "--dir", str(redis_dir)])
+    deadline = time.time() + 10
+    while subprocess.run(["redis-cli", "-p", str(redis_port), "PING"], capture_output=True,
+                         text=True).stdout.strip() != "PONG":
+        if time.time() > deadline:
+            raise RuntimeError("the redis-server to kill did not start")
+        time.sleep(0.05)
+    exe = Path(binary).resolve()
+    procs.start(f"{name}-origin", [str(exe), "sample-origin", "--addr",
+                                   f"127.0.0.1:{origin_port}", "--delay-ms", str(ORIGIN_DELAY_MS)])
+    wait_http(f"http://127.0.0.1:{origin_port}/health")
+    env = {
+        "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{port}",
+        "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{origin_port}",
+        "RUNCACHE__REDIS__URL": f"redis://127.0.0.1:{redis_port}",
+        "RUNCACHE__ADMIN__TOKEN": TOKEN,
+        "RUNCACHE__JOURNAL__PATH": "",
+        "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
+        "RUST_LOG": "warn",
+    }
+    # As for the other cells: a binary reads config/default.toml from its working directory.
+    cwd = ROOT if exe == BIN.resolve() else exe.parents[2]
+    procs.start(name, [str(exe)], env, cwd=cwd)
+    wait_http(f"http://127.0.0.1:{port}/health")
+
+    def stats():
+        return json.loads(http_call(port, "GET", "/cache/stats", headers=admin_headers())[2])
+
+    deadline = time.time() + 10
+    while stats()["backend"] != "redis":
+        if time.time() > deadline:
+            raise RuntimeError("runcache did not start serving from redis")
+        time.sleep(0.1)
+    paths = [f"/api/v1/models/train/hot-{i}/metrics" for i in range(HOT_KEYS)]
+    warm(port, paths, "x-cache", "HIT")
+    phase, finish = hot_load(port, paths)
+    time.sleep(1)
+    phase["name"] = "up"
+    before = origin_calls(origin_port)
+    time.sleep(DEATH_SECS)
+    up_calls = origin_calls(origin_port) - before
+    phase["name"] = "killed"
+    before = origin_calls(origin_port)
+    redis.kill()
+    redis.wait()
+    time.sleep(DEATH_SECS)
+    killed_calls = origin_calls(origin_port) - before
+    phase["name"] = "done"
+    tally = finish()
+    after = stats()
+    return {
+        "hot_keys": HOT_KEYS, "seconds": DEATH_SECS,
+        "up": {"origin_calls": up_calls, **tally.get("up", {})},
+        "killed": {"origin_calls": killed_calls, **tally.get("killed", {})},
+        "backend_after": after["backend"], "redis_reachable_after": after["redis_reachable"],
+    }
+
+
+def render_death(death):
+    lines = ["", f"| Redis SIGKILLed under load on {HOT_KEYS} hot keys (16 connections, origin "
+             f"{ORIGIN_DELAY_MS} ms) | origin calls, {DEATH_SECS} s with Redis up | origin calls, "
+             f"first {DEATH_SECS} s after the kill | per hot key | requests after the kill "
+             "(failed) |", "|---|---:|---:|---:|---:|"]
+    for name, r in death.items():
+        up, killed = r["up"], r["killed"]
+        lines.append(f"| {name} | {up['origin_calls']} | {killed['origin_calls']} | "
+                     f"{killed['origin_calls'] / r['hot_keys']:.2f} | "
+                     f"{killed.get('requests', 0):,} ({killed.get('failed', 0)}) |")
+    return "\n".join(lines) + "\n"
+
+
+def redis_death_only(args):
+    """`--redis-death-only`: the Redis death measurement alone (no nginx, no wrk)."""
+    scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
+    procs = Processes(scratch)
+    try:
+        death = {"runcache": redis_death(args.runcache_bin, scratch, procs, "death")}
+        if args.baseline:
+            death[args.baseline_label] = redis_death(args.baseline, scratch, procs,
+                                                     "death_baseline")
+        log(f"  {death}")
+        print(render_death(death))
+    finally:
+        procs.stop_all()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
 def baseline_rows(miss, inv):
     """The miss path and the invalidation against the earlier commit, when it was measured."""
     if "baseline" not in miss:
@@ -318,7 +464,13 @@ def main():
     ap.add_argument("--baseline", help="another runcache binary (an earlier commit) measured "
                     "beside this one, default configuration, in the same rounds")
     ap.add_argument("--baseline-label", default="baseline")
+    ap.add_argument("--redis-death-only", action="store_true",
+                    help="only the origin calls a Redis SIGKILL under load costs")
+    ap.add_argument("--runcache-bin", default=str(BIN),
+                    help="the runcache binary --redis-death-only measures (default: release)")
     args = ap.parse_args()
+    if args.redis_death_only:
+        return redis_death_only(args)
     if args.smoke:
         args.rounds, args.seconds, args.urls = 1, 1, 100
     big, small = (20_000, 10_000) if args.smoke else (1_000_000, 10_000)
@@ -580,6 +732,12 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, clus
     clear = pattern_clear(ports["default"], redis_port, clear_keys)
     log(f"  {clear}")
 
+    log(f"origin calls under load on {HOT_KEYS} hot keys, Redis up then SIGKILLed")
+    death = {"runcache": redis_death(BIN, scratch, procs, "death")}
+    if args.baseline:
+        death[args.baseline_label] = redis_death(args.baseline, scratch, procs, "death_baseline")
+    log(f"  {death}")
+
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
@@ -594,6 +752,7 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, clus
                          "small": inv_small, "big": inv_big,
                          "ratio": inv_big["ms_p50"] / inv_small["ms_p50"]},
         "pattern_clear": clear,
+        "redis_death": death,
     }
     report = render(results, list(targets))
     print(report)
@@ -742,6 +901,8 @@ def render(res, labels):
               f"| Redis max latency during the clear (`redis-cli --latency`) | "
               f"{c['redis_max_latency_ms']} ms | < 10 ms | "
               f"{mark(c['redis_max_latency_ms'] is not None and c['redis_max_latency_ms'] < 10)} |"]
+    if "redis_death" in res:
+        lines.append(render_death(res["redis_death"]))
     return "\n".join(lines) + "\n"
 
 

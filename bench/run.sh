@@ -8,6 +8,10 @@
 #   bash bench/run.sh --smoke    # one short round of everything (under a minute once built)
 #   bash bench/run.sh --rounds 5 --seconds 10
 #   bash bench/run.sh --baseline-rev a60c70f   # also measure that commit's binary, same rounds
+#   bash bench/run.sh --redis-death-only       # only the origin calls over the first 3 s after a
+#                                              # Redis SIGKILL under load on 100 hot keys, against
+#                                              # 3 s of the same load with Redis up (~20 s)
+#   python3 bench/bench.py --redis-death-only --runcache-bin target/debug/runcache   # same, any build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

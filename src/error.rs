@@ -111,7 +111,7 @@ impl AppError {
                 format!("the origin response exceeds the {n}-byte limit")
             }
             AppError::Origin(OriginError::Unreachable(_)) => "the origin is unreachable".into(),
-            AppError::Store(StoreError::Unavailable(_)) => {
+            AppError::Store(StoreError::Unavailable(_) | StoreError::Refused(_)) => {
                 "redis is unreachable; this operation needs it".into()
             }
             AppError::Store(_) => "the cache store failed".into(),

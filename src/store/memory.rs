@@ -312,6 +312,36 @@ impl MemoryStore {
         true
     }
 
+    /// Writes `entry`, fetched under another tier's stamp, stamped with this tier's current
+    /// counters for `deps` (its age still counts from when its own stamp was read), if this
+    /// tier is still in incarnation `incarnation` and `allowed` holds, both checked under the
+    /// write lock, so no invalidation or emptying lands between the check and the write.
+    /// Returns whether it was written (see `FallbackStore::put` for when that is safe).
+    pub fn put_fenced(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        deps: &Deps,
+        ttl: Duration,
+        incarnation: u64,
+        allowed: impl FnOnce() -> bool,
+    ) -> bool {
+        let _writes = self.write();
+        if self.source().incarnation != incarnation || !allowed() {
+            return false;
+        }
+        let current = self.stamp(deps);
+        let mut kept = entry.clone();
+        kept.stamp = Stamp::read_at(
+            current.source(),
+            current.counters().to_vec(),
+            current.clears(),
+            entry.stamp.read_at_ms(),
+        );
+        self.insert(key, kept, ttl);
+        true
+    }
+
     /// Extends the life of `key` (re-inserting shares the body) if it still holds the same
     /// entry (same body, same stamp): never brings back an entry that was replaced or deleted
     /// meanwhile. Returns whether it did.
@@ -409,6 +439,30 @@ mod tests {
         };
         assert_eq!(store.apply(&gone), 1);
         assert_eq!(store.get("p:v1:k", &d).servable().0, None);
+    }
+
+    #[test]
+    fn a_fenced_put_is_stamped_here_and_refused_once_emptied_or_disallowed() {
+        let store = store();
+        let d = deps("1");
+        let redis = Source {
+            tier: Tier::Redis,
+            incarnation: 3,
+        };
+        let mut e = entry(&store, &d, b"{}", &[]);
+        e.stamp = Stamp::read_at(redis, vec![9, 9], 9, 1_234);
+        let before = store.source().incarnation;
+        assert!(!store.put_fenced("p:v1:k", &e, &d, TTL, before, || false));
+        assert!(store.put_fenced("p:v1:k", &e, &d, TTL, before, || true));
+        let kept = store.get("p:v1:k", &d).servable().0.expect("servable here");
+        assert_eq!(kept.stamp.source(), store.source());
+        assert_eq!(
+            kept.stamp.read_at_ms(),
+            1_234,
+            "its age counts from its own stamp"
+        );
+        store.clear();
+        assert!(!store.put_fenced("p:v1:k", &e, &d, TTL, before, || true));
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub enum StoreError {
     /// The store could not be reached in time (connection refused, time-out, broken pipe).
     #[error("redis is unavailable: {0}")]
     Unavailable(String),
+    /// Redis refused a new connection: nothing listens at its address (the process died or
+    /// was stopped). Unlike a time-out or one broken connection this proves it gone, so the
+    /// circuit opens at once instead of waiting out a streak of failures.
+    #[error("redis refused the connection: {0}")]
+    Refused(String),
     /// The store answered, but not as expected.
     #[error("redis command failed: {0}")]
     Command(String),
@@ -59,7 +64,12 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the store should be considered down (as opposed to one bad answer).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Refused(_))
+    }
+
+    /// Whether it proves Redis gone (a refused connection), not merely slow or flaky.
+    pub fn proves_down(&self) -> bool {
+        matches!(self, StoreError::Refused(_))
     }
 }
 
@@ -135,6 +145,22 @@ pub struct Stamp {
     counters: Vec<u64>,
     clears: u64,
     read_at_ms: u64,
+    /// Set by the tiered store on a stamp read from Redis: what an answer fetched under it
+    /// needs to be kept in the memory tier instead, should Redis fail before it is stored.
+    fence: Option<Fence>,
+}
+
+/// What the tiered store knew, just before it read a stamp from Redis, of what its memory
+/// tier could miss: the invalidations begun on this instance so far (applied to Redis, to
+/// memory, or heard from others) and the memory tier's incarnation. An answer fetched under
+/// that stamp may go to the memory tier only if neither moved since (see
+/// [`FallbackStore::put`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// Invalidations begun on this instance.
+    pub invalidations: u64,
+    /// The memory tier's incarnation.
+    pub memory: u64,
 }
 
 impl PartialEq for Stamp {
@@ -161,7 +187,19 @@ impl Stamp {
             counters,
             clears,
             read_at_ms,
+            fence: None,
         }
+    }
+
+    /// The same stamp, with what the tiered store knew before reading it (see [`Fence`]).
+    pub fn fenced(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// What the tiered store knew before reading it from Redis, if it was.
+    pub fn fence(&self) -> Option<Fence> {
+        self.fence
     }
 
     /// When it was read, in Unix milliseconds.
@@ -173,6 +211,7 @@ impl Stamp {
     pub fn moved_to(&self, source: Source) -> Stamp {
         Stamp {
             source,
+            fence: None,
             ..self.clone()
         }
     }

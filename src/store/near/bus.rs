@@ -292,6 +292,7 @@ impl Bus {
                         near.hold_copies();
                     }
                     near.set_live(true);
+                    store.hearing(true);
                     let warm_up =
                         tokio::time::sleep(if cluster { WARM_UP } else { Duration::ZERO });
                     tokio::pin!(warm_up);
@@ -304,6 +305,7 @@ impl Bus {
                     loop {
                         tokio::select! {
                             () = cancel.cancelled() => {
+                                store.hearing(false);
                                 near.set_live(false);
                                 return;
                             }
@@ -317,6 +319,7 @@ impl Bus {
                             },
                         }
                     }
+                    store.hearing(false);
                     near.set_live(false);
                     tracing::warn!(
                         "near-cache subscription lost; near cache emptied and off until resubscribed"

@@ -268,11 +268,27 @@ impl Link {
     /// connect time-out); the others do not queue behind it, which could add up to far more
     /// than any request may wait: they fail at once, as if Redis were down.
     pub(crate) async fn conn(&self) -> Result<Arc<Conn>, StoreError> {
+        self.open(false).await
+    }
+
+    /// Like [`Link::conn`], but waits for a connection attempt under way, then makes its own
+    /// if that one failed: for a caller that must know whether Redis is there (its own
+    /// connection was just closed by the server), within a bound of its own.
+    pub(crate) async fn reconnect(&self) -> Result<Arc<Conn>, StoreError> {
+        self.open(true).await
+    }
+
+    async fn open(&self, wait: bool) -> Result<Arc<Conn>, StoreError> {
         if let Some(c) = self.current.load_full() {
             return Ok(c);
         }
-        let Ok(_connecting) = self.connecting.try_lock() else {
-            return Err(StoreError::Unavailable("redis is reconnecting".into()));
+        let _connecting = if wait {
+            self.connecting.lock().await
+        } else {
+            let Ok(connecting) = self.connecting.try_lock() else {
+                return Err(StoreError::Unavailable("redis is reconnecting".into()));
+            };
+            connecting
         };
         let resets = self.resets.load(Ordering::Acquire);
         if let Some(c) = self.current.load_full() {
@@ -372,7 +388,7 @@ impl Link {
         let (conn, run_id, fresh, refusal, dials) =
             match tokio::time::timeout(self.connect_timeout * 2, open).await {
                 Ok(Ok(opened)) => opened,
-                Ok(Err(e)) => return Err(classify(e)),
+                Ok(Err(e)) => return Err(self.connect_failed(e)),
                 Err(_) => return Err(StoreError::Unavailable("redis connect timed out".into())),
             };
         if let Some(why) = refusal {
@@ -425,6 +441,18 @@ impl Link {
             ));
         }
         Ok(c)
+    }
+
+    /// Why a new connection could not be opened. A refusal proves the server gone (nothing
+    /// listens at its address), except in cluster mode, where one node refusing says nothing
+    /// of the others (the cluster client goes on to the other seeds and to the replicas
+    /// promoted in its place).
+    fn connect_failed(&self, e: RedisError) -> StoreError {
+        if self.cluster.is_none() && e.is_connection_refusal() {
+            StoreError::Refused(e.to_string())
+        } else {
+            classify(e)
+        }
     }
 
     /// `SET marker run_id NX GET`: what the marker held before, if anything.

@@ -276,10 +276,29 @@ impl RedisStore {
             Ok(Err(e)) => {
                 if is_connection_error(&e) {
                     self.link.broken(&conn);
+                    if let Some(gone) = self.gone_after(&e).await {
+                        return Err(gone);
+                    }
                 }
                 Err(classify(e))
             }
             Err(_) => Err(StoreError::Unavailable("redis command timed out".into())),
+        }
+    }
+
+    /// After the server closed the link's connection (reset, end of stream, broken pipe: not a
+    /// time-out), one attempt to connect again (or the outcome of one under way), within the
+    /// command time-out, tells whether it is gone: a refusal proves it (returned, so the
+    /// circuit opens at once rather than after a streak of failed requests; every request the
+    /// dropped connection carried learns it, not only the first). Any other outcome leaves
+    /// the failure as it was; a new connection is kept for the next command.
+    async fn gone_after(&self, e: &redis::RedisError) -> Option<StoreError> {
+        if !e.is_connection_dropped() || e.is_timeout() || self.cluster.is_some() {
+            return None;
+        }
+        match tokio::time::timeout(self.timeout, self.link.reconnect()).await {
+            Ok(Err(gone)) if gone.proves_down() => Some(gone),
+            _ => None,
         }
     }
 

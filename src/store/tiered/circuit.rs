@@ -1,8 +1,10 @@
 //! The circuit breaker around Redis. It opens on *repeated* failures (a streak of at least
 //! `failures` that has lasted at least `window`), not on one slow reply, so a single
 //! `DEBUG SLEEP` or a burst of time-outs does not send the instance to its memory tier. It
-//! also opens at once when correctness needs it: an invalidation that could not reach Redis,
-//! or a Redis that came back from a snapshot. Only the probe closes it.
+//! also opens at once when correctness needs it (an invalidation that could not reach Redis,
+//! or a Redis that came back from a snapshot) and when a failure proves Redis gone (a refused
+//! connection: no streak would tell more, and each request meanwhile would fall on the
+//! origin). Only the probe closes it.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -18,7 +18,7 @@ mod shared;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -29,7 +29,8 @@ use self::peers::Peers;
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
 use super::{
-    CacheEntry, Deps, Invalidation, KeyVersion, Keyspace, Lookup, Source, Stamp, StoreError, Tier,
+    CacheEntry, Deps, Fence, Invalidation, KeyVersion, Keyspace, Lookup, Source, Stamp, StoreError,
+    Tier,
 };
 use crate::domain::View;
 use crate::domain::policy::now_ms;
@@ -161,6 +162,13 @@ pub struct FallbackStore {
     key_counted: std::sync::Mutex<Option<(String, u64, Instant)>>,
     counting: tokio::sync::Mutex<()>,
     calls: Calls,
+    /// Invalidations begun on this instance (applied here, sent by a peer, or heard on the
+    /// bus), counted before anything is applied: see [`Fence`].
+    invalidations: AtomicU64,
+    /// Whether the near-cache subscription is live: the other instances' invalidations then
+    /// reach this one before they are acknowledged (on the bus, or sent directly to an
+    /// instance that did not confirm).
+    hears_others: AtomicBool,
 }
 
 impl FallbackStore {
@@ -191,6 +199,8 @@ impl FallbackStore {
             key_counted: std::sync::Mutex::new(None),
             counting: tokio::sync::Mutex::new(()),
             calls: Calls::new(),
+            invalidations: AtomicU64::new(0),
+            hears_others: AtomicBool::new(false),
         }
     }
 
@@ -290,13 +300,77 @@ impl FallbackStore {
         }
     }
 
-    /// A Redis command failed; returns whether the circuit is open now.
+    /// A Redis command failed; returns whether the circuit is open now. A failure that
+    /// proves Redis gone (a refused connection) opens it at once: every request meanwhile
+    /// would otherwise go to the origin and store nothing.
     fn redis_failed(&self, e: &StoreError) -> bool {
         if e.is_unavailable() {
             self.calls.redis_error();
-            self.circuit.failure(&e.to_string());
+            if e.proves_down() {
+                self.circuit.open(&e.to_string());
+            } else {
+                self.circuit.failure(&e.to_string());
+            }
         }
         self.circuit.is_open()
+    }
+
+    /// What a stamp about to be read from Redis is fenced with (see [`Fence`]): read before
+    /// the Redis read, so that an invalidation racing it counts as after it. None while other
+    /// instances are known and this one does not hear their invalidations (no near-cache
+    /// subscription, `l1.enabled = false` among them): one they make through Redis would
+    /// reach it by no path, and an answer fetched across it must not outlive Redis.
+    fn fence(&self) -> Option<Fence> {
+        if self.peers.any() && !self.hears_others.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(Fence {
+            invalidations: self.invalidations.load(Ordering::Acquire),
+            memory: self.memory.source().incarnation,
+        })
+    }
+
+    /// Records whether the near-cache subscription is live (see `fence`).
+    pub fn hearing(&self, live: bool) {
+        self.hears_others.store(live, Ordering::Release);
+    }
+
+    /// An answer fetched under a Redis stamp that Redis cannot take (its write failed, or the
+    /// circuit opened during the fetch) goes to the memory tier instead when that is as safe
+    /// as a write there under a memory stamp:
+    /// - the circuit is open, so every later invalidation reaches the memory tier until the
+    ///   probe empties it on closing;
+    /// - the memory tier was not emptied since the stamp was read (so the circuit did not
+    ///   close in between);
+    /// - no invalidation at all began on this instance since the stamp was read: one applied
+    ///   to Redis alone, which the memory tier never saw, could concern it.
+    ///
+    /// All three are checked under the memory tier's write lock, and the entry is stamped
+    /// there with its current counters; its age still counts from the Redis stamp, so the
+    /// degraded bound (`memory.degraded_max_age_ms`) holds it as any other.
+    fn keep_in_memory(
+        &self,
+        key: &str,
+        entry: &CacheEntry,
+        deps: &Deps,
+        retention: Duration,
+    ) -> bool {
+        let Some(fence) = entry.stamp.fence() else {
+            return false;
+        };
+        if entry.stamp.source().tier != Tier::Redis {
+            return false;
+        }
+        let kept = self
+            .memory
+            .put_fenced(key, entry, deps, retention, fence.memory, || {
+                self.circuit.is_open()
+                    && self.invalidations.load(Ordering::Acquire) == fence.invalidations
+            });
+        if kept {
+            self.calls.memory();
+        }
+        kept
     }
 
     /// Drops entries whose data is older than `memory.degraded_max_age_ms` while serving from
@@ -320,8 +394,12 @@ impl FallbackStore {
 
     /// Reads `key` and the current stamp of `deps` from the tier in use.
     pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
+        let fence = self.fence();
         let read = self.redis.get(key, deps);
-        if let Some(l) = self.read_redis(read, |l| l.current.source()).await? {
+        if let Some(mut l) = self.read_redis(read, |l| l.current.source()).await? {
+            if let Some(fence) = fence {
+                l.current = l.current.fenced(fence);
+            }
             return Ok(l);
         }
         self.calls.memory();
@@ -330,11 +408,15 @@ impl FallbackStore {
 
     /// The current stamp of `deps` in the tier in use.
     pub async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
+        let fence = self.fence();
         if let Some(s) = self
             .read_redis(self.redis.stamp(deps), Stamp::source)
             .await?
         {
-            return Ok(s);
+            return Ok(match fence {
+                Some(fence) => s.fenced(fence),
+                None => s,
+            });
         }
         self.calls.memory();
         Ok(self.memory.stamp(deps))
@@ -365,7 +447,8 @@ impl FallbackStore {
     }
 
     /// Writes `entry` into the tier its stamp was read from, if that tier still serves and
-    /// nothing it depends on moved.
+    /// nothing it depends on moved. An answer fetched under a Redis stamp that Redis cannot
+    /// take goes to the memory tier instead, when that is safe (see `keep_in_memory`).
     pub async fn put(
         &self,
         key: &str,
@@ -374,7 +457,7 @@ impl FallbackStore {
         retention: Duration,
     ) -> Result<bool, StoreError> {
         if entry.stamp.source() != self.source() {
-            return Ok(false);
+            return Ok(self.keep_in_memory(key, entry, deps, retention));
         }
         match entry.stamp.source().tier {
             Tier::Redis => {
@@ -385,7 +468,10 @@ impl FallbackStore {
                         Ok(stored)
                     }
                     Err(e) => {
-                        self.redis_failed(&e);
+                        if self.redis_failed(&e) && self.keep_in_memory(key, entry, deps, retention)
+                        {
+                            return Ok(true);
+                        }
                         Err(e)
                     }
                 }
@@ -431,6 +517,9 @@ impl FallbackStore {
     /// An invalidation another instance applied to Redis, heard on the bus: while this one
     /// serves from memory, its memory tier drops what it names too.
     pub fn heard(&self, inv: &Invalidation) {
+        // Counted whatever the circuit says: an answer fetched before it must not go to the
+        // memory tier (see `keep_in_memory`).
+        self.invalidations.fetch_add(1, Ordering::AcqRel);
         if self.circuit.is_open() {
             self.memory.apply(inv);
         }
@@ -445,6 +534,8 @@ impl FallbackStore {
     }
 
     async fn apply(&self, inv: &Invalidation, tell: bool) -> Result<(u64, Applied), StoreError> {
+        // Before anything is applied: see `keep_in_memory`.
+        self.invalidations.fetch_add(1, Ordering::AcqRel);
         for _ in 0..3 {
             if !self.circuit.is_open() {
                 self.calls.redis();
