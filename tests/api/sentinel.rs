@@ -247,3 +247,54 @@ async fn a_switch_while_the_old_master_still_takes_writes_serves_nothing_invalid
         "the switch happened"
     );
 }
+
+/// Whether `app` serves from Redis and writes what it reads to `redis`: reads a run never
+/// read before and looks for its entry there.
+async fn writes_to(app: &TestApp, redis: &crate::helpers::TestRedis) -> bool {
+    let run = format!("w{}", uuid::Uuid::new_v4().simple());
+    read(app, &run).await;
+    app.state.store.tiered().tier() == runcache::store::Tier::Redis
+        && !redis
+            .keys(&format!("{}:*{run}*", app.prefix))
+            .await
+            .is_empty()
+}
+
+/// Issue 20, item 2: sentinels redeployed without their state report configuration epoch 0
+/// for the right master. After the next connection drop runcache must follow them, not stay on
+/// its memory tier because it once saw a higher epoch.
+#[tokio::test]
+async fn sentinels_redeployed_without_their_state_are_followed_after_a_reconnection() {
+    let mut s = TestSentinels::start().await;
+    let app = sentinel_app(&s).await;
+    assert_eq!(ready(&app).await["store"], "redis");
+    // A planned failover takes the configuration epoch to 1, and runcache follows it.
+    s.failover().await;
+    let master = s.replica.port;
+    wait_for(|| async { s.master_port().await == Some(master) }).await;
+    wait_for(|| async { writes_to(&app, &s.replica).await }).await;
+    assert!(s.epochs().await.iter().all(|e| e.is_some_and(|e| e >= 1)));
+
+    // The sentinels are redeployed from a fresh configuration naming the same master.
+    s.restart_fresh(master).await;
+    assert_eq!(s.epochs().await, vec![Some(0); 3], "a fresh configuration");
+    // Every connection runcache holds to the master is dropped (an idle timeout, a proxy, a
+    // network blip): it has to ask the sentinels again.
+    let killed: i64 = s
+        .replica
+        .cmd(&["CLIENT", "KILL", "TYPE", "normal"])
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 1, "runcache's connections were dropped");
+
+    // It reconnects to the master the sentinels name, and new entries are written there.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !writes_to(&app, &s.replica).await {
+        assert!(
+            Instant::now() < deadline,
+            "runcache did not return to redis after the sentinels' epoch went down (tier {:?})",
+            app.state.store.tiered().tier()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

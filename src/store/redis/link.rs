@@ -217,10 +217,10 @@ impl Link {
         // The sentinels' newest configuration names another master: a failover the watcher
         // did not hear of (the old master may still take writes, so `ROLE` alone would not
         // tell).
-        if let Ok((host, port)) = sentinels.master(self.connect_timeout).await {
-            let named = format!("{host}:{port}");
-            if self.client.load().get_connection_info().addr().to_string() != named {
-                tracing::warn!(master = %named, "the sentinels name another master; reconnecting");
+        if let Ok(named) = sentinels.named(self.connect_timeout).await {
+            let addr = self.client.load().get_connection_info().addr().to_string();
+            if !named.is(&addr) {
+                tracing::warn!(master = %format!("{}:{}", named.host, named.port), agreed = named.agreed, "the sentinels name another master; reconnecting");
                 self.broken(&c);
                 return;
             }
