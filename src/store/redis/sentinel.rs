@@ -10,6 +10,11 @@
 //!   connection the moment the master changes, and the heartbeat checks `ROLE` every second
 //!   in case the watcher missed it.
 //!
+//! After the counter bumps of an invalidation and their `WAIT 1`, the sentinels are asked
+//! again and must still name the server the bumps went to (`RedisStore::confirm_master`): the
+//! replica that acknowledged may be one they re-point to a master they already promoted. One
+//! they no longer name, or none answering, counts as an unreachable Redis.
+//!
 //! The promoted replica is another Redis process, with another `run_id`, holding the
 //! keyspace's marker written by the old one: the link takes it for a Redis restored from a
 //! snapshot ([`super::link::Restart::Restored`]), so every generation is bumped before any
