@@ -29,6 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::StoreError;
 
+/// How long the sentinels that have not answered yet are waited for once a majority has.
+const GRACE: Duration = Duration::from_millis(20);
+
 /// Settings of the sentinel mode.
 #[derive(Debug, Clone)]
 pub struct SentinelOptions {
@@ -200,22 +203,38 @@ impl Sentinels {
     /// Right after a failover only the sentinel that ran it may know the new master while the
     /// others still name the old one, which goes on accepting writes until it is reconfigured
     /// (seconds later): the configuration epoch says which answer is current.
+    ///
+    /// Once a majority of the sentinels has answered, the others get [`GRACE`] more: a hung
+    /// sentinel (a host gone without a reset) would otherwise add the whole `timeout` to every
+    /// invalidation, which asks after its `WAIT`. A failover needs a majority's votes, and the
+    /// sentinel that runs it is among those answering unless it is cut off from this instance.
     pub(crate) async fn named(&self, timeout: Duration) -> Result<Named, StoreError> {
-        let asks = (0..self.clients.len()).map(|i| async move {
-            match tokio::time::timeout(timeout, self.ask(i)).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    self.hold(i, None);
-                    Err("sentinel did not answer in time".to_owned())
-                }
-            }
-        });
+        let majority = self.clients.len() / 2 + 1;
+        let mut asks: futures_util::stream::FuturesUnordered<_> = (0..self.clients.len())
+            .map(|i| async move { (i, tokio::time::timeout(timeout, self.ask(i)).await) })
+            .collect();
         let mut last = String::from("no sentinel configured");
         let mut answers = Vec::new();
-        for answer in futures_util::future::join_all(asks).await {
+        let mut until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match until {
+                None => asks.next().await,
+                Some(at) => match tokio::time::timeout_at(at, asks.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            let Some((i, answer)) = next else { break };
             match answer {
-                Ok(a) => answers.push(a),
-                Err(e) => last = e,
+                Ok(Ok(a)) => answers.push(a),
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    self.hold(i, None);
+                    last = "sentinel did not answer in time".to_owned();
+                }
+            }
+            if until.is_none() && answers.len() >= majority {
+                until = Some(tokio::time::Instant::now() + GRACE);
             }
         }
         newest(&answers)
