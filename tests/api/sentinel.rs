@@ -576,3 +576,45 @@ async fn a_master_refusing_writes_for_want_of_replicas_journals_and_tells() {
     assert_eq!(read(&a, "5").await.3, json!(1));
     assert_eq!(read(&b, "5").await.3, json!(1));
 }
+
+/// The near cache's bus subscription follows the master the request path moved to, even when
+/// the old master stays up (here it refuses `SLAVEOF` by ACL, so the sentinels cannot
+/// reconfigure it and drop its subscribers): invalidations published on the new master reach
+/// this instance on the bus, not only by direct calls.
+#[tokio::test]
+async fn the_near_cache_subscription_follows_the_master() {
+    let s = TestSentinels::start().await;
+    let ok: String = s
+        .master
+        .cmd(&["ACL", "SETUSER", "default", "-slaveof", "-replicaof"])
+        .await
+        .expect("ACL SETUSER");
+    assert_eq!(ok, "OK");
+    let app = sentinel_app(&s).await;
+    let channel = format!("{}:_l1:invalidate", app.prefix);
+    let subscribers = |redis: &TestRedis| {
+        let channel = channel.clone();
+        let url = redis.url();
+        async move {
+            let mut c = redis::Client::open(url)
+                .expect("client")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut c)
+                .await
+                .expect("PUBSUB NUMSUB");
+            n
+        }
+    };
+    wait_for(|| async { subscribers(&s.master).await == 1 }).await;
+
+    s.failover().await;
+    wait_for(|| async { s.master_port().await == Some(s.replica.port) }).await;
+    wait_for(|| async { writes_to(&app, &s.replica).await }).await;
+    wait_for(|| async { subscribers(&s.replica).await == 1 && subscribers(&s.master).await == 0 })
+        .await;
+}
