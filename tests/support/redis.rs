@@ -404,11 +404,26 @@ impl TestSentinels {
 
     /// `SENTINEL FAILOVER` on the first sentinel: a planned failover, the master staying up.
     pub async fn failover(&self) {
+        self.try_failover().await.expect("SENTINEL FAILOVER");
+    }
+
+    /// Like [`TestSentinels::failover`], reporting a refusal (no good replica yet, a failover
+    /// already under way) instead of panicking.
+    pub async fn try_failover(&self) -> Result<(), String> {
         let reply: String = self
             .ask(self.ports[0], &["SENTINEL", "FAILOVER", &self.name])
             .await
-            .expect("SENTINEL FAILOVER");
-        assert_eq!(reply, "OK");
+            .map_err(|e| e.to_string())?;
+        if reply == "OK" { Ok(()) } else { Err(reply) }
+    }
+
+    /// The data node on `port` (the master or the replica, whichever it is now).
+    pub fn node(&self, port: u16) -> &TestRedis {
+        if port == self.master.port {
+            &self.master
+        } else {
+            &self.replica
+        }
     }
 
     async fn ask<T: redis::FromRedisValue>(
