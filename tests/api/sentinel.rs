@@ -10,8 +10,8 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, TestSentinels, assert_failover, closed_redis_url, header, load, spawn_app_with,
-    spawn_with_settings, test_settings, wait_for,
+    TestApp, TestRedis, TestSentinels, assert_failover, closed_redis_url, header, load,
+    spawn_app_with, spawn_with_settings, test_settings, wait_for,
 };
 
 async fn sentinel_app(s: &TestSentinels) -> TestApp {
@@ -21,7 +21,17 @@ async fn sentinel_app(s: &TestSentinels) -> TestApp {
 /// An instance in sentinel mode; with `like`, another instance of its deployment (its prefix
 /// and origin).
 async fn sentinel_app_like(s: &TestSentinels, like: Option<&TestApp>) -> TestApp {
-    let urls = s.urls();
+    sentinel_app_via(s, s.urls(), like, true).await
+}
+
+/// Like [`sentinel_app_like`], reaching the sentinels at `urls`, with the near cache on or
+/// off.
+async fn sentinel_app_via(
+    s: &TestSentinels,
+    urls: Vec<String>,
+    like: Option<&TestApp>,
+    near: bool,
+) -> TestApp {
     let name = s.name.clone();
     let tweak = move |settings: &mut runcache::config::Settings| {
         settings.redis.mode = "sentinel".into();
@@ -31,6 +41,7 @@ async fn sentinel_app_like(s: &TestSentinels, like: Option<&TestApp>) -> TestApp
         // the sentinels.
         settings.redis.url = SecretString::from("redis://placeholder:1/0".to_owned());
         settings.auth.frontend = "none".into();
+        settings.l1.enabled = near;
     };
     match like {
         None => spawn_app_with(None, tweak).await,
@@ -246,4 +257,364 @@ async fn a_switch_while_the_old_master_still_takes_writes_serves_nothing_invalid
         Some(s.replica.port),
         "the switch happened"
     );
+}
+
+/// Whether `app` serves from Redis and writes what it reads to `redis`: reads a run never
+/// read before and looks for its entry there.
+async fn writes_to(app: &TestApp, redis: &TestRedis) -> bool {
+    let run = format!("w{}", uuid::Uuid::new_v4().simple());
+    read(app, &run).await;
+    app.state.store.tiered().tier() == runcache::store::Tier::Redis
+        && !redis
+            .keys(&format!("{}:*{run}*", app.prefix))
+            .await
+            .is_empty()
+}
+
+/// Issue 20, item 2: sentinels redeployed without their state report configuration epoch 0
+/// for the right master. After the next connection drop runcache must follow them, not stay on
+/// its memory tier because it once saw a higher epoch.
+#[tokio::test]
+async fn sentinels_redeployed_without_their_state_are_followed_after_a_reconnection() {
+    let mut s = TestSentinels::start().await;
+    let app = sentinel_app(&s).await;
+    assert_eq!(ready(&app).await["store"], "redis");
+    // A planned failover takes the configuration epoch to 1, and runcache follows it.
+    s.failover().await;
+    let master = s.replica.port;
+    wait_for(|| async { s.master_port().await == Some(master) }).await;
+    wait_for(|| async { writes_to(&app, &s.replica).await }).await;
+    assert!(s.epochs().await.iter().all(|e| e.is_some_and(|e| e >= 1)));
+
+    // The sentinels are redeployed from a fresh configuration naming the same master.
+    s.restart_fresh(master).await;
+    assert_eq!(s.epochs().await, vec![Some(0); 3], "a fresh configuration");
+    // Every connection runcache holds to the master is dropped (an idle timeout, a proxy, a
+    // network blip): it has to ask the sentinels again.
+    let killed: i64 = s
+        .replica
+        .cmd(&["CLIENT", "KILL", "TYPE", "normal"])
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 1, "runcache's connections were dropped");
+
+    // It reconnects to the master the sentinels name, and new entries are written there.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !writes_to(&app, &s.replica).await {
+        assert!(
+            Instant::now() < deadline,
+            "runcache did not return to redis after the sentinels' epoch went down (tier {:?})",
+            app.state.store.tiered().tier()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A TCP proxy that can be cut: every connection through it dropped and new ones closed at
+/// once (a partition between one instance and the sentinels), then healed.
+struct Cuttable {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn to(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = {
+            let (cut, open) = (cut.clone(), open.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let piped = tokio::spawn(async move {
+                        if let Ok(mut out) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        }
+                    });
+                    open.lock().expect("lock").push(piped.abort_handle());
+                }
+            })
+        };
+        Self {
+            port,
+            cut,
+            open,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for piped in self.open.lock().expect("lock").drain(..) {
+            piped.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// Waits until `redis` is a replica with its link to its master up.
+async fn synced(redis: &TestRedis) {
+    wait_for(|| async {
+        let info: String = redis
+            .cmd(&["INFO", "replication"])
+            .await
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+}
+
+/// Issue 20, item 3. Instance A takes an event while it is cut off from the sentinels with the
+/// master it writes to, and that master has a replica acknowledging `WAIT 1`, while the
+/// sentinels have already promoted another replica, which instance B reads from. The
+/// acknowledged invalidation must reach B.
+///
+/// A real failover only gives this ordering (`WAIT` satisfied by a replica that the sentinels
+/// re-point right after) by chance, within the moment before the watcher moves A. The test
+/// forces the state that ordering leaves behind and holds it: the old master and a second
+/// replica refuse `SLAVEOF`/`REPLICAOF` by ACL, so the sentinels cannot reconfigure them, and
+/// A reaches the sentinels through proxies that are cut before the failover.
+async fn an_invalidation_acknowledged_by_a_stranded_replica_reaches_the_new_master(
+    near: bool,
+    healed: bool,
+) {
+    let s = TestSentinels::start().await;
+    let of = format!("127.0.0.1 {}", s.master.port);
+    let stranded = TestRedis::start_with(&[
+        "--replicaof",
+        &of,
+        "--replica-priority",
+        "0",
+        "--repl-diskless-sync-delay",
+        "0",
+    ])
+    .await;
+    synced(&stranded).await;
+    for redis in [&s.master, &stranded] {
+        let ok: String = redis
+            .cmd(&["ACL", "SETUSER", "default", "-slaveof", "-replicaof"])
+            .await
+            .expect("ACL SETUSER");
+        assert_eq!(ok, "OK");
+    }
+    let mut proxies = Vec::new();
+    for port in &s.ports {
+        proxies.push(Cuttable::to(*port).await);
+    }
+    let a = sentinel_app_via(&s, proxies.iter().map(Cuttable::url).collect(), None, near).await;
+    let b = sentinel_app_via(&s, s.urls(), Some(&a), near).await;
+    wait_for(|| async {
+        a.state.store.tiered().peers().any() && b.state.store.tiered().peers().any()
+    })
+    .await;
+    read(&a, "9").await;
+    assert_eq!(read(&b, "9").await.1, "HIT");
+    let replicas: i64 = s
+        .master
+        .cmd_unbounded(&["WAIT", "2", "2000"])
+        .await
+        .expect("WAIT");
+    assert_eq!(replicas, 2, "both replicas have run 9");
+
+    // A is cut off from the sentinels; the sentinels promote the replica they can.
+    for p in &proxies {
+        p.cut();
+    }
+    s.failover().await;
+    wait_for(|| async { s.master_port().await == Some(s.replica.port) }).await;
+    // B follows them and serves run 9 from the new master.
+    wait_for(|| async { writes_to(&b, &s.replica).await }).await;
+    read(&b, "9").await;
+    assert_eq!(read(&b, "9").await.3, json!(0));
+    // A stays on the old master, which is still a master with a replica that acknowledges.
+    assert!(
+        writes_to(&a, &s.master).await,
+        "A still writes to the old master"
+    );
+    let role: redis::Value = s.master.cmd(&["ROLE"]).await.expect("ROLE");
+    assert!(
+        matches!(&role, redis::Value::Array(p) if matches!(p.first(), Some(redis::Value::BulkString(b)) if b == b"master")),
+        "the old master is still a master: {role:?}"
+    );
+
+    // With `healed`, A reaches the sentinels again just before the event: they name the new
+    // master, which A has not heard of yet (its heartbeat would tell it within a second).
+    if healed {
+        for p in &proxies {
+            p.heal();
+        }
+    }
+    // Run 9 changes and A takes the event: once it is acknowledged, nobody serves revision 0.
+    a.origin.set_revision(1);
+    assert_eq!(
+        a.event("training-completed", json!("9")).await.status(),
+        200
+    );
+    let (_, cache, detail, got) = read(&b, "9").await;
+    assert_eq!(
+        got,
+        json!(1),
+        "B served what A's acknowledged invalidation dropped ({cache}, {detail})"
+    );
+    assert_eq!(read(&a, "9").await.3, json!(1));
+
+    // Healed: A follows the sentinels to the new master, replays what it journaled there,
+    // and serves from Redis again.
+    for p in &proxies {
+        p.heal();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !writes_to(&a, &s.replica).await {
+        assert!(
+            Instant::now() < deadline,
+            "A did not return to the new master (tier {:?}, {} journaled)",
+            a.state.store.tiered().tier(),
+            a.state.store.tiered().pending_invalidations()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.state.store.tiered().pending_invalidations(), 0);
+    assert_eq!(read(&a, "9").await.3, json!(1));
+    assert_eq!(read(&b, "9").await.3, json!(1));
+}
+
+#[tokio::test]
+async fn an_invalidation_a_stranded_replica_acknowledged_is_not_lost() {
+    an_invalidation_acknowledged_by_a_stranded_replica_reaches_the_new_master(false, false).await;
+}
+
+#[tokio::test]
+async fn an_invalidation_a_stranded_replica_acknowledged_is_not_lost_with_the_near_cache() {
+    an_invalidation_acknowledged_by_a_stranded_replica_reaches_the_new_master(true, false).await;
+}
+
+#[tokio::test]
+async fn an_invalidation_on_a_master_the_sentinels_replaced_is_not_lost() {
+    an_invalidation_acknowledged_by_a_stranded_replica_reaches_the_new_master(false, true).await;
+}
+
+/// With `min-replicas-to-write` set (as the README advises), a master that lost its replicas
+/// refuses writes with `NOREPLICAS`: an invalidation is then journaled and told to the other
+/// instances like one that cannot reach Redis, and replayed once the master takes writes again.
+#[tokio::test]
+async fn a_master_refusing_writes_for_want_of_replicas_journals_and_tells() {
+    let s = TestSentinels::start().await;
+    for (name, value) in [
+        ("min-replicas-to-write", "1"),
+        ("min-replicas-max-lag", "1"),
+    ] {
+        let ok: String = s
+            .master
+            .cmd(&["CONFIG", "SET", name, value])
+            .await
+            .expect("CONFIG SET");
+        assert_eq!(ok, "OK");
+    }
+    let a = sentinel_app(&s).await;
+    let b = sentinel_app_like(&s, Some(&a)).await;
+    wait_for(|| async {
+        a.state.store.tiered().peers().any() && b.state.store.tiered().peers().any()
+    })
+    .await;
+    read(&a, "5").await;
+    assert_eq!(read(&a, "5").await.1, "HIT");
+    let seen_by_b = || async {
+        b.stats().await["stats"]["invalidations"]
+            .as_u64()
+            .expect("count")
+    };
+    let before = seen_by_b().await;
+
+    // The replica hangs past min-replicas-max-lag: the master refuses writes.
+    s.replica.pause();
+    wait_for(|| async {
+        let set: redis::RedisResult<String> = s.master.cmd(&["SET", "probe", "x"]).await;
+        set.is_err_and(|e| e.code() == Some("NOREPLICAS"))
+    })
+    .await;
+    a.origin.set_revision(1);
+    let resp = a.event("training-completed", json!("5")).await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.state.store.tiered().tier(), runcache::store::Tier::Memory);
+    assert!(a.state.store.tiered().pending_invalidations() >= 1);
+    wait_for(|| async { seen_by_b().await > before }).await;
+    assert_eq!(read(&a, "5").await.3, json!(1));
+
+    // The replica is back: A replays its journal to the master and serves from it again.
+    s.replica.resume();
+    wait_for(|| async {
+        a.state.store.tiered().tier() == runcache::store::Tier::Redis
+            && a.state.store.tiered().pending_invalidations() == 0
+    })
+    .await;
+    assert_eq!(read(&a, "5").await.3, json!(1));
+    assert_eq!(read(&b, "5").await.3, json!(1));
+}
+
+/// The near cache's bus subscription follows the master the request path moved to, even when
+/// the old master stays up (here it refuses `SLAVEOF` by ACL, so the sentinels cannot
+/// reconfigure it and drop its subscribers): invalidations published on the new master reach
+/// this instance on the bus, not only by direct calls.
+#[tokio::test]
+async fn the_near_cache_subscription_follows_the_master() {
+    let s = TestSentinels::start().await;
+    let ok: String = s
+        .master
+        .cmd(&["ACL", "SETUSER", "default", "-slaveof", "-replicaof"])
+        .await
+        .expect("ACL SETUSER");
+    assert_eq!(ok, "OK");
+    let app = sentinel_app(&s).await;
+    let channel = format!("{}:_l1:invalidate", app.prefix);
+    let subscribers = |redis: &TestRedis| {
+        let channel = channel.clone();
+        let url = redis.url();
+        async move {
+            let mut c = redis::Client::open(url)
+                .expect("client")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut c)
+                .await
+                .expect("PUBSUB NUMSUB");
+            n
+        }
+    };
+    wait_for(|| async { subscribers(&s.master).await == 1 }).await;
+
+    s.failover().await;
+    wait_for(|| async { s.master_port().await == Some(s.replica.port) }).await;
+    wait_for(|| async { writes_to(&app, &s.replica).await }).await;
+    wait_for(|| async { subscribers(&s.replica).await == 1 && subscribers(&s.master).await == 0 })
+        .await;
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::cluster::Cluster;
 use crate::history::{FaultKind, FaultOp, now_us};
-use crate::redis_server::TestRedis;
+use crate::redis_server::{TestRedis, TestSentinels};
 use crate::rng::{Rng, STREAM_FAULTS};
 
 #[derive(Debug, Clone)]
@@ -71,7 +71,10 @@ pub fn plan(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
                 Some(rng.below(instances as u64) as usize),
                 rng.range(0, 500),
             ),
-            FaultKind::SaveCopy | FaultKind::PrimaryFailover | FaultKind::PausePrimary => {
+            FaultKind::SaveCopy
+            | FaultKind::PrimaryFailover
+            | FaultKind::PausePrimary
+            | FaultKind::SentinelFailover => {
                 unreachable!()
             }
         };
@@ -214,8 +217,8 @@ pub async fn run(
                 let d = cluster.slots[i].restart(hold).await;
                 format!("pause {}ms, {d}", p.hold_ms)
             }
-            FaultKind::PrimaryFailover | FaultKind::PausePrimary => {
-                unreachable!("a cluster fault against one redis")
+            FaultKind::PrimaryFailover | FaultKind::PausePrimary | FaultKind::SentinelFailover => {
+                unreachable!("a cluster or sentinel fault against one redis")
             }
         };
         done.push(FaultOp {
@@ -371,4 +374,189 @@ pub async fn run_cluster(
         }
     }
     (redis, done)
+}
+
+/// Plans faults for a master and replica under three sentinels: planned failovers while the
+/// old master keeps taking writes and holding subscriptions, short stops of the master (under
+/// the sentinels' 1 s `down-after-milliseconds`), lost near-cache subscriptions, instance
+/// restarts.
+pub fn plan_sentinel(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
+    let mut rng = Rng::derive(seed, STREAM_FAULTS, 0);
+    let mut out = Vec::new();
+    let mut t = rng.range(1_000, 2_500) * 1_000;
+    let last = duration_us.saturating_sub(1_500_000);
+    while t < last {
+        let kind = [
+            FaultKind::SentinelFailover,
+            FaultKind::Pause,
+            FaultKind::ClientKillPubsub,
+            FaultKind::InstanceRestart,
+        ][rng.weighted(&[40, 20, 20, 20])];
+        let (instance, hold_ms) = match kind {
+            // How long the old master stays a writable master after the switch.
+            FaultKind::SentinelFailover => (None, rng.range(500, 3_000)),
+            FaultKind::Pause => (None, rng.range(200, 700)),
+            FaultKind::ClientKillPubsub => (None, 0),
+            _ => (
+                Some(rng.below(instances as u64) as usize),
+                rng.range(0, 500),
+            ),
+        };
+        out.push(Planned {
+            at_us: t,
+            kind,
+            instance,
+            hold_ms,
+        });
+        t += (hold_ms + rng.range(2_000, 4_000)) * 1_000;
+    }
+    out
+}
+
+/// Whether `redis` is a replica whose link to its master is up.
+async fn synced(redis: &TestRedis) -> bool {
+    let info: String = redis
+        .cmd(&["INFO", "replication"])
+        .await
+        .unwrap_or_default();
+    info.contains("role:slave") && info.contains("master_link_status:up")
+}
+
+/// One planned failover (see [`FaultKind::SentinelFailover`]); returns what happened.
+async fn sentinel_failover(s: &TestSentinels, hold: Duration) -> String {
+    let Some(old) = s.master_port().await else {
+        return "no master named".to_owned();
+    };
+    let new = if old == s.master.port {
+        s.replica.port
+    } else {
+        s.master.port
+    };
+    // The previous failover's old master must have caught up before it can be promoted.
+    if let Err(e) = bounded("the replica syncing", async {
+        while !synced(s.node(new)).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    {
+        return e;
+    }
+    // Kept from being reconfigured: it stays a writable master with its subscribers until
+    // this fault makes it a replica.
+    let acl = |slaveof: &'static str, replicaof: &'static str| async move {
+        s.node(old)
+            .cmd::<String>(&["ACL", "SETUSER", "default", slaveof, replicaof])
+            .await
+    };
+    if let Err(e) = acl("-slaveof", "-replicaof").await {
+        return format!("ACL SETUSER failed: {e}");
+    }
+    let mut detail = match s.try_failover().await {
+        Ok(()) => {
+            let switched = bounded("the switch", async {
+                while s.master_port().await != Some(new) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            match switched {
+                Ok(()) => format!("master {old} -> {new}"),
+                Err(e) => e,
+            }
+        }
+        Err(e) => format!("SENTINEL FAILOVER refused: {e}"),
+    };
+    tokio::time::sleep(hold).await;
+    let _ = acl("+slaveof", "+replicaof").await;
+    if s.master_port().await == Some(new) {
+        let of = new.to_string();
+        let demoted = s
+            .node(old)
+            .cmd::<String>(&["REPLICAOF", "127.0.0.1", &of])
+            .await;
+        let rejoined = bounded("the old master rejoining", async {
+            while !synced(s.node(old)).await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        detail = format!(
+            "{detail}; old master writable {}ms more, then {}; {}",
+            hold.as_millis(),
+            demoted.map_or_else(
+                |e| format!("REPLICAOF failed: {e}"),
+                |_| "made a replica".to_owned()
+            ),
+            rejoined.map_or_else(|e| e, |()| "synced".to_owned())
+        );
+    }
+    detail
+}
+
+/// Executes a sentinel `plan` (see [`plan_sentinel`]) as [`run`] does for one Redis, and
+/// leaves both data nodes running, continued and replicating.
+pub async fn run_sentinel(
+    plan: Vec<Planned>,
+    s: TestSentinels,
+    cluster: Arc<Cluster>,
+    start_us: u64,
+    end_us: u64,
+) -> (TestSentinels, Vec<FaultOp>) {
+    let mut done = Vec::new();
+    for (id, p) in plan.into_iter().enumerate() {
+        let at = start_us + p.at_us;
+        let now = now_us();
+        if at > now {
+            tokio::time::sleep(Duration::from_micros(at - now)).await;
+        }
+        if now_us() >= end_us {
+            break;
+        }
+        let start = now_us();
+        let hold = Duration::from_millis(p.hold_ms);
+        let master = s.master_port().await;
+        let detail = match (p.kind, master) {
+            (FaultKind::SentinelFailover, _) => sentinel_failover(&s, hold).await,
+            (FaultKind::Pause, Some(port)) => {
+                s.node(port).pause();
+                tokio::time::sleep(hold).await;
+                s.node(port).resume();
+                format!("stopped master {port} {}ms", p.hold_ms)
+            }
+            (FaultKind::ClientKillPubsub, Some(port)) => match bounded(
+                "CLIENT KILL",
+                s.node(port)
+                    .cmd::<i64>(&["CLIENT", "KILL", "TYPE", "pubsub"]),
+            )
+            .await
+            {
+                Ok(Ok(n)) => format!("killed {n} subscription(s) on master {port}"),
+                Ok(Err(e)) => format!("failed: {e}"),
+                Err(e) => e,
+            },
+            (FaultKind::InstanceRestart, _) => {
+                let i = p.instance.expect("instance");
+                let d = cluster.slots[i].restart(hold).await;
+                format!("pause {}ms, {d}", p.hold_ms)
+            }
+            (_, None) => "no master named".to_owned(),
+            (other, _) => format!("{} does not apply to sentinel mode", other.name()),
+        };
+        done.push(FaultOp {
+            id: id as u64,
+            kind: p.kind,
+            instance: p.instance,
+            start_us: start,
+            end_us: now_us(),
+            detail,
+        });
+    }
+    for node in [&s.master, &s.replica] {
+        node.resume();
+        let _ = node
+            .cmd::<String>(&["ACL", "SETUSER", "default", "+slaveof", "+replicaof"])
+            .await;
+    }
+    (s, done)
 }

@@ -228,6 +228,10 @@ pub enum FaultKind {
     PrimaryFailover,
     /// Cluster: SIGSTOP of a primary for less than the node time-out, then SIGCONT.
     PausePrimary,
+    /// Sentinel: a planned `SENTINEL FAILOVER` while the old master, kept from being
+    /// reconfigured for a while, stays a writable master holding the instances' near-cache
+    /// subscriptions; then it is made a replica of the new master.
+    SentinelFailover,
 }
 
 impl FaultKind {
@@ -242,6 +246,7 @@ impl FaultKind {
             FaultKind::InstanceRestart => "instance-restart",
             FaultKind::PrimaryFailover => "primary-failover",
             FaultKind::PausePrimary => "sigstop-sigcont-primary",
+            FaultKind::SentinelFailover => "sentinel-failover",
         }
     }
 }

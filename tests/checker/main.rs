@@ -39,7 +39,10 @@
 //! - `CHECKER_LOG`: a file to write runcache's own logs to (JSON lines; `RUST_LOG` filters).
 //! - `CHECKER_REDIS`: `single` (one `redis-server` and its faults), `cluster` (a Redis Cluster
 //!   of three primaries with a replica each, `redis.mode = "cluster"`, with primary failovers
-//!   in the schedule) or `both` (the default: one run of each, one after the other).
+//!   in the schedule), `sentinel` (a master and a replica under three sentinels,
+//!   `redis.mode = "sentinel"`, with planned failovers while the old master stays writable and
+//!   holds the instances' near-cache subscriptions), `both` (single and cluster) or `all` (the
+//!   default: one run of each of the three, one after the other).
 //!
 //! # Reproducibility
 //!
@@ -77,7 +80,7 @@ use crate::check::check;
 use crate::cluster::{Cluster, instance_settings};
 use crate::history::{History, now_us, start_clock};
 use crate::origin::Origin;
-use crate::redis_server::{TestCluster, TestRedis};
+use crate::redis_server::{TestCluster, TestRedis, TestSentinels};
 use crate::rng::{Rng, STREAM_SETUP};
 use crate::workload::Workload;
 
@@ -156,22 +159,28 @@ fn init_logs() {
 enum Backend {
     Single(TestRedis),
     Cluster(TestCluster),
+    Sentinel(TestSentinels),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistency_under_faults() {
     start_clock();
     init_logs();
-    let which = std::env::var("CHECKER_REDIS").unwrap_or_else(|_| "both".into());
-    assert!(
-        matches!(which.as_str(), "single" | "cluster" | "both"),
-        "CHECKER_REDIS must be single, cluster or both"
-    );
-    if which != "cluster" {
-        run(Backend::Single(TestRedis::start().await)).await;
-    }
-    if which != "single" {
-        run(Backend::Cluster(TestCluster::start(3, 1).await)).await;
+    let which = std::env::var("CHECKER_REDIS").unwrap_or_else(|_| "all".into());
+    let modes: &[&str] = match which.as_str() {
+        "single" => &["single"],
+        "cluster" => &["cluster"],
+        "sentinel" => &["sentinel"],
+        "both" => &["single", "cluster"],
+        "all" => &["single", "cluster", "sentinel"],
+        _ => panic!("CHECKER_REDIS must be single, cluster, sentinel, both or all"),
+    };
+    for mode in modes {
+        match *mode {
+            "single" => run(Backend::Single(TestRedis::start().await)).await,
+            "cluster" => run(Backend::Cluster(TestCluster::start(3, 1).await)).await,
+            _ => run(Backend::Sentinel(TestSentinels::start().await)).await,
+        }
     }
 }
 
@@ -181,6 +190,7 @@ async fn run(backend: Backend) {
     let mode = match &backend {
         Backend::Single(_) => "single",
         Backend::Cluster(_) => "cluster",
+        Backend::Sentinel(_) => "sentinel",
     };
     println!(
         "checker ({mode} redis): {cfg:?}\nchecker: reproduce with CHECKER_REDIS={mode} {}",
@@ -202,6 +212,19 @@ async fn run(backend: Backend) {
                 s.validate().expect("valid cluster settings");
                 s
             }
+            Backend::Sentinel(sentinels) => {
+                // Only the credentials and database of this URL are used.
+                let mut s = instance_settings(&origin.url, "redis://placeholder:1/0", &prefix, i);
+                s.redis.mode = "sentinel".into();
+                s.redis.sentinel_urls = sentinels
+                    .urls()
+                    .into_iter()
+                    .map(secrecy::SecretString::from)
+                    .collect();
+                s.redis.master_name = Some(sentinels.name.clone());
+                s.validate().expect("valid sentinel settings");
+                s
+            }
         })
         .collect();
     let journals: Vec<String> = settings.iter().map(|s| s.journal.path.clone()).collect();
@@ -212,6 +235,7 @@ async fn run(backend: Backend) {
     let plan = match &backend {
         Backend::Single(_) => faults::plan(cfg.seed, duration_us, cfg.instances),
         Backend::Cluster(_) => faults::plan_cluster(cfg.seed, duration_us, cfg.instances),
+        Backend::Sentinel(_) => faults::plan_sentinel(cfg.seed, duration_us, cfg.instances),
     };
     println!("checker: {} planned faults", plan.len());
     for p in &plan {
@@ -250,6 +274,11 @@ async fn run(backend: Backend) {
                 let (nodes, faults) =
                     faults::run_cluster(plan, nodes, faulted, start_us, end_us).await;
                 (Backend::Cluster(nodes), faults)
+            }
+            Backend::Sentinel(sentinels) => {
+                let (sentinels, faults) =
+                    faults::run_sentinel(plan, sentinels, faulted, start_us, end_us).await;
+                (Backend::Sentinel(sentinels), faults)
             }
         }
     });

@@ -279,40 +279,17 @@ impl TestSentinels {
         let dir = std::env::temp_dir().join(format!("runcache-sentinel-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let name = "runcache-test".to_owned();
-        let mut ports = Vec::new();
-        let mut children = Vec::new();
-        for i in 0..3 {
-            let port = free_port();
-            let conf = dir.join(format!("sentinel-{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {} 2\n\
-                     sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n\
-                     sentinel parallel-syncs {name} 1\n",
-                    dir.display(),
-                    master.port
-                ),
-            )
-            .expect("sentinel config");
-            let child = Command::new("redis-server")
-                .arg(&conf)
-                .arg("--sentinel")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server --sentinel");
-            ports.push(port);
-            children.push(child);
-        }
-        let sentinels = Self {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let master_port = master.port;
+        let mut sentinels = Self {
             master,
             replica,
             ports,
             name,
             dir,
-            children,
+            children: Vec::new(),
         };
+        sentinels.spawn_sentinels(master_port);
         // Ready when every sentinel knows the master, its replica and the other sentinels.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -342,6 +319,111 @@ impl TestSentinels {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         sentinels
+    }
+
+    /// Writes a fresh configuration for each sentinel (monitoring the master on
+    /// `master_port`, configuration epoch 0) and starts them.
+    fn spawn_sentinels(&mut self, master_port: u16) {
+        let name = &self.name;
+        for (i, port) in self.ports.iter().enumerate() {
+            let conf = self.dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    self.dir.display(),
+                ),
+            )
+            .expect("sentinel config");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server --sentinel");
+            self.children.push(child);
+        }
+    }
+
+    /// Kills the sentinels and starts them again on the same ports from a fresh configuration
+    /// monitoring the master on `master_port`: sentinels redeployed without their state, which
+    /// report configuration epoch 0 however many failovers came before. Returns once each
+    /// names that master.
+    pub async fn restart_fresh(&mut self, master_port: u16) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        self.spawn_sentinels(master_port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut named = 0;
+            for port in &self.ports {
+                if let Ok(Some((_, p))) = self
+                    .ask::<Option<(String, u16)>>(
+                        *port,
+                        &["SENTINEL", "get-master-addr-by-name", &self.name],
+                    )
+                    .await
+                    && p == master_port
+                {
+                    named += 1;
+                }
+            }
+            if named == self.ports.len() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "restarted sentinels did not answer within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The configuration epoch each sentinel reports for the master (`None`: no answer).
+    pub async fn epochs(&self) -> Vec<Option<u64>> {
+        let mut epochs = Vec::new();
+        for port in &self.ports {
+            let fields: Option<Vec<String>> = self
+                .ask(*port, &["SENTINEL", "master", &self.name])
+                .await
+                .ok();
+            epochs.push(fields.and_then(|kv| {
+                kv.chunks(2)
+                    .find(|p| p[0] == "config-epoch")
+                    .and_then(|p| p.get(1)?.parse().ok())
+            }));
+        }
+        epochs
+    }
+
+    /// `SENTINEL FAILOVER` on the first sentinel: a planned failover, the master staying up.
+    pub async fn failover(&self) {
+        self.try_failover().await.expect("SENTINEL FAILOVER");
+    }
+
+    /// Like [`TestSentinels::failover`], reporting a refusal (no good replica yet, a failover
+    /// already under way) instead of panicking.
+    pub async fn try_failover(&self) -> Result<(), String> {
+        let reply: String = self
+            .ask(self.ports[0], &["SENTINEL", "FAILOVER", &self.name])
+            .await
+            .map_err(|e| e.to_string())?;
+        if reply == "OK" { Ok(()) } else { Err(reply) }
+    }
+
+    /// The data node on `port` (the master or the replica, whichever it is now).
+    pub fn node(&self, port: u16) -> &TestRedis {
+        if port == self.master.port {
+            &self.master
+        } else {
+            &self.replica
+        }
     }
 
     async fn ask<T: redis::FromRedisValue>(

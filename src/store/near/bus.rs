@@ -273,6 +273,8 @@ impl Bus {
     ) {
         let mut was_live = false;
         loop {
+            // Where the request path goes now (sentinel mode: the master named last).
+            let target = store.redis().dedicated_target();
             let subscribe = async {
                 let client = store
                     .redis()
@@ -302,7 +304,8 @@ impl Bus {
                     }
                     was_live = true;
                     let mut messages = pubsub.into_on_message();
-                    loop {
+                    let mut moved = tokio::time::interval(self.retry);
+                    let lost = loop {
                         tokio::select! {
                             () = cancel.cancelled() => {
                                 store.hearing(false);
@@ -315,15 +318,27 @@ impl Bus {
                             }
                             msg = messages.next() => match msg {
                                 Some(m) => self.handle(&near, &store, m.get_channel_name(), m.get_payload_bytes()),
-                                None => break,
+                                None => break true,
+                            },
+                            // The request path moved to another master while the old one
+                            // stays up: others publish on the new one, so this subscription
+                            // moves too, instead of leaving every invalidation to direct calls.
+                            _ = moved.tick() => if store.redis().dedicated_target() != target {
+                                break false;
                             },
                         }
-                    }
+                    };
                     store.hearing(false);
                     near.set_live(false);
-                    tracing::warn!(
-                        "near-cache subscription lost; near cache emptied and off until resubscribed"
-                    );
+                    if lost {
+                        tracing::warn!(
+                            "near-cache subscription lost; near cache emptied and off until resubscribed"
+                        );
+                    } else {
+                        tracing::info!(
+                            "the request path moved to another redis; near cache emptied and resubscribing there"
+                        );
+                    }
                 }
                 Ok(Err(e)) => tracing::debug!(error = %e, "near-cache subscription failed"),
                 Err(_) => tracing::debug!("near-cache subscription timed out"),

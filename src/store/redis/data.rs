@@ -231,7 +231,10 @@ impl RedisStore {
 
     /// Applies `inv`: counters first (one pipeline), then the deletes. Returns entries
     /// dropped, and whether the counters are known to have reached a replica (always `true`
-    /// outside sentinel mode, where there is no failover to lose them in).
+    /// in single mode, where there is no failover to lose them in). In sentinel mode a master
+    /// the sentinels do not name any more after the bumps (or that no sentinel answers for)
+    /// is an [`StoreError::Unavailable`]: the caller journals the invalidation and tells the
+    /// other instances.
     pub async fn apply(&self, inv: &Invalidation) -> Result<(u64, bool), StoreError> {
         let mut replicated = true;
         if !inv.bump.is_empty() {
@@ -312,8 +315,11 @@ impl RedisStore {
             let (alone, waited) = tokio::join!(alone, waited);
             return alone.and(waited);
         }
+        // Where the bumps go: the master the link connected to last (the admin pool follows it).
+        let master = self.link.client().get_connection_info().addr().to_string();
         let Ok(mut conn) = self.admin_conn().await else {
             self.run_each(cmds).await?;
+            self.confirm_master(&master).await?;
             return Ok(false);
         };
         let mut pipe = redis::pipe();
@@ -324,10 +330,43 @@ impl RedisStore {
             pipe.query_async::<()>(&mut *conn).await?;
             wait().query_async::<i64>(&mut *conn).await
         };
-        match tokio::time::timeout(limit, work).await {
-            Ok(Ok(replicas)) => Ok(replicas >= 1),
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(timed_out()),
+        let replicated = match tokio::time::timeout(limit, work).await {
+            Ok(Ok(replicas)) => replicas >= 1,
+            Ok(Err(e)) => return Err(classify(e)),
+            Err(_) => return Err(timed_out()),
+        };
+        self.confirm_master(&master).await?;
+        Ok(replicated)
+    }
+
+    /// Sentinel mode, after an invalidation's bumps and `WAIT`: whether `master`, the server
+    /// they were written to, is the master in the newest configuration the sentinels report
+    /// now. `WAIT 1` alone proves little: the replica that acknowledged may be one the
+    /// sentinels re-point to a master they promoted already (it then drops what it
+    /// acknowledged), while other instances read from that new master. A server the sentinels
+    /// no longer name, or that no sentinel answers for, is treated as unreachable: the caller
+    /// applies the invalidation to memory, journals it, tells the other instances directly,
+    /// and replays it to the master the sentinels name before serving from Redis again (the
+    /// link is dropped so that the next connection asks them).
+    async fn confirm_master(&self, master: &str) -> Result<(), StoreError> {
+        let Some(sentinels) = &self.sentinels else {
+            return Ok(());
+        };
+        match sentinels.named(self.pool_opts.connect).await {
+            Ok(named) if named.is(master) => Ok(()),
+            Ok(named) => {
+                self.link.reset();
+                Err(StoreError::Unavailable(format!(
+                    "the sentinels no longer name the server an invalidation went to as the master (configuration epoch {}, {}:{}{})",
+                    named.epoch,
+                    named.host,
+                    named.port,
+                    if named.agreed { "" } else { ", disputed" }
+                )))
+            }
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "no sentinel confirmed the master an invalidation went to: {e}"
+            ))),
         }
     }
 

@@ -139,9 +139,22 @@ fn unreachable(message: String) -> RedisError {
     RedisError::from(std::io::Error::other(message))
 }
 
+/// Whether `e` is a master refusing writes because too few replicas are connected
+/// (`min-replicas-to-write`): it may be an old master cut off from the others, and what it
+/// would take may be lost, so it counts as unreachable (the invalidation is journaled and
+/// told to the other instances) without dropping the connection.
+fn refuses_writes(e: &RedisError) -> bool {
+    const CODE: &str = "NOREPLICAS";
+    // In a pipeline, each command's own error.
+    e.code() == Some(CODE)
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == CODE))
+}
+
 /// Maps a Redis error to a store error: unreachable, or a bad answer.
 pub(crate) fn classify(e: RedisError) -> StoreError {
-    if is_connection_error(&e) || e.is_timeout() {
+    if is_connection_error(&e) || e.is_timeout() || refuses_writes(&e) {
         StoreError::Unavailable(e.to_string())
     } else {
         StoreError::Command(e.to_string())
@@ -222,10 +235,10 @@ impl Link {
         // The sentinels' newest configuration names another master: a failover the watcher
         // did not hear of (the old master may still take writes, so `ROLE` alone would not
         // tell).
-        if let Ok((host, port)) = sentinels.master(self.connect_timeout).await {
-            let named = format!("{host}:{port}");
-            if self.client.load().get_connection_info().addr().to_string() != named {
-                tracing::warn!(master = %named, "the sentinels name another master; reconnecting");
+        if let Ok(named) = sentinels.named(self.connect_timeout).await {
+            let addr = self.client.load().get_connection_info().addr().to_string();
+            if !named.is(&addr) {
+                tracing::warn!(master = %format!("{}:{}", named.host, named.port), agreed = named.agreed, "the sentinels name another master; reconnecting");
                 self.broken(&c);
                 return;
             }

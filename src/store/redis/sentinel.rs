@@ -3,11 +3,17 @@
 //! redis-rs's sentinel client finds the master only when it connects and does not follow a
 //! failover (redis-rs #1438), and a demoted master still answers `PING` (deadpool #372). So:
 //! - every new connection asks the sentinels for the master's address first
-//!   (`SENTINEL get-master-addr-by-name`), and then asks that server its `ROLE`, refusing a
-//!   server that is not a master (yet, or any more);
+//!   (`SENTINEL get-master-addr-by-name`, the newest configuration epoch among the answers to
+//!   that one question), and then asks that server its `ROLE`, refusing a server that is not
+//!   a master (yet, or any more);
 //! - a watcher subscribed to `+switch-master` on a sentinel drops the request path's
 //!   connection the moment the master changes, and the heartbeat checks `ROLE` every second
 //!   in case the watcher missed it.
+//!
+//! After the counter bumps of an invalidation and their `WAIT 1`, the sentinels are asked
+//! again and must still name the server the bumps went to (`RedisStore::confirm_master`): the
+//! replica that acknowledged may be one they re-point to a master they already promoted. One
+//! they no longer name, or none answering, counts as an unreachable Redis.
 //!
 //! The promoted replica is another Redis process, with another `run_id`, holding the
 //! keyspace's marker written by the old one: the link takes it for a Redis restored from a
@@ -23,6 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::StoreError;
 
+/// How long the sentinels that have not answered yet are waited for once a majority has.
+const GRACE: Duration = Duration::from_millis(20);
+
 /// Settings of the sentinel mode.
 #[derive(Debug, Clone)]
 pub struct SentinelOptions {
@@ -35,28 +44,62 @@ pub struct SentinelOptions {
 /// The sentinels, and how to reach the master they name.
 pub(crate) struct Sentinels {
     clients: Vec<redis::Client>,
+    /// One open connection per sentinel, kept between questions (they are asked after every
+    /// replicated invalidation) and dropped when it fails.
+    conns: Vec<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
     master_name: String,
     /// `redis.url`: the credentials, TLS and database of the data nodes; its host and port
     /// are replaced by the master's.
     data_url: reqwest::Url,
     tls_roots: Option<Vec<u8>>,
-    /// The newest configuration epoch acted on.
-    epoch: std::sync::atomic::AtomicU64,
 }
 
-/// `(config-epoch, ip, port)` from a `SENTINEL MASTER` reply (a flat list of names and values).
-fn parse_master(fields: &[String]) -> Option<(u64, String, u16)> {
-    let get = |name: &str| {
-        fields
-            .chunks(2)
-            .find(|p| p.first().is_some_and(|k| k == name))
-            .and_then(|p| p.get(1))
-    };
-    Some((
-        get("config-epoch")?.parse().ok()?,
-        get("ip")?.clone(),
-        get("port")?.parse().ok()?,
-    ))
+/// What the sentinels asked at once say about the master: the newest configuration among
+/// their answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Named {
+    /// The newest configuration epoch among the answers.
+    pub(crate) epoch: u64,
+    /// The master's host in it.
+    pub(crate) host: String,
+    /// Its port.
+    pub(crate) port: u16,
+    /// Whether every answer of that epoch names the same address.
+    pub(crate) agreed: bool,
+}
+
+impl Named {
+    /// Whether this names, without disagreement, the server at `addr` (`host:port`, as a
+    /// client's address prints).
+    pub(crate) fn is(&self, addr: &str) -> bool {
+        self.agreed && format!("{}:{}", self.host, self.port) == addr
+    }
+}
+
+/// `config-epoch` from a `SENTINEL MASTER` reply (a flat list of names and values).
+fn parse_epoch(fields: &[String]) -> Option<u64> {
+    fields
+        .chunks(2)
+        .find(|p| p.first().is_some_and(|k| k == "config-epoch"))
+        .and_then(|p| p.get(1))?
+        .parse()
+        .ok()
+}
+
+/// The newest configuration among one query's answers `(epoch, host, port)`. Epochs are
+/// compared within one query only, never with one seen earlier: sentinels redeployed without
+/// their state start again from epoch 0 while naming the right master.
+fn newest(answers: &[(u64, String, u16)]) -> Option<Named> {
+    let epoch = answers.iter().map(|(e, _, _)| *e).max()?;
+    let mut current = answers.iter().filter(|(e, _, _)| *e == epoch);
+    let (_, host, port) = current.next()?;
+    let agreed = current.all(|(_, h, p)| h == host && p == port);
+    Some(Named {
+        epoch,
+        host: host.clone(),
+        port: *port,
+        agreed,
+    })
 }
 
 fn open(url: &str, tls_roots: Option<&Vec<u8>>) -> redis::RedisResult<redis::Client> {
@@ -72,6 +115,9 @@ fn open(url: &str, tls_roots: Option<&Vec<u8>>) -> redis::RedisResult<redis::Cli
     }
 }
 
+/// `SENTINEL get-master-addr-by-name` and `SENTINEL MASTER`'s fields.
+type Reply = (Option<(String, u16)>, Vec<String>);
+
 impl Sentinels {
     pub(crate) fn new(
         opts: &SentinelOptions,
@@ -86,64 +132,125 @@ impl Sentinels {
             .collect::<Result<Vec<_>, _>>()?;
         let data_url = reqwest::Url::parse(data_url).map_err(|_| bad("redis.url"))?;
         Ok(Self {
+            conns: clients
+                .iter()
+                .map(|_| std::sync::Mutex::default())
+                .collect(),
             clients,
             master_name: opts.master_name.clone(),
             data_url,
             tls_roots,
-            epoch: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// The master's address in the newest configuration any sentinel reports, every sentinel
-    /// asked at once, each within `timeout`. Right after a failover only the sentinel that ran
-    /// it knows the new master, while the others still name the old one, which goes on
-    /// accepting writes until it is reconfigured (seconds later): the configuration epoch
-    /// (`SENTINEL MASTER`'s `config-epoch`) says which answer is current, and an answer older
-    /// than one already acted on is never taken.
-    pub(crate) async fn master(&self, timeout: Duration) -> Result<(String, u16), StoreError> {
-        let asks = self.clients.iter().map(|client| async move {
-            let ask = async {
-                let mut c = client.get_multiplexed_async_connection().await?;
-                redis::cmd("SENTINEL")
-                    .arg("MASTER")
-                    .arg(&self.master_name)
-                    .query_async::<Vec<String>>(&mut c)
-                    .await
-            };
-            match tokio::time::timeout(timeout, ask).await {
-                Ok(Ok(fields)) => parse_master(&fields)
-                    .ok_or_else(|| "unreadable SENTINEL MASTER reply".to_owned()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("sentinel did not answer in time".to_owned()),
-            }
-        });
-        let answers = futures_util::future::join_all(asks).await;
-        let mut last = String::from("no sentinel configured");
-        let mut best: Option<(u64, String, u16)> = None;
-        for answer in answers {
-            match answer {
-                Ok((epoch, host, port)) => {
-                    if best.as_ref().is_none_or(|(e, _, _)| epoch > *e) {
-                        best = Some((epoch, host, port));
-                    }
-                }
-                Err(e) => last = e,
-            }
+    fn held(&self, i: usize) -> Option<redis::aio::MultiplexedConnection> {
+        let slot = self.conns.get(i)?;
+        slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn hold(&self, i: usize, conn: Option<redis::aio::MultiplexedConnection>) {
+        if let Some(slot) = self.conns.get(i) {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = conn;
         }
-        let Some((epoch, host, port)) = best else {
-            return Err(StoreError::Unavailable(format!(
-                "no sentinel named the master: {last}"
-            )));
+    }
+
+    /// One sentinel's answer: its configuration epoch for the master and the master's
+    /// address. Both in one pipeline, which a sentinel runs without interleaving: during a
+    /// failover, the sentinel running it reports the new epoch in `SENTINEL MASTER` while that
+    /// reply's address is still the old master's, so the address comes from
+    /// `get-master-addr-by-name`, which names the promoted replica from the same moment.
+    async fn ask(&self, i: usize) -> Result<(u64, String, u16), String> {
+        let Some(client) = self.clients.get(i) else {
+            return Err("no such sentinel".to_owned());
         };
-        let seen = self
-            .epoch
-            .fetch_max(epoch, std::sync::atomic::Ordering::AcqRel);
-        if epoch < seen {
-            return Err(StoreError::Unavailable(format!(
-                "the sentinels that answered are behind (configuration epoch {epoch}, {seen} seen)"
-            )));
+        let mut pipe = redis::pipe();
+        pipe.cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master_name)
+            .cmd("SENTINEL")
+            .arg("MASTER")
+            .arg(&self.master_name);
+        let held = match self.held(i) {
+            Some(mut c) => pipe.query_async::<Reply>(&mut c).await.ok(),
+            None => None,
+        };
+        let (addr, fields) = match held {
+            Some(reply) => reply,
+            // None open, or it went stale (the sentinel restarted): one new connection.
+            None => {
+                self.hold(i, None);
+                let mut c = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply = pipe
+                    .query_async::<Reply>(&mut c)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.hold(i, Some(c));
+                reply
+            }
+        };
+        let (host, port) =
+            addr.ok_or_else(|| "the sentinel does not monitor this master".to_owned())?;
+        let epoch =
+            parse_epoch(&fields).ok_or_else(|| "unreadable SENTINEL MASTER reply".to_owned())?;
+        Ok((epoch, host, port))
+    }
+
+    /// What the sentinels say about the master now: every sentinel asked at once, each within
+    /// `timeout`, and the newest configuration among their answers taken (see [`newest`]).
+    /// Right after a failover only the sentinel that ran it may know the new master while the
+    /// others still name the old one, which goes on accepting writes until it is reconfigured
+    /// (seconds later): the configuration epoch says which answer is current.
+    ///
+    /// Once a majority of the sentinels has answered, the others get [`GRACE`] more: a hung
+    /// sentinel (a host gone without a reset) would otherwise add the whole `timeout` to every
+    /// invalidation, which asks after its `WAIT`. A failover needs a majority's votes, and the
+    /// sentinel that runs it is among those answering unless it is cut off from this instance.
+    pub(crate) async fn named(&self, timeout: Duration) -> Result<Named, StoreError> {
+        let majority = self.clients.len() / 2 + 1;
+        let mut asks: futures_util::stream::FuturesUnordered<_> = (0..self.clients.len())
+            .map(|i| async move { (i, tokio::time::timeout(timeout, self.ask(i)).await) })
+            .collect();
+        let mut last = String::from("no sentinel configured");
+        let mut answers = Vec::new();
+        let mut until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match until {
+                None => asks.next().await,
+                Some(at) => match tokio::time::timeout_at(at, asks.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            let Some((i, answer)) = next else { break };
+            match answer {
+                Ok(Ok(a)) => answers.push(a),
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    self.hold(i, None);
+                    last = "sentinel did not answer in time".to_owned();
+                }
+            }
+            if until.is_none() && answers.len() >= majority {
+                until = Some(tokio::time::Instant::now() + GRACE);
+            }
         }
-        Ok((host, port))
+        newest(&answers)
+            .ok_or_else(|| StoreError::Unavailable(format!("no sentinel named the master: {last}")))
+    }
+
+    /// The master's address in the newest configuration the sentinels report now.
+    pub(crate) async fn master(&self, timeout: Duration) -> Result<(String, u16), StoreError> {
+        let named = self.named(timeout).await?;
+        if !named.agreed {
+            tracing::warn!(
+                epoch = named.epoch,
+                "sentinels of the same configuration epoch name different masters"
+            );
+        }
+        Ok((named.host, named.port))
     }
 
     /// A client for the master at `host:port`, with `redis.url`'s credentials and TLS.
@@ -238,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn a_sentinel_master_reply_gives_the_epoch_and_address() {
+    fn a_sentinel_master_reply_gives_the_epoch() {
         let reply: Vec<String> = [
             "name",
             "m",
@@ -253,8 +360,26 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        assert_eq!(parse_master(&reply), Some((7, "10.0.0.2".into(), 6380)));
-        assert_eq!(parse_master(&reply[..6]), None);
+        assert_eq!(parse_epoch(&reply), Some(7));
+        assert_eq!(parse_epoch(&reply[..6]), None);
+    }
+
+    #[test]
+    fn the_newest_epoch_of_one_query_is_taken_however_low() {
+        let a = |e: u64, port: u16| (e, "10.0.0.2".to_owned(), port);
+        // A sentinel behind the one that ran a failover names the old master.
+        let named = newest(&[a(3, 6380), a(4, 6381), a(3, 6380)]).expect("named");
+        assert_eq!((named.epoch, named.port, named.agreed), (4, 6381, true));
+        assert!(named.is("10.0.0.2:6381"));
+        assert!(!named.is("10.0.0.2:6380"));
+        // Sentinels redeployed without their state: epoch 0 is an answer like any other.
+        let named = newest(&[a(0, 6381)]).expect("named");
+        assert!(named.is("10.0.0.2:6381"));
+        // Two masters in one epoch: nothing is confirmed.
+        let named = newest(&[a(5, 6380), a(5, 6381)]).expect("named");
+        assert!(!named.agreed);
+        assert!(!named.is("10.0.0.2:6380"));
+        assert_eq!(newest(&[]), None);
     }
 
     #[test]
