@@ -412,3 +412,92 @@ async fn a_backlog_is_applied_under_the_shared_version_not_the_configured_one() 
     settled(&redis, &stream, &id).await;
     assert_eq!(revision(&second, "1").await, ("MISS".to_owned(), json!(4)));
 }
+
+/// Entries of the group's dead-letter stream: `(id, fields)`.
+async fn dead_letters(redis: &TestRedis, stream: &str) -> Vec<(String, HashMap<String, String>)> {
+    let dead = format!("{stream}:dead:{{{stream}}}:{GROUP}");
+    redis
+        .cmd(&["XRANGE", &dead, "-", "+"])
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_event_that_always_fails_is_dead_lettered_and_does_not_hold_up_the_next() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let app = spawn_app_with(Some(&redis), |s| {
+        s.auth.frontend = "none".into();
+        s.events.stream = Some(stream.clone());
+        s.events.stream_block_ms = 200;
+        s.events.max_deliveries = 3;
+    })
+    .await;
+    for run in ["1", "2", "3"] {
+        revision(&app, run).await;
+        assert_eq!(revision(&app, run).await.0, "HIT");
+    }
+    // Run 1's tag set is a string: every invalidation of run 1 fails with WRONGTYPE, for ever.
+    let tag = format!("{}:_tags:v1:run:1", app.prefix);
+    let _: () = redis.cmd(&["SET", &tag, "x"]).await.expect("SET");
+    app.origin.set_revision(2);
+    let poisoned = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "1"],
+    )
+    .await;
+    let good = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "2"],
+    )
+    .await;
+
+    // The good event behind it is applied while the poisoned one is retried.
+    wait_for(|| async { revision(&app, "2").await == ("MISS".to_owned(), json!(2)) }).await;
+
+    // After `events.max_deliveries` deliveries the entry is set aside, with the error, and
+    // acknowledged: nothing is left pending.
+    settled(&redis, &stream, &good).await;
+    let dead = dead_letters(&redis, &stream).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let fields = &dead[0].1;
+    assert_eq!(fields.get("id"), Some(&poisoned));
+    assert_eq!(fields.get("model_run_id").map(String::as_str), Some("1"));
+    assert_eq!(
+        fields.get("kind").map(String::as_str),
+        Some("training-completed")
+    );
+    assert!(
+        fields.get("error").is_some_and(|e| e.contains("WRONGTYPE")),
+        "{fields:?}"
+    );
+    assert_eq!(fields.get("deliveries").map(String::as_str), Some("3"));
+
+    // The poisoned run is not served stale, and the conservative fallback dropped the views a
+    // run event can touch: run 3, never named by an event, is fetched again too.
+    assert_eq!(revision(&app, "1").await, ("MISS".to_owned(), json!(2)));
+    assert_eq!(revision(&app, "3").await, ("MISS".to_owned(), json!(2)));
+    assert_eq!(app.stats().await["stats"]["stream_dead_lettered"], 1);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("runcache_stream_dead_lettered_total ") && !l.ends_with(" 0")),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("dead"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
