@@ -501,3 +501,117 @@ async fn an_event_that_always_fails_is_dead_lettered_and_does_not_hold_up_the_ne
             .join("\n")
     );
 }
+
+#[tokio::test]
+async fn a_backlog_is_applied_in_batches_and_a_failing_entry_holds_up_none_of_its_batch() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let mut first = reader(&redis, &stream, None).await;
+    let cached = ["1", "150", "151", "152", "250"];
+    for run in cached {
+        revision(&first, run).await;
+        assert_eq!(revision(&first, run).await.0, "HIT");
+    }
+    first.stop().await;
+    // A backlog of 250 events, one read (three batches); the second batch holds one that
+    // always fails.
+    let tag = format!("{}:_tags:v1:run:151", first.prefix);
+    let _: () = redis.cmd(&["SET", &tag, "x"]).await.expect("SET");
+    first.origin.set_revision(2);
+    let mut last = String::new();
+    for run in 1..=250 {
+        let run = run.to_string();
+        last = xadd(
+            &redis,
+            &stream,
+            &["kind", "training-completed", "model_run_id", &run],
+        )
+        .await;
+    }
+
+    let mut settings = test_settings(&first.origin.url, &redis.url());
+    settings.cache.prefix = first.prefix.clone();
+    settings.auth.frontend = "none".into();
+    settings.events.stream = Some(stream.clone());
+    settings.events.stream_block_ms = 200;
+    settings.events.stream_batch = 250;
+    settings.events.max_deliveries = 2;
+    let second = spawn_with_settings(settings, first.origin.clone()).await;
+    settled(&redis, &stream, &last).await;
+    for run in cached {
+        assert_eq!(
+            revision(&second, run).await,
+            ("MISS".to_owned(), json!(2)),
+            "run {run}"
+        );
+    }
+    let dead = dead_letters(&redis, &stream).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].1.get("model_run_id").map(String::as_str),
+        Some("151")
+    );
+    let stats = second.stats().await;
+    assert_eq!(stats["stats"]["stream_dead_lettered"], 1);
+    assert!(
+        stats["stats"]["invalidations"].as_u64() >= Some(250),
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn an_event_that_always_fails_is_dead_lettered_on_a_cluster() {
+    let cluster = crate::helpers::TestCluster::start(3, 0).await;
+    let stream = stream_name();
+    let urls = cluster.urls();
+    let app = spawn_app_with(None, |s| {
+        s.redis.mode = "cluster".into();
+        s.redis.cluster_urls = urls.into_iter().map(secrecy::SecretString::from).collect();
+        s.auth.frontend = "none".into();
+        s.events.stream = Some(stream.clone());
+        s.events.stream_block_ms = 200;
+        s.events.max_deliveries = 2;
+    })
+    .await;
+    for run in ["1", "2"] {
+        revision(&app, run).await;
+        assert_eq!(revision(&app, run).await.0, "HIT");
+    }
+    let tag = format!("{}:_tags:v1:run:1{{run:1}}", app.prefix);
+    let _: () = cluster.cmd(&["SET", &tag, "x"]).await.expect("SET");
+    app.origin.set_revision(2);
+    for run in ["1", "2"] {
+        let _: String = cluster
+            .cmd(&[
+                "XADD",
+                &stream,
+                "*",
+                "kind",
+                "model-deleted",
+                "model_run_id",
+                run,
+            ])
+            .await
+            .expect("XADD");
+    }
+    let dead = format!("{stream}:dead:{{{stream}}}:{GROUP}");
+    wait_for(|| async {
+        let letters: Vec<(String, HashMap<String, String>)> = cluster
+            .cmd(&["XRANGE", &dead, "-", "+"])
+            .await
+            .expect("XRANGE");
+        letters.len() == 1 && letters[0].1.get("model_run_id").map(String::as_str) == Some("1")
+    })
+    .await;
+    wait_for(|| async {
+        let pending: Vec<redis::Value> = cluster
+            .cmd(&["XPENDING", &stream, GROUP])
+            .await
+            .expect("XPENDING");
+        pending.first() == Some(&redis::Value::Int(0))
+    })
+    .await;
+    for run in ["1", "2"] {
+        assert_eq!(revision(&app, run).await, ("MISS".to_owned(), json!(2)));
+    }
+}
