@@ -345,7 +345,47 @@ pub fn check(h: &History) -> Report {
             }
         }
     }
+    stream_events(h, &mut report);
     report
+}
+
+/// An event appended to the stream is applied (and acknowledged) within the writer's wait,
+/// whatever entry is stuck before it (a poisoned one is dead-lettered), unless a fault could
+/// lose the entry itself: Redis restarted empty or from an older file, or a primary killed
+/// before it replicated.
+fn stream_events(h: &History, report: &mut Report) {
+    let wait = u64::try_from(crate::stream::ACK_WAIT.as_micros()).unwrap_or(u64::MAX);
+    for (ei, e) in h.events.iter().enumerate() {
+        let (Some(id), None) = (&e.stream_id, e.t_ack_us) else {
+            continue;
+        };
+        let end = e.t_change_us + wait;
+        let lost = h.faults.iter().any(|f| {
+            matches!(
+                f.kind,
+                FaultKind::KillRestartEmpty
+                    | FaultKind::KillRestartStale
+                    | FaultKind::PrimaryFailover
+            ) && f.start_us <= end
+                && f.end_us >= e.t_change_us
+        });
+        if lost {
+            let class = "stream event not applied: a fault may have lost the entry".to_owned();
+            *report.failures.entry(class.clone()).or_default() += 1;
+            *report.excused.entry(class).or_default() += 1;
+            continue;
+        }
+        let class = "stream event not applied within the writer's wait".to_owned();
+        *report.failures.entry(class.clone()).or_default() += 1;
+        report.violations.push(Violation {
+            kind: "event",
+            class,
+            read: None,
+            event: Some(ei),
+            lag_us: None,
+            note: format!("stream entry {id}"),
+        });
+    }
 }
 
 /// The faults in force during `[start, end]` or ended within `before_us` before `start`, for
