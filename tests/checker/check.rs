@@ -353,23 +353,51 @@ pub fn check(h: &History) -> Report {
 /// whatever entry is stuck before it (a poisoned one is dead-lettered), unless a fault could
 /// lose the entry itself: Redis restarted empty or from an older file, or a primary killed
 /// before it replicated.
+/// A poisoned entry (that fault) is dead-lettered within that wait too, on the same terms.
 fn stream_events(h: &History, report: &mut Report) {
     let wait = u64::try_from(crate::stream::ACK_WAIT.as_micros()).unwrap_or(u64::MAX);
-    for (ei, e) in h.events.iter().enumerate() {
-        let (Some(id), None) = (&e.stream_id, e.t_ack_us) else {
-            continue;
-        };
-        let end = e.t_change_us + wait;
-        let lost = h.faults.iter().any(|f| {
+    let lost = |start: u64| {
+        let end = start + wait;
+        h.faults.iter().any(|f| {
             matches!(
                 f.kind,
                 FaultKind::KillRestartEmpty
                     | FaultKind::KillRestartStale
                     | FaultKind::PrimaryFailover
             ) && f.start_us <= end
-                && f.end_us >= e.t_change_us
+                && f.end_us >= start
+        })
+    };
+    for f in &h.faults {
+        if f.kind != FaultKind::PoisonedStreamEntry
+            || !f.detail.starts_with(crate::stream::NOT_DEAD_LETTERED)
+        {
+            continue;
+        }
+        let class = if lost(f.start_us) {
+            "poisoned entry not dead-lettered: a fault may have lost it".to_owned()
+        } else {
+            "poisoned entry not dead-lettered within the wait".to_owned()
+        };
+        *report.failures.entry(class.clone()).or_default() += 1;
+        if lost(f.start_us) {
+            *report.excused.entry(class).or_default() += 1;
+            continue;
+        }
+        report.violations.push(Violation {
+            kind: "event",
+            class,
+            read: None,
+            event: None,
+            lag_us: None,
+            note: f.describe(),
         });
-        if lost {
+    }
+    for (ei, e) in h.events.iter().enumerate() {
+        let (Some(id), None) = (&e.stream_id, e.t_ack_us) else {
+            continue;
+        };
+        if lost(e.t_change_us) {
             let class = "stream event not applied: a fault may have lost the entry".to_owned();
             *report.failures.entry(class.clone()).or_default() += 1;
             *report.excused.entry(class).or_default() += 1;

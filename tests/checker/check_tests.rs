@@ -278,3 +278,23 @@ fn a_stream_event_never_applied_is_a_violation_unless_a_fault_could_lose_it() {
     h.events[0].t_ack_us = Some(300 * MS);
     assert!(check(&h).violations.is_empty());
 }
+
+#[test]
+fn a_poisoned_entry_not_dead_lettered_is_a_violation() {
+    let poisoned = |detail: String| FaultOp {
+        id: 0,
+        kind: FaultKind::PoisonedStreamEntry,
+        instance: None,
+        start_us: 100 * MS,
+        end_us: 10_100 * MS,
+        detail,
+    };
+    let mut h = history(Vec::new(), Vec::new());
+    h.faults.push(poisoned(format!(
+        "{} entry 1-0",
+        crate::stream::NOT_DEAD_LETTERED
+    )));
+    assert_eq!(check(&h).count("event"), 1);
+    h.faults[0] = poisoned(format!("{} entry 1-0", crate::stream::DEAD_LETTERED));
+    assert!(check(&h).violations.is_empty());
+}

@@ -14,6 +14,11 @@ use crate::history::now_us;
 /// The consumer group (runcache's default).
 pub const GROUP: &str = "runcache";
 
+/// How a poisoned-entry fault's detail starts when the entry was set aside in time, and when
+/// it was not (a violation, `check.rs`, unless a fault could have lost the entry).
+pub const DEAD_LETTERED: &str = "dead-lettered:";
+pub const NOT_DEAD_LETTERED: &str = "not dead-lettered:";
+
 /// How long the writer waits for a stream entry to be applied; one not applied by then, with
 /// no fault that could have lost it, is a violation (`check.rs`).
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -144,10 +149,12 @@ impl StreamSide {
         let outcome = match self.append(&run).await {
             Ok(id) => match self.wait_acked(&id, ACK_WAIT).await {
                 Some(t) => format!(
-                    "entry {id} for {run} acknowledged (dead-lettered) after {}ms",
+                    "{DEAD_LETTERED} entry {id} for {run} acknowledged after {}ms",
                     (t - started) / 1_000
                 ),
-                None => format!("entry {id} for {run} not acknowledged within 10 s"),
+                None => format!(
+                    "{NOT_DEAD_LETTERED} entry {id} for {run} not acknowledged within {ACK_WAIT:?}"
+                ),
             },
             Err(e) => format!("XADD failed: {e}"),
         };
