@@ -710,10 +710,8 @@ impl StreamIntake {
     /// runs its claim and gap checks again). Returns `false` when the wait failed (a Redis
     /// that refuses blocking commands, say): the loop then pauses as after any failure.
     async fn wait_for_entries(&mut self, last_id: &str, block: Duration) -> bool {
-        // `BLOCK 0` would wait for ever.
-        let Ok(block) = u64::try_from(block.as_millis()) else {
-            return true;
-        };
+        let block = u64::try_from(block.as_millis()).unwrap_or(u64::MAX);
+        // `BLOCK 0` would wait for ever: a retry is due now.
         if block == 0 {
             return true;
         }
