@@ -6,9 +6,10 @@ second one with none, for the miss path), runcache in release mode (default conf
 Redis only; memory tier only), nginx as a proxy_cache, and a bare axum handler serving a
 static body of the same size (the framework's ceiling). Then it warms the same URLs in each,
 measures hits with wrk in alternating rounds, a cold-key stampede, the miss-path overhead,
-invalidation cost against the size of the keyspace, a large pattern clear, and the origin calls
-that a Redis SIGKILL under load costs, and prints one table, also written as Markdown and JSON
-under bench/results/.
+invalidation cost against the size of the keyspace, a large pattern clear, how long a
+backlog of 10,000 queued stream events takes to apply (one Redis, and a cluster), and the
+origin calls that a Redis SIGKILL under load costs, and prints one table, also written as
+Markdown and JSON under bench/results/.
 """
 
 import argparse
@@ -426,7 +427,7 @@ def redis_death_only(args):
     scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
     procs = Processes(scratch)
     try:
-        death = {"runcache": redis_death(args.runcache_bin, scratch, procs, "death")}
+        death = {"runcache": redis_death(args.bin, scratch, procs, "death")}
         if args.baseline:
             death[args.baseline_label] = redis_death(args.baseline, scratch, procs,
                                                      "death_baseline")
@@ -436,6 +437,161 @@ def redis_death_only(args):
         procs.stop_all()
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+STREAM_EVENTS = 10_000
+
+# Queues ARGV[1] training-completed events for distinct runs in one step (a training sweep
+# reaching the stream while no runcache reads it). One key, so `redis-cli -c` sends it to the
+# stream's node in a cluster.
+QUEUE_EVENTS = ("for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'kind', "
+                "'training-completed', 'model_run_id', 'sweep-' .. i) end "
+                "return redis.call('XINFO', 'STREAM', KEYS[1])")
+
+
+def cli(port, cluster, *args):
+    """redis-cli against one Redis, or a cluster node following redirections (-c)."""
+    return redis_cli(port, *(["-c"] if cluster else []), *args)
+
+
+def xinfo_field(text, name):
+    """A field of a flat `redis-cli` reply (`XINFO STREAM`, `XINFO GROUPS` with one group):
+    the line after the line that names it, or None."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line == name:
+            return lines[i + 1]
+    return None
+
+
+def drained(groups, last_id):
+    """Whether an `XINFO GROUPS` reply says the group delivered everything up to `last_id`
+    and nothing is pending (every entry applied and acknowledged)."""
+    return (xinfo_field(groups, "last-delivered-id") == last_id
+            and xinfo_field(groups, "pending") == "0")
+
+
+class Resp:
+    """One connection speaking RESP2, for polling without starting a redis-cli each time
+    (which would take longer than the thing measured). Follows a cluster's `MOVED`."""
+
+    def __init__(self, port):
+        self.connect(port)
+
+    def connect(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+    def call(self, *args):
+        for _ in range(3):
+            parts = [f"*{len(args)}\r\n".encode()]
+            for a in args:
+                b = str(a).encode()
+                parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+            self.sock.sendall(b"".join(parts))
+            reply = self.read()
+            if isinstance(reply, RuntimeError) and str(reply).startswith("MOVED "):
+                self.close()
+                self.connect(int(str(reply).split()[2].rsplit(":", 1)[1]))
+                continue
+            if isinstance(reply, RuntimeError):
+                raise reply
+            return reply
+        raise RuntimeError(f"{args[0]}: too many redirections")
+
+    def read(self):
+        line = self.file.readline().rstrip(b"\r\n")
+        kind, rest = line[:1], line[1:].decode()
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return RuntimeError(rest)
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.file.read(n + 2)[:-2].decode()
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self.read() for _ in range(n)]
+        raise RuntimeError(f"unexpected reply {line!r}")
+
+
+def flat(reply):
+    """A nested reply as the lines `redis-cli` prints for it."""
+    if isinstance(reply, list):
+        return "\n".join(flat(r) for r in reply)
+    return str(reply)
+
+
+def stream_drain(port, cluster, start, events=STREAM_EVENTS, timeout=900):
+    """Queues `events` events on a new stream (its group created first, at its start, so
+    nothing is read yet), then starts a runcache reading it (`start(stream)`) and times from
+    its first delivery until the group has delivered the last entry and none is pending."""
+    stream = f"bench-events-{time.time_ns()}"
+    cli(port, cluster, "XGROUP", "CREATE", stream, "runcache", "0", "MKSTREAM")
+    info = cli(port, cluster, "EVAL", QUEUE_EVENTS, "1", stream, events)
+    last_id = xinfo_field(info, "last-generated-id")
+    if xinfo_field(info, "length") != str(events) or last_id is None:
+        raise RuntimeError(f"queueing {events} events: {info!r}")
+    conn = Resp(port)
+    try:
+        started = time.perf_counter()
+        start(stream)
+        t0 = None
+        deadline = time.time() + timeout
+        while True:
+            groups = flat(conn.call("XINFO", "GROUPS", stream))
+            now = time.perf_counter()
+            if t0 is None and xinfo_field(groups, "last-delivered-id") not in (None, "0-0"):
+                t0 = now
+            if drained(groups, last_id):
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"{stream}: not drained within {timeout} s: {groups!r}")
+            time.sleep(0.001)
+    finally:
+        conn.close()
+    seconds = now - t0
+    return {"events": events, "seconds": seconds, "events_per_sec": events / seconds,
+            "from_process_start_s": now - started}
+
+
+def self_test():
+    """Checks the reply parsing on captured `redis-cli` output (no server needed)."""
+    groups = "\n".join(["name", "runcache", "consumers", "1", "pending", "0",
+                        "last-delivered-id", "1796522714411-99", "entries-read", "10000",
+                        "lag", "0"])
+    assert xinfo_field(groups, "pending") == "0"
+    assert drained(groups, "1796522714411-99")
+    assert not drained(groups, "1796522714411-100")
+    assert not drained(groups.replace("pending\n0", "pending\n3"), "1796522714411-99")
+    stream = "\n".join(["length", "10000", "radix-tree-keys", "1", "last-generated-id",
+                        "1796522714411-99", "first-entry", "1796522714411-0", "kind"])
+    assert xinfo_field(stream, "length") == "10000"
+    assert xinfo_field(stream, "last-generated-id") == "1796522714411-99"
+    assert xinfo_field(stream, "nothing") is None
+    nested = ["name", "runcache", "pending", 0, "last-delivered-id", "5-0"]
+    assert drained(flat(nested), "5-0")
+    row = render_drain({"single": {"events": 10000, "seconds": 2.5, "events_per_sec": 4000.0,
+                                   "from_process_start_s": 2.9}})
+    assert "10,000 queued stream events, one Redis | 2.50 s (4,000 events/s; 2.90 s from the " \
+        "process start) |" in row[0], row
+    print("bench.py self-test: ok")
+    return 0
+
+
+def render_drain(drain):
+    """Table rows for the stream drain figures."""
+    names = {"single": "one Redis", "cluster": "Redis Cluster, 3 primaries",
+             "baseline": "one Redis, baseline commit"}
+    return [f"| {r['events']:,} queued stream events, {names[k]} | {r['seconds']:.2f} s "
+            f"({r['events_per_sec']:,.0f} events/s; {r['from_process_start_s']:.2f} s from the "
+            f"process start) | | |" for k, r in drain.items()]
 
 
 def baseline_rows(miss, inv):
@@ -466,9 +622,17 @@ def main():
     ap.add_argument("--baseline-label", default="baseline")
     ap.add_argument("--redis-death-only", action="store_true",
                     help="only the origin calls a Redis SIGKILL under load costs")
-    ap.add_argument("--runcache-bin", default=str(BIN),
-                    help="the runcache binary --redis-death-only measures (default: release)")
+    ap.add_argument("--only-stream", action="store_true",
+                    help="only the stream drain (10,000 queued events, one Redis and a cluster)")
+    ap.add_argument("--events", type=int, default=STREAM_EVENTS,
+                    help="events queued for the stream drain")
+    ap.add_argument("--bin", "--runcache-bin", dest="bin", default=str(BIN),
+                    help="the runcache binary (a debug one only to try the script out)")
+    ap.add_argument("--self-test", action="store_true",
+                    help="check the reply parsing and exit (no server)")
     args = ap.parse_args()
+    if args.self_test:
+        return self_test()
     if args.redis_death_only:
         return redis_death_only(args)
     if args.smoke:
@@ -541,15 +705,17 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, clus
     ports = {name: free_port() for name in
              ("origin", "origin_fast", "default", "redis_only", "memory", "miss", "nginx",
               "nginx_stock", "ceiling", "ceiling_get", "dead_redis", "full_path", "baseline",
-              "baseline_redis_only", "baseline_memory", "baseline_miss", "cluster_only")}
-    procs.start("origin", [str(BIN), "sample-origin", "--addr",
+              "baseline_redis_only", "baseline_memory", "baseline_miss", "cluster_only",
+              "drain", "drain_cluster", "drain_baseline")}
+    binary = Path(args.bin)
+    procs.start("origin", [str(binary), "sample-origin", "--addr",
                            f"127.0.0.1:{ports['origin']}", "--delay-ms", str(ORIGIN_DELAY_MS)])
-    procs.start("origin_fast", [str(BIN), "sample-origin", "--addr",
+    procs.start("origin_fast", [str(binary), "sample-origin", "--addr",
                                 f"127.0.0.1:{ports['origin_fast']}", "--delay-ms", "0"])
     wait_http(f"http://127.0.0.1:{ports['origin']}/health")
     wait_http(f"http://127.0.0.1:{ports['origin_fast']}/health")
 
-    def runcache(name, origin, redis_url, extra=None, binary=BIN):
+    def runcache(name, origin, redis_url, extra=None, binary=binary):
         env = {
             "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{ports[name]}",
             "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{ports[origin]}",
@@ -570,13 +736,44 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, clus
         # beside it (bench/run.sh copies it there), with the settings that binary knows.
         # (A relative program path would be looked up from that directory: resolve it first.)
         exe = Path(binary).resolve()
-        cwd = ROOT if binary == BIN else exe.parents[2]
+        cwd = ROOT if binary == Path(args.bin) else exe.parents[2]
         p = procs.start(name, [str(exe)], env, cwd=cwd)
         wait_http(f"http://127.0.0.1:{ports[name]}/health")
         return p
 
     redis_url = f"redis://127.0.0.1:{redis_port}"
-    servers = {
+    cluster_env = {"RUNCACHE__REDIS__MODE": "cluster",
+                   "RUNCACHE__REDIS__CLUSTER_URLS": ",".join(
+                       f"redis://127.0.0.1:{p}" for p in cluster_ports)}
+
+    def drains():
+        """The stream drain, each on a runcache of its own (default configuration)."""
+        out = {}
+        runs = [("single", "drain", redis_port, False, {}, binary),
+                ("cluster", "drain_cluster", cluster_ports[0], True, cluster_env, binary)]
+        if args.baseline:
+            runs.append(("baseline", "drain_baseline", redis_port, False, {},
+                         Path(args.baseline)))
+        for key, name, port, cluster, extra, exe in runs:
+            log(f"stream drain: {args.events} queued events, {key}")
+
+            def start(stream, name=name, extra=extra, exe=exe):
+                env = {"RUNCACHE__EVENTS__STREAM": stream, "RUNCACHE__CACHE__PREFIX": name}
+                env.update(extra)
+                servers[name] = runcache(name, "origin", redis_url, env, binary=exe)
+
+            out[key] = stream_drain(port, cluster, start, args.events)
+            log(f"  {out[key]}")
+        return out
+
+    servers = {}
+    if args.only_stream:
+        drain = drains()
+        report = "\n".join(["| stream drain | value | target | |", "|---|---:|---|---|",
+                            *render_drain(drain)]) + "\n"
+        print(report)
+        return 0
+    servers.update({
         "default": runcache("default", "origin", redis_url),
         "redis_only": runcache("redis_only", "origin", redis_url,
                                {"RUNCACHE__L1__ENABLED": "false"}),
@@ -592,7 +789,7 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, clus
             "RUNCACHE__REDIS__MODE": "cluster",
             "RUNCACHE__REDIS__CLUSTER_URLS": ",".join(
                 f"redis://127.0.0.1:{p}" for p in cluster_ports)}),
-    }
+    })
     if args.baseline:
         # The same three modes and the miss path, from the earlier commit's binary.
         base = Path(args.baseline)
@@ -737,6 +934,7 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, clus
     if args.baseline:
         death[args.baseline_label] = redis_death(args.baseline, scratch, procs, "death_baseline")
     log(f"  {death}")
+    drain = drains()
 
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -753,6 +951,7 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, clus
                          "ratio": inv_big["ms_p50"] / inv_small["ms_p50"]},
         "pattern_clear": clear,
         "redis_death": death,
+        "stream_drain": drain,
     }
     report = render(results, list(targets))
     print(report)
@@ -900,7 +1099,8 @@ def render(res, labels):
               f"({c['seconds']:.2f} s) | | |",
               f"| Redis max latency during the clear (`redis-cli --latency`) | "
               f"{c['redis_max_latency_ms']} ms | < 10 ms | "
-              f"{mark(c['redis_max_latency_ms'] is not None and c['redis_max_latency_ms'] < 10)} |"]
+              f"{mark(c['redis_max_latency_ms'] is not None and c['redis_max_latency_ms'] < 10)} |",
+              *render_drain(res.get("stream_drain", {}))]
     if "redis_death" in res:
         lines.append(render_death(res["redis_death"]))
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 # runcache benchmark: runcache (release) against nginx proxy_cache and a bare axum handler,
 # on loopback only. Installs what it needs from Debian packages (wrk, nginx, redis-server),
 # builds the release binary and the ceiling example, then runs bench/bench.py, which prints
-# one table and writes it as Markdown and JSON under bench/results/.
+# one table and writes it as Markdown and JSON under bench/results/. The table ends with how
+# long 10,000 queued event-stream entries take to apply, on one Redis and on a cluster.
 #
 #   bash bench/run.sh            # full run: 5 alternating rounds of 5 s per cell (~6 min once built)
 #   bash bench/run.sh --smoke    # one short round of everything (under a minute once built)
@@ -12,8 +13,13 @@
 #                                              # Redis SIGKILL under load on 100 hot keys, against
 #                                              # 3 s of the same load with Redis up (~20 s)
 #   python3 bench/bench.py --redis-death-only --runcache-bin target/debug/runcache   # same, any build
+#   bash bench/run.sh --only-stream            # only the stream drain (--events N: not 10,000)
+#   bash bench/run.sh --self-test              # check bench.py's reply parsing (no build, no server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--self-test" ]; then
+    exec python3 bench/bench.py --self-test
+fi
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()

@@ -277,6 +277,7 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             block: ms(e.stream_block_ms),
             claim_idle: ms(e.stream_claim_idle_ms),
             batch: e.stream_batch,
+            max_deliveries: e.max_deliveries,
             retry: ms(state
                 .settings
                 .redis

@@ -254,6 +254,9 @@ impl Settings {
         if e.stream_block_ms > 60_000 {
             return Err(invalid("events.stream_block_ms", "must be at most 60000"));
         }
+        if e.max_deliveries > 1_000 {
+            return Err(invalid("events.max_deliveries", "must be at most 1000"));
+        }
         Ok(())
     }
 
@@ -395,6 +398,7 @@ impl Settings {
             ),
             ("events.stream_batch", self.events.stream_batch as u64),
             ("peers.down_ms", self.peers.down_ms),
+            ("events.max_deliveries", self.events.max_deliveries),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be greater than 0"));

@@ -337,6 +337,11 @@ pub struct EventsSettings {
     pub stream_claim_idle_ms: u64,
     /// Entries read per step (default 100).
     pub stream_batch: usize,
+    /// Deliveries of one stream entry (the count in `XPENDING`) after which an entry whose
+    /// invalidation still fails is set aside in the dead-letter stream, with the error, and
+    /// replaced by a conservative invalidation of every view the event could touch
+    /// (default 5, 1 to 1000).
+    pub max_deliveries: u64,
 }
 
 /// `[peers]`: direct invalidations between instances (SPEC section 2, "Peers never trust the

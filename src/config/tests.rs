@@ -208,6 +208,14 @@ fn redis_modes_and_the_event_stream_are_validated() {
             &[("RUNCACHE__EVENTS__STREAM_BATCH", "0")][..],
             "events.stream_batch",
         ),
+        (
+            &[("RUNCACHE__EVENTS__MAX_DELIVERIES", "0")][..],
+            "events.max_deliveries",
+        ),
+        (
+            &[("RUNCACHE__EVENTS__MAX_DELIVERIES", "1001")][..],
+            "events.max_deliveries",
+        ),
     ] {
         let err = load(pairs).expect_err("must fail");
         assert!(err.to_string().contains(name), "{pairs:?}: {err}");

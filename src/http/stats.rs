@@ -83,6 +83,9 @@ pub struct StatsBody {
     /// View requests the hit lane served without the router, other than from a near-cache
     /// copy (those are `l1.lane_hits`): entries in Redis or the memory tier, misses.
     pub lane_served: u64,
+    /// Event-stream entries set aside in the dead-letter stream after
+    /// `events.max_deliveries` failed deliveries (read them with `XRANGE`).
+    pub stream_dead_lettered: u64,
     /// Mean request latency.
     pub avg_latency_ms: f64,
     /// Median request latency.
@@ -306,6 +309,7 @@ async fn stats(state: &AppState) -> StatsResponse {
             coalesced: r.coalesced,
             variants_refused: s.variants_refused.load(Relaxed),
             lane_served: s.lane_served.load(Relaxed),
+            stream_dead_lettered: s.stream_dead_lettered.load(Relaxed),
             avg_latency_ms: round2(s.latency.mean_ms()),
             p50_latency_ms: quantile(0.50),
             p95_latency_ms: quantile(0.95),

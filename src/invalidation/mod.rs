@@ -14,6 +14,7 @@ use crate::metrics::Stats;
 use crate::store::{Invalidation, KeyVersion, Keyspace, Shared, Store, StoreError, Tier};
 use crate::tasks::Tasks;
 
+pub mod dead_letter;
 pub mod stream;
 
 /// The views every key of which `pattern` matches.
@@ -51,11 +52,14 @@ pub enum Cause {
     Peer,
     /// Events trimmed from the event stream before any instance read them: everything goes.
     StreamGap,
+    /// An event-stream entry that kept failing, set aside in the dead-letter stream: every
+    /// view a run event can touch goes instead.
+    StreamDeadLetter,
 }
 
 impl Cause {
     /// Every cause, for metrics registered at zero.
-    pub const ALL: [Cause; 8] = [
+    pub const ALL: [Cause; 9] = [
         Cause::Event,
         Cause::RunDeleted,
         Cause::Admin,
@@ -64,6 +68,7 @@ impl Cause {
         Cause::Refresh,
         Cause::Peer,
         Cause::StreamGap,
+        Cause::StreamDeadLetter,
     ];
 
     /// The metric label.
@@ -77,6 +82,7 @@ impl Cause {
             Cause::Refresh => "refresh",
             Cause::Peer => "peer",
             Cause::StreamGap => "stream_gap",
+            Cause::StreamDeadLetter => "stream_dead_letter",
         }
     }
 }
@@ -160,10 +166,20 @@ impl Invalidator {
     }
 
     async fn apply(&self, inv: Invalidation, cause: Cause) -> Result<u64, StoreError> {
+        self.apply_counted(inv, cause, 1).await
+    }
+
+    /// Applies `inv`, which does the work of `ops` invalidations, and counts them.
+    async fn apply_counted(
+        &self,
+        inv: Invalidation,
+        cause: Cause,
+        ops: u64,
+    ) -> Result<u64, StoreError> {
         self.ready()?;
         let result = self.store.invalidate(&inv).await;
         if let Ok(n) = result {
-            self.stats.record_invalidation(cause.as_str(), n);
+            self.stats.record_invalidations(cause.as_str(), ops, n);
         }
         result
     }
@@ -197,6 +213,40 @@ impl Invalidator {
             }
         }
         result
+    }
+
+    /// Drops several runs in one invalidation, each as [`Invalidator::run`] does: one round of
+    /// counter bumps (and of `WAIT` where it applies), one publication to the near caches,
+    /// where one invalidation per run costs as many. Applying it again is harmless. Returns
+    /// the entries dropped, over every run.
+    pub async fn runs(&self, run_ids: &[String], cause: Cause) -> Result<u64, StoreError> {
+        let v = self.version.get();
+        let mut ids: Vec<&str> = run_ids.iter().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut inv = Invalidation::default();
+        for id in &ids {
+            inv.bump.push(self.keys.run_gen(&v, id));
+            inv.delete.push(self.keys.entry(&v, &metrics_key(id)));
+            inv.delete
+                .push(self.keys.entry(&v, &feature_importance_key(id, None)));
+            inv.tagged.push(self.keys.run_tag(&v, id));
+        }
+        self.apply_counted(inv, cause, ids.len() as u64).await
+    }
+
+    /// Drops every view a run's invalidation touches, whole: its metrics, its feature
+    /// importance and the comparisons (as a namespace invalidation of each). What replaces a
+    /// run's invalidation that cannot be applied (an event-stream entry that keeps failing):
+    /// it does not depend on the run's own keys, which may be what fails.
+    pub async fn views_of_runs(&self, cause: Cause) -> Result<u64, StoreError> {
+        // A run's keys are in every view (metrics, feature importance, comparisons).
+        self.pattern("model:*", cause).await
+    }
+
+    /// Counts an event-stream entry set aside in the dead-letter stream.
+    pub fn record_dead_letter(&self) {
+        self.stats.record_dead_letter();
     }
 
     /// Drops the named logical keys of the current version. The clear sequence is bumped, so

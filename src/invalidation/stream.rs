@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::dead_letter::{self, DeadLetter};
 use super::{Cause, Invalidator};
 use crate::domain::{EVENT_KINDS, run_ids_in_untyped_text};
 use crate::metrics::audit::AuditTrail;
@@ -140,6 +141,8 @@ pub struct StreamOptions {
     pub claim_idle: Duration,
     /// Entries per read.
     pub batch: usize,
+    /// Deliveries after which an entry that still fails is dead-lettered.
+    pub max_deliveries: u64,
     /// Connect time-out, and the pause before trying again after a failure.
     pub retry: Duration,
     /// Time-out of one command (the blocking read gets `block` on top).
@@ -161,6 +164,25 @@ struct Entry {
     id: String,
     fields: Option<Vec<(String, String)>>,
 }
+
+/// An entry that names a run to invalidate.
+#[derive(Debug)]
+struct Event {
+    id: String,
+    /// The runs its `model_run_id` names (one, or two for a text that may be a float).
+    run_ids: Vec<String>,
+    fields: Vec<(String, String)>,
+}
+
+impl Event {
+    /// Its runs, as one text for logs and audit lines.
+    fn runs(&self) -> String {
+        self.run_ids.join(" ")
+    }
+}
+
+/// Events applied in one invalidation (one round of counter bumps, one publication).
+const APPLY_TOGETHER: usize = 100;
 
 /// The outcome of one read step.
 #[derive(Debug, Default)]
@@ -281,6 +303,12 @@ pub struct StreamIntake {
     /// Whether this consumer's own pending entries are still to be read (at start, and after
     /// a failure left some unacknowledged).
     own_pending: bool,
+    /// When they are read again (`None`: at once). An entry whose invalidation failed is
+    /// retried at this pace, not at every step: each read of it resets its idle time and
+    /// counts a delivery, and new entries are read in between.
+    retry_at: Option<Instant>,
+    /// The group's dead-letter stream (see [`dead_letter`]).
+    dead: String,
     last_claim: Option<Instant>,
     /// Whether the last failure was logged (one line per outage).
     failing: bool,
@@ -333,6 +361,7 @@ impl StreamIntake {
     ) -> Self {
         let flag = side_key(&opts.stream, "gap", &opts.group);
         let delivered = side_key(&opts.stream, "delivered", &opts.group);
+        let dead = side_key(&opts.stream, "dead", &opts.group);
         Self {
             redis,
             invalidator,
@@ -345,6 +374,8 @@ impl StreamIntake {
             conn_target: None,
             seen: false,
             own_pending: true,
+            retry_at: None,
+            dead,
             last_claim: None,
             failing: false,
         }
@@ -368,9 +399,16 @@ impl StreamIntake {
             };
             match step {
                 Ok(Some(last_id)) => {
+                    // Not past the next retry of a failed entry.
+                    let block = match self.retry_at {
+                        Some(at) if self.own_pending => at
+                            .saturating_duration_since(Instant::now())
+                            .min(self.opts.block),
+                        _ => self.opts.block,
+                    };
                     let waited = tokio::select! {
                         () = cancel.cancelled() => return,
-                        ok = self.wait_for_entries(&last_id) => ok,
+                        ok = self.wait_for_entries(&last_id, block) => ok,
                     };
                     if !waited {
                         tokio::select! {
@@ -386,6 +424,7 @@ impl StreamIntake {
                     }
                     self.failing = true;
                     self.own_pending = true;
+                    self.retry_at = None;
                     if !matches!(e, StepError::Apply(_)) {
                         self.conn = None;
                     }
@@ -427,12 +466,13 @@ impl StreamIntake {
             .map_err(StepError::Redis)
     }
 
-    /// One step: a read (own pending entries, else new ones), the gap it may have found,
-    /// the entries applied and acknowledged, and now and then a claim of entries dead
-    /// consumers left. Returns the stream's last ID when nothing new was there (the loop
-    /// then waits for more).
+    /// One step: a read (own pending entries when they are due, else new ones), the gap it
+    /// may have found, the entries applied and acknowledged, and now and then a claim of
+    /// entries dead consumers left. Returns the stream's last ID when nothing new was there
+    /// (the loop then waits for more).
     async fn step(&mut self) -> Result<Option<String>, StepError> {
-        let start = if self.own_pending { "0" } else { ">" };
+        let retry = self.own_pending && self.retry_at.is_none_or(|at| Instant::now() >= at);
+        let start = if retry { "0" } else { ">" };
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(READ)
             .arg(3)
@@ -458,14 +498,21 @@ impl StreamIntake {
         metrics::gauge!(names::STREAM_PENDING).set(read.pending as f64);
         self.handle_gap(read.flag.as_deref()).await?;
         let empty = read.entries.is_empty();
-        self.apply(read.entries).await?;
-        self.claim().await?;
-        if self.own_pending {
-            // Own pending entries are read until none is left; then new ones.
+        let failed = self.apply(read.entries).await? + self.claim().await?;
+        if retry {
             if empty {
                 self.own_pending = false;
+                self.retry_at = None;
+            } else {
+                // Read again at once while they are applied (there may be more than a read
+                // holds); after a failure, at the retry pace, reading new ones meanwhile.
+                self.retry_at = (failed > 0).then(|| Instant::now() + self.opts.retry);
             }
             return Ok(None);
+        }
+        if failed > 0 && !self.own_pending {
+            self.own_pending = true;
+            self.retry_at = Some(Instant::now() + self.opts.retry);
         }
         Ok(empty.then_some(read.last_id))
     }
@@ -491,36 +538,27 @@ impl StreamIntake {
         Ok(())
     }
 
-    /// Applies `entries` in order and acknowledges those applied (and those that cannot be:
-    /// malformed, or trimmed while pending, which the gap flag covers). Stops at the first
-    /// failed invalidation: it and the rest stay pending.
-    async fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StepError> {
+    /// Applies `entries` and acknowledges those applied (and those that cannot be: malformed,
+    /// or trimmed while pending, which the gap flag covers). Runs are invalidated together,
+    /// [`APPLY_TOGETHER`] to one invalidation (applying an event twice is harmless, and so is
+    /// applying them out of order); when that fails, one by one, so that one entry that fails
+    /// holds up no other. An entry that fails stays pending, to be read again, until its
+    /// deliveries reach `max_deliveries`: then it is dead-lettered. Returns the entries left
+    /// pending.
+    async fn apply(&mut self, entries: Vec<Entry>) -> Result<usize, StepError> {
         let mut done = Vec::with_capacity(entries.len());
-        let mut failure = None;
+        let mut events = Vec::with_capacity(entries.len());
         for entry in entries {
-            let Some(fields) = &entry.fields else {
+            let Some(fields) = entry.fields else {
                 done.push(entry.id);
                 continue;
             };
-            match event_of(fields) {
-                Ok(run_ids) => match self.invalidate(&run_ids).await {
-                    Ok(n) => {
-                        let run_id = run_ids.join(" ");
-                        tracing::info!(stream_id = %entry.id, run_id, invalidated = n, "event from the stream applied");
-                        let kind = fields
-                            .iter()
-                            .find(|(k, _)| k == "kind")
-                            .map_or("event", |(_, v)| v.as_str());
-                        self.audit.record("stream", &entry.id, kind, &run_id, n);
-                        metrics::counter!(names::STREAM_EVENTS_TOTAL, "outcome" => "applied")
-                            .increment(1);
-                        done.push(entry.id);
-                    }
-                    Err(e) => {
-                        failure = Some(e.to_string());
-                        break;
-                    }
-                },
+            match event_of(&fields) {
+                Ok(run_ids) => events.push(Event {
+                    id: entry.id,
+                    run_ids,
+                    fields,
+                }),
                 Err(why) => {
                     tracing::warn!(stream_id = %entry.id, reason = %why, "event-stream entry ignored (acknowledged, so it does not come back)");
                     metrics::counter!(names::STREAM_EVENTS_TOTAL, "outcome" => "invalid")
@@ -529,15 +567,109 @@ impl StreamIntake {
                 }
             }
         }
-        if !done.is_empty() {
+        let mut failed = Vec::new();
+        for chunk in events.chunks(APPLY_TOGETHER) {
+            let runs: Vec<String> = chunk.iter().flat_map(|e| e.run_ids.clone()).collect();
+            match self.invalidator.runs(&runs, Cause::Event).await {
+                Ok(n) => {
+                    tracing::info!(
+                        events = chunk.len(),
+                        invalidated = n,
+                        "events from the stream applied"
+                    );
+                    for (i, event) in chunk.iter().enumerate() {
+                        // The entries dropped are counted once, on the first of the batch.
+                        self.applied(event, if i == 0 { n } else { 0 });
+                        done.push(event.id.clone());
+                    }
+                }
+                Err(_) => {
+                    for event in chunk {
+                        match self.invalidate(&event.run_ids).await {
+                            Ok(n) => {
+                                self.applied(event, n);
+                                done.push(event.id.clone());
+                            }
+                            Err(e) => failed.push((event, e.to_string())),
+                        }
+                    }
+                }
+            }
+        }
+        for ids in done.chunks(APPLY_TOGETHER.max(1)) {
             let mut ack = redis::cmd("XACK");
-            ack.arg(&self.opts.stream).arg(&self.opts.group).arg(&done);
+            ack.arg(&self.opts.stream).arg(&self.opts.group).arg(ids);
             let _: i64 = self.query(ack).await?;
         }
-        match failure {
-            Some(e) => Err(StepError::Apply(e)),
-            None => Ok(()),
+        let mut pending = 0;
+        for (event, error) in failed {
+            if !self.dead_letter_if_due(event, &error).await? {
+                pending += 1;
+            }
         }
+        Ok(pending)
+    }
+
+    /// Records one event applied (`n` entries dropped).
+    fn applied(&self, event: &Event, n: u64) {
+        let kind = event
+            .fields
+            .iter()
+            .find(|(k, _)| k == "kind")
+            .map_or("event", |(_, v)| v.as_str());
+        self.audit
+            .record("stream", &event.id, kind, &event.runs(), n);
+        metrics::counter!(names::STREAM_EVENTS_TOTAL, "outcome" => "applied").increment(1);
+    }
+
+    /// Sets `event`, whose invalidation failed with `error`, aside in the dead-letter stream
+    /// once it has been delivered `max_deliveries` times: first every view a run event can
+    /// touch is invalidated instead (promise 1 holds without the run's own keys, which may be
+    /// what fails), then the entry is acknowledged and copied to the dead-letter stream, in
+    /// one script. Returns whether it is no longer pending.
+    async fn dead_letter_if_due(&mut self, event: &Event, error: &str) -> Result<bool, StepError> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&self.opts.stream)
+            .arg(&self.opts.group)
+            .arg(&event.id)
+            .arg(&event.id)
+            .arg(1);
+        let reply: Value = self.query(cmd).await?;
+        let deliveries = dead_letter::deliveries(&reply);
+        if deliveries < self.opts.max_deliveries {
+            tracing::debug!(stream_id = %event.id, deliveries, error, "event-stream entry failed; it is read again");
+            return Ok(false);
+        }
+        if let Err(e) = self
+            .invalidator
+            .views_of_runs(Cause::StreamDeadLetter)
+            .await
+        {
+            tracing::warn!(stream_id = %event.id, error = %e, "event stream: the fallback for an entry that keeps failing failed too; it stays pending");
+            return Ok(false);
+        }
+        let letter = DeadLetter {
+            id: &event.id,
+            error,
+            deliveries,
+            consumer: &self.opts.consumer,
+            fields: &event.fields,
+        };
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(dead_letter::SET_ASIDE)
+            .arg(2)
+            .arg(&self.opts.stream)
+            .arg(&self.dead)
+            .arg(&self.opts.group)
+            .arg(&event.id)
+            .arg(dead_letter::MAX_LEN)
+            .arg(letter.fields());
+        let moved: i64 = self.query(cmd).await?;
+        if moved == 1 {
+            self.invalidator.record_dead_letter();
+            tracing::error!(stream = %self.opts.stream, dead_letter = %self.dead, stream_id = %event.id, run_id = %event.runs(), deliveries, error, "event stream: an entry kept failing; it is set aside in the dead-letter stream, and every view a run event can touch was invalidated instead");
+        }
+        Ok(true)
     }
 
     /// Invalidates every run of one entry; the count of entries dropped.
@@ -551,11 +683,13 @@ impl StreamIntake {
 
     /// Every `claim_idle / 2`, takes over and applies the entries other consumers have left
     /// pending for `claim_idle` (an instance that died after reading them).
-    async fn claim(&mut self) -> Result<(), StepError> {
+    /// Returns the entries taken over and left pending (now this consumer's own).
+    async fn claim(&mut self) -> Result<usize, StepError> {
         let every = self.opts.claim_idle / 2;
         if self.last_claim.is_some_and(|t| t.elapsed() < every) {
-            return Ok(());
+            return Ok(0);
         }
+        let mut failed = 0;
         self.last_claim = Some(Instant::now());
         let idle = u64::try_from(self.opts.claim_idle.as_millis()).unwrap_or(u64::MAX);
         let mut cursor = "0-0".to_owned();
@@ -581,23 +715,27 @@ impl StreamIntake {
                 metrics::counter!(names::STREAM_CLAIMED_TOTAL).increment(claimed.len() as u64);
             }
             self.handle_gap(flag.as_deref()).await?;
-            self.apply(claimed).await?;
+            failed += self.apply(claimed).await?;
             if next == "0-0" {
                 break;
             }
             cursor = next;
         }
-        Ok(())
+        Ok(failed)
     }
 
     /// Waits until the stream has an entry after `last_id`, or `block` passes (then the loop
     /// runs its claim and gap checks again). Returns `false` when the wait failed (a Redis
     /// that refuses blocking commands, say): the loop then pauses as after any failure.
-    async fn wait_for_entries(&mut self, last_id: &str) -> bool {
+    async fn wait_for_entries(&mut self, last_id: &str, block: Duration) -> bool {
+        let block = u64::try_from(block.as_millis()).unwrap_or(u64::MAX);
+        // `BLOCK 0` would wait for ever: a retry is due now.
+        if block == 0 {
+            return true;
+        }
         let Ok(mut c) = self.conn().await else {
             return false;
         };
-        let block = u64::try_from(self.opts.block.as_millis()).unwrap_or(u64::MAX);
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(1)

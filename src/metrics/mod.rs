@@ -65,6 +65,9 @@ pub mod names {
     /// Gaps found in the event stream (entries trimmed before they were read), each handled
     /// by dropping every entry.
     pub const STREAM_GAPS_TOTAL: &str = "runcache_stream_gaps_total";
+    /// Event-stream entries set aside in the dead-letter stream after `events.max_deliveries`
+    /// failed deliveries (each replaced by an invalidation of every view it could touch).
+    pub const STREAM_DEAD_LETTERED_TOTAL: &str = "runcache_stream_dead_lettered_total";
     /// Entries added to the stream and not yet delivered to the consumer group (`XINFO GROUPS`
     /// `lag`; -1 while Redis cannot tell).
     pub const STREAM_LAG: &str = "runcache_stream_lag";
@@ -76,7 +79,7 @@ pub mod names {
     pub const PENDING_INVALIDATIONS: &str = "runcache_pending_invalidations";
 
     /// Every family above: each is exported from start-up, at 0 for its known label values.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         VIEW_REQUESTS_TOTAL,
         VIEW_REQUEST_DURATION,
         ORIGIN_REQUESTS_TOTAL,
@@ -100,6 +103,7 @@ pub mod names {
         STREAM_EVENTS_TOTAL,
         STREAM_CLAIMED_TOTAL,
         STREAM_GAPS_TOTAL,
+        STREAM_DEAD_LETTERED_TOTAL,
         STREAM_LAG,
         STREAM_PENDING,
         NEAR_CACHE_BYTES,
@@ -205,6 +209,10 @@ fn describe() {
         names::STREAM_GAPS_TOTAL,
         "Gaps found in the event stream (entries trimmed before they were read)"
     );
+    describe_counter!(
+        names::STREAM_DEAD_LETTERED_TOTAL,
+        "Event-stream entries set aside in the dead-letter stream after max_deliveries failed deliveries"
+    );
     describe_gauge!(
         names::STREAM_LAG,
         "Event-stream entries not yet delivered to the consumer group (-1: unknown)"
@@ -227,6 +235,7 @@ fn describe() {
         names::VARIANTS_REFUSED_TOTAL,
         names::STREAM_CLAIMED_TOTAL,
         names::STREAM_GAPS_TOTAL,
+        names::STREAM_DEAD_LETTERED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }

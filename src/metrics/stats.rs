@@ -224,6 +224,8 @@ pub struct Stats {
     /// View requests the hit lane served without the router, other than from a near-cache
     /// copy (those are `l1.lane_hits`).
     pub lane_served: AtomicU64,
+    /// Event-stream entries set aside in the dead-letter stream.
+    pub stream_dead_lettered: AtomicU64,
 }
 
 impl Default for Stats {
@@ -239,6 +241,7 @@ impl Default for Stats {
             warm_errors: AtomicU64::new(0),
             variants_refused: AtomicU64::new(0),
             lane_served: AtomicU64::new(0),
+            stream_dead_lettered: AtomicU64::new(0),
         }
     }
 }
@@ -308,9 +311,15 @@ impl Stats {
 
     /// Records entries deleted by one invalidation of `cause` (event, admin, clear, version).
     pub fn record_invalidation(&self, cause: &'static str, deleted: u64) {
-        self.invalidations.fetch_add(1, Relaxed);
+        self.record_invalidations(cause, 1, deleted);
+    }
+
+    /// Records `ops` invalidations of `cause` applied together, which deleted `deleted`
+    /// entries in all (a batch of events from the stream).
+    pub fn record_invalidations(&self, cause: &'static str, ops: u64, deleted: u64) {
+        self.invalidations.fetch_add(ops, Relaxed);
         self.deletes.fetch_add(deleted, Relaxed);
-        metrics::counter!(super::names::INVALIDATIONS_TOTAL, "cause" => cause).increment(1);
+        metrics::counter!(super::names::INVALIDATIONS_TOTAL, "cause" => cause).increment(ops);
         metrics::counter!(super::names::ENTRIES_DELETED_TOTAL, "cause" => cause).increment(deleted);
     }
 
@@ -318,6 +327,12 @@ impl Stats {
     pub fn record_variant_refused(&self) {
         self.variants_refused.fetch_add(1, Relaxed);
         metrics::counter!(super::names::VARIANTS_REFUSED_TOTAL).increment(1);
+    }
+
+    /// Records an event-stream entry set aside in the dead-letter stream.
+    pub fn record_dead_letter(&self) {
+        self.stream_dead_lettered.fetch_add(1, Relaxed);
+        metrics::counter!(super::names::STREAM_DEAD_LETTERED_TOTAL).increment(1);
     }
 
     /// Records one entry written.

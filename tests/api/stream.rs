@@ -467,3 +467,205 @@ async fn an_id_written_as_a_float_names_the_same_run_in_the_stream_and_over_http
         "a JSON number is no string"
     );
 }
+/// Entries of the group's dead-letter stream: `(id, fields)`.
+async fn dead_letters(redis: &TestRedis, stream: &str) -> Vec<(String, HashMap<String, String>)> {
+    let dead = format!("{stream}:dead:{{{stream}}}:{GROUP}");
+    redis
+        .cmd(&["XRANGE", &dead, "-", "+"])
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_event_that_always_fails_is_dead_lettered_and_does_not_hold_up_the_next() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let app = spawn_app_with(Some(&redis), |s| {
+        s.auth.frontend = "none".into();
+        s.events.stream = Some(stream.clone());
+        s.events.stream_block_ms = 200;
+        s.events.max_deliveries = 3;
+    })
+    .await;
+    for run in ["1", "2", "3"] {
+        revision(&app, run).await;
+        assert_eq!(revision(&app, run).await.0, "HIT");
+    }
+    // Run 1's tag set is a string: every invalidation of run 1 fails with WRONGTYPE, for ever.
+    let tag = format!("{}:_tags:v1:run:1", app.prefix);
+    let _: () = redis.cmd(&["SET", &tag, "x"]).await.expect("SET");
+    app.origin.set_revision(2);
+    let poisoned = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "1"],
+    )
+    .await;
+    let good = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "2"],
+    )
+    .await;
+
+    // The good event behind it is applied while the poisoned one is retried.
+    wait_for(|| async { revision(&app, "2").await == ("MISS".to_owned(), json!(2)) }).await;
+
+    // After `events.max_deliveries` deliveries the entry is set aside, with the error, and
+    // acknowledged: nothing is left pending.
+    settled(&redis, &stream, &good).await;
+    let dead = dead_letters(&redis, &stream).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let fields = &dead[0].1;
+    assert_eq!(fields.get("id"), Some(&poisoned));
+    assert_eq!(fields.get("model_run_id").map(String::as_str), Some("1"));
+    assert_eq!(
+        fields.get("kind").map(String::as_str),
+        Some("training-completed")
+    );
+    assert!(
+        fields.get("error").is_some_and(|e| e.contains("WRONGTYPE")),
+        "{fields:?}"
+    );
+    assert_eq!(fields.get("deliveries").map(String::as_str), Some("3"));
+
+    // The poisoned run is not served stale, and the conservative fallback dropped the views a
+    // run event can touch: run 3, never named by an event, is fetched again too.
+    assert_eq!(revision(&app, "1").await, ("MISS".to_owned(), json!(2)));
+    assert_eq!(revision(&app, "3").await, ("MISS".to_owned(), json!(2)));
+    assert_eq!(app.stats().await["stats"]["stream_dead_lettered"], 1);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("runcache_stream_dead_lettered_total ") && !l.ends_with(" 0")),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("dead"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test]
+async fn a_backlog_is_applied_in_batches_and_a_failing_entry_holds_up_none_of_its_batch() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let mut first = reader(&redis, &stream, None).await;
+    let cached = ["1", "150", "151", "152", "250"];
+    for run in cached {
+        revision(&first, run).await;
+        assert_eq!(revision(&first, run).await.0, "HIT");
+    }
+    first.stop().await;
+    // A backlog of 250 events, one read (three batches); the second batch holds one that
+    // always fails.
+    let tag = format!("{}:_tags:v1:run:151", first.prefix);
+    let _: () = redis.cmd(&["SET", &tag, "x"]).await.expect("SET");
+    first.origin.set_revision(2);
+    let mut last = String::new();
+    for run in 1..=250 {
+        let run = run.to_string();
+        last = xadd(
+            &redis,
+            &stream,
+            &["kind", "training-completed", "model_run_id", &run],
+        )
+        .await;
+    }
+
+    let mut settings = test_settings(&first.origin.url, &redis.url());
+    settings.cache.prefix = first.prefix.clone();
+    settings.auth.frontend = "none".into();
+    settings.events.stream = Some(stream.clone());
+    settings.events.stream_block_ms = 200;
+    settings.events.stream_batch = 250;
+    settings.events.max_deliveries = 2;
+    let second = spawn_with_settings(settings, first.origin.clone()).await;
+    settled(&redis, &stream, &last).await;
+    for run in cached {
+        assert_eq!(
+            revision(&second, run).await,
+            ("MISS".to_owned(), json!(2)),
+            "run {run}"
+        );
+    }
+    let dead = dead_letters(&redis, &stream).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].1.get("model_run_id").map(String::as_str),
+        Some("151")
+    );
+    let stats = second.stats().await;
+    assert_eq!(stats["stats"]["stream_dead_lettered"], 1);
+    assert!(
+        stats["stats"]["invalidations"].as_u64() >= Some(250),
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn an_event_that_always_fails_is_dead_lettered_on_a_cluster() {
+    let cluster = crate::helpers::TestCluster::start(3, 0).await;
+    let stream = stream_name();
+    let urls = cluster.urls();
+    let app = spawn_app_with(None, |s| {
+        s.redis.mode = "cluster".into();
+        s.redis.cluster_urls = urls.into_iter().map(secrecy::SecretString::from).collect();
+        s.auth.frontend = "none".into();
+        s.events.stream = Some(stream.clone());
+        s.events.stream_block_ms = 200;
+        s.events.max_deliveries = 2;
+    })
+    .await;
+    for run in ["1", "2"] {
+        revision(&app, run).await;
+        assert_eq!(revision(&app, run).await.0, "HIT");
+    }
+    let tag = format!("{}:_tags:v1:run:1{{run:1}}", app.prefix);
+    let _: () = cluster.cmd(&["SET", &tag, "x"]).await.expect("SET");
+    app.origin.set_revision(2);
+    for run in ["1", "2"] {
+        let _: String = cluster
+            .cmd(&[
+                "XADD",
+                &stream,
+                "*",
+                "kind",
+                "model-deleted",
+                "model_run_id",
+                run,
+            ])
+            .await
+            .expect("XADD");
+    }
+    let dead = format!("{stream}:dead:{{{stream}}}:{GROUP}");
+    wait_for(|| async {
+        let letters: Vec<(String, HashMap<String, String>)> = cluster
+            .cmd(&["XRANGE", &dead, "-", "+"])
+            .await
+            .expect("XRANGE");
+        letters.len() == 1 && letters[0].1.get("model_run_id").map(String::as_str) == Some("1")
+    })
+    .await;
+    wait_for(|| async {
+        let pending: Vec<redis::Value> = cluster
+            .cmd(&["XPENDING", &stream, GROUP])
+            .await
+            .expect("XPENDING");
+        pending.first() == Some(&redis::Value::Int(0))
+    })
+    .await;
+    for run in ["1", "2"] {
+        assert_eq!(revision(&app, run).await, ("MISS".to_owned(), json!(2)));
+    }
+}

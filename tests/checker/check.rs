@@ -345,7 +345,75 @@ pub fn check(h: &History) -> Report {
             }
         }
     }
+    stream_events(h, &mut report);
     report
+}
+
+/// An event appended to the stream is applied (and acknowledged) within the writer's wait,
+/// whatever entry is stuck before it (a poisoned one is dead-lettered), unless a fault could
+/// lose the entry itself: Redis restarted empty or from an older file, or a primary killed
+/// before it replicated.
+/// A poisoned entry (that fault) is dead-lettered within that wait too, on the same terms.
+fn stream_events(h: &History, report: &mut Report) {
+    let wait = u64::try_from(crate::stream::ACK_WAIT.as_micros()).unwrap_or(u64::MAX);
+    let lost = |start: u64| {
+        let end = start + wait;
+        h.faults.iter().any(|f| {
+            matches!(
+                f.kind,
+                FaultKind::KillRestartEmpty
+                    | FaultKind::KillRestartStale
+                    | FaultKind::PrimaryFailover
+            ) && f.start_us <= end
+                && f.end_us >= start
+        })
+    };
+    for f in &h.faults {
+        if f.kind != FaultKind::PoisonedStreamEntry
+            || !f.detail.starts_with(crate::stream::NOT_DEAD_LETTERED)
+        {
+            continue;
+        }
+        let class = if lost(f.start_us) {
+            "poisoned entry not dead-lettered: a fault may have lost it".to_owned()
+        } else {
+            "poisoned entry not dead-lettered within the wait".to_owned()
+        };
+        *report.failures.entry(class.clone()).or_default() += 1;
+        if lost(f.start_us) {
+            *report.excused.entry(class).or_default() += 1;
+            continue;
+        }
+        report.violations.push(Violation {
+            kind: "event",
+            class,
+            read: None,
+            event: None,
+            lag_us: None,
+            note: f.describe(),
+        });
+    }
+    for (ei, e) in h.events.iter().enumerate() {
+        let (Some(id), None) = (&e.stream_id, e.t_ack_us) else {
+            continue;
+        };
+        if lost(e.t_change_us) {
+            let class = "stream event not applied: a fault may have lost the entry".to_owned();
+            *report.failures.entry(class.clone()).or_default() += 1;
+            *report.excused.entry(class).or_default() += 1;
+            continue;
+        }
+        let class = "stream event not applied within the writer's wait".to_owned();
+        *report.failures.entry(class.clone()).or_default() += 1;
+        report.violations.push(Violation {
+            kind: "event",
+            class,
+            read: None,
+            event: Some(ei),
+            lag_us: None,
+            note: format!("stream entry {id}"),
+        });
+    }
 }
 
 /// The faults in force during `[start, end]` or ended within `before_us` before `start`, for

@@ -20,6 +20,7 @@ fn event(id: u64, run: u32, revision: u64, t_change: u64, t_ack: Option<u64>) ->
             status: Some(if t_ack.is_some() { 200 } else { 503 }),
             ..Attempt::default()
         }],
+        stream_id: None,
     }
 }
 
@@ -246,4 +247,54 @@ fn a_200_body_for_the_wrong_request_is_a_violation() {
     let mut r = read(Cred::Alice, 2, 100 * MS, 0, "runcache; hit; ttl=2");
     r.error = Some("model_run_id \"5\" for run 2".into());
     assert_eq!(check(&history(vec![r], Vec::new())).count("bad-body"), 1);
+}
+
+#[test]
+fn a_stream_event_never_applied_is_a_violation_unless_a_fault_could_lose_it() {
+    let through_stream = EventOp {
+        id: 0,
+        run: 2,
+        revision: 1,
+        t_change_us: 100 * MS,
+        t_ack_us: None,
+        instance: None,
+        attempts: Vec::new(),
+        stream_id: Some("1-0".into()),
+    };
+    let mut h = history(Vec::new(), vec![through_stream]);
+    let report = check(&h);
+    assert_eq!(report.count("event"), 1, "{:?}", report.violations);
+    h.faults.push(FaultOp {
+        id: 0,
+        kind: FaultKind::KillRestartEmpty,
+        instance: None,
+        start_us: 2_000 * MS,
+        end_us: 3_000 * MS,
+        detail: String::new(),
+    });
+    assert!(check(&h).violations.is_empty());
+    // Applied: nothing to say.
+    h.faults.clear();
+    h.events[0].t_ack_us = Some(300 * MS);
+    assert!(check(&h).violations.is_empty());
+}
+
+#[test]
+fn a_poisoned_entry_not_dead_lettered_is_a_violation() {
+    let poisoned = |detail: String| FaultOp {
+        id: 0,
+        kind: FaultKind::PoisonedStreamEntry,
+        instance: None,
+        start_us: 100 * MS,
+        end_us: 10_100 * MS,
+        detail,
+    };
+    let mut h = history(Vec::new(), Vec::new());
+    h.faults.push(poisoned(format!(
+        "{} entry 1-0",
+        crate::stream::NOT_DEAD_LETTERED
+    )));
+    assert_eq!(check(&h).count("event"), 1);
+    h.faults[0] = poisoned(format!("{} entry 1-0", crate::stream::DEAD_LETTERED));
+    assert!(check(&h).violations.is_empty());
 }

@@ -53,6 +53,11 @@ pub fn instance_settings(
     s.refresh.min_hits = 2;
     s.refresh.ahead_percent = 50;
     s.refresh.jitter_ms = 50;
+    // Every instance reads the event stream (see `stream.rs`).
+    s.events.stream = Some(format!("{prefix}:events"));
+    s.events.stream_block_ms = 200;
+    s.events.stream_claim_idle_ms = 1_000;
+    s.events.max_deliveries = 2;
     s.validate().expect("valid checker settings");
     s
 }

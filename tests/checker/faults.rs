@@ -12,6 +12,7 @@ use crate::cluster::Cluster;
 use crate::history::{FaultKind, FaultOp, now_us};
 use crate::redis_server::{TestRedis, TestSentinels};
 use crate::rng::{Rng, STREAM_FAULTS};
+use crate::stream::StreamSide;
 
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -57,7 +58,8 @@ pub fn plan(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
             FaultKind::ClientKillPubsub,
             FaultKind::DebugSleep,
             FaultKind::InstanceRestart,
-        ][rng.weighted(&[14, 14, 24, 16, 16, 16])];
+            FaultKind::PoisonedStreamEntry,
+        ][rng.weighted(&[14, 14, 24, 16, 16, 16, 12])];
         let (instance, hold_ms) = match kind {
             // Outages up to 3 s: longer than SPEC 2's 2 s bound on what the memory tier may
             // serve, so the bound is actually exercised.
@@ -66,7 +68,7 @@ pub fn plan(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
             }
             FaultKind::Pause => (None, rng.range(300, 1_500)),
             FaultKind::DebugSleep => (None, rng.range(300, 600)),
-            FaultKind::ClientKillPubsub => (None, 0),
+            FaultKind::ClientKillPubsub | FaultKind::PoisonedStreamEntry => (None, 0),
             FaultKind::InstanceRestart => (
                 Some(rng.below(instances as u64) as usize),
                 rng.range(0, 500),
@@ -99,7 +101,26 @@ pub fn plan(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
         });
         t += (hold_ms + rng.range(1_000, 3_000)) * 1_000;
     }
+    with_a_poisoned_entry(&mut out, &mut rng);
     out
+}
+
+/// Makes sure a run has at least one poisoned stream entry: the draw may give none.
+fn with_a_poisoned_entry(out: &mut Vec<Planned>, rng: &mut Rng) {
+    if out.is_empty() || out.iter().any(|p| p.kind == FaultKind::PoisonedStreamEntry) {
+        return;
+    }
+    let at = rng.below(out.len() as u64) as usize;
+    let at_us = out[at].at_us;
+    out.insert(
+        at,
+        Planned {
+            at_us,
+            kind: FaultKind::PoisonedStreamEntry,
+            instance: None,
+            hold_ms: 0,
+        },
+    );
 }
 
 /// Bounds every step that talks to Redis, so a fault can never hang the run.
@@ -133,6 +154,7 @@ pub async fn run(
     plan: Vec<Planned>,
     mut redis: TestRedis,
     cluster: Arc<Cluster>,
+    stream: StreamSide,
     start_us: u64,
     end_us: u64,
 ) -> (TestRedis, Vec<FaultOp>) {
@@ -217,6 +239,7 @@ pub async fn run(
                 let d = cluster.slots[i].restart(hold).await;
                 format!("pause {}ms, {d}", p.hold_ms)
             }
+            FaultKind::PoisonedStreamEntry => stream.poison(id as u64).await,
             FaultKind::PrimaryFailover | FaultKind::PausePrimary | FaultKind::SentinelFailover => {
                 unreachable!("a cluster or sentinel fault against one redis")
             }
@@ -252,13 +275,14 @@ pub fn plan_cluster(seed: u64, duration_us: u64, instances: usize) -> Vec<Planne
             FaultKind::PausePrimary,
             FaultKind::ClientKillPubsub,
             FaultKind::InstanceRestart,
-        ][rng.weighted(&[35, 25, 20, 20])];
+            FaultKind::PoisonedStreamEntry,
+        ][rng.weighted(&[35, 25, 20, 20, 15])];
         let (instance, hold_ms) = match kind {
             // Which primary: drawn here, by index among the primaries when the fault runs.
             FaultKind::PrimaryFailover => (Some(rng.below(3) as usize), 0),
             // Under the node time-out (1 s): no failover, just a stall.
             FaultKind::PausePrimary => (Some(rng.below(3) as usize), rng.range(200, 700)),
-            FaultKind::ClientKillPubsub => (None, 0),
+            FaultKind::ClientKillPubsub | FaultKind::PoisonedStreamEntry => (None, 0),
             _ => (
                 Some(rng.below(instances as u64) as usize),
                 rng.range(0, 500),
@@ -272,6 +296,7 @@ pub fn plan_cluster(seed: u64, duration_us: u64, instances: usize) -> Vec<Planne
         });
         t += (hold_ms + rng.range(2_000, 4_000)) * 1_000;
     }
+    with_a_poisoned_entry(&mut out, &mut rng);
     out
 }
 
@@ -281,6 +306,7 @@ pub async fn run_cluster(
     plan: Vec<Planned>,
     mut redis: crate::redis_server::TestCluster,
     cluster: Arc<Cluster>,
+    stream: StreamSide,
     start_us: u64,
     end_us: u64,
 ) -> (crate::redis_server::TestCluster, Vec<FaultOp>) {
@@ -355,6 +381,7 @@ pub async fn run_cluster(
                     .await;
                 format!("pause {}ms, {d}", p.hold_ms)
             }
+            FaultKind::PoisonedStreamEntry => stream.poison(id as u64).await,
             other => format!("{} does not apply to a cluster", other.name()),
         };
         done.push(FaultOp {

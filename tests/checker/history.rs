@@ -189,12 +189,15 @@ pub struct EventOp {
     /// The instance that acknowledged it.
     pub instance: Option<usize>,
     pub attempts: Vec<Attempt>,
+    /// Delivered through the event stream instead: the entry's ID (acknowledged when seen
+    /// applied and `XACK`ed).
+    pub stream_id: Option<String>,
 }
 
 impl EventOp {
     pub fn describe(&self) -> String {
         format!(
-            "event#{} run={} revision={} changed={} acked={} by instance {} after {} attempt(s)",
+            "event#{} run={} revision={} changed={} acked={} by instance {} after {} attempt(s){}",
             self.id,
             self.run,
             self.revision,
@@ -202,6 +205,9 @@ impl EventOp {
             self.t_ack_us.map_or_else(|| "never".into(), secs),
             self.instance.map_or_else(|| "-".into(), |i| i.to_string()),
             self.attempts.len(),
+            self.stream_id
+                .as_ref()
+                .map_or_else(String::new, |id| format!(", through stream entry {id}")),
         )
     }
 }
@@ -232,6 +238,9 @@ pub enum FaultKind {
     /// reconfigured for a while, stays a writable master holding the instances' near-cache
     /// subscriptions; then it is made a replica of the new master.
     SentinelFailover,
+    /// An event-stream entry whose invalidation always fails (its run's tag set made a
+    /// string), dead-lettered while the entries behind it are applied.
+    PoisonedStreamEntry,
 }
 
 impl FaultKind {
@@ -247,6 +256,7 @@ impl FaultKind {
             FaultKind::PrimaryFailover => "primary-failover",
             FaultKind::PausePrimary => "sigstop-sigcont-primary",
             FaultKind::SentinelFailover => "sentinel-failover",
+            FaultKind::PoisonedStreamEntry => "poisoned-stream-entry",
         }
     }
 }

@@ -5,7 +5,9 @@
 //! origin whose data changes. Readers read the three views with four credentials, a writer
 //! bumps a run's revision at the origin and delivers `training-completed`, and faults are
 //! injected from a seeded schedule (Redis SIGKILL and restart, empty or from an older RDB file;
-//! SIGSTOP/SIGCONT; `CLIENT KILL TYPE pubsub`; `DEBUG SLEEP`; an instance restart). Every
+//! SIGSTOP/SIGCONT; `CLIENT KILL TYPE pubsub`; `DEBUG SLEEP`; an instance restart; a poisoned
+//! event-stream entry: a quarter of the writer's events go through the stream, see
+//! `stream.rs`). Every
 //! operation's start and end is recorded on one monotonic clock, and the history is checked
 //! afterwards against runcache's promises (see `check.rs`):
 //!
@@ -69,6 +71,7 @@ mod faults;
 mod history;
 mod origin;
 mod rng;
+mod stream;
 mod summary;
 mod workload;
 
@@ -228,6 +231,11 @@ async fn run(backend: Backend) {
         })
         .collect();
     let journals: Vec<String> = settings.iter().map(|s| s.journal.path.clone()).collect();
+    let stream = match &backend {
+        Backend::Single(redis) => stream::StreamSide::new(&prefix, vec![redis.url()], false),
+        Backend::Cluster(nodes) => stream::StreamSide::new(&prefix, nodes.urls(), true),
+        Backend::Sentinel(_) => stream::StreamSide::new(&prefix, Vec::new(), false),
+    };
     let cluster = Arc::new(Cluster::start(settings).await);
     cluster.wait_near_live().await;
 
@@ -251,6 +259,7 @@ async fn run(backend: Backend) {
         comparisons,
         cluster: cluster.clone(),
         origin: origin.clone(),
+        stream: stream.clone(),
         end_us,
     });
     println!(
@@ -267,12 +276,13 @@ async fn run(backend: Backend) {
     let fault_task = tokio::spawn(async move {
         match backend {
             Backend::Single(redis) => {
-                let (redis, faults) = faults::run(plan, redis, faulted, start_us, end_us).await;
+                let (redis, faults) =
+                    faults::run(plan, redis, faulted, stream, start_us, end_us).await;
                 (Backend::Single(redis), faults)
             }
             Backend::Cluster(nodes) => {
                 let (nodes, faults) =
-                    faults::run_cluster(plan, nodes, faulted, start_us, end_us).await;
+                    faults::run_cluster(plan, nodes, faulted, stream, start_us, end_us).await;
                 (Backend::Cluster(nodes), faults)
             }
             Backend::Sentinel(sentinels) => {

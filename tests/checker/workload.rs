@@ -27,6 +27,8 @@ pub struct Workload {
     pub comparisons: Vec<Vec<u32>>,
     pub cluster: Arc<Cluster>,
     pub origin: Origin,
+    /// The event stream every instance reads; a quarter of the events go there.
+    pub stream: crate::stream::StreamSide,
     /// No operation starts at or after this time (µs).
     pub end_us: u64,
 }
@@ -270,6 +272,7 @@ pub async fn writer(w: Arc<Workload>) -> Vec<EventOp> {
             .collect();
         let backoff = Duration::from_millis(rng.range(50, 150));
         let pause = Duration::from_millis(rng.range(50, 200));
+        let via_stream = rng.below(4) == 0 && w.stream.enabled();
 
         let mut e = EventOp {
             id: i,
@@ -278,6 +281,23 @@ pub async fn writer(w: Arc<Workload>) -> Vec<EventOp> {
             ..EventOp::default()
         };
         e.revision = w.origin.bump(run);
+        if via_stream {
+            // Acknowledged once an instance has applied it (or dead-lettered it) and XACKed.
+            for _ in 0..EVENT_ATTEMPTS {
+                match w.stream.append(&run.to_string()).await {
+                    Ok(id) => {
+                        e.t_ack_us = w.stream.wait_acked(&id, crate::stream::ACK_WAIT).await;
+                        e.stream_id = Some(id);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(backoff).await,
+                }
+            }
+            events.push(e);
+            i += 1;
+            tokio::time::sleep(pause).await;
+            continue;
+        }
         for instance in instances {
             let mut a = Attempt {
                 instance,

@@ -253,9 +253,13 @@ impl RedisStore {
             }
         }
         let mut dropped = self.unlink_each(&inv.delete).await?;
-        for tag in &inv.tagged {
-            dropped += self.delete_tagged(tag).await?;
-        }
+        // Concurrently: a batch of events from the stream names one tag set per run, and the
+        // connection pipelines them.
+        let tagged = futures_util::future::try_join_all(
+            inv.tagged.iter().map(|tag| self.delete_tagged(tag)),
+        )
+        .await?;
+        dropped += tagged.iter().sum::<u64>();
         for pattern in &inv.matching {
             dropped += self.delete_matching(pattern).await?;
         }
