@@ -439,6 +439,98 @@ def redis_death_only(args):
     return 0
 
 
+FAILOVER_SECS = 10
+
+
+def planned_failover(binary, scratch, procs, name):
+    """Origin calls under load on HOT_KEYS hot keys: over FAILOVER_SECS of steady state, then
+    over the FAILOVER_SECS after a planned `CLUSTER FAILOVER` of every shard (one after the
+    other), on a private cluster of three primaries with a replica each. A runcache of its own
+    in cluster mode and a sample origin of its own, so nothing else is counted."""
+    ports = start_cluster(scratch, nodes=6, replicas=1)
+    origin_port, port = free_port(), free_port()
+    exe = Path(binary).resolve()
+    procs.start(f"{name}-origin", [str(exe), "sample-origin", "--addr",
+                                   f"127.0.0.1:{origin_port}", "--delay-ms", str(ORIGIN_DELAY_MS)])
+    wait_http(f"http://127.0.0.1:{origin_port}/health")
+    env = {
+        "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{port}",
+        "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{origin_port}",
+        "RUNCACHE__REDIS__MODE": "cluster",
+        "RUNCACHE__REDIS__CLUSTER_URLS": ",".join(f"redis://127.0.0.1:{p}" for p in ports),
+        "RUNCACHE__ADMIN__TOKEN": TOKEN,
+        "RUNCACHE__JOURNAL__PATH": "",
+        "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
+        "RUST_LOG": "warn",
+    }
+    cwd = ROOT if exe == BIN.resolve() else exe.parents[2]
+    try:
+        procs.start(name, [str(exe)], env, cwd=cwd)
+        wait_http(f"http://127.0.0.1:{port}/health")
+        paths = [f"/api/v1/models/train/hot-{i}/metrics" for i in range(HOT_KEYS)]
+        warm(port, paths, "x-cache", "HIT")
+        phase, finish = hot_load(port, paths)
+        time.sleep(1)
+        phase["name"] = "steady"
+        before = origin_calls(origin_port)
+        time.sleep(FAILOVER_SECS)
+        steady = origin_calls(origin_port) - before
+        phase["name"] = "failover"
+        before = origin_calls(origin_port)
+        started = time.time()
+        replicas = [p for p in ports if "role:slave" in redis_cli(p, "INFO", "replication")]
+        for replica in replicas:
+            redis_cli(replica, "CLUSTER", "FAILOVER")
+            deadline = time.time() + 10
+            while "role:master" not in redis_cli(replica, "INFO", "replication"):
+                if time.time() > deadline:
+                    raise RuntimeError(f"{replica} was not promoted")
+                time.sleep(0.05)
+        time.sleep(max(0.0, FAILOVER_SECS - (time.time() - started)))
+        failover = origin_calls(origin_port) - before
+        phase["name"] = "done"
+        tally = finish()
+        return {
+            "hot_keys": HOT_KEYS, "seconds": FAILOVER_SECS, "shards": len(replicas),
+            "steady": {"origin_calls": steady, **tally.get("steady", {})},
+            "failover": {"origin_calls": failover, **tally.get("failover", {})},
+        }
+    finally:
+        for p in ports:
+            subprocess.run(["redis-cli", "-p", str(p), "shutdown", "nosave"],
+                           capture_output=True)
+
+
+def render_failover(res):
+    lines = ["", f"| Planned `CLUSTER FAILOVER` of every shard under load on {HOT_KEYS} hot keys "
+             f"(16 connections, origin {ORIGIN_DELAY_MS} ms) | origin calls, {FAILOVER_SECS} s "
+             f"steady | origin calls, {FAILOVER_SECS} s from the first failover | per hot key | "
+             "requests during the failovers (failed) |", "|---|---:|---:|---:|---:|"]
+    for name, r in res.items():
+        steady, f = r["steady"], r["failover"]
+        lines.append(f"| {name} ({r['shards']} shards) | {steady['origin_calls']} | "
+                     f"{f['origin_calls']} | {f['origin_calls'] / r['hot_keys']:.2f} | "
+                     f"{f.get('requests', 0):,} ({f.get('failed', 0)}) |")
+    return "\n".join(lines) + "\n"
+
+
+def failover_only(args):
+    """`--failover-only`: the planned failover measurement alone (no nginx, no wrk)."""
+    scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
+    procs = Processes(scratch)
+    try:
+        res = {"runcache": planned_failover(args.bin, scratch, procs, "failover")}
+        if args.baseline:
+            res[args.baseline_label] = planned_failover(args.baseline, scratch, procs,
+                                                        "failover_baseline")
+        log(f"  {res}")
+        print(render_failover(res))
+    finally:
+        procs.stop_all()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
 STREAM_EVENTS = 10_000
 
 # Queues ARGV[1] training-completed events for distinct runs in one step (a training sweep
@@ -622,6 +714,8 @@ def main():
     ap.add_argument("--baseline-label", default="baseline")
     ap.add_argument("--redis-death-only", action="store_true",
                     help="only the origin calls a Redis SIGKILL under load costs")
+    ap.add_argument("--failover-only", action="store_true",
+                    help="only the origin calls a planned CLUSTER FAILOVER under load costs")
     ap.add_argument("--only-stream", action="store_true",
                     help="only the stream drain (10,000 queued events, one Redis and a cluster)")
     ap.add_argument("--events", type=int, default=STREAM_EVENTS,
@@ -635,6 +729,8 @@ def main():
         return self_test()
     if args.redis_death_only:
         return redis_death_only(args)
+    if args.failover_only:
+        return failover_only(args)
     if args.smoke:
         args.rounds, args.seconds, args.urls = 1, 1, 100
     big, small = (20_000, 10_000) if args.smoke else (1_000_000, 10_000)
@@ -674,8 +770,9 @@ def free_cluster_port():
                     pass
 
 
-def start_cluster(scratch, nodes=3):
-    """A private 3-primary Redis Cluster on loopback (the cluster-mode cell)."""
+def start_cluster(scratch, nodes=3, replicas=0):
+    """A private Redis Cluster on loopback: `nodes` nodes, `replicas` replicas per primary (the
+    cluster-mode cell: three primaries)."""
     ports = [free_cluster_port() for _ in range(nodes)]
     for port in ports:
         d = scratch / f"cluster-{port}"
@@ -691,10 +788,12 @@ def start_cluster(scratch, nodes=3):
                 raise RuntimeError(f"cluster node {port} did not start")
             time.sleep(0.05)
     subprocess.run(["redis-cli", "--cluster", "create",
-                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
+                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", str(replicas),
+                    "--cluster-yes"],
                    check=True, capture_output=True)
     deadline = time.time() + 30
-    while not all("cluster_state:ok" in redis_cli(p, "CLUSTER", "INFO") for p in ports):
+    while not all("cluster_state:ok" in redis_cli(p, "CLUSTER", "INFO") for p in ports) or \
+            any("master_link_status:down" in redis_cli(p, "INFO", "replication") for p in ports):
         if time.time() > deadline:
             raise RuntimeError("the cluster did not settle")
         time.sleep(0.1)

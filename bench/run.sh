@@ -13,6 +13,9 @@
 #                                              # Redis SIGKILL under load on 100 hot keys, against
 #                                              # 3 s of the same load with Redis up (~20 s)
 #   python3 bench/bench.py --redis-death-only --runcache-bin target/debug/runcache   # same, any build
+#   bash bench/run.sh --failover-only          # only the origin calls over 10 s after a planned
+#                                              # CLUSTER FAILOVER of every shard under load on 100
+#                                              # hot keys, against 10 s of steady state (~40 s)
 #   bash bench/run.sh --only-stream            # only the stream drain (--events N: not 10,000)
 #   bash bench/run.sh --self-test              # check bench.py's reply parsing (no build, no server)
 set -euo pipefail

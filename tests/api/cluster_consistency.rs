@@ -2,10 +2,14 @@
 //! entries checked against every counter they depend on, counters that outlive what they
 //! guard, and the bus's subscriber count.
 
+use std::time::{Duration, Instant};
+
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, TestCluster, TestRedis, header, spawn_app, spawn_app_with};
+use crate::helpers::{
+    TestApp, TestCluster, TestRedis, header, spawn_app, spawn_app_with, wait_for,
+};
 
 fn cluster_mode(cluster: &TestCluster) -> impl FnOnce(&mut runcache::config::Settings) {
     let urls = cluster.urls();
@@ -328,4 +332,80 @@ async fn a_bus_confirmation_asks_no_node_for_its_subscribers() {
         let stats = app.stats().await;
         assert_eq!(stats["l1"]["ack_timeouts"], 0, "{stats}");
     }
+}
+
+/// Issue 20, item 12: a planned `CLUSTER FAILOVER` (the replica takes over once it has
+/// caught up, and the old primary follows it at once) is a promotion that lost nothing, not a
+/// restore: the entries cached before it are still served from Redis after it, and an
+/// invalidation acknowledged before it still holds.
+#[tokio::test]
+async fn a_planned_cluster_failover_keeps_the_cache_warm_and_loses_no_invalidation() {
+    let cluster = TestCluster::start(3, 1).await;
+    let app = spawn_app_with(None, cluster_mode(&cluster)).await;
+    let runs: Vec<String> = (1..=30).map(|i| i.to_string()).collect();
+    for run in &runs {
+        assert_eq!(app.metrics(run).await.status(), 200);
+    }
+    // Run 1 changes and its event is acknowledged before the failover.
+    app.origin.set_revision(1);
+    assert_eq!(
+        app.event("training-completed", json!("1")).await.status(),
+        200
+    );
+    let before = app.origin.total_calls();
+
+    // A planned failover of every shard, one at a time: each replica takes over.
+    let primaries = cluster.primary_ports().await;
+    for primary in &primaries {
+        let replica = cluster.replica_of(*primary).await.expect("a replica");
+        let _: String = cluster
+            .node_cmd(replica, &["CLUSTER", "FAILOVER"])
+            .await
+            .expect("CLUSTER FAILOVER");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cluster.primary_ports().await.contains(&replica) {
+            assert!(Instant::now() < deadline, "{replica} was not promoted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    cluster.wait_ok(3, 1).await;
+    wait_for(|| async {
+        let stats = app.stats().await;
+        stats["backend"] == "redis"
+    })
+    .await;
+    // Read until served from Redis with the new primaries (the first reads may still be the
+    // memory tier's while the circuit closes).
+    wait_for(|| async {
+        let resp = app.metrics("2").await;
+        header(&resp, "x-cache") == "HIT" && !header(&resp, "cache-status").contains("memory")
+    })
+    .await;
+    let mut misses = Vec::new();
+    for run in &runs {
+        let resp = app.metrics(run).await;
+        let (cache, detail) = (
+            header(&resp, "x-cache").to_owned(),
+            header(&resp, "cache-status").to_owned(),
+        );
+        let body: Value = resp.json().await.expect("json");
+        if run == "1" {
+            assert_eq!(body["revision"], 1, "an acknowledged invalidation was lost");
+        } else if cache != "HIT" {
+            misses.push(format!("{run}: {cache} {detail}"));
+        }
+    }
+    let fetched = app.origin.total_calls() - before;
+    println!(
+        "planned failover of 3 primaries: {fetched} origin calls for {} cached runs, {} misses after",
+        runs.len(),
+        misses.len()
+    );
+    assert!(
+        misses.is_empty(),
+        "entries were invalidated by a promotion that lost nothing: {misses:?}"
+    );
+    // Only what was read while the circuit was open (the memory tier's fills) went to the
+    // origin: at most the handful of reads made during the switch, never the whole keyspace.
+    assert!(fetched < runs.len() / 2, "{fetched} origin calls");
 }

@@ -33,7 +33,9 @@ impl Planned {
             self.at_us as f64 / 1e6,
             self.kind.name(),
             self.instance.map_or_else(String::new, |i| match self.kind {
-                FaultKind::PrimaryFailover | FaultKind::PausePrimary => {
+                FaultKind::PrimaryFailover
+                | FaultKind::PausePrimary
+                | FaultKind::PlannedFailover => {
                     format!(" primary#{i}")
                 }
                 _ => format!(" instance={i}"),
@@ -76,6 +78,7 @@ pub fn plan(seed: u64, duration_us: u64, instances: usize) -> Vec<Planned> {
             FaultKind::SaveCopy
             | FaultKind::PrimaryFailover
             | FaultKind::PausePrimary
+            | FaultKind::PlannedFailover
             | FaultKind::SentinelFailover => {
                 unreachable!()
             }
@@ -240,7 +243,10 @@ pub async fn run(
                 format!("pause {}ms, {d}", p.hold_ms)
             }
             FaultKind::PoisonedStreamEntry => stream.poison(id as u64).await,
-            FaultKind::PrimaryFailover | FaultKind::PausePrimary | FaultKind::SentinelFailover => {
+            FaultKind::PrimaryFailover
+            | FaultKind::PausePrimary
+            | FaultKind::PlannedFailover
+            | FaultKind::SentinelFailover => {
                 unreachable!("a cluster or sentinel fault against one redis")
             }
         };
@@ -276,10 +282,13 @@ pub fn plan_cluster(seed: u64, duration_us: u64, instances: usize) -> Vec<Planne
             FaultKind::ClientKillPubsub,
             FaultKind::InstanceRestart,
             FaultKind::PoisonedStreamEntry,
-        ][rng.weighted(&[35, 25, 20, 20, 15])];
+            FaultKind::PlannedFailover,
+        ][rng.weighted(&[30, 20, 15, 15, 15, 30])];
         let (instance, hold_ms) = match kind {
             // Which primary: drawn here, by index among the primaries when the fault runs.
-            FaultKind::PrimaryFailover => (Some(rng.below(3) as usize), 0),
+            FaultKind::PrimaryFailover | FaultKind::PlannedFailover => {
+                (Some(rng.below(3) as usize), 0)
+            }
             // Under the node time-out (1 s): no failover, just a stall.
             FaultKind::PausePrimary => (Some(rng.below(3) as usize), rng.range(200, 700)),
             FaultKind::ClientKillPubsub | FaultKind::PoisonedStreamEntry => (None, 0),
@@ -349,6 +358,32 @@ pub async fn run_cluster(
                         settled.map_or_else(|e| e, |()| "settled".to_owned())
                     )
                 }
+                None => "no primary found".to_owned(),
+            },
+            FaultKind::PlannedFailover => match pick(p.instance) {
+                Some(port) => match redis.replica_of(port).await {
+                    Some(replica) => {
+                        let asked = bounded(
+                            "CLUSTER FAILOVER",
+                            redis.node_cmd::<String>(replica, &["CLUSTER", "FAILOVER"]),
+                        )
+                        .await;
+                        let promoted = bounded("a planned failover", async {
+                            while !redis.primary_ports().await.contains(&replica) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        })
+                        .await;
+                        let settled = bounded("the cluster settling", redis.wait_ok(3, 1)).await;
+                        format!(
+                            "CLUSTER FAILOVER of primary {port} to {replica}: {:?}; {}; {}",
+                            asked,
+                            promoted.map_or_else(|e| e, |()| "replica promoted".to_owned()),
+                            settled.map_or_else(|e| e, |()| "settled".to_owned())
+                        )
+                    }
+                    None => format!("primary {port} has no replica"),
+                },
                 None => "no primary found".to_owned(),
             },
             FaultKind::PausePrimary => match pick(p.instance) {

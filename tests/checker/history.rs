@@ -234,6 +234,9 @@ pub enum FaultKind {
     PrimaryFailover,
     /// Cluster: SIGSTOP of a primary for less than the node time-out, then SIGCONT.
     PausePrimary,
+    /// Cluster: a planned `CLUSTER FAILOVER` (the replica takes over once caught up; the old
+    /// primary follows it): a promotion that lost nothing, so entries survive it.
+    PlannedFailover,
     /// Sentinel: a planned `SENTINEL FAILOVER` while the old master, kept from being
     /// reconfigured for a while, stays a writable master holding the instances' near-cache
     /// subscriptions; then it is made a replica of the new master.
@@ -255,6 +258,7 @@ impl FaultKind {
             FaultKind::InstanceRestart => "instance-restart",
             FaultKind::PrimaryFailover => "primary-failover",
             FaultKind::PausePrimary => "sigstop-sigcont-primary",
+            FaultKind::PlannedFailover => "cluster-failover",
             FaultKind::SentinelFailover => "sentinel-failover",
             FaultKind::PoisonedStreamEntry => "poisoned-stream-entry",
         }
@@ -280,7 +284,9 @@ impl FaultOp {
             self.id,
             self.kind.name(),
             self.instance.map_or_else(String::new, |i| match self.kind {
-                FaultKind::PrimaryFailover | FaultKind::PausePrimary => {
+                FaultKind::PrimaryFailover
+                | FaultKind::PausePrimary
+                | FaultKind::PlannedFailover => {
                     format!(" primary#{i}")
                 }
                 _ => format!(" instance={i}"),

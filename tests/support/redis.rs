@@ -611,6 +611,28 @@ impl TestCluster {
         cmd.query_async(&mut conn).await
     }
 
+    /// The port of a replica of the primary on `port`, as that primary lists it.
+    pub async fn replica_of(&self, primary: u16) -> Option<u16> {
+        let node = self.nodes.iter().find(|n| n.port == primary)?;
+        let info: String = node.cmd(&["INFO", "replication"]).await.ok()?;
+        info.lines()
+            .filter(|l| l.starts_with("slave"))
+            .find_map(|l| {
+                l.split(',')
+                    .find_map(|f| f.strip_prefix("port=")?.parse().ok())
+            })
+    }
+
+    /// Runs a command on the node on `port` itself.
+    pub async fn node_cmd<T: redis::FromRedisValue>(
+        &self,
+        port: u16,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("node");
+        node.cmd(args).await
+    }
+
     /// Every key matching `pattern` on the node on `port` (KEYS: test servers are small).
     pub async fn keys_on(&self, port: u16, pattern: &str) -> Vec<String> {
         let node = self.nodes.iter().find(|n| n.port == port).expect("node");

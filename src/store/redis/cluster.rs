@@ -181,6 +181,26 @@ impl Seeds {
         }
     }
 
+    /// A client of the node at `host:port`, with the first seed's credentials and TLS: only
+    /// for a node the cluster itself lists (never an address read from the keyspace).
+    pub fn node_client(&self, host: &str, port: u16) -> RedisResult<redis::Client> {
+        let bad = || redis::RedisError::from((redis::ErrorKind::Client, "bad node address"));
+        let seed = self.urls.first().ok_or_else(bad)?;
+        let mut url = reqwest::Url::parse(seed).map_err(|_| bad())?;
+        url.set_host(Some(host)).map_err(|_| bad())?;
+        url.set_port(Some(port)).map_err(|()| bad())?;
+        match &self.tls_roots {
+            Some(roots) => redis::Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(roots.clone()),
+                },
+            ),
+            None => redis::Client::open(url.as_str()),
+        }
+    }
+
     /// A client of one seed node, a different one at each call: classic `SUBSCRIBE` on any
     /// node of a cluster receives every `PUBLISH` made on any other, and a subscription lost
     /// with its node is taken up again on the next.
@@ -305,6 +325,8 @@ pub struct ClusterFacts {
     /// The slot ranges (inclusive) of the primaries that have no replica connected and none
     /// that the cluster could promote: a bump there has nothing to `WAIT` for.
     pub unreplicated: Vec<(u16, u16)>,
+    /// Each primary's replication state, to tell a complete promotion from a restore.
+    pub(crate) masters: Vec<super::promotion::Replication>,
 }
 
 /// Whether a bump of `key` is to be confirmed with `WAIT`, given the slot ranges of the
@@ -373,6 +395,7 @@ pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
     let mut cmd = redis::cmd("INFO");
     cmd.arg("server").arg("memory").arg("replication");
     let mut ids = Vec::new();
+    let mut masters = Vec::new();
     let mut alone = Vec::new();
     let mut evicting = None;
     let mut oldest: Option<String> = None;
@@ -385,6 +408,7 @@ pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
                 .unwrap_or_default()
         };
         ids.push(format!("{addr}={}", field("run_id")));
+        masters.push(super::promotion::Replication::parse(&text));
         if field("maxmemory") != "0" && field("maxmemory_policy") != "noeviction" {
             evicting = Some(field("maxmemory_policy"));
         }
@@ -407,6 +431,7 @@ pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
         evicting,
         oldest_version: oldest.unwrap_or_default(),
         unreplicated,
+        masters,
     })
 }
 

@@ -19,6 +19,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::{AsyncConnectionConfig, RedisError};
 
 use super::cluster::{Dials, Handle, Seeds};
+use super::promotion;
 use super::sentinel::{Sentinels, is_master};
 use crate::store::StoreError;
 
@@ -81,6 +82,9 @@ pub(crate) struct Link {
     /// Cluster mode: the slot ranges of the primaries that had no replica at the last
     /// connection or heartbeat (see [`super::cluster::ClusterFacts::unreplicated`]).
     cluster_unreplicated: ArcSwap<Vec<(u16, u16)>>,
+    /// Cluster mode: a change of primaries found not yet proven complete, waited for (see
+    /// [`promotion`]).
+    promotion: promotion::Pending,
 }
 
 /// Whether `redis_version` (from `INFO server`) is below 7.0. An unparseable one (some
@@ -189,6 +193,7 @@ impl Link {
             restart: std::sync::Mutex::new(None),
             refused: std::sync::atomic::AtomicBool::new(false),
             cluster_unreplicated: ArcSwap::from_pointee(Vec::new()),
+            promotion: promotion::Pending::default(),
         }
     }
 
@@ -346,11 +351,25 @@ impl Link {
                 // says nothing either: the primary holding it (and the global counters) may
                 // have restarted empty while the others kept their entries.
                 let before = self.set_marker_nx_get(&mut conn, &facts.identity).await?;
-                let fresh = before.as_deref() == Some(facts.identity.as_str());
+                let mut fresh = before.as_deref() == Some(facts.identity.as_str());
                 if dials.count() != opened {
                     return Err(unreachable(
                         "a cluster node was reconnected while the cluster was checked".into(),
                     ));
+                }
+                if let (false, Some(old), Handle::Cluster(c)) =
+                    (fresh, before.as_deref(), &mut conn)
+                {
+                    let verdict = promotion::judge_cluster(
+                        c,
+                        seeds,
+                        &self.config,
+                        old,
+                        &facts.identity,
+                        &facts.masters,
+                    )
+                    .await;
+                    fresh = self.promoted(&mut conn, &facts.identity, verdict).await?;
                 }
                 return Ok((conn, facts.identity, fresh, None, Some((dials, opened))));
             }
@@ -465,6 +484,36 @@ impl Link {
             StoreError::Refused(e.to_string())
         } else {
             classify(e)
+        }
+    }
+
+    /// Acts on a promotion's verdict for the change to `identity` (the primaries' identity):
+    /// proven complete, the marker is rewritten for it and the
+    /// connection is taken as it is (no restore); not yet, the connection is refused for now
+    /// (the instance serves from memory and asks again at the next probe, within
+    /// [`promotion::WAIT`]); unproven, it is a restore. Returns whether nothing was lost.
+    async fn promoted(
+        &self,
+        conn: &mut Handle,
+        identity: &str,
+        verdict: promotion::Verdict,
+    ) -> Result<bool, RedisError> {
+        match self.promotion.settle(identity, verdict) {
+            promotion::Verdict::Complete => {
+                let () = redis::cmd("SET")
+                    .arg(&self.marker_key)
+                    .arg(identity)
+                    .query_async(conn)
+                    .await?;
+                tracing::info!(
+                    "every former redis primary continued its successor's history: a promotion that lost nothing, not a restore"
+                );
+                Ok(true)
+            }
+            promotion::Verdict::NotYet => Err(unreachable(
+                "a former redis primary has not followed its successor yet: waiting before deciding whether the promotion lost writes".into(),
+            )),
+            promotion::Verdict::Unproven => Ok(false),
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod cluster;
 mod data;
 pub mod link;
+mod promotion;
 pub mod sentinel;
 
 use std::sync::Arc;
