@@ -501,14 +501,104 @@ def planned_failover(binary, scratch, procs, name):
                            capture_output=True)
 
 
+def start_sentinels(scratch):
+    """A private master, its replica and three sentinels on loopback; (master, replica,
+    sentinel ports)."""
+    master, replica = free_port(), free_port()
+    for port, extra in [(master, []), (replica, ["--replicaof", "127.0.0.1", str(master)])]:
+        d = scratch / f"sentinel-data-{port}"
+        d.mkdir()
+        subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--daemonize", "yes", "--dir", str(d),
+                        "--logfile", str(d / "redis.log"), *extra], check=True)
+    sentinels = [free_port() for _ in range(3)]
+    for port in sentinels:
+        d = scratch / f"sentinel-{port}"
+        d.mkdir()
+        conf = d / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {d}\n"
+                        f"sentinel monitor bench 127.0.0.1 {master} 2\n"
+                        "sentinel down-after-milliseconds bench 1000\n"
+                        "sentinel failover-timeout bench 5000\n")
+        subprocess.run(["redis-server", str(conf), "--sentinel", "--daemonize", "yes",
+                        "--logfile", str(d / "sentinel.log")], check=True)
+    def others(port):
+        lines = redis_cli(port, "SENTINEL", "MASTER", "bench").split("\n")
+        for k, v in zip(lines, lines[1:]):
+            if k.strip() == "num-other-sentinels":
+                return v.strip()
+        return ""
+
+    deadline = time.time() + 30
+    while "master_link_status:up" not in redis_cli(replica, "INFO", "replication") or \
+            any(others(p) != "2" for p in sentinels):
+        if time.time() > deadline:
+            raise RuntimeError("the sentinels did not settle")
+        time.sleep(0.2)
+    return master, replica, sentinels
+
+
+def planned_sentinel_failover(binary, scratch, procs, name):
+    """As [`planned_failover`], with a master, a replica and three sentinels, and one
+    `SENTINEL FAILOVER`."""
+    master, replica, sentinels = start_sentinels(scratch)
+    origin_port, port = free_port(), free_port()
+    exe = Path(binary).resolve()
+    procs.start(f"{name}-origin", [str(exe), "sample-origin", "--addr",
+                                   f"127.0.0.1:{origin_port}", "--delay-ms", str(ORIGIN_DELAY_MS)])
+    wait_http(f"http://127.0.0.1:{origin_port}/health")
+    env = {
+        "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{port}",
+        "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{origin_port}",
+        "RUNCACHE__REDIS__MODE": "sentinel",
+        "RUNCACHE__REDIS__SENTINEL_URLS": ",".join(f"redis://127.0.0.1:{p}" for p in sentinels),
+        "RUNCACHE__REDIS__MASTER_NAME": "bench",
+        "RUNCACHE__REDIS__URL": "redis://127.0.0.1:1",
+        "RUNCACHE__ADMIN__TOKEN": TOKEN,
+        "RUNCACHE__JOURNAL__PATH": "",
+        "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
+        "RUST_LOG": "warn",
+    }
+    cwd = ROOT if exe == BIN.resolve() else exe.parents[2]
+    try:
+        procs.start(name, [str(exe)], env, cwd=cwd)
+        wait_http(f"http://127.0.0.1:{port}/health")
+        paths = [f"/api/v1/models/train/hot-{i}/metrics" for i in range(HOT_KEYS)]
+        warm(port, paths, "x-cache", "HIT")
+        phase, finish = hot_load(port, paths)
+        time.sleep(1)
+        phase["name"] = "steady"
+        before = origin_calls(origin_port)
+        time.sleep(FAILOVER_SECS)
+        steady = origin_calls(origin_port) - before
+        phase["name"] = "failover"
+        before = origin_calls(origin_port)
+        redis_cli(sentinels[0], "SENTINEL", "FAILOVER", "bench")
+        time.sleep(FAILOVER_SECS)
+        failover = origin_calls(origin_port) - before
+        phase["name"] = "done"
+        tally = finish()
+        return {
+            "hot_keys": HOT_KEYS, "seconds": FAILOVER_SECS, "shards": 1,
+            "steady": {"origin_calls": steady, **tally.get("steady", {})},
+            "failover": {"origin_calls": failover, **tally.get("failover", {})},
+        }
+    finally:
+        for p in [master, replica, *sentinels]:
+            subprocess.run(["redis-cli", "-p", str(p), "shutdown", "nosave"],
+                           capture_output=True)
+
+
 def render_failover(res):
-    lines = ["", f"| Planned `CLUSTER FAILOVER` of every shard under load on {HOT_KEYS} hot keys "
+    lines = ["", f"| Planned failover (`CLUSTER FAILOVER` of every shard; `SENTINEL FAILOVER`) "
+             f"under load on {HOT_KEYS} hot keys "
              f"(16 connections, origin {ORIGIN_DELAY_MS} ms) | origin calls, {FAILOVER_SECS} s "
              f"steady | origin calls, {FAILOVER_SECS} s from the first failover | per hot key | "
              "requests during the failovers (failed) |", "|---|---:|---:|---:|---:|"]
     for name, r in res.items():
         steady, f = r["steady"], r["failover"]
-        lines.append(f"| {name} ({r['shards']} shards) | {steady['origin_calls']} | "
+        shards = f"{r['shards']} shard" + ("s" if r["shards"] > 1 else "")
+        lines.append(f"| {name} ({shards}) | {steady['origin_calls']} | "
                      f"{f['origin_calls']} | {f['origin_calls'] / r['hot_keys']:.2f} | "
                      f"{f.get('requests', 0):,} ({f.get('failed', 0)}) |")
     return "\n".join(lines) + "\n"
@@ -519,10 +609,15 @@ def failover_only(args):
     scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
     procs = Processes(scratch)
     try:
-        res = {"runcache": planned_failover(args.bin, scratch, procs, "failover")}
+        res = {"runcache, cluster": planned_failover(args.bin, scratch, procs, "failover")}
         if args.baseline:
-            res[args.baseline_label] = planned_failover(args.baseline, scratch, procs,
-                                                        "failover_baseline")
+            res[f"{args.baseline_label}, cluster"] = planned_failover(
+                args.baseline, scratch, procs, "failover_baseline")
+        res["runcache, sentinel"] = planned_sentinel_failover(args.bin, scratch, procs,
+                                                              "sentinel_failover")
+        if args.baseline:
+            res[f"{args.baseline_label}, sentinel"] = planned_sentinel_failover(
+                args.baseline, scratch, procs, "sentinel_failover_baseline")
         log(f"  {res}")
         print(render_failover(res))
     finally:
