@@ -232,7 +232,7 @@ impl RedisStore {
     /// Applies `inv`: counters first (one pipeline), then the deletes. Returns entries
     /// dropped, and whether the counters are known to have reached a replica (always `true`
     /// in single mode, where there is no failover to lose them in). In sentinel mode a master
-    /// the sentinels do not name any more after the bumps (or that no sentinel answers for)
+    /// the sentinels do not name any more after the bumps (or that no majority of them answers for)
     /// is an [`StoreError::Unavailable`]: the caller journals the invalidation and tells the
     /// other instances.
     pub async fn apply(&self, inv: &Invalidation) -> Result<(u64, bool), StoreError> {
@@ -348,7 +348,7 @@ impl RedisStore {
     /// now. `WAIT 1` alone proves little: the replica that acknowledged may be one the
     /// sentinels re-point to a master they promoted already (it then drops what it
     /// acknowledged), while other instances read from that new master. A server the sentinels
-    /// no longer name, or that no sentinel answers for, is treated as unreachable: the caller
+    /// no longer name, or that no majority of them answers for, is treated as unreachable: the caller
     /// applies the invalidation to memory, journals it, tells the other instances directly,
     /// and replays it to the master the sentinels name before serving from Redis again (the
     /// link is dropped so that the next connection asks them).
@@ -357,7 +357,13 @@ impl RedisStore {
             return Ok(());
         };
         match sentinels.named(self.pool_opts.connect).await {
-            Ok(named) if named.is(master) => Ok(()),
+            // A majority must have answered: a sentinel cut off with this master and one of
+            // its replicas would still name it while the others promoted another.
+            Ok(named) if named.is(master) && named.answered >= sentinels.majority() => Ok(()),
+            Ok(named) if named.is(master) => Err(StoreError::Unavailable(format!(
+                "only {} of the sentinels confirmed the master an invalidation went to; a majority must",
+                named.answered
+            ))),
             Ok(named) => {
                 self.link.reset();
                 Err(StoreError::Unavailable(format!(

@@ -13,7 +13,8 @@
 //! After the counter bumps of an invalidation and their `WAIT 1`, the sentinels are asked
 //! again and must still name the server the bumps went to (`RedisStore::confirm_master`): the
 //! replica that acknowledged may be one they re-point to a master they already promoted. One
-//! they no longer name, or none answering, counts as an unreachable Redis.
+//! they no longer name, or fewer than a majority of them answering, counts as an unreachable
+//! Redis.
 //!
 //! The promoted replica is another Redis process, with another `run_id`, holding the
 //! keyspace's marker written by the old one: the link takes it for a Redis restored from a
@@ -66,6 +67,8 @@ pub(crate) struct Named {
     pub(crate) port: u16,
     /// Whether every answer of that epoch names the same address.
     pub(crate) agreed: bool,
+    /// How many sentinels answered.
+    pub(crate) answered: usize,
 }
 
 impl Named {
@@ -99,6 +102,7 @@ fn newest(answers: &[(u64, String, u16)]) -> Option<Named> {
         host: host.clone(),
         port: *port,
         agreed,
+        answered: answers.len(),
     })
 }
 
@@ -209,7 +213,7 @@ impl Sentinels {
     /// invalidation, which asks after its `WAIT`. A failover needs a majority's votes, and the
     /// sentinel that runs it is among those answering unless it is cut off from this instance.
     pub(crate) async fn named(&self, timeout: Duration) -> Result<Named, StoreError> {
-        let majority = self.clients.len() / 2 + 1;
+        let majority = self.majority();
         let mut asks: futures_util::stream::FuturesUnordered<_> = (0..self.clients.len())
             .map(|i| async move { (i, tokio::time::timeout(timeout, self.ask(i)).await) })
             .collect();
@@ -239,6 +243,12 @@ impl Sentinels {
         }
         newest(&answers)
             .ok_or_else(|| StoreError::Unavailable(format!("no sentinel named the master: {last}")))
+    }
+
+    /// A majority of the configured sentinels: what a failover needs to be authorised, so a
+    /// confirmation that rests on fewer answers could come from a minority cut off from one.
+    pub(crate) fn majority(&self) -> usize {
+        self.clients.len() / 2 + 1
     }
 
     /// The master's address in the newest configuration the sentinels report now.
@@ -372,6 +382,7 @@ mod tests {
         assert_eq!((named.epoch, named.port, named.agreed), (4, 6381, true));
         assert!(named.is("10.0.0.2:6381"));
         assert!(!named.is("10.0.0.2:6380"));
+        assert_eq!(named.answered, 3);
         // Sentinels redeployed without their state: epoch 0 is an answer like any other.
         let named = newest(&[a(0, 6381)]).expect("named");
         assert!(named.is("10.0.0.2:6381"));
