@@ -316,7 +316,8 @@ pub async fn scan_node(
 /// failover changes it), whether any may evict keys, and the oldest version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterFacts {
-    /// `addr=run_id` of every primary, sorted, comma-separated.
+    /// `addr=run_id/replid` of every primary, sorted, comma-separated: a restart changes its
+    /// `run_id`, a promotion its replication ID.
     pub identity: String,
     /// A primary with a `maxmemory` and a policy other than `noeviction`, and that policy.
     pub evicting: Option<String>,
@@ -407,7 +408,11 @@ pub async fn facts(conn: &mut ClusterConnection) -> RedisResult<ClusterFacts> {
                 .map(|v| v.trim().to_owned())
                 .unwrap_or_default()
         };
-        ids.push(format!("{addr}={}", field("run_id")));
+        ids.push(format!(
+            "{addr}={}/{}",
+            field("run_id"),
+            field("master_replid")
+        ));
         masters.push(super::promotion::Replication::parse(&text));
         if field("maxmemory") != "0" && field("maxmemory_policy") != "noeviction" {
             evicting = Some(field("maxmemory_policy"));

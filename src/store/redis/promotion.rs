@@ -94,10 +94,12 @@ pub(crate) enum Verdict {
 }
 
 /// Judges a promotion from the old master's state (`old`, or `None` when it could not be
-/// asked) and the current masters' (`masters`). `old_run_id` is the process the keyspace's
-/// marker names: only that very process's history counts.
+/// asked) and the current masters' (`masters`). `old_run_id` and `old_replid` are the process
+/// the keyspace's marker names and the replication ID it recorded for it: only that very
+/// process's history, as the marker knew it, counts.
 pub(crate) fn judge(
     old_run_id: &str,
+    old_replid: &str,
     old: Option<&Replication>,
     masters: &[Replication],
 ) -> Verdict {
@@ -121,10 +123,15 @@ pub(crate) fn judge(
     };
     // A partial resynchronisation onto the new master's history: the old master kept its own
     // former ID as its second one, which is also the new master's (the history they share),
-    // and nothing of it lies beyond where the new master's own began.
+    // and nothing of it lies beyond where the new master's own began. That former ID must be
+    // the one the marker recorded for the old master: the new master continued the very
+    // history the marker knew, not one of a primary in between (a failover to P, then P lost
+    // and R promoted from P's history, before any instance rewrote the marker).
     let partial = old.has_second_id()
         && new.has_second_id()
-        && old.replid2 == new.replid2
+        && !old_replid.is_empty()
+        && old.replid2 == old_replid
+        && new.replid2 == old_replid
         && old.second_offset <= new.second_offset;
     if partial {
         Verdict::Complete
@@ -171,7 +178,7 @@ impl Pending {
 }
 
 /// Cluster mode: judges the change from the primaries the keyspace's marker names (`before`:
-/// `addr=run_id`, comma-separated, as [`super::cluster::ClusterFacts::identity`] writes them)
+/// `addr=run_id/replid`, comma-separated, as [`super::cluster::ClusterFacts::identity`] writes them)
 /// to the current ones (`current`, and `masters`, their replication state). Every former
 /// primary that is no longer one (a failover moved its slots) must be found, as the same
 /// process, continuing a current primary's history; primaries only added (slots migrated to
@@ -196,14 +203,18 @@ pub(crate) async fn judge_cluster(
     };
     let mut verdict = Verdict::Complete;
     for former in formers {
-        let Some((addr, run_id)) = former.rsplit_once('=') else {
+        // `addr=run_id/replid`; a marker of another form proves nothing.
+        let Some((addr, process)) = former.rsplit_once('=') else {
+            return Verdict::Unproven;
+        };
+        let Some((run_id, replid)) = process.split_once('/') else {
             return Verdict::Unproven;
         };
         let state = match listed.get(addr) {
             Some((host, port)) => node_replication(seeds, config, host, *port).await,
             None => None,
         };
-        match judge(run_id, state.as_ref(), masters) {
+        match judge(run_id, replid, state.as_ref(), masters) {
             Verdict::Complete => {}
             Verdict::NotYet => verdict = Verdict::NotYet,
             Verdict::Unproven => return Verdict::Unproven,
@@ -295,13 +306,13 @@ mod tests {
         let new = info("bbbb", "master", B, A, 1001, false);
         let old = info(OLD, "slave", B, A, 901, true);
         assert_eq!(
-            judge(OLD, Some(&old), std::slice::from_ref(&new)),
+            judge(OLD, A, Some(&old), std::slice::from_ref(&new)),
             Verdict::Complete
         );
         // Equal offsets too (nothing written after the promotion point).
         let old = info(OLD, "slave", B, A, 1001, true);
         assert_eq!(
-            judge(OLD, Some(&old), std::slice::from_ref(&new)),
+            judge(OLD, A, Some(&old), std::slice::from_ref(&new)),
             Verdict::Complete
         );
     }
@@ -312,30 +323,41 @@ mod tests {
         // A full resynchronisation clears the second ID.
         let full = info(OLD, "slave", B, ZERO, -1, true);
         assert_eq!(
-            judge(OLD, Some(&full), std::slice::from_ref(&new)),
+            judge(OLD, A, Some(&full), std::slice::from_ref(&new)),
             Verdict::Unproven
         );
         // Another process at the old address (restarted).
         let other = info("cccc", "slave", B, A, 901, true);
         assert_eq!(
-            judge(OLD, Some(&other), std::slice::from_ref(&new)),
+            judge(OLD, A, Some(&other), std::slice::from_ref(&new)),
             Verdict::Unproven
         );
         // Beyond the new master's start of history.
         let beyond = info(OLD, "slave", B, A, 1002, true);
         assert_eq!(
-            judge(OLD, Some(&beyond), std::slice::from_ref(&new)),
+            judge(OLD, A, Some(&beyond), std::slice::from_ref(&new)),
             Verdict::Unproven
         );
         // Gone.
         assert_eq!(
-            judge(OLD, None, std::slice::from_ref(&new)),
+            judge(OLD, A, None, std::slice::from_ref(&new)),
+            Verdict::Unproven
+        );
+        // A new master that continued another history than the one the marker recorded (a
+        // primary in between).
+        assert_eq!(
+            judge(
+                OLD,
+                B,
+                Some(&info(OLD, "slave", B, A, 901, true)),
+                std::slice::from_ref(&new)
+            ),
             Verdict::Unproven
         );
         // A marker without a run id.
         let old = info("", "slave", B, A, 901, true);
         assert_eq!(
-            judge("", Some(&old), std::slice::from_ref(&new)),
+            judge("", A, Some(&old), std::slice::from_ref(&new)),
             Verdict::Unproven
         );
     }
@@ -345,12 +367,12 @@ mod tests {
         let new = info("bbbb", "master", B, A, 1001, false);
         let still_master = info(OLD, "master", A, ZERO, -1, false);
         assert_eq!(
-            judge(OLD, Some(&still_master), std::slice::from_ref(&new)),
+            judge(OLD, A, Some(&still_master), std::slice::from_ref(&new)),
             Verdict::NotYet
         );
         let syncing = info(OLD, "slave", A, ZERO, -1, false);
         assert_eq!(
-            judge(OLD, Some(&syncing), std::slice::from_ref(&new)),
+            judge(OLD, A, Some(&syncing), std::slice::from_ref(&new)),
             Verdict::NotYet
         );
     }
