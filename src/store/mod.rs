@@ -384,6 +384,30 @@ impl Invalidation {
             && self.matching.iter().all(glob_ok)
     }
 
+    /// Adds what `other` names: one invalidation standing for both (for a peer that missed
+    /// several while a delivery to it was under way). Past `max` keys and globs it becomes
+    /// "every entry", which covers anything it named.
+    pub fn absorb(&mut self, other: &Invalidation, max: usize) {
+        for (mine, theirs) in [
+            (&mut self.bump, &other.bump),
+            (&mut self.delete, &other.delete),
+            (&mut self.tagged, &other.tagged),
+            (&mut self.matching, &other.matching),
+        ] {
+            mine.extend(theirs.iter().cloned());
+            mine.sort_unstable();
+            mine.dedup();
+        }
+        self.everything |= other.everything;
+        let size = self.bump.len() + self.delete.len() + self.tagged.len() + self.matching.len();
+        if size > max {
+            *self = Invalidation {
+                everything: true,
+                ..Invalidation::default()
+            };
+        }
+    }
+
     /// Read from a journal written by an older version: a glob with a character class (the
     /// old overflow marker, `{prefix}:[^_]*`) means "every entry", which the memory tier's
     /// matcher could not express.
@@ -492,6 +516,23 @@ mod tests {
 
     fn stamp(tier: Tier, incarnation: u64, counters: &[u64], clears: u64) -> Stamp {
         Stamp::new(Source { tier, incarnation }, counters.to_vec(), clears)
+    }
+
+    #[test]
+    fn absorbing_names_both_and_overflows_to_everything() {
+        let one = |k: &str| Invalidation {
+            bump: vec![format!("g:{k}")],
+            delete: vec![format!("e:{k}")],
+            ..Invalidation::default()
+        };
+        let mut merged = one("1");
+        merged.absorb(&one("2"), 10);
+        merged.absorb(&one("1"), 10);
+        assert_eq!(merged.bump, ["g:1", "g:2"]);
+        assert_eq!(merged.delete, ["e:1", "e:2"]);
+        assert!(!merged.everything);
+        merged.absorb(&one("3"), 5);
+        assert!(merged.everything && merged.bump.is_empty());
     }
 
     #[test]

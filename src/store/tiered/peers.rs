@@ -167,15 +167,31 @@ enum Told {
     Silent,
 }
 
+/// Most keys and globs an invalidation queued for one member holds before it becomes "every
+/// entry".
+const MAX_QUEUED_KEYS: usize = 10_000;
+
+/// What is known of one member's deliveries.
+#[derive(Debug)]
+struct Health {
+    /// Until when it is not waited for (it did not answer, or refused).
+    until: Instant,
+    /// Whether a background delivery to it is under way (at most one is).
+    in_flight: bool,
+    /// What it is to be sent once that delivery is done: every invalidation made meanwhile,
+    /// merged into one.
+    queued: Option<Invalidation>,
+}
+
 /// The sending side, shared with deliveries that run in the background.
 struct Sender {
     client: reqwest::Client,
     secret: SecretSlice<u8>,
-    timeout: Duration,
     down_for: Duration,
-    /// Per URL: until when it is not waited for, and whether a background delivery to it is
-    /// under way (at most one is).
-    health: Mutex<HashMap<String, (Instant, bool)>>,
+    /// This instance's id, which every message names.
+    from: String,
+    /// Per URL, the members not waited for or with a delivery under way.
+    health: Mutex<HashMap<String, Health>>,
     confirmed: AtomicU64,
     refused: AtomicU64,
     silent: AtomicU64,
@@ -183,13 +199,22 @@ struct Sender {
 }
 
 impl Sender {
+    /// The body telling `inv`, as a delivery of its own.
+    fn body(&self, inv: &Invalidation) -> bytes::Bytes {
+        let message = PeerMessage {
+            from: self.from.clone(),
+            delivery: Some(uuid::Uuid::new_v4().simple().to_string()),
+            invalidation: inv.clone(),
+        };
+        bytes::Bytes::from(serde_json::to_vec(&message).unwrap_or_default())
+    }
+
     /// Delivers `body` to `url`, then records how it went: a member that did not answer, or
-    /// answered with a failure, or took longer than half the time-out, is not waited for
-    /// during `peers.down_ms` (it is still sent every invalidation, in the background).
+    /// answered with a refusal (which applies nothing, so waiting for it never helped), is
+    /// not waited for during `peers.down_ms`; it is still sent every invalidation, in the
+    /// background. A member that applied it, however slowly, is waited for.
     async fn deliver(&self, url: &str, body: bytes::Bytes, awaited: bool) -> Told {
-        let started = Instant::now();
         let told = self.send(url, body).await;
-        let slow = started.elapsed() > self.timeout / 2;
         if awaited {
             let counter = match told {
                 Told::Confirmed => &self.confirmed,
@@ -199,13 +224,20 @@ impl Sender {
             counter.fetch_add(1, Ordering::Relaxed);
         }
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        if told == Told::Confirmed && !slow {
-            health.remove(url);
+        let now = Instant::now();
+        if told == Told::Confirmed {
+            if let Some(h) = health.get_mut(url) {
+                h.until = now;
+            }
         } else {
-            let entry = health
+            health
                 .entry(url.to_owned())
-                .or_insert((Instant::now(), false));
-            entry.0 = Instant::now() + self.down_for;
+                .or_insert(Health {
+                    until: now,
+                    in_flight: false,
+                    queued: None,
+                })
+                .until = now + self.down_for;
         }
         told
     }
@@ -260,8 +292,9 @@ impl Peers {
             // named by the environment.
             .no_proxy()
             .build()?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
         Ok(Self {
-            id: uuid::Uuid::new_v4().simple().to_string(),
+            id: id.clone(),
             url: ArcSwapOption::empty(),
             others: ArcSwap::from_pointee(Vec::new()),
             known: AtomicUsize::new(0),
@@ -271,9 +304,9 @@ impl Peers {
             assumed: AtomicBool::new(false),
             allowed: options.allowed,
             sender: Arc::new(Sender {
+                from: id,
                 client,
                 secret: options.secret,
-                timeout: options.timeout,
                 down_for: options.down,
                 health: Mutex::default(),
                 confirmed: AtomicU64::new(0),
@@ -436,24 +469,24 @@ impl Peers {
         if targets.is_empty() {
             return 0;
         }
-        let message = PeerMessage {
-            from: self.id.clone(),
-            delivery: Some(uuid::Uuid::new_v4().simple().to_string()),
-            invalidation: inv.clone(),
-        };
-        let body = bytes::Bytes::from(serde_json::to_vec(&message).unwrap_or_default());
+        let body = self.sender.body(inv);
         let now = Instant::now();
         let mut awaited = Vec::with_capacity(targets.len());
         let mut background = 0usize;
         {
             let mut health = self.sender.health.lock().unwrap_or_else(|e| e.into_inner());
-            health.retain(|_, (until, in_flight)| *in_flight || *until > now);
+            health.retain(|_, h| h.in_flight || h.until > now);
             for url in &targets {
                 match health.get_mut(*url) {
-                    Some((until, in_flight)) if *until > now => {
+                    Some(h) if h.until > now => {
                         background += 1;
-                        if !*in_flight {
-                            *in_flight = true;
+                        if h.in_flight {
+                            // Sent once the delivery under way is done, with any others.
+                            h.queued
+                                .get_or_insert_with(Invalidation::default)
+                                .absorb(inv, MAX_QUEUED_KEYS);
+                        } else {
+                            h.in_flight = true;
                             self.deliver_in_background(url, body.clone());
                         }
                     }
@@ -485,10 +518,27 @@ impl Peers {
         let url = url.to_owned();
         sender.in_background.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            sender.deliver(&url, body, false).await;
-            let mut health = sender.health.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((_, in_flight)) = health.get_mut(&url) {
-                *in_flight = false;
+            let mut body = body;
+            loop {
+                sender.deliver(&url, body, false).await;
+                let next = {
+                    let mut health = sender.health.lock().unwrap_or_else(|e| e.into_inner());
+                    match health.get_mut(&url) {
+                        Some(h) => {
+                            let next = h.queued.take();
+                            h.in_flight = next.is_some();
+                            next
+                        }
+                        None => None,
+                    }
+                };
+                match next {
+                    Some(inv) => {
+                        sender.in_background.fetch_add(1, Ordering::Relaxed);
+                        body = sender.body(&inv);
+                    }
+                    None => break,
+                }
             }
         });
     }
