@@ -14,8 +14,13 @@ use redis::Value;
 /// Acknowledges an entry and, if it was still pending (no other instance set it aside
 /// first), appends it to the dead-letter stream. `KEYS`: the stream, the dead-letter stream;
 /// `ARGV`: group, entry ID, the dead-letter stream's approximate length bound, then the
-/// fields to append. Returns 1 when it was set aside here.
+/// fields to append. Returns 1 when it was set aside here. A dead-letter key of another type
+/// is refused before anything is written.
 pub const SET_ASIDE: &str = r#"
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'none' and t ~= 'stream' then
+  return redis.error_reply('WRONGTYPE the dead-letter key holds a ' .. t)
+end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
@@ -29,8 +34,10 @@ pub const MAX_LEN: u64 = 10_000;
 /// Fields a dead-letter entry adds to the event's own.
 const OWN: [&str; 4] = ["id", "error", "deliveries", "consumer"];
 
-/// Longest error message kept.
+/// Longest error message kept, and longest field value.
 const MAX_ERROR: usize = 1_000;
+/// Most of the event's own fields kept (a script's `unpack` has a bound; an event has a few).
+const MAX_FIELDS: usize = 64;
 
 /// One entry set aside.
 #[derive(Debug)]
@@ -61,11 +68,15 @@ impl DeadLetter<'_> {
             "consumer".to_owned(),
             self.consumer.to_owned(),
         ];
-        for (k, v) in self.fields {
-            if !OWN.contains(&k.as_str()) {
-                out.push(k.clone());
-                out.push(v.clone());
-            }
+        let cut = |s: &str| s.chars().take(MAX_ERROR).collect::<String>();
+        for (k, v) in self
+            .fields
+            .iter()
+            .filter(|(k, _)| !OWN.contains(&k.as_str()))
+            .take(MAX_FIELDS)
+        {
+            out.push(cut(k));
+            out.push(cut(v));
         }
         out
     }

@@ -664,7 +664,26 @@ impl StreamIntake {
             .arg(&event.id)
             .arg(dead_letter::MAX_LEN)
             .arg(letter.fields());
-        let moved: i64 = self.query(cmd).await?;
+        let kept = letter.fields();
+        let moved: i64 = match self.query(cmd).await {
+            Ok(moved) => moved,
+            // The dead-letter stream refused the entry (a key of another type, an ACL without
+            // XADD on it): the fallback is applied, so the entry is acknowledged all the same,
+            // counted and logged whole, rather than lost silently or read again for ever.
+            Err(StepError::Redis(e)) if !crate::store::redis::link::is_connection_error(&e) => {
+                let mut ack = redis::cmd("XACK");
+                ack.arg(&self.opts.stream)
+                    .arg(&self.opts.group)
+                    .arg(&event.id);
+                // 0 when the script acknowledged it before its XADD was refused (an ACL):
+                // given up here either way.
+                let _: i64 = self.query(ack).await?;
+                self.invalidator.record_dead_letter();
+                tracing::error!(stream = %self.opts.stream, dead_letter = %self.dead, stream_id = %event.id, fields = ?kept, deliveries, error, refused = %e, "event stream: an entry kept failing and the dead-letter stream refused it; it is acknowledged and logged here instead, and every view a run event can touch was invalidated");
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        };
         if moved == 1 {
             self.invalidator.record_dead_letter();
             tracing::error!(stream = %self.opts.stream, dead_letter = %self.dead, stream_id = %event.id, run_id = %event.runs(), deliveries, error, "event stream: an entry kept failing; it is set aside in the dead-letter stream, and every view a run event can touch was invalidated instead");

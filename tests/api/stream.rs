@@ -669,3 +669,52 @@ async fn an_event_that_always_fails_is_dead_lettered_on_a_cluster() {
         assert_eq!(revision(&app, run).await, ("MISS".to_owned(), json!(2)));
     }
 }
+
+/// Review of issue 20, item 6: a dead-letter stream that refuses the entry (a key of another
+/// type there, or an ACL without XADD on it) neither blocks the consumer nor loses the entry
+/// silently: it is acknowledged after the fallback, counted and logged whole, and the events
+/// behind it are applied (seen failing before: the script acknowledged the entry, then its
+/// XADD failed, so the entry was gone with no dead letter, no count and no log of it).
+#[tokio::test]
+async fn a_dead_letter_stream_that_refuses_the_entry_does_not_block_the_consumer() {
+    let redis = TestRedis::start().await;
+    let stream = stream_name();
+    let app = spawn_app_with(Some(&redis), |s| {
+        s.auth.frontend = "none".into();
+        s.events.stream = Some(stream.clone());
+        s.events.stream_block_ms = 200;
+        s.events.max_deliveries = 2;
+    })
+    .await;
+    for run in ["1", "2"] {
+        revision(&app, run).await;
+        assert_eq!(revision(&app, run).await.0, "HIT");
+    }
+    let tag = format!("{}:_tags:v1:run:1", app.prefix);
+    let _: () = redis.cmd(&["SET", &tag, "x"]).await.expect("SET");
+    let dead = format!("{stream}:dead:{{{stream}}}:{GROUP}");
+    let _: () = redis.cmd(&["SET", &dead, "x"]).await.expect("SET");
+    app.origin.set_revision(2);
+    let poisoned = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "1"],
+    )
+    .await;
+    // The poisoned entry is given up (the fallback dropped every run view) and acknowledged.
+    settled(&redis, &stream, &poisoned).await;
+    assert_eq!(app.stats().await["stats"]["stream_dead_lettered"], 1);
+    assert_eq!(revision(&app, "1").await, ("MISS".to_owned(), json!(2)));
+    // An event behind it is applied.
+    assert_eq!(revision(&app, "2").await.0, "MISS");
+    assert_eq!(revision(&app, "2").await.0, "HIT");
+    app.origin.set_revision(3);
+    let good = xadd(
+        &redis,
+        &stream,
+        &["kind", "training-completed", "model_run_id", "2"],
+    )
+    .await;
+    settled(&redis, &stream, &good).await;
+    assert_eq!(revision(&app, "2").await, ("MISS".to_owned(), json!(3)));
+}
