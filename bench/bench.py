@@ -442,12 +442,10 @@ def redis_death_only(args):
 FAILOVER_SECS = 10
 
 
-def planned_failover(binary, scratch, procs, name):
+def failover_under_load(binary, procs, name, redis_env, fail_over, shards):
     """Origin calls under load on HOT_KEYS hot keys: over FAILOVER_SECS of steady state, then
-    over the FAILOVER_SECS after a planned `CLUSTER FAILOVER` of every shard (one after the
-    other), on a private cluster of three primaries with a replica each. A runcache of its own
-    in cluster mode and a sample origin of its own, so nothing else is counted."""
-    ports = start_cluster(scratch, nodes=6, replicas=1)
+    over the FAILOVER_SECS from when `fail_over()` starts, with a runcache of its own (its
+    Redis settings `redis_env`) and a sample origin of its own, so nothing else is counted."""
     origin_port, port = free_port(), free_port()
     exe = Path(binary).resolve()
     procs.start(f"{name}-origin", [str(exe), "sample-origin", "--addr",
@@ -456,28 +454,44 @@ def planned_failover(binary, scratch, procs, name):
     env = {
         "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{port}",
         "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{origin_port}",
-        "RUNCACHE__REDIS__MODE": "cluster",
-        "RUNCACHE__REDIS__CLUSTER_URLS": ",".join(f"redis://127.0.0.1:{p}" for p in ports),
         "RUNCACHE__ADMIN__TOKEN": TOKEN,
         "RUNCACHE__JOURNAL__PATH": "",
         "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
         "RUST_LOG": "warn",
+        **redis_env,
     }
     cwd = ROOT if exe == BIN.resolve() else exe.parents[2]
-    try:
-        procs.start(name, [str(exe)], env, cwd=cwd)
-        wait_http(f"http://127.0.0.1:{port}/health")
-        paths = [f"/api/v1/models/train/hot-{i}/metrics" for i in range(HOT_KEYS)]
-        warm(port, paths, "x-cache", "HIT")
-        phase, finish = hot_load(port, paths)
-        time.sleep(1)
-        phase["name"] = "steady"
-        before = origin_calls(origin_port)
-        time.sleep(FAILOVER_SECS)
-        steady = origin_calls(origin_port) - before
-        phase["name"] = "failover"
-        before = origin_calls(origin_port)
-        started = time.time()
+    procs.start(name, [str(exe)], env, cwd=cwd)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    paths = [f"/api/v1/models/train/hot-{i}/metrics" for i in range(HOT_KEYS)]
+    warm(port, paths, "x-cache", "HIT")
+    phase, finish = hot_load(port, paths)
+    time.sleep(1)
+    phase["name"] = "steady"
+    before = origin_calls(origin_port)
+    time.sleep(FAILOVER_SECS)
+    steady = origin_calls(origin_port) - before
+    phase["name"] = "failover"
+    before = origin_calls(origin_port)
+    started = time.time()
+    fail_over()
+    time.sleep(max(0.0, FAILOVER_SECS - (time.time() - started)))
+    failover = origin_calls(origin_port) - before
+    phase["name"] = "done"
+    tally = finish()
+    return {
+        "hot_keys": HOT_KEYS, "seconds": FAILOVER_SECS, "shards": shards,
+        "steady": {"origin_calls": steady, **tally.get("steady", {})},
+        "failover": {"origin_calls": failover, **tally.get("failover", {})},
+    }
+
+
+def planned_failover(binary, scratch, procs, name):
+    """[`failover_under_load`] on a private cluster of three primaries with a replica each:
+    a `CLUSTER FAILOVER` of every shard, one after the other."""
+    ports = start_cluster(scratch, nodes=6, replicas=1)
+
+    def fail_over():
         replicas = [p for p in ports if "role:slave" in redis_cli(p, "INFO", "replication")]
         for replica in replicas:
             redis_cli(replica, "CLUSTER", "FAILOVER")
@@ -486,15 +500,12 @@ def planned_failover(binary, scratch, procs, name):
                 if time.time() > deadline:
                     raise RuntimeError(f"{replica} was not promoted")
                 time.sleep(0.05)
-        time.sleep(max(0.0, FAILOVER_SECS - (time.time() - started)))
-        failover = origin_calls(origin_port) - before
-        phase["name"] = "done"
-        tally = finish()
-        return {
-            "hot_keys": HOT_KEYS, "seconds": FAILOVER_SECS, "shards": len(replicas),
-            "steady": {"origin_calls": steady, **tally.get("steady", {})},
-            "failover": {"origin_calls": failover, **tally.get("failover", {})},
-        }
+
+    try:
+        return failover_under_load(binary, procs, name, {
+            "RUNCACHE__REDIS__MODE": "cluster",
+            "RUNCACHE__REDIS__CLUSTER_URLS": ",".join(f"redis://127.0.0.1:{p}" for p in ports),
+        }, fail_over, 3)
     finally:
         for p in ports:
             subprocess.run(["redis-cli", "-p", str(p), "shutdown", "nosave"],
@@ -539,50 +550,17 @@ def start_sentinels(scratch):
 
 
 def planned_sentinel_failover(binary, scratch, procs, name):
-    """As [`planned_failover`], with a master, a replica and three sentinels, and one
+    """[`failover_under_load`] with a master, a replica and three sentinels: one
     `SENTINEL FAILOVER`."""
     master, replica, sentinels = start_sentinels(scratch)
-    origin_port, port = free_port(), free_port()
-    exe = Path(binary).resolve()
-    procs.start(f"{name}-origin", [str(exe), "sample-origin", "--addr",
-                                   f"127.0.0.1:{origin_port}", "--delay-ms", str(ORIGIN_DELAY_MS)])
-    wait_http(f"http://127.0.0.1:{origin_port}/health")
-    env = {
-        "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{port}",
-        "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{origin_port}",
-        "RUNCACHE__REDIS__MODE": "sentinel",
-        "RUNCACHE__REDIS__SENTINEL_URLS": ",".join(f"redis://127.0.0.1:{p}" for p in sentinels),
-        "RUNCACHE__REDIS__MASTER_NAME": "bench",
-        "RUNCACHE__REDIS__URL": "redis://127.0.0.1:1",
-        "RUNCACHE__ADMIN__TOKEN": TOKEN,
-        "RUNCACHE__JOURNAL__PATH": "",
-        "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
-        "RUST_LOG": "warn",
-    }
-    cwd = ROOT if exe == BIN.resolve() else exe.parents[2]
     try:
-        procs.start(name, [str(exe)], env, cwd=cwd)
-        wait_http(f"http://127.0.0.1:{port}/health")
-        paths = [f"/api/v1/models/train/hot-{i}/metrics" for i in range(HOT_KEYS)]
-        warm(port, paths, "x-cache", "HIT")
-        phase, finish = hot_load(port, paths)
-        time.sleep(1)
-        phase["name"] = "steady"
-        before = origin_calls(origin_port)
-        time.sleep(FAILOVER_SECS)
-        steady = origin_calls(origin_port) - before
-        phase["name"] = "failover"
-        before = origin_calls(origin_port)
-        redis_cli(sentinels[0], "SENTINEL", "FAILOVER", "bench")
-        time.sleep(FAILOVER_SECS)
-        failover = origin_calls(origin_port) - before
-        phase["name"] = "done"
-        tally = finish()
-        return {
-            "hot_keys": HOT_KEYS, "seconds": FAILOVER_SECS, "shards": 1,
-            "steady": {"origin_calls": steady, **tally.get("steady", {})},
-            "failover": {"origin_calls": failover, **tally.get("failover", {})},
-        }
+        return failover_under_load(binary, procs, name, {
+            "RUNCACHE__REDIS__MODE": "sentinel",
+            "RUNCACHE__REDIS__SENTINEL_URLS": ",".join(f"redis://127.0.0.1:{p}"
+                                                       for p in sentinels),
+            "RUNCACHE__REDIS__MASTER_NAME": "bench",
+            "RUNCACHE__REDIS__URL": "redis://127.0.0.1:1",
+        }, lambda: redis_cli(sentinels[0], "SENTINEL", "FAILOVER", "bench"), 1)
     finally:
         for p in [master, replica, *sentinels]:
             subprocess.run(["redis-cli", "-p", str(p), "shutdown", "nosave"],
