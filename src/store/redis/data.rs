@@ -330,8 +330,15 @@ impl RedisStore {
         for (_, cmd) in cmds {
             pipe.add_command(cmd).ignore();
         }
+        // In the same round trip: the replicas connected now. With none, `WAIT` could only
+        // time out (a whole command time-out per invalidation): the bumps count as
+        // unconfirmed at once.
+        pipe.cmd("ROLE");
         let work = async {
-            pipe.query_async::<()>(&mut *conn).await?;
+            let (role,): (redis::Value,) = pipe.query_async(&mut *conn).await?;
+            if connected_replicas(&role) == Some(0) {
+                return Ok(0);
+            }
             wait().query_async::<i64>(&mut *conn).await
         };
         let replicated = match tokio::time::timeout(limit, work).await {
@@ -452,5 +459,17 @@ impl RedisStore {
             }
             deleted += self.unlink_each(&members).await?;
         }
+    }
+}
+
+/// How many replicas a master's `ROLE` reply lists (`["master", offset, [[ip, port,
+/// offset], …]]`); `None` when it is not a master's reply.
+fn connected_replicas(role: &redis::Value) -> Option<usize> {
+    let redis::Value::Array(parts) = role else {
+        return None;
+    };
+    match parts.get(2) {
+        Some(redis::Value::Array(replicas)) => Some(replicas.len()),
+        _ => None,
     }
 }
