@@ -341,12 +341,53 @@ def hot_load(port, paths, threads=16):
     return phase, finish
 
 
+def start_with_origin(binary, procs, name, redis_env):
+    """A sample origin and a runcache of their own (default configuration, Redis settings
+    `redis_env`), so that nothing else is counted; their ports `(runcache, origin)`."""
+    origin_port, port = free_port(), free_port()
+    exe = Path(binary).resolve()
+    procs.start(f"{name}-origin", [str(exe), "sample-origin", "--addr",
+                                   f"127.0.0.1:{origin_port}", "--delay-ms", str(ORIGIN_DELAY_MS)])
+    wait_http(f"http://127.0.0.1:{origin_port}/health")
+    env = {
+        "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{port}",
+        "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{origin_port}",
+        "RUNCACHE__ADMIN__TOKEN": TOKEN,
+        "RUNCACHE__JOURNAL__PATH": "",
+        "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
+        "RUST_LOG": "warn",
+        **redis_env,
+    }
+    # As for the other cells: a binary reads config/default.toml from its working directory.
+    cwd = ROOT if exe == BIN.resolve() else exe.parents[2]
+    procs.start(name, [str(exe)], env, cwd=cwd)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return port, origin_port
+
+
+def only(args, measure, render):
+    """Runs one measurement alone (no nginx, no wrk): `measure(binary, scratch, procs, name)`
+    for this build and, with `--baseline`, for that one; prints `render` of both."""
+    scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
+    procs = Processes(scratch)
+    try:
+        res = {"runcache": measure(args.bin, scratch, procs, "this")}
+        if args.baseline:
+            res[args.baseline_label] = measure(args.baseline, scratch, procs, "baseline")
+        log(f"  {res}")
+        print(render(res))
+    finally:
+        procs.stop_all()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
 def redis_death(binary, scratch, procs, name):
     """Origin calls under load on HOT_KEYS hot keys: over DEATH_SECS with Redis up, then over
     the first DEATH_SECS after a SIGKILL of Redis, under the same load. A runcache of its own
     (default configuration) on a Redis and a sample origin of its own, so nothing else is
     counted."""
-    redis_port, origin_port, port = free_port(), free_port(), free_port()
+    redis_port = free_port()
     redis_dir = scratch / f"{name}-redis"
     redis_dir.mkdir()
     redis = procs.start(f"{name}-redis", ["redis-server", "--port", str(redis_port), "--bind",
@@ -358,23 +399,8 @@ def redis_death(binary, scratch, procs, name):
         if time.time() > deadline:
             raise RuntimeError("the redis-server to kill did not start")
         time.sleep(0.05)
-    exe = Path(binary).resolve()
-    procs.start(f"{name}-origin", [str(exe), "sample-origin", "--addr",
-                                   f"127.0.0.1:{origin_port}", "--delay-ms", str(ORIGIN_DELAY_MS)])
-    wait_http(f"http://127.0.0.1:{origin_port}/health")
-    env = {
-        "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{port}",
-        "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{origin_port}",
-        "RUNCACHE__REDIS__URL": f"redis://127.0.0.1:{redis_port}",
-        "RUNCACHE__ADMIN__TOKEN": TOKEN,
-        "RUNCACHE__JOURNAL__PATH": "",
-        "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
-        "RUST_LOG": "warn",
-    }
-    # As for the other cells: a binary reads config/default.toml from its working directory.
-    cwd = ROOT if exe == BIN.resolve() else exe.parents[2]
-    procs.start(name, [str(exe)], env, cwd=cwd)
-    wait_http(f"http://127.0.0.1:{port}/health")
+    port, origin_port = start_with_origin(binary, procs, name, {
+        "RUNCACHE__REDIS__URL": f"redis://127.0.0.1:{redis_port}"})
 
     def stats():
         return json.loads(http_call(port, "GET", "/cache/stats", headers=admin_headers())[2])
@@ -423,20 +449,8 @@ def render_death(death):
 
 
 def redis_death_only(args):
-    """`--redis-death-only`: the Redis death measurement alone (no nginx, no wrk)."""
-    scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
-    procs = Processes(scratch)
-    try:
-        death = {"runcache": redis_death(args.bin, scratch, procs, "death")}
-        if args.baseline:
-            death[args.baseline_label] = redis_death(args.baseline, scratch, procs,
-                                                     "death_baseline")
-        log(f"  {death}")
-        print(render_death(death))
-    finally:
-        procs.stop_all()
-        shutil.rmtree(scratch, ignore_errors=True)
-    return 0
+    """`--redis-death-only`: the Redis death measurement alone."""
+    return only(args, redis_death, render_death)
 
 
 FAILOVER_SECS = 10
@@ -446,23 +460,7 @@ def failover_under_load(binary, procs, name, redis_env, fail_over, shards):
     """Origin calls under load on HOT_KEYS hot keys: over FAILOVER_SECS of steady state, then
     over the FAILOVER_SECS from when `fail_over()` starts, with a runcache of its own (its
     Redis settings `redis_env`) and a sample origin of its own, so nothing else is counted."""
-    origin_port, port = free_port(), free_port()
-    exe = Path(binary).resolve()
-    procs.start(f"{name}-origin", [str(exe), "sample-origin", "--addr",
-                                   f"127.0.0.1:{origin_port}", "--delay-ms", str(ORIGIN_DELAY_MS)])
-    wait_http(f"http://127.0.0.1:{origin_port}/health")
-    env = {
-        "RUNCACHE__SERVER__ADDR": f"127.0.0.1:{port}",
-        "RUNCACHE__ORIGIN__BASE_URL": f"http://127.0.0.1:{origin_port}",
-        "RUNCACHE__ADMIN__TOKEN": TOKEN,
-        "RUNCACHE__JOURNAL__PATH": "",
-        "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
-        "RUST_LOG": "warn",
-        **redis_env,
-    }
-    cwd = ROOT if exe == BIN.resolve() else exe.parents[2]
-    procs.start(name, [str(exe)], env, cwd=cwd)
-    wait_http(f"http://127.0.0.1:{port}/health")
+    port, origin_port = start_with_origin(binary, procs, name, redis_env)
     paths = [f"/api/v1/models/train/hot-{i}/metrics" for i in range(HOT_KEYS)]
     warm(port, paths, "x-cache", "HIT")
     phase, finish = hot_load(port, paths)
@@ -583,25 +581,13 @@ def render_failover(res):
 
 
 def failover_only(args):
-    """`--failover-only`: the planned failover measurement alone (no nginx, no wrk)."""
-    scratch = Path(tempfile.mkdtemp(prefix="runcache-bench-"))
-    procs = Processes(scratch)
-    try:
-        res = {"runcache, cluster": planned_failover(args.bin, scratch, procs, "failover")}
-        if args.baseline:
-            res[f"{args.baseline_label}, cluster"] = planned_failover(
-                args.baseline, scratch, procs, "failover_baseline")
-        res["runcache, sentinel"] = planned_sentinel_failover(args.bin, scratch, procs,
-                                                              "sentinel_failover")
-        if args.baseline:
-            res[f"{args.baseline_label}, sentinel"] = planned_sentinel_failover(
-                args.baseline, scratch, procs, "sentinel_failover_baseline")
-        log(f"  {res}")
-        print(render_failover(res))
-    finally:
-        procs.stop_all()
-        shutil.rmtree(scratch, ignore_errors=True)
-    return 0
+    """`--failover-only`: the planned failovers alone, cluster then sentinel."""
+    def both(binary, scratch, procs, name):
+        return {"cluster": planned_failover(binary, scratch, procs, f"{name}-cluster"),
+                "sentinel": planned_sentinel_failover(binary, scratch, procs,
+                                                      f"{name}-sentinel")}
+    return only(args, both, lambda res: render_failover(
+        {f"{build}, {mode}": r for build, modes in res.items() for mode, r in modes.items()}))
 
 
 STREAM_EVENTS = 10_000

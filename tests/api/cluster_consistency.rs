@@ -27,16 +27,7 @@ async fn json_of(resp: reqwest::Response) -> Value {
 /// How many `WAIT`s the node on `port` has run.
 async fn waits_on(cluster: &TestCluster, port: u16) -> u64 {
     let node = cluster.nodes.iter().find(|n| n.port == port).expect("node");
-    let stats: String = node
-        .cmd(&["INFO", "commandstats"])
-        .await
-        .expect("INFO commandstats");
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_wait:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    node.command_calls("wait").await
 }
 
 /// The primary (port) that holds run `id`'s keys, once its metrics are stored.

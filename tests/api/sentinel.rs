@@ -667,19 +667,6 @@ async fn an_invalidation_confirmed_by_a_minority_of_the_sentinels_is_journaled()
     assert_eq!(read(&a, "4").await.3, json!(1));
 }
 
-/// `WAIT` calls the server on `redis` has run.
-async fn waits_on(redis: &TestRedis) -> u64 {
-    let stats: String = redis
-        .cmd(&["INFO", "commandstats"])
-        .await
-        .expect("INFO commandstats");
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_wait:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Issue 20, item 11: a master with no replica connected costs an invalidation no `WAIT`
 /// time-out (one whole command time-out each, before: a backlog drained at 3 to 4 events a
 /// second). The replica count comes back with the bumps; with none, the bumps count as
@@ -706,7 +693,7 @@ async fn a_master_with_no_replica_connected_is_not_waited_on() {
         info.contains("connected_slaves:0")
     })
     .await;
-    let before = waits_on(&s.master).await;
+    let before = s.master.command_calls("wait").await;
     let told = b.stats().await["stats"]["invalidations"]
         .as_u64()
         .expect("count");
@@ -718,7 +705,7 @@ async fn a_master_with_no_replica_connected_is_not_waited_on() {
         );
     }
     assert_eq!(
-        waits_on(&s.master).await,
+        s.master.command_calls("wait").await,
         before,
         "WAIT was sent to a master with no replica"
     );

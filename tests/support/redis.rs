@@ -200,6 +200,20 @@ impl TestRedis {
         cmd.query_async(&mut conn).await
     }
 
+    /// How many times this server has run `command` (lowercase), from `INFO commandstats`.
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let stats: String = self
+            .cmd(&["INFO", "commandstats"])
+            .await
+            .expect("INFO commandstats");
+        let prefix = format!("cmdstat_{command}:calls=");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Every key matching `pattern`, sorted (KEYS: test servers are small).
     pub async fn keys(&self, pattern: &str) -> Vec<String> {
         let mut keys: Vec<String> = redis::cmd("KEYS")

@@ -142,9 +142,10 @@ pub(crate) fn judge(
 
 /// How long a former primary that has not followed its successor yet is waited for, counted
 /// from when this instance first found the change; the instance serves from its memory tier
-/// meanwhile. After a `CLUSTER FAILOVER` the old primary follows within a second; one that
-/// does not by then (cut off, still taking writes) makes the change a restore.
-pub(crate) const WAIT: Duration = Duration::from_secs(3);
+/// meanwhile. After a `CLUSTER FAILOVER` the old primary follows within a second, a few on a
+/// loaded host; one that does not by then (cut off, still taking writes) makes the change a
+/// restore. A former primary that is gone or restarted is a restore at once, with no wait.
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// The change waited for, and since when.
 #[derive(Debug, Default)]
