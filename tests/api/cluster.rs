@@ -16,7 +16,7 @@ use crate::helpers::{
     spawn_with_settings, test_settings,
 };
 
-fn cluster_mode(cluster: &TestCluster) -> impl FnOnce(&mut runcache::config::Settings) {
+pub(crate) fn cluster_mode(cluster: &TestCluster) -> impl FnOnce(&mut runcache::config::Settings) {
     let urls = cluster.urls();
     move |s| {
         s.redis.mode = "cluster".into();

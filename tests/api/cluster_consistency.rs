@@ -4,21 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use secrecy::SecretString;
 use serde_json::{Value, json};
 
+use crate::cluster::cluster_mode;
 use crate::helpers::{
     TestApp, TestCluster, TestRedis, header, spawn_app, spawn_app_with, wait_for,
 };
-
-fn cluster_mode(cluster: &TestCluster) -> impl FnOnce(&mut runcache::config::Settings) {
-    let urls = cluster.urls();
-    move |s| {
-        s.redis.mode = "cluster".into();
-        s.redis.cluster_urls = urls.into_iter().map(SecretString::from).collect();
-        s.auth.frontend = "none".into();
-    }
-}
 
 async fn json_of(resp: reqwest::Response) -> Value {
     resp.json().await.expect("json body")

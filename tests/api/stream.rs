@@ -467,6 +467,25 @@ async fn an_id_written_as_a_float_names_the_same_run_in_the_stream_and_over_http
         "a JSON number is no string"
     );
 }
+/// Public views reading `stream`, giving an entry up after two deliveries.
+fn dead_letter_reader(stream: &str) -> impl FnOnce(&mut runcache::config::Settings) {
+    let stream = stream.to_owned();
+    move |s| {
+        s.auth.frontend = "none".into();
+        s.events.stream = Some(stream);
+        s.events.stream_block_ms = 200;
+        s.events.max_deliveries = 2;
+    }
+}
+
+/// Reads `runs` until each is a HIT.
+async fn cache_runs(app: &TestApp, runs: &[&str]) {
+    for run in runs {
+        revision(app, run).await;
+        assert_eq!(revision(app, run).await.0, "HIT");
+    }
+}
+
 /// Entries of the group's dead-letter stream: `(id, fields)`.
 async fn dead_letters(redis: &TestRedis, stream: &str) -> Vec<(String, HashMap<String, String>)> {
     let dead = format!("{stream}:dead:{{{stream}}}:{GROUP}");
@@ -618,19 +637,14 @@ async fn an_event_that_always_fails_is_dead_lettered_on_a_cluster() {
     let cluster = crate::helpers::TestCluster::start(3, 0).await;
     let stream = stream_name();
     let urls = cluster.urls();
+    let reading = dead_letter_reader(&stream);
     let app = spawn_app_with(None, |s| {
         s.redis.mode = "cluster".into();
         s.redis.cluster_urls = urls.into_iter().map(secrecy::SecretString::from).collect();
-        s.auth.frontend = "none".into();
-        s.events.stream = Some(stream.clone());
-        s.events.stream_block_ms = 200;
-        s.events.max_deliveries = 2;
+        reading(s);
     })
     .await;
-    for run in ["1", "2"] {
-        revision(&app, run).await;
-        assert_eq!(revision(&app, run).await.0, "HIT");
-    }
+    cache_runs(&app, &["1", "2"]).await;
     let tag = format!("{}:_tags:v1:run:1{{run:1}}", app.prefix);
     let _: () = cluster.cmd(&["SET", &tag, "x"]).await.expect("SET");
     app.origin.set_revision(2);
@@ -679,17 +693,8 @@ async fn an_event_that_always_fails_is_dead_lettered_on_a_cluster() {
 async fn a_dead_letter_stream_that_refuses_the_entry_does_not_block_the_consumer() {
     let redis = TestRedis::start().await;
     let stream = stream_name();
-    let app = spawn_app_with(Some(&redis), |s| {
-        s.auth.frontend = "none".into();
-        s.events.stream = Some(stream.clone());
-        s.events.stream_block_ms = 200;
-        s.events.max_deliveries = 2;
-    })
-    .await;
-    for run in ["1", "2"] {
-        revision(&app, run).await;
-        assert_eq!(revision(&app, run).await.0, "HIT");
-    }
+    let app = spawn_app_with(Some(&redis), dead_letter_reader(&stream)).await;
+    cache_runs(&app, &["1", "2"]).await;
     let tag = format!("{}:_tags:v1:run:1", app.prefix);
     let _: () = redis.cmd(&["SET", &tag, "x"]).await.expect("SET");
     let dead = format!("{stream}:dead:{{{stream}}}:{GROUP}");
