@@ -16,7 +16,7 @@ const USAGE: &str =
                  $RUNCACHE_CONFIG and RUNCACHE__SECTION__KEY variables
   demo           run the cache and a slow sample origin on origin.base_url
   sample-origin  run only the sample origin (default 127.0.0.1:8000, 300 ms)
-  openapi        print the OpenAPI document (YAML)";
+  openapi        print the OpenAPI document (YAML) of the configured views";
 
 /// Runs the command named by `args` (without the program name).
 pub async fn run(args: Vec<String>) -> anyhow::Result<()> {
@@ -25,7 +25,11 @@ pub async fn run(args: Vec<String>) -> anyhow::Result<()> {
         Some("demo") => serve(true).await,
         Some("sample-origin") => run_sample_origin(&args[1..]).await,
         Some("openapi") => {
-            print!("{}", crate::http::openapi_yaml());
+            let settings = load_settings()?;
+            let invalid = |e| anyhow::anyhow!("invalid configuration: {e}");
+            let table = settings.view_table().map_err(invalid)?;
+            let kinds = settings.event_kinds().map_err(invalid)?;
+            print!("{}", crate::http::openapi_yaml_for(&table, &kinds));
             Ok(())
         }
         Some("-h" | "--help" | "help") => {

@@ -58,6 +58,15 @@ pub fn router(opts: SampleOriginOptions) -> Router {
         )
         .route("/api/v1/models/compare", post(create_comparison))
         .route("/api/v1/models/runs", get(list_runs))
+        .route(
+            "/api/v1/datasets/{dataset_id}/stats",
+            get(get_dataset_stats),
+        )
+        .route(
+            "/api/v1/tuning/{tuning_id}/results",
+            get(get_tuning_results),
+        )
+        .route("/api/v1/models/rankings/{ranking_id}", get(get_ranking))
         .route("/_sample/calls", get(view_calls))
         .fallback(|| async { detail(StatusCode::NOT_FOUND, "Not Found") })
         .method_not_allowed_fallback(|| async {
@@ -169,6 +178,81 @@ async fn list_runs(State(state): State<OriginState>, Query(query): Query<RunsQue
         .map(|id| json!({ "model_run_id": id, "status": "completed", "model_type": scores(&id).model_type }))
         .collect();
     Json(json!({ "runs": runs, "limit": limit })).into_response()
+}
+
+/// `GET /api/v1/datasets/{id}/stats`: a dataset's statistics (deterministic per id).
+async fn get_dataset_stats(State(state): State<OriginState>, Path(id): Path<String>) -> Response {
+    state.slow_down().await;
+    if id.starts_with("missing") {
+        return detail(StatusCode::NOT_FOUND, format!("Dataset {id} not found"));
+    }
+    let mut rng = Rng::new(&id, 7);
+    let rows = 10_000 + rng.below(990_000);
+    let positive = round4(rng.range(0.05, 0.5));
+    Json(json!({
+        "dataset_id": id,
+        "rows": rows,
+        "columns": FEATURES.split_whitespace().count() + 1,
+        "missing_rate": round4(rng.range(0.0, 0.08)),
+        "class_balance": { "positive": positive, "negative": round4(1.0 - positive) },
+        "generated_at": now_rfc3339(),
+    }))
+    .into_response()
+}
+
+/// The runs of a tuning job or ranking `id`: `{id}.1` to `{id}.5`, minus deleted ones, best
+/// F1 first.
+fn runs_of(state: &OriginState, id: &str) -> Vec<Value> {
+    let mut runs: Vec<(String, Scores)> = (1..=5)
+        .map(|i| format!("{id}.{i}"))
+        .filter(|run| !state.is_gone(run))
+        .map(|run| {
+            let s = scores(&run);
+            (run, s)
+        })
+        .collect();
+    runs.sort_by(|a, b| b.1.f1.total_cmp(&a.1.f1));
+    runs.into_iter()
+        .enumerate()
+        .map(|(rank, (run, s))| {
+            json!({ "rank": rank + 1, "model_run_id": run, "model_type": s.model_type,
+                    "f1_score": s.f1, "roc_auc": s.roc_auc })
+        })
+        .collect()
+}
+
+/// `GET /api/v1/tuning/{id}/results`: a tuning job's trials, each a run (`{id}.1` …).
+async fn get_tuning_results(State(state): State<OriginState>, Path(id): Path<String>) -> Response {
+    state.slow_down().await;
+    if id.starts_with("missing") {
+        return detail(StatusCode::NOT_FOUND, format!("Tuning job {id} not found"));
+    }
+    let trials = runs_of(&state, &id);
+    let best = trials.first().and_then(|t| t.get("model_run_id")).cloned();
+    Json(json!({
+        "tuning_id": id,
+        "trials": trials,
+        "best_model_run_id": best,
+        "objective": "f1_score",
+        "generated_at": now_rfc3339(),
+    }))
+    .into_response()
+}
+
+/// `GET /api/v1/models/rankings/{id}`: the runs of ranking `id`, best first. A run deleted
+/// through `DELETE` leaves the ranking.
+async fn get_ranking(State(state): State<OriginState>, Path(id): Path<String>) -> Response {
+    state.slow_down().await;
+    if id.starts_with("missing") {
+        return detail(StatusCode::NOT_FOUND, format!("Ranking {id} not found"));
+    }
+    Json(json!({
+        "ranking_id": id,
+        "metric": "f1_score",
+        "runs": runs_of(&state, &id),
+        "generated_at": now_rfc3339(),
+    }))
+    .into_response()
 }
 
 async fn delete_model_run(State(state): State<OriginState>, Path(id): Path<String>) -> Response {

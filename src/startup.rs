@@ -285,6 +285,7 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
                 .max(state.settings.redis.connect_timeout_ms)),
             command_timeout: ms(state.settings.redis.command_timeout_ms)
                 .max(Duration::from_secs(1)),
+            kinds: state.kinds.clone(),
         };
         let intake = crate::invalidation::stream::StreamIntake::new(
             tiered.redis().clone(),

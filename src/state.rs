@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::config::{Settings, ms};
+use crate::domain::ViewTable;
 use crate::domain::policy::MAX_ORIGIN_WINDOW_SECS;
 use crate::invalidation::Invalidator;
 use crate::metrics::Stats;
@@ -48,6 +49,8 @@ impl std::ops::Deref for AppState {
 
 /// The handles inside [`AppState`].
 pub struct AppStateInner {
+    /// The event kinds (`events.kinds`), checked.
+    pub kinds: Arc<crate::domain::EventKinds>,
     /// Validated settings.
     pub settings: Arc<Settings>,
     /// The store: Redis with the memory fallback, and the near cache in front.
@@ -136,11 +139,13 @@ impl AppState {
     /// Builds the state from validated settings. Does no network I/O: Redis connects lazily.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         let prometheus = crate::metrics::install();
+        let table = Arc::new(settings.view_table()?);
         let keys = if settings.redis.mode == "cluster" {
             Keyspace::clustered(settings.cache.prefix.clone())
         } else {
             Keyspace::new(settings.cache.prefix.clone())
-        };
+        }
+        .with_views(&table);
         let (admin_token, token_generated) = match &settings.admin.token {
             Some(t) => (t.clone(), false),
             None => (SecretString::from(crate::security::generate_token()), true),
@@ -153,10 +158,11 @@ impl AppState {
             None => derive_key(admin_token.expose_secret().as_bytes(), PEER_KEY_PURPOSE),
         };
         let store = Arc::new(build_store(&settings, &keys, &version, &peer_secret)?);
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new(&table.handles()));
         let origin = OriginClient::new(&settings.origin).context("build the origin client")?;
         let started = Arc::new(AtomicBool::new(false));
         let invalidator = Invalidator::new(
+            table.clone(),
             store.clone(),
             store.clone(),
             keys.clone(),
@@ -177,7 +183,7 @@ impl AppState {
                 counters: store.counters().clone(),
                 tasks: tasks.clone(),
             },
-            read_through_options(&settings)?,
+            read_through_options(&settings, table)?,
         );
         let snapshots = settings.memory.snapshot_path.as_deref().map(|p| {
             Arc::new(Snapshotter::new(
@@ -205,7 +211,9 @@ impl AppState {
                 burst: server.event_burst,
             },
         ));
+        let kinds = Arc::new(settings.event_kinds()?);
         Ok(Self(Arc::new(AppStateInner {
+            kinds,
             deliveries: Deliveries::new(settings.events.tolerance_secs),
             settings: Arc::new(settings),
             store,
@@ -320,8 +328,12 @@ fn build_store(
     Ok(NearStore::new(tiered, near, ReadCounters::default()))
 }
 
-fn read_through_options(settings: &Settings) -> anyhow::Result<ReadThroughOptions> {
+fn read_through_options(
+    settings: &Settings,
+    table: Arc<ViewTable>,
+) -> anyhow::Result<ReadThroughOptions> {
     Ok(ReadThroughOptions {
+        table,
         policies: settings.view_policies(),
         not_found_ttl: Duration::from_secs(settings.cache.not_found_ttl),
         coalesce: CoalesceOptions {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::domain::peer_addr::PeerAllowList;
 use crate::domain::{
-    RawRunId, TtlTier, ViewPolicy, parse_run_id, validate_run_id, validate_version,
+    EventKinds, RawRunId, ViewPolicy, ViewTable, parse_run_id, validate_run_id, validate_version,
 };
 use crate::security::JwtVerifier;
 
@@ -25,6 +25,14 @@ pub enum ConfigError {
     Invalid {
         /// Dotted setting name, e.g. `views.metrics.ttl`.
         key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A value of a table keyed by name (a view, an event kind) is not acceptable.
+    #[error("invalid setting {key}: {reason}")]
+    InvalidEntry {
+        /// Dotted setting name, e.g. `views.ranking.key`.
+        key: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -49,7 +57,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     /// Key prefix, version and negative caching.
     pub cache: CacheSettings,
-    /// Per-view TTLs and limits.
+    /// The view table (`[views.<name>]`): every cached route.
     pub views: ViewsSettings,
     /// The in-process fallback store.
     pub memory: MemorySettings,
@@ -77,36 +85,7 @@ pub struct Settings {
     pub peers: PeersSettings,
 }
 
-/// A TTL given as a tier name (`LONG`) or as seconds (`3600` or `"3600"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ttl(pub Duration);
-
-impl<'de> Deserialize<'de> for Ttl {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Name(String),
-        }
-        let secs = match Raw::deserialize(d)? {
-            Raw::Secs(s) => s,
-            Raw::Name(name) => match name.trim().parse::<u64>() {
-                Ok(s) => s,
-                Err(_) => TtlTier::parse(&name).map(TtlTier::secs).ok_or_else(|| {
-                    serde::de::Error::custom(format!(
-                        "unknown TTL tier {name:?} (expected {} or a number of seconds)",
-                        TtlTier::NAMES.join(", ")
-                    ))
-                })?,
-            },
-        };
-        if secs == 0 {
-            return Err(serde::de::Error::custom("a TTL must be at least 1 second"));
-        }
-        Ok(Ttl(Duration::from_secs(secs)))
-    }
-}
+pub use crate::domain::view::Ttl;
 
 /// Run ids in config may be written as strings or non-negative integers, read by the one
 /// run-id parser (a TOML `42.0`, or an environment variable `42.0` that the loader reads as a
@@ -117,6 +96,19 @@ fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         .map(|v| parse_run_id(RawRunId::Json(v)).map_err(serde::de::Error::custom))
         .collect()
 }
+
+/// Paths of runcache's own routes, which no view may take (`*` ends a prefix).
+const RESERVED_PATHS: [&str; 9] = [
+    "/cache/*",
+    "/events/*",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/openapi.json",
+    "/docs*",
+    "/dashboard*",
+    "/api/v1/models/cache/*",
+];
 
 /// Environment keys whose values are comma-separated lists.
 const LIST_KEYS: [&str; 7] = [
@@ -467,12 +459,8 @@ impl Settings {
             ));
         }
         validate_version(&self.cache.version).map_err(|e| invalid("cache.version", e))?;
-        if !(2..=1000).contains(&self.views.comparison.max_ids) {
-            return Err(invalid(
-                "views.comparison.max_ids",
-                "must be between 2 and 1000",
-            ));
-        }
+        self.view_table()?;
+        self.event_kinds()?;
         for id in &self.warm.model_run_ids {
             validate_run_id(id).map_err(|e| invalid("warm.model_run_ids", e))?;
         }
@@ -533,27 +521,36 @@ impl Settings {
         Ok(())
     }
 
-    /// The freshness rules of the three views, indexed by `View::index`.
-    pub fn view_policies(&self) -> [ViewPolicy; 3] {
-        let v = &self.views;
-        let policy = |ttl: Ttl, grace: u64, sie: u64| ViewPolicy {
-            ttl: ttl.0,
-            grace: Duration::from_secs(grace),
-            stale_if_error: Duration::from_secs(sie),
-        };
-        [
-            policy(v.metrics.ttl, v.metrics.grace, v.metrics.stale_if_error),
-            policy(
-                v.feature_importance.ttl,
-                v.feature_importance.grace,
-                v.feature_importance.stale_if_error,
-            ),
-            policy(
-                v.comparison.ttl,
-                v.comparison.grace,
-                v.comparison.stale_if_error,
-            ),
-        ]
+    /// The view table, checked: one line naming the view and the field on error.
+    pub fn view_table(&self) -> Result<ViewTable, ConfigError> {
+        ViewTable::compile_with(&self.views.all(), &RESERVED_PATHS).map_err(|e| {
+            ConfigError::InvalidEntry {
+                key: e.setting,
+                reason: e.reason,
+            }
+        })
+    }
+
+    /// The freshness rules of the views, indexed by `View::index` (the table's order).
+    pub fn view_policies(&self) -> Vec<ViewPolicy> {
+        self.view_table()
+            .map(|t| {
+                t.views()
+                    .iter()
+                    .map(|d| ViewPolicy {
+                        ttl: Duration::from_secs(d.ttl_secs),
+                        grace: Duration::from_secs(d.grace_secs),
+                        stale_if_error: Duration::from_secs(d.stale_if_error_secs),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `events.kinds`, checked.
+    pub fn event_kinds(&self) -> Result<EventKinds, ConfigError> {
+        EventKinds::compile(&self.events.kinds)
+            .map_err(|(key, reason)| ConfigError::InvalidEntry { key, reason })
     }
 
     /// `cache.stored_headers` as header names, lower case. Refused: a name that is not one,

@@ -1,85 +1,25 @@
-//! The domain: the three views, run ids, logical keys, and the validators that make a bad id,
-//! key, pattern or version unrepresentable past the edge. Plain data and pure functions;
+//! The domain: the view table and its templates, event kinds, run ids, logical keys, and the
+//! validators that make a bad id, key, pattern or version unrepresentable past the edge. Plain data and pure functions;
 //! depends on nothing else in the crate (config, store and serve build on it).
 
+pub mod event_kind;
 pub mod headers;
 pub mod peer_addr;
 pub mod policy;
 pub mod run_id;
+pub mod template;
+pub mod view;
 
+pub use event_kind::EventKinds;
 pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};
 pub use run_id::{MAX_INTEGER_ID, RUN_ID_PATTERN, RawRunId, parse_run_id, run_ids_in_untyped_text};
+pub use view::{OnInvalid, Resolved, View, ViewDef, ViewSpec, ViewTable};
 
-/// The events that invalidate a run, as the hooks (`/events/{kind}`) and the stream's `kind`
-/// field name them.
+/// The event kinds shipped by default (`events.kinds`), which invalidate a run.
 pub const EVENT_KINDS: [&str; 3] = ["training-completed", "training-failed", "model-deleted"];
 
 /// Longest accepted logical key or clear pattern.
 pub const MAX_KEY_LEN: usize = 512;
-
-/// The three cached views.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum View {
-    /// `GET /api/v1/models/train/{id}/metrics`
-    Metrics,
-    /// `GET /api/v1/models/train/{id}/feature-importance`
-    FeatureImportance,
-    /// `POST /api/v1/models/compare`
-    Comparison,
-}
-
-impl View {
-    /// Every view, in a stable order.
-    pub const ALL: [View; 3] = [View::Metrics, View::FeatureImportance, View::Comparison];
-
-    /// The view's namespace in logical keys and its name in stats and metric labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            View::Metrics => "metrics",
-            View::FeatureImportance => "feature_importance",
-            View::Comparison => "comparison",
-        }
-    }
-
-    /// Parses a namespace name as used by `/cache/invalidate`.
-    pub fn from_name(name: &str) -> Option<View> {
-        View::ALL.into_iter().find(|v| v.name() == name)
-    }
-
-    /// Index into per-view arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// The views whose keys `pattern` (a logical key, or a glob of `*` and `?`) may match: those
-/// whose key prefix (`model:{view}:`) agrees with the pattern's literal start. Conservative:
-/// a view it cannot match is never named, one it might is.
-pub fn views_matched_by(pattern: &str) -> Vec<View> {
-    let literal = pattern.split(['*', '?']).next().unwrap_or_default();
-    View::ALL
-        .into_iter()
-        .filter(|v| {
-            let start = concat(&["model:", v.name(), ":"]);
-            start.starts_with(literal) || literal.starts_with(&start)
-        })
-        .collect()
-}
-
-/// Logical key of a run's metrics.
-pub fn metrics_key(run_id: &str) -> String {
-    concat(&["model:metrics:", run_id])
-}
-
-/// Logical key of a run's feature importance, optionally limited to the top `n`.
-pub fn feature_importance_key(run_id: &str, top_n: Option<u32>) -> String {
-    let mut key = concat(&["model:feature_importance:", run_id]);
-    if let Some(n) = top_n {
-        key.push_str(":top_");
-        push_decimal(&mut key, u64::from(n));
-    }
-    key
-}
 
 /// `parts` joined, in one allocation of the right size (keys are built on every request;
 /// `format!` costs more than the copying).
@@ -106,14 +46,6 @@ pub fn push_decimal(out: &mut String, mut n: u64) {
     for &d in &digits[i..] {
         out.push(char::from(d));
     }
-}
-
-/// Logical key of a comparison of `ids`, which must already be normalised (sorted, unique).
-/// The hash is SHA-256 over the JSON array of the ids, the exact list sent to the origin.
-pub fn comparison_key(ids: &[String]) -> String {
-    use sha2::{Digest, Sha256};
-    let canonical = serde_json::to_vec(ids).unwrap_or_default();
-    format!("model:comparison:{}", hex(&Sha256::digest(&canonical)))
 }
 
 /// Whether `s` is 1-64 ASCII letters and digits: the form of an instance id and of a
@@ -182,8 +114,34 @@ pub fn validate_logical_key(key: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "key {:?} is invalid: use 1-{MAX_KEY_LEN} characters of A-Z, a-z, 0-9, '_', '.', '-', ':'",
+            "key {:?} is invalid: use 1-{MAX_KEY_LEN} characters of A-Z, a-z, 0-9, '_', '.', '-', ':', '%'",
             truncate(key, 40)
+        ))
+    }
+}
+
+/// Checks a tag named by `/cache/invalidate`, as entries carry it: `kind:value`, the kind
+/// `[a-z][a-z0-9_-]{0,63}`, the value 1 or more characters of a key (`A-Z a-z 0-9 _ . - : %`),
+/// 512 characters at most in all.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    let ok = tag.len() <= MAX_KEY_LEN
+        && tag.split_once(':').is_some_and(|(kind, value)| {
+            let k = kind.as_bytes();
+            !k.is_empty()
+                && k.len() <= 64
+                && k[0].is_ascii_lowercase()
+                && k.iter().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-')
+                })
+                && !value.is_empty()
+                && value.bytes().all(is_key_byte)
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "tag {:?} is invalid: use kind:value, as in run:42 (a kind of a-z, 0-9, '_', '-'; a value of A-Z, a-z, 0-9, '_', '.', '-', ':', '%'; 512 characters at most)",
+            truncate(tag, 40)
         ))
     }
 }
@@ -201,14 +159,16 @@ pub fn validate_pattern(pattern: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "pattern {:?} is invalid: use 1-{MAX_KEY_LEN} characters of A-Z, a-z, 0-9, '_', '.', '-', ':' and the wildcards '*' and '?'",
+            "pattern {:?} is invalid: use 1-{MAX_KEY_LEN} characters of A-Z, a-z, 0-9, '_', '.', '-', ':', '%' and the wildcards '*' and '?'",
             truncate(pattern, 40)
         ))
     }
 }
 
+/// Key bytes, and `%` (which a key template writes a byte that may not stand in a key as,
+/// `%XX`).
 fn is_key_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':')
+    template::is_key_byte(b) || b == b'%'
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -221,20 +181,6 @@ fn truncate(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_pattern_names_every_view_it_may_match() {
-        assert_eq!(views_matched_by("*"), View::ALL.to_vec());
-        assert_eq!(views_matched_by("m?del:metrics:1"), View::ALL.to_vec());
-        assert_eq!(views_matched_by("model:metrics:4*"), [View::Metrics]);
-        assert_eq!(views_matched_by("model:metrics"), [View::Metrics]);
-        assert_eq!(
-            views_matched_by("model:feature_importance:42:top_5"),
-            [View::FeatureImportance]
-        );
-        assert_eq!(views_matched_by("model:c*"), [View::Comparison]);
-        assert!(views_matched_by("other:1").is_empty());
-    }
 
     #[test]
     fn run_ids_follow_the_spec_pattern() {
@@ -267,29 +213,12 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_built_as_documented() {
-        assert_eq!(metrics_key("42"), "model:metrics:42");
-        assert_eq!(
-            feature_importance_key("a.b", Some(1000)),
-            "model:feature_importance:a.b:top_1000"
-        );
-        assert_eq!(
-            feature_importance_key("7", None),
-            "model:feature_importance:7"
-        );
+    fn decimals_are_written_exactly() {
         let mut s = String::new();
         for n in [0, 9, 10, 1234567890123, u64::MAX] {
             s.clear();
             push_decimal(&mut s, n);
             assert_eq!(s, n.to_string());
         }
-    }
-
-    #[test]
-    fn comparison_key_depends_only_on_the_normalised_list() {
-        let a = comparison_key(&["1".into(), "2".into()]);
-        let b = comparison_key(&["1".into(), "3".into()]);
-        assert_ne!(a, b);
-        assert!(a.starts_with("model:comparison:") && a.len() == "model:comparison:".len() + 64);
     }
 }

@@ -67,6 +67,11 @@ pub fn run_ids_in_untyped_text(text: &str) -> Result<Vec<String>, String> {
     Ok(ids)
 }
 
+/// The decimal text of an integral JSON number in `0..=MAX_INTEGER_ID` (`42.0` is `42`).
+pub fn integral_text(n: &Number) -> Option<String> {
+    integral(n).map(|n| n.to_string())
+}
+
 /// An integral JSON number in `0..=MAX_INTEGER_ID`, read exactly (serde_json's
 /// `float_roundtrip` makes `2173985236552219.0` that integer, not one unit off).
 fn integral(n: &Number) -> Option<u64> {

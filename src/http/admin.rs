@@ -14,7 +14,7 @@ use super::auth::{AdminAuth, Caller, EventAuth, audit, check_peer};
 use super::views::{RunId, run_id_from_json};
 use super::{AppJson, AppQuery, RawBody, json, parse_json};
 use crate::domain::{
-    View, is_short_word, validate_logical_key, validate_pattern, validate_version,
+    is_short_word, validate_logical_key, validate_pattern, validate_tag, validate_version,
 };
 use crate::error::{AppError, ErrorBody, Result};
 use crate::invalidation::{Cause, VersionSwitch};
@@ -130,7 +130,7 @@ pub async fn clear_cache_alias(
     clear_cache(auth, caller, state, query).await
 }
 
-/// What to invalidate: exactly one of the three fields.
+/// What to invalidate: exactly one of the four fields.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(min_properties = 1, max_properties = 1)]
@@ -139,10 +139,15 @@ pub struct InvalidateBody {
     #[serde(default, deserialize_with = "not_null")]
     #[schema(value_type = Option<RunId>, nullable = false, example = json!("42"))]
     pub model_run_id: Option<Value>,
-    /// A whole view: `metrics`, `feature_importance` or `comparison`.
+    /// A whole view, by its name in the view table (`metrics`, `model_ranking`, …).
     #[serde(default, deserialize_with = "not_null")]
-    #[schema(value_type = Option<String>, nullable = false, pattern = "^(metrics|feature_importance|comparison)$")]
+    #[schema(value_type = Option<String>, nullable = false, pattern = "^[a-z][a-z0-9_]{0,39}$")]
     pub namespace: Option<String>,
+    /// 1-1000 tags, as entries carry them (`run:42`, `dataset:7`): every entry that carries
+    /// one, by its request or by its answer.
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = Option<Vec<String>>, nullable = false, min_items = 1, max_items = 1000, example = json!(["run:42", "dataset:7"]))]
+    pub tags: Option<Vec<String>>,
     /// 1-1000 logical keys, e.g. `model:metrics:42`.
     #[serde(default, deserialize_with = "not_null")]
     #[schema(value_type = Option<Vec<LogicalKey>>, nullable = false, min_items = 1, max_items = 1000)]
@@ -204,20 +209,50 @@ pub async fn create_invalidation(
     State(state): State<AppState>,
     AppJson(body): AppJson<InvalidateBody>,
 ) -> Result<Response> {
+    let given = [
+        body.model_run_id.is_some(),
+        body.namespace.is_some(),
+        body.keys.is_some(),
+        body.tags.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(AppError::InvalidArgument(
+            "give exactly one of model_run_id, namespace, keys, tags".into(),
+        ));
+    }
     let (target, invalidated) = match (&body.model_run_id, &body.namespace, &body.keys) {
+        (None, None, None) => {
+            let tags = body.tags.as_deref().unwrap_or_default();
+            if tags.is_empty() || tags.len() > MAX_INVALIDATE_KEYS {
+                return Err(AppError::InvalidArgument(format!(
+                    "tags must hold between 1 and {MAX_INVALIDATE_KEYS} tags"
+                )));
+            }
+            for t in tags {
+                validate_tag(t).map_err(AppError::InvalidArgument)?;
+            }
+            let n = state.invalidator.tags(tags, Cause::Admin).await?;
+            (format!("tags:{}", tags.join(",")), n)
+        }
         (Some(id), None, None) => {
             let id = run_id_from_json(id)?;
             let n = state.invalidator.run(&id, Cause::Admin).await?;
             (format!("run:{id}"), n)
         }
         (None, Some(ns), None) => {
-            let view = View::from_name(ns).ok_or_else(|| {
-                AppError::InvalidArgument(
-                    "namespace must be one of metrics, feature_importance, comparison".into(),
-                )
+            let table = state.views.table();
+            let view = table.by_name(ns).map(|d| d.view).ok_or_else(|| {
+                AppError::InvalidArgument(format!(
+                    "namespace must be the name of a view: {}",
+                    table
+                        .views()
+                        .iter()
+                        .map(|d| d.view.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
             })?;
-            let pattern = format!("model:{}:*", view.name());
-            let n = state.invalidator.pattern(&pattern, Cause::Admin).await?;
+            let n = state.invalidator.namespaces(&[view], Cause::Admin).await?;
             (format!("namespace:{}", view.name()), n)
         }
         (None, None, Some(keys)) => {
@@ -234,7 +269,7 @@ pub async fn create_invalidation(
         }
         _ => {
             return Err(AppError::InvalidArgument(
-                "give exactly one of model_run_id, namespace, keys".into(),
+                "give exactly one of model_run_id, namespace, keys, tags".into(),
             ));
         }
     };

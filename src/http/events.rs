@@ -1,52 +1,54 @@
-//! Invalidation hooks fired by the training system. Each drops a run's metrics, every
-//! feature-importance variant and precisely the comparisons that include it, before answering.
+//! Invalidation hooks fired by the training system and other writers (`events.kinds`): each
+//! event invalidates its kind's tags (`training-completed`: `run:{model_run_id}`, a run's
+//! metrics, every feature-importance variant, precisely the comparisons that include it and
+//! the rankings that list it), before answering.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::Response;
 use http::HeaderMap;
 use http::StatusCode;
-use serde::Deserialize;
 use serde_json::Value;
-use utoipa::ToSchema;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::admin::InvalidatedResponse;
 use super::auth::{Caller, EventAuth, audit, check_event};
-use super::views::{RunId, run_id_from_json};
 use super::{RawBody, json, parse_json};
-use crate::error::{ErrorBody, Result};
+use crate::domain::EventKinds;
+use crate::error::{AppError, Result};
 use crate::invalidation::Cause;
 use crate::state::AppState;
 
-/// Routes of this resource.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(training_completed))
-        .routes(routes!(training_failed))
-        .routes(routes!(model_deleted))
+/// Routes of this resource: `POST /events/{kind}` for every kind of `events.kinds`. It is
+/// written as a plain route, and documented per kind by [`document`].
+pub fn router() -> axum::Router<AppState> {
+    axum::Router::new().route("/events/{kind}", axum::routing::post(post_event))
 }
 
-/// An event about one run. Other fields a training system sends along are ignored.
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct EventBody {
-    /// The run (a string, or a non-negative integer).
-    #[schema(value_type = RunId, example = json!("42"))]
-    pub model_run_id: Value,
-}
-
-async fn handle(
-    state: &AppState,
-    caller: &Caller,
-    headers: &HeaderMap,
-    raw: &[u8],
-    event: &'static str,
+/// Answers an event: authenticated first (the signature covers the raw bytes), then its kind
+/// (`404` when it is not one of `events.kinds`) and fields (`400`), then the invalidation of
+/// the kind's tags, applied before the answer.
+async fn post_event(
+    State(state): State<AppState>,
+    Path(kind): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
 ) -> Result<Response> {
-    // The signature covers the raw bytes, so authentication comes before parsing.
-    let via = check_event(headers, raw, state)?;
-    let body: EventBody = parse_json(raw)?;
-    let id = run_id_from_json(&body.model_run_id)?;
-    let invalidate = || state.invalidator.run(&id, Cause::Event);
+    let via = check_event(&headers, &raw, &state)?;
+    if !state.kinds.contains(&kind) {
+        return Err(AppError::NotFound(format!(
+            "no event kind {:?}: the kinds are {}",
+            kind.chars().take(64).collect::<String>(),
+            state.kinds.names().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let body: Value = parse_json(&raw)?;
+    let tags = state
+        .kinds
+        .tags_of(&kind, &body)
+        .unwrap_or_else(|| Ok(Vec::new()))
+        .map_err(AppError::InvalidArgument)?;
+    let invalidate = || state.invalidator.tags(&tags, Cause::Event);
+    let target = tags.join(" ");
     let (who, invalidated) = match &via {
         EventAuth::Token => (state.admin_token_id.as_str(), invalidate().await?),
         // A signature counts as used once its invalidation is applied: a delivery that failed
@@ -54,7 +56,7 @@ async fn handle(
         EventAuth::Signature(sig) => {
             let delivery = state.deliveries.apply_once(sig, invalidate).await?;
             if delivery.repeated {
-                tracing::info!(run_id = %id, event, "signed event delivered again; already applied");
+                tracing::info!(tags = %target, event = %kind, "signed event delivered again; already applied");
                 return Ok(json(
                     StatusCode::OK,
                     &InvalidatedResponse {
@@ -65,57 +67,49 @@ async fn handle(
             ("signature", delivery.invalidated)
         }
     };
-    audit(state, who, caller, event, &id, invalidated);
+    audit(&state, who, &caller, &kind, &target, invalidated);
     Ok(json(StatusCode::OK, &InvalidatedResponse { invalidated }))
 }
 
-/// A run finished training.
-#[utoipa::path(post, path = "/events/training-completed", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
-    responses(
-        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, journaled, and sent to the other instances); a signed delivery already applied gets the same answer again", body = InvalidatedResponse),
-        (status = 400, description = "Invalid body", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token, or a bad or stale signature", body = ErrorBody),
-        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 503, description = "The store failed", body = ErrorBody)))]
-pub async fn training_completed(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    RawBody(raw): RawBody,
-) -> Result<Response> {
-    handle(&state, &caller, &headers, &raw, "training-completed").await
-}
-
-/// A run's training failed.
-#[utoipa::path(post, path = "/events/training-failed", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
-    responses(
-        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, journaled, and sent to the other instances); a signed delivery already applied gets the same answer again", body = InvalidatedResponse),
-        (status = 400, description = "Invalid body", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token, or a bad or stale signature", body = ErrorBody),
-        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 503, description = "The store failed", body = ErrorBody)))]
-pub async fn training_failed(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    RawBody(raw): RawBody,
-) -> Result<Response> {
-    handle(&state, &caller, &headers, &raw, "training-failed").await
-}
-
-/// A run was deleted.
-#[utoipa::path(post, path = "/events/model-deleted", tag = "events", security(("bearer" = []), ("signature" = [])), request_body = EventBody,
-    responses(
-        (status = 200, description = "Invalidated (while Redis is down: in the memory tier, journaled, and sent to the other instances); a signed delivery already applied gets the same answer again", body = InvalidatedResponse),
-        (status = 400, description = "Invalid body", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token, or a bad or stale signature", body = ErrorBody),
-        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 503, description = "The store failed", body = ErrorBody)))]
-pub async fn model_deleted(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    RawBody(raw): RawBody,
-) -> Result<Response> {
-    handle(&state, &caller, &headers, &raw, "model-deleted").await
+/// Documents `POST /events/<kind>` for every configured kind, its body the fields the kind's
+/// tags name (each an id).
+pub(super) fn document(kinds: &EventKinds, api: &mut utoipa::openapi::OpenApi) {
+    use serde_json::json;
+    for kind in kinds.names() {
+        let fields = kinds.fields(kind);
+        let properties: serde_json::Map<String, Value> = fields
+            .iter()
+            .map(|f| (f.clone(), json!({"$ref": "#/components/schemas/RunId"})))
+            .collect();
+        let example: serde_json::Map<String, Value> =
+            fields.iter().map(|f| (f.clone(), json!("42"))).collect();
+        let error = |what: &str| json!({"description": what, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}});
+        let op = json!({
+            "tags": ["events"],
+            "summary": format!("Event `{kind}`: invalidates {}", kinds.tag_templates(kind).join(", ")),
+            "operationId": format!("event_{}", kind.replace('-', "_")),
+            "security": [{"bearer": []}, {"signature": []}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "properties": properties, "required": fields, "example": example,
+            }}}},
+            "responses": {
+                "200": {"description": "Invalidated (while Redis is down: in the memory tier, journaled, and sent to the other instances); a signed delivery already applied gets the same answer again",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidatedResponse"}}}},
+                "400": error("Invalid body: a field missing or not an id"),
+                "401": error("Missing or wrong bearer token, or a bad or stale signature"),
+                "413": error("Body larger than `server.max_body_bytes`"),
+                "503": error("The store failed"),
+            },
+        });
+        match serde_json::from_value::<utoipa::openapi::path::Operation>(op) {
+            Ok(op) => api.paths.add_path_operation(
+                format!("/events/{kind}"),
+                vec![utoipa::openapi::path::HttpMethod::Post],
+                op,
+            ),
+            Err(e) => {
+                tracing::error!(kind, error = %e, "event kind left out of the OpenAPI document")
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! The hit lane: plain `GET`s of the metrics and feature-importance views are answered before
-//! routing and the middleware stack, which otherwise cost several times the cache lookup
+//! The hit lane: plain `GET`s of the views (any `GET` view of the view table) are answered
+//! before routing and the middleware stack, which otherwise cost several times the cache lookup
 //! itself (see the README's Performance section). A fresh near-cache copy is answered at once,
 //! without a task switch; any other such request (an entry in Redis or in the memory tier, a
 //! miss) is served by the same read-through, with what the stack would have given it: its
@@ -11,9 +11,13 @@
 //! read-through and `respond` code), `X-Request-Id` (the client's or a new one), header limits
 //! and load shedding (it steps aside so the full path refuses), access control (`forward` and
 //! `none`; `jwt` requests take the full path), statistics, refresh-ahead counting, and the
-//! access line when `tower_http` logs at `info`. What makes it step aside: another method or
-//! path, any query other than a plain `top_n`, an `Accept-Encoding` header (compression is the
-//! full path's), two `Authorization` headers (the full path refuses them), CORS being configured, or anything but a fresh near-cache hit.
+//! access line when `tower_http` logs at `info`. It validates, keys and answers a request
+//! exactly as the full path does, because both call the view's one resolver
+//! ([`crate::domain::ViewDef::resolve`]) and the same read-through. What makes it step aside:
+//! another method, a path of no `GET` view, a request its view refuses (the full path answers
+//! the `400`), an `Accept-Encoding` header (compression is the full path's), two
+//! `Authorization` headers (the full path refuses them), CORS being configured, or anything
+//! but a fresh near-cache hit.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,61 +31,15 @@ use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use futures_util::future::{Either, Ready, ready};
-use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http::{HeaderValue, Method, Request, StatusCode, header};
 use tower::Service;
 use tracing::Instrument;
 
 use super::{FastRequestId, X_REQUEST_ID};
 use crate::domain::FrontendAuth;
-use crate::domain::{View, feature_importance_key, is_run_id, metrics_key};
 use crate::error::{AppError, codes, error_response};
 use crate::serve::ViewRequest;
 use crate::state::AppState;
-
-/// A view request the lane may answer.
-#[derive(Debug, PartialEq, Eq)]
-struct LaneRequest<'a> {
-    view: View,
-    run_id: &'a str,
-    top_n: Option<u32>,
-}
-
-/// `/api/v1/models/train/{id}/metrics` or `…/feature-importance[?top_n=N]`, exactly as the
-/// router and extractors would accept them (no percent-encoding, no `+`, no other parameter).
-fn parse(uri: &Uri) -> Option<LaneRequest<'_>> {
-    let rest = uri.path().strip_prefix("/api/v1/models/train/")?;
-    let (run_id, tail) = rest.split_once('/')?;
-    if !is_run_id(run_id) {
-        return None;
-    }
-    let view = match tail {
-        "metrics" => View::Metrics,
-        "feature-importance" => View::FeatureImportance,
-        _ => return None,
-    };
-    let top_n = match uri.query() {
-        None | Some("") => None,
-        Some(q) if view == View::FeatureImportance => {
-            let digits = q.strip_prefix("top_n=")?;
-            if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| b.is_ascii_digit())
-            {
-                return None;
-            }
-            Some(
-                digits
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))?,
-            )
-        }
-        Some(_) => return None,
-    };
-    Some(LaneRequest {
-        view,
-        run_id,
-        top_n,
-    })
-}
 
 /// The router, with the hit lane in front of it.
 #[derive(Clone)]
@@ -125,7 +83,12 @@ impl<S> HitLane<S> {
         if !self.open || req.method() != Method::GET {
             return Route::Pass;
         }
-        let Some(lane) = parse(req.uri()) else {
+        let Some(def) = self
+            .state
+            .views
+            .table()
+            .route(&Method::GET, req.uri().path())
+        else {
             return Route::Pass;
         };
         let headers = req.headers();
@@ -140,38 +103,35 @@ impl<S> HitLane<S> {
         {
             return Route::Pass;
         }
-        if self.state.limits.has_room()
-            && let Some(resp) = self.near_hit(req, &lane)
+        // The view's own resolver: what it refuses, the full path refuses (or passes) too.
+        let Ok(resolved) = def.resolve(req.uri().path(), req.uri().query(), None) else {
+            return Route::Pass;
+        };
+        let view_request = self.state.views.request(def, resolved, headers);
+        if view_request.use_cache
+            && self.state.limits.has_room()
+            && let Some(resp) = self.near_hit(req, &view_request)
         {
             return Route::Answered(resp);
         }
         // Past the in-flight limit the full path sheds the request, as it always has.
         match self.state.limits.admit() {
             Some(permit) => Route::Serve(Owned {
-                view: lane.view,
-                run_id: lane.run_id.to_owned(),
-                top_n: lane.top_n,
+                request: view_request,
                 permit,
             }),
             None => Route::Pass,
         }
     }
 
-    fn near_hit(&self, req: &Request<Body>, lane: &LaneRequest<'_>) -> Option<Response> {
+    fn near_hit(&self, req: &Request<Body>, view_request: &ViewRequest) -> Option<Response> {
         let headers = req.headers();
         let started = Instant::now();
-        let views = &self.state.views;
-        let logical = match lane.view {
-            View::Metrics => metrics_key(lane.run_id),
-            _ => feature_importance_key(lane.run_id, lane.top_n),
-        };
-        let make_request =
-            || view_request(&self.state, lane.view, lane.run_id, lane.top_n, headers);
-        let answer = views.near_hit(
-            lane.view,
-            &logical,
+        let answer = self.state.views.near_hit(
+            view_request.view,
+            &view_request.logical_key,
             headers.get(header::AUTHORIZATION),
-            make_request,
+            || view_request.clone(),
         )?;
         let mut resp = super::views::respond(answer, headers, true);
         let request_id = request_id(headers);
@@ -180,21 +140,6 @@ impl<S> HitLane<S> {
         }
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
         Some(resp)
-    }
-}
-
-/// The request the view handler would build for a lane request.
-fn view_request(
-    state: &AppState,
-    view: View,
-    run_id: &str,
-    top_n: Option<u32>,
-    headers: &http::HeaderMap,
-) -> ViewRequest {
-    let forwarded = state.views.origin().forwarded_headers(headers);
-    match view {
-        View::Metrics => ViewRequest::metrics(run_id, forwarded, true),
-        _ => ViewRequest::feature_importance(run_id, top_n, forwarded, true),
     }
 }
 
@@ -218,9 +163,7 @@ enum Route {
 
 /// A lane request that outlives the borrow of its request, with its in-flight permit.
 struct Owned {
-    view: View,
-    run_id: String,
-    top_n: Option<u32>,
+    request: ViewRequest,
     permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -238,8 +181,7 @@ async fn serve(state: AppState, req: Request<Body>, lane: Owned) -> Response {
         if let Err(e) = super::views::admit(&state, headers) {
             return e.into_response();
         }
-        let view_request = view_request(&state, lane.view, &lane.run_id, lane.top_n, headers);
-        match state.views.serve(view_request).await {
+        match state.views.serve(lane.request).await {
             Ok(answer) => super::views::respond(answer, headers, true),
             Err(e) => AppError::from(e).into_response(),
         }
@@ -353,51 +295,6 @@ where
                 }
                 Either::Right(Either::Right(self.inner.call(req)))
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lane(uri: &str) -> Option<(View, String, Option<u32>)> {
-        let uri: Uri = uri.parse().expect("uri");
-        parse(&uri).map(|l| (l.view, l.run_id.to_owned(), l.top_n))
-    }
-
-    #[test]
-    fn takes_only_what_the_router_would_read_the_same_way() {
-        let base = "/api/v1/models/train";
-        assert_eq!(
-            lane(&format!("{base}/42/metrics")),
-            Some((View::Metrics, "42".into(), None))
-        );
-        assert_eq!(
-            lane(&format!("{base}/a.b-c/feature-importance?top_n=30")),
-            Some((View::FeatureImportance, "a.b-c".into(), Some(30)))
-        );
-        assert_eq!(
-            lane(&format!("{base}/7/feature-importance")),
-            Some((View::FeatureImportance, "7".into(), None))
-        );
-        for other in [
-            "/api/v1/models/train/42/metrics/",
-            "/api/v1/models/train/42/metrics?use_cache=false",
-            "/api/v1/models/train/42/metrics?x=1",
-            "/api/v1/models/train/4%32/metrics",
-            "/api/v1/models/train/../metrics",
-            "/api/v1/models/train/.a/metrics",
-            "/api/v1/models/train/42/feature-importance?top_n=+5",
-            "/api/v1/models/train/42/feature-importance?top_n=0",
-            "/api/v1/models/train/42/feature-importance?top_n=1001",
-            "/api/v1/models/train/42/feature-importance?top_n=5&top_n=6",
-            "/api/v1/models/train/42/feature-importance?top_n=5&use_cache=true",
-            "/api/v1/models/train/42",
-            "/api/v1/models/compare",
-            "/cache/stats",
-        ] {
-            assert_eq!(lane(other), None, "{other}");
         }
     }
 }

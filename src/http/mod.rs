@@ -10,6 +10,7 @@ pub mod hit_lane;
 pub mod limits;
 pub mod ops;
 pub mod stats;
+mod view_docs;
 pub mod views;
 
 use std::time::Duration;
@@ -179,23 +180,44 @@ fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(views::router())
         .merge(admin::router())
-        .merge(events::router())
+        .merge(OpenApiRouter::from(events::router()))
         .merge(ops::router())
         .merge(stats::router())
         .merge(dashboard::router())
 }
 
-/// The routes, and the OpenAPI document that describes them.
-fn routes_and_api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+/// The routes, and the OpenAPI document that describes them with every view of `table`
+/// (served by the router's fallback, [`views::serve_or_not_found`]).
+fn routes_and_api(
+    table: &crate::domain::ViewTable,
+    kinds: &crate::domain::EventKinds,
+) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut api) = api_router().split_for_parts();
+    view_docs::document(table, &mut api);
+    events::document(kinds, &mut api);
     document_layer_responses(&mut api);
     (router, api)
 }
 
-/// The OpenAPI document as YAML (what `openapi.yaml` holds).
-pub fn openapi_yaml() -> String {
-    let (_, api) = routes_and_api();
+/// The OpenAPI document of `table`'s views, `kinds`' events and runcache's own routes, as
+/// YAML.
+pub fn openapi_yaml_for(
+    table: &crate::domain::ViewTable,
+    kinds: &crate::domain::EventKinds,
+) -> String {
+    let (_, api) = routes_and_api(table, kinds);
     api.to_yaml().unwrap_or_default()
+}
+
+/// The OpenAPI document of the shipped view table (`config/default.toml` alone, whatever the
+/// environment says): what `openapi.yaml` holds.
+pub fn openapi_yaml() -> String {
+    let shipped = crate::config::Settings::load_from(None, Some(Default::default()))
+        .and_then(|s| Ok((s.view_table()?, s.event_kinds()?)));
+    match shipped {
+        Ok((table, kinds)) => openapi_yaml_for(&table, &kinds),
+        Err(e) => format!("# the shipped configuration is invalid: {e}\n"),
+    }
 }
 
 /// Every route, with the layer stack, bound to `state`. Does no I/O.
@@ -216,12 +238,12 @@ pub fn build_service(state: AppState) -> hit_lane::HitLane<Router> {
 }
 
 fn build_router(state: AppState, ids: FastRequestId) -> Router {
-    let (router, api) = routes_and_api();
+    let (router, api) = routes_and_api(state.views.table(), &state.kinds);
     let settings = state.settings.clone();
     let limits = state.limits.clone();
     let router = router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
-        .fallback(not_found)
+        .fallback(views::serve_or_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
 
@@ -420,10 +442,6 @@ fn weaken_etag_when_compressed(mut resp: Response) -> Response {
     resp
 }
 
-async fn not_found() -> Response {
-    error_response(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
-}
-
 async fn method_not_allowed() -> Response {
     error_response(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -487,18 +505,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for AppQuery<T> {
     }
 }
 
-/// Parses `use_cache` (default `true`).
-pub fn parse_use_cache(raw: Option<&str>) -> Result<bool, AppError> {
-    match raw.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("true") | Some("1") => Ok(true),
-        Some("false") | Some("0") => Ok(false),
-        Some(_) => Err(AppError::InvalidArgument(
-            "use_cache must be true or false".into(),
-        )),
-    }
-}
-
 /// The status of an answer as an `IntoResponse` helper for JSON bodies.
 pub fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
     (status, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// The shipped view table (`config/default.toml`).
+    pub(crate) fn shipped_table() -> crate::domain::ViewTable {
+        crate::config::Settings::load_from(None, Some(Default::default()))
+            .expect("default settings")
+            .view_table()
+            .expect("the shipped views")
+    }
+
+    /// The shipped event kinds.
+    pub(crate) fn shipped_kinds() -> crate::domain::EventKinds {
+        crate::config::Settings::load_from(None, Some(Default::default()))
+            .expect("default settings")
+            .event_kinds()
+            .expect("the shipped kinds")
+    }
 }

@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use super::AppQuery;
 use super::auth::AdminAuth;
 use super::json;
-use crate::domain::{TtlTier, View};
+use crate::domain::TtlTier;
 use crate::error::{AppError, ErrorBody};
 use crate::metrics::audit::AuditRecord;
 use crate::metrics::history::{Reading, Sample};
@@ -282,11 +282,7 @@ async fn stats(state: &AppState) -> StatsResponse {
     // work, so its sizes are current).
     let r = reading(state);
     let quantile = |q| round2(quantile_of(&r.latency, q).unwrap_or(0.0));
-    let ttls = [
-        state.settings.views.metrics.ttl.0.as_secs(),
-        state.settings.views.feature_importance.ttl.0.as_secs(),
-        state.settings.views.comparison.ttl.0.as_secs(),
-    ];
+    let table = state.views.table();
     let tier_secs = |t: TtlTier| t.secs();
     StatsResponse {
         available: true,
@@ -318,7 +314,7 @@ async fn stats(state: &AppState) -> StatsResponse {
             keys_method: counted.method.to_owned(),
             keys_age_ms: counted.age_ms,
             time_saved_ms_estimate: round2(
-                View::ALL.iter().map(|v| s.view(*v).time_saved_ms()).sum(),
+                s.views().iter().map(|v| s.view(*v).time_saved_ms()).sum(),
             ),
             warmed: s.warmed.load(Relaxed),
             warm_errors: s.warm_errors.load(Relaxed),
@@ -334,9 +330,15 @@ async fn stats(state: &AppState) -> StatsResponse {
             refresh_errors: s.sum(|v| &v.refresh_errors),
             refresh_backoff_keys: state.views.refresh_backoff_keys(),
         },
-        views: View::ALL
+        views: s
+            .views()
             .iter()
-            .map(|v| (v.name().to_owned(), view_body(s.view(*v), ttls[v.index()])))
+            .map(|v| {
+                (
+                    v.name().to_owned(),
+                    view_body(s.view(*v), table.get(*v).ttl_secs),
+                )
+            })
             .collect(),
         redis,
         memory: MemoryBody {

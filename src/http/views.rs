@@ -1,67 +1,31 @@
-//! The three cached model-run views, on the origin's own paths, and the `DELETE` of a run
-//! passed through to the origin.
+//! Every cached view of the view table, on the origin's own paths, through one handler: the
+//! view's validators, key and tags ([`ViewDef::resolve`]), the read-through, the answer
+//! ([`respond`]). And the `DELETE` of a run passed through to the origin.
 
 use std::collections::BTreeSet;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
-use serde::Deserialize;
 use serde_json::Value;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{AppJson, AppQuery, OriginAnswer, etag_match, parse_use_cache};
-use crate::domain::{MAX_INTEGER_ID, RUN_ID_PATTERN, RawRunId, parse_run_id};
-use crate::error::{AppError, ErrorBody, Result};
+use super::{OriginAnswer, RawBody, etag_match};
+use crate::domain::{MAX_INTEGER_ID, OnInvalid, RUN_ID_PATTERN, RawRunId, ViewDef, parse_run_id};
+use crate::error::{AppError, ErrorBody, Result, codes, error_response};
 use crate::invalidation::Cause;
 use crate::origin::{OriginError, OriginRequest};
 use crate::security::single_authorization;
 use crate::serve::{ViewRequest, ViewResponse};
 use crate::state::AppState;
 
-/// Routes of this resource.
+/// Routes of this resource written as code: the `DELETE` of a run. The views are served by
+/// [`serve_or_not_found`], the router's fallback, from the view table.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(get_metrics))
-        .routes(routes!(get_feature_importance))
-        .routes(routes!(create_comparison))
-        .routes(routes!(delete_run))
-}
-
-/// Query of the metrics and comparison views.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct ViewQuery {
-    /// `false`: fetch from the origin and neither read nor write the cache (default `true`).
-    #[param(value_type = Option<bool>)]
-    pub use_cache: Option<String>,
-}
-
-/// Query of the feature-importance view.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct FeatureImportanceQuery {
-    /// Only the `top_n` most important features, 1-1000 (default: all).
-    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
-    pub top_n: Option<String>,
-    /// `false`: fetch from the origin and neither read nor write the cache (default `true`).
-    #[param(value_type = Option<bool>)]
-    pub use_cache: Option<String>,
-}
-
-/// Body of a comparison.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CompareBody {
-    /// 2-50 distinct run ids (strings, or non-negative integers); order and duplicates do not
-    /// matter (at most 200 entries before de-duplication).
-    #[schema(value_type = Vec<RunId>, min_items = 2, max_items = 200, example = json!(["41", "42"]))]
-    pub model_run_ids: Vec<Value>,
+    OpenApiRouter::new().routes(routes!(delete_run))
 }
 
 /// A request with more than one `Authorization` header stops here (400): the cache would
@@ -120,33 +84,6 @@ fn run_id(raw: String) -> Result<String> {
 /// non-negative integer (`42` and `42.0` are the id `"42"`).
 pub fn run_id_from_json(value: &Value) -> Result<String> {
     parse_run_id(RawRunId::Json(value)).map_err(AppError::InvalidArgument)
-}
-
-/// Normalises comparison ids: strings, de-duplicated, sorted in byte order, 2..=`max`.
-pub fn normalise_run_ids(values: &[Value], max: usize) -> Result<Vec<String>> {
-    if values.len() > max * 4 {
-        return Err(AppError::InvalidArgument(format!(
-            "model_run_ids must hold between 2 and {max} distinct ids"
-        )));
-    }
-    let ids: BTreeSet<String> = values.iter().map(run_id_from_json).collect::<Result<_>>()?;
-    if !(2..=max).contains(&ids.len()) {
-        return Err(AppError::InvalidArgument(format!(
-            "model_run_ids must hold between 2 and {max} distinct ids (got {})",
-            ids.len()
-        )));
-    }
-    Ok(ids.into_iter().collect())
-}
-
-fn parse_top_n(raw: Option<&str>) -> Result<Option<u32>> {
-    raw.map(|s| {
-        s.parse::<u32>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| AppError::InvalidArgument("top_n must be between 1 and 1000".into()))
-    })
-    .transpose()
 }
 
 /// Whether `r` has a `Last-Modified` no later than the request's `If-Modified-Since`.
@@ -270,133 +207,90 @@ async fn serve(state: &AppState, req: ViewRequest, headers: &HeaderMap) -> Resul
     Ok(respond(answer, headers, get))
 }
 
-/// A run's training metrics.
-#[utoipa::path(
-    get,
-    path = "/api/v1/models/train/{model_run_id}/metrics",
-    tag = "views",
-    params(
-        ("model_run_id" = String, Path, description = "Run id, `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`",
-            pattern = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
-        ("If-None-Match" = Option<String>, Header, example = "*",
-            description = "ETags (strong or weak) or `*`: a match is answered `304` with no body"),
-        ViewQuery,
-    ),
-    responses(
-        (status = 200, description = "The origin's body, byte for byte, with its content type", body = Value, content_type = "application/json",
-            headers(("X-Cache" = String, description = "HIT, MISS, BYPASS or STALE"), ("Cache-Status" = String, description = "RFC 9211"),
-                ("ETag" = String, description = "Strong; weak (`W/`) when the body is compressed"), ("Age" = u64, description = "Seconds since the entry was stored (hits)"))),
-        (status = 304, description = "If-None-Match matched: no body", headers(("ETag" = String))),
-        (status = 400, description = "Invalid id or query", body = ErrorBody),
-        (status = 401, description = "Credentials refused: the origin's answer, passed through (`auth.frontend = forward`), or an ErrorBody for a missing or invalid JWT (`jwt`)", body = Value, content_type = "application/json"),
-        (status = 403, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
-        (status = 404, description = "The origin's 404, passed through", body = Value, content_type = "application/json"),
-        (status = 422, description = "The origin's 422, passed through", body = Value, content_type = "application/json"),
-        (status = 502, description = "Origin failed", body = ErrorBody),
-        (status = 504, description = "Origin timed out", body = ErrorBody),
-    )
-)]
-pub async fn get_metrics(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    AppQuery(q): AppQuery<ViewQuery>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    admit(&state, &headers)?;
-    let id = run_id(id)?;
-    let use_cache = parse_use_cache(q.use_cache.as_deref())?;
-    let forwarded = state.views.origin().forwarded_headers(&headers);
-    serve(
-        &state,
-        ViewRequest::metrics(&id, forwarded, use_cache),
-        &headers,
-    )
-    .await
+/// The view a request is for: its method and path in the view table (`HEAD` as `GET`).
+pub(super) fn view_of<'a>(state: &'a AppState, method: &Method, path: &str) -> Option<&'a ViewDef> {
+    let table = state.views.table();
+    if method == Method::HEAD {
+        return table.route(&Method::GET, path);
+    }
+    table.route(method, path)
 }
 
-/// A run's feature importance, optionally only the top N features.
-#[utoipa::path(
-    get,
-    path = "/api/v1/models/train/{model_run_id}/feature-importance",
-    tag = "views",
-    params(
-        ("model_run_id" = String, Path, description = "Run id, `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`",
-            pattern = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
-        ("If-None-Match" = Option<String>, Header, example = "*",
-            description = "ETags (strong or weak) or `*`: a match is answered `304` with no body"),
-        FeatureImportanceQuery,
-    ),
-    responses(
-        (status = 200, description = "The origin's body, byte for byte, with its content type", body = Value, content_type = "application/json",
-            headers(("X-Cache" = String, description = "HIT, MISS, BYPASS or STALE"), ("Cache-Status" = String, description = "RFC 9211"),
-                ("ETag" = String, description = "Strong; weak (`W/`) when the body is compressed"), ("Age" = u64, description = "Seconds since the entry was stored (hits)"))),
-        (status = 304, description = "If-None-Match matched: no body", headers(("ETag" = String))),
-        (status = 400, description = "Invalid id, top_n or query", body = ErrorBody),
-        (status = 401, description = "Credentials refused: the origin's answer, passed through (`auth.frontend = forward`), or an ErrorBody for a missing or invalid JWT (`jwt`)", body = Value, content_type = "application/json"),
-        (status = 403, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
-        (status = 404, description = "The origin's 404, passed through", body = Value, content_type = "application/json"),
-        (status = 422, description = "The origin's 422, passed through", body = Value, content_type = "application/json"),
-        (status = 502, description = "Origin failed", body = ErrorBody),
-        (status = 504, description = "Origin timed out", body = ErrorBody),
-    )
-)]
-pub async fn get_feature_importance(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    AppQuery(q): AppQuery<FeatureImportanceQuery>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    admit(&state, &headers)?;
-    let id = run_id(id)?;
-    let top_n = parse_top_n(q.top_n.as_deref())?;
-    let use_cache = parse_use_cache(q.use_cache.as_deref())?;
-    let forwarded = state.views.origin().forwarded_headers(&headers);
-    let req = ViewRequest::feature_importance(&id, top_n, forwarded, use_cache);
-    serve(&state, req, &headers).await
+/// The router's fallback: a request of a configured view is served by it; a path of a view
+/// with another method is a `405` naming the methods it has; anything else a `404`.
+pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    match view_of(&state, req.method(), &path) {
+        Some(def) => {
+            let def = def.clone();
+            match serve_view(&state, &def, req).await {
+                Ok(resp) => resp,
+                Err(e) => e.into_response(),
+            }
+        }
+        None => {
+            let allowed: BTreeSet<&str> = state
+                .views
+                .table()
+                .views()
+                .iter()
+                .filter(|d| d.captures(&path).is_some())
+                .map(|d| d.method.as_str())
+                .collect();
+            if allowed.is_empty() {
+                return error_response(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route");
+            }
+            let mut resp = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                codes::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            );
+            let allow = allowed.into_iter().collect::<Vec<_>>().join(",");
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+            resp
+        }
+    }
 }
 
-/// A comparison of runs; the same whatever the order or repetition of the ids.
-#[utoipa::path(
-    post,
-    path = "/api/v1/models/compare",
-    tag = "views",
-    params(
-        ("If-None-Match" = Option<String>, Header, example = "*",
-            description = "ETags (strong or weak) or `*`: a match is answered `304` with no body"),
-        ViewQuery,
-    ),
-    request_body = CompareBody,
-    responses(
-        (status = 200, description = "The origin's body, byte for byte, with its content type", body = Value, content_type = "application/json",
-            headers(("X-Cache" = String, description = "HIT, MISS, BYPASS or STALE"), ("Cache-Status" = String, description = "RFC 9211"),
-                ("ETag" = String, description = "Strong; weak (`W/`) when the body is compressed"), ("Age" = u64, description = "Seconds since the entry was stored (hits)"))),
-        (status = 304, description = "If-None-Match matched: no body", headers(("ETag" = String))),
-        (status = 400, description = "Invalid ids, body or query", body = ErrorBody),
-        (status = 401, description = "Credentials refused: the origin's answer, passed through (`auth.frontend = forward`), or an ErrorBody for a missing or invalid JWT (`jwt`)", body = Value, content_type = "application/json"),
-        (status = 403, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
-        (status = 404, description = "The origin's 404 (a run it does not know), passed through", body = Value, content_type = "application/json"),
-        (status = 413, description = "Body larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 422, description = "The origin's 422, passed through", body = Value, content_type = "application/json"),
-        (status = 502, description = "Origin failed", body = ErrorBody),
-        (status = 504, description = "Origin timed out", body = ErrorBody),
-    )
-)]
-pub async fn create_comparison(
-    State(state): State<AppState>,
-    AppQuery(q): AppQuery<ViewQuery>,
-    headers: HeaderMap,
-    AppJson(body): AppJson<CompareBody>,
-) -> Result<Response> {
-    admit(&state, &headers)?;
-    let use_cache = parse_use_cache(q.use_cache.as_deref())?;
-    let ids = normalise_run_ids(&body.model_run_ids, state.settings.views.comparison.max_ids)?;
-    let forwarded = state.views.origin().forwarded_headers(&headers);
-    serve(
-        &state,
-        ViewRequest::comparison(ids, forwarded, use_cache),
-        &headers,
-    )
-    .await
+/// Serves `req` by `def`: the caller's admission, the view's validation (a `400`, or with
+/// `on_invalid = "pass"` the request as it is to the origin, uncached), the read-through.
+async fn serve_view(state: &AppState, def: &ViewDef, req: Request) -> Result<Response> {
+    admit(state, req.headers())?;
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let headers = req.headers().clone();
+    let body = if def.takes_body {
+        Some(RawBody::from_request(req, state).await?.0)
+    } else {
+        None
+    };
+    let view_request = match def.resolve(&path, query.as_deref(), body.as_deref()) {
+        Ok(resolved) => state.views.request(def, resolved, &headers),
+        Err(why) if def.on_invalid == OnInvalid::Pass => {
+            tracing::debug!(view = def.view.name(), reason = %why, "invalid request passed to the origin uncached");
+            let path_and_query = match &query {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            ViewRequest {
+                view: def.view,
+                logical_key: String::new(),
+                tags: Vec::new(),
+                origin: OriginRequest {
+                    method: def.method.clone(),
+                    path_and_query,
+                    body,
+                    headers: state.views.origin().forwarded_headers(&headers),
+                },
+                use_cache: false,
+                variant: None,
+            }
+        }
+        Err(why) => return Err(AppError::InvalidArgument(why)),
+    };
+    serve(state, view_request, &headers).await
 }
 
 /// Deletes a run at the origin; on a 2xx answer its entries are invalidated as for a
@@ -468,7 +362,6 @@ pub async fn delete_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn an_integral_float_is_read_exactly_up_to_the_largest_id() {
@@ -486,44 +379,11 @@ mod tests {
     }
 
     #[test]
-    fn comparison_ids_are_normalised() {
-        let ids = normalise_run_ids(&[json!("b"), json!(42), json!("a"), json!("42")], 50)
-            .expect("valid");
-        assert_eq!(ids, ["42", "a", "b"]);
-    }
-
-    #[test]
-    fn comparison_limits_apply_after_dedup() {
-        assert!(normalise_run_ids(&[json!("1"), json!(1)], 50).is_err());
-        let many: Vec<Value> = (0..51).map(|i| json!(i)).collect();
-        assert!(normalise_run_ids(&many, 50).is_err());
-        assert!(normalise_run_ids(&many[..50], 50).is_ok());
-        for bad in [
-            json!(-1),
-            json!(1.5),
-            json!(null),
-            json!(["x"]),
-            json!(".."),
-        ] {
-            assert!(
-                normalise_run_ids(&[json!("1"), bad.clone()], 50).is_err(),
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn top_n_bounds() {
-        assert_eq!(parse_top_n(None).expect("none"), None);
-        assert_eq!(parse_top_n(Some("10")).expect("10"), Some(10));
-        for bad in ["0", "1001", "-1", "abc", ""] {
-            assert!(parse_top_n(Some(bad)).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn documented_run_id_patterns_are_the_validators() {
-        let (_, api) = crate::http::routes_and_api();
+        let (_, api) = crate::http::routes_and_api(
+            &crate::http::tests::shipped_table(),
+            &crate::http::tests::shipped_kinds(),
+        );
         let doc = serde_json::to_value(&api).expect("serialise the OpenAPI document");
         let mut seen = 0;
         for item in doc["paths"].as_object().expect("paths").values() {

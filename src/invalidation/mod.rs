@@ -1,37 +1,23 @@
-//! Invalidation by run, by logical keys, by pattern and by version switch. Each becomes one
+//! Invalidation by tag (`run:42`, `dataset:7`), by logical keys, by pattern and by version
+//! switch. Each becomes one
 //! [`Invalidation`] applied by the store to every tier (and every instance) before it is
 //! acknowledged, and each bumps a counter that the entries it drops depend on, so that a
-//! fetch in flight cannot store an entry behind it: a run's generation, a view's, or the clear
-//! sequence for keys and narrower patterns. Callable from handlers and background tasks alike.
+//! fetch in flight cannot store an entry behind it: a tag's generation, a view's, or the clear
+//! sequence for keys and narrower patterns (and the learned-tags sequence for all but view
+//! switches: see `Keyspace::deps`). Callable from handlers and background tasks alike.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
-use crate::domain::{View, feature_importance_key, metrics_key, views_matched_by};
+use crate::domain::{View, ViewTable};
 use crate::metrics::Stats;
 use crate::store::{Invalidation, KeyVersion, Keyspace, Shared, Store, StoreError, Tier};
 use crate::tasks::Tasks;
 
 pub mod dead_letter;
 pub mod stream;
-
-/// The views every key of which `pattern` matches.
-fn covered_views(pattern: &str) -> Vec<View> {
-    if pattern == "*" || pattern == "model:*" {
-        return View::ALL.to_vec();
-    }
-    View::ALL
-        .into_iter()
-        .filter(|v| {
-            pattern
-                .strip_prefix("model:")
-                .and_then(|rest| rest.strip_prefix(v.name()))
-                .is_some_and(|rest| rest == ":*" || rest == "*")
-        })
-        .collect()
-}
 
 /// Why entries are being dropped (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +39,7 @@ pub enum Cause {
     /// Events trimmed from the event stream before any instance read them: everything goes.
     StreamGap,
     /// An event-stream entry that kept failing, set aside in the dead-letter stream: every
-    /// view a run event can touch goes instead.
+    /// view its kind's tags can touch goes instead.
     StreamDeadLetter,
 }
 
@@ -101,6 +87,10 @@ pub struct VersionSwitch {
 /// Applies invalidations. Cheap to clone.
 #[derive(Clone)]
 pub struct Invalidator {
+    table: Arc<ViewTable>,
+    /// `(literal, kind)` of the views whose base key is `literal ID` for a tag `kind:ID`:
+    /// deleted directly by a tag invalidation, so that a lost tag set cannot keep them.
+    base_keys: Arc<[(String, String)]>,
     store: Arc<dyn Store>,
     shared: Arc<dyn Shared>,
     keys: Keyspace,
@@ -122,7 +112,9 @@ impl Invalidator {
     /// clean-ups run on `tasks`. Until `started` is set, it acknowledges nothing: a starting
     /// instance may not have reached Redis yet, nor read who the other instances are, so an
     /// invalidation it journaled could reach nobody else before its answer.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        table: Arc<ViewTable>,
         store: Arc<dyn Store>,
         shared: Arc<dyn Shared>,
         keys: Keyspace,
@@ -140,7 +132,17 @@ impl Invalidator {
             metrics::counter!(crate::metrics::names::ENTRIES_DELETED_TOTAL, "cause" => c)
                 .increment(0);
         }
+        let base_keys = table
+            .views()
+            .iter()
+            .filter_map(|d| d.keyed_by_tag())
+            .filter(|(_, _, whole)| *whole)
+            .map(|(literal, kind, _)| (literal.to_owned(), kind.to_owned()))
+            .collect::<Vec<_>>()
+            .into();
         Self {
+            table,
+            base_keys,
             store,
             shared,
             keys,
@@ -184,64 +186,103 @@ impl Invalidator {
         result
     }
 
-    /// Drops a run's metrics, every feature-importance variant, and precisely the
-    /// comparisons that include it (through the run's tag set). Returns entries dropped.
+    /// The view table.
+    pub fn table(&self) -> &ViewTable {
+        &self.table
+    }
+
+    /// Drops a run's entries: `run:ID` ([`Invalidator::tags`]).
     pub async fn run(&self, run_id: &str, cause: Cause) -> Result<u64, StoreError> {
+        self.tags(&[crate::domain::concat(&["run:", run_id])], cause)
+            .await
+    }
+
+    /// Drops, precisely, every entry that carries one of `tags` (`run:42`, `dataset:7`), by
+    /// its request or by its answer, in one invalidation: one round of counter bumps (and of
+    /// `WAIT` where it applies), one publication to the near caches. First the learned-tags
+    /// sequence and the tags' generations are bumped, so that every entry that depends on them
+    /// is unservable at once and a fetch already in flight cannot store; then the tags' sets
+    /// are emptied and the views' base keys deleted directly. Its cost does not grow with
+    /// unrelated keys. Applying it again is harmless. Returns the entries dropped.
+    pub async fn tags(&self, tags: &[String], cause: Cause) -> Result<u64, StoreError> {
         let v = self.version.get();
-        let inv = Invalidation {
-            // First the generation: every entry that depends on the run is unservable at
-            // once, and a fetch already in flight for it cannot store.
-            bump: vec![self.keys.run_gen(&v, run_id)],
-            // The base keys are deleted directly too, so a lost tag set cannot keep them.
-            delete: vec![
-                self.keys.entry(&v, &metrics_key(run_id)),
-                self.keys.entry(&v, &feature_importance_key(run_id, None)),
-            ],
-            tagged: vec![self.keys.run_tag(&v, run_id)],
-            ..Invalidation::default()
-        };
-        let result = self.apply(inv, cause).await;
+        let mut tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        let mut inv = Invalidation::default();
+        inv.bump.push(self.keys.learned(&v));
+        for tag in &tags {
+            inv.bump.push(self.keys.tag_gen(&v, tag));
+            if let Some((kind, id)) = tag.split_once(':') {
+                for (literal, k) in self.base_keys.iter() {
+                    if k == kind {
+                        inv.delete
+                            .push(self.keys.entry(&v, &crate::domain::concat(&[literal, id])));
+                    }
+                }
+            }
+            inv.tagged.push(self.keys.tag_set(&v, tag));
+        }
+        let result = self.apply_counted(inv, cause, tags.len() as u64).await;
         match &result {
             Ok(n) => tracing::info!(
-                run_id,
+                tags = ?tags,
                 cause = cause.as_str(),
                 invalidated = n,
-                "run invalidated"
+                "tags invalidated"
             ),
             Err(e) => {
-                tracing::warn!(run_id, cause = cause.as_str(), error = %e, "run invalidation failed")
+                tracing::warn!(tags = ?tags, cause = cause.as_str(), error = %e, "tag invalidation failed")
             }
         }
         result
     }
 
-    /// Drops several runs in one invalidation, each as [`Invalidator::run`] does: one round of
-    /// counter bumps (and of `WAIT` where it applies), one publication to the near caches,
-    /// where one invalidation per run costs as many. Applying it again is harmless. Returns
-    /// the entries dropped, over every run.
-    pub async fn runs(&self, run_ids: &[String], cause: Cause) -> Result<u64, StoreError> {
-        let v = self.version.get();
-        let mut ids: Vec<&str> = run_ids.iter().map(String::as_str).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut inv = Invalidation::default();
-        for id in &ids {
-            inv.bump.push(self.keys.run_gen(&v, id));
-            inv.delete.push(self.keys.entry(&v, &metrics_key(id)));
-            inv.delete
-                .push(self.keys.entry(&v, &feature_importance_key(id, None)));
-            inv.tagged.push(self.keys.run_tag(&v, id));
-        }
-        self.apply_counted(inv, cause, ids.len() as u64).await
+    /// Drops every view whose entries carry tags of `kinds` (`run`), whole, as a namespace
+    /// invalidation of each (every view when `kinds` is empty). What replaces a tag
+    /// invalidation that cannot be applied (an event-stream entry that keeps failing): it does
+    /// not depend on the tags' own keys, which may be what fails.
+    pub async fn views_of_kinds(&self, kinds: &[String], cause: Cause) -> Result<u64, StoreError> {
+        let views: Vec<View> = if kinds.is_empty() {
+            self.table.handles()
+        } else {
+            let mut v: Vec<View> = kinds
+                .iter()
+                .flat_map(|k| self.table.tagged_with_kind(k))
+                .collect();
+            v.sort_by_key(|view| view.index());
+            v.dedup();
+            v
+        };
+        self.namespaces(&views, cause).await
     }
 
-    /// Drops every view a run's invalidation touches, whole: its metrics, its feature
-    /// importance and the comparisons (as a namespace invalidation of each). What replaces a
-    /// run's invalidation that cannot be applied (an event-stream entry that keeps failing):
-    /// it does not depend on the run's own keys, which may be what fails.
-    pub async fn views_of_runs(&self, cause: Cause) -> Result<u64, StoreError> {
-        // A run's keys are in every view (metrics, feature importance, comparisons).
-        self.pattern("model:*", cause).await
+    /// Drops every entry of `views` (the namespace invalidation of `/cache/invalidate`):
+    /// their generations and clear sequences are bumped, then their keys deleted by pattern.
+    pub async fn namespaces(&self, views: &[View], cause: Cause) -> Result<u64, StoreError> {
+        if views.is_empty() {
+            return Ok(0);
+        }
+        let v = self.version.get();
+        let mut bump: Vec<String> = views
+            .iter()
+            .map(|&view| self.keys.view_gen(&v, view))
+            .collect();
+        bump.extend(self.keys.clears_for(&v, views));
+        let matching = views
+            .iter()
+            .map(|&view| {
+                let literal = self.table.get(view).key.literal_prefix();
+                self.keys
+                    .entry_pattern(&v, &crate::domain::concat(&[literal, "*"]))
+            })
+            .collect();
+        let inv = Invalidation {
+            bump,
+            matching,
+            ..Invalidation::default()
+        };
+        self.apply_counted(inv, cause, views.len() as u64).await
     }
 
     /// Counts an event-stream entry set aside in the dead-letter stream.
@@ -253,7 +294,10 @@ impl Invalidator {
     /// that no fetch that overlapped the invalidation stores one of them behind it.
     pub async fn keys(&self, logical: &[String], cause: Cause) -> Result<u64, StoreError> {
         let v = self.version.get();
-        let mut views: Vec<View> = logical.iter().flat_map(|k| views_matched_by(k)).collect();
+        let mut views: Vec<View> = logical
+            .iter()
+            .flat_map(|k| self.table.matched_by(k))
+            .collect();
         views.sort_by_key(|view| view.index());
         views.dedup();
         let inv = Invalidation {
@@ -270,11 +314,13 @@ impl Invalidator {
     /// bumps the clear sequence, so fetches in flight cannot store behind it.
     pub async fn pattern(&self, pattern: &str, cause: Cause) -> Result<u64, StoreError> {
         let v = self.version.get();
-        let mut bump: Vec<String> = covered_views(pattern)
+        let mut bump: Vec<String> = self
+            .table
+            .covered_by(pattern)
             .into_iter()
             .map(|view| self.keys.view_gen(&v, view))
             .collect();
-        bump.extend(self.keys.clears_for(&v, &views_matched_by(pattern)));
+        bump.extend(self.keys.clears_for(&v, &self.table.matched_by(pattern)));
         let inv = Invalidation {
             bump,
             matching: vec![self.keys.entry_pattern(&v, pattern)],
@@ -327,12 +373,13 @@ impl Invalidator {
                 cleared: 0,
             });
         }
-        let mut bump: Vec<String> = View::ALL
-            .into_iter()
-            .map(|view| self.keys.view_gen(&previous, view))
+        let all = self.table.handles();
+        let mut bump: Vec<String> = all
+            .iter()
+            .map(|&view| self.keys.view_gen(&previous, view))
             .collect();
-        bump.extend(self.keys.clears_for(&previous, &View::ALL));
-        bump.extend(self.keys.clears_for(new, &View::ALL));
+        bump.extend(self.keys.clears_for(&previous, &all));
+        bump.extend(self.keys.clears_for(new, &all));
         let inv = Invalidation {
             bump,
             matching: vec![
@@ -375,20 +422,5 @@ impl Invalidator {
             previous: previous.as_str().to_owned(),
             cleared,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn whole_view_patterns_are_recognised() {
-        assert_eq!(covered_views("*"), View::ALL.to_vec());
-        assert_eq!(covered_views("model:*"), View::ALL.to_vec());
-        assert_eq!(covered_views("model:metrics:*"), [View::Metrics]);
-        assert_eq!(covered_views("model:comparison*"), [View::Comparison]);
-        assert!(covered_views("model:metrics:4*").is_empty());
-        assert!(covered_views("model:metrics:?").is_empty());
     }
 }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::{self, DeadLetter};
 use super::{Cause, Invalidator};
-use crate::domain::{EVENT_KINDS, run_ids_in_untyped_text};
+use crate::domain::EventKinds;
 use crate::metrics::audit::AuditTrail;
 use crate::metrics::names;
 use crate::store::redis::RedisStore;
@@ -147,6 +147,8 @@ pub struct StreamOptions {
     pub retry: Duration,
     /// Time-out of one command (the blocking read gets `block` on top).
     pub command_timeout: Duration,
+    /// The event kinds (`events.kinds`): what each entry's `kind` invalidates.
+    pub kinds: Arc<EventKinds>,
 }
 
 /// The key of the group's gap flag (`what` = `gap`) or delivered counter (`delivered`):
@@ -165,19 +167,28 @@ struct Entry {
     fields: Option<Vec<(String, String)>>,
 }
 
-/// An entry that names a run to invalidate.
+/// An entry that names tags to invalidate.
 #[derive(Debug)]
 struct Event {
     id: String,
-    /// The runs its `model_run_id` names (one, or two for a text that may be a float).
-    run_ids: Vec<String>,
+    /// The tags its kind and fields name (two for an id that may be a float: `run:42` and
+    /// `run:42.0`).
+    tags: Vec<String>,
     fields: Vec<(String, String)>,
 }
 
 impl Event {
-    /// Its runs, as one text for logs and audit lines.
+    /// Its tags, as one text for logs and audit lines.
     fn runs(&self) -> String {
-        self.run_ids.join(" ")
+        self.tags.join(" ")
+    }
+
+    /// Its kind.
+    fn kind(&self) -> &str {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == "kind")
+            .map_or("event", |(_, v)| v.as_str())
     }
 }
 
@@ -257,27 +268,24 @@ fn parse_read(v: &Value) -> Read {
     }
 }
 
-/// What an entry asks for: the runs to invalidate, or why it cannot be applied. A stream field
-/// is untyped text, read by the one run-id parser as every run it may name (`42.0` is the run
+/// What an entry asks for: the tags to invalidate, or why it cannot be applied. Its `kind`
+/// is one of `events.kinds`, and its other fields are those the kind's tags name. A stream
+/// field is untyped text, read by the one id parser as every id it may name (`42.0` is the id
 /// `42`, as in a JSON event, and may be the string id `42.0`: both are invalidated).
-fn event_of(fields: &[(String, String)]) -> Result<Vec<String>, String> {
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    match get("kind") {
-        Some(kind) if EVENT_KINDS.contains(&kind) => {}
-        Some(other) => {
-            return Err(format!(
-                "kind {other:?} is not training-completed, training-failed or model-deleted"
-            ));
-        }
-        None => return Err("no kind field".into()),
+fn event_of(kinds: &EventKinds, fields: &[(String, String)]) -> Result<Vec<String>, String> {
+    let mut named = std::collections::BTreeMap::new();
+    for (k, v) in fields {
+        named.insert(k.clone(), v.clone());
     }
-    let id = get("model_run_id").ok_or("no model_run_id field")?;
-    run_ids_in_untyped_text(id)
+    let kind = named.remove("kind").ok_or("no kind field")?;
+    match kinds.tags_of_text(&kind, &named) {
+        Some(result) => result,
+        None => Err(format!(
+            "kind {:?} is not one of events.kinds ({})",
+            kind.chars().take(64).collect::<String>(),
+            kinds.names().collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 /// The consumer loop.
@@ -553,10 +561,10 @@ impl StreamIntake {
                 done.push(entry.id);
                 continue;
             };
-            match event_of(&fields) {
-                Ok(run_ids) => events.push(Event {
+            match event_of(&self.opts.kinds, &fields) {
+                Ok(tags) => events.push(Event {
                     id: entry.id,
-                    run_ids,
+                    tags,
                     fields,
                 }),
                 Err(why) => {
@@ -569,8 +577,8 @@ impl StreamIntake {
         }
         let mut failed = Vec::new();
         for chunk in events.chunks(APPLY_TOGETHER) {
-            let runs: Vec<String> = chunk.iter().flat_map(|e| e.run_ids.clone()).collect();
-            match self.invalidator.runs(&runs, Cause::Event).await {
+            let tags: Vec<String> = chunk.iter().flat_map(|e| e.tags.clone()).collect();
+            match self.invalidator.tags(&tags, Cause::Event).await {
                 Ok(n) => {
                     tracing::info!(
                         events = chunk.len(),
@@ -585,7 +593,7 @@ impl StreamIntake {
                 }
                 Err(_) => {
                     for event in chunk {
-                        match self.invalidate(&event.run_ids).await {
+                        match self.invalidator.tags(&event.tags, Cause::Event).await {
                             Ok(n) => {
                                 self.applied(event, n);
                                 done.push(event.id.clone());
@@ -612,19 +620,14 @@ impl StreamIntake {
 
     /// Records one event applied (`n` entries dropped).
     fn applied(&self, event: &Event, n: u64) {
-        let kind = event
-            .fields
-            .iter()
-            .find(|(k, _)| k == "kind")
-            .map_or("event", |(_, v)| v.as_str());
         self.audit
-            .record("stream", &event.id, kind, &event.runs(), n);
+            .record("stream", &event.id, event.kind(), &event.runs(), n);
         metrics::counter!(names::STREAM_EVENTS_TOTAL, "outcome" => "applied").increment(1);
     }
 
     /// Sets `event`, whose invalidation failed with `error`, aside in the dead-letter stream
-    /// once it has been delivered `max_deliveries` times: first every view a run event can
-    /// touch is invalidated instead (promise 1 holds without the run's own keys, which may be
+    /// once it has been delivered `max_deliveries` times: first every view its kind's tags can
+    /// touch is invalidated instead (promise 1 holds without the tags' own keys, which may be
     /// what fails), then the entry is acknowledged and copied to the dead-letter stream, in
     /// one script. Returns whether it is no longer pending.
     async fn dead_letter_if_due(&mut self, event: &Event, error: &str) -> Result<bool, StepError> {
@@ -640,9 +643,10 @@ impl StreamIntake {
             tracing::debug!(stream_id = %event.id, deliveries, error, "event-stream entry failed; it is read again");
             return Ok(false);
         }
+        let tag_kinds = self.opts.kinds.tag_kinds(event.kind());
         if let Err(e) = self
             .invalidator
-            .views_of_runs(Cause::StreamDeadLetter)
+            .views_of_kinds(&tag_kinds, Cause::StreamDeadLetter)
             .await
         {
             tracing::warn!(stream_id = %event.id, error = %e, "event stream: the fallback for an entry that keeps failing failed too; it stays pending");
@@ -679,25 +683,16 @@ impl StreamIntake {
                 // given up here either way.
                 let _: i64 = self.query(ack).await?;
                 self.invalidator.record_dead_letter();
-                tracing::error!(stream = %self.opts.stream, dead_letter = %self.dead, stream_id = %event.id, fields = ?kept, deliveries, error, refused = %e, "event stream: an entry kept failing and the dead-letter stream refused it; it is acknowledged and logged here instead, and every view a run event can touch was invalidated");
+                tracing::error!(stream = %self.opts.stream, dead_letter = %self.dead, stream_id = %event.id, fields = ?kept, deliveries, error, refused = %e, "event stream: an entry kept failing and the dead-letter stream refused it; it is acknowledged and logged here instead, and every view its kind's tags can touch was invalidated");
                 return Ok(true);
             }
             Err(e) => return Err(e),
         };
         if moved == 1 {
             self.invalidator.record_dead_letter();
-            tracing::error!(stream = %self.opts.stream, dead_letter = %self.dead, stream_id = %event.id, run_id = %event.runs(), deliveries, error, "event stream: an entry kept failing; it is set aside in the dead-letter stream, and every view a run event can touch was invalidated instead");
+            tracing::error!(stream = %self.opts.stream, dead_letter = %self.dead, stream_id = %event.id, tags = %event.runs(), deliveries, error, "event stream: an entry kept failing; it is set aside in the dead-letter stream, and every view its kind's tags can touch was invalidated instead");
         }
         Ok(true)
-    }
-
-    /// Invalidates every run of one entry; the count of entries dropped.
-    async fn invalidate(&self, run_ids: &[String]) -> Result<u64, crate::store::StoreError> {
-        let mut n = 0;
-        for id in run_ids {
-            n += self.invalidator.run(id, Cause::Event).await?;
-        }
-        Ok(n)
     }
 
     /// Every `claim_idle / 2`, takes over and applies the entries other consumers have left
@@ -794,6 +789,11 @@ mod tests {
 
     #[test]
     fn events_are_validated() {
+        let kinds = crate::config::Settings::load_from(None, Some(Default::default()))
+            .expect("default settings")
+            .event_kinds()
+            .expect("the shipped kinds");
+        let event_of = |fields: &[(String, String)]| event_of(&kinds, fields);
         let f = |kind: &str, id: &str| {
             vec![
                 ("kind".to_owned(), kind.to_owned()),
@@ -802,12 +802,22 @@ mod tests {
         };
         assert_eq!(
             event_of(&f("training-completed", "42")),
-            Ok(vec!["42".into()])
+            Ok(vec!["run:42".into()])
         );
-        assert_eq!(event_of(&f("model-deleted", "r-1")), Ok(vec!["r-1".into()]));
+        assert_eq!(
+            event_of(&f("model-deleted", "r-1")),
+            Ok(vec!["run:r-1".into()])
+        );
         assert_eq!(
             event_of(&f("model-deleted", "42.0")),
-            Ok(vec!["42".into(), "42.0".into()])
+            Ok(vec!["run:42".into(), "run:42.0".into()])
+        );
+        assert_eq!(
+            event_of(&[
+                ("kind".into(), "dataset-updated".into()),
+                ("dataset_id".into(), "7".into())
+            ]),
+            Ok(vec!["dataset:7".into()])
         );
         assert!(event_of(&f("training-started", "42")).is_err());
         assert!(event_of(&f("training-failed", "")).is_err());

@@ -204,8 +204,9 @@ impl ViewStats {
 /// Every counter behind `/cache/stats`, mirrored into Prometheus handles registered once.
 #[derive(Debug)]
 pub struct Stats {
-    views: [ViewStats; 3],
-    prom: [super::ViewHandles; 3],
+    views: Box<[ViewStats]>,
+    prom: Box<[super::ViewHandles]>,
+    names: Box<[View]>,
     /// Entries written.
     pub sets: AtomicU64,
     /// Entries deleted by invalidations and clears.
@@ -228,11 +229,17 @@ pub struct Stats {
     pub stream_dead_lettered: AtomicU64,
 }
 
-impl Default for Stats {
-    fn default() -> Self {
+impl Stats {
+    /// Counters for `views` (the view table's handles, in table order), each exported from
+    /// the start, at 0.
+    pub fn new(views: &[View]) -> Self {
         Self {
-            views: Default::default(),
-            prom: View::ALL.map(super::ViewHandles::register),
+            views: views.iter().map(|_| ViewStats::default()).collect(),
+            prom: views
+                .iter()
+                .map(|v| super::ViewHandles::register(*v))
+                .collect(),
+            names: views.into(),
             sets: AtomicU64::new(0),
             deletes: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
@@ -247,6 +254,11 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// The views counted, in table order.
+    pub fn views(&self) -> &[View] {
+        &self.names
+    }
+
     /// One view's counters.
     pub fn view(&self, view: View) -> &ViewStats {
         &self.views[view.index()]

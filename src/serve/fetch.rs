@@ -213,7 +213,7 @@ impl ReadThrough {
         stamp: Stamp,
     ) -> Result<ViewResponse, OriginError> {
         let req_headers = req.origin.headers.clone();
-        let resp = self.fetch(req.view, req.origin).await?;
+        let resp = self.fetch(req.view, req.origin.clone()).await?;
         let passed = crate::store::headers_of(&resp.headers);
         let spec = vary::spec(resp.vary.as_deref(), &self.origin);
         // What requests that joined this fetch must match to be given its answer, stored or
@@ -223,11 +223,14 @@ impl ReadThrough {
         // stored under a key that does not say what it varies on.
         let marker_moved = matches!((&spec, &req.variant), (Spec::Fields(f), Some(of))
             if of.marker.vary.as_ref().is_some_and(|m| &m.headers != f));
-        let storable = match spec {
-            Spec::Unstorable => Err("vary"),
+        let tags = self.entry_tags(&req, ctx, &resp.body);
+        let storable = match (&spec, &tags) {
+            (Spec::Unstorable, _) => Err("vary"),
             _ if marker_moved => Err("vary"),
+            (_, Err(why)) => Err(*why),
             _ => self.storable(&resp, ctx.policy),
         };
+        let tags = tags.unwrap_or_default();
         let ttl = match storable {
             Ok(ttl) => ttl,
             Err(why) => {
@@ -251,7 +254,7 @@ impl ReadThrough {
                     let logical = vary::key(&req.logical_key, marker.nonce, hash);
                     let answer_policy = ctx.policy.for_answer(resp.cache_control.as_deref());
                     if !self
-                        .put_marker(&req.run_ids, ctx, marker, ttl, stamp.clone(), answer_policy)
+                        .put_marker(tags.clone(), marker, ttl, stamp.clone(), answer_policy, ctx)
                         .await
                     {
                         let mut out = self.passthrough_miss(resp, Some("superseded"));
@@ -274,7 +277,7 @@ impl ReadThrough {
             // A 404 kept for negative caching: stored, but only a 2xx accepts (SPEC 4).
             self.revoke(ctx);
         }
-        let (mut entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
+        let (mut entry, retention) = self.new_entry(tags, ctx, resp, ttl, stamp);
         // Its hits tell downstream caches what it varies on.
         entry = vary::with_vary_header(entry, &spec);
         let (stored, detail) = match self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
@@ -309,17 +312,13 @@ impl ReadThrough {
     /// `false`: something it depends on moved since `stamp` was read, or the store failed.
     async fn put_marker(
         &self,
-        run_ids: &[String],
-        ctx: &Ctx,
+        tags: Vec<String>,
         marker: VaryMarker,
         ttl: Duration,
         stamp: Stamp,
         answer_policy: ViewPolicy,
+        ctx: &Ctx,
     ) -> bool {
-        let tags = run_ids
-            .iter()
-            .map(|id| self.keys.run_tag(&ctx.version, id))
-            .collect();
         let mut entry = CacheEntry::marker(marker, policy::now_ms(), ttl, tags, stamp);
         let stale_window = answer_policy.stale_window();
         entry.stale_ms = u64::try_from(stale_window.as_millis()).unwrap_or(u64::MAX);
@@ -357,21 +356,42 @@ impl ReadThrough {
         let _ = self.store.put(&base, &entry, &ctx.deps, retention).await;
     }
 
-    /// The entry for the origin's answer `resp`: tagged with its runs, stamped with what was
+    /// The tag sets an entry for `req` holding `answer` joins: those of its request's tags,
+    /// and those its view learns from the answer (see `Keyspace::deps` for why they need no
+    /// counter). An answer naming more tags than a view may learn is not stored.
+    pub(super) fn entry_tags(
+        &self,
+        req: &ViewRequest,
+        ctx: &Ctx,
+        answer: &[u8],
+    ) -> Result<Vec<String>, &'static str> {
+        let learned = self
+            .table
+            .get(req.view)
+            .response_tags_of(answer)
+            .map_err(|_| "too-many-tags")?;
+        let mut tags: Vec<String> = req
+            .tags
+            .iter()
+            .chain(&learned)
+            .map(|t| self.keys.tag_set(&ctx.version, t))
+            .collect();
+        tags.sort_unstable();
+        tags.dedup();
+        Ok(tags)
+    }
+
+    /// The entry for the origin's answer `resp`: in the tag sets `tags`, stamped with what was
     /// read before the fetch, kept past its TTL for as long as it may be served stale.
     /// Returns it with that retention.
     pub(super) fn new_entry(
         &self,
-        run_ids: &[String],
+        tags: Vec<String>,
         ctx: &Ctx,
         resp: OriginResponse,
         ttl: Duration,
         stamp: Stamp,
     ) -> (CacheEntry, Duration) {
-        let tags = run_ids
-            .iter()
-            .map(|id| self.keys.run_tag(&ctx.version, id))
-            .collect();
         let content_type = resp
             .content_type
             .as_ref()

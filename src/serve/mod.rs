@@ -31,7 +31,7 @@ pub use warm::{WarmFailure, WarmReport};
 use self::access::AccessControl;
 use self::coalesce::Flights;
 use crate::domain::policy::{self, Freshness};
-use crate::domain::{FrontendAuth, View, ViewPolicy};
+use crate::domain::{FrontendAuth, Resolved, View, ViewDef, ViewPolicy, ViewTable};
 use crate::invalidation::Invalidator;
 use crate::metrics::{Outcome, Stats};
 use crate::origin::{OriginClient, OriginError, OriginResponse};
@@ -85,7 +85,8 @@ pub struct ReadThrough {
     keys: Keyspace,
     version: Arc<KeyVersion>,
     stats: Arc<Stats>,
-    policies: [ViewPolicy; 3],
+    table: Arc<ViewTable>,
+    policies: Arc<[ViewPolicy]>,
     not_found_ttl: std::time::Duration,
     coalesce: CoalesceOptions,
     flights: Arc<Flights<ViewResponse>>,
@@ -116,7 +117,8 @@ impl ReadThrough {
             keys: parts.keys,
             version: parts.version,
             stats: parts.stats,
-            policies: options.policies,
+            table: options.table,
+            policies: options.policies.into(),
             not_found_ttl: options.not_found_ttl,
             coalesce: options.coalesce,
             invalidator: parts.invalidator,
@@ -140,6 +142,30 @@ impl ReadThrough {
     /// The origin client (for pass-through requests).
     pub fn origin(&self) -> &OriginClient {
         &self.origin
+    }
+
+    /// The view table.
+    pub fn table(&self) -> &ViewTable {
+        &self.table
+    }
+
+    /// The request `resolved` by `def`, as the cache serves it: the headers the origin is
+    /// sent, and, for a view whose entries are per credential, the caller's credential (a
+    /// keyed hash) in its key.
+    pub fn request(
+        &self,
+        def: &ViewDef,
+        mut resolved: Resolved,
+        headers: &http::HeaderMap,
+    ) -> ViewRequest {
+        if def.per_credential {
+            let cred = self
+                .access
+                .credential(headers.get(http::header::AUTHORIZATION));
+            resolved.key.push_str(":cred-");
+            resolved.key.push_str(&cred.tag());
+        }
+        ViewRequest::resolved(def, resolved, self.origin.forwarded_headers(headers))
     }
 
     /// Keys in refresh back-off (for `/cache/stats`).
@@ -182,7 +208,12 @@ impl ReadThrough {
     ) -> Ctx {
         Ctx {
             flight: self.access.flight_key(&key, cred),
-            deps: self.keys.deps(&version, req.view, &req.run_ids),
+            deps: self.keys.deps(
+                &version,
+                req.view,
+                &req.tags,
+                self.table.get(req.view).learns_tags(),
+            ),
             cred,
             key,
             version,

@@ -25,8 +25,8 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::{Ctx, ReadThrough, ViewRequest};
+use crate::domain::FrontendAuth;
 use crate::domain::policy;
-use crate::domain::{FrontendAuth, View};
 use crate::invalidation::Cause;
 use crate::metrics::RefreshResult;
 use crate::store::counters::ReadCounters;
@@ -239,14 +239,22 @@ impl ReadThrough {
         let Ok(resp) = self.fetch(req.view, req.origin.clone()).await else {
             return RefreshResult::Error;
         };
-        let run_scoped = req.view != View::Comparison;
-        let run_id = req.run_ids.first().cloned().unwrap_or_default();
+        // A view of one entity (a run's metrics, a dataset's statistics) names one tag; a
+        // comparison names several, and no single one of them is what changed.
+        let own_tag = match req.tags.as_slice() {
+            [tag] => Some(tag.clone()),
+            _ => None,
+        };
         if resp.status == StatusCode::NOT_FOUND
-            && run_scoped
+            && let Some(tag) = &own_tag
             && self.access.mode() == FrontendAuth::None
         {
-            // Public views: the run is gone. Drop everything about it, as an event would.
-            return match self.invalidator.run(&run_id, Cause::Refresh).await {
+            // Public views: the entity is gone. Drop everything about it, as an event would.
+            return match self
+                .invalidator
+                .tags(std::slice::from_ref(tag), Cause::Refresh)
+                .await
+            {
                 Ok(_) => RefreshResult::Gone,
                 Err(_) => RefreshResult::Error,
             };
@@ -295,17 +303,32 @@ impl ReadThrough {
             let _ = self.store.touch(&ctx.key, &touched, retention).await;
             return RefreshResult::Unchanged;
         }
-        // Changed without an event. A run's other views and comparisons are stale too: the
-        // run is invalidated as an event would, and the new body stored only if no other
-        // invalidation happened since the stamp was read (ours is the one bump allowed).
+        // Changed without an event. The entity's other views and comparisons are stale too:
+        // its tag is invalidated as an event would, and the new body stored only if no other
+        // invalidation happened since the stamp was read (ours is the one bump allowed: its
+        // tag's generation and the learned-tags sequence).
+        let Ok(tags) = self.entry_tags(req, ctx, &resp.body) else {
+            return RefreshResult::Error;
+        };
         let mut stamp = stamp;
-        if run_scoped {
-            if self.invalidator.run(&run_id, Cause::Refresh).await.is_err() {
+        if let Some(tag) = &own_tag {
+            if self
+                .invalidator
+                .tags(std::slice::from_ref(tag), Cause::Refresh)
+                .await
+                .is_err()
+            {
                 return RefreshResult::Error;
             }
-            stamp = stamp.after_own_bump(&ctx.deps, &self.keys.run_gen(&ctx.version, &run_id));
+            stamp = stamp.after_own_bumps(
+                &ctx.deps,
+                &[
+                    self.keys.tag_gen(&ctx.version, tag),
+                    self.keys.learned(&ctx.version),
+                ],
+            );
         }
-        let (entry, retention) = self.new_entry(&req.run_ids, ctx, resp, ttl, stamp);
+        let (entry, retention) = self.new_entry(tags, ctx, resp, ttl, stamp);
         let entry = super::vary::with_vary_header(entry, &spec);
         if let Ok(true) = self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
             self.stats.record_set();

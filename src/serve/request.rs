@@ -8,21 +8,19 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 
 use super::refresh::RefreshOptions;
-use crate::domain::{
-    FrontendAuth, View, ViewPolicy, comparison_key, feature_importance_key, metrics_key,
-};
+use crate::domain::{FrontendAuth, Resolved, View, ViewDef, ViewPolicy, ViewTable};
 use crate::origin::OriginRequest;
 use crate::security::JwtVerifier;
 
-/// One cached-view request, validated and normalised by the handler.
+/// One cached-view request, validated and normalised by its view ([`ViewDef::resolve`]).
 #[derive(Debug, Clone)]
 pub struct ViewRequest {
     /// Which view.
     pub view: View,
     /// Logical key, e.g. `model:metrics:42`.
     pub logical_key: String,
-    /// Runs this entry depends on (its tags).
-    pub run_ids: Vec<String>,
+    /// The tags of the request (`run:42`): what its entry depends on.
+    pub tags: Vec<String>,
     /// What to send to the origin on a miss.
     pub origin: OriginRequest,
     /// `false`: go to the origin, neither read nor write the cache.
@@ -42,63 +40,29 @@ pub struct VariantOf {
 }
 
 impl ViewRequest {
-    /// `GET /api/v1/models/train/{run_id}/metrics` (`run_id` already validated).
-    pub fn metrics(run_id: &str, headers: HeaderMap, use_cache: bool) -> Self {
+    /// The request `resolved` by `def`, with the headers forwarded to the origin.
+    pub fn resolved(def: &ViewDef, resolved: Resolved, headers: HeaderMap) -> Self {
         Self {
-            view: View::Metrics,
-            logical_key: metrics_key(run_id),
-            run_ids: vec![run_id.to_owned()],
+            view: def.view,
+            logical_key: resolved.key,
+            tags: resolved.tags,
             origin: OriginRequest {
-                method: Method::GET,
-                path_and_query: format!("/api/v1/models/train/{run_id}/metrics"),
-                body: None,
+                method: def.method.clone(),
+                path_and_query: resolved.path_and_query,
+                body: resolved.body.map(Bytes::from),
                 headers,
             },
-            use_cache,
+            use_cache: resolved.use_cache,
             variant: None,
         }
     }
 
-    /// `GET /api/v1/models/train/{run_id}/feature-importance[?top_n=N]` (validated inputs).
-    pub fn feature_importance(
-        run_id: &str,
-        top_n: Option<u32>,
-        headers: HeaderMap,
-        use_cache: bool,
-    ) -> Self {
-        let query = top_n.map(|n| format!("?top_n={n}")).unwrap_or_default();
-        Self {
-            view: View::FeatureImportance,
-            logical_key: feature_importance_key(run_id, top_n),
-            run_ids: vec![run_id.to_owned()],
-            origin: OriginRequest {
-                method: Method::GET,
-                path_and_query: format!("/api/v1/models/train/{run_id}/feature-importance{query}"),
-                body: None,
-                headers,
-            },
-            use_cache,
-            variant: None,
-        }
-    }
-
-    /// `POST /api/v1/models/compare` for ids already normalised (strings, unique, sorted):
-    /// the origin receives exactly the list the key is hashed from.
-    pub fn comparison(run_ids: Vec<String>, headers: HeaderMap, use_cache: bool) -> Self {
-        let body = serde_json::json!({ "model_run_ids": run_ids });
-        Self {
-            view: View::Comparison,
-            logical_key: comparison_key(&run_ids),
-            origin: OriginRequest {
-                method: Method::POST,
-                path_and_query: "/api/v1/models/compare".to_owned(),
-                body: Some(Bytes::from(body.to_string())),
-                headers,
-            },
-            run_ids,
-            use_cache,
-            variant: None,
-        }
+    /// A request of `view` at `path` (with no query or body) as its handler would resolve it,
+    /// e.g. for warming.
+    pub fn of_path(table: &ViewTable, method: &Method, path: &str) -> Option<Self> {
+        let def = table.route(method, path)?;
+        let resolved = def.resolve(path, None, None).ok()?;
+        Some(Self::resolved(def, resolved, HeaderMap::new()))
     }
 }
 
@@ -116,8 +80,10 @@ pub struct CoalesceOptions {
 /// Tuning of the read-through cache.
 #[derive(Debug, Clone)]
 pub struct ReadThroughOptions {
+    /// The view table.
+    pub table: Arc<ViewTable>,
     /// Freshness rules, indexed by [`View::index`].
-    pub policies: [ViewPolicy; 3],
+    pub policies: Vec<ViewPolicy>,
     /// How long an origin 404 is stored (zero: never).
     pub not_found_ttl: Duration,
     /// Request coalescing.

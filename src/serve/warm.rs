@@ -32,23 +32,42 @@ pub struct WarmFailure {
 }
 
 impl ReadThrough {
-    /// Fetches and stores the metrics and feature importance of `run_ids` that are not cached
-    /// yet, at most `concurrency` origin requests at a time. Anonymous: no client header is
-    /// forwarded, so warming never leaks the admin token to the origin.
+    /// The views a run is warmed in: every `GET` view of one run (its one path parameter
+    /// the run, tagged `run:{…}` by it, no query it requires): the metrics and feature
+    /// importance of the shipped table.
+    fn run_views(&self) -> Vec<&crate::domain::ViewDef> {
+        self.table
+            .views()
+            .iter()
+            .filter(|d| {
+                d.method == Method::GET
+                    && d.params.len() == 1
+                    && d.query.iter().all(|q| !q.required || q.default.is_some())
+                    && d.keyed_by_tag().is_some_and(|(_, kind, _)| kind == "run")
+            })
+            .collect()
+    }
+
+    /// Fetches and stores, for each of `run_ids`, every view of one run ([`Self::run_views`])
+    /// not cached yet, at most `concurrency` origin requests at a time. Anonymous: no client
+    /// header is forwarded, so warming never leaks the admin token to the origin.
     pub async fn warm(&self, run_ids: &[String], concurrency: usize) -> WarmReport {
-        let mut requests = Vec::with_capacity(run_ids.len() * 2);
+        let views = self.run_views();
+        let mut requests = Vec::with_capacity(run_ids.len() * views.len());
         for id in run_ids {
-            requests.push(ViewRequest::metrics(id, HeaderMap::new(), true));
-            requests.push(ViewRequest::feature_importance(
-                id,
-                None,
-                HeaderMap::new(),
-                true,
-            ));
+            for def in &views {
+                let path = def.path_with(&[id.as_str()]);
+                if let Ok(resolved) = def.resolve(&path, None, None) {
+                    requests.push((
+                        id.clone(),
+                        ViewRequest::resolved(def, resolved, HeaderMap::new()),
+                    ));
+                }
+            }
         }
-        let results: Vec<(ViewRequest, Result<bool, String>)> =
+        let results: Vec<(String, ViewRequest, Result<bool, String>)> =
             futures_util::stream::iter(requests)
-                .map(|req| async move {
+                .map(|(id, req)| async move {
                     let result = match self.serve_inner(req.clone()).await {
                         Ok(r) => match r.outcome {
                             CacheOutcome::Miss { stored: true, .. } => Ok(true),
@@ -62,18 +81,18 @@ impl ReadThrough {
                         Err(OriginError::Unreachable(_)) => Err("origin unreachable".to_owned()),
                         Err(e) => Err(e.to_string()),
                     };
-                    (req, result)
+                    (id, req, result)
                 })
                 .buffer_unordered(concurrency.max(1))
                 .collect()
                 .await;
         let mut report = WarmReport::default();
-        for (req, result) in results {
+        for (id, req, result) in results {
             match result {
                 Ok(true) => report.warmed += 1,
                 Ok(false) => report.skipped += 1,
                 Err(error) => report.failed.push(WarmFailure {
-                    model_run_id: req.run_ids.first().cloned().unwrap_or_default(),
+                    model_run_id: id,
                     view: req.view.name().to_owned(),
                     error,
                 }),

@@ -1,18 +1,23 @@
 //! The physical key layout. Entries are `{prefix}:{version}:{logical}`; everything else lives
 //! under `{prefix}:_…` (versions cannot start with `_`, so the two never collide, and a clear
 //! of `*` only ever sees entries):
-//! - `{prefix}:_gen:{version}:ns:{view}` and `…:run:{id}`: generation counters an entry
-//!   depends on; `…:clears`: the clear sequence (see [`super::Stamp`]);
-//! - `{prefix}:_tags:{version}:run:{id}`: the set of entries that depend on a run;
+//! - `{prefix}:_gen:{version}:ns:{view}` and `…:{tag}` (`…:run:42`): generation counters an
+//!   entry depends on; `…:clears`: the clear sequence (see [`super::Stamp`]); `…:learned`: the
+//!   sequence every tag invalidation bumps, which a store of an entry with answer-learned tags
+//!   is checked against (see [`Keyspace::deps`]);
+//! - `{prefix}:_tags:{version}:{tag}`: the set of entries that carry a tag (`run:42`);
 //! - `{prefix}:_lock:{version}:{logical}`: cross-instance fetch locks;
 //! - `{prefix}:_meta:version`, `…:marker`: the shared version and this keyspace's marker;
 //! - `{prefix}:_instances`: the instances registered while Redis is reachable.
 //!
 //! On a Redis Cluster ([`Keyspace::clustered`]) every key ends with a hash tag, so that what
 //! one operation must touch together shares a slot (logical keys do not change):
-//! - a run's entries (metrics, every feature-importance variant, their Vary variants), its
-//!   generation counter, its tag set and its fetch locks end with `{run:ID}`;
-//! - a comparison ends with `{cmp:HASH}` (it spans runs: see [`super::Deps`]);
+//! - a tag's generation counter and tag set end with `{TAG}` (`{run:42}`), and so do the
+//!   entries of a view keyed `literal{param}…` and tagged `kind:{param}` (a run's metrics,
+//!   every feature-importance variant, their Vary variants, their fetch locks), read from the
+//!   view table ([`Keyspace::with_views`]);
+//! - an entry whose key is `literal{sha256(…)}` ends with `{cmp:HASH}` (a comparison spans
+//!   runs: see [`super::Deps`]);
 //! - the view counters, the clear sequences, the version, the marker and the registry end
 //!   with `{PREFIX}`, one slot;
 //! - any other logical key (named by an admin `keys` invalidation) ends with `{k:KEY}`.
@@ -22,7 +27,9 @@
 //! appending `{*` ([`Keyspace::entry_pattern`]): it matches exactly the entries whose logical
 //! key the glob matches.
 
-use crate::domain::{View, concat};
+use std::sync::Arc;
+
+use crate::domain::{View, ViewTable, concat, template::Piece};
 
 use super::Deps;
 
@@ -32,6 +39,27 @@ pub struct Keyspace {
     prefix: String,
     /// `{prefix}` on a Redis Cluster (the slot of the global keys), empty otherwise.
     global_tag: String,
+    /// How the views' logical keys map to cluster slots, longest literal first.
+    routes: Arc<[Route]>,
+    /// The views (whose counters stand for everything: see [`Keyspace::views`]).
+    views: Arc<[View]>,
+}
+
+/// How the logical keys starting with `literal` map to a cluster slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    /// `literal ID…` is in the slot of tag `kind:ID`.
+    Tag { literal: String, kind: String },
+    /// `literal HASH` is in slot `{cmp:HASH}`.
+    Hash { literal: String },
+}
+
+impl Route {
+    fn literal(&self) -> &str {
+        match self {
+            Route::Tag { literal, .. } | Route::Hash { literal } => literal,
+        }
+    }
 }
 
 /// The slot tag a physical key of a cluster keyspace hashes by: the text between its first
@@ -53,7 +81,35 @@ impl Keyspace {
         Self {
             prefix: prefix.into(),
             global_tag: String::new(),
+            routes: Arc::from([]),
+            views: Arc::from([]),
         }
+    }
+
+    /// The keyspace with the slot routes of `table`'s views (used on a cluster only).
+    pub fn with_views(mut self, table: &ViewTable) -> Self {
+        let mut routes: Vec<Route> = Vec::new();
+        for def in table.views() {
+            if let Some((literal, kind, _)) = def.keyed_by_tag() {
+                routes.push(Route::Tag {
+                    literal: literal.to_owned(),
+                    kind: kind.to_owned(),
+                });
+            } else if let [Piece::Literal(l), Piece::Field { hashed: true, .. }] = def.key.pieces()
+            {
+                routes.push(Route::Hash { literal: l.clone() });
+            }
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.literal().len()));
+        routes.dedup();
+        self.routes = routes.into();
+        self.views = table.handles().into();
+        self
+    }
+
+    /// The views of the table the keyspace was given ([`Keyspace::with_views`]).
+    pub fn views(&self) -> &[View] {
+        &self.views
     }
 
     /// A keyspace under `prefix` for a Redis Cluster: every key carries a hash tag (see the
@@ -61,7 +117,12 @@ impl Keyspace {
     pub fn clustered(prefix: impl Into<String>) -> Self {
         let prefix = prefix.into();
         let global_tag = concat(&["{", &prefix, "}"]);
-        Self { prefix, global_tag }
+        Self {
+            prefix,
+            global_tag,
+            routes: Arc::from([]),
+            views: Arc::from([]),
+        }
     }
 
     /// Whether keys carry cluster hash tags.
@@ -69,28 +130,36 @@ impl Keyspace {
         !self.global_tag.is_empty()
     }
 
-    /// The hash tag of a logical key (empty outside a cluster).
+    /// The hash tag of a logical key (empty outside a cluster): the slot its view's route
+    /// names, else `{k:KEY}`.
     fn tag_of(&self, logical: &str) -> String {
         if !self.is_clustered() {
             return String::new();
         }
-        let mut parts = logical.splitn(4, ':');
-        let (model, view, id) = (parts.next(), parts.next(), parts.next());
-        match (model, view, id) {
-            (Some("model"), Some("metrics" | "feature_importance"), Some(id)) if !id.is_empty() => {
-                concat(&["{run:", id, "}"])
+        for route in self.routes.iter() {
+            let Some(rest) = logical.strip_prefix(route.literal()) else {
+                continue;
+            };
+            match route {
+                Route::Tag { kind, .. } => {
+                    let id = rest.split(':').next().unwrap_or_default();
+                    if !id.is_empty() {
+                        return concat(&["{", kind, ":", id, "}"]);
+                    }
+                }
+                Route::Hash { .. } if !rest.is_empty() && !rest.contains(':') => {
+                    return concat(&["{cmp:", rest, "}"]);
+                }
+                Route::Hash { .. } => {}
             }
-            (Some("model"), Some("comparison"), Some(hash)) if !hash.is_empty() => {
-                concat(&["{cmp:", hash, "}"])
-            }
-            _ => concat(&["{k:", logical, "}"]),
         }
+        concat(&["{k:", logical, "}"])
     }
 
-    /// The hash tag of a run's keys (empty outside a cluster).
-    fn run_tag_suffix(&self, run_id: &str) -> String {
+    /// The hash tag of a tag's keys (empty outside a cluster).
+    fn tag_suffix(&self, tag: &str) -> String {
         if self.is_clustered() {
-            concat(&["{run:", run_id, "}"])
+            concat(&["{", tag, "}"])
         } else {
             String::new()
         }
@@ -142,16 +211,21 @@ impl Keyspace {
         concat(&[&self.prefix, ":*"])
     }
 
-    /// Physical key of the set listing every entry that depends on a run.
-    pub fn run_tag(&self, version: &str, run_id: &str) -> String {
+    /// Physical key of the set listing every entry that carries `tag` (`run:42`).
+    pub fn tag_set(&self, version: &str, tag: &str) -> String {
         concat(&[
             &self.prefix,
             ":_tags:",
             version,
-            ":run:",
-            run_id,
-            &self.run_tag_suffix(run_id),
+            ":",
+            tag,
+            &self.tag_suffix(tag),
         ])
+    }
+
+    /// Physical key of the set of a run's entries: the tag set of `run:ID`.
+    pub fn run_tag(&self, version: &str, run_id: &str) -> String {
+        self.tag_set(version, &concat(&["run:", run_id]))
     }
 
     /// Physical glob over every tag set of `version`.
@@ -159,15 +233,28 @@ impl Keyspace {
         concat(&[&self.prefix, ":_tags:", version, ":*"])
     }
 
-    /// Physical key of a run's generation counter.
-    pub fn run_gen(&self, version: &str, run_id: &str) -> String {
+    /// Physical key of a tag's generation counter.
+    pub fn tag_gen(&self, version: &str, tag: &str) -> String {
         concat(&[
             &self.prefix,
             ":_gen:",
             version,
-            ":run:",
-            run_id,
-            &self.run_tag_suffix(run_id),
+            ":",
+            tag,
+            &self.tag_suffix(tag),
+        ])
+    }
+
+    /// Physical key of the learned-tags sequence of `version`: bumped by every tag
+    /// invalidation, clear and key invalidation, and checked by the store of an entry whose
+    /// tags are learned from its answer (see [`Keyspace::deps`]).
+    pub fn learned(&self, version: &str) -> String {
+        concat(&[
+            &self.prefix,
+            ":_gen:",
+            version,
+            ":learned",
+            &self.global_tag,
         ])
     }
 
@@ -206,7 +293,7 @@ impl Keyspace {
     /// The clear sequences a clear or key invalidation of entries of `views` bumps: the
     /// version's one, and on a cluster each view's.
     pub fn clears_for(&self, version: &str, views: &[View]) -> Vec<String> {
-        let mut out = vec![self.clears(version)];
+        let mut out = vec![self.learned(version), self.clears(version)];
         if self.is_clustered() {
             out.extend(views.iter().map(|&v| self.view_clears(version, v)));
         }
@@ -218,20 +305,35 @@ impl Keyspace {
         concat(&[&self.prefix, ":_gen:", version, ":*"])
     }
 
-    /// The counters an entry of `view` over `run_ids` depends on, under `version`.
+    /// The counters an entry of `view` tagged `tags` depends on, under `version`.
     /// On a cluster the view's clear sequence is one of the counters (checked on every read)
     /// and is the clear sequence of the stamp too.
-    pub fn deps(&self, version: &str, view: View, run_ids: &[String]) -> Deps {
-        let mut counters = Vec::with_capacity(2 + run_ids.len());
+    ///
+    /// An entry whose tags are also learned from its answer (`learns`) cannot depend on
+    /// those tags' counters before its fetch, when they are unknown. It is dropped through
+    /// their tag sets instead, and stored only if no tag invalidation, clear or key
+    /// invalidation began since its fetch did: its stamp's clear sequence is the learned-tags
+    /// sequence ([`Keyspace::learned`]), which all of them bump before they delete. One Redis
+    /// (and the memory tier) stores atomically, so an entry stored before such a bump is in
+    /// the tag sets the invalidation then empties. On a cluster the store is not atomic across
+    /// slots, so there the sequence is one of the counters every read checks: any tag
+    /// invalidation drops every such entry (coarser, and as safe).
+    pub fn deps(&self, version: &str, view: View, tags: &[String], learns: bool) -> Deps {
+        let mut counters = Vec::with_capacity(3 + tags.len());
         counters.push(self.view_gen(version, view));
         let clears = if self.is_clustered() {
             let clears = self.view_clears(version, view);
             counters.push(clears.clone());
+            if learns {
+                counters.push(self.learned(version));
+            }
             clears
+        } else if learns {
+            self.learned(version)
         } else {
             self.clears(version)
         };
-        counters.extend(run_ids.iter().map(|id| self.run_gen(version, id)));
+        counters.extend(tags.iter().map(|t| self.tag_gen(version, t)));
         Deps { counters, clears }
     }
 
@@ -284,6 +386,18 @@ impl Keyspace {
 mod tests {
     use super::*;
 
+    fn view(index: usize, name: &'static str) -> View {
+        View::new(index, name)
+    }
+
+    /// The shipped view table.
+    fn shipped() -> ViewTable {
+        crate::config::Settings::load_from(None, Some(Default::default()))
+            .expect("default settings")
+            .view_table()
+            .expect("the shipped views")
+    }
+
     #[test]
     fn keyspace_separates_entries_tags_and_meta() {
         let ks = Keyspace::new("runcache");
@@ -291,7 +405,7 @@ mod tests {
             ks.entry("v1", "model:metrics:1"),
             "runcache:v1:model:metrics:1"
         );
-        assert_eq!(ks.run_tag("v1", "1"), "runcache:_tags:v1:run:1");
+        assert_eq!(ks.tag_set("v1", "run:1"), "runcache:_tags:v1:run:1");
         assert_eq!(
             ks.logical("v1", "runcache:v1:model:metrics:1"),
             Some("model:metrics:1")
@@ -299,12 +413,12 @@ mod tests {
         assert_eq!(ks.logical("v2", "runcache:v1:model:metrics:1"), None);
         assert!(
             !wildmatch::WildMatch::new(&ks.entry_pattern("v1", "*"))
-                .matches(&ks.run_tag("v1", "1"))
+                .matches(&ks.tag_set("v1", "run:1"))
         );
         assert!(ks.is_entry("runcache:v2:model:metrics:1"));
         for internal in [
-            ks.run_tag("v1", "1"),
-            ks.run_gen("v1", "1"),
+            ks.tag_set("v1", "run:1"),
+            ks.tag_gen("v1", "run:1"),
             ks.clears("v1"),
             ks.version_key(),
             ks.instances_key(),
@@ -318,7 +432,12 @@ mod tests {
     #[test]
     fn deps_name_the_view_then_each_run() {
         let ks = Keyspace::new("p");
-        let deps = ks.deps("v1", View::Comparison, &["1".into(), "2".into()]);
+        let deps = ks.deps(
+            "v1",
+            view(2, "comparison"),
+            &["run:1".into(), "run:2".into()],
+            false,
+        );
         assert_eq!(
             deps.counters(),
             [
@@ -332,21 +451,21 @@ mod tests {
 
     #[test]
     fn a_cluster_keyspace_puts_a_run_in_one_slot_and_globs_still_match_logical_keys() {
-        let ks = Keyspace::clustered("rc");
+        let ks = Keyspace::clustered("rc").with_views(&shipped());
         let metrics = ks.entry("v1", "model:metrics:42");
         let fi = ks.entry("v1", "model:feature_importance:42:top_5");
         assert_eq!(metrics, "rc:v1:model:metrics:42{run:42}");
         for key in [
             &fi,
-            &ks.run_gen("v1", "42"),
-            &ks.run_tag("v1", "42"),
+            &ks.tag_gen("v1", "run:42"),
+            &ks.tag_set("v1", "run:42"),
             &ks.fetch_lock("v1", "model:metrics:42"),
             &ks.entry("v1", "model:metrics:42:vary-00ff"),
         ] {
             assert_eq!(hash_part(key), "run:42", "{key}");
         }
         for key in [
-            ks.view_gen("v1", View::Metrics),
+            ks.view_gen("v1", view(0, "metrics")),
             ks.clears("v1"),
             ks.version_key(),
             ks.marker_key(),
@@ -380,13 +499,13 @@ mod tests {
                 "{pattern} against {logical}"
             );
         }
-        assert!(!glob("*").matches(&ks.run_tag("v1", "42")));
+        assert!(!glob("*").matches(&ks.tag_set("v1", "run:42")));
     }
 
     #[test]
     fn on_a_cluster_a_view_clear_sequence_is_checked_like_a_counter() {
         let ks = Keyspace::clustered("p");
-        let deps = ks.deps("v1", View::Metrics, &["1".into()]);
+        let deps = ks.deps("v1", view(0, "metrics"), &["run:1".into()], false);
         assert_eq!(
             deps.counters(),
             [
@@ -397,12 +516,16 @@ mod tests {
         );
         assert_eq!(deps.clears_key(), "p:_gen:v1:clears:metrics{p}");
         assert_eq!(
-            ks.clears_for("v1", &[View::Comparison]),
-            ["p:_gen:v1:clears{p}", "p:_gen:v1:clears:comparison{p}"]
+            ks.clears_for("v1", &[view(2, "comparison")]),
+            [
+                "p:_gen:v1:learned{p}",
+                "p:_gen:v1:clears{p}",
+                "p:_gen:v1:clears:comparison{p}"
+            ]
         );
         assert_eq!(
-            Keyspace::new("p").clears_for("v1", &View::ALL),
-            ["p:_gen:v1:clears"]
+            Keyspace::new("p").clears_for("v1", &[view(0, "metrics")]),
+            ["p:_gen:v1:learned", "p:_gen:v1:clears"]
         );
     }
 }

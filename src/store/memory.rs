@@ -411,7 +411,12 @@ mod tests {
     }
 
     fn deps(run: &str) -> Deps {
-        Keyspace::new("p").deps("v1", crate::domain::View::Metrics, &[run.to_owned()])
+        Keyspace::new("p").deps(
+            "v1",
+            crate::domain::View::new(0, "metrics"),
+            &[format!("run:{run}")],
+            false,
+        )
     }
 
     fn entry(store: &MemoryStore, deps: &Deps, body: &'static [u8], tags: &[&str]) -> CacheEntry {

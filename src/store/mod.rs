@@ -244,15 +244,21 @@ impl Stamp {
         self.serves(later) && self.clears == later.clears
     }
 
-    /// The stamp of something fetched under `self` by a holder that then bumped `counter` (one
-    /// of `deps`) exactly once itself: storing under it succeeds only if nobody else moved
-    /// anything since `self` was read.
-    pub fn after_own_bump(&self, deps: &Deps, counter: &str) -> Stamp {
+    /// The stamp of something fetched under `self` by a holder that then bumped each of
+    /// `bumped` exactly once itself (those of `deps`' counters, and its clear sequence, that
+    /// are among them): storing under it succeeds only if nobody else moved anything since
+    /// `self` was read.
+    pub fn after_own_bumps(&self, deps: &Deps, bumped: &[String]) -> Stamp {
         let mut next = self.clone();
-        if let Some(i) = deps.counters().iter().position(|c| c == counter)
-            && let Some(v) = next.counters.get_mut(i)
-        {
-            *v += 1;
+        for counter in bumped {
+            if let Some(i) = deps.counters().iter().position(|c| c == counter)
+                && let Some(v) = next.counters.get_mut(i)
+            {
+                *v += 1;
+            }
+            if deps.clears_key() == counter && !deps.counters().contains(counter) {
+                next.clears += 1;
+            }
         }
         next
     }
@@ -553,11 +559,19 @@ mod tests {
 
     #[test]
     fn an_own_bump_advances_exactly_its_counter() {
-        let deps = Keyspace::new("p").deps("v1", crate::domain::View::Metrics, &["1".into()]);
+        let deps = Keyspace::new("p").deps(
+            "v1",
+            crate::domain::View::new(0, "metrics"),
+            &["run:1".into()],
+            false,
+        );
         let before = stamp(Tier::Redis, 0, &[3, 7], 1);
-        let after = before.after_own_bump(&deps, "p:_gen:v1:run:1");
+        let after = before.after_own_bumps(&deps, &["p:_gen:v1:run:1".into()]);
         assert_eq!(after, stamp(Tier::Redis, 0, &[3, 8], 1));
-        assert_eq!(before.after_own_bump(&deps, "p:_gen:v1:run:2"), before);
+        assert_eq!(
+            before.after_own_bumps(&deps, &["p:_gen:v1:run:2".into()]),
+            before
+        );
     }
 
     #[test]

@@ -26,5 +26,6 @@ mod security;
 mod sentinel;
 mod snapshots;
 mod stream;
+mod table;
 mod variants;
 mod views;

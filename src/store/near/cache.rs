@@ -367,7 +367,12 @@ mod tests {
     use bytes::Bytes;
 
     fn deps(run: &str) -> Deps {
-        Keyspace::new("p").deps("v1", crate::domain::View::Metrics, &[run.to_owned()])
+        Keyspace::new("p").deps(
+            "v1",
+            crate::domain::View::new(0, "metrics"),
+            &[format!("run:{run}")],
+            false,
+        )
     }
 
     fn entry(tags: &[&str]) -> CacheEntry {

@@ -32,7 +32,6 @@ use super::{
     CacheEntry, Deps, Fence, Invalidation, KeyVersion, Keyspace, Lookup, Source, Stamp, StoreError,
     Tier,
 };
-use crate::domain::View;
 use crate::domain::policy::now_ms;
 use crate::metrics::names;
 
@@ -288,10 +287,13 @@ impl FallbackStore {
     /// and the counters that every stamp of the current version depends on bumped.
     fn everything(&self) -> Invalidation {
         let v = self.version.get();
-        let mut bump: Vec<String> = View::ALL
-            .into_iter()
-            .map(|view| self.keys.view_gen(&v, view))
+        let mut bump: Vec<String> = self
+            .keys
+            .views()
+            .iter()
+            .map(|&view| self.keys.view_gen(&v, view))
             .collect();
+        bump.push(self.keys.learned(&v));
         bump.push(self.keys.clears(&v));
         Invalidation {
             bump,
