@@ -25,13 +25,14 @@ as_root() {
     fi
 }
 
+# NEEDRESTART_SUSPEND: installing never restarts the machine's services (Debian's needrestart).
 apt_updated=
 apt_install() {
     if [ -z "$apt_updated" ]; then
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update </dev/null
         apt_updated=1
     fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "$@" </dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get install -y "$@" </dev/null
 }
 
 echo "== redis-server (if missing) =="
@@ -41,7 +42,8 @@ fi
 
 echo "== docker-compose (if missing; its config command needs no engine) =="
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
-    apt_install docker-compose
+    # Without its recommended Docker engine: the tests run only `config`.
+    apt_install --no-install-recommends docker-compose
 fi
 
 echo "== python3 and prometheus-client (if missing; the tests parse /metrics with it) =="
