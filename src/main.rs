@@ -2,7 +2,7 @@
 
 /// mimalloc instead of glibc's malloc: the hit path allocates small, short-lived buffers on two
 /// worker threads, where glibc's arena locks and `malloc_consolidate` showed up in profiles
-/// (see the README's Performance section).
+/// (see docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -137,12 +137,27 @@ impl Application {
         }
         // Every journal append is already durable; say what the next start will replay.
         let pending = tiered.pending_invalidations();
-        if pending > 0 {
+        if pending > 0 && redis_left_at_default(&settings) && tiered.serving_epoch() == 0 {
+            // The embedded store all along, by default: nothing went wrong.
+            tracing::info!(pending, path = %settings.journal.path, "invalidations journaled; they are replayed to redis should one answer at redis.url");
+        } else if pending > 0 {
             tracing::warn!(pending, path = %settings.journal.path, "invalidations still journaled; they are replayed to redis at the next start");
         }
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The `redis.url` that `config/default.toml` ships: a Redis on this host, which a newcomer
+/// may not run.
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Whether Redis was left unconfigured (single mode on the shipped `redis.url`): then finding
+/// no Redis at start is the default set-up, the embedded store, rather than a Redis that was
+/// asked for and is down. A Redis that answered once and then fails is a warning either way
+/// (the circuit logs it).
+fn redis_left_at_default(settings: &Settings) -> bool {
+    settings.redis.mode == "single" && settings.redis.url.expose_secret() == DEFAULT_REDIS_URL
 }
 
 /// How other instances reach this one when `server.advertise_url` is unset: the address
@@ -229,11 +244,20 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         crate::http::ops::probe_readiness(&s).await;
         if probed {
             tiered.heartbeat().await;
+        } else if redis_left_at_default(&s.settings) {
+            // No Redis was asked for: the embedded store is the default set-up, not a fault.
+            // The probe goes on, so a Redis started there later is taken up (said at info).
+            tracing::info!(redis = %s.settings.redis_url_redacted(), "no redis at the default redis.url; serving from the embedded in-process store (set redis.url, or RUNCACHE__REDIS__URL, to use redis)");
         } else {
             tracing::warn!(redis = %s.settings.redis_url_redacted(), "redis unreachable at start; serving from the memory tier and probing in the background");
         }
-        if let Err(e) = s.version.sync(s.store.as_ref(), &s.keys).await {
-            tracing::warn!(error = %e, "could not read the shared key version");
+        match s.version.sync(s.store.as_ref(), &s.keys).await {
+            Ok(()) => {}
+            // Said just above; the version poll adopts the shared version once Redis answers.
+            Err(e) if !probed && e.is_unavailable() => {
+                tracing::debug!(error = %e, "shared key version not read: redis unreachable");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the shared key version"),
         }
         s.started.store(true, Ordering::Release);
         // Warming runs after start-up is declared done: it never delays serving.
@@ -390,4 +414,41 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             s.prometheus.run_upkeep();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(env: &[(&str, &str)]) -> Settings {
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        Settings::load_from(None, Some(env)).expect("settings load")
+    }
+
+    #[test]
+    fn only_the_shipped_redis_url_in_single_mode_counts_as_no_redis_asked_for() {
+        assert!(
+            redis_left_at_default(&settings(&[])),
+            "config/default.toml's redis.url"
+        );
+        let url = "RUNCACHE__REDIS__URL";
+        for other in [
+            "redis://127.0.0.1:6380",
+            "redis://localhost:6379",
+            "rediss://127.0.0.1:6379",
+        ] {
+            assert!(
+                !redis_left_at_default(&settings(&[(url, other)])),
+                "{other}"
+            );
+        }
+        let cluster = [
+            ("RUNCACHE__REDIS__MODE", "cluster"),
+            ("RUNCACHE__REDIS__CLUSTER_URLS", "redis://127.0.0.1:7000"),
+        ];
+        assert!(!redis_left_at_default(&settings(&cluster)));
+    }
 }

@@ -517,7 +517,7 @@ async fn an_invalidation_on_a_master_the_sentinels_replaced_is_not_lost() {
     an_invalidation_acknowledged_by_a_stranded_replica_reaches_the_new_master(false, true).await;
 }
 
-/// With `min-replicas-to-write` set (as the README advises), a master that lost its replicas
+/// With `min-replicas-to-write` set (as docs/redis.md advises), a master that lost its replicas
 /// refuses writes with `NOREPLICAS`: an invalidation is then journaled and told to the other
 /// instances like one that cannot reach Redis, and replayed once the master takes writes again.
 #[tokio::test]
