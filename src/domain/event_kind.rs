@@ -125,8 +125,14 @@ impl EventKinds {
     /// The tags an event of `kind` with `fields` (a JSON body) invalidates. `None`: no such
     /// kind. An error: a field is missing, not an id, or not one the kind names.
     pub fn tags_of(&self, kind: &str, body: &Value) -> Option<Result<Vec<String>, String>> {
+        Some(self.read(kind, body)?.map(|event| event.tags))
+    }
+
+    /// An event of `kind` with `body` read: its fields (each through the id parser) and the
+    /// tags it invalidates. `None`: no such kind.
+    pub fn read(&self, kind: &str, body: &Value) -> Option<Result<Event, String>> {
         let k = self.kinds.get(kind)?;
-        Some(tags_of(k, body))
+        Some(read(k, body))
     }
 
     /// As [`EventKinds::tags_of`] for fields given as text (the event stream, where a number
@@ -180,7 +186,30 @@ fn rename(e: String, name: &str) -> String {
     }
 }
 
-fn tags_of(k: &Kind, body: &Value) -> Result<Vec<String>, String> {
+/// An event, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The fields its kind names, normalised (`42.0` is `"42"`), by name.
+    pub fields: Vec<(String, String)>,
+    /// The tags it invalidates.
+    pub tags: Vec<String>,
+}
+
+impl Event {
+    /// What the audit trail names: the one field's value (`42`), or `name=value` pairs.
+    pub fn target(&self) -> String {
+        match self.fields.as_slice() {
+            [(_, value)] => value.clone(),
+            many => many
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+}
+
+fn read(k: &Kind, body: &Value) -> Result<Event, String> {
     let Value::Object(members) = body else {
         return Err("the body must be a JSON object".into());
     };
@@ -193,7 +222,14 @@ fn tags_of(k: &Kind, body: &Value) -> Result<Vec<String>, String> {
         let id = parse_run_id(RawRunId::Json(v)).map_err(|e| rename(e, name))?;
         fields.insert(name.clone(), Value::String(id));
     }
-    render(k, &fields)
+    let tags = render(k, &fields)?;
+    Ok(Event {
+        fields: fields
+            .into_iter()
+            .map(|(n, v)| (n, v.as_str().unwrap_or_default().to_owned()))
+            .collect(),
+        tags,
+    })
 }
 
 fn render(k: &Kind, fields: &Map<String, Value>) -> Result<Vec<String>, String> {

@@ -255,7 +255,10 @@ fn render_pieces(pieces: &[Piece], inputs: &Inputs<'_>, out: &mut String) -> Res
                         .into_iter()
                         .next()
                         .ok_or_else(|| expr.to_string())?;
-                    out.push_str(&render(v));
+                    match v {
+                        Value::String(s) if s.bytes().all(is_key_byte) => out.push_str(s),
+                        other => out.push_str(&render(other)),
+                    }
                 }
             }
             Piece::Optional(inner) => {

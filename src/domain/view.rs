@@ -282,10 +282,16 @@ impl Field {
                         self.max.map_or("any".to_owned(), |m| m.to_string())
                     ));
                 }
-                if let Some((re, text)) = &self.pattern
-                    && !re.is_match(s)
-                {
-                    return Err(format!("{name} must match {text}"));
+                match &self.pattern {
+                    // The run-id pattern is checked as a run id: the same set of strings, and
+                    // the id parser's message, without a regular expression on every request.
+                    Some((_, text)) if text == super::RUN_ID_PATTERN => {
+                        super::validate_run_id(s).map_err(|e| self.renamed(e))?;
+                    }
+                    Some((re, text)) if !re.is_match(s) => {
+                        return Err(format!("{name} must match {text}"));
+                    }
+                    _ => {}
                 }
                 Ok(Value::String(s.to_owned()))
             }

@@ -18,7 +18,7 @@ use crate::invalidation::Cause;
 use crate::state::AppState;
 
 /// Routes of this resource: `POST /events/{kind}` for every kind of `events.kinds`. It is
-/// written as a plain route, and documented per kind by [`document`].
+/// written as a plain route, and documented per kind by `document`.
 pub fn router() -> axum::Router<AppState> {
     axum::Router::new().route("/events/{kind}", axum::routing::post(post_event))
 }
@@ -42,13 +42,14 @@ async fn post_event(
         )));
     }
     let body: Value = parse_json(&raw)?;
-    let tags = state
+    let event = state
         .kinds
-        .tags_of(&kind, &body)
-        .unwrap_or_else(|| Ok(Vec::new()))
+        .read(&kind, &body)
+        .ok_or_else(|| AppError::NotFound(format!("no event kind {kind:?}")))?
         .map_err(AppError::InvalidArgument)?;
-    let invalidate = || state.invalidator.tags(&tags, Cause::Event);
-    let target = tags.join(" ");
+    let tags = &event.tags;
+    let invalidate = || state.invalidator.tags(tags, Cause::Event);
+    let target = event.target();
     let (who, invalidated) = match &via {
         EventAuth::Token => (state.admin_token_id.as_str(), invalidate().await?),
         // A signature counts as used once its invalidation is applied: a delivery that failed

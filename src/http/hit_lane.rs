@@ -104,34 +104,53 @@ impl<S> HitLane<S> {
             return Route::Pass;
         }
         // The view's own resolver: what it refuses, the full path refuses (or passes) too.
-        let Ok(resolved) = def.resolve(req.uri().path(), req.uri().query(), None) else {
+        let Ok(mut resolved) = def.resolve(req.uri().path(), req.uri().query(), None) else {
             return Route::Pass;
         };
-        let view_request = self.state.views.request(def, resolved, headers);
-        if view_request.use_cache
+        let views = &self.state.views;
+        views.personalise(def, &mut resolved, headers);
+        if resolved.use_cache
             && self.state.limits.has_room()
-            && let Some(resp) = self.near_hit(req, &view_request)
+            && let Some(resp) = self.near_hit(req, def, &resolved)
         {
             return Route::Answered(resp);
         }
         // Past the in-flight limit the full path sheds the request, as it always has.
         match self.state.limits.admit() {
             Some(permit) => Route::Serve(Owned {
-                request: view_request,
+                request: ViewRequest::resolved(
+                    def,
+                    resolved,
+                    views.origin().forwarded_headers(headers),
+                ),
                 permit,
             }),
             None => Route::Pass,
         }
     }
 
-    fn near_hit(&self, req: &Request<Body>, view_request: &ViewRequest) -> Option<Response> {
+    /// A fresh near-cache copy of `resolved`'s entry, answered; the request the full path
+    /// would serve is built only if refresh-ahead needs it.
+    fn near_hit(
+        &self,
+        req: &Request<Body>,
+        def: &crate::domain::ViewDef,
+        resolved: &crate::domain::Resolved,
+    ) -> Option<Response> {
         let headers = req.headers();
         let started = Instant::now();
-        let answer = self.state.views.near_hit(
-            view_request.view,
-            &view_request.logical_key,
+        let views = &self.state.views;
+        let answer = views.near_hit(
+            def.view,
+            &resolved.key,
             headers.get(header::AUTHORIZATION),
-            || view_request.clone(),
+            || {
+                ViewRequest::resolved(
+                    def,
+                    resolved.clone(),
+                    views.origin().forwarded_headers(headers),
+                )
+            },
         )?;
         let mut resp = super::views::respond(answer, headers, true);
         let request_id = request_id(headers);

@@ -1,6 +1,6 @@
 //! Every cached view of the view table, on the origin's own paths, through one handler: the
 //! view's validators, key and tags ([`ViewDef::resolve`]), the read-through, the answer
-//! ([`respond`]). And the `DELETE` of a run passed through to the origin.
+//! (`respond`). And the `DELETE` of a run passed through to the origin.
 
 use std::collections::BTreeSet;
 
@@ -23,7 +23,7 @@ use crate::serve::{ViewRequest, ViewResponse};
 use crate::state::AppState;
 
 /// Routes of this resource written as code: the `DELETE` of a run. The views are served by
-/// [`serve_or_not_found`], the router's fallback, from the view table.
+/// `serve_or_not_found`, the router's fallback, from the view table.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(delete_run))
 }

@@ -150,14 +150,21 @@ impl ReadThrough {
     }
 
     /// The request `resolved` by `def`, as the cache serves it: the headers the origin is
-    /// sent, and, for a view whose entries are per credential, the caller's credential (a
-    /// keyed hash) in its key.
+    /// sent, and the caller's credential in its key where the view asks for it
+    /// ([`Self::personalise`]).
     pub fn request(
         &self,
         def: &ViewDef,
         mut resolved: Resolved,
         headers: &http::HeaderMap,
     ) -> ViewRequest {
+        self.personalise(def, &mut resolved, headers);
+        ViewRequest::resolved(def, resolved, self.origin.forwarded_headers(headers))
+    }
+
+    /// For a view whose entries are per credential, puts the caller's credential (a keyed
+    /// hash, never the credential) in the key of `resolved`.
+    pub fn personalise(&self, def: &ViewDef, resolved: &mut Resolved, headers: &http::HeaderMap) {
         if def.per_credential {
             let cred = self
                 .access
@@ -165,7 +172,6 @@ impl ReadThrough {
             resolved.key.push_str(":cred-");
             resolved.key.push_str(&cred.tag());
         }
-        ViewRequest::resolved(def, resolved, self.origin.forwarded_headers(headers))
     }
 
     /// Keys in refresh back-off (for `/cache/stats`).

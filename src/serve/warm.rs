@@ -48,7 +48,7 @@ impl ReadThrough {
             .collect()
     }
 
-    /// Fetches and stores, for each of `run_ids`, every view of one run ([`Self::run_views`])
+    /// Fetches and stores, for each of `run_ids`, every view of one run (`Self::run_views`)
     /// not cached yet, at most `concurrency` origin requests at a time. Anonymous: no client
     /// header is forwarded, so warming never leaks the admin token to the origin.
     pub async fn warm(&self, run_ids: &[String], concurrency: usize) -> WarmReport {
