@@ -137,7 +137,7 @@ impl Application {
         }
         // Every journal append is already durable; say what the next start will replay.
         let pending = tiered.pending_invalidations();
-        if pending > 0 && redis_left_at_default(&settings) && tiered.serving_epoch() == 0 {
+        if pending > 0 && settings.redis_left_at_default() && tiered.serving_epoch() == 0 {
             // The embedded store all along, by default: nothing went wrong.
             tracing::info!(pending, path = %settings.journal.path, "invalidations journaled; they are replayed to redis should one answer at redis.url");
         } else if pending > 0 {
@@ -146,18 +146,6 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// The `redis.url` that `config/default.toml` ships: a Redis on this host, which a newcomer
-/// may not run.
-const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-/// Whether Redis was left unconfigured (single mode on the shipped `redis.url`): then finding
-/// no Redis at start is the default set-up, the embedded store, rather than a Redis that was
-/// asked for and is down. A Redis that answered once and then fails is a warning either way
-/// (the circuit logs it).
-fn redis_left_at_default(settings: &Settings) -> bool {
-    settings.redis.mode == "single" && settings.redis.url.expose_secret() == DEFAULT_REDIS_URL
 }
 
 /// How other instances reach this one when `server.advertise_url` is unset: the address
@@ -244,7 +232,7 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
         crate::http::ops::probe_readiness(&s).await;
         if probed {
             tiered.heartbeat().await;
-        } else if redis_left_at_default(&s.settings) {
+        } else if s.settings.redis_left_at_default() {
             // No Redis was asked for: the embedded store is the default set-up, not a fault.
             // The probe goes on, so a Redis started there later is taken up (said at info).
             tracing::info!(redis = %s.settings.redis_url_redacted(), "no redis at the default redis.url; serving from the embedded in-process store (set redis.url, or RUNCACHE__REDIS__URL, to use redis)");
@@ -414,41 +402,4 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             s.prometheus.run_upkeep();
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings(env: &[(&str, &str)]) -> Settings {
-        let env = env
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect();
-        Settings::load_from(None, Some(env)).expect("settings load")
-    }
-
-    #[test]
-    fn only_the_shipped_redis_url_in_single_mode_counts_as_no_redis_asked_for() {
-        assert!(
-            redis_left_at_default(&settings(&[])),
-            "config/default.toml's redis.url"
-        );
-        let url = "RUNCACHE__REDIS__URL";
-        for other in [
-            "redis://127.0.0.1:6380",
-            "redis://localhost:6379",
-            "rediss://127.0.0.1:6379",
-        ] {
-            assert!(
-                !redis_left_at_default(&settings(&[(url, other)])),
-                "{other}"
-            );
-        }
-        let cluster = [
-            ("RUNCACHE__REDIS__MODE", "cluster"),
-            ("RUNCACHE__REDIS__CLUSTER_URLS", "redis://127.0.0.1:7000"),
-        ];
-        assert!(!redis_left_at_default(&settings(&cluster)));
-    }
 }

@@ -355,6 +355,7 @@ fn read_through_options(
         max_entry_bytes: settings.cache.max_entry_bytes,
         stored_headers: settings.stored_headers()?,
         max_variants: settings.cache.max_variants,
+        embedded_by_default: settings.redis_left_at_default(),
     })
 }
 

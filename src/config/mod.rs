@@ -97,6 +97,9 @@ fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         .collect()
 }
 
+/// The `redis.url` that `config/default.toml` ships.
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
 /// Paths of runcache's own routes, which no view may take (`*` ends a prefix).
 const RESERVED_PATHS: [&str; 9] = [
     "/cache/*",
@@ -155,6 +158,14 @@ impl Settings {
             .try_deserialize()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Whether Redis was left unconfigured (single mode on the shipped `redis.url`, a Redis on
+    /// this host that a newcomer may not run): then finding no Redis at start is the default
+    /// set-up, the embedded store, rather than a Redis that was asked for and is down. A Redis
+    /// that answered once and then fails is a fallback either way.
+    pub fn redis_left_at_default(&self) -> bool {
+        self.redis.mode == "single" && self.redis.url.expose_secret() == DEFAULT_REDIS_URL
     }
 
     /// `peers.allowed`, parsed.

@@ -263,3 +263,29 @@ fn peer_settings_are_validated() {
     .expect("names and ranges from the environment");
     assert_eq!(s.peers.allowed.len(), 3);
 }
+
+#[test]
+fn only_the_shipped_redis_url_in_single_mode_counts_as_no_redis_asked_for() {
+    let settings =
+        |pairs: &[(&str, &str)]| Settings::load_from(None, Some(env(pairs))).expect("load");
+    assert!(
+        settings(&[]).redis_left_at_default(),
+        "config/default.toml's redis.url"
+    );
+    let url = "RUNCACHE__REDIS__URL";
+    for other in [
+        "redis://127.0.0.1:6380",
+        "redis://localhost:6379",
+        "rediss://127.0.0.1:6379",
+    ] {
+        assert!(
+            !settings(&[(url, other)]).redis_left_at_default(),
+            "{other}"
+        );
+    }
+    let cluster = [
+        ("RUNCACHE__REDIS__MODE", "cluster"),
+        ("RUNCACHE__REDIS__CLUSTER_URLS", "redis://127.0.0.1:7000"),
+    ];
+    assert!(!settings(&cluster).redis_left_at_default());
+}

@@ -45,7 +45,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct ClearQuery {
     /// Glob over logical keys (`*`, `?`), e.g. `model:metrics:*`: 1-512 characters of
     /// A-Z, a-z, 0-9, `_`, `.`, `-`, `:`, `*`, `?`. Absent: every entry.
-    #[param(pattern = "^[A-Za-z0-9_.:*?-]{1,512}$")]
+    #[param(pattern = "^[A-Za-z0-9_.:%*?-]{1,512}$")]
     pub pattern: Option<String>,
     /// `true`: count what would be deleted, and delete nothing.
     #[serde(default)]
@@ -146,7 +146,7 @@ pub struct InvalidateBody {
     /// 1-1000 tags, as entries carry them (`run:42`, `dataset:7`): every entry that carries
     /// one, by its request or by its answer.
     #[serde(default, deserialize_with = "not_null")]
-    #[schema(value_type = Option<Vec<String>>, nullable = false, min_items = 1, max_items = 1000, example = json!(["run:42", "dataset:7"]))]
+    #[schema(value_type = Option<Vec<TagName>>, nullable = false, min_items = 1, max_items = 1000, example = json!(["run:42", "dataset:7"]))]
     pub tags: Option<Vec<String>>,
     /// 1-1000 logical keys, e.g. `model:metrics:42`.
     #[serde(default, deserialize_with = "not_null")]
@@ -178,16 +178,36 @@ impl utoipa::PartialSchema for LogicalKey {
         use utoipa::openapi::schema::{ObjectBuilder, Type};
         ObjectBuilder::new()
             .schema_type(Type::String)
-            .pattern(Some("^[A-Za-z0-9_.:-]{1,512}$"))
+            .pattern(Some("^[A-Za-z0-9_.:%-]{1,512}$"))
             .description(Some(
                 "A logical key, e.g. `model:metrics:42`: 1-512 characters of A-Z, a-z, 0-9, \
-                 `_`, `.`, `-`, `:`.",
+                 `_`, `.`, `-`, `:`, `%`.",
             ))
             .into()
     }
 }
 
 impl ToSchema for LogicalKey {}
+
+/// The OpenAPI schema of a tag named by `/cache/invalidate` (what [`validate_tag`] accepts).
+/// Documentation only: bodies hold tags as strings.
+pub struct TagName;
+
+impl utoipa::PartialSchema for TagName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[a-z][a-z0-9_-]{0,63}:[A-Za-z0-9_.:%-]+$"))
+            .max_length(Some(512))
+            .description(Some(
+                "A tag as entries carry it, `kind:value`, e.g. `run:42`, `dataset:7`.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for TagName {}
 
 /// Result of an invalidation.
 #[derive(Debug, Serialize, ToSchema)]

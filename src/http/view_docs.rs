@@ -42,6 +42,17 @@ pub(super) fn document(table: &ViewTable, api: &mut OpenApi) {
     components
         .schemas
         .insert(ANY_JSON.to_owned(), serde_json::Value::schema());
+    // `/cache/invalidate`'s namespace is a view name: exactly the configured ones.
+    if let Some(body) = components.schemas.get_mut("InvalidateBody")
+        && let Ok(mut doc) = serde_json::to_value(&*body)
+        && doc["properties"]["namespace"].is_object()
+    {
+        let names: Vec<&str> = table.views().iter().map(|d| d.view.name()).collect();
+        doc["properties"]["namespace"]["enum"] = json!(names);
+        if let Ok(schema) = serde_json::from_value(doc) {
+            *body = schema;
+        }
+    }
 }
 
 /// The schema of a field given as text (a path segment or a query parameter).

@@ -96,6 +96,9 @@ pub struct ReadThrough {
     max_entry_bytes: usize,
     stored_headers: Arc<[http::HeaderName]>,
     max_variants: usize,
+    embedded_by_default: bool,
+    /// Set once an answer came from Redis (see [`Self::degraded`]).
+    redis_seen: Arc<std::sync::atomic::AtomicBool>,
     tasks: Tasks,
 }
 
@@ -130,6 +133,8 @@ impl ReadThrough {
             max_entry_bytes: options.max_entry_bytes,
             stored_headers: options.stored_headers.into(),
             max_variants: options.max_variants,
+            embedded_by_default: options.embedded_by_default,
+            redis_seen: Arc::default(),
             tasks: parts.tasks,
         }
     }
@@ -455,8 +460,18 @@ impl ReadThrough {
         )
     }
 
+    /// Whether an answer now comes from the memory tier standing in for Redis
+    /// (`Cache-Status: …; detail=memory-fallback`). The embedded store of the default set-up,
+    /// before any Redis answered, stands in for nothing.
     fn degraded(&self) -> bool {
-        self.store.source().tier == Tier::Memory
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.store.source().tier == Tier::Redis {
+            if !self.redis_seen.load(Relaxed) {
+                self.redis_seen.store(true, Relaxed);
+            }
+            return false;
+        }
+        !self.embedded_by_default || self.redis_seen.load(Relaxed)
     }
 
     /// The answer for `entry`: its body and header values are shared, not copied.

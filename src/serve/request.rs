@@ -102,4 +102,8 @@ pub struct ReadThroughOptions {
     pub stored_headers: Vec<http::HeaderName>,
     /// Most variants per entry (`cache.max_variants`).
     pub max_variants: usize,
+    /// Whether Redis was left unconfigured (single mode on the shipped `redis.url`): then an
+    /// answer from the memory tier before any Redis answered is the embedded store, the
+    /// default set-up, and is not labelled a fallback.
+    pub embedded_by_default: bool,
 }
