@@ -67,6 +67,12 @@ pub struct Report {
     pub excused: BTreeMap<String, usize>,
     /// 200 reads whose revisions were checked.
     pub checked_reads: usize,
+    /// The same, by view ([`crate::history::ViewKind::family`]).
+    pub checked_by_view: BTreeMap<&'static str, usize>,
+    /// Revisions checked (one per run a read covers: a ranking's answer lists several).
+    pub checked_revisions: usize,
+    /// Of those, the revisions listed in ranking answers.
+    pub checked_ranking_revisions: usize,
 }
 
 impl Report {
@@ -262,6 +268,16 @@ pub fn check(h: &History) -> Report {
             });
         }
         report.checked_reads += 1;
+        if let Some(view) = read.view {
+            *report.checked_by_view.entry(view.family()).or_default() += 1;
+            if matches!(view, crate::history::ViewKind::Ranking { .. }) {
+                report.checked_ranking_revisions += read.revisions.len();
+            }
+        }
+        report.checked_revisions += read.revisions.len();
+        // Every revision is checked alike, whatever the view: a ranking that lists run X is a
+        // read of X, and must not be older than an invalidation of X acknowledged before it
+        // started, although its entry learned that it depends on X only from its answer.
         for &(run, observed) in &read.revisions {
             // Sanity: the observed revision existed before the read ended.
             if observed > 0 {

@@ -298,3 +298,113 @@ fn a_poisoned_entry_not_dead_lettered_is_a_violation() {
     h.faults[0] = poisoned(format!("{} entry 1-0", crate::stream::DEAD_LETTERED));
     assert!(check(&h).violations.is_empty());
 }
+
+/// A 200 ranking read by `cred` of `listed` (run, observed revision), best first.
+fn ranking_read(cred: Cred, start: u64, listed: &[(u32, u64)]) -> ReadOp {
+    let mut r = read(
+        cred,
+        listed[0].0,
+        start,
+        listed[0].1,
+        "runcache; hit; ttl=2",
+    );
+    r.view = Some(ViewKind::Ranking { id: 2 });
+    r.runs = listed.iter().map(|(run, _)| *run).collect();
+    r.revisions = listed.to_vec();
+    r
+}
+
+#[test]
+fn a_ranking_listing_a_run_older_than_an_acknowledged_invalidation_is_stale() {
+    // Run 2 went to revision 1 (acknowledged at 150 ms). Rankings listing runs 4, 2 and 8:
+    let h = history(
+        vec![
+            // run 2 still at 0, started after the ack: stale, although run 2 is not first;
+            ranking_read(Cred::Alice, 160 * MS, &[(4, 0), (2, 0), (8, 0)]),
+            // the same answer, started before the ack: allowed;
+            ranking_read(Cred::Alice, 140 * MS, &[(4, 0), (2, 0), (8, 0)]),
+            // run 2 at revision 1 after the ack: fresh.
+            ranking_read(Cred::Anonymous, 170 * MS, &[(4, 0), (2, 1), (8, 0)]),
+        ],
+        one_event(),
+    );
+    let r = check(&h);
+    assert_eq!(r.count("stale"), 1, "{r:?}");
+    let v = &r.violations[0];
+    assert_eq!(
+        (v.read, v.event, v.lag_us),
+        (Some(0), Some(0), Some(10 * MS))
+    );
+    assert!(v.note.starts_with("run 2: observed revision 0"), "{v:?}");
+    assert_eq!(r.checked_by_view.get("ranking"), Some(&3));
+    assert_eq!(r.checked_ranking_revisions, 9);
+}
+
+#[test]
+fn a_ranking_served_to_a_credential_refused_one_of_its_runs_is_a_violation() {
+    // Bob is refused odd runs: a ranking listing run 5 is refused to him as a whole.
+    let h = history(
+        vec![
+            ranking_read(Cred::Bob, 10 * MS, &[(2, 0), (5, 0), (8, 0)]),
+            ranking_read(Cred::Bob, 10 * MS, &[(2, 0), (4, 0), (8, 0)]),
+        ],
+        Vec::new(),
+    );
+    let r = check(&h);
+    assert_eq!(r.count("access"), 1, "{r:?}");
+    assert_eq!(r.violations[0].read, Some(0));
+}
+
+#[test]
+fn a_ranking_answer_is_read_as_one_revision_per_listed_run() {
+    let blank = || {
+        let mut op = ranking_read(Cred::Alice, 10 * MS, &[(4, 0), (2, 0), (8, 0)]);
+        op.revisions.clear();
+        op
+    };
+    let mut op = blank();
+    crate::workload::interpret(
+        &mut op,
+        br#"{"ranking_id": "2", "runs": [{"model_run_id": "4", "revision": 3},
+            {"model_run_id": "2", "revision": 7}, {"model_run_id": "8", "revision": 0}]}"#,
+    );
+    assert_eq!(op.error, None);
+    assert_eq!(op.revisions, vec![(4, 3), (2, 7), (8, 0)]);
+    // Another list of runs (here: one missing) is a bad body, and no revision is recorded.
+    let mut op = blank();
+    crate::workload::interpret(
+        &mut op,
+        br#"{"ranking_id": "2", "runs": [{"model_run_id": "4", "revision": 3},
+            {"model_run_id": "8", "revision": 0}]}"#,
+    );
+    assert!(op.error.is_some() && op.revisions.is_empty(), "{op:?}");
+    assert_eq!(check(&history(vec![op], Vec::new())).count("bad-body"), 1);
+}
+
+#[test]
+fn rankings_list_three_to_five_distinct_runs_and_the_first_is_open_to_everyone() {
+    for seed in 0..50 {
+        let mut rng = crate::rng::Rng::derive(seed, crate::rng::STREAM_SETUP, 0);
+        let rankings = crate::workload::plan_rankings(&mut rng, 8, 4);
+        assert_eq!(rankings.len(), 4);
+        for (i, runs) in rankings.iter().enumerate() {
+            let mut distinct = runs.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), runs.len(), "{rankings:?}");
+            assert!(runs.iter().all(|r| (1..=8).contains(r)), "{rankings:?}");
+            assert!(
+                (3..=5).contains(&runs.len()),
+                "ranking {} of seed {seed}: {runs:?}",
+                i + 1
+            );
+            if i == 0 {
+                // Only 3 of the 8 runs are open to every credential (2, 4, 8).
+                assert!(
+                    Cred::ALL.iter().all(|c| c.refusal_of(runs).is_none()),
+                    "{runs:?}"
+                );
+            }
+        }
+    }
+}

@@ -50,6 +50,14 @@ pub fn instance_settings(
     s.views.comparison.ttl = Ttl(Duration::from_secs(3));
     s.views.comparison.grace = 1;
     s.views.comparison.stale_if_error = 4;
+    let ranking = s
+        .views
+        .others
+        .get_mut("model_ranking")
+        .expect("the shipped model_ranking view");
+    ranking.ttl = Ttl(Duration::from_secs(3));
+    ranking.grace = 1;
+    ranking.stale_if_error = 4;
     s.refresh.min_hits = 2;
     s.refresh.ahead_percent = 50;
     s.refresh.jitter_ms = 50;

@@ -85,11 +85,28 @@ impl Cred {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViewKind {
     Metrics,
-    FeatureImportance { top_n: Option<u32> },
+    FeatureImportance {
+        top_n: Option<u32>,
+    },
     Comparison,
+    /// `GET /api/v1/models/rankings/{id}`: its answer lists runs (`ReadOp::runs`, fixed per
+    /// ranking), each with its revision, and is checked as a read of each of them.
+    Ranking {
+        id: u32,
+    },
 }
 
 impl ViewKind {
+    /// The view, without its parameters (to count reads by view).
+    pub fn family(self) -> &'static str {
+        match self {
+            ViewKind::Metrics => "metrics",
+            ViewKind::FeatureImportance { .. } => "feature-importance",
+            ViewKind::Comparison => "comparison",
+            ViewKind::Ranking { .. } => "ranking",
+        }
+    }
+
     pub fn name(self) -> String {
         match self {
             ViewKind::Metrics => "metrics".into(),
@@ -98,6 +115,7 @@ impl ViewKind {
                 format!("feature-importance?top_n={n}")
             }
             ViewKind::Comparison => "comparison".into(),
+            ViewKind::Ranking { id } => format!("ranking/{id}"),
         }
     }
 }
@@ -111,6 +129,8 @@ pub struct ReadOp {
     pub instance: usize,
     pub cred: Option<Cred>,
     pub view: Option<ViewKind>,
+    /// The runs the view covers: the one run, the compared runs, or the runs the ranking
+    /// lists.
     pub runs: Vec<u32>,
     pub start_us: u64,
     pub end_us: u64,

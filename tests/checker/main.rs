@@ -2,12 +2,13 @@
 //!
 //! It starts a real `redis-server`, 2–3 runcache instances in process on it (one prefix, near
 //! cache on, short TTLs so refresh-ahead and stale-while-revalidate happen), and an in-process
-//! origin whose data changes. Readers read the three views with four credentials, a writer
-//! bumps a run's revision at the origin and delivers `training-completed`, and faults are
-//! injected from a seeded schedule (Redis SIGKILL and restart, empty or from an older RDB file;
-//! SIGSTOP/SIGCONT; `CLIENT KILL TYPE pubsub`; `DEBUG SLEEP`; an instance restart; a poisoned
-//! event-stream entry: a quarter of the writer's events go through the stream, see
-//! `stream.rs`). Every
+//! origin whose data changes. Readers read four views with four credentials (metrics, feature
+//! importance, comparisons, and rankings, whose entries learn the runs they depend on from the
+//! origin's answer), a writer bumps a run's revision at the origin and delivers
+//! `training-completed`, and faults are injected from a seeded schedule (Redis SIGKILL and
+//! restart, empty or from an older RDB file; SIGSTOP/SIGCONT; `CLIENT KILL TYPE pubsub`;
+//! `DEBUG SLEEP`; an instance restart; a poisoned event-stream entry: a quarter of the
+//! writer's events go through the stream, see `stream.rs`). Every
 //! operation's start and end is recorded on one monotonic clock, and the history is checked
 //! afterwards against runcache's promises (see `check.rs`):
 //!
@@ -91,6 +92,8 @@ use crate::workload::Workload;
 const RUNS: u32 = 8;
 /// Distinct comparisons readers ask for.
 const COMPARISONS: usize = 6;
+/// Rankings readers ask for (`1..=RANKINGS`), each listing 3–5 runs.
+const RANKINGS: usize = 4;
 const DEFAULT_SEED: u64 = 20_250_611;
 
 #[derive(Debug, Clone)]
@@ -199,7 +202,11 @@ async fn run(backend: Backend) {
         "checker ({mode} redis): {cfg:?}\nchecker: reproduce with CHECKER_REDIS={mode} {}",
         cfg.reproduce()
     );
-    let origin = Origin::start(cfg.seed, RUNS).await;
+    let mut setup = Rng::derive(cfg.seed, STREAM_SETUP, 0);
+    let comparisons = workload::plan_comparisons(&mut setup, RUNS, COMPARISONS);
+    let rankings = workload::plan_rankings(&mut setup, RUNS, RANKINGS);
+    println!("checker: rankings list runs {rankings:?}");
+    let origin = Origin::start(cfg.seed, RUNS, rankings.clone()).await;
     let prefix = format!("checker-{}", uuid::Uuid::new_v4().simple());
     let settings: Vec<_> = (0..cfg.instances)
         .map(|i| match &backend {
@@ -249,14 +256,13 @@ async fn run(backend: Backend) {
     for p in &plan {
         println!("   {}", p.describe());
     }
-    let mut setup = Rng::derive(cfg.seed, STREAM_SETUP, 0);
-    let comparisons = workload::plan_comparisons(&mut setup, RUNS, COMPARISONS);
     let start_us = now_us();
     let end_us = start_us + duration_us;
     let w = Arc::new(Workload {
         seed: cfg.seed,
         runs: RUNS,
         comparisons,
+        rankings,
         cluster: cluster.clone(),
         origin: origin.clone(),
         stream: stream.clone(),

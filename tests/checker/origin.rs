@@ -1,7 +1,10 @@
-//! The in-process origin: runs `1..=runs`, each with a revision the writer bumps. It reads the
-//! revisions when a request arrives, then sleeps a seeded random delay (0–40 ms) before
-//! answering, like a backend that reads its database and then serialises slowly. Bodies never
-//! depend on the caller's credential; access follows [`Cred::refusal`].
+//! The in-process origin: runs `1..=runs`, each with a revision the writer bumps, and rankings
+//! `1..=rankings.len()`, each listing a fixed few of those runs with their current revisions
+//! (the `model_ranking` view, whose entries learn their `run:` tags from this answer). It
+//! reads the revisions when a request arrives, then sleeps a seeded random delay (0–40 ms)
+//! before answering, like a backend that reads its database and then serialises slowly.
+//! Bodies never depend on the caller's credential; access follows [`Cred::refusal`] (a view
+//! over several runs, a comparison or a ranking, is refused when any of them is).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +26,8 @@ pub const MAX_DELAY_MS: u64 = 40;
 
 pub struct OriginState {
     revisions: Vec<AtomicU64>,
+    /// The runs ranking `i + 1` lists, best first (see `workload::plan_rankings`).
+    rankings: Vec<Vec<u32>>,
     /// The delays, drawn in arrival order (which timing decides) from a seeded stream.
     delays: Mutex<Rng>,
     pub calls: AtomicU64,
@@ -36,9 +41,10 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub async fn start(seed: u64, runs: u32) -> Self {
+    pub async fn start(seed: u64, runs: u32, rankings: Vec<Vec<u32>>) -> Self {
         let state = Arc::new(OriginState {
             revisions: (0..=runs).map(|_| AtomicU64::new(0)).collect(),
+            rankings,
             delays: Mutex::new(Rng::derive(seed, STREAM_ORIGIN, 0)),
             calls: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
@@ -50,6 +56,7 @@ impl Origin {
                 get(feature_importance),
             )
             .route("/api/v1/models/compare", post(compare))
+            .route("/api/v1/models/rankings/{id}", get(ranking))
             .route("/health", get(|| async { "ok" }))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -191,4 +198,27 @@ async fn compare(
         .collect();
     s.delay().await;
     answer(json!({ "revisions": revisions }))
+}
+
+async fn ranking(
+    State(s): State<Arc<OriginState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(runs) = id
+        .parse::<usize>()
+        .ok()
+        .and_then(|i| s.rankings.get(i.checked_sub(1)?))
+    else {
+        return not_found();
+    };
+    if let Err(r) = s.admit(&headers, runs) {
+        return *r;
+    }
+    let listed: Vec<Value> = runs
+        .iter()
+        .map(|run| json!({"model_run_id": run.to_string(), "revision": s.revision(*run)}))
+        .collect();
+    s.delay().await;
+    answer(json!({ "ranking_id": id, "runs": listed }))
 }

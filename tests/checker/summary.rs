@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::check::{KINDS, Report, nearby_faults};
 use crate::cluster::SlotTotals;
-use crate::history::{History, secs};
+use crate::history::{History, ViewKind, secs};
 
 /// Reads slower than this are listed (1 s: several times the Redis command time-out of 250 ms
 /// plus the origin's 40 ms).
@@ -97,6 +97,28 @@ pub fn render(info: &RunInfo, h: &History, r: &Report) -> String {
         slow,
         max_latency as f64 / 1e3,
         r.checked_reads
+    );
+    let mut by_view: BTreeMap<&str, (usize, BTreeMap<&str, usize>)> = BTreeMap::new();
+    for rd in &h.reads {
+        let view = by_view
+            .entry(rd.view.map_or("?", ViewKind::family))
+            .or_default();
+        view.0 += 1;
+        if rd.status == Some(200) {
+            *view.1.entry(rd.x_cache.as_str()).or_default() += 1;
+        }
+    }
+    for (view, (n, answered)) in &by_view {
+        let _ = writeln!(
+            w,
+            "       {view}: {n} reads, {} checked for staleness, 200s by X-Cache {answered:?}",
+            r.checked_by_view.get(view).copied().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(
+        w,
+        "       {} revisions checked, {} of them listed in ranking answers",
+        r.checked_revisions, r.checked_ranking_revisions
     );
     let mut slowest: Vec<&crate::history::ReadOp> = h
         .reads

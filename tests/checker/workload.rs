@@ -25,6 +25,8 @@ pub struct Workload {
     pub runs: u32,
     /// The comparisons readers ask for (a few, so they are hit).
     pub comparisons: Vec<Vec<u32>>,
+    /// The runs ranking `i + 1` lists (the origin's [`plan_rankings`]).
+    pub rankings: Vec<Vec<u32>>,
     pub cluster: Arc<Cluster>,
     pub origin: Origin,
     /// The event stream every instance reads; a quarter of the events go there.
@@ -54,7 +56,7 @@ fn plan_read(w: &Workload, reader: usize, k: u64) -> ReadPlan {
     let mut rng = Rng::derive(w.seed, READER_BASE + reader as u64, k);
     let instance = rng.below(w.cluster.len() as u64) as usize;
     let cred = Cred::ALL[rng.weighted(&[30, 25, 25, 20])];
-    let (view, runs) = match rng.weighted(&[40, 30, 30]) {
+    let (view, runs) = match rng.weighted(&[30, 25, 25, 20]) {
         0 => (
             ViewKind::Metrics,
             vec![rng.range(1, u64::from(w.runs)) as u32],
@@ -66,10 +68,17 @@ fn plan_read(w: &Workload, reader: usize, k: u64) -> ReadPlan {
                 vec![rng.range(1, u64::from(w.runs)) as u32],
             )
         }
-        _ => (
+        2 => (
             ViewKind::Comparison,
             w.comparisons[rng.below(w.comparisons.len() as u64) as usize].clone(),
         ),
+        _ => {
+            let i = rng.below(w.rankings.len() as u64) as usize;
+            (
+                ViewKind::Ranking { id: i as u32 + 1 },
+                w.rankings[i].clone(),
+            )
+        }
     };
     let think = Duration::from_millis(rng.range(0, 8));
     ReadPlan {
@@ -100,6 +109,26 @@ pub fn plan_comparisons(rng: &mut Rng, runs: u32, count: usize) -> Vec<Vec<u32>>
         }
     }
     out
+}
+
+/// The rankings of a run: ranking `i + 1` lists `out[i]`, best first, 3 to 5 distinct runs.
+/// The first lists only runs that every credential may read (see [`Cred::refusal`]), so that
+/// accepted credentials other than Alice's are served rankings too; the others draw from
+/// every run, so most of their readers are refused some of them.
+pub fn plan_rankings(rng: &mut Rng, runs: u32, count: usize) -> Vec<Vec<u32>> {
+    let open: Vec<u32> = (1..=runs)
+        .filter(|r| Cred::ALL.iter().all(|c| c.refusal(*r).is_none()))
+        .collect();
+    let all: Vec<u32> = (1..=runs).collect();
+    (0..count)
+        .map(|i| {
+            let mut pool = if i == 0 { open.clone() } else { all.clone() };
+            let size = (rng.range(3, 5) as usize).min(pool.len());
+            (0..size)
+                .map(|_| pool.remove(rng.below(pool.len() as u64) as usize))
+                .collect()
+        })
+        .collect()
 }
 
 /// Reads until the end of the workload; returns the reads in order.
@@ -137,6 +166,7 @@ pub async fn reader(w: Arc<Workload>, reader: usize) -> Vec<ReadOp> {
                     .post(format!("{base}/api/v1/models/compare"))
                     .json(&json!({ "model_run_ids": ids }))
             }
+            ViewKind::Ranking { id } => client.get(format!("{base}/api/v1/models/rankings/{id}")),
         };
         if let Some(h) = plan.cred.header() {
             req = req.header(header::AUTHORIZATION, h);
@@ -194,7 +224,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Reads the body: revisions of a 200, or the error code / origin refusal of another status.
-fn interpret(op: &mut ReadOp, body: &[u8]) {
+pub fn interpret(op: &mut ReadOp, body: &[u8]) {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     if op.status != Some(200) {
         if let Some(v) = &parsed {
@@ -231,6 +261,30 @@ fn interpret(op: &mut ReadOp, body: &[u8]) {
                     .and_then(|m| m.get(&run.to_string()))
                     .and_then(Value::as_u64)
                 {
+                    Some(rev) => op.revisions.push((run, rev)),
+                    None => problems.push(format!("no revision for run {run}")),
+                }
+            }
+        }
+        Some(ViewKind::Ranking { id }) => {
+            if v["ranking_id"].as_str() != Some(id.to_string().as_str()) {
+                problems.push(format!("ranking_id {} for ranking {id}", v["ranking_id"]));
+            }
+            let mut listed = v["runs"].as_array().cloned().unwrap_or_default();
+            let ids: Vec<&str> = listed
+                .iter()
+                .map(|r| r["model_run_id"].as_str().unwrap_or("?"))
+                .collect();
+            let want: Vec<String> = op.runs.iter().map(u32::to_string).collect();
+            if ids != want {
+                // Which revision belongs to which run is then unclear: none is recorded.
+                problems.push(format!(
+                    "ranking lists {ids:?}, the origin's lists {want:?}"
+                ));
+                listed.clear();
+            }
+            for (run, listed) in op.runs.clone().into_iter().zip(&listed) {
+                match listed["revision"].as_u64() {
                     Some(rev) => op.revisions.push((run, rev)),
                     None => problems.push(format!("no revision for run {run}")),
                 }
