@@ -27,6 +27,10 @@ const MAX_WARM_IDS: usize = 100;
 /// Most keys one `/cache/invalidate` call may name.
 const MAX_INVALIDATE_KEYS: usize = 1000;
 
+/// Most tags one `/cache/invalidate` names: a list one past it still fits in the body limit
+/// (64 KiB), so it is refused as too long rather than as too large.
+const MAX_INVALIDATE_TAGS: usize = 100;
+
 /// Routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -143,10 +147,10 @@ pub struct InvalidateBody {
     #[serde(default, deserialize_with = "not_null")]
     #[schema(value_type = Option<String>, nullable = false, pattern = "^[a-z][a-z0-9_]{0,39}$")]
     pub namespace: Option<String>,
-    /// 1-1000 tags, as entries carry them (`run:42`, `dataset:7`): every entry that carries
+    /// 1-100 tags, as entries carry them (`run:42`, `dataset:7`): every entry that carries
     /// one, by its request or by its answer.
     #[serde(default, deserialize_with = "not_null")]
-    #[schema(value_type = Option<Vec<TagName>>, nullable = false, min_items = 1, max_items = 1000, example = json!(["run:42", "dataset:7"]))]
+    #[schema(value_type = Option<Vec<TagName>>, nullable = false, min_items = 1, max_items = 100, example = json!(["run:42", "dataset:7"]))]
     pub tags: Option<Vec<String>>,
     /// 1-1000 logical keys, e.g. `model:metrics:42`.
     #[serde(default, deserialize_with = "not_null")]
@@ -243,9 +247,9 @@ pub async fn create_invalidation(
     let (target, invalidated) = match (&body.model_run_id, &body.namespace, &body.keys) {
         (None, None, None) => {
             let tags = body.tags.as_deref().unwrap_or_default();
-            if tags.is_empty() || tags.len() > MAX_INVALIDATE_KEYS {
+            if tags.is_empty() || tags.len() > MAX_INVALIDATE_TAGS {
                 return Err(AppError::InvalidArgument(format!(
-                    "tags must hold between 1 and {MAX_INVALIDATE_KEYS} tags"
+                    "tags must hold between 1 and {MAX_INVALIDATE_TAGS} tags"
                 )));
             }
             for t in tags {
