@@ -56,6 +56,9 @@ pub struct ViewSpec {
     pub per_credential: Option<bool>,
     /// A description for the OpenAPI document.
     pub description: Option<String>,
+    /// Deprecated: the `max` of the view's `id_list` body fields (`views.comparison.max_ids`,
+    /// from before the view table). `body.<field>.max` says it now.
+    pub max_ids: Option<i64>,
 }
 
 fn default_grace() -> u64 {
@@ -1055,7 +1058,19 @@ fn compile_view(view: View, spec: &ViewSpec) -> Result<ViewDef, FieldError> {
     }
     let mut body = Vec::new();
     for (name, s) in &spec.body {
-        body.push(Field::compile(name, s, true).map_err(|e| fe(&format!("body.{name}"), e))?);
+        let mut s = s.clone();
+        if let Some(max) = spec.max_ids
+            && s.kind.as_deref() == Some("id_list")
+        {
+            if !(2..=1000).contains(&max) {
+                return Err(fe("max_ids", "must be between 2 and 1000".into()));
+            }
+            s.max = Some(max);
+        }
+        body.push(Field::compile(name, &s, true).map_err(|e| fe(&format!("body.{name}"), e))?);
+    }
+    if spec.max_ids.is_some() && !body.iter().any(|b| b.kind == FieldKind::IdList) {
+        return Err(fe("max_ids", "the view has no id_list body field".into()));
     }
     let key_text = spec
         .key
@@ -1451,6 +1466,37 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_hashed_body_is_keyed_by_its_canonical_json(
+            q in "[a-z ]{0,20}",
+            r in "[a-z ]{0,20}",
+            limit in 1i64..=50,
+            extra in proptest::collection::btree_map("[a-z]{1,6}", 0i64..100, 0..4),
+        ) {
+            let t = table();
+            let search = t.by_name("search").expect("search");
+            let key = |body: &Value| search
+                .resolve("/search", None, Some(&serde_json::to_vec(body).expect("json")))
+                .map(|r| r.key);
+            let mut body = serde_json::json!({"q": q, "limit": limit});
+            for (k, v) in &extra {
+                if k != "q" && k != "limit" {
+                    body[k] = serde_json::json!(v);
+                }
+            }
+            // The same members in another order: the same key.
+            let mut reordered = serde_json::Map::new();
+            for (k, v) in body.as_object().expect("object").iter().rev() {
+                reordered.insert(k.clone(), v.clone());
+            }
+            let a = key(&body).expect("valid");
+            prop_assert_eq!(&a, &key(&Value::Object(reordered)).expect("valid"));
+            // Another value of an accepted member: another key.
+            let mut other = body.clone();
+            other["q"] = serde_json::json!(r);
+            prop_assert_eq!(q == r, a == key(&other).expect("valid"));
+        }
+
         #[test]
         fn one_request_one_key_and_accepted_fields_never_share_one(
             a in "[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}",

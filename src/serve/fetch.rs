@@ -15,9 +15,19 @@ use std::sync::Arc;
 
 use super::request::VariantOf;
 use super::vary::{self, Spec};
-use crate::store::{CacheEntry, Lock, Stamp, VaryMarker};
+use crate::store::{CacheEntry, Deps, Lock, Stamp, VaryMarker};
 
 /// The stale windows an entry records when its answer set its own (see [`CacheEntry::windows`]).
+/// What [`ReadThrough::learned_stamp`] found.
+pub(super) enum Learned {
+    /// The view learns no tags: the entry is stored under the request's dependencies.
+    No,
+    /// The dependencies and stamp to store under.
+    Yes(Deps, Stamp),
+    /// They could not be read (or were read from another tier): not stored.
+    Unknown,
+}
+
 pub(super) fn windows_of(answer: ViewPolicy, view: ViewPolicy) -> Option<(u64, u64)> {
     (answer != view).then_some((answer.grace.as_secs(), answer.stale_if_error.as_secs()))
 }
@@ -70,14 +80,11 @@ impl ReadThrough {
 
     /// The current entry of `ctx` as a fresh hit, or the current stamp to fetch under.
     async fn recheck(&self, ctx: &Ctx) -> Result<ViewResponse, Option<Stamp>> {
-        match self.store.get(&ctx.key, &ctx.deps).await {
-            Ok(lookup) => {
-                let (entry, current) = lookup.servable();
-                match entry.and_then(|e| self.fresh_for(ctx, &e)) {
-                    Some(hit) => Ok(hit),
-                    None => Err(Some(current)),
-                }
-            }
+        match self.lookup(ctx).await {
+            Ok((entry, current)) => match entry.and_then(|e| self.fresh_for(ctx, &e)) {
+                Some(hit) => Ok(hit),
+                None => Err(Some(current)),
+            },
             Err(_) => Err(None),
         }
     }
@@ -226,6 +233,8 @@ impl ReadThrough {
         let tags = self.entry_tags(&req, ctx, &resp.body);
         let storable = match (&spec, &tags) {
             (Spec::Unstorable, _) => Err("vary"),
+            // Variants live behind a marker; an entry with learned tags keeps none.
+            (Spec::Fields(_), _) if ctx.learns.is_some() => Err("vary"),
             _ if marker_moved => Err("vary"),
             (_, Err(why)) => Err(*why),
             _ => self.storable(&resp, ctx.policy),
@@ -277,10 +286,19 @@ impl ReadThrough {
             // A 404 kept for negative caching: stored, but only a 2xx accepts (SPEC 4).
             self.revoke(ctx);
         }
+        let learned = self.learned_stamp(ctx, &tags, &stamp).await;
         let (mut entry, retention) = self.new_entry(tags, ctx, resp, ttl, stamp);
         // Its hits tell downstream caches what it varies on.
         entry = vary::with_vary_header(entry, &spec);
-        let (stored, detail) = match self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
+        let put = match learned {
+            Learned::No => self.store.put(&ctx.key, &entry, &ctx.deps, retention).await,
+            Learned::Yes(deps, stamp) => {
+                entry.stamp = stamp;
+                self.store.put(&ctx.key, &entry, &deps, retention).await
+            }
+            Learned::Unknown => Ok(false),
+        };
+        let (stored, detail) = match put {
             Ok(true) => {
                 self.stats.record_set();
                 (true, None)
@@ -354,6 +372,30 @@ impl ReadThrough {
         let retention = Duration::from_secs(entry.ttl_secs)
             .saturating_add(Duration::from_millis(entry.stale_ms));
         let _ = self.store.put(&base, &entry, &ctx.deps, retention).await;
+    }
+
+    /// For a view that learns tags from its answers: the dependencies an entry in `tag_sets`
+    /// is stored under, and `stamp` (read before its fetch) extended with the generations of
+    /// the learned tags, read now. Read after the fetch, they may already include an
+    /// invalidation that overlapped it: the store then fails on the learned-tags sequence,
+    /// which `stamp` read before the fetch and every tag invalidation bumps before its tags
+    /// (see `Keyspace::deps`).
+    pub(super) async fn learned_stamp(
+        &self,
+        ctx: &Ctx,
+        tag_sets: &[String],
+        stamp: &Stamp,
+    ) -> Learned {
+        let Some(deps) = self.learned_deps(ctx, tag_sets) else {
+            return Learned::No;
+        };
+        match self.store.stamp(&deps).await {
+            Ok(later) => match stamp.extended_by(&later) {
+                Some(extended) => Learned::Yes(deps, extended),
+                None => Learned::Unknown,
+            },
+            Err(_) => Learned::Unknown,
+        }
     }
 
     /// The tag sets an entry for `req` holding `answer` joins: those of its request's tags,

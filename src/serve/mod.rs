@@ -38,7 +38,9 @@ use crate::origin::{OriginClient, OriginError, OriginResponse};
 use crate::security::Credential;
 use crate::store::counters::ReadCounters;
 use crate::store::entry::strong_etag;
-use crate::store::{CacheEntry, Deps, FetchLock, KeyVersion, Keyspace, NearSlot, Store, Tier};
+use crate::store::{
+    CacheEntry, Deps, FetchLock, KeyVersion, Keyspace, NearSlot, Stamp, Store, StoreError, Tier,
+};
 use crate::tasks::Tasks;
 
 /// The per-request context of a lookup.
@@ -52,6 +54,10 @@ struct Ctx {
     deps: Deps,
     version: Arc<String>,
     policy: ViewPolicy,
+    /// For a view that learns tags from its answers: the sets of its request's own tags (an
+    /// entry's other sets are learned, and their generations are checked too). `None` for
+    /// any other view.
+    learns: Option<Arc<[String]>>,
 }
 
 /// What the serving layer is built from.
@@ -217,7 +223,14 @@ impl ReadThrough {
         key: String,
         cred: Credential,
     ) -> Ctx {
+        let learns = self.table.get(req.view).learns_tags().then(|| {
+            req.tags
+                .iter()
+                .map(|t| self.keys.tag_set(&version, t))
+                .collect::<Arc<[String]>>()
+        });
         Ctx {
+            learns,
             flight: self.access.flight_key(&key, cred),
             deps: self.keys.deps(
                 &version,
@@ -350,14 +363,46 @@ impl ReadThrough {
         }
     }
 
+    /// The dependencies of an entry of `ctx` in the tag sets `tag_sets`: for a view that
+    /// learns tags from its answers, its own and the generations of the tags it learned, which
+    /// every read checks as it checks the others (so that an invalidation whose counters
+    /// reached Redis drops it even if its deletes did not). `None` for any other view.
+    fn learned_deps(&self, ctx: &Ctx, tag_sets: &[String]) -> Option<Deps> {
+        let own = ctx.learns.as_ref()?;
+        Some(
+            ctx.deps.extended(
+                tag_sets
+                    .iter()
+                    .filter(|set| !own.contains(set))
+                    .filter_map(|set| self.keys.gen_of_set(set)),
+            ),
+        )
+    }
+
+    /// The entry of `ctx` if it may be served, and the current stamp of its dependencies.
+    /// An entry with learned tags is checked against their generations too, read after it.
+    async fn lookup(&self, ctx: &Ctx) -> Result<(Option<CacheEntry>, Stamp), StoreError> {
+        let lookup = self.store.get(&ctx.key, &ctx.deps).await?;
+        let Some(deps) = lookup
+            .entry
+            .as_ref()
+            .and_then(|e| self.learned_deps(ctx, &e.tags))
+        else {
+            return Ok(lookup.servable());
+        };
+        let current = lookup.current;
+        let learned = self.store.stamp(&deps).await?;
+        let entry = lookup.entry.filter(|e| e.stamp.serves(&learned));
+        Ok((entry, current))
+    }
+
     async fn serve_from_store(
         &self,
         req: ViewRequest,
         ctx: Ctx,
     ) -> Result<ViewResponse, OriginError> {
-        let (entry, stamp) = match self.store.get(&ctx.key, &ctx.deps).await {
-            Ok(lookup) => {
-                let (entry, stamp) = lookup.servable();
+        let (entry, stamp) = match self.lookup(&ctx).await {
+            Ok((entry, stamp)) => {
                 if let Some(marker) = entry.as_ref().filter(|e| e.vary.is_some()) {
                     return self.serve_variant(req, marker.clone()).await;
                 }

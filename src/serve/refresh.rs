@@ -328,9 +328,20 @@ impl ReadThrough {
                 ],
             );
         }
+        let learned = self.learned_stamp(ctx, &tags, &stamp).await;
         let (entry, retention) = self.new_entry(tags, ctx, resp, ttl, stamp);
-        let entry = super::vary::with_vary_header(entry, &spec);
-        if let Ok(true) = self.store.put(&ctx.key, &entry, &ctx.deps, retention).await {
+        let mut entry = super::vary::with_vary_header(entry, &spec);
+        let put = match learned {
+            super::fetch::Learned::No => {
+                self.store.put(&ctx.key, &entry, &ctx.deps, retention).await
+            }
+            super::fetch::Learned::Yes(deps, stamp) => {
+                entry.stamp = stamp;
+                self.store.put(&ctx.key, &entry, &deps, retention).await
+            }
+            super::fetch::Learned::Unknown => Ok(false),
+        };
+        if let Ok(true) = put {
             self.stats.record_set();
         }
         RefreshResult::Changed

@@ -223,6 +223,14 @@ impl Keyspace {
         ])
     }
 
+    /// The generation counter of the tag whose set is `tag_set` (a key of [`Self::tag_set`]).
+    pub fn gen_of_set(&self, tag_set: &str) -> Option<String> {
+        let rest = tag_set
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":_tags:")?;
+        Some(concat(&[&self.prefix, ":_gen:", rest]))
+    }
+
     /// Physical key of the set of a run's entries: the tag set of `run:ID`.
     pub fn run_tag(&self, version: &str, run_id: &str) -> String {
         self.tag_set(version, &concat(&["run:", run_id]))
@@ -310,14 +318,18 @@ impl Keyspace {
     /// and is the clear sequence of the stamp too.
     ///
     /// An entry whose tags are also learned from its answer (`learns`) cannot depend on
-    /// those tags' counters before its fetch, when they are unknown. It is dropped through
-    /// their tag sets instead, and stored only if no tag invalidation, clear or key
-    /// invalidation began since its fetch did: its stamp's clear sequence is the learned-tags
-    /// sequence ([`Keyspace::learned`]), which all of them bump before they delete. One Redis
-    /// (and the memory tier) stores atomically, so an entry stored before such a bump is in
-    /// the tag sets the invalidation then empties. On a cluster the store is not atomic across
-    /// slots, so there the sequence is one of the counters every read checks: any tag
-    /// invalidation drops every such entry (coarser, and as safe).
+    /// those tags' counters before its fetch, when they are unknown. Its stamp's clear
+    /// sequence is the learned-tags sequence ([`Keyspace::learned`]), which every tag
+    /// invalidation, clear and key invalidation bumps before anything else: the entry is
+    /// stored with the learned tags' generations read after its fetch (`Deps::extended`), and
+    /// only if that sequence did not move since the fetch began, so that no invalidation that
+    /// overlapped the fetch is already in the generations it is stored with. Every read then
+    /// checks those generations too (the serving layer reads them after the entry), so an
+    /// invalidation whose counters reached Redis drops the entry even when its deletes did not
+    /// (a `WAIT` that timed out: it is journaled and sent to the other instances instead). On
+    /// a cluster the counters of other slots are read after the store, not with it, so there
+    /// the sequence is also one of the counters every read checks: any tag invalidation drops
+    /// every such entry (coarser, and as safe).
     pub fn deps(&self, version: &str, view: View, tags: &[String], learns: bool) -> Deps {
         let mut counters = Vec::with_capacity(3 + tags.len());
         counters.push(self.view_gen(version, view));

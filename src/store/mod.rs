@@ -123,6 +123,21 @@ impl Deps {
     pub fn clears_key(&self) -> &str {
         &self.clears
     }
+
+    /// These dependencies and the counters `more`, after them (those already among them are
+    /// left out): what an entry with answer-learned tags depends on (see `Keyspace::deps`).
+    pub fn extended(&self, more: impl IntoIterator<Item = String>) -> Deps {
+        let mut counters = self.counters.clone();
+        for c in more {
+            if !counters.contains(&c) {
+                counters.push(c);
+            }
+        }
+        Deps {
+            counters,
+            clears: self.clears.clone(),
+        }
+    }
 }
 
 /// The invalidation state something was computed under: the values of its [`Deps`] read
@@ -261,6 +276,19 @@ impl Stamp {
             }
         }
         next
+    }
+
+    /// This stamp with the values of counters added after its own (`later`, a stamp of the
+    /// extended dependencies, read from the same source afterwards: see [`Deps::extended`]).
+    /// `None` when `later` was read from another source or has no more counters.
+    pub fn extended_by(&self, later: &Stamp) -> Option<Stamp> {
+        if later.source != self.source || later.counters.len() < self.counters.len() {
+            return None;
+        }
+        let mut next = self.clone();
+        next.counters
+            .extend_from_slice(&later.counters[self.counters.len()..]);
+        Some(next)
     }
 
     /// Whether work started under `self` saw at least what a request that read `other` saw:

@@ -400,3 +400,116 @@ fn configuration_errors_stop_the_start_naming_the_view_and_the_field() {
         assert!(line.contains(named), "{named} in: {line}");
     }
 }
+
+#[tokio::test]
+async fn the_event_stream_reads_every_configured_kind() {
+    let redis = TestRedis::start().await;
+    let stream = format!("table-events-{}", uuid::Uuid::new_v4().simple());
+    let app = app(&redis, |s| {
+        s.events.stream = Some(stream.clone());
+        s.events.stream_block_ms = 200;
+    })
+    .await;
+    get_view(&app, "/api/v1/datasets/d7/stats").await;
+    get_view(&app, "/api/v1/models/rankings/5").await;
+    assert_eq!(get_view(&app, "/api/v1/datasets/d7/stats").await.0, "HIT");
+    let _: String = redis
+        .cmd(&[
+            "XADD",
+            &stream,
+            "*",
+            "kind",
+            "dataset-updated",
+            "dataset_id",
+            "d7",
+        ])
+        .await
+        .expect("XADD");
+    // A run listed by the ranking, named as a number: the ranking goes (the cascade).
+    let _: String = redis
+        .cmd(&[
+            "XADD",
+            &stream,
+            "*",
+            "kind",
+            "training-failed",
+            "model_run_id",
+            "5.3",
+        ])
+        .await
+        .expect("XADD");
+    wait_for(|| async {
+        let dataset = app.get("/api/v1/datasets/d7/stats").await;
+        header(&dataset, "x-cache") == "MISS"
+    })
+    .await;
+    wait_for(|| async {
+        let ranking = app.get("/api/v1/models/rankings/5").await;
+        header(&ranking, "x-cache") == "MISS"
+    })
+    .await;
+}
+
+#[test]
+fn the_old_comparison_bound_still_reads_as_the_id_lists_max() {
+    let file = std::env::temp_dir().join(format!("runcache-max-ids-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&file, "[views.comparison]\nmax_ids = 3\n").expect("write overlay");
+    let settings = runcache::config::Settings::load_from(
+        Some(file.to_str().expect("path")),
+        Some(Default::default()),
+    )
+    .expect("loads");
+    let _ = std::fs::remove_file(&file);
+    let table = settings.view_table().expect("views");
+    let cmp = table.by_name("comparison").expect("comparison");
+    let body = |ids: &[&str]| serde_json::to_vec(&json!({"model_run_ids": ids})).expect("json");
+    assert!(
+        cmp.resolve(
+            "/api/v1/models/compare",
+            None,
+            Some(&body(&["1", "2", "3"]))
+        )
+        .is_ok()
+    );
+    assert!(
+        cmp.resolve(
+            "/api/v1/models/compare",
+            None,
+            Some(&body(&["1", "2", "3", "4"]))
+        )
+        .is_err()
+    );
+}
+
+/// Found by the consistency checker (sentinel mode, a master paused through an event): an
+/// invalidation whose counter bumps reached Redis but whose deletes did not (its `WAIT` timed
+/// out, so it was journaled and sent to the other instances instead) left a ranking servable to
+/// every instance still reading Redis, because only the tag set stood between the ranking and
+/// the run it listed. The generations of learned tags are now checked on every read, as the
+/// request's own are.
+#[tokio::test]
+async fn a_ranking_is_unservable_once_a_listed_runs_counter_moves_even_if_its_tag_set_is_not_emptied()
+ {
+    let redis = TestRedis::start().await;
+    let app = app(&redis, |s| s.l1.enabled = false).await;
+    get_view(&app, "/api/v1/models/rankings/3").await;
+    assert_eq!(get_view(&app, "/api/v1/models/rankings/3").await.0, "HIT");
+    // What the invalidation's bumps do, without its deletes.
+    for counter in ["learned", "run:3.1"] {
+        let key = format!("{}:_gen:v1:{counter}", app.prefix);
+        let _: i64 = redis.cmd(&["INCR", &key]).await.expect("INCR");
+    }
+    let set = format!("{}:_tags:v1:run:3.1", app.prefix);
+    let members: Vec<String> = redis.cmd(&["SMEMBERS", &set]).await.expect("SMEMBERS");
+    assert_eq!(
+        members.len(),
+        1,
+        "the ranking is still in the run's tag set"
+    );
+    assert_eq!(get_view(&app, "/api/v1/models/rankings/3").await.0, "MISS");
+    assert_eq!(get_view(&app, "/api/v1/models/rankings/3").await.0, "HIT");
+    // Another run's counter: the ranking stays.
+    let key = format!("{}:_gen:v1:run:9.9", app.prefix);
+    let _: i64 = redis.cmd(&["INCR", &key]).await.expect("INCR");
+    assert_eq!(get_view(&app, "/api/v1/models/rankings/3").await.0, "HIT");
+}
