@@ -245,9 +245,13 @@ def miss_overhead(cache_port, origin_port, n):
             "n": n}
 
 
-def invalidation_cost(cache_port, run_id, comparisons, reps):
+def invalidation_cost(cache_port, run_id, comparisons, reps, ranking=None, datasets=0):
     """Median time of one training-completed event for a run with `comparisons` cached
-    comparisons (re-warmed before every repetition)."""
+    comparisons (re-warmed before every repetition). With `ranking`, the run is one of the
+    runs that ranking lists (the sample origin's ranking `R` lists `R.1`..`R.5`): the ranking
+    is warmed too, so the run's tag set holds comparisons and a ranking (a tag learned from an
+    answer); with `datasets`, that many dataset stats are warmed beside them (tags of another
+    kind, which the event must leave alone)."""
     times, dropped = [], []
     for rep in range(reps):
         bodies = [json.dumps({"model_run_ids": [run_id, f"{run_id}-peer-{i}"]})
@@ -257,10 +261,20 @@ def invalidation_cost(cache_port, run_id, comparisons, reps):
             return http_call(cache_port, "POST", "/api/v1/models/compare", body,
                              {"Content-Type": "application/json"})[0]
 
+        def get(path):
+            return http_call(cache_port, "GET", path)[0]
+
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             statuses = list(pool.map(compare, bodies))
+            gets = ([f"/api/v1/models/rankings/{ranking}"] if ranking else []) + \
+                [f"/api/v1/datasets/{run_id}-ds-{i}/stats" for i in range(datasets)]
+            statuses += list(pool.map(get, gets))
         if any(s != 200 for s in statuses):
-            raise RuntimeError(f"warming comparisons: {set(statuses)}")
+            raise RuntimeError(f"warming comparisons, ranking, datasets: {set(statuses)}")
+        if ranking:
+            _, headers, _, _ = http_call(cache_port, "GET", f"/api/v1/models/rankings/{ranking}")
+            if {k.lower(): v for k, v in headers.items()}.get("x-cache") != "HIT":
+                raise RuntimeError(f"ranking {ranking} was not cached: {headers}")
         status, _, body, secs = http_call(
             cache_port, "POST", "/events/training-completed",
             json.dumps({"model_run_id": run_id}), admin_headers())
@@ -268,7 +282,34 @@ def invalidation_cost(cache_port, run_id, comparisons, reps):
             raise RuntimeError(f"event answered {status}: {body!r}")
         times.append(secs * 1e3)
         dropped.append(json.loads(body)["invalidated"])
-    return {"ms_p50": statistics.median(times), "ms_all": times, "invalidated": dropped}
+    return {"ms_p50": statistics.median(times), "ms_all": times, "invalidated": dropped,
+            "comparisons": comparisons, "ranking": ranking is not None, "datasets": datasets}
+
+
+# The unrelated keys of the invalidation cell: entries of every view's kind, and tag sets of
+# every tag kind (other runs', datasets', tuning jobs', rankings'), in the proportions below.
+FILLER_ENTRIES = ("model:metrics", "dataset:stats", "tuning:results", "model:ranking",
+                  "model:comparison")
+FILLER_TAGS = ("run", "dataset", "tuning", "ranking")
+# Fills ARGV[3] - ARGV[2] tag sets `{ARGV[1]}:filler-i` (i from ARGV[2]), one member each (an
+# entry key of the filler); sets already there are left as they are, as DEBUG POPULATE does.
+FILL_TAG_SETS = ("for i = tonumber(ARGV[2]), tonumber(ARGV[3]) - 1 do "
+                 "redis.call('SADD', ARGV[1] .. ':filler-' .. i, ARGV[4] .. ':filler:' .. i) "
+                 "end return redis.call('DBSIZE')")
+
+
+def mixed_filler(redis_port, count):
+    """Grows the unrelated keys to about `count` (on top of what is there): four fifths entries
+    spread over FILLER_ENTRIES (DEBUG POPULATE, 64-byte values), one fifth tag sets spread over
+    FILLER_TAGS. Idempotent per count: filling 10 k then 1 M gives 1 M, not 1.01 M."""
+    entries = count * 4 // 5 // len(FILLER_ENTRIES)
+    for kind in FILLER_ENTRIES:
+        redis_cli(redis_port, "DEBUG", "POPULATE", entries, f"runcache:v1:{kind}:filler", 64)
+    sets = count // 5 // len(FILLER_TAGS)
+    for kind in FILLER_TAGS:
+        for lo in range(0, sets, 50_000):
+            redis_cli(redis_port, "EVAL", FILL_TAG_SETS, "0", f"runcache:_tags:v1:{kind}",
+                      lo, min(sets, lo + 50_000), "runcache:v1:model:metrics")
 
 
 def pattern_clear(cache_port, redis_port, keys):
@@ -732,6 +773,19 @@ def self_test():
                                    "from_process_start_s": 2.9}})
     assert "10,000 queued stream events, one Redis | 2.50 s (4,000 events/s; 2.90 s from the " \
         "process start) |" in row[0], row
+    inv = {"unrelated_small": 10_000, "unrelated_big": 1_000_000}
+    for size, ms in (("small", 2.0), ("big", 2.4)):
+        inv[size] = {"ms_p50": ms, "invalidated": [101, 101, 101], "comparisons": 100,
+                     "ranking": True, "datasets": 20,
+                     "comparisons_only": {"ms_p50": ms - 0.5, "invalidated": [100]},
+                     "baseline": {"ms_p50": 1.5, "invalidated": [100]}}
+    rows = invalidation_rows(inv)
+    assert rows[0] == ("| invalidation, 100 comparisons + 1 ranking listing the run, 20 dataset "
+                       "stats beside, 10,000 unrelated keys, mixed kinds | 2.00 ms (101 entries)"
+                       " | | |"), rows
+    assert rows[-1].startswith("| invalidation ratio big / small, 100 comparisons only | 1.27 |")
+    rows = baseline_rows({"baseline": {"overhead_p50_ms": 0.4}}, inv)
+    assert "1,000,000 unrelated keys: now / baseline | 1.90 / 1.50 ms (1.27)" in rows[2], rows
     print("bench.py self-test: ok")
     return 0
 
@@ -752,9 +806,36 @@ def baseline_rows(miss, inv):
     b = miss["baseline"]
     rows = [f"| miss-path overhead p50, baseline commit | {b['overhead_p50_ms']:.2f} ms | | |"]
     for size in ("small", "big"):
-        now, base = inv[size]["ms_p50"], inv[size]["baseline"]["ms_p50"]
-        rows.append(f"| invalidation, {inv['unrelated_' + size]:,} unrelated keys: now / "
+        # The baseline is measured with comparisons only (no ranking or dataset route there):
+        # compared with this build's comparisons-only cell when there is one.
+        now = inv[size].get("comparisons_only", inv[size])["ms_p50"]
+        base = inv[size]["baseline"]["ms_p50"]
+        rows.append(f"| invalidation, 100 comparisons only (the baseline has no ranking or "
+                    f"dataset route), {inv['unrelated_' + size]:,} unrelated keys: now / "
                     f"baseline | {now:.2f} / {base:.2f} ms ({now / base:.2f}) | | |")
+    return rows
+
+
+def invalidation_rows(inv):
+    """The invalidation cost rows: the run's tag set and the unrelated keys, per size."""
+    rows = []
+    for size in ("small", "big"):
+        r = inv[size]
+        what = f"{r.get('comparisons', 100)} comparisons"
+        if r.get("ranking"):
+            what += f" + 1 ranking listing the run, {r.get('datasets', 0)} dataset stats beside"
+        mixed = ", mixed kinds" if "comparisons_only" in r else ""
+        dropped = statistics.median(r["invalidated"])
+        rows.append(f"| invalidation, {what}, {inv['unrelated_' + size]:,} unrelated keys"
+                    f"{mixed} | {r['ms_p50']:.2f} ms ({dropped:g} entries) | | |")
+        if "comparisons_only" in r:
+            rows.append(f"| invalidation, 100 comparisons only, {inv['unrelated_' + size]:,} "
+                        f"unrelated keys{mixed} | {r['comparisons_only']['ms_p50']:.2f} ms | | |")
+    if "comparisons_only" in inv["small"]:
+        small, big = inv["small"]["comparisons_only"], inv["big"]["comparisons_only"]
+        ratio = big["ms_p50"] / small["ms_p50"]
+        rows.append(f"| invalidation ratio big / small, 100 comparisons only | {ratio:.2f} | "
+                    f"≤ 1.5 | {'met' if ratio <= 1.5 else '**not met**'} |")
     return rows
 
 
@@ -1066,20 +1147,26 @@ def run(args, scratch, procs, redis_port, big, small, clear_keys, inv_reps, clus
                                          50 if args.smoke else 300)
         log(f"  baseline: {miss['baseline']}")
 
-    log(f"invalidation cost with {small} and {big} unrelated entries")
-    filler = "runcache:v1:model:metrics:filler"
-    redis_cli(redis_port, "DEBUG", "POPULATE", small, filler, 64)
-    inv_small = invalidation_cost(ports["default"], "inv-small", 100, inv_reps)
-    if args.baseline:
-        inv_small["baseline"] = invalidation_cost(ports["baseline"], "inv-small-b", 100,
-                                                  inv_reps)
-    redis_cli(redis_port, "DEBUG", "POPULATE", big, filler, 64)
-    dbsize = int(redis_cli(redis_port, "DBSIZE"))
-    inv_big = invalidation_cost(ports["default"], "inv-big", 100, inv_reps)
-    if args.baseline:
-        inv_big["baseline"] = invalidation_cost(ports["baseline"], "inv-big-b", 100, inv_reps)
-    log(f"  {small}: {inv_small['ms_p50']:.2f} ms; {big}: {inv_big['ms_p50']:.2f} ms "
-        f"(dbsize {dbsize})")
+    log(f"invalidation cost with {small} and {big} unrelated keys of mixed kinds")
+    # This build: the run is listed by a ranking (a learned run: tag) beside its 100
+    # comparisons, with dataset stats around ("mixed"); and the comparisons alone, as the
+    # baseline is measured (a commit from before the view table has no ranking or dataset
+    # route), for the now / baseline ratio.
+    inv = {}
+    for size, count in (("small", small), ("big", big)):
+        mixed_filler(redis_port, count)
+        inv[size] = invalidation_cost(ports["default"], f"inv-{size}.2", 100, inv_reps,
+                                      ranking=f"inv-{size}", datasets=20)
+        inv[size]["comparisons_only"] = invalidation_cost(ports["default"], f"inv-{size}-c",
+                                                          100, inv_reps)
+        if args.baseline:
+            inv[size]["baseline"] = invalidation_cost(ports["baseline"], f"inv-{size}-b", 100,
+                                                      inv_reps)
+        inv[size]["dbsize"] = int(redis_cli(redis_port, "DBSIZE"))
+        log(f"  {count}: mixed {inv[size]['ms_p50']:.2f} ms (invalidated "
+            f"{inv[size]['invalidated']}), comparisons only "
+            f"{inv[size]['comparisons_only']['ms_p50']:.2f} ms, dbsize {inv[size]['dbsize']}")
+    inv_small, inv_big = inv["small"], inv["big"]
 
     log(f"pattern clear of {clear_keys} keys")
     # Our own private Redis: the filler goes first, so the clear walks its own keyspace.
@@ -1246,10 +1333,7 @@ def render(res, labels):
               f"| miss-path overhead p50 (runcache miss {m['runcache_miss_p50_ms']:.2f} ms − "
               f"origin {m['origin_p50_ms']:.2f} ms) | {m['overhead_p50_ms']:.2f} ms | < 1 ms | "
               f"{mark(m['overhead_p50_ms'] < 1)} |",
-              f"| invalidation, 100 comparisons, {inv['unrelated_small']:,} unrelated keys | "
-              f"{inv['small']['ms_p50']:.2f} ms | | |",
-              f"| invalidation, 100 comparisons, {inv['unrelated_big']:,} unrelated keys | "
-              f"{inv['big']['ms_p50']:.2f} ms | | |",
+              *invalidation_rows(inv),
               f"| invalidation ratio big / small | {inv['ratio']:.2f} | ≤ 1.5 | "
               f"{mark(inv['ratio'] <= 1.5)} |",
               *baseline_rows(m, inv),
