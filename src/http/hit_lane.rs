@@ -31,20 +31,36 @@ use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use futures_util::future::{Either, Ready, ready};
-use http::{HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use tower::Service;
 use tracing::Instrument;
 
 use super::{FastRequestId, X_REQUEST_ID};
-use crate::domain::FrontendAuth;
+use crate::domain::{FrontendAuth, Resolved};
 use crate::error::{AppError, codes, error_response};
 use crate::serve::ViewRequest;
 use crate::state::AppState;
+use dashmap::DashMap;
+use std::sync::Arc;
+
+/// Most requests the lane remembers resolving (see [`HitLane::resolve`]); past it, it
+/// forgets them all and starts again.
+const MAX_RESOLUTIONS: usize = 10_000;
+
+/// A view's index in the table and the request its resolver made of a URI.
+type Known = Arc<(usize, Resolved)>;
+
+/// Requests resolved, by URI (see [`HitLane::resolve`]).
+type Resolutions = DashMap<Box<str>, Known>;
 
 /// The router, with the hit lane in front of it.
 #[derive(Clone)]
 pub struct HitLane<S> {
     state: AppState,
+    /// Requests resolved, by URI (path and query): a view's resolver is pure, so a URI
+    /// resolves the same way every time, and a cache's hot URIs are few. Resolving is most of
+    /// what a near-cache hit costs without it.
+    resolutions: Arc<Resolutions>,
     ids: FastRequestId,
     open: bool,
     /// The client's address, given to requests that take the full path (the admin rate
@@ -70,11 +86,32 @@ impl<S> HitLane<S> {
             && state.settings.auth.mode() != FrontendAuth::Jwt;
         Self {
             state,
+            resolutions: Arc::default(),
             ids,
             open,
             peer: None,
             inner,
         }
+    }
+
+    /// The view of a `GET` of `uri` and the request its resolver makes of it, remembered by
+    /// URI. `None`: no view takes it, or its view refuses it (the full path then answers).
+    fn resolve(&self, uri: &Uri) -> Option<Known> {
+        let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        if let Some(known) = self.resolutions.get(target) {
+            return Some(known.value().clone());
+        }
+        let def = self.state.views.table().route(&Method::GET, uri.path())?;
+        let resolved = def.resolve(uri.path(), uri.query(), None).ok()?;
+        let known = Arc::new((def.view.index(), resolved));
+        // Keyed by credential per request: nothing to remember.
+        if !def.per_credential {
+            if self.resolutions.len() >= MAX_RESOLUTIONS {
+                self.resolutions.clear();
+            }
+            self.resolutions.insert(target.into(), known.clone());
+        }
+        Some(known)
     }
 
     /// What the lane does with `req`: answers it from a near-cache copy, serves it on its own
@@ -83,14 +120,6 @@ impl<S> HitLane<S> {
         if !self.open || req.method() != Method::GET {
             return Route::Pass;
         }
-        let Some(def) = self
-            .state
-            .views
-            .table()
-            .route(&Method::GET, req.uri().path())
-        else {
-            return Route::Pass;
-        };
         let headers = req.headers();
         // Two `Authorization` headers: the full path refuses them (`views::admit`).
         if headers.contains_key(header::ACCEPT_ENCODING)
@@ -104,11 +133,15 @@ impl<S> HitLane<S> {
             return Route::Pass;
         }
         // The view's own resolver: what it refuses, the full path refuses (or passes) too.
-        let Ok(mut resolved) = def.resolve(req.uri().path(), req.uri().query(), None) else {
+        let Some(known) = self.resolve(req.uri()) else {
             return Route::Pass;
         };
         let views = &self.state.views;
-        views.personalise(def, &mut resolved, headers);
+        let def = &views.table().views()[known.0];
+        let mut resolved = std::borrow::Cow::Borrowed(&known.1);
+        if def.per_credential {
+            views.personalise(def, resolved.to_mut(), headers);
+        }
         if resolved.use_cache
             && self.state.limits.has_room()
             && let Some(resp) = self.near_hit(req, def, &resolved)
@@ -120,7 +153,7 @@ impl<S> HitLane<S> {
             Some(permit) => Route::Serve(Owned {
                 request: ViewRequest::resolved(
                     def,
-                    resolved,
+                    resolved.into_owned(),
                     views.origin().forwarded_headers(headers),
                 ),
                 permit,
@@ -135,7 +168,7 @@ impl<S> HitLane<S> {
         &self,
         req: &Request<Body>,
         def: &crate::domain::ViewDef,
-        resolved: &crate::domain::Resolved,
+        resolved: &Resolved,
     ) -> Option<Response> {
         let headers = req.headers();
         let started = Instant::now();
