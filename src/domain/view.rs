@@ -1533,7 +1533,7 @@ mod tests {
             let second = cmp.resolve("/api/v1/models/compare", None, Some(&body(&reversed))).expect("valid");
             prop_assert_eq!(&first.key, &second.key, "order and repetition do not matter");
             let mut more = ids.clone();
-            more.extend(extra.iter().map(|e| format!("x{e}")));
+            more.extend(extra.iter().map(|e| format!("x-{e}")));
             let third = cmp.resolve("/api/v1/models/compare", None, Some(&body(&more))).expect("valid");
             prop_assert_ne!(&first.key, &third.key, "another set of ids is another key");
         }
