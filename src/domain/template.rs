@@ -256,7 +256,7 @@ fn render_pieces(pieces: &[Piece], inputs: &Inputs<'_>, out: &mut String) -> Res
                         .next()
                         .ok_or_else(|| expr.to_string())?;
                     match v {
-                        Value::String(s) if s.bytes().all(is_key_byte) => out.push_str(s),
+                        Value::String(s) if s.bytes().all(is_plain_value_byte) => out.push_str(s),
                         other => out.push_str(&render(other)),
                     }
                 }
@@ -290,8 +290,9 @@ pub fn is_key_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':')
 }
 
-/// A value as it is written into a key or tag: a string as it is, with every byte that may
-/// not stand in a key written `%XX` (so `%` itself too: the form is injective); an integral
+/// A value as it is written into a key or tag: a string as it is, with `:` and every byte
+/// that may not stand in a key written `%XX` (so `%` itself too: the form is injective, and a
+/// value never writes a literal's separator); an integral
 /// number as its integer (`42.0` is `42`, as the run-id parser reads it); another number, a
 /// boolean, or an array or object as its canonical JSON, escaped the same way.
 pub fn render(value: &Value) -> String {
@@ -307,13 +308,21 @@ pub fn render(value: &Value) -> String {
     escape(&text)
 }
 
+/// Whether `b` stands for itself in a value written into a key or tag: a key byte other than
+/// `:`, the separator of templates' literals. A value holding `:` could otherwise pass for a
+/// literal and a later field (`a:{x}[:b{query.n}]`: `x = "1:b5"` and `x = "1", n = 5`), and two
+/// requests the origin answers differently would share a key.
+fn is_plain_value_byte(b: u8) -> bool {
+    is_key_byte(b) && b != b':'
+}
+
 fn escape(s: &str) -> String {
-    if s.bytes().all(is_key_byte) {
+    if s.bytes().all(is_plain_value_byte) {
         return s.to_owned();
     }
     let mut out = String::with_capacity(s.len() + 8);
     for b in s.bytes() {
-        if is_key_byte(b) {
+        if is_plain_value_byte(b) {
             out.push(char::from(b));
         } else {
             out.push('%');
@@ -563,10 +572,31 @@ mod tests {
     }
 
     #[test]
+    fn a_value_cannot_pass_for_a_literal_and_a_later_field() {
+        let t = Template::parse("a:{x}[:b{query.n}]", Use::Key).expect("parses");
+        let key = |x: &str, n: Option<i64>| {
+            let params = map(json!({ "x": x }));
+            let query = match n {
+                Some(n) => map(json!({ "n": n })),
+                None => map(json!({})),
+            };
+            t.render_one(&Inputs {
+                params: &params,
+                query: &query,
+                body: None,
+                response: None,
+            })
+            .expect("renders")
+        };
+        assert_ne!(key("1:b5", None), key("1", Some(5)));
+    }
+
+    #[test]
     fn rendering_is_injective_on_strings() {
         assert_eq!(render(&json!("a%b")), "a%25b");
         assert_eq!(render(&json!("a/b")), "a%2Fb");
         assert_ne!(render(&json!("a%2Fb")), render(&json!("a/b")));
+        assert_eq!(render(&json!("1:b5")), "1%3Ab5");
         assert_eq!(render(&json!(true)), "true");
         assert_eq!(render(&json!(1.5)), "1.5");
     }
