@@ -50,8 +50,10 @@ const MAX_RESOLUTIONS: usize = 10_000;
 /// A view's index in the table and the request its resolver made of a URI.
 type Known = Arc<(usize, Resolved)>;
 
-/// Requests resolved, by URI (see [`HitLane::resolve`]).
-type Resolutions = DashMap<Box<str>, Known>;
+/// Requests resolved, by URI (see [`HitLane::resolve`]). The hasher is seeded per process
+/// (clients choose the URIs, so it must not be predictable) and, unlike SipHash, cheap next
+/// to the rest of a near-cache hit.
+type Resolutions = DashMap<Box<str>, Known, foldhash::fast::RandomState>;
 
 /// The router, with the hit lane in front of it.
 #[derive(Clone)]
@@ -86,7 +88,7 @@ impl<S> HitLane<S> {
             && state.settings.auth.mode() != FrontendAuth::Jwt;
         Self {
             state,
-            resolutions: Arc::default(),
+            resolutions: Arc::new(DashMap::with_hasher(foldhash::fast::RandomState::default())),
             ids,
             open,
             peer: None,
