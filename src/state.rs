@@ -51,6 +51,8 @@ impl std::ops::Deref for AppState {
 pub struct AppStateInner {
     /// The event kinds (`events.kinds`), checked.
     pub kinds: Arc<crate::domain::EventKinds>,
+    /// The write-through invalidation rules (`[invalidate.*]`), checked.
+    pub rules: Arc<crate::domain::WriteRules>,
     /// Validated settings.
     pub settings: Arc<Settings>,
     /// The store: Redis with the memory fallback, and the near cache in front.
@@ -212,8 +214,10 @@ impl AppState {
             },
         ));
         let kinds = Arc::new(settings.event_kinds()?);
+        let rules = Arc::new(settings.write_rules()?);
         Ok(Self(Arc::new(AppStateInner {
             kinds,
+            rules,
             deliveries: Deliveries::new(settings.events.tolerance_secs),
             settings: Arc::new(settings),
             store,

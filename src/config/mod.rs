@@ -83,6 +83,9 @@ pub struct Settings {
     pub log: LogSettings,
     /// Direct invalidations between instances.
     pub peers: PeersSettings,
+    /// Write-through invalidation rules (`[invalidate.<name>]`, SPEC section 9).
+    #[serde(default)]
+    pub invalidate: std::collections::BTreeMap<String, crate::domain::WriteRuleSpec>,
 }
 
 pub use crate::domain::view::Ttl;
@@ -472,6 +475,7 @@ impl Settings {
         validate_version(&self.cache.version).map_err(|e| invalid("cache.version", e))?;
         self.view_table()?;
         self.event_kinds()?;
+        self.write_rules()?;
         for id in &self.warm.model_run_ids {
             validate_run_id(id).map_err(|e| invalid("warm.model_run_ids", e))?;
         }
@@ -556,6 +560,17 @@ impl Settings {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The write-through invalidation rules (`[invalidate.*]`), checked against the view
+    /// table: one line naming the rule and the field on error.
+    pub fn write_rules(&self) -> Result<crate::domain::WriteRules, ConfigError> {
+        crate::domain::WriteRules::compile(&self.invalidate, &self.view_table()?, &[]).map_err(
+            |e| ConfigError::InvalidEntry {
+                key: e.setting,
+                reason: e.reason,
+            },
+        )
     }
 
     /// `events.kinds`, checked.

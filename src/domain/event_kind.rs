@@ -239,6 +239,7 @@ fn render(k: &Kind, fields: &Map<String, Value>) -> Result<Vec<String>, String> 
         query: &empty,
         body: None,
         response: None,
+        lookups: None,
     };
     let mut out = Vec::new();
     for t in &k.tags {

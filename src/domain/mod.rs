@@ -9,11 +9,13 @@ pub mod policy;
 pub mod run_id;
 pub mod template;
 pub mod view;
+pub mod write_rule;
 
 pub use event_kind::EventKinds;
 pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};
 pub use run_id::{MAX_INTEGER_ID, RUN_ID_PATTERN, RawRunId, parse_run_id, run_ids_in_untyped_text};
 pub use view::{OnInvalid, Resolved, View, ViewDef, ViewSpec, ViewTable};
+pub use write_rule::{Invalidates, WriteRule, WriteRuleSpec, WriteRules};
 
 /// The event kinds shipped by default (`events.kinds`), which invalidate a run.
 pub const EVENT_KINDS: [&str; 3] = ["training-completed", "training-failed", "model-deleted"];

@@ -25,6 +25,14 @@ pub enum Root {
     Body,
     /// The JSON answer.
     Response,
+    /// `lookup.<table>[<expr>]`: what a lookup table learned for each value of `key`
+    /// (`[invalidate.*]` rules only).
+    Lookup {
+        /// The table's name.
+        table: String,
+        /// The expression whose values are looked up.
+        key: Box<Expr>,
+    },
 }
 
 /// One step into a JSON value.
@@ -49,6 +57,7 @@ impl Expr {
     /// Whether it fans out (`[*]`).
     pub fn fans_out(&self) -> bool {
         self.steps.contains(&Step::Each)
+            || matches!(&self.root, Root::Lookup { key, .. } if key.fans_out())
     }
 
     /// The body member it starts with (`body.a.b` is `a`), if it is under the body.
@@ -62,13 +71,19 @@ impl Expr {
     /// The values it names in `inputs`: none when a field on the way is absent, several
     /// through `[*]`.
     pub fn values<'a>(&self, inputs: &Inputs<'a>) -> Vec<&'a Value> {
-        let start: Option<&'a Value> = match &self.root {
-            Root::Param(name) => inputs.params.get(name),
-            Root::Query(name) => inputs.query.get(name),
-            Root::Body => inputs.body,
-            Root::Response => inputs.response,
+        let mut current: Vec<&'a Value> = match &self.root {
+            Root::Param(name) => inputs.params.get(name).into_iter().collect(),
+            Root::Query(name) => inputs.query.get(name).into_iter().collect(),
+            Root::Body => inputs.body.into_iter().collect(),
+            Root::Response => inputs.response.into_iter().collect(),
+            Root::Lookup { table, key } => {
+                let learned = inputs.lookups.and_then(|l| l.get(table));
+                key.values(inputs)
+                    .into_iter()
+                    .filter_map(|k| learned?.get(render(k)))
+                    .collect()
+            }
         };
-        let mut current: Vec<&'a Value> = start.into_iter().collect();
         for step in &self.steps {
             current = match step {
                 Step::Member(m) => current.into_iter().filter_map(|v| v.get(m)).collect(),
@@ -91,6 +106,7 @@ impl std::fmt::Display for Expr {
             Root::Query(n) => write!(f, "query.{n}")?,
             Root::Body => f.write_str("body")?,
             Root::Response => f.write_str("response")?,
+            Root::Lookup { table, key } => write!(f, "lookup.{table}[{key}]")?,
         }
         for step in &self.steps {
             match step {
@@ -137,6 +153,9 @@ pub struct Inputs<'a> {
     pub body: Option<&'a Value>,
     /// The answer.
     pub response: Option<&'a Value>,
+    /// What lookup tables hold for the values their expressions name: table name, then the
+    /// value written as in a tag ([`render`]), then what it maps to.
+    pub lookups: Option<&'a serde_json::Map<String, Value>>,
 }
 
 /// What a template may use: keys allow optional segments and hashes, tags allow `[*]`.
@@ -430,6 +449,26 @@ pub fn is_name(name: &str) -> bool {
 }
 
 fn parse_expr(text: &str) -> Result<Expr, String> {
+    if let Some(rest) = text.strip_prefix("lookup.") {
+        let (table, key) = rest
+            .split_once('[')
+            .and_then(|(t, k)| Some((t, k.strip_suffix(']')?)))
+            .ok_or_else(|| format!("{text:?}: a lookup is lookup.<table>[<field>]"))?;
+        if !is_name(table) {
+            return Err(format!("{text:?}: {table:?} is not a table name"));
+        }
+        let key = parse_expr(key.trim())?;
+        if matches!(key.root, Root::Lookup { .. }) {
+            return Err(format!("{text:?}: lookups do not nest"));
+        }
+        return Ok(Expr {
+            root: Root::Lookup {
+                table: table.to_owned(),
+                key: Box::new(key),
+            },
+            steps: Vec::new(),
+        });
+    }
     let mut parts = text.split('.');
     let head = parts.next().unwrap_or_default();
     let (root, head_each) = match head.strip_suffix("[*]") {
@@ -501,6 +540,7 @@ mod tests {
             query: &empty,
             body: None,
             response: None,
+            lookups: None,
         };
         assert_eq!(
             t.render_one(&inputs).expect("renders"),
@@ -512,6 +552,7 @@ mod tests {
             query: &query,
             body: None,
             response: None,
+            lookups: None,
         };
         assert_eq!(
             t.render_one(&inputs).expect("renders"),
@@ -529,6 +570,7 @@ mod tests {
                 query: &empty,
                 body: Some(&body),
                 response: None,
+                lookups: None,
             })
             .expect("renders");
         // The SHA-256 of `["1","2"]`, the list sent to the origin.
@@ -549,6 +591,7 @@ mod tests {
                 query: &empty,
                 body: None,
                 response: Some(&answer),
+                lookups: None,
             })
             .expect("renders");
         assert_eq!(tags, ["run:7", "run:a%20b", "run:b"]);
@@ -585,6 +628,7 @@ mod tests {
                 query: &query,
                 body: None,
                 response: None,
+                lookups: None,
             })
             .expect("renders")
         };

@@ -192,7 +192,11 @@ pub struct Field {
 }
 
 impl Field {
-    fn compile(name: &str, spec: &FieldSpec, required_by_default: bool) -> Result<Field, String> {
+    pub(crate) fn compile(
+        name: &str,
+        spec: &FieldSpec,
+        required_by_default: bool,
+    ) -> Result<Field, String> {
         if !template::is_name(name) {
             return Err(format!(
                 "{name:?} is not a field name ([A-Za-z_][A-Za-z0-9_]*)"
@@ -536,6 +540,7 @@ impl ViewDef {
             query: &query,
             body: body.as_ref(),
             response: None,
+            lookups: None,
         };
         let key = self
             .key
@@ -692,6 +697,7 @@ impl ViewDef {
             query: &empty,
             body: None,
             response: Some(&value),
+            lookups: None,
         };
         let mut tags = Vec::new();
         for t in &self.response_tags {
@@ -1101,6 +1107,9 @@ fn compile_view(view: View, spec: &ViewSpec) -> Result<ViewDef, FieldError> {
                 _ => Ok(()),
             },
             Root::Response => Err(format!("{{{e}}}: only response_tags read the answer")),
+            Root::Lookup { .. } => Err(format!(
+                "{{{e}}}: lookup tables are read by [invalidate.*] rules only"
+            )),
             _ => Ok(()),
         }
     };
@@ -1214,7 +1223,7 @@ fn compile_view(view: View, spec: &ViewSpec) -> Result<ViewDef, FieldError> {
 
 /// A tag is `kind:…` with a literal kind, so that invalidation by kind and the cluster's
 /// slots can read it.
-fn check_tag(t: &Template) -> Result<(), String> {
+pub(crate) fn check_tag(t: &Template) -> Result<(), String> {
     match t.pieces().first() {
         Some(template::Piece::Literal(l))
             if l.split_once(':').is_some_and(|(k, _)| !k.is_empty()) =>
@@ -1228,7 +1237,7 @@ fn check_tag(t: &Template) -> Result<(), String> {
     }
 }
 
-fn parse_path(path: &str) -> Result<Vec<PathSegment>, String> {
+pub(crate) fn parse_path(path: &str) -> Result<Vec<PathSegment>, String> {
     let rest = path
         .strip_prefix('/')
         .ok_or_else(|| format!("{path:?} must start with '/'"))?;

@@ -12,6 +12,7 @@ pub mod ops;
 pub mod stats;
 mod view_docs;
 pub mod views;
+mod writes;
 
 use std::time::Duration;
 
@@ -191,21 +192,24 @@ fn api_router() -> OpenApiRouter<AppState> {
 fn routes_and_api(
     table: &crate::domain::ViewTable,
     kinds: &crate::domain::EventKinds,
+    rules: &crate::domain::WriteRules,
 ) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut api) = api_router().split_for_parts();
     view_docs::document(table, &mut api);
+    view_docs::document_rules(rules, &mut api);
     events::document(kinds, &mut api);
     document_layer_responses(&mut api);
     (router, api)
 }
 
-/// The OpenAPI document of `table`'s views, `kinds`' events and runcache's own routes, as
-/// YAML.
+/// The OpenAPI document of `table`'s views, `kinds`' events, `rules`' writes and runcache's
+/// own routes, as YAML.
 pub fn openapi_yaml_for(
     table: &crate::domain::ViewTable,
     kinds: &crate::domain::EventKinds,
+    rules: &crate::domain::WriteRules,
 ) -> String {
-    let (_, api) = routes_and_api(table, kinds);
+    let (_, api) = routes_and_api(table, kinds, rules);
     api.to_yaml().unwrap_or_default()
 }
 
@@ -213,9 +217,9 @@ pub fn openapi_yaml_for(
 /// environment says): what `openapi.yaml` holds.
 pub fn openapi_yaml() -> String {
     let shipped = crate::config::Settings::load_from(None, Some(Default::default()))
-        .and_then(|s| Ok((s.view_table()?, s.event_kinds()?)));
+        .and_then(|s| Ok((s.view_table()?, s.event_kinds()?, s.write_rules()?)));
     match shipped {
-        Ok((table, kinds)) => openapi_yaml_for(&table, &kinds),
+        Ok((table, kinds, rules)) => openapi_yaml_for(&table, &kinds, &rules),
         Err(e) => format!("# the shipped configuration is invalid: {e}\n"),
     }
 }
@@ -238,7 +242,7 @@ pub fn build_service(state: AppState) -> hit_lane::HitLane<Router> {
 }
 
 fn build_router(state: AppState, ids: FastRequestId) -> Router {
-    let (router, api) = routes_and_api(state.views.table(), &state.kinds);
+    let (router, api) = routes_and_api(state.views.table(), &state.kinds, &state.rules);
     let settings = state.settings.clone();
     let limits = state.limits.clone();
     let router = router
@@ -518,6 +522,14 @@ pub(crate) mod tests {
             .expect("default settings")
             .view_table()
             .expect("the shipped views")
+    }
+
+    /// The shipped write rules.
+    pub(crate) fn shipped_rules() -> crate::domain::WriteRules {
+        crate::config::Settings::load_from(None, Some(Default::default()))
+            .expect("default settings")
+            .write_rules()
+            .expect("the shipped rules")
     }
 
     /// The shipped event kinds.

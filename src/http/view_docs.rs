@@ -8,6 +8,7 @@ use utoipa::openapi::path::{HttpMethod, Operation};
 
 use super::views::RunId;
 use crate::domain::RUN_ID_PATTERN;
+use crate::domain::WriteRules;
 use crate::domain::view::{Field, FieldKind, ViewDef, ViewTable};
 
 /// The component standing for any JSON value (utoipa reads a schema with no type back as
@@ -53,6 +54,97 @@ pub(super) fn document(table: &ViewTable, api: &mut OpenApi) {
             *body = schema;
         }
     }
+}
+
+/// Adds an operation for every write of `rules` to `api`.
+pub(super) fn document_rules(rules: &WriteRules, api: &mut OpenApi) {
+    for rule in rules.rules() {
+        let method = match rule.method {
+            http::Method::PUT => HttpMethod::Put,
+            http::Method::PATCH => HttpMethod::Patch,
+            http::Method::DELETE => HttpMethod::Delete,
+            _ => HttpMethod::Post,
+        };
+        // A rest segment (`*`) has no OpenAPI form: such a rule is left out of the document.
+        if rule.path.ends_with("/*") {
+            continue;
+        }
+        match serde_json::from_value::<Operation>(rule_operation(rule)) {
+            Ok(op) => api.paths.add_path_operation(&rule.path, vec![method], op),
+            Err(e) => {
+                tracing::error!(rule = %rule.name, error = %e, "write rule left out of the OpenAPI document")
+            }
+        }
+    }
+}
+
+fn rule_operation(rule: &crate::domain::WriteRule) -> Value {
+    let parameters: Vec<Value> = rule
+        .param_names
+        .iter()
+        .map(|name| match rule.params.iter().find(|f| &f.name == name) {
+            Some(f) => parameter(f, "path"),
+            None => {
+                json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
+            }
+        })
+        .collect();
+    let origin = |what: &str| json!({"description": what, "content": {"application/json": {"schema": any_json()}}});
+    let error = |what: &str| json!({"description": what, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}});
+    let mut responses = Map::new();
+    responses.insert(
+        "200".into(),
+        json!({
+            "description": "The origin's answer, passed through",
+            "headers": {
+                "X-Invalidated": {"schema": {"type": "integer", "format": "int64", "minimum": 0}, "description": "Entries invalidated"},
+            },
+            "content": {"application/json": {"schema": any_json()}},
+        }),
+    );
+    responses.insert(
+        "400".into(),
+        error("An invalid path parameter, or two `Authorization` headers"),
+    );
+    for (status, what) in [
+        (
+            "401",
+            "The origin refused the request's credentials: its answer, passed through",
+        ),
+        (
+            "403",
+            "The origin refused the request's credentials: its answer, passed through",
+        ),
+        ("404", "The origin's 404, passed through"),
+        ("422", "The origin's 422, passed through"),
+        (
+            "500",
+            "The origin's 5xx, passed through (invalidated as if the write had succeeded)",
+        ),
+    ] {
+        responses.insert(status.into(), origin(what));
+    }
+    responses.insert(
+        "502".into(),
+        error("Origin unreachable (invalidated as if the write had succeeded)"),
+    );
+    responses.insert(
+        "503".into(),
+        error("runcache is still starting: nothing was sent"),
+    );
+    responses.insert(
+        "504".into(),
+        error("Origin timed out (invalidated as if the write had succeeded)"),
+    );
+    let tags: Vec<&str> = rule.tags.iter().map(|t| t.text()).collect();
+    json!({
+        "tags": ["views"],
+        "summary": rule.description.clone().unwrap_or_else(|| format!("The `{}` write", rule.name)),
+        "description": format!("Write `{}`, passed to the origin; invalidates `{}`.", rule.name, tags.join("`, `")),
+        "operationId": rule.name,
+        "parameters": parameters,
+        "responses": responses,
+    })
 }
 
 /// The schema of a field given as text (a path segment or a query parameter).

@@ -5,27 +5,26 @@
 use std::collections::BTreeSet;
 
 use axum::body::Body;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use serde_json::Value;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use super::{OriginAnswer, RawBody, etag_match};
 use crate::domain::{MAX_INTEGER_ID, OnInvalid, RUN_ID_PATTERN, RawRunId, ViewDef, parse_run_id};
-use crate::error::{AppError, ErrorBody, Result, codes, error_response};
-use crate::invalidation::Cause;
-use crate::origin::{OriginError, OriginRequest};
+use crate::error::{AppError, Result, codes, error_response};
+use crate::origin::OriginRequest;
 use crate::security::single_authorization;
 use crate::serve::{ViewRequest, ViewResponse};
 use crate::state::AppState;
 
-/// Routes of this resource written as code: the `DELETE` of a run. The views are served by
-/// `serve_or_not_found`, the router's fallback, from the view table.
+/// Routes of this resource written as code: none. The views (and the writes of the
+/// `[invalidate.*]` rules) are served by `serve_or_not_found`, the router's fallback, from
+/// the view table and the rules.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(delete_run))
+    OpenApiRouter::new()
 }
 
 /// A request with more than one `Authorization` header stops here (400): the cache would
@@ -41,7 +40,7 @@ pub(super) fn admit(state: &AppState, headers: &HeaderMap) -> Result<()> {
 }
 
 /// The request's one `Authorization` header, if any; two or more are a `400`.
-fn one_authorization(headers: &HeaderMap) -> Result<Option<&HeaderValue>> {
+pub(super) fn one_authorization(headers: &HeaderMap) -> Result<Option<&HeaderValue>> {
     single_authorization(headers).map_err(|e| AppError::InvalidArgument(e.to_owned()))
 }
 
@@ -74,11 +73,6 @@ impl utoipa::PartialSchema for RunId {
 }
 
 impl ToSchema for RunId {}
-
-/// Validates a run id given as a path segment.
-fn run_id(raw: String) -> Result<String> {
-    parse_run_id(RawRunId::Text(&raw)).map_err(AppError::InvalidArgument)
-}
 
 /// A run id from a JSON body, through the one parser ([`parse_run_id`]): a string, or a
 /// non-negative integer (`42` and `42.0` are the id `"42"`).
@@ -216,10 +210,18 @@ pub(super) fn view_of<'a>(state: &'a AppState, method: &Method, path: &str) -> O
     table.route(method, path)
 }
 
-/// The router's fallback: a request of a configured view is served by it; a path of a view
-/// with another method is a `405` naming the methods it has; anything else a `404`.
+/// The router's fallback: a request of a configured view is served by it, a write of an
+/// `[invalidate.*]` rule by `writes::serve`; a path of a view with another method is a `405`
+/// naming the methods it has; anything else a `404`.
 pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
+    if let Some(rule) = state.rules.route(req.method(), &path) {
+        let rule = rule.clone();
+        return match super::writes::serve(&state, &rule, req).await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
+        };
+    }
     match view_of(&state, req.method(), &path) {
         Some(def) => {
             let def = def.clone();
@@ -293,72 +295,6 @@ async fn serve_view(state: &AppState, def: &ViewDef, req: Request) -> Result<Res
     serve(state, view_request, &headers).await
 }
 
-/// Deletes a run at the origin; on a 2xx answer its entries are invalidated as for a
-/// `model-deleted` event (`X-Invalidated` says how many).
-#[utoipa::path(
-    delete,
-    path = "/api/v1/models/train/{model_run_id}",
-    tag = "views",
-    params(
-        ("model_run_id" = String, Path, description = "Run id, `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`",
-            pattern = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
-    ),
-    responses(
-        (status = 200, description = "The origin's answer, passed through", body = Value, content_type = "application/json",
-            headers(("X-Invalidated" = u64, description = "Entries invalidated"))),
-        (status = 400, description = "Invalid id", body = ErrorBody),
-        (status = 401, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
-        (status = 403, description = "The origin refused the request's credentials: its answer, passed through", body = Value, content_type = "application/json"),
-        (status = 404, description = "The origin's 404, passed through", body = Value, content_type = "application/json"),
-        (status = 422, description = "The origin's 422, passed through", body = Value, content_type = "application/json"),
-        (status = 502, description = "Origin failed", body = ErrorBody),
-        (status = 504, description = "Origin timed out", body = ErrorBody),
-    )
-)]
-pub async fn delete_run(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    let id = run_id(id)?;
-    // Forwarded to the origin, whose answer decides the invalidation: one credential only.
-    one_authorization(&headers)?;
-    // A starting instance could not invalidate behind the origin's delete (see
-    // `Invalidator::new`): nothing is sent to the origin until it can.
-    state.invalidator.ready()?;
-    let resp = state
-        .views
-        .origin()
-        .send(OriginRequest {
-            method: Method::DELETE,
-            path_and_query: format!("/api/v1/models/train/{id}"),
-            body: None,
-            headers: state.views.origin().forwarded_headers(&headers),
-        })
-        .await?;
-    if resp.status.is_server_error() {
-        return Err(OriginError::Status(resp.status).into());
-    }
-    let mut out = HeaderMap::new();
-    if resp.status.is_success() {
-        // The origin has deleted the run: failing the request now would invite a retry of a
-        // delete that succeeded, so an invalidation failure is logged, not returned.
-        match state.invalidator.run(&id, Cause::RunDeleted).await {
-            Ok(n) => {
-                out.insert("x-invalidated", HeaderValue::from(n));
-            }
-            Err(e) => tracing::error!(error = %e, run_id = %id, "invalidation after delete failed"),
-        }
-    }
-    if let Some(ct) = resp.content_type {
-        out.insert(header::CONTENT_TYPE, ct);
-    }
-    out.extend(resp.headers);
-    let mut response = (resp.status, out, resp.body).into_response();
-    response.extensions_mut().insert(OriginAnswer);
-    Ok(response)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +319,7 @@ mod tests {
         let (_, api) = crate::http::routes_and_api(
             &crate::http::tests::shipped_table(),
             &crate::http::tests::shipped_kinds(),
+            &crate::http::tests::shipped_rules(),
         );
         let doc = serde_json::to_value(&api).expect("serialise the OpenAPI document");
         let mut seen = 0;

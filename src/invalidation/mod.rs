@@ -24,8 +24,9 @@ pub mod stream;
 pub enum Cause {
     /// A training event (`/events/*`).
     Event,
-    /// A `DELETE` of a run passed through to the origin.
-    RunDeleted,
+    /// A write of an `[invalidate.*]` rule passed through to the origin (the `DELETE` of a
+    /// run among them).
+    Write,
     /// `POST /cache/invalidate`.
     Admin,
     /// `DELETE /cache/clear`.
@@ -47,7 +48,7 @@ impl Cause {
     /// Every cause, for metrics registered at zero.
     pub const ALL: [Cause; 9] = [
         Cause::Event,
-        Cause::RunDeleted,
+        Cause::Write,
         Cause::Admin,
         Cause::Clear,
         Cause::Version,
@@ -61,7 +62,7 @@ impl Cause {
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::Event => "event",
-            Cause::RunDeleted => "run_deleted",
+            Cause::Write => "write",
             Cause::Admin => "admin",
             Cause::Clear => "pattern",
             Cause::Version => "version",

@@ -142,11 +142,14 @@ impl OriginClient {
     #[tracing::instrument(name = "origin", skip_all, fields(method = %req.method, path = %req.path_and_query))]
     pub async fn send(&self, req: OriginRequest) -> Result<OriginResponse, OriginError> {
         let url = format!("{}{}", self.base_url, req.path_and_query);
+        let typed = req.headers.contains_key(header::CONTENT_TYPE);
         let mut builder = self.client.request(req.method, url).headers(req.headers);
         if let Some(body) = req.body {
-            builder = builder
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(body);
+            // A view's body is JSON it built; a write's keeps the client's content type.
+            if !typed {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+            }
+            builder = builder.body(body);
         }
         let mut resp = builder.send().await.map_err(map_err)?;
         if resp

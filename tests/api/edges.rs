@@ -91,13 +91,7 @@ async fn every_metric_family_is_exported_at_zero_before_any_traffic() {
         assert!(has(&s), "{s} missing");
     }
     for cause in [
-        "event",
-        "run_deleted",
-        "admin",
-        "pattern",
-        "version",
-        "refresh",
-        "peer",
+        "event", "write", "admin", "pattern", "version", "refresh", "peer",
     ] {
         for family in [
             "runcache_invalidations_total",

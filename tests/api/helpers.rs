@@ -85,6 +85,8 @@ pub struct OriginControl {
     pub next_headers: Mutex<Vec<(String, String)>>,
     /// Metrics bodies name the request's `Accept-Language` (an origin that varies on it).
     pub echo_language: std::sync::atomic::AtomicBool,
+    /// Non-zero: the status of every answer under `/api/v1/writes/` (default 200).
+    pub write_status: AtomicU16,
 }
 
 /// Adds the configured extra headers (and the one-shot ones, consumed) to `resp`.
@@ -120,6 +122,7 @@ impl TestOrigin {
                 axum::routing::delete(delete_run),
             )
             .route("/api/v1/models/compare", post(compare))
+            .route("/api/v1/writes/{*rest}", axum::routing::any(write))
             .route("/api/v1/models/runs", get(list_runs))
             .route(
                 "/health",
@@ -425,6 +428,42 @@ async fn delete_run(
         Ok(_) => Json(json!({"deleted": true, "model_run_id": id})).into_response(),
         Err(r) => r,
     }
+}
+
+/// Any write under `/api/v1/writes/`: counted as `METHOD path`, its headers and JSON body
+/// kept, answered `write_status` (default 200) with `{"ok", "run_id" (the body's),
+/// "experiment_id": "7"}` after `delay_ms`.
+async fn write(
+    State(c): State<Arc<OriginControl>>,
+    method: http::Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    *c.calls
+        .lock()
+        .expect("lock")
+        .entry(format!("{method} {}", uri.path()))
+        .or_insert(0) += 1;
+    c.total.fetch_add(1, Ordering::SeqCst);
+    *c.last_headers.lock().expect("lock") = Some(headers);
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    *c.last_body.lock().expect("lock") = parsed.clone();
+    let delay = c.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let status = match c.write_status.load(Ordering::SeqCst) {
+        0 => StatusCode::OK,
+        n => StatusCode::from_u16(n).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    };
+    let run_id = parsed.as_ref().and_then(|b| b.get("run_id")).cloned();
+    (
+        status,
+        [("x-origin-write", "yes")],
+        Json(json!({"ok": status.is_success(), "run_id": run_id, "experiment_id": "7"})),
+    )
+        .into_response()
 }
 
 /// A running runcache.

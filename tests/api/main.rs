@@ -29,3 +29,4 @@ mod stream;
 mod table;
 mod variants;
 mod views;
+mod writes;
