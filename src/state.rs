@@ -173,8 +173,15 @@ impl AppState {
             tasks.clone(),
             started.clone(),
         );
+        let lookups = Arc::new(crate::serve::lookups::LookupService::new(
+            Arc::new(settings.lookups()?),
+            store.clone(),
+            keys.clone(),
+            tasks.clone(),
+        ));
         let views = ReadThrough::new(
             Parts {
+                lookups,
                 store: store.clone(),
                 locks: store.clone(),
                 origin,

@@ -86,6 +86,9 @@ pub struct Settings {
     /// Write-through invalidation rules (`[invalidate.<name>]`, SPEC section 9).
     #[serde(default)]
     pub invalidate: std::collections::BTreeMap<String, crate::domain::WriteRuleSpec>,
+    /// Lookup tables learned from answers (`[lookups.<name>]`, SPEC section 9).
+    #[serde(default)]
+    pub lookups: std::collections::BTreeMap<String, crate::domain::LookupSpec>,
 }
 
 pub use crate::domain::view::Ttl;
@@ -565,12 +568,28 @@ impl Settings {
     /// The write-through invalidation rules (`[invalidate.*]`), checked against the view
     /// table: one line naming the rule and the field on error.
     pub fn write_rules(&self) -> Result<crate::domain::WriteRules, ConfigError> {
-        crate::domain::WriteRules::compile(&self.invalidate, &self.view_table()?, &[]).map_err(
-            |e| ConfigError::InvalidEntry {
+        let lookups = self.lookups()?;
+        crate::domain::WriteRules::compile(&self.invalidate, &self.view_table()?, &lookups.names())
+            .map_err(|e| ConfigError::InvalidEntry {
                 key: e.setting,
                 reason: e.reason,
-            },
-        )
+            })
+    }
+
+    /// The lookup tables (`[lookups.*]`), checked against the views and the enabled rules.
+    pub fn lookups(&self) -> Result<crate::domain::Lookups, ConfigError> {
+        let rules = self
+            .invalidate
+            .iter()
+            .filter(|(_, r)| r.enabled != Some(false))
+            .map(|(name, _)| name.clone())
+            .collect();
+        crate::domain::Lookups::compile(&self.lookups, &self.view_table()?, &rules).map_err(|e| {
+            ConfigError::InvalidEntry {
+                key: e.setting,
+                reason: e.reason,
+            }
+        })
     }
 
     /// `events.kinds`, checked.

@@ -4,6 +4,7 @@
 
 pub mod event_kind;
 pub mod headers;
+pub mod lookup;
 pub mod peer_addr;
 pub mod policy;
 pub mod run_id;
@@ -12,6 +13,7 @@ pub mod view;
 pub mod write_rule;
 
 pub use event_kind::EventKinds;
+pub use lookup::{LookupSpec, Lookups};
 pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};
 pub use run_id::{MAX_INTEGER_ID, RUN_ID_PATTERN, RawRunId, parse_run_id, run_ids_in_untyped_text};
 pub use view::{OnInvalid, Resolved, View, ViewDef, ViewSpec, ViewTable};

@@ -448,7 +448,7 @@ pub fn is_name(name: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
-fn parse_expr(text: &str) -> Result<Expr, String> {
+pub(crate) fn parse_expr(text: &str) -> Result<Expr, String> {
     if let Some(rest) = text.strip_prefix("lookup.") {
         let (table, key) = rest
             .split_once('[')

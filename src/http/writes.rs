@@ -19,6 +19,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use serde_json::Value;
 
 use super::{OriginAnswer, RawBody};
+use crate::domain::lookup::Source;
 use crate::domain::template::Inputs;
 use crate::domain::{Invalidates, WriteRule, write_rule};
 use crate::error::{AppError, Result};
@@ -58,7 +59,10 @@ pub(super) async fn serve(state: &AppState, rule: &WriteRule, req: Request) -> R
     let headers = forwarded(req.headers());
     let method = req.method().clone();
     let body = RawBody::from_request(req, state).await?.0;
-    let json_body: Option<Value> = if rule.reads_body {
+    let source = Source::Rule(rule.name.clone());
+    let lookups = state.views.lookups();
+    let learns = lookups.learns_from(&source);
+    let json_body: Option<Value> = if rule.reads_body || learns {
         serde_json::from_slice(&body).ok()
     } else {
         None
@@ -74,18 +78,28 @@ pub(super) async fn serve(state: &AppState, rule: &WriteRule, req: Request) -> R
         })
         .await;
     let answer: Option<Value> = match &sent {
-        Ok(resp) if rule.reads_response && resp.status.is_success() => {
+        Ok(resp) if (rule.reads_response || learns) && resp.status.is_success() => {
             serde_json::from_slice(&resp.body).ok()
         }
         _ => None,
     };
-    let inputs = Inputs {
+    let mut inputs = Inputs {
         params: &params,
         query: &query,
         body: json_body.as_ref(),
         response: answer.as_ref(),
         lookups: None,
     };
+    if learns && answer.is_some() {
+        lookups.learn(&source, &inputs);
+    }
+    let wanted = rule.lookups(&inputs);
+    let found = if wanted.is_empty() {
+        None
+    } else {
+        Some(lookups.find(&wanted).await)
+    };
+    inputs.lookups = found.as_ref();
     let invalidates = match &sent {
         Ok(resp) if resp.status.is_success() => Some(rule.invalidates(&inputs)),
         Ok(resp) if resp.status.is_client_error() => None,

@@ -480,6 +480,9 @@ impl ReadThrough {
         req: OriginRequest,
     ) -> Result<OriginResponse, OriginError> {
         let started = Instant::now();
+        let source = crate::domain::lookup::Source::View(view);
+        let learns = self.lookups.learns_from(&source);
+        let asked = learns.then(|| (req.path_and_query.clone(), req.body.clone()));
         let result = self.origin.send(req).await;
         let result = match result {
             Ok(r) if r.status.is_server_error() => Err(OriginError::Status(r.status)),
@@ -487,6 +490,38 @@ impl ReadThrough {
         };
         self.stats
             .record_origin(view, started.elapsed(), result.is_err());
+        if let (Some((path_and_query, body)), Ok(resp)) = (asked, &result)
+            && resp.status.is_success()
+        {
+            self.learn(&source, &path_and_query, body.as_deref(), &resp.body);
+        }
         result
+    }
+
+    /// Teaches the lookup tables what a view's 2xx answer shows.
+    fn learn(
+        &self,
+        source: &crate::domain::lookup::Source,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+        answer: &[u8],
+    ) {
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(answer) else {
+            return;
+        };
+        let body: Option<serde_json::Value> = body.and_then(|b| serde_json::from_slice(b).ok());
+        let query =
+            crate::domain::write_rule::query_map(path_and_query.split_once('?').map(|(_, q)| q));
+        let empty = serde_json::Map::new();
+        self.lookups.learn(
+            source,
+            &crate::domain::template::Inputs {
+                params: &empty,
+                query: &query,
+                body: body.as_ref(),
+                response: Some(&answer),
+                lookups: None,
+            },
+        );
     }
 }

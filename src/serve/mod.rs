@@ -12,6 +12,7 @@ pub mod access;
 mod answer;
 pub mod coalesce;
 mod fetch;
+pub mod lookups;
 pub mod refresh;
 pub mod request;
 mod vary;
@@ -80,6 +81,8 @@ pub struct Parts {
     pub counters: ReadCounters,
     /// Background work, awaited at shutdown.
     pub tasks: Tasks,
+    /// The lookup tables, learned from the views' answers (and read by write rules).
+    pub lookups: Arc<lookups::LookupService>,
 }
 
 /// Read-through cache for the views. Cheap to clone.
@@ -103,6 +106,7 @@ pub struct ReadThrough {
     stored_headers: Arc<[http::HeaderName]>,
     max_variants: usize,
     embedded_by_default: bool,
+    lookups: Arc<lookups::LookupService>,
     /// Set once an answer came from Redis (see [`Self::degraded`]).
     redis_seen: Arc<std::sync::atomic::AtomicBool>,
     tasks: Tasks,
@@ -140,6 +144,7 @@ impl ReadThrough {
             stored_headers: options.stored_headers.into(),
             max_variants: options.max_variants,
             embedded_by_default: options.embedded_by_default,
+            lookups: parts.lookups,
             redis_seen: Arc::default(),
             tasks: parts.tasks,
         }
@@ -158,6 +163,11 @@ impl ReadThrough {
     /// The view table.
     pub fn table(&self) -> &ViewTable {
         &self.table
+    }
+
+    /// The lookup tables.
+    pub fn lookups(&self) -> &lookups::LookupService {
+        &self.lookups
     }
 
     /// The request `resolved` by `def`, as the cache serves it: the headers the origin is

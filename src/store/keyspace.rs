@@ -211,6 +211,12 @@ impl Keyspace {
         concat(&[&self.prefix, ":*"])
     }
 
+    /// Physical key of the lookup table `table` (a hash; one slot in a cluster). Not
+    /// versioned: a table maps ids to what never changes for them.
+    pub fn lookup(&self, table: &str) -> String {
+        concat(&[&self.prefix, ":_lookup:{", table, "}"])
+    }
+
     /// Physical key of the set listing every entry that carries `tag` (`run:42`).
     pub fn tag_set(&self, version: &str, tag: &str) -> String {
         concat(&[

@@ -535,6 +535,17 @@ pub trait Shared: Send + Sync {
         value: &str,
         only_if_absent: bool,
     ) -> Result<bool, StoreError>;
+    /// Reads `field` of the shared hash `key` (a lookup table; `Unavailable` unless Redis is
+    /// in use).
+    async fn lookup_get(&self, key: &str, field: &str) -> Result<Option<String>, StoreError>;
+    /// Writes `field` of the shared hash `key`, which is dropped whole past `max` fields.
+    async fn lookup_put(
+        &self,
+        key: &str,
+        field: &str,
+        value: &str,
+        max: usize,
+    ) -> Result<(), StoreError>;
     /// Deletes the keys matching `pattern` in Redis (cleanup of an old version).
     async fn purge(&self, pattern: &str) -> Result<u64, StoreError>;
     /// Counts the entries matching `pattern` in the tier in use (SCAN in batches on Redis).

@@ -250,3 +250,107 @@ async fn the_shipped_delete_rule_can_be_turned_off() {
     assert_error(resp, 404, "not_found").await;
     assert_eq!(app.origin.calls("DELETE /api/v1/models/train/8"), 0);
 }
+
+/// A table learning run → experiment from the `create` rule's answers, and a rule that
+/// invalidates the run the lookup names (the test origin's answers say experiment `7`; the
+/// metrics view is tagged `run:…`, so `run:7` stands for the experiment's entries).
+fn with_lookup(s: &mut Settings) {
+    with_rules(s);
+    s.lookups.insert(
+        "run_exp".into(),
+        runcache::domain::LookupSpec {
+            learn: vec![runcache::domain::lookup::LearnSpec {
+                rule: Some("create".into()),
+                from: Some("response".into()),
+                key: Some("run_id".into()),
+                value: Some("experiment_id".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    s.invalidate.insert(
+        "log_exp".into(),
+        rule(
+            "POST",
+            "/api/v1/writes/log-exp",
+            &["run:{lookup.run_exp[body.run_id]}"],
+            &["metrics"],
+        ),
+    );
+}
+
+#[tokio::test]
+async fn a_lookup_learned_from_answers_names_what_the_write_does_not_and_is_shared() {
+    let redis = TestRedis::start().await;
+    let a = spawn_app_with(Some(&redis), with_lookup).await;
+    let mut settings = test_settings(&a.origin.url, &redis.url());
+    with_lookup(&mut settings);
+    settings.cache.prefix = a.prefix.clone();
+    let b = spawn_with_settings(settings, a.origin.clone()).await;
+    for app in [&a, &b] {
+        for id in ["7", "8"] {
+            app.metrics(id).await;
+            assert_eq!(x_cache(app, id).await, "HIT");
+        }
+    }
+
+    // Nothing learned yet: the lookup finds nothing, and every metrics entry goes (otherwise).
+    assert_eq!(
+        write(&a, "/api/v1/writes/log-exp", json!({"run_id": "abc"}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(x_cache(&a, "8").await, "MISS");
+    assert_eq!(x_cache(&a, "7").await, "MISS");
+
+    // A create through `a` teaches abc → 7, here and (in the background) in Redis.
+    assert_eq!(
+        write(&a, "/api/v1/writes/create", json!({"run_id": "abc"}))
+            .await
+            .status(),
+        200
+    );
+    let hash = format!("{}:_lookup:{{run_exp}}", a.prefix);
+    wait_for(|| async {
+        redis
+            .cmd::<Option<String>>(&["HGET", &hash, "abc"])
+            .await
+            .ok()
+            .flatten()
+            .as_deref()
+            == Some("\"7\"")
+    })
+    .await;
+
+    // Through `b`, which never saw the create: the lookup comes from Redis, and only run 7 goes.
+    for id in ["7", "8"] {
+        b.metrics(id).await;
+        assert_eq!(x_cache(&b, id).await, "HIT");
+    }
+    assert_eq!(
+        write(&b, "/api/v1/writes/log-exp", json!({"run_id": "abc"}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(x_cache(&b, "7").await, "MISS");
+    assert_eq!(x_cache(&b, "8").await, "HIT");
+
+    // What Redis holds is untrusted: a value that is no short scalar is ignored, and the
+    // write falls back to `otherwise` rather than trusting it.
+    let _: i64 = redis
+        .cmd(&["HSET", &hash, "forged", "{\"x\":[1,2]}"])
+        .await
+        .expect("hset");
+    b.metrics("8").await;
+    assert_eq!(x_cache(&b, "8").await, "HIT");
+    assert_eq!(
+        write(&b, "/api/v1/writes/log-exp", json!({"run_id": "forged"}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(x_cache(&b, "8").await, "MISS");
+}

@@ -237,6 +237,20 @@ impl Shared for NearStore {
         self.inner.meta_set(key, value, only_if_absent).await
     }
 
+    async fn lookup_get(&self, key: &str, field: &str) -> Result<Option<String>, StoreError> {
+        self.inner.lookup_get(key, field).await
+    }
+
+    async fn lookup_put(
+        &self,
+        key: &str,
+        field: &str,
+        value: &str,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.inner.lookup_put(key, field, value, max).await
+    }
+
     async fn purge(&self, pattern: &str) -> Result<u64, StoreError> {
         self.inner.purge(pattern).await
     }

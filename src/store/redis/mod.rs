@@ -562,6 +562,36 @@ impl RedisStore {
         self.run(cmd).await
     }
 
+    /// Reads `field` of the hash `key`.
+    pub async fn hash_get(&self, key: &str, field: &str) -> Result<Option<String>, StoreError> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(key).arg(field);
+        self.run(cmd).await
+    }
+
+    /// Sets `field` of the hash `key`; a hash grown past `max` fields is dropped whole (it
+    /// is learned again).
+    pub async fn hash_put_bounded(
+        &self,
+        key: &str,
+        field: &str,
+        value: &str,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        let mut set = redis::cmd("HSET");
+        set.arg(key).arg(field).arg(value);
+        let _: i64 = self.run(set).await?;
+        let mut len = redis::cmd("HLEN");
+        len.arg(key);
+        let n: u64 = self.run(len).await?;
+        if n > max as u64 {
+            let mut del = redis::cmd("DEL");
+            del.arg(key);
+            let _: i64 = self.run(del).await?;
+        }
+        Ok(())
+    }
+
     /// Writes a plain string value; with `only_if_absent`, keeps an existing one.
     /// Returns whether the value was written.
     pub async fn set_string(

@@ -67,6 +67,23 @@ impl FallbackStore {
             .await
     }
 
+    /// Reads a field of a shared hash (a lookup table) from Redis.
+    pub async fn lookup_get(&self, key: &str, field: &str) -> Result<Option<String>, StoreError> {
+        self.on_redis(self.redis.hash_get(key, field)).await
+    }
+
+    /// Writes a field of a shared hash (a lookup table) to Redis, bounded at `max` fields.
+    pub async fn lookup_put(
+        &self,
+        key: &str,
+        field: &str,
+        value: &str,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.on_redis(self.redis.hash_put_bounded(key, field, value, max))
+            .await
+    }
+
     /// Deletes what matches `pattern` in Redis (background cleanup; never touches the
     /// circuit).
     pub async fn purge(&self, pattern: &str) -> Result<u64, StoreError> {
