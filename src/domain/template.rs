@@ -51,6 +51,8 @@ pub struct Expr {
     pub root: Root,
     /// The steps into the value.
     pub steps: Vec<Step>,
+    /// `a|b` in a tag: what stands in when this names nothing (`{body.run_id|body.run_uuid}`).
+    pub or: Option<Box<Expr>>,
 }
 
 impl Expr {
@@ -95,7 +97,21 @@ impl Expr {
             };
         }
         current.retain(|v| !v.is_null());
-        current
+        match &self.or {
+            Some(other) if current.is_empty() => other.values(inputs),
+            _ => current,
+        }
+    }
+
+    /// This expression and its alternatives (`a|b|c`), in order.
+    pub fn alternatives(&self) -> Vec<&Expr> {
+        let mut out = vec![self];
+        let mut next = self.or.as_deref();
+        while let Some(e) = next {
+            out.push(e);
+            next = e.or.as_deref();
+        }
+        out
     }
 }
 
@@ -113,6 +129,9 @@ impl std::fmt::Display for Expr {
                 Step::Member(m) => write!(f, ".{m}")?,
                 Step::Each => f.write_str("[*]")?,
             }
+        }
+        if let Some(other) = &self.or {
+            write!(f, "|{other}")?;
         }
         Ok(())
     }
@@ -201,7 +220,9 @@ impl Template {
             for p in pieces {
                 match p {
                     Piece::Literal(_) => {}
-                    Piece::Field { expr, .. } => out.push((expr, optional)),
+                    Piece::Field { expr, .. } => {
+                        out.extend(expr.alternatives().into_iter().map(|e| (e, optional)));
+                    }
                     Piece::Optional(inner) => walk(inner, true, out),
                 }
             }
@@ -422,6 +443,23 @@ fn parse_field(inner: &str, usage: Use) -> Result<Piece, String> {
         }
         return Ok(Piece::Field { expr, hashed: true });
     }
+    if split_alternatives(inner).len() > 1 {
+        if usage == Use::Key {
+            return Err(format!(
+                "{{{inner}}}: alternatives (a|b) stand in tags only; a key names each field"
+            ));
+        }
+        let expr = parse_alternatives(inner)?;
+        for e in expr.alternatives() {
+            if matches!(e.root, Root::Body | Root::Response) && e.steps.is_empty() {
+                return Err(format!("{{{e}}} names a whole document"));
+            }
+        }
+        return Ok(Piece::Field {
+            expr,
+            hashed: false,
+        });
+    }
     let expr = parse_expr(inner)?;
     if usage == Use::Key && expr.fans_out() {
         return Err(format!(
@@ -448,6 +486,39 @@ pub fn is_name(name: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
+/// `text` split at each `|` outside brackets.
+fn split_alternatives(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in text.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            '|' if depth == 0 => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+/// `a|b|c`: `a`, with `b` standing in when it names nothing, then `c`.
+fn parse_alternatives(text: &str) -> Result<Expr, String> {
+    let mut parsed = split_alternatives(text)
+        .into_iter()
+        .map(|a| parse_expr(a.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut expr = parsed.pop().ok_or_else(|| format!("{text:?} is empty"))?;
+    while let Some(mut earlier) = parsed.pop() {
+        earlier.or = Some(Box::new(expr));
+        expr = earlier;
+    }
+    Ok(expr)
+}
+
 pub(crate) fn parse_expr(text: &str) -> Result<Expr, String> {
     if let Some(rest) = text.strip_prefix("lookup.") {
         let (table, key) = rest
@@ -457,8 +528,12 @@ pub(crate) fn parse_expr(text: &str) -> Result<Expr, String> {
         if !is_name(table) {
             return Err(format!("{text:?}: {table:?} is not a table name"));
         }
-        let key = parse_expr(key.trim())?;
-        if matches!(key.root, Root::Lookup { .. }) {
+        let key = parse_alternatives(key.trim())?;
+        if key
+            .alternatives()
+            .iter()
+            .any(|k| matches!(k.root, Root::Lookup { .. }))
+        {
             return Err(format!("{text:?}: lookups do not nest"));
         }
         return Ok(Expr {
@@ -467,6 +542,7 @@ pub(crate) fn parse_expr(text: &str) -> Result<Expr, String> {
                 key: Box::new(key),
             },
             steps: Vec::new(),
+            or: None,
         });
     }
     let mut parts = text.split('.');
@@ -486,6 +562,7 @@ pub(crate) fn parse_expr(text: &str) -> Result<Expr, String> {
             return Ok(Expr {
                 root: Root::Query(name.to_owned()),
                 steps: Vec::new(),
+                or: None,
             });
         }
         "body" => Root::Body,
@@ -513,13 +590,45 @@ pub(crate) fn parse_expr(text: &str) -> Result<Expr, String> {
     if matches!(root, Root::Param(_)) && !steps.is_empty() {
         return Err(format!("{text:?}: a path parameter has no members"));
     }
-    Ok(Expr { root, steps })
+    Ok(Expr {
+        root,
+        steps,
+        or: None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_alternative_stands_in_when_a_field_names_nothing() {
+        let t = Template::parse("run:{body.run_id|body.run_uuid}", Use::Tag).expect("parses");
+        let l =
+            Template::parse("exp:{lookup.t[body.run_id|body.run_uuid]}", Use::Tag).expect("parses");
+        let empty = serde_json::Map::new();
+        let table = json!({"t": {"r2": "9"}});
+        let tags = |body: Value, t: &Template| {
+            t.render_all(&Inputs {
+                params: &empty,
+                query: &empty,
+                body: Some(&body),
+                response: None,
+                lookups: table.as_object(),
+            })
+            .expect("renders")
+        };
+        assert_eq!(
+            tags(json!({"run_id": "r1", "run_uuid": "x"}), &t),
+            ["run:r1"]
+        );
+        assert_eq!(tags(json!({"run_uuid": "r2"}), &t), ["run:r2"]);
+        assert!(tags(json!({}), &t).is_empty());
+        assert_eq!(tags(json!({"run_uuid": "r2"}), &l), ["exp:9"]);
+        assert_eq!(t.fields().len(), 2);
+        assert!(Template::parse("k:{query.a|query.b}", Use::Key).is_err());
+    }
 
     fn map(v: Value) -> serde_json::Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
