@@ -31,6 +31,10 @@ pub struct WriteRuleSpec {
     /// Tag templates: what the write changes.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Views every such write drops whole (what it changes but no tag names: the runs of a
+    /// deleted experiment).
+    #[serde(default)]
+    pub views: Vec<String>,
     /// What is invalidated when a template names nothing for a write.
     #[serde(default)]
     pub otherwise: OtherwiseSpec,
@@ -75,6 +79,8 @@ pub struct WriteRule {
     pub param_names: Vec<String>,
     /// The tag templates.
     pub tags: Vec<Template>,
+    /// Views every such write drops whole.
+    pub views: Vec<View>,
     /// Tags invalidated when a template names nothing.
     pub otherwise_tags: Vec<String>,
     /// Views dropped whole when a template names nothing.
@@ -178,13 +184,15 @@ impl WriteRule {
                 _ => complete = false,
             }
         }
-        let mut views = Vec::new();
+        let mut views = self.views.clone();
         if !complete {
             tags.extend(self.otherwise_tags.iter().cloned());
             views.extend(self.otherwise_views.iter().copied());
         }
         tags.sort_unstable();
         tags.dedup();
+        views.sort_by_key(|v| v.index());
+        views.dedup();
         Invalidates { tags, views }
     }
 
@@ -254,10 +262,16 @@ impl WriteRules {
     }
 
     /// The rule of a write, by method and path.
+    /// The rule of a write, by method and path: of several, the most specific (the most
+    /// segments before a `*`, and a path without one over a path with one).
     pub fn route(&self, method: &http::Method, path: &str) -> Option<&WriteRule> {
         self.rules
             .iter()
-            .find(|r| r.method == method && r.captures(path).is_some())
+            .filter(|r| r.method == method && r.captures(path).is_some())
+            .max_by_key(|r| {
+                let rest = r.segments.last() == Some(&RuleSegment::Rest);
+                (!rest, r.segments.len())
+            })
     }
 }
 
@@ -313,11 +327,18 @@ fn compile_rule(
         }
         params.push(Field::compile(pname, fspec, true).map_err(|e| ("params", e))?);
     }
-    if spec.tags.is_empty() {
+    if spec.tags.is_empty() && spec.views.is_empty() {
         return Err((
             "tags",
-            "names no tag: a rule says what a write changes".into(),
+            "names no tag and no view: a rule says what a write changes".into(),
         ));
+    }
+    let mut always = Vec::new();
+    for v in &spec.views {
+        let def = views
+            .by_name(v)
+            .ok_or_else(|| ("views", format!("{v:?} is no configured view")))?;
+        always.push(def.view);
     }
     let mut tags = Vec::new();
     let mut may_name_nothing = false;
@@ -377,6 +398,7 @@ fn compile_rule(
         params,
         param_names,
         tags,
+        views: always,
         otherwise_tags,
         otherwise_views,
         reads_body,
