@@ -53,6 +53,8 @@ pub struct AppStateInner {
     pub kinds: Arc<crate::domain::EventKinds>,
     /// The write-through invalidation rules (`[invalidate.*]`), checked.
     pub rules: Arc<crate::domain::WriteRules>,
+    /// Gzip copies of cached answers, made once (see `http::precompressed`).
+    pub precompressed: Arc<crate::http::precompressed::Precompressed>,
     /// Validated settings.
     pub settings: Arc<Settings>,
     /// The store: Redis with the memory fallback, and the near cache in front.
@@ -222,9 +224,13 @@ impl AppState {
         ));
         let kinds = Arc::new(settings.event_kinds()?);
         let rules = Arc::new(settings.write_rules()?);
+        let precompressed = Arc::new(crate::http::precompressed::Precompressed::new(
+            settings.cache.compressed_max_bytes,
+        ));
         Ok(Self(Arc::new(AppStateInner {
             kinds,
             rules,
+            precompressed,
             deliveries: Deliveries::new(settings.events.tolerance_secs),
             settings: Arc::new(settings),
             store,

@@ -132,6 +132,9 @@ pub struct CacheSettings {
     pub stored_headers: Vec<String>,
     /// Most variants stored per entry for an origin that answers with `Vary` (default 8).
     pub max_variants: usize,
+    /// Bytes of gzip copies of cached answers kept per instance, so that a hit is not
+    /// compressed again on every request (default 64 MiB; 0: compressed on each hit).
+    pub compressed_max_bytes: usize,
 }
 
 /// `[views]`: the view table. The three views of SPEC section 1 are named fields, so that

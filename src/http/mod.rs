@@ -9,6 +9,7 @@ pub mod events;
 pub mod hit_lane;
 pub mod limits;
 pub mod ops;
+pub mod precompressed;
 pub mod stats;
 mod view_docs;
 pub mod views;

@@ -198,7 +198,38 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 async fn serve(state: &AppState, req: ViewRequest, headers: &HeaderMap) -> Result<Response> {
     let get = req.origin.method == Method::GET;
     let answer = state.views.serve(req).await?;
-    Ok(respond(answer, headers, get))
+    let gzipped = gzip_copy(state, &answer, headers);
+    let mut resp = respond(answer, headers, get);
+    if let Some(gz) = gzipped
+        && resp.status() == StatusCode::OK
+    {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+        resp.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        *resp.body_mut() = Body::from(gz);
+    }
+    Ok(resp)
+}
+
+/// For a hit (or stale answer) from the cache that the client may get gzipped, the gzip copy
+/// made once for its ETag (see `precompressed`); the compression layer leaves an answer that
+/// has its `Content-Encoding` alone.
+fn gzip_copy(state: &AppState, answer: &ViewResponse, headers: &HeaderMap) -> Option<bytes::Bytes> {
+    let from_cache = matches!(answer.x_cache(), "HIT" | "STALE");
+    if !from_cache
+        || answer.status != StatusCode::OK
+        || !super::precompressed::compressible(answer.content_type.as_ref())
+        || answer
+            .headers
+            .iter()
+            .any(|(n, _)| n == header::CONTENT_ENCODING)
+        || !super::precompressed::accepts_gzip(headers)
+    {
+        return None;
+    }
+    state
+        .precompressed
+        .gzip(answer.etag.as_ref()?, &answer.body)
 }
 
 /// The view a request is for: its method and path in the view table (`HEAD` as `GET`).

@@ -285,6 +285,40 @@ async fn compressed_bodies_carry_a_weak_etag_and_vary() {
 }
 
 #[tokio::test]
+async fn a_large_hit_is_gzipped_from_a_copy_made_once() {
+    let app = spawn_app(None).await;
+    let ids: Vec<String> = (0..50)
+        .map(|i| format!("run-with-a-long-name-{i:03}"))
+        .collect();
+    let plain = app.compare(json!(ids)).await;
+    let strong = header(&plain, "etag").to_owned();
+    let plain_body = plain.bytes().await.expect("body");
+    assert!(plain_body.len() >= 1024, "{} bytes", plain_body.len());
+    assert!(app.state.precompressed.is_empty());
+    for round in 0..3 {
+        let resp = app
+            .client
+            .post(app.url("/api/v1/models/compare"))
+            .header("accept-encoding", "gzip, br")
+            .json(&json!({ "model_run_ids": ids }))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(header(&resp, "x-cache"), "HIT");
+        assert_eq!(header(&resp, "content-encoding"), "gzip");
+        assert_eq!(header(&resp, "etag"), format!("W/{strong}"));
+        let gz = resp.bytes().await.expect("body");
+        let mut decoded = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut decoded)
+            .expect("gunzip");
+        assert_eq!(decoded, plain_body, "round {round}");
+        // One copy, made by the first of them and used by the others.
+        assert_eq!(app.state.precompressed.len(), 1);
+    }
+}
+
+#[tokio::test]
 async fn origin_4xx_pass_through_unchanged_and_are_not_cached() {
     let app = spawn_app(None).await;
     for _ in 0..2 {

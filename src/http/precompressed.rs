@@ -1,0 +1,149 @@
+//! Compressed bodies of cached answers, made once: a hit of a large body (an MLflow search
+//! page is about 420 KB, 40 KB gzipped) would otherwise be compressed again by the
+//! compression layer on every request. Kept by the answer's strong ETag (a hash of its
+//! bytes), so a copy can never stand for other bytes; bounded in bytes, and emptied whole
+//! when full (what is hot is compressed again at once).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{HeaderMap, HeaderValue, header};
+
+/// Smallest body worth compressing ahead (below it the layer's own compression is cheap).
+pub const MIN_BYTES: usize = 1024;
+
+/// The compressed copies.
+#[derive(Debug)]
+pub struct Precompressed {
+    gzip: DashMap<HeaderValue, Bytes>,
+    held: AtomicUsize,
+    max_bytes: usize,
+}
+
+impl Precompressed {
+    /// Copies of at most `max_bytes` in all (0: none are kept).
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            gzip: DashMap::new(),
+            held: AtomicUsize::new(0),
+            max_bytes,
+        }
+    }
+
+    /// The gzip form of `body`, whose strong ETag is `etag`: the copy made for an earlier
+    /// request, or made now. `None` when it would not be kept, or compresses badly.
+    pub fn gzip(&self, etag: &HeaderValue, body: &Bytes) -> Option<Bytes> {
+        if self.max_bytes == 0 || body.len() < MIN_BYTES {
+            return None;
+        }
+        if let Some(copy) = self.gzip.get(etag) {
+            return Some(copy.clone());
+        }
+        let mut encoder = flate2::write::GzEncoder::new(
+            Vec::with_capacity(body.len() / 4),
+            flate2::Compression::default(),
+        );
+        encoder.write_all(body).ok()?;
+        let compressed = Bytes::from(encoder.finish().ok()?);
+        // Not worth its bytes: served as it is.
+        if compressed.len() * 10 > body.len() * 9 || compressed.len() > self.max_bytes {
+            return None;
+        }
+        if self.held.fetch_add(compressed.len(), Ordering::Relaxed) + compressed.len()
+            > self.max_bytes
+        {
+            self.gzip.clear();
+            self.held.store(compressed.len(), Ordering::Relaxed);
+        }
+        self.gzip.insert(etag.clone(), compressed.clone());
+        Some(compressed)
+    }
+
+    /// Copies held (for tests and stats).
+    pub fn len(&self) -> usize {
+        self.gzip.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.gzip.is_empty()
+    }
+}
+
+/// Whether the request accepts gzip (`gzip` or `*` with a non-zero quality).
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or_default().trim();
+            let zero = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !zero
+        })
+}
+
+/// Whether a body of `content_type` is text worth compressing (JSON, text).
+pub fn compressible(content_type: Option<&HeaderValue>) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_ascii_lowercase())
+        .is_some_and(|v| {
+            v.starts_with("application/json") || v.starts_with("text/") || v.contains("+json")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_compressed_once_and_kept_by_its_etag() {
+        let store = Precompressed::new(1 << 20);
+        let body = Bytes::from(format!("{{\"runs\": [{}]}}", "{\"a\": 1},".repeat(500)));
+        let etag = HeaderValue::from_static("\"abc\"");
+        let first = store.gzip(&etag, &body).expect("compressed");
+        assert!(first.len() * 5 < body.len());
+        let again = store.gzip(&etag, &body).expect("kept");
+        assert_eq!(
+            first.as_ptr(),
+            again.as_ptr(),
+            "the same copy, not a new one"
+        );
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&first[..]), &mut out)
+            .expect("gunzip");
+        assert_eq!(out, body);
+        // Small bodies and full stores.
+        assert!(store.gzip(&etag, &Bytes::from_static(b"{}")).is_none());
+        let tiny = Precompressed::new(0);
+        assert!(tiny.gzip(&etag, &body).is_none());
+    }
+
+    #[test]
+    fn gzip_is_accepted_unless_refused() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_str(v).expect("v"),
+            );
+            m
+        };
+        assert!(accepts_gzip(&h("gzip, deflate")));
+        assert!(accepts_gzip(&h("br;q=1.0, gzip;q=0.5")));
+        assert!(accepts_gzip(&h("*")));
+        assert!(!accepts_gzip(&h("gzip;q=0")));
+        assert!(!accepts_gzip(&h("br")));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
+}
