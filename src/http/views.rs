@@ -254,19 +254,44 @@ pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Reque
     }
 }
 
+/// Whether a request declares a body (`Content-Length` other than 0, or `Transfer-Encoding`).
+/// A view that takes none and is sent one must not answer it from the cache: the origin may
+/// read it (MLflow reads a `GET`'s JSON body when its query is empty), so the key would not
+/// cover all that the answer depends on.
+pub(super) fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes() != b"0")
+}
+
 /// Serves `req` by `def`: the caller's admission, the view's validation (a `400`, or with
-/// `on_invalid = "pass"` the request as it is to the origin, uncached), the read-through.
+/// `on_invalid = "pass"` the request as it is to the origin, uncached), the read-through. A
+/// request with a body for a view that takes none is an invalid request of that view.
 async fn serve_view(state: &AppState, def: &ViewDef, req: Request) -> Result<Response> {
     admit(state, req.headers())?;
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let headers = req.headers().clone();
-    let body = if def.takes_body {
+    let unexpected_body = !def.takes_body && declares_body(&headers);
+    if unexpected_body && def.on_invalid != OnInvalid::Pass {
+        return Err(AppError::InvalidArgument(format!(
+            "view {} takes no request body",
+            def.view.name()
+        )));
+    }
+    let body = if def.takes_body || unexpected_body {
         Some(RawBody::from_request(req, state).await?.0)
     } else {
         None
     };
-    let view_request = match def.resolve(&path, query.as_deref(), body.as_deref()) {
+    let resolved = if unexpected_body {
+        Err(format!("view {} takes no request body", def.view.name()))
+    } else {
+        def.resolve(&path, query.as_deref(), body.as_deref())
+    };
+    let view_request = match resolved {
         Ok(resolved) => state.views.request(def, resolved, &headers),
         Err(why) if def.on_invalid == OnInvalid::Pass => {
             tracing::debug!(view = def.view.name(), reason = %why, "invalid request passed to the origin uncached");

@@ -11,6 +11,7 @@ mod edges;
 mod events;
 mod fallback;
 mod freshness;
+mod gateway;
 mod grafana;
 mod headers;
 mod helpers;
