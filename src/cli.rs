@@ -29,7 +29,8 @@ pub async fn run(args: Vec<String>) -> anyhow::Result<()> {
             let invalid = |e| anyhow::anyhow!("invalid configuration: {e}");
             let table = settings.view_table().map_err(invalid)?;
             let kinds = settings.event_kinds().map_err(invalid)?;
-            print!("{}", crate::http::openapi_yaml_for(&table, &kinds));
+            let prefix = settings.admin_prefix().map_err(invalid)?;
+            print!("{}", crate::http::openapi_yaml_for(&table, &kinds, &prefix));
             Ok(())
         }
         Some("-h" | "--help" | "help") => {

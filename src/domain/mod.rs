@@ -6,12 +6,14 @@ pub mod event_kind;
 pub mod headers;
 pub mod peer_addr;
 pub mod policy;
+pub mod prefix;
 pub mod run_id;
 pub mod template;
 pub mod view;
 
 pub use event_kind::EventKinds;
 pub use policy::{Freshness, FrontendAuth, Storability, TtlTier, ViewPolicy};
+pub use prefix::AdminPrefix;
 pub use run_id::{MAX_INTEGER_ID, RUN_ID_PATTERN, RawRunId, parse_run_id, run_ids_in_untyped_text};
 pub use view::{OnInvalid, Resolved, View, ViewDef, ViewSpec, ViewTable};
 

@@ -216,18 +216,24 @@ pub(super) fn view_of<'a>(state: &'a AppState, method: &Method, path: &str) -> O
     table.route(method, path)
 }
 
-/// The router's fallback: a request of a configured view is served by it; a path of a view
-/// with another method is a `405` naming the methods it has; anything else a `404`.
+/// The router's fallback: a request of a configured view is served by it (within
+/// `server.request_timeout_ms`, as the routes are); with `gateway.pass_through`, any other
+/// request that is not under runcache's own paths is passed through; otherwise a path of a
+/// view with another method is a `405` naming the methods it has, and anything else a `404`.
 pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     match view_of(&state, req.method(), &path) {
         Some(def) => {
             let def = def.clone();
-            match serve_view(&state, &def, req).await {
-                Ok(resp) => resp,
-                Err(e) => e.into_response(),
+            let limit = std::time::Duration::from_millis(state.settings.server.request_timeout_ms);
+            match tokio::time::timeout(limit, serve_view(&state, &def, req)).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) => e.into_response(),
+                // As the routes' time-out layer answers (made JSON by `http::json_errors`).
+                Err(_) => StatusCode::GATEWAY_TIMEOUT.into_response(),
             }
         }
+        None if super::gateway::passes(&state, &path) => super::gateway::pass(&state, req).await,
         None => {
             let allowed: BTreeSet<&str> = state
                 .views
@@ -405,10 +411,12 @@ mod tests {
 
     #[test]
     fn documented_run_id_patterns_are_the_validators() {
-        let (_, api) = crate::http::routes_and_api(
+        let api = crate::http::routes_and_api(
             &crate::http::tests::shipped_table(),
             &crate::http::tests::shipped_kinds(),
-        );
+            &crate::domain::AdminPrefix::default(),
+        )
+        .api;
         let doc = serde_json::to_value(&api).expect("serialise the OpenAPI document");
         let mut seen = 0;
         for item in doc["paths"].as_object().expect("paths").values() {

@@ -4,243 +4,30 @@
 //! through its environment, as an operator does), a real `redis-server`, and an origin of
 //! this file's own that records what it is sent.
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, put};
+use axum::body::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::header;
 use serde_json::{Value, json};
 
-use crate::helpers::{Binary, TestRedis, assert_error, header};
-
-/// What the origin was sent.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    /// Path and query, as received.
-    target: String,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-/// The origin: every request is recorded; most are echoed.
-#[derive(Clone, Default)]
-struct Origin {
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl Origin {
-    async fn start() -> (String, Self) {
-        let origin = Self::default();
-        let app = Router::new()
-            .route("/status/{code}", any(status))
-            .route("/redirect", any(redirect))
-            .route("/big/download", get(download))
-            .route("/big/upload", put(upload))
-            .fallback(echo)
-            .with_state(origin.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind origin");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (url, origin)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().expect("lock").clone()
-    }
-
-    fn last(&self) -> Seen {
-        self.seen().pop().expect("the origin was called")
-    }
-
-    fn calls_to(&self, path: &str) -> usize {
-        self.seen()
-            .iter()
-            .filter(|s| s.target.split('?').next() == Some(path))
-            .count()
-    }
-
-    async fn record(&self, req: Request) -> Seen {
-        let (parts, body) = req.into_parts();
-        let body = axum::body::to_bytes(body, 16 * 1024 * 1024)
-            .await
-            .expect("body");
-        let seen = Seen {
-            method: parts.method.to_string(),
-            target: parts
-                .uri
-                .path_and_query()
-                .map_or_else(String::new, |p| p.as_str().to_owned()),
-            headers: parts.headers,
-            body,
-        };
-        self.seen.lock().expect("lock").push(seen.clone());
-        seen
-    }
-}
-
-/// The origin's own headers, end-to-end and hop-by-hop, on every answer of [`echo`].
-fn origin_headers(h: &mut HeaderMap) {
-    for (name, value) in [
-        ("etag", "\"origin-etag\""),
-        ("set-cookie", "a=1; Path=/"),
-        ("set-cookie", "b=2; HttpOnly"),
-        ("x-origin", "yes"),
-        ("cache-control", "no-cache"),
-        ("connection", "x-hop-resp"),
-        ("x-hop-resp", "must not reach the client"),
-        ("keep-alive", "timeout=5"),
-        ("proxy-authenticate", "Basic"),
-    ] {
-        h.append(
-            http::HeaderName::from_static(name),
-            HeaderValue::from_static(value),
-        );
-    }
-}
-
-/// Answers the request's body, byte for byte, with [`origin_headers`] and `x-echo-path`;
-/// the views' paths (`/api/v1/models/…`) without them, so that their answers may be stored.
-async fn echo(State(o): State<Origin>, req: Request) -> Response {
-    let seen = o.record(req).await;
-    let mut resp = Response::new(Body::from(seen.body.clone()));
-    let h = resp.headers_mut();
-    if !seen.target.starts_with("/api/v1/models/") {
-        origin_headers(h);
-    }
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(
-        "x-echo-path",
-        HeaderValue::from_str(&seen.target).expect("path"),
-    );
-    resp
-}
-
-/// `/status/{code}`: that status, a text body and a header of the origin's.
-async fn status(State(o): State<Origin>, Path(code): Path<u16>, req: Request) -> Response {
-    o.record(req).await;
-    let status = StatusCode::from_u16(code).expect("status");
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            (header::HeaderName::from_static("x-origin"), "yes"),
-            (header::RETRY_AFTER, "7"),
-        ],
-        format!("origin says {code} at 10.1.2.3"),
-    )
-        .into_response()
-}
-
-async fn redirect(State(o): State<Origin>, req: Request) -> Response {
-    o.record(req).await;
-    (
-        StatusCode::FOUND,
-        [(header::LOCATION, "/elsewhere?from=redirect")],
-        "moved",
-    )
-        .into_response()
-}
-
-/// The byte at offset `p` of a big body: a period of 251 (a prime, so a lost or repeated
-/// chunk of any usual size shows).
-const PERIOD: usize = 251;
-
-/// `PERIOD` rounds of the pattern past 1 MiB: any chunk up to 1 MiB is a slice of it.
-fn pattern() -> Bytes {
-    (0..(1 << 20) + PERIOD).map(|i| (i % PERIOD) as u8).collect()
-}
-
-/// `len` bytes of the pattern, in 64 KiB chunks sliced from one buffer (nothing is held).
-fn big_stream(len: u64) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    let pattern = pattern();
-    futures_util::stream::unfold(0u64, move |sent| {
-        let pattern = pattern.clone();
-        async move {
-            if sent >= len {
-                return None;
-            }
-            let n = (len - sent).min(64 * 1024) as usize;
-            let at = (sent % PERIOD as u64) as usize;
-            Some((Ok(pattern.slice(at..at + n)), sent + n as u64))
-        }
-    })
-}
-
-/// Reads `body` to its end, checking every byte against the pattern; its length.
-async fn check_big<S, E>(mut body: S) -> u64
-where
-    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Debug,
-{
-    let pattern = pattern();
-    let mut at = 0u64;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.expect("chunk");
-        for part in chunk.chunks(1 << 20) {
-            let from = (at % PERIOD as u64) as usize;
-            assert!(
-                part == &pattern[from..from + part.len()],
-                "bytes differ at offset {at}"
-            );
-            at += part.len() as u64;
-        }
-    }
-    at
-}
-
-/// 200 MB.
-const BIG: u64 = 200 * 1000 * 1000;
-
-async fn download() -> Response {
-    let mut resp = Response::new(Body::from_stream(big_stream(BIG)));
-    resp.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(BIG));
-    resp
-}
-
-async fn upload(headers: HeaderMap, body: Body) -> Response {
-    let len = check_big(body.into_data_stream()).await;
-    axum::Json(json!({
-        "received": len,
-        "content_length": headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()),
-    }))
-    .into_response()
-}
-
-/// The peak resident set of process `pid` (`VmHWM`), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmHWM kB");
-    kb * 1024
-}
+use crate::gateway_origin::{BIG, Origin, big_stream, check_big, peak_rss};
+use crate::helpers::{Binary, TOKEN, TestRedis, assert_error, header};
 
 /// runcache on `redis` in front of a fresh [`Origin`], with `envs`.
 async fn start(redis: &TestRedis, envs: &[(&str, &str)]) -> (Binary, Origin) {
-    let (url, origin) = Origin::start().await;
+    let origin = Origin::start().await;
     let redis_url = redis.url();
     let mut all = vec![("RUNCACHE__REDIS__URL", redis_url.as_str())];
     all.extend_from_slice(envs);
-    let bin = Binary::start(&url, &all).await;
+    let bin = Binary::start(&origin.url, &all).await;
     (bin, origin)
+}
+
+/// The `X-Cache` of a plain GET of `url`.
+async fn x_cache(c: &reqwest::Client, url: &str) -> String {
+    let resp = c.get(url).send().await.expect("request");
+    header(&resp, "x-cache").to_owned()
 }
 
 fn client() -> reqwest::Client {
@@ -251,11 +38,7 @@ fn client() -> reqwest::Client {
 }
 
 /// A GET of a view that takes no body, sent with one (`Content-Length`, or chunked).
-async fn get_with_body(
-    client: &reqwest::Client,
-    url: &str,
-    chunked: bool,
-) -> reqwest::Response {
+async fn get_with_body(client: &reqwest::Client, url: &str, chunked: bool) -> reqwest::Response {
     let body = if chunked {
         reqwest::Body::wrap_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(
             Bytes::from_static(b"{\"run_id\": \"other\"}"),
@@ -278,8 +61,8 @@ async fn a_get_view_sent_a_body_is_refused_and_never_answered_from_the_cache() {
     let c = client();
     let url = bin.url("/api/v1/models/train/42/metrics");
     // Cached, and in the near cache: the hit lane would answer it.
-    assert_eq!(header(&c.get(&url).send().await.expect("miss"), "x-cache"), "MISS");
-    assert_eq!(header(&c.get(&url).send().await.expect("hit"), "x-cache"), "HIT");
+    assert_eq!(x_cache(&c, &url).await, "MISS");
+    assert_eq!(x_cache(&c, &url).await, "HIT");
     for chunked in [false, true] {
         let resp = get_with_body(&c, &url, chunked).await;
         assert_eq!(header(&resp, "x-cache"), "", "chunked {chunked}");
@@ -287,7 +70,12 @@ async fn a_get_view_sent_a_body_is_refused_and_never_answered_from_the_cache() {
         assert!(message.contains("body"), "{message}");
     }
     let fresh = bin.url("/api/v1/models/train/43/metrics");
-    assert_error(get_with_body(&c, &fresh, false).await, 400, "invalid_argument").await;
+    assert_error(
+        get_with_body(&c, &fresh, false).await,
+        400,
+        "invalid_argument",
+    )
+    .await;
     assert_eq!(origin.calls_to("/api/v1/models/train/43/metrics"), 0);
     assert_eq!(origin.calls_to("/api/v1/models/train/42/metrics"), 1);
 }
@@ -298,21 +86,497 @@ async fn a_get_view_sent_a_body_with_on_invalid_pass_goes_to_the_origin_uncached
     let (bin, origin) = start(&redis, &[("RUNCACHE__VIEWS__METRICS__ON_INVALID", "pass")]).await;
     let c = client();
     let url = bin.url("/api/v1/models/train/42/metrics");
-    assert_eq!(header(&c.get(&url).send().await.expect("miss"), "x-cache"), "MISS");
-    assert_eq!(header(&c.get(&url).send().await.expect("hit"), "x-cache"), "HIT");
+    assert_eq!(x_cache(&c, &url).await, "MISS");
+    assert_eq!(x_cache(&c, &url).await, "HIT");
     for chunked in [false, true] {
         let resp = get_with_body(&c, &url, chunked).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(header(&resp, "x-cache"), "BYPASS", "chunked {chunked}");
         let seen = origin.last();
         assert_eq!(seen.method, "GET");
-        assert_eq!(&seen.body[..], b"{\"run_id\": \"other\"}", "chunked {chunked}");
+        assert_eq!(
+            &seen.body[..],
+            b"{\"run_id\": \"other\"}",
+            "chunked {chunked}"
+        );
     }
     // A request with a body stores nothing: the next plain GET of another run is a miss.
     let fresh = bin.url("/api/v1/models/train/43/metrics");
     let resp = get_with_body(&c, &fresh, false).await;
     assert_eq!(header(&resp, "x-cache"), "BYPASS");
-    assert_eq!(header(&c.get(&fresh).send().await.expect("miss"), "x-cache"), "MISS");
+    assert_eq!(x_cache(&c, &fresh).await, "MISS");
     assert_eq!(origin.calls_to("/api/v1/models/train/42/metrics"), 3);
     assert_eq!(origin.calls_to("/api/v1/models/train/43/metrics"), 2);
+}
+
+const PASS: (&str, &str) = ("RUNCACHE__GATEWAY__PASS_THROUGH", "true");
+
+/// Every byte value, and a run of text: a body that only comes back whole and in order.
+fn odd_body(seed: u8) -> Vec<u8> {
+    let mut body: Vec<u8> = (0..=255u8).map(|b| b.wrapping_add(seed)).collect();
+    body.extend_from_slice(b"\r\n0\r\n\r\n{\"not\": \"json\"");
+    body
+}
+
+#[tokio::test]
+async fn every_method_passes_through_byte_for_byte_with_its_end_to_end_headers() {
+    let redis = TestRedis::start().await;
+    let (bin, origin) = start(&redis, &[PASS]).await;
+    let c = client();
+    let target = "/api/2.0/mlflow/x%2Fy/runs%20search?b=2&a=1&a=%20x&empty=&flag&q=%E2%9C%93";
+    for (i, method) in ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        .into_iter()
+        .enumerate()
+    {
+        let body = odd_body(i as u8);
+        let resp = c
+            .request(method.parse().expect("method"), bin.url(target))
+            .header(header::AUTHORIZATION, "Bearer user-token")
+            .header(header::COOKIE, "session=abc; theme=dark")
+            .header("x-mlflow-workspace", "team-a")
+            .header(header::CONTENT_TYPE, "application/x-odd")
+            .header(header::RANGE, "bytes=0-99")
+            .header(header::IF_NONE_MATCH, "\"v1\"")
+            .header(header::USER_AGENT, "mlflow-python-client/3.17.2")
+            .header(header::ACCEPT_ENCODING, "gzip")
+            // Hop-by-hop: none of these may reach the origin.
+            .header(header::CONNECTION, "x-hop-req")
+            .header("x-hop-req", "named by Connection")
+            .header("keep-alive", "timeout=5")
+            .header(header::TE, "trailers")
+            .header("proxy-authorization", "Basic cHJveHk6c2VjcmV0")
+            .header(header::UPGRADE, "h2c")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "{method}");
+        let h = resp.headers().clone();
+        let got = resp.bytes().await.expect("body");
+        assert_eq!(
+            &got[..],
+            &body[..],
+            "{method}: the answer's body, byte for byte"
+        );
+
+        let seen = origin.last();
+        assert_eq!(seen.method, method);
+        assert_eq!(seen.target, target, "{method}: path and query as sent");
+        assert_eq!(
+            &seen.body[..],
+            &body[..],
+            "{method}: the request's body, byte for byte"
+        );
+        let sent = |name: &str| {
+            seen.headers
+                .get(name)
+                .map(|v| v.to_str().expect("ascii").to_owned())
+        };
+        for (name, value) in [
+            ("authorization", "Bearer user-token"),
+            ("cookie", "session=abc; theme=dark"),
+            ("x-mlflow-workspace", "team-a"),
+            ("content-type", "application/x-odd"),
+            ("range", "bytes=0-99"),
+            ("if-none-match", "\"v1\""),
+            ("user-agent", "mlflow-python-client/3.17.2"),
+            ("accept-encoding", "gzip"),
+        ] {
+            assert_eq!(
+                sent(name).as_deref(),
+                Some(value),
+                "{method}: {name} forwarded"
+            );
+        }
+        assert_eq!(sent("content-length"), Some(body.len().to_string()));
+        assert_eq!(
+            sent("host").as_deref(),
+            Some(origin.host()),
+            "Host is the origin's"
+        );
+        for name in [
+            "connection",
+            "x-hop-req",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+            "upgrade",
+        ] {
+            assert_eq!(
+                sent(name),
+                None,
+                "{method}: {name} must not reach the origin"
+            );
+        }
+        assert!(
+            sent("x-request-id").is_some(),
+            "runcache's request id goes along"
+        );
+
+        let answered = |name: &str| {
+            h.get_all(name)
+                .iter()
+                .map(|v| v.to_str().expect("ascii").to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            answered("etag"),
+            ["\"origin-etag\""],
+            "{method}: a strong ETag stays"
+        );
+        assert_eq!(answered("set-cookie"), ["a=1; Path=/", "b=2; HttpOnly"]);
+        assert_eq!(answered("x-origin"), ["yes"]);
+        assert_eq!(answered("cache-control"), ["no-cache"]);
+        assert_eq!(answered("content-type"), ["application/octet-stream"]);
+        assert_eq!(answered("content-length"), [body.len().to_string()]);
+        assert_eq!(
+            answered("content-encoding"),
+            Vec::<String>::new(),
+            "never compressed"
+        );
+        assert_eq!(answered("x-echo-path"), [target]);
+        assert_eq!(
+            answered("cache-status"),
+            ["runcache; fwd=bypass; detail=pass"]
+        );
+        assert_eq!(answered("x-cache"), ["BYPASS"]);
+        for name in [
+            "connection",
+            "x-hop-resp",
+            "keep-alive",
+            "proxy-authenticate",
+        ] {
+            assert!(
+                answered(name).is_empty(),
+                "{method}: {name} must not reach the client"
+            );
+        }
+    }
+    // A HEAD, and a GET without a body: no body is invented for them.
+    let resp = c
+        .head(bin.url("/some/file.bin"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(origin.last().method, "HEAD");
+    let resp = c.get(bin.url("/some/file.bin")).send().await.expect("get");
+    assert_eq!(resp.status(), 200);
+    let seen = origin.last();
+    assert!(seen.body.is_empty());
+    assert!(seen.headers.get("transfer-encoding").is_none());
+    assert!(seen.headers.get("content-length").is_none());
+}
+
+#[tokio::test]
+async fn origin_errors_and_redirects_pass_through_unchanged() {
+    let redis = TestRedis::start().await;
+    let (bin, origin) = start(&redis, &[PASS]).await;
+    let c = client();
+    for code in [404u16, 500, 503, 401] {
+        let resp = c
+            .post(bin.url(&format!("/status/{code}?x=1")))
+            .header(header::ACCEPT_ENCODING, "gzip, br")
+            .body("{}")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), code);
+        assert_eq!(header(&resp, "content-type"), "text/plain; charset=utf-8");
+        assert_eq!(header(&resp, "x-origin"), "yes");
+        assert_eq!(header(&resp, "retry-after"), "7");
+        assert_eq!(header(&resp, "content-encoding"), "");
+        assert_eq!(
+            header(&resp, "cache-status"),
+            "runcache; fwd=bypass; detail=pass"
+        );
+        let body = resp.text().await.expect("body");
+        assert_eq!(
+            body,
+            format!("origin says {code} at 10.1.2.3 ({})", "padding ".repeat(8)),
+            "not made a JSON error"
+        );
+    }
+    let resp = c.get(bin.url("/redirect")).send().await.expect("request");
+    assert_eq!(resp.status(), 302, "a redirect is passed, not followed");
+    assert_eq!(header(&resp, "location"), "/elsewhere?from=redirect");
+    assert_eq!(resp.text().await.expect("body"), "moved");
+    assert_eq!(origin.calls_to("/elsewhere"), 0);
+}
+
+#[tokio::test]
+async fn an_origin_that_cannot_be_reached_is_a_json_502() {
+    let redis = TestRedis::start().await;
+    let closed = format!("http://127.0.0.1:{}", crate::helpers::free_port());
+    let redis_url = redis.url();
+    let bin = Binary::start(
+        &closed,
+        &[PASS, ("RUNCACHE__REDIS__URL", redis_url.as_str())],
+    )
+    .await;
+    let resp = client()
+        .put(bin.url("/artifacts/model.bin"))
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .expect("request");
+    assert_error(resp, 502, "origin_error").await;
+}
+
+#[tokio::test]
+async fn a_200_mb_upload_and_download_pass_through_in_bounded_memory() {
+    let redis = TestRedis::start().await;
+    let (bin, _origin) = start(&redis, &[PASS]).await;
+    let c = reqwest::Client::new();
+    // Warm: the pools and buffers a first pass-through sets up count in the baseline.
+    for _ in 0..3 {
+        let resp = c
+            .put(bin.url("/warm"))
+            .body(vec![1u8; 256 * 1024])
+            .send()
+            .await;
+        assert_eq!(resp.expect("warm").status(), 200);
+    }
+    let before = peak_rss(bin.pid());
+
+    let started = Instant::now();
+    let resp = c
+        .put(bin.url("/big/upload"))
+        .header(header::CONTENT_LENGTH, BIG)
+        .body(reqwest::Body::wrap_stream(big_stream(BIG)))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 200);
+    let seen: Value = resp.json().await.expect("json");
+    assert_eq!(seen["received"], BIG, "every byte, in order");
+    assert_eq!(seen["content_length"], BIG.to_string());
+    let upload = started.elapsed();
+    let after_upload = peak_rss(bin.pid());
+
+    let started = Instant::now();
+    let resp = c
+        .get(bin.url("/big/download"))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "content-length"), BIG.to_string());
+    assert_eq!(
+        header(&resp, "cache-status"),
+        "runcache; fwd=bypass; detail=pass"
+    );
+    let received = check_big(resp.bytes_stream().boxed()).await;
+    assert_eq!(received, BIG, "every byte, in order");
+    let download = started.elapsed();
+    let after = peak_rss(bin.pid());
+
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "pass-through of {} MB: runcache's peak RSS (VmHWM) {:.1} MiB before, {:.1} MiB after \
+         the upload ({:?}), {:.1} MiB after the download ({:?}): +{:.1} MiB",
+        BIG / 1_000_000,
+        mib(before),
+        mib(after_upload),
+        upload,
+        mib(after),
+        download,
+        mib(after - before),
+    );
+    assert!(
+        after - before < 64 * 1024 * 1024,
+        "the peak resident set grew by {:.1} MiB",
+        mib(after - before)
+    );
+}
+
+#[tokio::test]
+async fn without_pass_through_unknown_routes_are_404_and_405_as_before() {
+    let redis = TestRedis::start().await;
+    let (bin, origin) = start(&redis, &[]).await;
+    let c = client();
+    let resp = c
+        .get(bin.url("/api/2.0/mlflow/runs/get?run_id=1"))
+        .send()
+        .await;
+    assert_error(resp.expect("request"), 404, "not_found").await;
+    let resp = c
+        .post(bin.url("/api/v1/models/train/42/metrics"))
+        .send()
+        .await;
+    let resp = resp.expect("request");
+    assert_eq!(header(&resp, "allow"), "GET");
+    assert_error(resp, 405, "method_not_allowed").await;
+    // The run's DELETE is a route; its GET is no view.
+    let resp = c.get(bin.url("/api/v1/models/train/42")).send().await;
+    assert_error(resp.expect("request"), 405, "method_not_allowed").await;
+    // Only runcache's readiness probe (`origin.health_path`) reached the origin.
+    assert!(
+        origin.seen().iter().all(|s| s.target == "/health"),
+        "nothing else reached the origin"
+    );
+}
+
+#[tokio::test]
+async fn with_pass_through_what_is_no_view_reaches_the_origin() {
+    let redis = TestRedis::start().await;
+    let (bin, origin) = start(&redis, &[PASS]).await;
+    let c = client();
+    // A view's path with another method, and a route's path with another method.
+    let resp = c
+        .post(bin.url("/api/v1/models/train/42/metrics"))
+        .body("x")
+        .send()
+        .await;
+    assert_eq!(
+        header(&resp.expect("request"), "x-echo-path"),
+        "/api/v1/models/train/42/metrics"
+    );
+    assert_eq!(origin.last().method, "POST");
+    let resp = c.get(bin.url("/api/v1/models/train/42")).send().await;
+    assert_eq!(
+        header(&resp.expect("request"), "x-echo-path"),
+        "/api/v1/models/train/42"
+    );
+    // runcache's own paths stay runcache's.
+    let resp = c.get(bin.url("/health")).send().await.expect("health");
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"status": "ok"})
+    );
+    let resp = c.get(bin.url("/cache/nope")).send().await;
+    assert_error(resp.expect("request"), 404, "not_found").await;
+    let resp = c.post(bin.url("/health")).send().await;
+    assert_error(resp.expect("request"), 405, "method_not_allowed").await;
+    assert!(
+        origin
+            .seen()
+            .iter()
+            .all(|s| s.method == "GET" || s.target != "/health")
+    );
+    assert_eq!(origin.calls_to("/cache/nope"), 0);
+}
+
+#[tokio::test]
+async fn the_admin_prefix_moves_runcache_s_routes_out_of_the_origin_s_way() {
+    let redis = TestRedis::start().await;
+    let prefix = ("RUNCACHE__SERVER__ADMIN_PREFIX", "/_runcache");
+    let (bin, origin) = start(&redis, &[PASS, prefix]).await;
+    let c = client();
+    let resp = c
+        .get(bin.url("/_runcache/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"status": "ok"})
+    );
+    assert_eq!(
+        c.get(bin.url("/_runcache/ready"))
+            .send()
+            .await
+            .expect("ready")
+            .status(),
+        200
+    );
+    let resp = c
+        .get(bin.url("/health"))
+        .send()
+        .await
+        .expect("origin's health");
+    assert_eq!(header(&resp, "x-echo-path"), "/health");
+    assert_eq!(
+        header(&resp, "cache-status"),
+        "runcache; fwd=bypass; detail=pass"
+    );
+
+    // Admin routes need the token under the prefix; the old path is the origin's.
+    let stats = bin.url("/_runcache/cache/stats");
+    assert_error(
+        c.get(&stats).send().await.expect("stats"),
+        401,
+        "unauthorized",
+    )
+    .await;
+    let resp = c
+        .get(&stats)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("stats");
+    assert_eq!(resp.status(), 200);
+    let resp = c
+        .get(bin.url("/cache/stats"))
+        .send()
+        .await
+        .expect("origin's");
+    assert_eq!(header(&resp, "x-echo-path"), "/cache/stats");
+    let resp = c
+        .get(bin.url("/_runcache/nope"))
+        .send()
+        .await
+        .expect("nope");
+    assert_error(resp, 404, "not_found").await;
+    assert_eq!(origin.calls_to("/_runcache/nope"), 0);
+
+    // The views stay on the origin's paths; events move.
+    let view = bin.url("/api/v1/models/train/42/metrics");
+    assert_eq!(x_cache(&c, &view).await, "MISS");
+    assert_eq!(x_cache(&c, &view).await, "HIT");
+    let resp = c
+        .post(bin.url("/_runcache/events/training-completed"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"model_run_id": "42"}))
+        .send()
+        .await
+        .expect("event");
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"invalidated": 1})
+    );
+    assert_eq!(x_cache(&c, &view).await, "MISS");
+
+    // Operations, docs and the dashboard follow the prefix, and the document says so.
+    let text = c
+        .get(bin.url("/_runcache/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert!(text.text().await.expect("text").contains("runcache_"));
+    let doc: Value = c
+        .get(bin.url("/_runcache/openapi.json"))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    let paths = doc["paths"].as_object().expect("paths");
+    for p in [
+        "/_runcache/cache/stats",
+        "/_runcache/health",
+        "/_runcache/events/training-completed",
+    ] {
+        assert!(paths.contains_key(p), "{p} in the document");
+    }
+    assert!(paths.contains_key("/api/v1/models/train/{model_run_id}/metrics"));
+    assert!(!paths.contains_key("/health") && !paths.contains_key("/cache/stats"));
+    let docs = c
+        .get(bin.url("/_runcache/docs/"))
+        .send()
+        .await
+        .expect("docs");
+    assert_eq!(docs.status(), 200);
+    let page = c
+        .get(bin.url("/_runcache/dashboard"))
+        .send()
+        .await
+        .expect("dashboard");
+    assert_eq!(page.status(), 200);
+    let js = c
+        .get(bin.url("/_runcache/dashboard/assets/dashboard.js"))
+        .send()
+        .await;
+    assert_eq!(js.expect("asset").status(), 200);
 }

@@ -12,6 +12,7 @@ mod events;
 mod fallback;
 mod freshness;
 mod gateway;
+mod gateway_origin;
 mod grafana;
 mod headers;
 mod helpers;
