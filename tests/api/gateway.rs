@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use http::header;
 use serde_json::{Value, json};
 
-use crate::gateway_origin::{BIG, Origin, big_stream, check_big, peak_rss};
+use crate::gateway_origin::{BIG, Origin, big_stream, check_big, peak_rss, ticks};
 use crate::helpers::{Binary, TOKEN, TestRedis, assert_error, header};
 
 /// runcache on `redis` in front of a fresh [`Origin`], with `envs`.
@@ -579,4 +579,53 @@ async fn the_admin_prefix_moves_runcache_s_routes_out_of_the_origin_s_way() {
         .send()
         .await;
     assert_eq!(js.expect("asset").status(), 200);
+}
+
+#[tokio::test]
+async fn time_outs_bound_pauses_not_transfers() {
+    let redis = TestRedis::start().await;
+    // 500 ms: every pause of either body, and the wait for the answer once the request is sent.
+    let (bin, origin) = start(&redis, &[PASS, ("RUNCACHE__ORIGIN__TIMEOUT_MS", "500")]).await;
+    let c = client();
+    let ms = std::time::Duration::from_millis;
+    // Transfers longer than the time-out that never pause that long pass whole.
+    let resp = c
+        .get(bin.url("/slow/body"))
+        .send()
+        .await
+        .expect("slow body");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("whole body"), "tick\n".repeat(15));
+    let resp = c
+        .post(bin.url("/slow/upload"))
+        .body(reqwest::Body::wrap_stream(ticks(15, ms(100))))
+        .send()
+        .await
+        .expect("slow upload");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("echo"), "tick\n".repeat(15));
+    assert_eq!(&origin.last().body[..], "tick\n".repeat(15).as_bytes());
+    // An origin that does not answer in time.
+    let resp = c
+        .get(bin.url("/slow/head"))
+        .send()
+        .await
+        .expect("slow head");
+    assert_error(resp, 504, "origin_timeout").await;
+    // An answer whose body stops is cut: the client sees it end early.
+    let resp = c
+        .get(bin.url("/stall/body"))
+        .send()
+        .await
+        .expect("stalled body");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.is_err(), "a cut body is not a whole one");
+    // A client whose body stops.
+    let resp = c
+        .post(bin.url("/stalled/upload"))
+        .body(reqwest::Body::wrap_stream(ticks(2, ms(3000))))
+        .send()
+        .await
+        .expect("stalled upload");
+    assert_error(resp, 504, "timeout").await;
 }

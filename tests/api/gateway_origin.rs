@@ -45,6 +45,9 @@ impl Origin {
             .route("/redirect", any(redirect))
             .route("/big/download", get(download))
             .route("/big/upload", put(upload))
+            .route("/slow/head", get(slow_head))
+            .route("/slow/body", get(slow_body))
+            .route("/stall/body", get(stalled_body))
             .fallback(echo)
             .with_state(origin.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -238,4 +241,42 @@ pub fn peak_rss(pid: u32) -> u64 {
         .and_then(|n| n.parse().ok())
         .expect("VmHWM kB");
     kb * 1024
+}
+
+/// `n` chunks `tick\n`, one every `every`, after a first one sent at once.
+pub fn ticks(
+    n: usize,
+    every: std::time::Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::unfold(0, move |i| async move {
+        if i == n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(every).await;
+        }
+        Some((Ok(Bytes::from_static(b"tick\n")), i + 1))
+    })
+}
+
+/// Answers after 3 s.
+async fn slow_head() -> &'static str {
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    "late"
+}
+
+/// 15 ticks 100 ms apart: 1.4 s in all, never a pause of more than 100 ms.
+async fn slow_body() -> Response {
+    Response::new(Body::from_stream(ticks(
+        15,
+        std::time::Duration::from_millis(100),
+    )))
+}
+
+/// A tick, then 3 s of silence, then another.
+async fn stalled_body() -> Response {
+    Response::new(Body::from_stream(ticks(
+        2,
+        std::time::Duration::from_secs(3),
+    )))
 }
