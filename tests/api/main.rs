@@ -13,6 +13,7 @@ mod fallback;
 mod freshness;
 mod gateway;
 mod gateway_origin;
+mod gateway_prefix;
 mod grafana;
 mod headers;
 mod helpers;
