@@ -30,7 +30,11 @@ pub async fn run(args: Vec<String>) -> anyhow::Result<()> {
             let table = settings.view_table().map_err(invalid)?;
             let kinds = settings.event_kinds().map_err(invalid)?;
             let rules = settings.write_rules().map_err(invalid)?;
-            print!("{}", crate::http::openapi_yaml_for(&table, &kinds, &rules));
+            let prefix = settings.admin_prefix().map_err(invalid)?;
+            print!(
+                "{}",
+                crate::http::openapi_yaml_for(&table, &kinds, &rules, &prefix)
+            );
             Ok(())
         }
         Some("-h" | "--help" | "help") => {

@@ -10,13 +10,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::config::{Settings, ms};
-use crate::domain::ViewTable;
 use crate::domain::policy::MAX_ORIGIN_WINDOW_SECS;
+use crate::domain::{AdminPrefix, ViewTable};
 use crate::invalidation::Invalidator;
 use crate::metrics::Stats;
 use crate::metrics::audit::AuditTrail;
 use crate::metrics::history::History;
 use crate::origin::OriginClient;
+use crate::origin::stream::StreamClient;
 use crate::security::limits::Rate;
 use crate::security::signature::derive_key;
 use crate::security::{Deliveries, Limits};
@@ -96,6 +97,10 @@ pub struct AppStateInner {
     pub history: Arc<History>,
     /// Admin actions and events: logged, and the last few kept for `/cache/stats`.
     pub audit: Arc<AuditTrail>,
+    /// Where runcache's own routes are served (`server.admin_prefix`).
+    pub prefix: AdminPrefix,
+    /// The pass-through client, when `gateway.pass_through` is on.
+    pub gateway: Option<StreamClient>,
 }
 
 /// The last background probe of Redis and the origin. `/ready` answers from it rather than
@@ -161,9 +166,22 @@ impl AppState {
             Some(secret) => secret.expose_secret().as_bytes().to_vec(),
             None => derive_key(admin_token.expose_secret().as_bytes(), PEER_KEY_PURPOSE),
         };
-        let store = Arc::new(build_store(&settings, &keys, &version, &peer_secret)?);
+        let store = Arc::new(build_store(
+            &settings,
+            &keys,
+            &version,
+            &peer_secret,
+            &settings.admin_prefix()?,
+        )?);
         let stats = Arc::new(Stats::new(&table.handles()));
         let origin = OriginClient::new(&settings.origin).context("build the origin client")?;
+        let gateway = match settings.gateway.pass_through {
+            true => {
+                Some(StreamClient::new(&settings.origin).context("build the pass-through client")?)
+            }
+            false => None,
+        };
+        let prefix = settings.admin_prefix()?;
         let started = Arc::new(AtomicBool::new(false));
         let invalidator = Invalidator::new(
             table.clone(),
@@ -209,19 +227,22 @@ impl AppState {
         ));
         let audit = Arc::new(AuditTrail::new(settings.admin.recent_actions));
         let server = &settings.server;
-        let limits = Arc::new(Limits::new(
-            server.max_headers,
-            server.max_header_bytes,
-            server.max_concurrent_requests,
-            Rate {
-                per_sec: server.admin_rate_per_sec,
-                burst: server.admin_burst,
-            },
-            Rate {
-                per_sec: server.event_rate_per_sec,
-                burst: server.event_burst,
-            },
-        ));
+        let limits = Arc::new(
+            Limits::new(
+                server.max_headers,
+                server.max_header_bytes,
+                server.max_concurrent_requests,
+                Rate {
+                    per_sec: server.admin_rate_per_sec,
+                    burst: server.admin_burst,
+                },
+                Rate {
+                    per_sec: server.event_rate_per_sec,
+                    burst: server.event_burst,
+                },
+            )
+            .with_prefix(prefix.clone()),
+        );
         let kinds = Arc::new(settings.event_kinds()?);
         let rules = Arc::new(settings.write_rules()?);
         let precompressed = Arc::new(crate::http::precompressed::Precompressed::new(
@@ -251,6 +272,8 @@ impl AppState {
             readiness: Readiness::default(),
             history,
             audit,
+            prefix,
+            gateway,
         })))
     }
 }
@@ -266,6 +289,7 @@ fn build_store(
     keys: &Keyspace,
     version: &Arc<KeyVersion>,
     peer_secret: &[u8],
+    prefix: &AdminPrefix,
 ) -> anyhow::Result<NearStore> {
     let r = &settings.redis;
     let redis = RedisStore::new(
@@ -313,6 +337,7 @@ fn build_store(
         allowed: settings.peer_allow_list()?,
         timeout: ms(settings.server.peer_timeout_ms),
         down: ms(settings.peers.down_ms),
+        path: prefix.join(crate::security::limits::PEER_PATH),
     })
     .context("build the client for other instances")?;
     let instance = peers.id().to_owned();

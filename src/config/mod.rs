@@ -10,7 +10,8 @@ use serde::{Deserialize, Deserializer};
 
 use crate::domain::peer_addr::PeerAllowList;
 use crate::domain::{
-    EventKinds, RawRunId, ViewPolicy, ViewTable, parse_run_id, validate_run_id, validate_version,
+    AdminPrefix, EventKinds, RawRunId, ViewPolicy, ViewTable, parse_run_id, validate_run_id,
+    validate_version,
 };
 use crate::security::JwtVerifier;
 
@@ -53,6 +54,8 @@ pub struct Settings {
     pub server: ServerSettings,
     /// The backend being cached.
     pub origin: OriginSettings,
+    /// Passing everything else to the origin.
+    pub gateway: GatewaySettings,
     /// The shared Redis store.
     pub redis: RedisSettings,
     /// Key prefix, version and negative caching.
@@ -105,19 +108,6 @@ fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 
 /// The `redis.url` that `config/default.toml` ships.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-/// Paths of runcache's own routes, which no view may take (`*` ends a prefix).
-const RESERVED_PATHS: [&str; 9] = [
-    "/cache/*",
-    "/events/*",
-    "/health",
-    "/ready",
-    "/metrics",
-    "/openapi.json",
-    "/docs*",
-    "/dashboard*",
-    "/api/v1/models/cache/*",
-];
 
 /// Environment keys whose values are comma-separated lists.
 const LIST_KEYS: [&str; 7] = [
@@ -413,6 +403,7 @@ impl Settings {
             return Err(invalid(key, "must be greater than 0"));
         }
         self.validate_stream()?;
+        self.admin_prefix()?;
         match self.auth.frontend.as_str() {
             "forward" | "none" => {}
             "jwt" => {
@@ -539,9 +530,17 @@ impl Settings {
         Ok(())
     }
 
-    /// The view table, checked: one line naming the view and the field on error.
+    /// `server.admin_prefix`, checked.
+    pub fn admin_prefix(&self) -> Result<AdminPrefix, ConfigError> {
+        AdminPrefix::parse(&self.server.admin_prefix).map_err(|e| invalid("server.admin_prefix", e))
+    }
+
+    /// The view table, checked: one line naming the view and the field on error. No view may
+    /// take a path of runcache's own routes (under `server.admin_prefix`).
     pub fn view_table(&self) -> Result<ViewTable, ConfigError> {
-        ViewTable::compile_with(&self.views.all(), &RESERVED_PATHS).map_err(|e| {
+        let reserved = self.admin_prefix()?.reserved();
+        let reserved: Vec<&str> = reserved.iter().map(String::as_str).collect();
+        ViewTable::compile_with(&self.views.all(), &reserved).map_err(|e| {
             ConfigError::InvalidEntry {
                 key: e.setting,
                 reason: e.reason,

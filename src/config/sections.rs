@@ -46,6 +46,9 @@ pub struct ServerSettings {
     pub header_read_timeout_ms: u64,
     /// Client connections open at once; more wait in the listen backlog (default 4096).
     pub max_connections: usize,
+    /// Path prefix of every route runcache owns: admin, events, operations, docs, dashboard
+    /// (default empty: SPEC section 1's paths). Checked by [`crate::domain::AdminPrefix`].
+    pub admin_prefix: String,
 }
 
 /// `[origin]`
@@ -68,6 +71,15 @@ pub struct OriginSettings {
     pub pool_idle_timeout_ms: u64,
     /// Idle connections kept per host (default 32).
     pub pool_max_idle_per_host: usize,
+}
+
+/// `[gateway]`: everything that is not a view or a route of runcache's (SPEC section 9).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Whether a request that matches no view and no runcache route is streamed to the origin
+    /// and back unchanged (default `false`: it is a `404` or `405`).
+    pub pass_through: bool,
 }
 
 /// `[redis]`

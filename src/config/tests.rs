@@ -289,3 +289,77 @@ fn only_the_shipped_redis_url_in_single_mode_counts_as_no_redis_asked_for() {
     ];
     assert!(!settings(&cluster).redis_left_at_default());
 }
+
+#[test]
+fn the_gateway_and_the_admin_prefix_are_read_and_checked() {
+    let s = Settings::load_from(None, Some(HashMap::new())).expect("defaults");
+    assert!(!s.gateway.pass_through, "off by default");
+    assert!(s.admin_prefix().expect("default prefix").is_empty());
+    let s = Settings::load_from(
+        None,
+        Some(env(&[
+            ("RUNCACHE__GATEWAY__PASS_THROUGH", "true"),
+            ("RUNCACHE__SERVER__ADMIN_PREFIX", "/_runcache"),
+        ])),
+    )
+    .expect("both from the environment");
+    assert!(s.gateway.pass_through);
+    assert_eq!(s.admin_prefix().expect("prefix").as_str(), "/_runcache");
+    for (key, value, name) in [
+        (
+            "RUNCACHE__GATEWAY__PASS_THROUGH",
+            "maybe",
+            "gateway.pass_through",
+        ),
+        (
+            "RUNCACHE__SERVER__ADMIN_PREFIX",
+            "_runcache",
+            "server.admin_prefix",
+        ),
+        (
+            "RUNCACHE__SERVER__ADMIN_PREFIX",
+            "/_runcache/",
+            "server.admin_prefix",
+        ),
+        (
+            "RUNCACHE__SERVER__ADMIN_PREFIX",
+            "/a//b",
+            "server.admin_prefix",
+        ),
+        (
+            "RUNCACHE__SERVER__ADMIN_PREFIX",
+            "/a b",
+            "server.admin_prefix",
+        ),
+        (
+            "RUNCACHE__SERVER__ADMIN_PREFIX",
+            "/a?b",
+            "server.admin_prefix",
+        ),
+    ] {
+        let err =
+            Settings::load_from(None, Some(env(&[(key, value)]))).expect_err("bad value must fail");
+        let line = err.to_string();
+        assert!(
+            line.contains(name) && !line.contains('\n'),
+            "{key}={value}: {line}"
+        );
+    }
+    // A view may take a path runcache gave up, never one under the prefix.
+    let path = "RUNCACHE__VIEWS__DATASET_STATS__PATH";
+    let err = Settings::load_from(None, Some(env(&[(path, "/cache/{dataset_id}")])))
+        .expect_err("runcache's own path");
+    assert!(
+        err.to_string().contains("views.dataset_stats.path"),
+        "{err}"
+    );
+    let prefix = ("RUNCACHE__SERVER__ADMIN_PREFIX", "/_rc");
+    Settings::load_from(None, Some(env(&[(path, "/cache/{dataset_id}"), prefix])))
+        .expect("/cache/ is free under a prefix");
+    let err = Settings::load_from(None, Some(env(&[(path, "/_rc/x/{dataset_id}"), prefix])))
+        .expect_err("under the prefix");
+    assert!(
+        err.to_string().contains("views.dataset_stats.path"),
+        "{err}"
+    );
+}

@@ -15,7 +15,8 @@
 //! exactly as the full path does, because both call the view's one resolver
 //! ([`crate::domain::ViewDef::resolve`]) and the same read-through. What makes it step aside:
 //! another method, a path of no `GET` view, a request its view refuses (the full path answers
-//! the `400`), an `Accept-Encoding` header (compression is the full path's), two
+//! the `400`), a request with a body (`Content-Length` or `Transfer-Encoding`: no `GET` view
+//! takes one, so the full path refuses it or passes it uncached), an `Accept-Encoding` header (compression is the full path's), two
 //! `Authorization` headers (the full path refuses them), CORS being configured, or anything
 //! but a fresh near-cache hit.
 
@@ -123,8 +124,10 @@ impl<S> HitLane<S> {
             return Route::Pass;
         }
         let headers = req.headers();
-        // Two `Authorization` headers: the full path refuses them (`views::admit`).
+        // Two `Authorization` headers: the full path refuses them (`views::admit`). A body:
+        // the full path refuses it, or passes it uncached (`views::declares_body`).
         if headers.contains_key(header::ACCEPT_ENCODING)
+            || super::views::declares_body(headers)
             || headers
                 .get_all(header::AUTHORIZATION)
                 .iter()

@@ -45,8 +45,9 @@ pub async fn enforce(State(limits): State<Arc<Limits>>, req: Request, next: Next
             format!("request headers exceed {fields} fields or {bytes} bytes"),
         );
     }
-    let path = req.uri().path();
-    let probe = matches!(path, "/health" | "/ready");
+    // Relative to `server.admin_prefix`: `None` is a path of the origin's.
+    let own = limits.own_path(req.uri().path());
+    let probe = matches!(own, Some("/health" | "/ready"));
     let permit = if probe {
         None
     } else {
@@ -62,7 +63,7 @@ pub async fn enforce(State(limits): State<Arc<Limits>>, req: Request, next: Next
             }
         }
     };
-    if let Some(class) = rate_class(path) {
+    if let Some(class) = own.and_then(rate_class) {
         let ip = peer(req.extensions()).map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
         if let Err(wait) = limits.take(class, ip) {
             let what = match class {

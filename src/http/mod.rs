@@ -6,6 +6,7 @@ pub mod auth;
 pub mod conn;
 pub mod dashboard;
 pub mod events;
+pub mod gateway;
 pub mod hit_lane;
 pub mod limits;
 pub mod ops;
@@ -29,6 +30,7 @@ use serde::de::DeserializeOwned;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate as _};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -39,6 +41,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::domain::AdminPrefix;
 use crate::error::{AppError, codes, error_response};
 use crate::state::AppState;
 
@@ -91,7 +94,7 @@ impl utoipa::Modify for BearerScheme {
 /// `431` (header limits), `503` with `Retry-After` (load shedding; `/health` and `/ready` are
 /// exempt), `504` (whole-request time-out), and `429` with `Retry-After` on admin routes and
 /// events (rate limit). A status an operation already documents keeps its own description.
-fn document_layer_responses(api: &mut utoipa::openapi::OpenApi) {
+fn document_layer_responses(api: &mut utoipa::openapi::OpenApi, prefix: &AdminPrefix) {
     use utoipa::openapi::header::HeaderBuilder;
     use utoipa::openapi::schema::{ObjectBuilder, Type};
     use utoipa::openapi::{Content, Ref, ResponseBuilder};
@@ -150,8 +153,9 @@ fn document_layer_responses(api: &mut utoipa::openapi::OpenApi) {
     }
 
     for (path, item) in api.paths.paths.iter_mut() {
-        let probe = matches!(path.as_str(), "/health" | "/ready");
-        let admin = limits::is_admin(path);
+        let own = prefix.strip(path);
+        let probe = matches!(own, Some("/health" | "/ready"));
+        let admin = own.is_some_and(limits::is_admin);
         let operations = [
             &mut item.get,
             &mut item.put,
@@ -178,9 +182,10 @@ fn document_layer_responses(api: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-fn api_router() -> OpenApiRouter<AppState> {
+/// runcache's own routes (admin, events, operations, dashboard; the docs page is mounted by
+/// [`build_router`]): what `server.admin_prefix` moves.
+fn owned_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(views::router())
         .merge(admin::router())
         .merge(OpenApiRouter::from(events::router()))
         .merge(ops::router())
@@ -188,39 +193,71 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(dashboard::router())
 }
 
-/// The routes, and the OpenAPI document that describes them with every view of `table`
-/// (served by the router's fallback, [`views::serve_or_not_found`]).
+/// The routes, apart: runcache's own (relative to `server.admin_prefix`) and those on the
+/// origin's paths (the `DELETE` of a run; the views are served by the router's fallback,
+/// [`views::serve_or_not_found`]), and the OpenAPI document of both with every view of
+/// `table` and every event kind, its paths where they are served.
+struct Routes {
+    owned: Router<AppState>,
+    origin_paths: Router<AppState>,
+    api: utoipa::openapi::OpenApi,
+}
+
 fn routes_and_api(
     table: &crate::domain::ViewTable,
     kinds: &crate::domain::EventKinds,
     rules: &crate::domain::WriteRules,
-) -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    let (router, mut api) = api_router().split_for_parts();
+    prefix: &AdminPrefix,
+) -> Routes {
+    let (owned, mut api) = owned_router().split_for_parts();
+    events::document(kinds, &mut api);
+    if !prefix.is_empty() {
+        let paths = std::mem::take(&mut api.paths.paths);
+        api.paths.paths = paths
+            .into_iter()
+            .map(|(path, item)| (prefix.join(&path), item))
+            .collect();
+    }
+    let (origin_paths, views_api) = views::router().split_for_parts();
+    api.merge(views_api);
     view_docs::document(table, &mut api);
     view_docs::document_rules(rules, &mut api);
-    events::document(kinds, &mut api);
-    document_layer_responses(&mut api);
-    (router, api)
+    document_layer_responses(&mut api, prefix);
+    Routes {
+        owned,
+        origin_paths,
+        api,
+    }
 }
 
 /// The OpenAPI document of `table`'s views, `kinds`' events, `rules`' writes and runcache's
-/// own routes, as YAML.
+/// own routes (under `prefix`), as YAML.
 pub fn openapi_yaml_for(
     table: &crate::domain::ViewTable,
     kinds: &crate::domain::EventKinds,
     rules: &crate::domain::WriteRules,
+    prefix: &AdminPrefix,
 ) -> String {
-    let (_, api) = routes_and_api(table, kinds, rules);
-    api.to_yaml().unwrap_or_default()
+    routes_and_api(table, kinds, rules, prefix)
+        .api
+        .to_yaml()
+        .unwrap_or_default()
 }
 
 /// The OpenAPI document of the shipped view table (`config/default.toml` alone, whatever the
 /// environment says): what `openapi.yaml` holds.
 pub fn openapi_yaml() -> String {
-    let shipped = crate::config::Settings::load_from(None, Some(Default::default()))
-        .and_then(|s| Ok((s.view_table()?, s.event_kinds()?, s.write_rules()?)));
+    let shipped =
+        crate::config::Settings::load_from(None, Some(Default::default())).and_then(|s| {
+            Ok((
+                s.view_table()?,
+                s.event_kinds()?,
+                s.write_rules()?,
+                s.admin_prefix()?,
+            ))
+        });
     match shipped {
-        Ok((table, kinds, rules)) => openapi_yaml_for(&table, &kinds, &rules),
+        Ok((table, kinds, rules, prefix)) => openapi_yaml_for(&table, &kinds, &rules, &prefix),
         Err(e) => format!("# the shipped configuration is invalid: {e}\n"),
     }
 }
@@ -229,7 +266,9 @@ pub fn openapi_yaml() -> String {
 ///
 /// Layers, outside to inside: request id (set) → trace span → request id (propagate) →
 /// panic catcher → edge (limits, JSON errors, weak ETag on compressed bodies) → CORS →
-/// compression → request time-out → body limit.
+/// compression (never of a passed-through answer) → body limit → request time-out (on the
+/// routes; the fallback applies it to the views itself, and a pass-through has its own,
+/// [`crate::origin::stream`]).
 pub fn build_app(state: AppState) -> Router {
     build_router(state, FastRequestId::new())
 }
@@ -243,13 +282,36 @@ pub fn build_service(state: AppState) -> hit_lane::HitLane<Router> {
 }
 
 fn build_router(state: AppState, ids: FastRequestId) -> Router {
-    let (router, api) = routes_and_api(state.views.table(), &state.kinds, &state.rules);
+    let prefix = state.prefix.clone();
+    let Routes {
+        owned,
+        origin_paths,
+        api,
+    } = routes_and_api(state.views.table(), &state.kinds, &state.rules, &prefix);
     let settings = state.settings.clone();
     let limits = state.limits.clone();
+    let docs = SwaggerUi::new(prefix.join("/docs")).url(prefix.join("/openapi.json"), api);
+    let router = if prefix.is_empty() {
+        owned.merge(origin_paths)
+    } else {
+        // Nothing under the prefix is the origin's: unknown paths there are runcache's 404s.
+        let owned = owned
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed);
+        Router::new()
+            .nest(prefix.as_str(), owned)
+            .merge(origin_paths)
+    };
     let router = router
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+        .merge(docs)
         .fallback(views::serve_or_not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(gateway::method_not_allowed)
+        // On the routes only: the fallback bounds the views itself, and a pass-through is
+        // bounded by its own time-outs (an upload may take longer than any request should).
+        .route_layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            Duration::from_millis(settings.server.request_timeout_ms),
+        ))
         .with_state(state);
 
     let cors = cors_layer(&settings.cors.allowed_origins);
@@ -276,11 +338,7 @@ fn build_router(state: AppState, ids: FastRequestId) -> Router {
         }))
         .layer(middleware::from_fn_with_state(limits, edge))
         .option_layer(cors)
-        .layer(CompressionLayer::new())
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            Duration::from_millis(settings.server.request_timeout_ms),
-        ))
+        .layer(CompressionLayer::new().compress_when(DefaultPredicate::new().and(gateway::NotPassedThrough)))
         .layer(DefaultBodyLimit::max(settings.server.max_body_bytes));
     router.layer(stack)
 }
@@ -328,14 +386,18 @@ pub(crate) fn etag_match<'a>(if_none_match: &'a HeaderValue, etag: &str) -> Opti
 }
 
 /// Request limits on the way in; on the way out, JSON error bodies and weak ETags on
-/// compressed bodies. One middleware rather than three: each axum middleware boxes and moves
-/// the future it wraps, on every request.
+/// compressed bodies (never on a passed-through answer, which is the origin's as it is). One
+/// middleware rather than three: each axum middleware boxes and moves the future it wraps, on
+/// every request.
 async fn edge(
     state: axum::extract::State<std::sync::Arc<crate::security::Limits>>,
     req: Request,
     next: middleware::Next,
 ) -> Response {
     let resp = limits::enforce(state, req, next).await;
+    if resp.extensions().get::<gateway::PassedThrough>().is_some() {
+        return resp;
+    }
     weaken_etag_when_compressed(json_errors(resp))
 }
 
@@ -445,6 +507,10 @@ fn weaken_etag_when_compressed(mut resp: Response) -> Response {
         }
     }
     resp
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
 }
 
 async fn method_not_allowed() -> Response {

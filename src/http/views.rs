@@ -241,9 +241,11 @@ pub(super) fn view_of<'a>(state: &'a AppState, method: &Method, path: &str) -> O
     table.route(method, path)
 }
 
-/// The router's fallback: a request of a configured view is served by it, a write of an
-/// `[invalidate.*]` rule by `writes::serve`; a path of a view with another method is a `405`
-/// naming the methods it has; anything else a `404`.
+/// The router's fallback: a write of an `[invalidate.*]` rule is served by `writes::serve`;
+/// a request of a configured view by the view (within `server.request_timeout_ms`, as the
+/// routes are); with `gateway.pass_through`, any other request that is not under runcache's
+/// own paths is passed through; otherwise a path of a view with another method is a `405`
+/// naming the methods it has, and anything else a `404`.
 pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     if let Some(rule) = state.rules.route(req.method(), &path) {
@@ -256,11 +258,15 @@ pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Reque
     match view_of(&state, req.method(), &path) {
         Some(def) => {
             let def = def.clone();
-            match serve_view(&state, &def, req).await {
-                Ok(resp) => resp,
-                Err(e) => e.into_response(),
+            let limit = std::time::Duration::from_millis(state.settings.server.request_timeout_ms);
+            match tokio::time::timeout(limit, serve_view(&state, &def, req)).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) => e.into_response(),
+                // As the routes' time-out layer answers (made JSON by `http::json_errors`).
+                Err(_) => StatusCode::GATEWAY_TIMEOUT.into_response(),
             }
         }
+        None if super::gateway::passes(&state, &path) => super::gateway::pass(&state, req).await,
         None => {
             let allowed: BTreeSet<&str> = state
                 .views
@@ -269,6 +275,14 @@ pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Reque
                 .iter()
                 .filter(|d| d.captures(&path).is_some())
                 .map(|d| d.method.as_str())
+                .chain(
+                    state
+                        .rules
+                        .rules()
+                        .iter()
+                        .filter(|r| r.captures(&path).is_some())
+                        .map(|r| r.method.as_str()),
+                )
                 .collect();
             if allowed.is_empty() {
                 return error_response(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route");
@@ -287,19 +301,44 @@ pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Reque
     }
 }
 
+/// Whether a request declares a body (`Content-Length` other than 0, or `Transfer-Encoding`).
+/// A view that takes none and is sent one must not answer it from the cache: the origin may
+/// read it (MLflow reads a `GET`'s JSON body when its query is empty), so the key would not
+/// cover all that the answer depends on.
+pub(super) fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes() != b"0")
+}
+
 /// Serves `req` by `def`: the caller's admission, the view's validation (a `400`, or with
-/// `on_invalid = "pass"` the request as it is to the origin, uncached), the read-through.
+/// `on_invalid = "pass"` the request as it is to the origin, uncached), the read-through. A
+/// request with a body for a view that takes none is an invalid request of that view.
 async fn serve_view(state: &AppState, def: &ViewDef, req: Request) -> Result<Response> {
     admit(state, req.headers())?;
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let headers = req.headers().clone();
-    let body = if def.takes_body {
+    let unexpected_body = !def.takes_body && declares_body(&headers);
+    if unexpected_body && def.on_invalid != OnInvalid::Pass {
+        return Err(AppError::InvalidArgument(format!(
+            "view {} takes no request body",
+            def.view.name()
+        )));
+    }
+    let body = if def.takes_body || unexpected_body {
         Some(RawBody::from_request(req, state).await?.0)
     } else {
         None
     };
-    let view_request = match def.resolve(&path, query.as_deref(), body.as_deref()) {
+    let resolved = if unexpected_body {
+        Err(format!("view {} takes no request body", def.view.name()))
+    } else {
+        def.resolve(&path, query.as_deref(), body.as_deref())
+    };
+    let view_request = match resolved {
         Ok(resolved) => state.views.request(def, resolved, &headers),
         Err(why) if def.on_invalid == OnInvalid::Pass => {
             tracing::debug!(view = def.view.name(), reason = %why, "invalid request passed to the origin uncached");
@@ -347,11 +386,13 @@ mod tests {
 
     #[test]
     fn documented_run_id_patterns_are_the_validators() {
-        let (_, api) = crate::http::routes_and_api(
+        let api = crate::http::routes_and_api(
             &crate::http::tests::shipped_table(),
             &crate::http::tests::shipped_kinds(),
             &crate::http::tests::shipped_rules(),
-        );
+            &crate::domain::AdminPrefix::default(),
+        )
+        .api;
         let doc = serde_json::to_value(&api).expect("serialise the OpenAPI document");
         let mut seen = 0;
         for item in doc["paths"].as_object().expect("paths").values() {

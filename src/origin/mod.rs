@@ -1,5 +1,8 @@
 //! The client for the backend being cached: reqwest with connect and request time-outs,
-//! a bounded response size, and an explicit list of forwarded request headers.
+//! a bounded response size, and an explicit list of forwarded request headers. The
+//! pass-through of everything else, streamed, is [`stream`]'s.
+
+pub mod stream;
 
 use std::time::Duration;
 
@@ -68,6 +71,18 @@ pub struct OriginResponse {
 /// `Connection` names, and the headers runcache sets itself are dropped; everything else
 /// (`Location`, `Retry-After`, `Cache-Control`, `Set-Cookie`, `WWW-Authenticate`, …) is kept.
 pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    without(headers, is_set_by_runcache)
+}
+
+/// `headers` without the hop-by-hop ones (RFC 9110 section 7.6.1): `Connection`,
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`, and whatever
+/// `Connection` names. What a pass-through forwards, both ways.
+pub fn without_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
+    without(headers, |_| false)
+}
+
+/// `headers` without the hop-by-hop ones and those `also` names (lower case).
+fn without(headers: &HeaderMap, also: impl Fn(&str) -> bool) -> HeaderMap {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -79,7 +94,7 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let n = name.as_str();
-        if is_hop_by_hop(n) || is_set_by_runcache(n) || named.iter().any(|c| c == n) {
+        if is_hop_by_hop(n) || also(n) || named.iter().any(|c| c == n) {
             continue;
         }
         out.append(name.clone(), value.clone());
@@ -257,5 +272,22 @@ mod tests {
             ]
         );
         assert_eq!(out.get_all("set-cookie").iter().count(), 2);
+
+        // A pass-through keeps what runcache would otherwise set itself.
+        let passed = without_hop_by_hop(&h);
+        let names: Vec<&str> = passed.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "content-length",
+                "etag",
+                "date",
+                "location",
+                "retry-after",
+                "cache-control",
+                "set-cookie",
+                "www-authenticate"
+            ]
+        );
     }
 }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::domain::AdminPrefix;
+
 /// Which token bucket a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RateClass {
@@ -36,6 +38,7 @@ pub struct Limits {
     admin: Rate,
     event: Rate,
     buckets: moka::sync::Cache<(RateClass, IpAddr), Arc<Mutex<Bucket>>>,
+    prefix: AdminPrefix,
 }
 
 #[derive(Debug)]
@@ -64,7 +67,21 @@ impl Limits {
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
+            prefix: AdminPrefix::default(),
         }
+    }
+
+    /// The same limits, for runcache's routes under `prefix` (`server.admin_prefix`).
+    pub fn with_prefix(mut self, prefix: AdminPrefix) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
+    /// `path` as runcache's own routes see it (without `server.admin_prefix`), if it is
+    /// under the prefix: which probes are exempt from shedding and which routes are
+    /// rate-limited.
+    pub fn own_path<'a>(&self, path: &'a str) -> Option<&'a str> {
+        self.prefix.strip(path)
     }
 
     /// `server.max_headers` and `server.max_header_bytes`.

@@ -716,6 +716,11 @@ impl Binary {
         format!("{}{path}", self.base)
     }
 
+    /// Its process id (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
     /// Stops it with SIGTERM and waits for it to exit.
     pub async fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

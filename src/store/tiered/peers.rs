@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::is_short_word;
 use crate::domain::peer_addr::PeerAllowList;
-use crate::security::limits::PEER_PATH;
 use crate::security::signature::{SIGNATURE_HEADER, TIMESTAMP_HEADER, now_secs, sign};
 use crate::store::Invalidation;
 
@@ -102,6 +101,9 @@ pub struct PeerOptions {
     pub timeout: Duration,
     /// How long a member that did not answer is not waited for (`peers.down_ms`).
     pub down: Duration,
+    /// The path of the peer-invalidation route on every instance (under
+    /// `server.admin_prefix`, which a deployment's instances share).
+    pub path: String,
 }
 
 /// Direct invalidations sent so far, for `/cache/stats`: those an invalidation waited for,
@@ -190,6 +192,8 @@ struct Sender {
     down_for: Duration,
     /// This instance's id, which every message names.
     from: String,
+    /// The peer-invalidation route's path on every instance.
+    path: String,
     /// Per URL, the members not waited for or with a delivery under way.
     health: Mutex<HashMap<String, Health>>,
     confirmed: AtomicU64,
@@ -250,7 +254,7 @@ impl Sender {
         for attempt in 0..ATTEMPTS {
             let sent = self
                 .client
-                .post(format!("{url}{PEER_PATH}"))
+                .post(format!("{url}{}", self.path))
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .header(TIMESTAMP_HEADER, &timestamp)
                 .header(SIGNATURE_HEADER, &signature)
@@ -306,6 +310,7 @@ impl Peers {
             sender: Arc::new(Sender {
                 from: id,
                 client,
+                path: options.path,
                 secret: options.secret,
                 down_for: options.down,
                 health: Mutex::default(),
@@ -557,6 +562,7 @@ mod tests {
             .expect("allow list"),
             timeout: Duration::from_millis(100),
             down: Duration::from_secs(30),
+            path: crate::security::limits::PEER_PATH.to_owned(),
         })
         .expect("client")
     }
