@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: installs whatever the tests need and is missing
 # (redis-server, docker-compose, prometheus-client, chromium, node, npm, playwright-core),
-# then runs `cargo test --locked` with the arguments given:
+# then runs `cargo test --locked` with the arguments given (and, given none, runcache in front
+# of a real MLflow server: tests/mlflow/run.sh):
 #
 #   bash scripts/test.sh                         # everything
 #   bash scripts/test.sh --test api fallback     # one test binary, one filter
@@ -87,4 +88,12 @@ if [ -x /usr/bin/chromium ]; then /usr/bin/chromium --version 2>/dev/null || tru
 node --version
 
 echo "== cargo test --locked $* =="
-exec cargo test --locked "$@"
+cargo test --locked "$@"
+
+# The whole suite (no arguments) ends with runcache in front of a real MLflow server: the real
+# client through two instances and straight at MLflow, then the real UI in Chromium
+# (tests/mlflow/run.sh; its venv is built once, under ~/.cache/runcache).
+if [ $# -eq 0 ]; then
+    echo "== tests/mlflow/run.sh (a real MLflow server, its client and UI) =="
+    bash tests/mlflow/run.sh
+fi

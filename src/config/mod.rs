@@ -110,8 +110,9 @@ fn run_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// Environment keys whose values are comma-separated lists.
-const LIST_KEYS: [&str; 7] = [
+const LIST_KEYS: [&str; 8] = [
     "cors.allowed_origins",
+    "origin.ignore_vary",
     "peers.allowed",
     "redis.cluster_urls",
     "redis.sentinel_urls",
@@ -290,6 +291,27 @@ impl Settings {
                     format!("{name:?} is not a header name"),
                 )
             })?;
+        }
+        for name in &self.origin.ignore_vary {
+            let lower = name.to_ascii_lowercase();
+            if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+                return Err(invalid(
+                    "origin.ignore_vary",
+                    format!("{name:?} is not a header name"),
+                ));
+            }
+            // A body that varies on a credential must never be shared between callers.
+            if matches!(
+                lower.as_str(),
+                "authorization" | "cookie" | "proxy-authorization"
+            ) {
+                return Err(invalid(
+                    "origin.ignore_vary",
+                    format!(
+                        "{name:?} names a credential: an answer that varies on it is never shared"
+                    ),
+                ));
+            }
         }
         let url = self.redis.url.expose_secret();
         if !url.starts_with("redis://") && !url.starts_with("rediss://") {

@@ -65,6 +65,10 @@ pub struct OriginSettings {
     pub max_response_bytes: usize,
     /// Request headers forwarded to the origin (lowercase names).
     pub forward_headers: Vec<String>,
+    /// `Vary` fields the origin's bodies never depend on (lowercase names; default none):
+    /// left out when an answer's variants are worked out.
+    #[serde(default)]
+    pub ignore_vary: Vec<String>,
     /// Path probed by `/ready` (default `/health`).
     pub health_path: String,
     /// Idle pooled connection lifetime in ms (default 90000).

@@ -110,6 +110,7 @@ pub struct OriginClient {
     health_url: String,
     max_body: usize,
     forward: Vec<HeaderName>,
+    ignore_vary: Vec<String>,
 }
 
 impl OriginClient {
@@ -134,7 +135,18 @@ impl OriginClient {
                 .iter()
                 .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
                 .collect(),
+            ignore_vary: settings
+                .ignore_vary
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
         })
+    }
+
+    /// Whether `name` (lower case) is a `Vary` field the origin's bodies never depend on
+    /// (`origin.ignore_vary`).
+    pub fn ignores_vary(&self, name: &str) -> bool {
+        self.ignore_vary.iter().any(|h| h == name)
     }
 
     /// Whether `name` (lower case) is one of the headers forwarded to the origin.

@@ -44,7 +44,7 @@ pub(super) fn spec(vary: Option<&str>, origin: &OriginClient) -> Spec {
     let mut fields: Vec<String> = vary
         .split(',')
         .map(|f| f.trim().to_ascii_lowercase())
-        .filter(|f| !f.is_empty() && f != "accept-encoding")
+        .filter(|f| !f.is_empty() && f != "accept-encoding" && !origin.ignores_vary(f))
         .collect();
     // Cookies have no keyed hash here, and a key must not be derived from a credential.
     if fields

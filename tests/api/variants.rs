@@ -154,3 +154,35 @@ async fn vary_authorization_fills_the_variant_bound_per_instance() {
         assert_eq!(refused as usize, 2 * (12 * instances - stored), "{case}");
     }
 }
+
+/// `Vary: Origin` from a CORS middleware (MLflow sends it on every read): runcache does not
+/// forward `Origin`, so such an answer is never stored, unless `origin.ignore_vary` says the
+/// bodies do not depend on it; then every caller shares one entry, whatever its `Origin`.
+#[tokio::test]
+async fn a_vary_field_the_operator_ignores_does_not_split_or_refuse_entries() {
+    let redis = TestRedis::start().await;
+    let app = spawn_app_with(Some(&redis), |s| s.auth.frontend = "none".into()).await;
+    app.origin.set_headers(&[("vary", "Origin")]);
+    assert_eq!(
+        read(&app, METRICS, "origin", "https://a.example").await.0,
+        "MISS"
+    );
+    let (x, _) = read(&app, METRICS, "origin", "https://a.example").await;
+    assert_eq!(x, "MISS", "not stored: Origin is not forwarded");
+
+    let app = spawn_app_with(Some(&redis), |s| {
+        s.auth.frontend = "none".into();
+        s.origin.ignore_vary = vec!["Origin".into()];
+    })
+    .await;
+    app.origin.set_headers(&[("vary", "Origin")]);
+    let (x, first) = read(&app, METRICS, "origin", "https://a.example").await;
+    assert_eq!(x, "MISS");
+    let (x, again) = read(&app, METRICS, "origin", "https://b.example").await;
+    assert_eq!((x.as_str(), again), ("HIT", first));
+
+    let mut s = test_settings(&app.origin.url, &redis.url());
+    s.origin.ignore_vary = vec!["Authorization".into()];
+    let e = s.validate().expect_err("a credential is never ignored");
+    assert!(e.to_string().contains("origin.ignore_vary"), "{e}");
+}

@@ -8,13 +8,22 @@
 # 3. two runcache instances with config/mlflow.toml in front of it, sharing that Redis,
 # 4. tests/mlflow/client_check.py through instance A (each read after a write also through B,
 #    and repeated reads must be cache hits), then the same script straight at MLflow: the two
-#    normalised transcripts must be identical.
+#    normalised transcripts must be identical;
+# 5. the real MLflow UI through A in headless Chromium (tests/mlflow/ui.mjs): the experiments
+#    list, a runs table, a run's metric chart, and a metric logged after the page was cached
+#    seen on reload. Screenshots (1280 px) go to $SCREENSHOT_DIR (default
+#    /tmp/runcache-mlflow-screenshots); their paths are printed.
 # Prints the figures and exits non-zero on any failure. Leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 BIN="${RUNCACHE_BIN:-target/debug/runcache}"
 [ -x "$BIN" ] || { echo "tests/mlflow/run.sh: $BIN is missing (cargo build first)" >&2; exit 1; }
+# CI builds the venv from nothing (no cached venv, no pip cache); a local run reuses it.
+if [ "${CI:-}" = true ] && [ -z "${MLFLOW_VENV:-}" ]; then
+    MLFLOW_VENV="$(mktemp -d /tmp/runcache-mlflow-venv.XXXXXX)/venv"
+    export MLFLOW_VENV PIP_NO_CACHE_DIR=1
+fi
 VENV=$(bash scripts/mlflow-venv.sh | tail -n1)
 export MLFLOW_VENV="$VENV"
 PY="$VENV/bin/python"
@@ -100,6 +109,13 @@ summary = gateway.get("cache_summary", {})
 print("identical transcripts:", len(direct["transcript"]), "steps")
 print("cache through runcache:", json.dumps(summary, sort_keys=True))
 EOF
+echo "== the real MLflow UI through runcache (headless Chromium) =="
+SHOTS="${SCREENSHOT_DIR:-/tmp/runcache-mlflow-screenshots}"
+mkdir -p "$SHOTS"
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+    (cd tests/browser && npm ci --no-audit --no-fund --silent)
+fi
+GATEWAY_URL="http://127.0.0.1:$A_PORT" SCREENSHOT_DIR="$SHOTS" node tests/mlflow/ui.mjs
 curl -s -H "Authorization: Bearer mlflow-test-admin-token" "http://127.0.0.1:$A_PORT/_runcache/cache/stats" \
     | python3 -c 'import json,sys; s=json.load(sys.stdin)["stats"]; print("instance a:", {k: s[k] for k in ("hits","misses","bypasses","invalidations","origin_fetches")})'
 echo "== tests/mlflow/run.sh: passed =="

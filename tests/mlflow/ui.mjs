@@ -61,6 +61,9 @@ const seen = { requests: 0, hits: 0, passed: 0 };
 page.on('response', (resp) => {
   seen.requests++;
   const status = resp.headers()['cache-status'] || '';
+  if (process.env.UI_DEBUG && !resp.url().includes('/static-files/')) {
+    console.error('[mlflow-ui]', resp.request().method(), resp.url().replace(base, ''), resp.status(), status);
+  }
   if (status.includes('hit')) seen.hits++;
   if (status.includes('detail=pass')) seen.passed++;
 });
@@ -83,7 +86,7 @@ try {
   await see(experimentName, 'the experiment in the experiments list');
   await shot('1-experiments');
 
-  await page.goto(`${base}/#/experiments/${experimentId}`, { waitUntil: 'domcontentloaded' });
+  await page.goto(`${base}/#/experiments/${experimentId}/runs`, { waitUntil: 'domcontentloaded' });
   await see('ui-alpha', 'run ui-alpha in the runs table');
   await see('ui-beta', 'run ui-beta in the runs table');
   await shot('2-runs-table');
@@ -93,6 +96,15 @@ try {
   await see('loss', 'the loss chart on the run page');
   await page.waitForTimeout(1500);
   await shot('3-run-metrics');
+
+  // The same page again, with nothing written: the gateway answers it from the cache.
+  const before = seen.hits;
+  await page.reload({ waitUntil: 'domcontentloaded' });
+  await see('loss', 'the loss chart again');
+  await page.waitForTimeout(1500);
+  const reloadHits = seen.hits - before;
+  log(`the reload was served with ${reloadHits} cache hits`);
+  if (reloadHits === 0) throw new Error('a reload of an unchanged run page got no cache hit');
 
   // A write through the gateway, then a reload: the new metric must be on the page.
   await api('runs/log-metric', { run_id: alpha.runId, key: 'accuracy_after_write', value: 0.93, timestamp: Date.now(), step: 0 });
