@@ -363,3 +363,43 @@ fn the_gateway_and_the_admin_prefix_are_read_and_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn the_mlflow_profile_loads_with_its_views_rules_and_lookup() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mlflow.toml");
+    let s = Settings::load_from(Some(path.to_str().expect("path")), Some(HashMap::new()))
+        .expect("config/mlflow.toml loads");
+    assert!(s.gateway.pass_through);
+    assert_eq!(s.server.admin_prefix, "/_runcache");
+    let table = s.view_table().expect("views");
+    assert!(
+        table.by_name("metrics").is_none(),
+        "the model views are off"
+    );
+    for name in [
+        "api_runs_search",
+        "ajax_runs_search",
+        "api_runs_get",
+        "graphql",
+    ] {
+        assert!(table.by_name(name).is_some(), "{name}");
+    }
+    let rules = s.write_rules().expect("rules");
+    for path in [
+        "/api/2.0/mlflow/runs/log-batch",
+        "/ajax-api/2.0/mlflow/runs/log-metric",
+        "/api/2.0/mlflow/runs/create",
+        "/api/2.0/mlflow/experiments/delete",
+    ] {
+        assert!(rules.route(&http::Method::POST, path).is_some(), "{path}");
+    }
+    // The most specific rule takes a permission write, not the registry's `*`.
+    let perm = rules
+        .route(
+            &http::Method::POST,
+            "/api/2.0/mlflow/registered-models/permissions/create",
+        )
+        .expect("a rule");
+    assert_eq!(perm.name, "api_auth_model_perms_post");
+    assert_eq!(s.lookups().expect("lookups").names(), ["run_experiment"]);
+}

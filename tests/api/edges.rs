@@ -246,6 +246,38 @@ fn the_cluster_profile_runs_three_replicas_behind_a_balancer() {
     }
 }
 
+/// The `mlflow` profile parses: a real MLflow server, and runcache in front of it on port
+/// 5000 with the MLflow profile, its own key prefix in the shared Redis, and no default token.
+#[test]
+fn the_mlflow_profile_puts_runcache_in_front_of_a_real_mlflow() {
+    assert!(
+        !compose_config_with(None, &["mlflow"]).status.success(),
+        "the mlflow profile accepted no admin token"
+    );
+    let accepted = compose_config_with(Some("a-token-of-my-own"), &["mlflow"]);
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    let config = String::from_utf8_lossy(&accepted.stdout);
+    for needle in [
+        "mlflow:",
+        "runcache-mlflow:",
+        "ghcr.io/mlflow/mlflow:v3.17.2",
+        "config/mlflow.toml",
+        "http://mlflow:5000",
+        "mlflow:5000,localhost:*",
+    ] {
+        assert!(config.contains(needle), "{needle} missing:\n{config}");
+    }
+    let profile = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mlflow.toml");
+    assert!(
+        profile.exists(),
+        "the image copies config/, which holds the profile"
+    );
+}
+
 /// The `observability` profile parses: Prometheus and Grafana on the loopback interface only,
 /// their configuration files in place, and no Grafana password in the file (its start refuses
 /// an empty one, since compose would refuse every profile if the file required it).
