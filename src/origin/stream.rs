@@ -251,7 +251,7 @@ impl Pause {
     }
 }
 
-/// A stream that fails when its next item takes longer than `limit` to come (see [`Pause`]).
+/// A stream that fails when its next item takes longer than `limit` to come (see `Pause`).
 pub struct Idle<S> {
     inner: S,
     pause: Pause,
