@@ -101,6 +101,8 @@ pub struct AppStateInner {
     pub prefix: AdminPrefix,
     /// The pass-through client, when `gateway.pass_through` is on.
     pub gateway: Option<StreamClient>,
+    /// The client of the `[invalidate.*]` rules' writes (streamed, as passed-through requests).
+    pub writes: StreamClient,
 }
 
 /// The last background probe of Redis and the origin. `/ready` answers from it rather than
@@ -181,6 +183,7 @@ impl AppState {
             }
             false => None,
         };
+        let writes = StreamClient::new(&settings.origin).context("build the writes' client")?;
         let prefix = settings.admin_prefix()?;
         let started = Arc::new(AtomicBool::new(false));
         let invalidator = Invalidator::new(
@@ -198,6 +201,7 @@ impl AppState {
             store.clone(),
             keys.clone(),
             tasks.clone(),
+            &derive_key(&peer_secret, LOOKUP_KEY_PURPOSE),
         ));
         let views = ReadThrough::new(
             Parts {
@@ -274,6 +278,7 @@ impl AppState {
             audit,
             prefix,
             gateway,
+            writes,
         })))
     }
 }
@@ -282,6 +287,9 @@ impl AppState {
 /// `peers.secret` is unset: every instance sharing the token derives the same key, and the
 /// key reveals nothing of the token.
 const PEER_KEY_PURPOSE: &str = "runcache peers.secret v1";
+
+/// What the HMAC key of shared lookup values is derived for (from the peers' secret).
+const LOOKUP_KEY_PURPOSE: &str = "runcache lookups v1";
 
 /// Redis, the memory tier, the tiered store over them, and the near cache in front.
 fn build_store(

@@ -141,10 +141,12 @@ impl Lookups {
                 let from_text = l.from.as_deref().unwrap_or("response");
                 let from = template::parse_expr(from_text)
                     .map_err(|e| err(&format!("{field}.from"), e))?;
-                if matches!(from.root, Root::Lookup { .. }) {
+                // Only what the origin said: a request's body or query is the client's to
+                // choose, and a client must not teach a table what a write's tags are.
+                if from.root != Root::Response {
                     return Err(err(
                         &format!("{field}.from"),
-                        "a lookup learns from a request or its answer".into(),
+                        "a lookup learns from the origin's answer (response…)".into(),
                     ));
                 }
                 let member =
@@ -308,6 +310,10 @@ mod tests {
             (
                 json!({"t": {"max_entries": 0, "learn": [{"view": "search", "key": "a", "value": "b"}]}}),
                 "lookups.t.max_entries",
+            ),
+            (
+                json!({"t": {"learn": [{"view": "search", "from": "body", "key": "a", "value": "b"}]}}),
+                "lookups.t.learn[0].from",
             ),
         ] {
             let e = lookups(spec.clone()).expect_err(&spec.to_string());

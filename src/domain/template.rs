@@ -79,11 +79,19 @@ impl Expr {
             Root::Body => inputs.body.into_iter().collect(),
             Root::Response => inputs.response.into_iter().collect(),
             Root::Lookup { table, key } => {
+                // All or nothing: a key the table does not know leaves the lookup naming
+                // nothing (so that a rule's `otherwise` stands in), never a partial list.
                 let learned = inputs.lookups.and_then(|l| l.get(table));
-                key.values(inputs)
-                    .into_iter()
+                let keys = key.values(inputs);
+                let found: Vec<&'a Value> = keys
+                    .iter()
                     .filter_map(|k| learned?.get(render(k)))
-                    .collect()
+                    .collect();
+                if found.len() < keys.len() {
+                    Vec::new()
+                } else {
+                    found
+                }
             }
         };
         for step in &self.steps {
@@ -626,6 +634,12 @@ mod tests {
         assert_eq!(tags(json!({"run_uuid": "r2"}), &t), ["run:r2"]);
         assert!(tags(json!({}), &t).is_empty());
         assert_eq!(tags(json!({"run_uuid": "r2"}), &l), ["exp:9"]);
+        let many = Template::parse("exp:{lookup.t[body.ids[*]]}", Use::Tag).expect("parses");
+        assert_eq!(tags(json!({"ids": ["r2"]}), &many), ["exp:9"]);
+        assert!(
+            tags(json!({"ids": ["r2", "unknown"]}), &many).is_empty(),
+            "one key unknown: the lookup names nothing, not a part"
+        );
         assert_eq!(t.fields().len(), 2);
         assert!(Template::parse("k:{query.a|query.b}", Use::Key).is_err());
     }

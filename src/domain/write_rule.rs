@@ -265,13 +265,22 @@ impl WriteRules {
     /// The rule of a write, by method and path: of several, the most specific (the most
     /// segments before a `*`, and a path without one over a path with one).
     pub fn route(&self, method: &http::Method, path: &str) -> Option<&WriteRule> {
-        self.rules
+        self.matching(method, path).into_iter().next()
+    }
+
+    /// Every rule of a write, the most specific first (see [`Self::route`]). A write
+    /// invalidates what each of them names: an extra invalidation is always safe.
+    pub fn matching(&self, method: &http::Method, path: &str) -> Vec<&WriteRule> {
+        let mut found: Vec<&WriteRule> = self
+            .rules
             .iter()
             .filter(|r| r.method == method && r.captures(path).is_some())
-            .max_by_key(|r| {
-                let rest = r.segments.last() == Some(&RuleSegment::Rest);
-                (!rest, r.segments.len())
-            })
+            .collect();
+        found.sort_by_key(|r| {
+            let rest = r.segments.last() == Some(&RuleSegment::Rest);
+            std::cmp::Reverse((!rest, r.segments.len()))
+        });
+        found
     }
 }
 

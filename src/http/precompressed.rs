@@ -1,8 +1,9 @@
 //! Compressed bodies of cached answers, made once: a hit of a large body (an MLflow search
 //! page is about 420 KB, 40 KB gzipped) would otherwise be compressed again by the
-//! compression layer on every request. Kept by the answer's strong ETag (a hash of its
-//! bytes), so a copy can never stand for other bytes; bounded in bytes, and emptied whole
-//! when full (what is hot is compressed again at once).
+//! compression layer on every request. Found by the answer's strong ETag, and kept with the
+//! bytes it was made from: a copy is given only for the same bytes (the ETag is a fast hash,
+//! not a proof; one body is never answered with another's copy). Bounded in bytes (both
+//! forms count), and emptied whole when full (what is hot is compressed again at once).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +18,8 @@ pub const MIN_BYTES: usize = 1024;
 /// The compressed copies.
 #[derive(Debug)]
 pub struct Precompressed {
-    gzip: DashMap<HeaderValue, Bytes>,
+    /// By ETag: the identity body and its gzip form.
+    gzip: DashMap<HeaderValue, (Bytes, Bytes)>,
     held: AtomicUsize,
     max_bytes: usize,
 }
@@ -32,14 +34,26 @@ impl Precompressed {
         }
     }
 
-    /// The gzip form of `body`, whose strong ETag is `etag`: the copy made for an earlier
-    /// request, or made now. `None` when it would not be kept, or compresses badly.
-    pub fn gzip(&self, etag: &HeaderValue, body: &Bytes) -> Option<Bytes> {
-        if self.max_bytes == 0 || body.len() < MIN_BYTES {
+    /// The gzip copy of `body` (whose strong ETag is `etag`) made for an earlier request, if
+    /// it was made from the same bytes.
+    pub fn cached(&self, etag: &HeaderValue, body: &Bytes) -> Option<Bytes> {
+        let copy = self.gzip.get(etag)?;
+        let (identity, gz) = copy.value();
+        let same = identity.len() == body.len()
+            && (identity.as_ptr() == body.as_ptr() || identity[..] == body[..]);
+        same.then(|| gz.clone())
+    }
+
+    /// Whether `body` is worth a copy.
+    pub fn wanted(&self, body: &Bytes) -> bool {
+        self.max_bytes > 0 && body.len() >= MIN_BYTES
+    }
+
+    /// Makes (and keeps) the gzip copy of `body`. `None` when it would not be kept, or
+    /// compresses badly. Blocking: a large body is compressed off the async workers.
+    pub fn make(&self, etag: &HeaderValue, body: &Bytes) -> Option<Bytes> {
+        if !self.wanted(body) {
             return None;
-        }
-        if let Some(copy) = self.gzip.get(etag) {
-            return Some(copy.clone());
         }
         let mut encoder = flate2::write::GzEncoder::new(
             Vec::with_capacity(body.len() / 4),
@@ -47,18 +61,33 @@ impl Precompressed {
         );
         encoder.write_all(body).ok()?;
         let compressed = Bytes::from(encoder.finish().ok()?);
+        let size = compressed.len() + body.len();
         // Not worth its bytes: served as it is.
-        if compressed.len() * 10 > body.len() * 9 || compressed.len() > self.max_bytes {
+        if compressed.len() * 10 > body.len() * 9 || size > self.max_bytes {
             return None;
         }
-        if self.held.fetch_add(compressed.len(), Ordering::Relaxed) + compressed.len()
-            > self.max_bytes
-        {
+        if self.held.fetch_add(size, Ordering::Relaxed) + size > self.max_bytes {
             self.gzip.clear();
-            self.held.store(compressed.len(), Ordering::Relaxed);
+            self.held.store(size, Ordering::Relaxed);
         }
-        self.gzip.insert(etag.clone(), compressed.clone());
+        if let Some((old_identity, old_gz)) = self
+            .gzip
+            .insert(etag.clone(), (body.clone(), compressed.clone()))
+        {
+            // Saturating: a clear in between may already have forgotten it.
+            let freed = old_identity.len() + old_gz.len();
+            let _ = self
+                .held
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                    Some(h.saturating_sub(freed))
+                });
+        }
         Some(compressed)
+    }
+
+    /// [`Self::cached`], else [`Self::make`].
+    pub fn gzip(&self, etag: &HeaderValue, body: &Bytes) -> Option<Bytes> {
+        self.cached(etag, body).or_else(|| self.make(etag, body))
     }
 
     /// Copies held (for tests and stats).
@@ -123,6 +152,14 @@ mod tests {
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&first[..]), &mut out)
             .expect("gunzip");
         assert_eq!(out, body);
+        // Other bytes under the same ETag (a collision of the fast hash) never get this copy.
+        let other = Bytes::from(format!("{{\"runs\": [{}]}}", "{\"b\": 2},".repeat(500)));
+        assert!(store.cached(&etag, &other).is_none());
+        let theirs = store.gzip(&etag, &other).expect("its own copy");
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&theirs[..]), &mut out)
+            .expect("gunzip");
+        assert_eq!(out, other);
         // Small bodies and full stores.
         assert!(store.gzip(&etag, &Bytes::from_static(b"{}")).is_none());
         let tiny = Precompressed::new(0);

@@ -198,7 +198,7 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 async fn serve(state: &AppState, req: ViewRequest, headers: &HeaderMap) -> Result<Response> {
     let get = req.origin.method == Method::GET;
     let answer = state.views.serve(req).await?;
-    let gzipped = gzip_copy(state, &answer, headers);
+    let gzipped = gzip_copy(state, &answer, headers).await;
     let mut resp = respond(answer, headers, get);
     if let Some(gz) = gzipped
         && resp.status() == StatusCode::OK
@@ -213,11 +213,16 @@ async fn serve(state: &AppState, req: ViewRequest, headers: &HeaderMap) -> Resul
 
 /// For a hit (or stale answer) from the cache that the client may get gzipped, the gzip copy
 /// made once for its ETag (see `precompressed`); the compression layer leaves an answer that
-/// has its `Content-Encoding` alone.
-fn gzip_copy(state: &AppState, answer: &ViewResponse, headers: &HeaderMap) -> Option<bytes::Bytes> {
+/// has its `Content-Encoding` alone. A large body's copy is made off the async workers.
+async fn gzip_copy(
+    state: &AppState,
+    answer: &ViewResponse,
+    headers: &HeaderMap,
+) -> Option<bytes::Bytes> {
     let from_cache = matches!(answer.x_cache(), "HIT" | "STALE");
     if !from_cache
         || answer.status != StatusCode::OK
+        || !state.precompressed.wanted(&answer.body)
         || !super::precompressed::compressible(answer.content_type.as_ref())
         || answer
             .headers
@@ -227,9 +232,19 @@ fn gzip_copy(state: &AppState, answer: &ViewResponse, headers: &HeaderMap) -> Op
     {
         return None;
     }
-    state
-        .precompressed
-        .gzip(answer.etag.as_ref()?, &answer.body)
+    let etag = answer.etag.clone()?;
+    if let Some(copy) = state.precompressed.cached(&etag, &answer.body) {
+        return Some(copy);
+    }
+    let store = state.precompressed.clone();
+    let body = answer.body.clone();
+    if body.len() < 64 * 1024 {
+        return store.make(&etag, &body);
+    }
+    tokio::task::spawn_blocking(move || store.make(&etag, &body))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The view a request is for: its method and path in the view table (`HEAD` as `GET`).
@@ -248,9 +263,20 @@ pub(super) fn view_of<'a>(state: &'a AppState, method: &Method, path: &str) -> O
 /// naming the methods it has, and anything else a `404`.
 pub(super) async fn serve_or_not_found(State(state): State<AppState>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
-    if let Some(rule) = state.rules.route(req.method(), &path) {
-        let rule = rule.clone();
-        return match super::writes::serve(&state, &rule, req).await {
+    // A write is matched on its path as the origin will read it, percent-decoded too: a
+    // `runs/set%2Dtag` is MLflow's `runs/set-tag`, and must not pass uninvalidated.
+    let mut rules = state.rules.matching(req.method(), &path);
+    let mut rule_path = path.clone();
+    if rules.is_empty()
+        && let Ok(decoded) = percent_encoding::percent_decode_str(&path).decode_utf8()
+        && decoded != path
+    {
+        rules = state.rules.matching(req.method(), &decoded);
+        rule_path = decoded.into_owned();
+    }
+    if !rules.is_empty() {
+        let rules: Vec<_> = rules.into_iter().cloned().collect();
+        return match super::writes::serve(&state, rules, &rule_path, req).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(),
         };

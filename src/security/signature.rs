@@ -65,6 +65,24 @@ pub fn derive_key(secret: &[u8], purpose: &str) -> Vec<u8> {
         .map_or_else(Vec::new, |mac| mac.finalize().into_bytes().to_vec())
 }
 
+/// The hex HMAC-SHA256 of `parts` (each length-prefixed, so that no two lists of parts
+/// share one) under `secret`.
+pub fn mac_hex(secret: &[u8], parts: &[&[u8]]) -> String {
+    use hmac::Mac;
+    let lengths: Vec<[u8; 8]> = parts
+        .iter()
+        .map(|p| (p.len() as u64).to_be_bytes())
+        .collect();
+    let mut framed: Vec<&[u8]> = Vec::with_capacity(parts.len() * 2);
+    for (len, part) in lengths.iter().zip(parts) {
+        framed.push(len);
+        framed.push(part);
+    }
+    keyed(secret, &framed).map_or_else(String::new, |mac| {
+        crate::domain::hex(&mac.finalize().into_bytes())
+    })
+}
+
 /// HMAC-SHA256 under `secret`, fed `parts` in order (`None` never happens: HMAC takes a key
 /// of any length).
 fn keyed(secret: &[u8], parts: &[&[u8]]) -> Option<hmac::Hmac<Sha256>> {

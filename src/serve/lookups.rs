@@ -3,7 +3,9 @@
 //! every instance shares, both bounded, and read by the write rules' templates.
 //!
 //! Redis is read only on a local miss, and what it gives back is untrusted (anything that can
-//! write to it could forge it): a value that is not a short scalar is ignored. A lookup that
+//! write to it could forge it): each value is stored with an HMAC over the table, the key and
+//! the value, under a key derived from `peers.secret` (which every instance shares), and a
+//! value whose HMAC does not check, or that is not a short scalar, is ignored. A lookup that
 //! finds nothing, or a Redis that cannot answer, leaves the template naming nothing, and the
 //! rule's `otherwise` is invalidated instead: never less.
 
@@ -14,6 +16,8 @@ use serde_json::{Map, Value};
 
 use crate::domain::lookup::{self, Lookups, Source};
 use crate::domain::template::Inputs;
+use crate::security::secrets_match;
+use crate::security::signature::mac_hex;
 use crate::store::{Keyspace, Shared};
 use crate::tasks::Tasks;
 
@@ -25,6 +29,8 @@ pub struct LookupService {
     shared: Arc<dyn Shared>,
     keys: Keyspace,
     tasks: Tasks,
+    /// The HMAC key of the values shared through Redis.
+    mac_key: Arc<[u8]>,
 }
 
 impl std::fmt::Debug for LookupService {
@@ -36,8 +42,15 @@ impl std::fmt::Debug for LookupService {
 }
 
 impl LookupService {
-    /// The service for `spec`, sharing through `shared`.
-    pub fn new(spec: Arc<Lookups>, shared: Arc<dyn Shared>, keys: Keyspace, tasks: Tasks) -> Self {
+    /// The service for `spec`, sharing through `shared`; values in Redis are signed with
+    /// `mac_key` (every instance must have the same).
+    pub fn new(
+        spec: Arc<Lookups>,
+        shared: Arc<dyn Shared>,
+        keys: Keyspace,
+        tasks: Tasks,
+        mac_key: &[u8],
+    ) -> Self {
         let local = spec.tables().iter().map(|_| DashMap::new()).collect();
         Self {
             spec,
@@ -45,7 +58,27 @@ impl LookupService {
             shared,
             keys,
             tasks,
+            mac_key: mac_key.into(),
         }
+    }
+
+    /// The form a value is shared in: `<hex HMAC>.<JSON>`.
+    fn signed(&self, table: &str, key: &str, json: &str) -> String {
+        let mac = mac_hex(
+            &self.mac_key,
+            &[table.as_bytes(), key.as_bytes(), json.as_bytes()],
+        );
+        format!("{mac}.{json}")
+    }
+
+    /// The JSON of a shared value, if its HMAC checks.
+    fn verified<'t>(&self, table: &str, key: &str, text: &'t str) -> Option<&'t str> {
+        let (mac, json) = text.split_once('.')?;
+        let expected = mac_hex(
+            &self.mac_key,
+            &[table.as_bytes(), key.as_bytes(), json.as_bytes()],
+        );
+        secrets_match(mac.as_bytes(), expected.as_bytes()).then_some(json)
     }
 
     /// Whether a 2xx answer of `source` teaches something (only then is it parsed).
@@ -73,12 +106,8 @@ impl LookupService {
             if local.len() >= max {
                 local.clear();
             }
-            shared.push((
-                self.keys.lookup(&table),
-                key.clone(),
-                value.to_string(),
-                max,
-            ));
+            let signed = self.signed(&table, &key, &value.to_string());
+            shared.push((self.keys.lookup(&table), key.clone(), signed, max));
             local.insert(key, value);
         }
         if shared.is_empty() {
@@ -130,7 +159,14 @@ impl LookupService {
                 return None;
             }
         };
-        let value: Value = serde_json::from_str(&text).ok()?;
+        let Some(json) = self.verified(table, key, &text) else {
+            tracing::warn!(
+                table,
+                "a lookup value in Redis is not signed with this deployment's key: ignored"
+            );
+            return None;
+        };
+        let value: Value = serde_json::from_str(json).ok()?;
         if !lookup::usable(&value) {
             tracing::warn!(
                 table,
