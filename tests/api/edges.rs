@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use runcache::metrics::names;
 
-use crate::helpers::{Binary, TOKEN, TestOrigin};
+use crate::helpers::{Binary, TOKEN, TestOrigin, wait_for};
 
 /// Parses `text` with `prometheus_client`'s parser (PyPI; `.ci/run` installs it) and returns
 /// `name{labels}` of every sample, one per line, sorted.
@@ -128,15 +128,19 @@ async fn a_first_start_in_a_fresh_directory_logs_no_error() {
         .await
         .expect("view");
     assert_eq!(view.status(), 200);
-    // Redis is down: the invalidation goes to the journal, which needs data/.
-    let inv = client
-        .post(bin.url("/cache/invalidate"))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"model_run_id": "7"}))
-        .send()
-        .await
-        .expect("invalidate");
-    assert_eq!(inv.status(), 200);
+    // Redis is down: the invalidation goes to the journal, which needs data/. The harness
+    // waited for `/health` only: until its start-up work is done, an instance answers an
+    // invalidation 503 ("still starting"), so this waits for the 200.
+    wait_for(|| async {
+        client
+            .post(bin.url("/cache/invalidate"))
+            .bearer_auth(TOKEN)
+            .json(&serde_json::json!({"model_run_id": "7"}))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
     bin.stop().await;
     assert!(
         bin.dir.join("data/journal.log").exists(),
