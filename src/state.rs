@@ -54,8 +54,8 @@ pub struct AppStateInner {
     pub kinds: Arc<crate::domain::EventKinds>,
     /// The write-through invalidation rules (`[invalidate.*]`), checked.
     pub rules: Arc<crate::domain::WriteRules>,
-    /// Gzip copies of cached answers, made once (see `http::precompressed`).
-    pub precompressed: Arc<crate::http::precompressed::Precompressed>,
+    /// Gzip copies of cached answers, made once (see `serve::precompressed`).
+    pub precompressed: Arc<crate::serve::precompressed::Precompressed>,
     /// Validated settings.
     pub settings: Arc<Settings>,
     /// The store: Redis with the memory fallback, and the near cache in front.
@@ -249,7 +249,7 @@ impl AppState {
         );
         let kinds = Arc::new(settings.event_kinds()?);
         let rules = Arc::new(settings.write_rules()?);
-        let precompressed = Arc::new(crate::http::precompressed::Precompressed::new(
+        let precompressed = Arc::new(crate::serve::precompressed::Precompressed::new(
             settings.cache.compressed_max_bytes,
         ));
         Ok(Self(Arc::new(AppStateInner {

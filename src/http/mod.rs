@@ -10,7 +10,6 @@ pub mod gateway;
 pub mod hit_lane;
 pub mod limits;
 pub mod ops;
-pub mod precompressed;
 pub mod stats;
 mod view_docs;
 pub mod views;

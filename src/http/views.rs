@@ -223,12 +223,12 @@ async fn gzip_copy(
     if !from_cache
         || answer.status != StatusCode::OK
         || !state.precompressed.wanted(&answer.body)
-        || !super::precompressed::compressible(answer.content_type.as_ref())
+        || !crate::serve::precompressed::compressible(answer.content_type.as_ref())
         || answer
             .headers
             .iter()
             .any(|(n, _)| n == header::CONTENT_ENCODING)
-        || !super::precompressed::accepts_gzip(headers)
+        || !crate::serve::precompressed::accepts_gzip(headers)
     {
         return None;
     }

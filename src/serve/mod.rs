@@ -13,6 +13,7 @@ mod answer;
 pub mod coalesce;
 mod fetch;
 pub mod lookups;
+pub mod precompressed;
 pub mod refresh;
 pub mod request;
 mod vary;
