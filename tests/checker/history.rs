@@ -94,6 +94,11 @@ pub enum ViewKind {
     Ranking {
         id: u32,
     },
+    /// A read of a real MLflow server's view (`mlflow.rs`): its name says which, and through
+    /// which prefix.
+    Mlflow {
+        view: &'static str,
+    },
 }
 
 impl ViewKind {
@@ -104,6 +109,7 @@ impl ViewKind {
             ViewKind::FeatureImportance { .. } => "feature-importance",
             ViewKind::Comparison => "comparison",
             ViewKind::Ranking { .. } => "ranking",
+            ViewKind::Mlflow { view } => view,
         }
     }
 
@@ -116,6 +122,7 @@ impl ViewKind {
             }
             ViewKind::Comparison => "comparison".into(),
             ViewKind::Ranking { id } => format!("ranking/{id}"),
+            ViewKind::Mlflow { view } => view.to_owned(),
         }
     }
 }

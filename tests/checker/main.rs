@@ -47,6 +47,24 @@
 //!   holds the instances' near-cache subscriptions), `both` (single and cluster) or `all` (the
 //!   default: one run of each of the three, one after the other).
 //!
+//! # With a real MLflow server as the origin
+//!
+//! `mlflow_consistency_under_faults` (ignored by a plain `cargo test`: it needs a running
+//! `mlflow server`) runs the same checks with MLflow as the origin, two instances configured by
+//! `config/mlflow.toml`, writes made through them with MLflow's own routes, and the
+//! single-Redis fault schedule (see `mlflow.rs`). `tests/mlflow/run.sh` starts MLflow and runs
+//! it:
+//!
+//! ```text
+//! CHECKER_MLFLOW_URL=http://127.0.0.1:5000 cargo test --locked --test checker \
+//!     mlflow_consistency_under_faults -- --ignored --nocapture
+//! ```
+//!
+//! It reads the same variables (`CHECKER_INSTANCES` defaults to 2 there), and
+//! `CHECKER_WRITERS` (default 2): concurrent writers, each with runs of its own; and
+//! `CHECKER_MLFLOW_LOG`: MLflow's log, to excuse runcache's 502s for MLflow's own 5xx answers
+//! (each matched with a 5xx MLflow logged on its route within a second; see `mlflow.rs`).
+//!
 //! # Reproducibility
 //!
 //! Everything the checker chooses comes from the seed: the fault schedule (kinds, order,
@@ -70,12 +88,14 @@ mod check_tests;
 mod cluster;
 mod faults;
 mod history;
+mod mlflow;
 mod origin;
 mod rng;
 mod stream;
 mod summary;
 mod workload;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -87,6 +107,7 @@ use crate::origin::Origin;
 use crate::redis_server::{TestCluster, TestRedis, TestSentinels};
 use crate::rng::{Rng, STREAM_SETUP};
 use crate::workload::Workload;
+use runcache::config::Settings;
 
 /// Runs `1..=RUNS`: few, so reads hit.
 const RUNS: u32 = 8;
@@ -188,6 +209,194 @@ async fn consistency_under_faults() {
             _ => run(Backend::Sentinel(TestSentinels::start().await)).await,
         }
     }
+}
+
+/// The checker with a real MLflow tracking server as the origin: see `mlflow.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real MLflow server: tests/mlflow/run.sh starts one and runs this"]
+async fn mlflow_consistency_under_faults() {
+    start_clock();
+    init_logs();
+    let url = std::env::var("CHECKER_MLFLOW_URL")
+        .expect("CHECKER_MLFLOW_URL: the MLflow server to check against (tests/mlflow/run.sh)");
+    run_mlflow(
+        url.trim_end_matches('/').to_owned(),
+        TestRedis::start().await,
+    )
+    .await;
+}
+
+/// Settings of MLflow instance `index`: the shipped `config/mlflow.toml`, then only what the
+/// harness must choose (addresses, prefix, token, journal, graceful-stop allowance).
+fn mlflow_settings(mlflow: &str, redis_url: &str, prefix: &str, index: usize) -> Settings {
+    let mut s = Settings::load_from(Some("config/mlflow.toml"), Some(HashMap::new()))
+        .expect("config/mlflow.toml loads");
+    let checker = instance_settings(mlflow, redis_url, prefix, index);
+    s.server.addr = checker.server.addr;
+    s.server.shutdown_timeout_ms = checker.server.shutdown_timeout_ms;
+    s.origin.base_url = mlflow.into();
+    s.redis.url = checker.redis.url;
+    s.cache.prefix = checker.cache.prefix;
+    s.admin.token = checker.admin.token;
+    s.journal.path = checker.journal.path;
+    s.memory.degraded_max_age_ms = checker.memory.degraded_max_age_ms;
+    s.validate().expect("valid MLflow checker settings");
+    s
+}
+
+async fn run_mlflow(url: String, redis: TestRedis) {
+    let began = Instant::now();
+    let mut cfg = Config::from_env();
+    if std::env::var("CHECKER_INSTANCES").is_err() {
+        cfg.instances = 2;
+    }
+    let writers = (env_num("CHECKER_WRITERS", 2) as usize).clamp(1, mlflow::RUNS);
+    let reproduce = format!(
+        "CHECKER_MLFLOW_URL=<an mlflow server> CHECKER_WRITERS={writers} {} mlflow_consistency_under_faults -- --ignored",
+        cfg.reproduce().trim_end_matches(" -- --nocapture")
+    );
+    println!(
+        "checker (MLflow at {url}, single redis): {cfg:?}, writers {writers}\nchecker: reproduce with {reproduce}"
+    );
+    mlflow::wait_healthy(&url).await;
+    let mlflow_log = std::env::var("CHECKER_MLFLOW_LOG").ok();
+    let log_from = mlflow::log_offset(mlflow_log.as_deref());
+    // The checker's clock against the wall clock, to match reads with MLflow's log lines.
+    let mono0 = now_us();
+    let wall0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    let prefix = format!("checker-mlflow-{}", uuid::Uuid::new_v4().simple());
+    let fixture = mlflow::setup(&url, &prefix).await;
+    println!(
+        "checker: experiments {:?}, runs {:?}\nchecker: revisions tracked per run and channel:\n   {}",
+        fixture.experiments,
+        fixture.runs,
+        mlflow::legend()
+    );
+    let settings: Vec<Settings> = (0..cfg.instances)
+        .map(|i| mlflow_settings(&url, &redis.url(), &prefix, i))
+        .collect();
+    let admin_prefix = settings[0].server.admin_prefix.clone();
+    let journals: Vec<String> = settings.iter().map(|s| s.journal.path.clone()).collect();
+    let cluster = Arc::new(Cluster::start(settings).await);
+    cluster.wait_near_live().await;
+
+    let duration_us = cfg.secs * 1_000_000;
+    let mut plan = faults::plan(cfg.seed, duration_us, cfg.instances);
+    // No event stream here: writes are MLflow's own requests.
+    plan.retain(|p| p.kind != crate::history::FaultKind::PoisonedStreamEntry);
+    println!("checker: {} planned faults", plan.len());
+    for p in &plan {
+        println!("   {}", p.describe());
+    }
+    let start_us = now_us();
+    let end_us = start_us + duration_us;
+    let w = Arc::new(mlflow::MlflowWorkload {
+        seed: cfg.seed,
+        writers,
+        fixture,
+        cluster: cluster.clone(),
+        end_us,
+    });
+    println!(
+        "checker: setup took {:.1} s; workload of {} s begins",
+        began.elapsed().as_secs_f64(),
+        cfg.secs
+    );
+    let readers: Vec<_> = (0..cfg.readers)
+        .map(|j| tokio::spawn(mlflow::reader(w.clone(), j)))
+        .collect();
+    let writer_tasks: Vec<_> = (0..writers)
+        .map(|j| tokio::spawn(mlflow::writer(w.clone(), j)))
+        .collect();
+    let stream = stream::StreamSide::new(&prefix, vec![redis.url()], false);
+    let fault_task = tokio::spawn(faults::run(
+        plan,
+        redis,
+        cluster.clone(),
+        stream,
+        start_us,
+        end_us,
+    ));
+    let stuck_after = Duration::from_secs(cfg.secs + 90);
+    let joined = tokio::time::timeout(stuck_after, async {
+        let mut reads = Vec::new();
+        for r in readers {
+            reads.extend(r.await.expect("reader task"));
+        }
+        let mut events = Vec::new();
+        for t in writer_tasks {
+            events.extend(t.await.expect("writer task"));
+        }
+        let (redis, faults) = fault_task.await.expect("fault task");
+        (reads, events, redis, faults)
+    })
+    .await;
+    let Ok((reads, events, redis, faults)) = joined else {
+        panic!(
+            "the MLflow run did not finish within {stuck_after:?} (stuck); reproduce with {reproduce}"
+        );
+    };
+    let counters = mlflow::stats(&cluster, &admin_prefix).await;
+    cluster.stop_all().await;
+    drop(redis);
+    let history = finish(journals, reads, events, faults);
+    let mut report = check(&history);
+    let logged = mlflow_log
+        .as_deref()
+        .map_or_else(Vec::new, |log| mlflow::logged_5xx(log, log_from));
+    let wall_at = |us: u64| wall0 + (us as f64 - mono0 as f64) / 1e6;
+    let excused = mlflow::excuse_origin_failures(&mut report, &history, &logged, wall_at);
+    let info = summary::RunInfo {
+        seed: cfg.seed,
+        secs: cfg.secs,
+        instances: cfg.instances,
+        readers: cfg.readers,
+        runs: u32::try_from(mlflow::RUNS).expect("few runs"),
+        show: cfg.show,
+        elapsed_total: began.elapsed(),
+        totals: mlflow::totals(&cluster),
+        origin_calls: None,
+        reproduce: reproduce.clone(),
+    };
+    println!("{}", summary::render(&info, &history, &report));
+    let writes = history
+        .events
+        .iter()
+        .filter(|e| !e.attempts.is_empty())
+        .count();
+    let acked = history
+        .events
+        .iter()
+        .filter(|e| !e.attempts.is_empty() && e.t_ack_us.is_some())
+        .count();
+    println!(
+        "checker (MLflow): {} reads, {writes} writes ({acked} acknowledged), {} faults, {} violations\n   MLflow logged {} 5xx answer(s) during the run{}; {excused} 502(s) of runcache's for them excused\n   {counters}",
+        history.reads.len(),
+        history
+            .faults
+            .iter()
+            .filter(|f| f.kind != crate::history::FaultKind::SaveCopy)
+            .count(),
+        report.violations.len(),
+        logged.len(),
+        if mlflow_log.is_some() {
+            ""
+        } else {
+            " (no CHECKER_MLFLOW_LOG: not counted)"
+        },
+    );
+    assert!(
+        history.reads.iter().any(|r| r.status == Some(200)) && acked > 0,
+        "the workload did nothing: no answered reads or no acknowledged writes"
+    );
+    assert!(
+        report.violations.is_empty(),
+        "{} violation(s) with MLflow as the origin (see the summary above); reproduce with {reproduce}",
+        report.violations.len()
+    );
 }
 
 async fn run(backend: Backend) {
@@ -320,19 +529,7 @@ async fn run(backend: Backend) {
     };
     cluster.stop_all().await;
     drop(redis);
-    for j in journals {
-        let _ = std::fs::remove_file(j);
-    }
-
-    let history = History {
-        reads,
-        events,
-        faults,
-    };
-    if let Ok(path) = std::env::var("CHECKER_HISTORY") {
-        std::fs::write(&path, summary::history_lines(&history)).expect("CHECKER_HISTORY file");
-        println!("checker: history written to {path}");
-    }
+    let history = finish(journals, reads, events, faults);
     let report = check(&history);
     let info = summary::RunInfo {
         seed: cfg.seed,
@@ -343,8 +540,10 @@ async fn run(backend: Backend) {
         show: cfg.show,
         elapsed_total: began.elapsed(),
         totals: cluster.slots.iter().map(|s| s.totals()).collect(),
-        origin_calls: origin.state.calls.load(Ordering::Relaxed),
-        origin_refusals: origin.state.refusals.load(Ordering::Relaxed),
+        origin_calls: Some((
+            origin.state.calls.load(Ordering::Relaxed),
+            origin.state.refusals.load(Ordering::Relaxed),
+        )),
         reproduce: format!("CHECKER_REDIS={mode} {}", cfg.reproduce()),
     };
     println!("{}", summary::render(&info, &history, &report));
@@ -358,4 +557,27 @@ async fn run(backend: Backend) {
         report.violations.len(),
         cfg.reproduce()
     );
+}
+
+/// After a run: removes the instances' journals, and makes the history (written to
+/// `CHECKER_HISTORY` when set).
+fn finish(
+    journals: Vec<String>,
+    reads: Vec<history::ReadOp>,
+    events: Vec<history::EventOp>,
+    faults: Vec<history::FaultOp>,
+) -> History {
+    for j in journals {
+        let _ = std::fs::remove_file(j);
+    }
+    let history = History {
+        reads,
+        events,
+        faults,
+    };
+    if let Ok(path) = std::env::var("CHECKER_HISTORY") {
+        std::fs::write(&path, summary::history_lines(&history)).expect("CHECKER_HISTORY file");
+        println!("checker: history written to {path}");
+    }
+    history
 }

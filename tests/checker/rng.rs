@@ -12,6 +12,8 @@ pub const STREAM_WRITER: u64 = 2;
 pub const STREAM_FAULTS: u64 = 3;
 pub const STREAM_ORIGIN: u64 = 4;
 pub const READER_BASE: u64 = 1_000;
+/// The MLflow run's writers (`mlflow.rs`) use `WRITER_BASE + writer index`.
+pub const WRITER_BASE: u64 = 100;
 
 /// SplitMix64: tiny, fast, well distributed, and enough for choosing test operations.
 #[derive(Debug, Clone)]

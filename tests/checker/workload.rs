@@ -167,44 +167,12 @@ pub async fn reader(w: Arc<Workload>, reader: usize) -> Vec<ReadOp> {
                     .json(&json!({ "model_run_ids": ids }))
             }
             ViewKind::Ranking { id } => client.get(format!("{base}/api/v1/models/rankings/{id}")),
+            ViewKind::Mlflow { .. } => unreachable!("plan_read draws the in-process views only"),
         };
         if let Some(h) = plan.cred.header() {
             req = req.header(header::AUTHORIZATION, h);
         }
-        op.start_us = now_us();
-        match req.send().await {
-            Ok(resp) => {
-                op.status = Some(resp.status().as_u16());
-                let h = |name: &str| {
-                    resp.headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned()
-                };
-                op.x_cache = h("x-cache");
-                op.cache_status = h("cache-status");
-                match resp.bytes().await {
-                    Ok(body) => {
-                        op.end_us = now_us();
-                        interpret(&mut op, &body);
-                    }
-                    Err(e) => {
-                        op.end_us = now_us();
-                        // The status came, the body did not: no answer.
-                        op.status = None;
-                        op.timed_out = e.is_timeout();
-                        op.error = Some(format!("body: {e}"));
-                    }
-                }
-            }
-            Err(e) => {
-                op.end_us = now_us();
-                op.timed_out = e.is_timeout();
-                op.connect_error = e.is_connect();
-                op.error = Some(error_chain(&e));
-            }
-        }
+        send_read(&mut op, req, interpret).await;
         ops.push(op);
         k += 1;
         tokio::time::sleep(plan.think).await;
@@ -212,7 +180,88 @@ pub async fn reader(w: Arc<Workload>, reader: usize) -> Vec<ReadOp> {
     ops
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// Sends a read and records it in `op`: its times, status, cache headers and transport errors;
+/// a body that came whole goes to `interpret`.
+pub async fn send_read(
+    op: &mut ReadOp,
+    req: reqwest::RequestBuilder,
+    interpret: impl FnOnce(&mut ReadOp, &[u8]),
+) {
+    op.start_us = now_us();
+    match req.send().await {
+        Ok(resp) => {
+            op.status = Some(resp.status().as_u16());
+            let h = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            op.x_cache = h("x-cache");
+            op.cache_status = h("cache-status");
+            match resp.bytes().await {
+                Ok(body) => {
+                    op.end_us = now_us();
+                    interpret(op, &body);
+                }
+                Err(e) => {
+                    op.end_us = now_us();
+                    // The status came, the body did not: no answer.
+                    op.status = None;
+                    op.timed_out = e.is_timeout();
+                    op.error = Some(format!("body: {e}"));
+                }
+            }
+        }
+        Err(e) => {
+            op.end_us = now_us();
+            op.timed_out = e.is_timeout();
+            op.connect_error = e.is_connect();
+            op.error = Some(error_chain(&e));
+        }
+    }
+}
+
+/// Sends one write or event delivery to `instance` and records the attempt: a non-200 keeps
+/// runcache's error code and the start of the body.
+pub async fn send_attempt(instance: usize, req: reqwest::RequestBuilder) -> Attempt {
+    let mut a = Attempt {
+        instance,
+        start_us: now_us(),
+        ..Attempt::default()
+    };
+    match req.send().await {
+        Ok(resp) => {
+            a.status = Some(resp.status().as_u16());
+            let body = resp.bytes().await;
+            a.end_us = now_us();
+            match body {
+                Ok(b) if a.status != Some(200) => {
+                    a.error_code = serde_json::from_slice::<Value>(&b)
+                        .ok()
+                        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+                    a.error = Some(String::from_utf8_lossy(&b[..b.len().min(200)]).into());
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    a.status = None;
+                    a.timed_out = err.is_timeout();
+                    a.error = Some(format!("body: {err}"));
+                }
+            }
+        }
+        Err(err) => {
+            a.end_us = now_us();
+            a.connect_error = err.is_connect();
+            a.timed_out = err.is_timeout();
+            a.error = Some(error_chain(&err));
+        }
+    }
+    a
+}
+
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -290,6 +339,8 @@ pub fn interpret(op: &mut ReadOp, body: &[u8]) {
                 }
             }
         }
+        // Read by `mlflow.rs`, never here.
+        Some(ViewKind::Mlflow { .. }) | None => {}
         Some(view) => {
             let run = op.runs[0];
             if v["model_run_id"].as_str() != Some(run.to_string().as_str()) {
@@ -305,7 +356,6 @@ pub fn interpret(op: &mut ReadOp, body: &[u8]) {
                 None => problems.push("no revision".into()),
             }
         }
-        None => {}
     }
     if !problems.is_empty() {
         op.error = Some(problems.join("; "));
@@ -353,46 +403,14 @@ pub async fn writer(w: Arc<Workload>) -> Vec<EventOp> {
             continue;
         }
         for instance in instances {
-            let mut a = Attempt {
-                instance,
-                start_us: now_us(),
-                ..Attempt::default()
-            };
-            let result = client
+            let req = client
                 .post(format!(
                     "{}/events/training-completed",
                     w.cluster.addr(instance)
                 ))
                 .bearer_auth(ADMIN_TOKEN)
-                .json(&json!({ "model_run_id": run.to_string() }))
-                .send()
-                .await;
-            match result {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    a.status = Some(status);
-                    let body = resp.bytes().await;
-                    a.end_us = now_us();
-                    match body {
-                        Ok(b) => {
-                            a.error_code = serde_json::from_slice::<Value>(&b)
-                                .ok()
-                                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
-                        }
-                        Err(err) => {
-                            a.status = None;
-                            a.timed_out = err.is_timeout();
-                            a.error = Some(format!("body: {err}"));
-                        }
-                    }
-                }
-                Err(err) => {
-                    a.end_us = now_us();
-                    a.connect_error = err.is_connect();
-                    a.timed_out = err.is_timeout();
-                    a.error = Some(error_chain(&err));
-                }
-            }
+                .json(&json!({ "model_run_id": run.to_string() }));
+            let a = send_attempt(instance, req).await;
             let ok = a.status == Some(200);
             let end = a.end_us;
             e.attempts.push(a);

@@ -12,7 +12,12 @@
 # 5. the real MLflow UI through A in headless Chromium (tests/mlflow/ui.mjs): the experiments
 #    list, a runs table, a run's metric chart, and a metric logged after the page was cached
 #    seen on reload. Screenshots (1280 px) go to $SCREENSHOT_DIR (default
-#    /tmp/runcache-mlflow-screenshots); their paths are printed.
+#    /tmp/runcache-mlflow-screenshots); their paths are printed;
+# 6. the consistency checker with this MLflow server as the origin (tests/checker/mlflow.rs):
+#    concurrent writers and readers through two runcache instances of its own, on a Redis of its
+#    own that the fault schedule kills, pauses and restarts; it prints reads, writes, faults and
+#    violations, and fails on any violation (CHECKER_SECS and the other CHECKER_* variables
+#    apply).
 # Prints the figures and exits non-zero on any failure. Leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -63,7 +68,8 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$WORK" --logfile "$WORK/redis.log" &
 PIDS+=($!)
 started=$(date +%s)
-MLFLOW_PID=$(bash tests/mlflow/start_mlflow.sh "$MLFLOW_PORT" "$WORK/mlflow" | tail -n1)
+# TZ=UTC: its log's times are UTC, which the checker matches its reads against.
+MLFLOW_PID=$(TZ=UTC bash tests/mlflow/start_mlflow.sh "$MLFLOW_PORT" "$WORK/mlflow" | tail -n1)
 echo "mlflow answered /health after $(( $(date +%s) - started )) s"
 
 start_runcache() {
@@ -118,4 +124,7 @@ fi
 GATEWAY_URL="http://127.0.0.1:$A_PORT" SCREENSHOT_DIR="$SHOTS" node tests/mlflow/ui.mjs
 curl -s -H "Authorization: Bearer mlflow-test-admin-token" "http://127.0.0.1:$A_PORT/_runcache/cache/stats" \
     | python3 -c 'import json,sys; s=json.load(sys.stdin)["stats"]; print("instance a:", {k: s[k] for k in ("hits","misses","bypasses","invalidations","origin_fetches")})'
+echo "== the consistency checker with MLflow as the origin (faults from the schedule) =="
+CHECKER_MLFLOW_URL="http://127.0.0.1:$MLFLOW_PORT" CHECKER_MLFLOW_LOG="$WORK/mlflow/server.log" \
+    cargo test --locked --test checker mlflow_consistency_under_faults -- --ignored --nocapture
 echo "== tests/mlflow/run.sh: passed =="
