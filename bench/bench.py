@@ -1243,20 +1243,24 @@ def render(res, labels):
         return "met" if ok else "**not met**"
 
     cpu = median_of(hits[default]["64"], "cpu_us_per_req")
+    # Today's goals (issue 23). The old "≥ 1.80 × nginx" rows are retired: tuned nginx itself
+    # serves well under the bare ceiling here, so they measured nginx, not runcache.
     rows = [
-        ("default / nginx @8", ratio(default, nginx, "8"), "≥ 1.80"),
-        ("default / nginx @64", ratio(default, nginx, "64"), "≥ 1.80"),
-        ("default / ceiling @8", ratio(default, ceiling, "8"), "≥ 0.85"),
-        ("default / ceiling @64", ratio(default, ceiling, "64"), "≥ 0.85"),
-        ("Redis only / nginx @64", ratio(redis_only, nginx, "64"), "≥ 1.20"),
-        ("nginx / ceiling @64 (why ≥ 1.8 × nginx cannot be met)",
-         ratio(nginx, ceiling, "64"), "≤ 0.56"),
-        ("default / stock nginx @8", ratio(default, stock, "8"), "≥ 1.80"),
-        ("default / stock nginx @64", ratio(default, stock, "64"), "≥ 1.80"),
-        ("Redis only / stock nginx @64", ratio(redis_only, stock, "64"), "≥ 1.20"),
+        ("default / tuned nginx @8", ratio(default, nginx, "8"), "≥ 1.10"),
+        ("default / tuned nginx @64", ratio(default, nginx, "64"), "≥ 1.10"),
+        ("default / bare ceiling @8", ratio(default, ceiling, "8"), ""),
+        ("default / bare ceiling @64", ratio(default, ceiling, "64"), "≥ 0.90"),
+        ("Redis only / tuned nginx @64", ratio(redis_only, nginx, "64"), ""),
+        ("tuned nginx / bare ceiling @64", ratio(nginx, ceiling, "64"), ""),
+        ("default / stock nginx @8", ratio(default, stock, "8"), ""),
+        ("default / stock nginx @64", ratio(default, stock, "64"), ""),
+        ("Redis only / stock nginx @64", ratio(redis_only, stock, "64"), ""),
     ]
     lines += ["", "| ratio (same run) | value | target | |", "|---|---:|---|---|"]
     for name, value, target in rows:
+        if not target:
+            lines.append(f"| {name} | {value:.3f} | | |")
+            continue
         ok = value <= float(target[2:]) if target.startswith("≤") else value >= float(target[2:])
         lines.append(f"| {name} | {value:.3f} | {target} | {mark(ok)} |")
     lines.append(f"| ceiling p99 @8 / @64 (the framework's own tail) | "
@@ -1292,9 +1296,10 @@ def render(res, labels):
 
     if CLUSTER_CELL in labels:
         for c in ("8", "64"):
+            value = paired(CLUSTER_CELL, one_get, c)
             lines.append(f"| Redis Cluster only / one-GET ceiling @{c} (median of per-round "
                          f"ratios; the ceiling's GET is to one node) | "
-                         f"{paired(CLUSTER_CELL, one_get, c):.3f} | | |")
+                         f"{value:.3f} | ≥ 0.70 | {mark(value >= 0.70)} |")
         lines.append(f"| CPU per request @64: Redis Cluster only / Redis only | "
                      f"{median_of(hits[CLUSTER_CELL]['64'], 'cpu_us_per_req'):.1f} / "
                      f"{median_of(hits[redis_only]['64'], 'cpu_us_per_req'):.1f} µs | | |")

@@ -18,6 +18,9 @@
 #                                              # hot keys, against 10 s of steady state (~40 s)
 #   bash bench/run.sh --only-stream            # only the stream drain (--events N: not 10,000)
 #   bash bench/run.sh --self-test              # check bench.py's reply parsing (no build, no server)
+#   bash bench/run.sh --instructions-only      # only the work per hit: instructions under callgrind
+#                                              # and Redis commands per hit, per tier, against
+#                                              # bench/baseline.json (~2 min; noise does not move it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--self-test" ]; then
@@ -30,6 +33,7 @@ command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v pgrep >/dev/null 2>&1 || missing+=(procps)
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]} =="
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null
@@ -64,4 +68,26 @@ while [ $# -gt 0 ]; do
     fi
 done
 
-exec python3 bench/bench.py "${args[@]}"
+# The wrk table (bench.py), then the work per hit in units the machine's noise cannot move
+# (bench/instructions.py: instructions under callgrind, Redis commands per hit), compared with
+# bench/baseline.json. The single-measure modes skip the second; --instructions-only skips the
+# first.
+wrk=1
+instr=1
+instr_args=()
+bench_args=()
+for a in ${args[@]+"${args[@]}"}; do
+    case "$a" in
+        --instructions-only) wrk= ;;
+        --redis-death-only|--failover-only|--only-stream) instr= ;;
+        --smoke) instr_args+=(--hits 800); bench_args+=("$a") ;;
+        *) bench_args+=("$a") ;;
+    esac
+done
+if [ -n "$wrk" ]; then
+    python3 bench/bench.py ${bench_args[@]+"${bench_args[@]}"}
+fi
+if [ -n "$instr" ]; then
+    echo "== work per hit (bench/instructions.py; baseline bench/baseline.json) =="
+    python3 bench/instructions.py ${instr_args[@]+"${instr_args[@]}"}
+fi
