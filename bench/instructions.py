@@ -74,7 +74,10 @@ def send_hits(port, paths, hits, conns, check_header, check_value):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         bad = 0
         for i in range(per):
-            conn.request("GET", paths[(w * per + i) % len(paths)])
+            # As wrk: no Accept-Encoding (http.client would add `identity`, and a request
+            # with that header takes runcache's full path, not its hit lane).
+            conn.putrequest("GET", paths[(w * per + i) % len(paths)], skip_accept_encoding=True)
+            conn.endheaders()
             resp = conn.getresponse()
             resp.read()
             value = resp.getheader(check_header, "")
