@@ -1,8 +1,9 @@
 //! The hit lane: plain `GET`s of the views (any `GET` view of the view table) are answered
 //! before routing and the middleware stack, which otherwise cost several times the cache lookup
-//! itself (see the README's Performance section). A fresh near-cache copy is answered at once,
-//! without a task switch; any other such request (an entry in Redis or in the memory tier, a
-//! miss) is served by the same read-through, with what the stack would have given it: its
+//! itself (see the README's Performance section). A fresh near-cache copy, or a fresh entry of
+//! the memory tier while reads go there (no Redis, or its circuit open), is answered at once,
+//! without a task switch; any other such request (an entry in Redis, a stale entry, a miss) is
+//! served by the same read-through, with what the stack would have given it: its
 //! place among the requests in flight, the request time-out, the panic catcher, the request's
 //! span and access line, and JSON errors. Everything else, and every request the lane is not
 //! certain to answer exactly as the full path would, goes to the router untouched.
@@ -18,7 +19,7 @@
 //! the `400`), a request with a body (`Content-Length` or `Transfer-Encoding`: no `GET` view
 //! takes one, so the full path refuses it or passes it uncached), an `Accept-Encoding` header (compression is the full path's), two
 //! `Authorization` headers (the full path refuses them), CORS being configured, or anything
-//! but a fresh near-cache hit.
+//! but a fresh near-cache or memory-tier hit.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -149,7 +150,7 @@ impl<S> HitLane<S> {
         }
         if resolved.use_cache
             && self.state.limits.has_room()
-            && let Some(resp) = self.near_hit(req, def, &resolved)
+            && let Some(resp) = self.cached_hit(req, def, &resolved)
         {
             return Route::Answered(resp);
         }
@@ -167,9 +168,10 @@ impl<S> HitLane<S> {
         }
     }
 
-    /// A fresh near-cache copy of `resolved`'s entry, answered; the request the full path
-    /// would serve is built only if refresh-ahead needs it.
-    fn near_hit(
+    /// A fresh near-cache copy of `resolved`'s entry, or a fresh memory-tier entry when reads
+    /// go there, answered; the request the full path would serve is built only if
+    /// refresh-ahead needs it.
+    fn cached_hit(
         &self,
         req: &Request<Body>,
         def: &crate::domain::ViewDef,
@@ -178,9 +180,10 @@ impl<S> HitLane<S> {
         let headers = req.headers();
         let started = Instant::now();
         let views = &self.state.views;
-        let answer = views.near_hit(
+        let answer = views.lane_hit(
             def.view,
             &resolved.key,
+            &resolved.tags,
             headers.get(header::AUTHORIZATION),
             || {
                 ViewRequest::resolved(

@@ -311,29 +311,79 @@ impl ReadThrough {
         Some(self.hit(entry, ttl, now, false))
     }
 
-    /// The hit lane's entry (see `http::hit_lane`): answers from the near cache, before any
-    /// routing or middleware, when it holds a fresh copy of `logical_key` that a caller with
-    /// `authorization` may be served, and counts the hit. `None`: nothing was served or
-    /// counted, and the request takes the full path. `req` is built only if refresh-ahead
-    /// needs it.
-    pub fn near_hit(
+    /// The hit lane's entry (see `http::hit_lane`): answers, before any routing or middleware,
+    /// a fresh near-cache copy of `logical_key`, or (when reads go to the memory tier) a fresh
+    /// memory-tier entry of it, that a caller with `authorization` may be served, and counts
+    /// the hit. `None`: nothing was served or counted, and the request takes the full path.
+    /// `tags` are the request's; `req` is built only if refresh-ahead needs it.
+    pub fn lane_hit(
         &self,
         view: View,
         logical_key: &str,
+        tags: &[String],
         authorization: Option<&http::HeaderValue>,
         req: impl FnOnce() -> ViewRequest,
     ) -> Option<ViewResponse> {
         let started = Instant::now();
-        let key = self.keys.entry(&self.version.current(), logical_key);
-        let slot = self.store.peek(&key)?;
+        let version = self.version.current();
+        let key = self.keys.entry(&version, logical_key);
         let cred = self.access.credential(authorization);
-        if !self.slot_may_serve(&key, &slot, cred) {
-            return None;
-        }
-        let hit = self.serve_slot(&key, &slot, true, req)?;
+        let hit = match self.store.peek(&key) {
+            Some(slot) => {
+                if !self.slot_may_serve(&key, &slot, cred) {
+                    return None;
+                }
+                self.serve_slot(&key, &slot, true, req)?
+            }
+            None => {
+                let hit = self.memory_hit(view, &version, &key, tags, cred, req)?;
+                self.stats
+                    .lane_served
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                hit
+            }
+        };
         self.stats
             .record_request(view, Outcome::Hit, started.elapsed());
         Some(hit)
+    }
+
+    /// A fresh memory-tier entry of `key` as a hit, when reads go to the memory tier now: the
+    /// read and the checks [`Self::serve_from_store`] makes (the entry's stamp against the
+    /// current one, access, a `Vary` marker, freshness), without I/O. Anything else (an entry
+    /// with learned tags, whose generations take a second read; a stale or missing entry)
+    /// is `None`, for the full path.
+    fn memory_hit(
+        &self,
+        view: View,
+        version: &str,
+        key: &str,
+        tags: &[String],
+        cred: Credential,
+        req: impl FnOnce() -> ViewRequest,
+    ) -> Option<ViewResponse> {
+        if !self.store.reads_memory() || self.table.get(view).learns_tags() {
+            return None;
+        }
+        let deps = self.keys.deps(version, view, tags, false);
+        let (entry, _) = self.store.memory_get(key, &deps)?.servable();
+        let entry = entry.filter(|e| e.vary.is_none())?;
+        if !self.access.may_serve(key, cred, entry.status) {
+            return None;
+        }
+        let now = policy::now_ms();
+        let p = fetch::entry_policy(&entry, self.policies[view.index()]);
+        let Freshness::Fresh { ttl } = policy::freshness(
+            entry.stored_at_ms,
+            entry.ttl_secs,
+            now,
+            p.grace,
+            p.stale_if_error,
+        ) else {
+            return None;
+        };
+        self.note_hit(key, &entry, ttl, None, req);
+        Some(self.hit(&entry, ttl, now, false))
     }
 
     /// [`AccessControl::may_serve`], remembering the answer in the slot so that one caller's

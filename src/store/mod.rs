@@ -468,6 +468,19 @@ pub trait Store: Send + Sync {
     /// Counts a hit served from a near-cache copy (`lane`: by the hit lane).
     fn copy_served(&self, _lane: bool) {}
 
+    /// `key` and the current stamp of `deps` from the memory tier, without I/O, when reads go
+    /// there now (no Redis, or its circuit open): what [`Store::get`] would read. `None` when
+    /// reads go to Redis: only `get` can answer then.
+    fn memory_get(&self, _key: &str, _deps: &Deps) -> Option<Lookup> {
+        None
+    }
+
+    /// Whether reads go to the memory tier now ([`Store::memory_get`] may answer), without
+    /// I/O: a cheap test before building what `memory_get` needs.
+    fn reads_memory(&self) -> bool {
+        false
+    }
+
     /// Reads `key` and the current stamp of `deps`.
     async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError>;
 

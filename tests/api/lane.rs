@@ -327,3 +327,85 @@ async fn an_origin_failure_is_answered_alike_and_the_origin_gets_the_request_id(
             > 0
     );
 }
+
+/// With no Redis, the lane answers the memory tier's fresh entries itself, without a task
+/// switch: exactly as the full path does in every state, and never once an invalidation was
+/// acknowledged.
+#[tokio::test]
+async fn the_hit_lane_answers_memory_tier_hits_alike_and_never_after_an_invalidation() {
+    let app = spawn_app_with(None, |s| {
+        s.views.feature_importance.ttl = runcache::config::Ttl(Duration::from_secs(1));
+        s.views.feature_importance.grace = 60;
+        s.refresh.min_hits = 0;
+    })
+    .await;
+    app.origin
+        .control
+        .same_bodies
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(app.state.store.near().is_none_or(|n| !n.cache.is_live()));
+    let shapes: [&[(&str, &str)]; 4] = [
+        &[],
+        &[("if-none-match", "*")],
+        &[("accept-encoding", "gzip")],
+        &[("authorization", "Bearer A")],
+    ];
+    for state in [State::NearCopy, State::Cold] {
+        for shape in shapes {
+            compare(&app, state, shape).await;
+        }
+    }
+    compare_stale(&app, &shapes).await;
+
+    // The lane's own entry, on the view's own resolution of the request.
+    let (path, query) = PATH.split_once('?').expect("query");
+    let def = app
+        .state
+        .views
+        .table()
+        .route(&http::Method::GET, path)
+        .expect("a view");
+    let resolved = def.resolve(path, Some(query), None).expect("resolves");
+    let lane_hit = || {
+        app.state
+            .views
+            .lane_hit(def.view, &resolved.key, &resolved.tags, None, || {
+                panic!("no refresh-ahead with refresh.min_hits = 0")
+            })
+    };
+    prepare(&app, State::NearCopy, &[]).await;
+    let hit = lane_hit().expect("a fresh memory-tier entry is answered by the lane");
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    // What an invalidation's bumps do, without its deletes: the entry stays in memory, and
+    // its stamp no longer serves.
+    use runcache::store::Store as _;
+    let deps = app.state.keys.deps("v1", def.view, &resolved.tags, false);
+    let bump = runcache::store::Invalidation {
+        bump: deps.counters()[1..].to_vec(),
+        ..Default::default()
+    };
+    app.state.store.invalidate(&bump).await.expect("bump");
+    assert!(
+        lane_hit().is_none(),
+        "an entry whose counters moved is never answered by the lane"
+    );
+    prepare(&app, State::NearCopy, &[]).await;
+    assert!(lane_hit().is_some(), "fetched again, it is answered");
+    let resp = app.event("training-completed", json!("lane")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        lane_hit().is_none(),
+        "an entry invalidated while reads go to memory is never answered by the lane"
+    );
+    let calls = app
+        .origin
+        .calls("/api/v1/models/train/lane/feature-importance");
+    let after = through_service(&app, &[]).await;
+    let x_cache = after.headers.iter().find(|(k, _)| k == "x-cache");
+    assert!(x_cache.is_some_and(|(_, v)| v == "MISS"), "{after:?}");
+    assert_eq!(
+        app.origin
+            .calls("/api/v1/models/train/lane/feature-importance"),
+        calls + 1
+    );
+}

@@ -152,6 +152,15 @@ impl Store for NearStore {
         }
     }
 
+    fn memory_get(&self, key: &str, deps: &Deps) -> Option<Lookup> {
+        // Never kept in the near cache (`get` keeps Redis reads only): nothing to insert.
+        self.inner.memory_get(key, deps)
+    }
+
+    fn reads_memory(&self) -> bool {
+        self.inner.reads_memory()
+    }
+
     async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
         let mark = ReadMark {
             epoch: self.near.as_ref().map_or(0, |n| n.cache.epoch()),

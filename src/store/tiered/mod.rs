@@ -394,6 +394,21 @@ impl FallbackStore {
         lookup
     }
 
+    /// Whether reads go to the memory tier now (the circuit is open).
+    pub fn reads_memory(&self) -> bool {
+        self.circuit.is_open()
+    }
+
+    /// Reads `key` and the current stamp of `deps` from the memory tier when it is the tier
+    /// in use (the circuit is open), as [`Self::get`] would; `None` when reads go to Redis.
+    pub fn memory_get(&self, key: &str, deps: &Deps) -> Option<Lookup> {
+        if !self.reads_memory() {
+            return None;
+        }
+        self.calls.memory();
+        Some(self.degraded(self.memory.get(key, deps)))
+    }
+
     /// Reads `key` and the current stamp of `deps` from the tier in use.
     pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
         let fence = self.fence();
