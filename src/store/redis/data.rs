@@ -55,6 +55,21 @@ fn counter_reads(deps: &Deps) -> Vec<(&str, redis::Cmd)> {
     cmds
 }
 
+/// The keys [`counter_reads`] reads, in its order, for one `MGET` on one Redis.
+fn counter_keys(deps: &Deps) -> impl Iterator<Item = &str> {
+    let clears =
+        (!deps.counters().iter().any(|c| c == deps.clears_key())).then(|| deps.clears_key());
+    deps.counters().iter().map(String::as_str).chain(clears)
+}
+
+/// The values of an `MGET` reply.
+fn mget_values(reply: &redis::Value) -> Result<&[redis::Value], StoreError> {
+    match reply {
+        redis::Value::Array(values) => Ok(values),
+        _ => Err(StoreError::Command("MGET did not answer an array".into())),
+    }
+}
+
 /// The stamp read by [`counter_reads`]' commands, whose replies are `values`.
 fn stamp_of(source: Source, deps: &Deps, values: &[redis::Value]) -> Result<Stamp, StoreError> {
     let n = deps.counters().len();
@@ -73,14 +88,38 @@ impl RedisStore {
     /// Reads an entry and the current stamp of `deps` in one round trip. The entry's store
     /// time is taken from the key's remaining life, so an entry whose life an unchanged
     /// refresh extended (without rewriting it) counts as fresh again.
+    ///
+    /// On one Redis (single or Sentinel mode) the entry and its counters are one `MGET`, a
+    /// single snapshot, and its life one `PTTL`: two commands. On a cluster, where they lie in
+    /// several slots, each is a `GET` of its own, grouped by slot.
     pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
         let mut pttl = redis::cmd("PTTL");
         pttl.arg(key);
-        let mut cmds = vec![get(key), (key, pttl)];
-        cmds.extend(counter_reads(deps));
-        let (replies, source) = self.run_each(cmds).await?;
-        let [raw, pttl, counters @ ..] = replies.as_slice() else {
-            return Err(StoreError::Command("short pipeline reply".into()));
+        let short = || StoreError::Command("short pipeline reply".into());
+        let (replies, source, mget);
+        let (raw, pttl, counters) = if self.keys.is_clustered() {
+            let mut cmds = vec![get(key), (key, pttl)];
+            cmds.extend(counter_reads(deps));
+            (replies, source) = self.run_each(cmds).await?;
+            let [raw, pttl, counters @ ..] = replies.as_slice() else {
+                return Err(short());
+            };
+            (raw, pttl, counters)
+        } else {
+            let mut read = redis::cmd("MGET");
+            read.arg(key);
+            for counter in counter_keys(deps) {
+                read.arg(counter);
+            }
+            (replies, source) = self.run_each(vec![(key, read), (key, pttl)]).await?;
+            let [values, pttl] = replies.as_slice() else {
+                return Err(short());
+            };
+            mget = mget_values(values)?;
+            let [raw, counters @ ..] = mget else {
+                return Err(short());
+            };
+            (raw, pttl, counters)
         };
         let parse_err = |e: redis::ParsingError| StoreError::Command(e.to_string());
         let raw: Option<Vec<u8>> = redis::from_redis_value_ref(raw).map_err(parse_err)?;
@@ -105,8 +144,21 @@ impl RedisStore {
 
     /// The current stamp of `deps`.
     pub async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
-        let (replies, source) = self.run_each(counter_reads(deps)).await?;
-        stamp_of(source, deps, &replies)
+        if self.keys.is_clustered() {
+            let (replies, source) = self.run_each(counter_reads(deps)).await?;
+            return stamp_of(source, deps, &replies);
+        }
+        // One `MGET` on one Redis: one command, one snapshot.
+        let mut read = redis::cmd("MGET");
+        for counter in counter_keys(deps) {
+            read.arg(counter);
+        }
+        let view = deps.counters().first().map_or("", String::as_str);
+        let (replies, source) = self.run_each(vec![(view, read)]).await?;
+        let [values] = replies.as_slice() else {
+            return Err(StoreError::Command("short pipeline reply".into()));
+        };
+        stamp_of(source, deps, mget_values(values)?)
     }
 
     /// Writes `entry` unless its stamp is of another incarnation or anything it depends on
