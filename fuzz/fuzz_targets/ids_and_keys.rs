@@ -91,9 +91,11 @@ fn check_decode(raw: Bytes) {
 fuzz_target!(|data: &[u8]| {
     // The raw bytes, as a decode input and (lossily) as ids, keys and versions.
     check_decode(Bytes::copy_from_slice(data));
-    let mut framed = b"RC1".to_vec();
-    framed.extend_from_slice(data);
-    check_decode(Bytes::from(framed));
+    for magic in [b"RC1", b"RC2"] {
+        let mut framed = magic.to_vec();
+        framed.extend_from_slice(data);
+        check_decode(Bytes::from(framed));
+    }
     check_strings(&String::from_utf8_lossy(data));
 
     let Ok(input) = Input::arbitrary(&mut Unstructured::new(data)) else {
@@ -117,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
         body: Bytes::from(e.body),
     };
     let encoded = entry.encode();
-    assert!(encoded.starts_with(b"RC1"));
+    assert!(encoded.starts_with(b"RC2"));
     let back = CacheEntry::decode(encoded.clone()).expect("an encoded entry decodes");
     assert_eq!(back, entry);
     // Truncated encodings never panic.
