@@ -89,7 +89,10 @@ wrk.body = %s
 def run_wrk(url, method, body, conns, secs, pid=None, gzip=False):
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     extra = 'wrk.headers["Accept-Encoding"] = "gzip"' if gzip else ""
-    script.write_text(LUA % (method, extra, json.dumps(body) if body is not None else "nil"))
+    # The body as a Lua string literal: the JSON text, quoted (JSON's escapes of an ASCII text
+    # are Lua's). A JSON object written bare is no Lua: wrk would then send its default GET.
+    script.write_text(LUA % (method, extra,
+                             json.dumps(json.dumps(body)) if body is not None else "nil"))
     cpu0 = cpu_seconds(pid) if pid else 0
     out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "--timeout", "30s", "--latency",
                           "-s", str(script), url],
@@ -97,6 +100,9 @@ def run_wrk(url, method, body, conns, secs, pid=None, gzip=False):
     cpu = (cpu_seconds(pid) - cpu0) if pid else 0
     script.unlink()
     total = int(re.search(r"(\d+) requests in", out).group(1))
+    # A cell of error answers measures nothing: stop rather than print it as a figure.
+    if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) and int(m.group(1)) > 0:
+        raise RuntimeError(f"{method} {url}: {m.group(1)} of {total} answers were not 2xx")
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50_ms": latency(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
