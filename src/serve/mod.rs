@@ -372,14 +372,7 @@ impl ReadThrough {
             return None;
         }
         let now = policy::now_ms();
-        let p = fetch::entry_policy(&entry, self.policies[view.index()]);
-        let Freshness::Fresh { ttl } = policy::freshness(
-            entry.stored_at_ms,
-            entry.ttl_secs,
-            now,
-            p.grace,
-            p.stale_if_error,
-        ) else {
+        let Freshness::Fresh { ttl } = freshness(&entry, self.policies[view.index()], now) else {
             return None;
         };
         self.note_hit(key, &entry, ttl, None, req);
@@ -481,14 +474,7 @@ impl ReadThrough {
             // After the lookup: the entry's store time may be derived from the key's
             // remaining life at the moment it was read.
             let now = policy::now_ms();
-            let p = fetch::entry_policy(&entry, ctx.policy);
-            match policy::freshness(
-                entry.stored_at_ms,
-                entry.ttl_secs,
-                now,
-                p.grace,
-                p.stale_if_error,
-            ) {
+            match freshness(&entry, ctx.policy, now) {
                 Freshness::Fresh { ttl } => {
                     self.note_hit(&ctx.key, &entry, ttl, None, || req.clone());
                     return Ok(self.hit(&entry, ttl, now, false));
@@ -606,6 +592,19 @@ impl ReadThrough {
             self.degraded(),
         )
     }
+}
+
+/// Where `entry` stands at `now` under its view's policy (and the origin's own stale windows,
+/// if it gave any): what every read of a stored entry decides by.
+fn freshness(entry: &CacheEntry, view: ViewPolicy, now: u64) -> Freshness {
+    let p = fetch::entry_policy(entry, view);
+    policy::freshness(
+        entry.stored_at_ms,
+        entry.ttl_secs,
+        now,
+        p.grace,
+        p.stale_if_error,
+    )
 }
 
 fn passthrough(resp: OriginResponse, outcome: CacheOutcome, degraded: bool) -> ViewResponse {
