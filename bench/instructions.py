@@ -46,8 +46,8 @@ TIERS = {
     "redis_only": ("runcache Redis only (near cache off)", "x-cache", "HIT"),
     "default": ("runcache default (Redis + near cache)", "x-cache", "HIT"),
 }
-# Commands the harness itself sends to Redis (not runcache's).
-HARNESS_COMMANDS = {"info", "config|resetstat", "config"}
+# The command the harness itself sends to Redis around the hits (not runcache's).
+HARNESS_COMMANDS = {"info"}
 
 
 def commandstats(port):
