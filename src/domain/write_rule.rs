@@ -399,6 +399,13 @@ fn compile_rule(
             ),
         ));
     }
+    // A rule whose templates read only its path needs no `otherwise`, yet one of them can
+    // still name nothing: its parameters unreadable (another rule on the same path decided the
+    // write's validation), or a value that is no tag. A write never skips its invalidation:
+    // every view is dropped then, coarser but never less.
+    if otherwise_tags.is_empty() && otherwise_views.is_empty() {
+        otherwise_views = views.views().iter().map(|def| def.view).collect();
+    }
     Ok(WriteRule {
         name: name.to_owned(),
         method,
@@ -565,6 +572,13 @@ mod tests {
         let empty = Map::new();
         let i = inputs(&params, &empty, None, None, None);
         assert_eq!(put.invalidates(&i).tags, ["run:r9"]);
+        assert!(put.invalidates(&i).views.is_empty());
+        // Its parameters unreadable (another rule on the path decided the write's
+        // validation): with no `otherwise`, every view is dropped.
+        let what = put.invalidates(&inputs(&empty, &empty, None, None, None));
+        assert!(what.tags.is_empty());
+        let all: Vec<View> = table().views().iter().map(|d| d.view).collect();
+        assert_eq!(what.views, all);
         assert!(
             r.route(&http::Method::PUT, "/artifacts/1/r9/artifacts")
                 .is_none()

@@ -65,7 +65,7 @@ pub(super) async fn serve(
             // The most specific rule's validators decide (a `400`, never sent).
             Some(Err(why)) if i == 0 => return Err(AppError::InvalidArgument(why)),
             // Another rule's parameters it cannot read: its templates over them name
-            // nothing, and its `otherwise` stands in.
+            // nothing, and its `otherwise` stands in (every view, for a rule without one).
             _ => matched.push(Matched {
                 rule,
                 params: Map::new(),
