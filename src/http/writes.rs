@@ -92,10 +92,15 @@ pub(super) async fn serve(
     let query = write_rule::query_map(parts.uri.query());
     let sends_body = super::views::declares_body(&parts.headers);
     let (upload, json_body): (Option<BodyStream>, Option<Value>) = if reads_body && sends_body {
-        let bytes = axum::body::to_bytes(body, READ_LIMIT).await.map_err(|_| {
-            AppError::PayloadTooLarge(format!(
-                "a write whose tags are in its body is read whole, up to {READ_LIMIT} bytes"
-            ))
+        let bytes = axum::body::to_bytes(body, READ_LIMIT).await.map_err(|e| {
+            // Only a body over the limit is too large; one the client stopped sending is not.
+            if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                AppError::PayloadTooLarge(format!(
+                    "a write whose tags are in its body is read whole, up to {READ_LIMIT} bytes"
+                ))
+            } else {
+                AppError::InvalidArgument("the request body could not be read".into())
+            }
         })?;
         let json = read_json(&bytes);
         let once: BodyStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));

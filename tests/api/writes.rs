@@ -429,3 +429,32 @@ async fn a_client_gone_once_its_write_is_sent_cannot_cancel_the_invalidation() {
     app.origin.set_delay(0);
     assert_eq!(x_cache(&app, "8").await, "MISS");
 }
+
+/// A write body that breaks off mid-way (a malformed chunk here) is a `400`, not a `413`:
+/// only a body over the read limit is too large. Nothing reaches the origin.
+#[tokio::test]
+async fn a_write_body_that_cannot_be_read_is_a_400_not_a_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = TestRedis::start().await;
+    let app = spawn_app_with(Some(&redis), with_rules).await;
+    let addr = app.url("").trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    s.write_all(
+        b"POST /api/v1/writes/log HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\n{\"ru\r\nzz\r\n",
+    )
+    .await
+    .expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_argument"), "{answer}");
+    assert_eq!(app.origin.calls("/api/v1/writes/log"), 0);
+}
