@@ -89,6 +89,20 @@ def send_hits(port, paths, hits, conns, check_header, check_value):
         return sum(pool.map(worker, range(conns))), per * conns
 
 
+def wait_redis(port):
+    """Waits until the redis-server on `port` answers PING."""
+    deadline = time.time() + 20
+    while True:
+        try:
+            if bench.redis_cli(port, "PING") == "PONG":
+                return
+        except subprocess.CalledProcessError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.1)
+
+
 def callgrind_total(path):
     text = Path(path).read_text(errors="replace")
     m = re.search(r"^(?:totals|summary):\s+(\d+)", text, re.M)
@@ -202,16 +216,7 @@ def main():
         redis_port = bench.free_port()
         procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                               "--save", "", "--appendonly", "no", "--dir", str(scratch)])
-        deadline = time.time() + 20
-        while True:
-            try:
-                if bench.redis_cli(redis_port, "PING") == "PONG":
-                    break
-            except subprocess.CalledProcessError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.1)
+        wait_redis(redis_port)
         origin_port = bench.free_port()
         binary = Path(args.bin).resolve()
         procs.start("origin", [str(binary), "sample-origin", "--addr",

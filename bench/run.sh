@@ -21,6 +21,10 @@
 #   bash bench/run.sh --instructions-only      # only the work per hit: instructions under callgrind
 #                                              # and Redis commands per hit, per tier, against
 #                                              # bench/baseline.json (~2 min; noise does not move it)
+#   bash bench/run.sh --bodies-only            # only hits of 400 KB and 4 MB bodies, identity and
+#                                              # gzip, against axum sending the same bytes: wrk
+#                                              # ratios and instructions per hit (bench/bodies.py,
+#                                              # ~5 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--self-test" ]; then
@@ -74,13 +78,16 @@ done
 # first.
 wrk=1
 instr=1
+bodies=1
 instr_args=()
+bodies_args=(--instructions)
 bench_args=()
 for a in ${args[@]+"${args[@]}"}; do
     case "$a" in
-        --instructions-only) wrk= ;;
-        --redis-death-only|--failover-only|--only-stream) instr= ;;
-        --smoke) instr_args+=(--hits 800); bench_args+=("$a") ;;
+        --instructions-only) wrk= ; bodies= ;;
+        --bodies-only) wrk= ; instr= ;;
+        --redis-death-only|--failover-only|--only-stream) instr= ; bodies= ;;
+        --smoke) instr_args+=(--hits 800); bodies_args=(--rounds 1 --seconds 1); bench_args+=("$a") ;;
         *) bench_args+=("$a") ;;
     esac
 done
@@ -90,4 +97,8 @@ fi
 if [ -n "$instr" ]; then
     echo "== work per hit (bench/instructions.py; baseline bench/baseline.json) =="
     python3 bench/instructions.py ${instr_args[@]+"${instr_args[@]}"}
+fi
+if [ -n "$bodies" ]; then
+    echo "== large bodies (bench/bodies.py) =="
+    python3 bench/bodies.py "${bodies_args[@]}"
 fi
