@@ -233,15 +233,17 @@ async fn gzip_copy(
         return None;
     }
     let etag = answer.etag.clone()?;
-    if let Some(copy) = state.precompressed.cached(&etag, &answer.body) {
+    let mark = &answer.copy_mark;
+    if let Some(copy) = state.precompressed.cached(&etag, &answer.body, mark) {
         return Some(copy);
     }
     let store = state.precompressed.clone();
     let body = answer.body.clone();
     if body.len() < 64 * 1024 {
-        return store.make(&etag, &body);
+        return store.make(&etag, &body, mark);
     }
-    tokio::task::spawn_blocking(move || store.make(&etag, &body))
+    let mark = mark.clone();
+    tokio::task::spawn_blocking(move || store.make(&etag, &body, &mark))
         .await
         .ok()
         .flatten()

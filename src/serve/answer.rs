@@ -54,6 +54,9 @@ pub struct ViewResponse {
     pub variant: Option<(std::sync::Arc<[String]>, u64)>,
     /// Body, byte for byte as the origin sent it.
     pub body: Bytes,
+    /// For an answer from an entry: which compressed copy its body is known to equal (see
+    /// `precompressed`).
+    pub copy_mark: crate::store::CopyMark,
     /// Strong ETag (quoted) for 200 answers.
     pub etag: Option<HeaderValue>,
     /// Cache outcome.

@@ -576,6 +576,7 @@ impl ReadThrough {
             variant: None,
             etag: (status == StatusCode::OK).then(|| entry.etag.clone()),
             body: entry.body.clone(),
+            copy_mark: entry.copy_mark.clone(),
             outcome,
             degraded: self.degraded(),
         }
@@ -615,6 +616,7 @@ fn passthrough(resp: OriginResponse, outcome: CacheOutcome, degraded: bool) -> V
         headers: crate::store::headers_of(&resp.headers),
         variant: None,
         body: resp.body,
+        copy_mark: crate::store::CopyMark::default(),
         etag,
         outcome,
         degraded,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,44 @@ pub fn headers_of(map: &http::HeaderMap) -> Headers {
     map.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
 }
 
+/// Smallest body whose entry carries a [`CopyMark`]: comparing a smaller one costs less than
+/// sharing the mark between the entry's clones on each hit.
+pub const MARKED_FROM_BYTES: usize = 16 * 1024;
+
+/// A memo shared by an entry's clones: the id of the compressed copy (`serve::precompressed`)
+/// its body was found equal to, byte for byte, so that its later hits do not compare or read
+/// the body again. Never stored, never part of what an entry is: two entries that differ only
+/// in it are equal.
+#[derive(Debug, Clone, Default)]
+pub struct CopyMark(Option<Arc<AtomicU64>>);
+
+impl CopyMark {
+    /// A mark for an entry of `body`: none for a body too small to be compressed ahead.
+    fn for_body(body: &Bytes) -> Self {
+        Self((body.len() >= MARKED_FROM_BYTES).then(|| Arc::new(AtomicU64::new(0))))
+    }
+
+    /// The id of the copy the body was found equal to (0: none yet, or no mark).
+    pub fn get(&self) -> u64 {
+        self.0.as_ref().map_or(0, |m| m.load(Ordering::Acquire))
+    }
+
+    /// Records that the body equals that of the copy `id`: call it only once that is known.
+    pub fn set(&self, id: u64) {
+        if let Some(m) = &self.0 {
+            m.store(id, Ordering::Release);
+        }
+    }
+}
+
+impl PartialEq for CopyMark {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CopyMark {}
+
 /// A stored origin answer: the body byte for byte, plus what is needed to serve it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheEntry {
@@ -75,6 +114,8 @@ pub struct CacheEntry {
     /// sent with `Vary` would be. Its variants are entries of their own (see
     /// `serve::vary`).
     pub vary: Option<Arc<VaryMarker>>,
+    /// Which compressed copy its body is known to equal (shared by its clones).
+    pub copy_mark: CopyMark,
 }
 
 /// What a Vary marker records.
@@ -173,6 +214,7 @@ impl CacheEntry {
             windows: None,
             tags,
             stamp,
+            copy_mark: CopyMark::for_body(&body),
             body,
             vary: None,
         }
@@ -274,6 +316,7 @@ impl CacheEntry {
             windows: meta.sw,
             tags: meta.tags,
             stamp: Stamp::read_at(source, meta.g, meta.c, meta.sa),
+            copy_mark: CopyMark::for_body(&raw),
             body: raw,
             vary: meta.vy.map(Arc::new),
         })

@@ -31,7 +31,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Deserializer, Serialize};
 
-pub use entry::{CacheEntry, Headers, VaryMarker, headers_of};
+pub use entry::{CacheEntry, CopyMark, Headers, VaryMarker, headers_of};
 pub use keyspace::Keyspace;
 pub use near::{NearSlot, NearStore};
 pub use tiered::FallbackStore;
