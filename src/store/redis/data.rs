@@ -96,15 +96,17 @@ impl RedisStore {
         let mut pttl = redis::cmd("PTTL");
         pttl.arg(key);
         let short = || StoreError::Command("short pipeline reply".into());
-        let (replies, source, mget);
+        // The entry's bytes are moved out of the reply, never copied (a 4 MB body stays in
+        // the one buffer the client read it into).
+        let (mut replies, source, mut mget);
         let (raw, pttl, counters) = if self.keys.is_clustered() {
             let mut cmds = vec![get(key), (key, pttl)];
             cmds.extend(counter_reads(deps));
             (replies, source) = self.run_each(cmds).await?;
-            let [raw, pttl, counters @ ..] = replies.as_slice() else {
+            let [raw, pttl, counters @ ..] = replies.as_mut_slice() else {
                 return Err(short());
             };
-            (raw, pttl, counters)
+            (raw, &*pttl, &*counters)
         } else {
             let mut read = redis::cmd("MGET");
             read.arg(key);
@@ -112,17 +114,24 @@ impl RedisStore {
                 read.arg(counter);
             }
             (replies, source) = self.run_each(vec![(key, read), (key, pttl)]).await?;
-            let [values, pttl] = replies.as_slice() else {
+            let [values, pttl] = replies.as_mut_slice() else {
                 return Err(short());
             };
-            mget = mget_values(values)?;
-            let [raw, counters @ ..] = mget else {
+            mget = match std::mem::replace(values, redis::Value::Nil) {
+                redis::Value::Array(values) => values,
+                _ => return Err(StoreError::Command("MGET did not answer an array".into())),
+            };
+            let [raw, counters @ ..] = mget.as_mut_slice() else {
                 return Err(short());
             };
-            (raw, pttl, counters)
+            (raw, &*pttl, &*counters)
+        };
+        let raw = match std::mem::replace(raw, redis::Value::Nil) {
+            redis::Value::Nil => None,
+            redis::Value::BulkString(bytes) => Some(bytes),
+            _ => return Err(StoreError::Command("an entry that is not a string".into())),
         };
         let parse_err = |e: redis::ParsingError| StoreError::Command(e.to_string());
-        let raw: Option<Vec<u8>> = redis::from_redis_value_ref(raw).map_err(parse_err)?;
         let pttl: i64 = redis::from_redis_value_ref(pttl).map_err(parse_err)?;
         let current = stamp_of(source, deps, counters)?;
         // A value that does not decode is no entry: the next fetch overwrites it.

@@ -166,6 +166,10 @@ fn counter_of_int(value: &redis::Value) -> u64 {
 }
 
 fn counter_of(value: &redis::Value) -> u64 {
+    // A counter is read on every hit: its digits are parsed where they lie.
+    if let redis::Value::BulkString(raw) = value {
+        return parse_counter(Some(raw));
+    }
     let raw: Option<Vec<u8>> = redis::from_redis_value_ref(value).ok().flatten();
     parse_counter(raw.as_deref())
 }
