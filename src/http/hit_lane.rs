@@ -17,7 +17,9 @@
 //! ([`crate::domain::ViewDef::resolve`]) and the same read-through. What makes it step aside:
 //! another method, a path of no `GET` view, a request its view refuses (the full path answers
 //! the `400`), a request with a body (`Content-Length` or `Transfer-Encoding`: no `GET` view
-//! takes one, so the full path refuses it or passes it uncached), an `Accept-Encoding` header (compression is the full path's), two
+//! takes one, so the full path refuses it or passes it uncached), an `Accept-Encoding` header
+//! (compression is the full path's) unless the request is unconditional, accepts gzip and
+//! the entry's gzip copy is already kept (sent as the full path sends it), two
 //! `Authorization` headers (the full path refuses them), CORS being configured, or anything
 //! but a fresh near-cache or memory-tier hit.
 
@@ -125,10 +127,19 @@ impl<S> HitLane<S> {
             return Route::Pass;
         }
         let headers = req.headers();
+        // With `Accept-Encoding`, only an unconditional request that accepts gzip: the lane
+        // answers it from a kept gzip copy, or leaves it to the full path (its compression).
+        let encoded = headers.contains_key(header::ACCEPT_ENCODING);
+        if encoded
+            && (headers.contains_key(header::IF_NONE_MATCH)
+                || headers.contains_key(header::IF_MODIFIED_SINCE)
+                || !crate::serve::precompressed::accepts_gzip(headers))
+        {
+            return Route::Pass;
+        }
         // Two `Authorization` headers: the full path refuses them (`views::admit`). A body:
         // the full path refuses it, or passes it uncached (`views::declares_body`).
-        if headers.contains_key(header::ACCEPT_ENCODING)
-            || super::views::declares_body(headers)
+        if super::views::declares_body(headers)
             || headers
                 .get_all(header::AUTHORIZATION)
                 .iter()
@@ -150,9 +161,13 @@ impl<S> HitLane<S> {
         }
         if resolved.use_cache
             && self.state.limits.has_room()
-            && let Some(resp) = self.cached_hit(req, def, &resolved)
+            && let Some(resp) = self.cached_hit(req, def, &resolved, encoded)
         {
             return Route::Answered(resp);
+        }
+        // Anything else that may be compressed is the full path's.
+        if encoded {
+            return Route::Pass;
         }
         // Past the in-flight limit the full path sheds the request, as it always has.
         match self.state.limits.admit() {
@@ -170,21 +185,32 @@ impl<S> HitLane<S> {
 
     /// A fresh near-cache copy of `resolved`'s entry, or a fresh memory-tier entry when reads
     /// go there, answered; the request the full path would serve is built only if
-    /// refresh-ahead needs it.
+    /// refresh-ahead needs it. For a request that accepts gzip (`encoded`), only an entry
+    /// whose gzip copy is kept, sent as that copy, as the full path sends it.
     fn cached_hit(
         &self,
         req: &Request<Body>,
         def: &crate::domain::ViewDef,
         resolved: &Resolved,
+        encoded: bool,
     ) -> Option<Response> {
         let headers = req.headers();
         let started = Instant::now();
         let views = &self.state.views;
+        let mut gzipped = None;
+        let accept = |entry: &crate::store::CacheEntry| {
+            if !encoded {
+                return true;
+            }
+            gzipped = super::views::kept_gzip(&self.state, entry, headers);
+            gzipped.is_some()
+        };
         let answer = views.lane_hit(
             def.view,
             &resolved.key,
             &resolved.tags,
             headers.get(header::AUTHORIZATION),
+            accept,
             || {
                 ViewRequest::resolved(
                     def,
@@ -194,6 +220,11 @@ impl<S> HitLane<S> {
             },
         )?;
         let mut resp = super::views::respond(answer, headers, true);
+        if let Some(gz) = gzipped {
+            // As the full path: the gzip copy, and the weak ETag of a compressed form.
+            super::views::send_gzipped(&mut resp, gz);
+            resp = super::weaken_etag_when_compressed(resp);
+        }
         let request_id = request_id(headers);
         if tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::INFO) {
             access_line(req, &request_id, &resp, started);

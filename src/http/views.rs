@@ -203,10 +203,7 @@ async fn serve(state: &AppState, req: ViewRequest, headers: &HeaderMap) -> Resul
     if let Some(gz) = gzipped
         && resp.status() == StatusCode::OK
     {
-        resp.headers_mut().remove(header::CONTENT_LENGTH);
-        resp.headers_mut()
-            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        *resp.body_mut() = Body::from(gz);
+        send_gzipped(&mut resp, gz);
     }
     Ok(resp)
 }
@@ -221,14 +218,14 @@ async fn gzip_copy(
 ) -> Option<bytes::Bytes> {
     let from_cache = matches!(answer.x_cache(), "HIT" | "STALE");
     if !from_cache
-        || answer.status != StatusCode::OK
-        || !state.precompressed.wanted(&answer.body)
-        || !crate::serve::precompressed::compressible(answer.content_type.as_ref())
-        || answer
-            .headers
-            .iter()
-            .any(|(n, _)| n == header::CONTENT_ENCODING)
-        || !crate::serve::precompressed::accepts_gzip(headers)
+        || !gzip_wanted(
+            state,
+            answer.status,
+            answer.content_type.as_ref(),
+            &answer.headers,
+            &answer.body,
+            headers,
+        )
     {
         return None;
     }
@@ -247,6 +244,57 @@ async fn gzip_copy(
         .await
         .ok()
         .flatten()
+}
+
+/// Whether a cached answer (`status`, `content_type`, the `stored` origin headers, `body`) is
+/// sent from a gzip copy to a request with `headers`: what [`gzip_copy`] and the hit lane
+/// decide by.
+fn gzip_wanted(
+    state: &AppState,
+    status: StatusCode,
+    content_type: Option<&HeaderValue>,
+    stored: &crate::store::Headers,
+    body: &bytes::Bytes,
+    headers: &HeaderMap,
+) -> bool {
+    status == StatusCode::OK
+        && state.precompressed.wanted(body)
+        && crate::serve::precompressed::compressible(content_type)
+        && !stored.iter().any(|(n, _)| n == header::CONTENT_ENCODING)
+        && crate::serve::precompressed::accepts_gzip(headers)
+}
+
+/// The gzip copy of `entry`'s body already kept for a request with `headers`, when the full
+/// path would send one (see [`gzip_copy`]); `None` when it would not, or no copy is kept
+/// yet (the full path makes it).
+pub(super) fn kept_gzip(
+    state: &AppState,
+    entry: &crate::store::CacheEntry,
+    headers: &HeaderMap,
+) -> Option<bytes::Bytes> {
+    let content_type = Some(&entry.content_type).filter(|v| !v.is_empty());
+    let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
+    if !gzip_wanted(
+        state,
+        status,
+        content_type,
+        &entry.headers,
+        &entry.body,
+        headers,
+    ) {
+        return None;
+    }
+    state
+        .precompressed
+        .cached(&entry.etag, &entry.body, &entry.copy_mark)
+}
+
+/// `resp` (a `200` of a cached answer) sent as `gz`, its gzip copy, as [`serve`] sends it.
+pub(super) fn send_gzipped(resp: &mut Response, gz: bytes::Bytes) {
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    resp.headers_mut()
+        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    *resp.body_mut() = Body::from(gz);
 }
 
 /// The view a request is for: its method and path in the view table (`HEAD` as `GET`).

@@ -278,7 +278,7 @@ impl ReadThrough {
                 return self.serve_variant(req, slot.entry.clone()).await;
             }
             if self.slot_may_serve(&key, &slot, cred)
-                && let Some(hit) = self.serve_slot(&key, &slot, false, || req.clone())
+                && let Some(hit) = self.serve_slot(&key, &slot, false, |_| true, || req.clone())
             {
                 return Ok(hit);
             }
@@ -289,14 +289,15 @@ impl ReadThrough {
         self.serve_from_store(req, ctx).boxed().await
     }
 
-    /// The near-cache copy `slot` of `key` as a hit if it is still fresh, counted for
-    /// refresh-ahead (`req` is built only when a refresh must be scheduled). The caller has
-    /// checked access.
+    /// The near-cache copy `slot` of `key` as a hit if it is still fresh and `accept` takes
+    /// it, counted for refresh-ahead (`req` is built only when a refresh must be scheduled).
+    /// The caller has checked access.
     fn serve_slot(
         &self,
         key: &str,
         slot: &NearSlot,
         lane: bool,
+        accept: impl FnOnce(&CacheEntry) -> bool,
         req: impl FnOnce() -> ViewRequest,
     ) -> Option<ViewResponse> {
         let entry = &slot.entry;
@@ -306,6 +307,9 @@ impl ReadThrough {
         }
         let now = policy::now_ms();
         let ttl = policy::remaining_ttl_secs(entry.stored_at_ms, entry.ttl_secs, now)?;
+        if !accept(entry) {
+            return None;
+        }
         self.store.copy_served(lane);
         self.note_hit(key, entry, ttl, Some(&slot.hits), req);
         Some(self.hit(entry, ttl, now, false))
@@ -315,13 +319,16 @@ impl ReadThrough {
     /// a fresh near-cache copy of `logical_key`, or (when reads go to the memory tier) a fresh
     /// memory-tier entry of it, that a caller with `authorization` may be served, and counts
     /// the hit. `None`: nothing was served or counted, and the request takes the full path.
-    /// `tags` are the request's; `req` is built only if refresh-ahead needs it.
+    /// `tags` are the request's; `accept` sees the entry last, and may still refuse it (the
+    /// lane answers a gzip request only when the body's compressed copy is kept); `req` is
+    /// built only if refresh-ahead needs it.
     pub fn lane_hit(
         &self,
         view: View,
         logical_key: &str,
         tags: &[String],
         authorization: Option<&http::HeaderValue>,
+        accept: impl FnOnce(&CacheEntry) -> bool,
         req: impl FnOnce() -> ViewRequest,
     ) -> Option<ViewResponse> {
         let started = Instant::now();
@@ -333,10 +340,10 @@ impl ReadThrough {
                 if !self.slot_may_serve(&key, &slot, cred) {
                     return None;
                 }
-                self.serve_slot(&key, &slot, true, req)?
+                self.serve_slot(&key, &slot, true, accept, req)?
             }
             None => {
-                let hit = self.memory_hit(view, &version, &key, tags, cred, req)?;
+                let hit = self.memory_hit(view, &version, &key, tags, cred, accept, req)?;
                 self.stats
                     .lane_served
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -353,6 +360,7 @@ impl ReadThrough {
     /// current one, access, a `Vary` marker, freshness), without I/O. Anything else (an entry
     /// with learned tags, whose generations take a second read; a stale or missing entry)
     /// is `None`, for the full path.
+    #[allow(clippy::too_many_arguments)]
     fn memory_hit(
         &self,
         view: View,
@@ -360,6 +368,7 @@ impl ReadThrough {
         key: &str,
         tags: &[String],
         cred: Credential,
+        accept: impl FnOnce(&CacheEntry) -> bool,
         req: impl FnOnce() -> ViewRequest,
     ) -> Option<ViewResponse> {
         if !self.store.reads_memory() || self.table.get(view).learns_tags() {
@@ -375,6 +384,9 @@ impl ReadThrough {
         let Freshness::Fresh { ttl } = freshness(&entry, self.policies[view.index()], now) else {
             return None;
         };
+        if !accept(&entry) {
+            return None;
+        }
         self.note_hit(key, &entry, ttl, None, req);
         Some(self.hit(&entry, ttl, now, false))
     }

@@ -87,6 +87,9 @@ pub struct OriginControl {
     pub echo_language: std::sync::atomic::AtomicBool,
     /// Non-zero: the status of every answer under `/api/v1/writes/` (default 200).
     pub write_status: AtomicU16,
+    /// Non-zero: feature-importance bodies carry this many bytes of padding (a body large
+    /// enough to be sent from a kept gzip copy).
+    pub pad_bytes: AtomicUsize,
 }
 
 /// Adds the configured extra headers (and the one-shot ones, consumed) to `resp`.
@@ -375,6 +378,10 @@ async fn feature_importance(
             let mut body = json!({"model_run_id": id, "top_n": q.get("top_n"), "fetch": n});
             if c.same_bodies.load(Ordering::SeqCst) {
                 body["fetch"] = json!(0);
+            }
+            let pad = c.pad_bytes.load(Ordering::SeqCst);
+            if pad > 0 {
+                body["pad"] = json!("x".repeat(pad));
             }
             json_answer(&c, body.to_string())
         }

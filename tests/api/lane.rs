@@ -367,11 +367,14 @@ async fn the_hit_lane_answers_memory_tier_hits_alike_and_never_after_an_invalida
         .expect("a view");
     let resolved = def.resolve(path, Some(query), None).expect("resolves");
     let lane_hit = || {
-        app.state
-            .views
-            .lane_hit(def.view, &resolved.key, &resolved.tags, None, || {
-                panic!("no refresh-ahead with refresh.min_hits = 0")
-            })
+        app.state.views.lane_hit(
+            def.view,
+            &resolved.key,
+            &resolved.tags,
+            None,
+            |_| true,
+            || panic!("no refresh-ahead with refresh.min_hits = 0"),
+        )
     };
     prepare(&app, State::NearCopy, &[]).await;
     let hit = lane_hit().expect("a fresh memory-tier entry is answered by the lane");
@@ -408,4 +411,99 @@ async fn the_hit_lane_answers_memory_tier_hits_alike_and_never_after_an_invalida
             .calls("/api/v1/models/train/lane/feature-importance"),
         calls + 1
     );
+}
+
+/// Answers of `shape` through the lane and through the router, from the same state, and
+/// whether the lane answered itself (its counters moved).
+async fn lane_and_router(app: &TestApp, shape: &[(&str, &str)]) -> (Answer, Answer, bool) {
+    let counted = || {
+        let near = app
+            .state
+            .store
+            .near()
+            .map_or(0, |n| n.cache.counts().lane_hits);
+        near + app
+            .state
+            .stats
+            .lane_served
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = counted();
+    let served = through_service(app, shape).await;
+    let answered = counted() > before;
+    let full = through_router(app, shape).await;
+    (full, served, answered)
+}
+
+/// A request that accepts gzip is answered by the lane itself once the body's gzip copy is
+/// kept (a near-cache copy, and a memory-tier entry), exactly as the full path answers it;
+/// before that, and for a conditional request or one refusing gzip, the full path answers.
+#[tokio::test]
+async fn the_hit_lane_sends_kept_gzip_copies_as_the_full_path_does() {
+    let redis = TestRedis::start().await;
+    for with_redis in [true, false] {
+        let app = if with_redis {
+            lane_app(&redis, |_| {}).await
+        } else {
+            spawn_app_with(None, |s| s.refresh.min_hits = 0).await
+        };
+        app.origin
+            .control
+            .same_bodies
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        app.origin
+            .control
+            .pad_bytes
+            .store(4096, std::sync::atomic::Ordering::SeqCst);
+        let gzip: &[(&str, &str)] = &[("accept-encoding", "gzip, deflate, br")];
+        // A miss, then hits without Accept-Encoding: no copy is kept yet.
+        warm(&app, &[]).await;
+        assert!(app.state.precompressed.is_empty());
+        let (full, served, answered) = lane_and_router(&app, gzip).await;
+        assert!(
+            !answered,
+            "no copy kept: the full path answers (and makes it)"
+        );
+        assert_same(State::NearCopy, gzip, &full, &served);
+        assert_eq!(app.state.precompressed.len(), 1);
+        let (full, served, answered) = lane_and_router(&app, gzip).await;
+        assert!(answered, "redis {with_redis}: the lane sends the kept copy");
+        assert_same(State::NearCopy, gzip, &full, &served);
+        let encoding = served.headers.iter().find(|(k, _)| k == "content-encoding");
+        assert_eq!(
+            encoding.map(|(_, v)| v.as_str()),
+            Some("gzip"),
+            "{served:?}"
+        );
+        let etag = served.headers.iter().find(|(k, _)| k == "etag");
+        assert!(etag.is_some_and(|(_, v)| v.starts_with("W/")), "{served:?}");
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&served.body[..]),
+            &mut plain,
+        )
+        .expect("gunzip");
+        assert!(plain.len() > 4096);
+        assert_eq!(
+            app.state.precompressed.len(),
+            1,
+            "the copy is not made again"
+        );
+        for shape in [
+            &[("accept-encoding", "gzip"), ("if-none-match", "*")][..],
+            &[("accept-encoding", "gzip;q=0, br")],
+            &[("accept-encoding", "identity")],
+        ] {
+            let (full, served, answered) = lane_and_router(&app, shape).await;
+            assert!(!answered, "{shape:?} is the full path's");
+            assert_same(State::NearCopy, shape, &full, &served);
+        }
+        // An invalidated entry is never answered from its copy.
+        let resp = app.event("training-completed", json!("lane")).await;
+        assert_eq!(resp.status(), 200);
+        let (_, served, answered) = lane_and_router(&app, gzip).await;
+        assert!(!answered);
+        let x_cache = served.headers.iter().find(|(k, _)| k == "x-cache");
+        assert!(x_cache.is_some_and(|(_, v)| v == "MISS"), "{served:?}");
+    }
 }
