@@ -23,7 +23,58 @@ pub struct AccessControl {
     hasher: CredentialHasher,
     validation_ttl: Duration,
     /// When the origin accepted a credential for an entry, and with which status.
-    accepted: moka::sync::Cache<(String, Credential), (Instant, u16)>,
+    accepted: moka::sync::Cache<Accepted, (Instant, u16), foldhash::fast::RandomState>,
+}
+
+/// An entry's key and a credential: what an acceptance is kept under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Accepted(String, Credential);
+
+/// An entry's key and a credential, however held: a hit looks its acceptance up by the key
+/// it has (`&str`), without copying it into a `String`.
+trait AcceptedKey {
+    fn key(&self) -> &str;
+    fn cred(&self) -> Credential;
+}
+
+impl AcceptedKey for Accepted {
+    fn key(&self) -> &str {
+        &self.0
+    }
+    fn cred(&self) -> Credential {
+        self.1
+    }
+}
+
+impl AcceptedKey for (&str, Credential) {
+    fn key(&self) -> &str {
+        self.0
+    }
+    fn cred(&self) -> Credential {
+        self.1
+    }
+}
+
+// Hashed and compared as `Accepted`'s derived impls do: the key, then the credential.
+impl std::hash::Hash for dyn AcceptedKey + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+        self.cred().hash(state);
+    }
+}
+
+impl PartialEq for dyn AcceptedKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key() && self.cred() == other.cred()
+    }
+}
+
+impl Eq for dyn AcceptedKey + '_ {}
+
+impl<'a> std::borrow::Borrow<dyn AcceptedKey + 'a> for Accepted {
+    fn borrow(&self) -> &(dyn AcceptedKey + 'a) {
+        self
+    }
 }
 
 impl std::fmt::Debug for AccessControl {
@@ -55,7 +106,9 @@ impl AccessControl {
             accepted: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(validation_ttl)
-                .build(),
+                // Seeded per process (keys come from clients); SipHash would cost more than
+                // the rest of the look-up a hit makes.
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 
@@ -97,7 +150,7 @@ impl AccessControl {
     /// Until when `cred` may be served a copy of `key` holding `status` without asking the
     /// origin again (`forward` mode; `None` when it may not be now).
     pub fn accepted_until(&self, key: &str, cred: Credential, status: u16) -> Option<Instant> {
-        let (at, accepted_status) = self.accepted.get(&(key.to_owned(), cred))?;
+        let (at, accepted_status) = self.accepted.get(&(key, cred) as &dyn AcceptedKey)?;
         let until = at + self.validation_ttl;
         (accepted_status == status && Instant::now() < until).then_some(until)
     }
@@ -105,7 +158,8 @@ impl AccessControl {
     /// Whether the origin accepted `cred` for `key` recently, whatever the status (a caller
     /// worth waiting for another instance's copy for).
     pub fn knows(&self, key: &str, cred: Credential) -> bool {
-        self.mode != FrontendAuth::Forward || self.accepted.contains_key(&(key.to_owned(), cred))
+        self.mode != FrontendAuth::Forward
+            || self.accepted.contains_key(&(key, cred) as &dyn AcceptedKey)
     }
 
     /// Records that the origin answered `cred` for `key` with `status`, an answer the entry
@@ -113,7 +167,7 @@ impl AccessControl {
     pub fn accept(&self, key: &str, cred: Credential, status: u16) {
         if self.mode == FrontendAuth::Forward {
             self.accepted
-                .insert((key.to_owned(), cred), (Instant::now(), status));
+                .insert(Accepted(key.to_owned(), cred), (Instant::now(), status));
         }
     }
 
@@ -121,7 +175,7 @@ impl AccessControl {
     /// one the entry holds.
     pub fn revoke(&self, key: &str, cred: Credential) {
         if self.mode == FrontendAuth::Forward {
-            self.accepted.invalidate(&(key.to_owned(), cred));
+            self.accepted.invalidate(&(key, cred) as &dyn AcceptedKey);
         }
     }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct ReadCounters {
     // A sync cache: the hit path counts every read and should not pay for an async lookup.
-    hits: moka::sync::Cache<String, Arc<AtomicU32>>,
+    // foldhash, seeded per process: keys come from clients, and SipHash would cost more
+    // than the rest of a near-cache hit's counting.
+    hits: moka::sync::Cache<String, Arc<AtomicU32>, foldhash::fast::RandomState>,
 }
 
 impl std::fmt::Debug for ReadCounters {
@@ -24,7 +26,7 @@ impl Default for ReadCounters {
             hits: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 }

@@ -22,6 +22,10 @@ use super::{CacheEntry, Deps, Invalidation, Keyspace, Lookup, Source, Stamp, Tie
 use crate::domain::policy::now_ms;
 use crate::metrics::names;
 
+/// The hasher of its maps: seeded per process (keys come from clients), and cheaper than
+/// SipHash on the hit path, which hashes the entry's key and each counter's.
+type Hasher = foldhash::fast::RandomState;
+
 /// Most counters the memory tier keeps: past it, it empties itself (a new incarnation) rather
 /// than grow, which is always safe for a cache.
 pub const MAX_COUNTERS: usize = 100_000;
@@ -76,10 +80,10 @@ pub struct Removals {
 /// In-process store bounded in bytes. Cloning shares the same cache.
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<String, Arc<Slot>>,
+    cache: Cache<String, Arc<Slot>, Hasher>,
     max_bytes: u64,
     keys: Keyspace,
-    counters: Arc<Mutex<HashMap<String, u64>>>,
+    counters: Arc<Mutex<HashMap<String, u64, Hasher>>>,
     /// Held by every write, for its whole length (see the module doc).
     writes: Arc<Mutex<()>>,
     incarnation: Arc<AtomicU64>,
@@ -121,7 +125,7 @@ impl MemoryStore {
                 }
                 RemovalCause::Explicit | RemovalCause::Replaced => {}
             })
-            .build();
+            .build_with_hasher(Hasher::default());
         Self {
             cache,
             max_bytes,
@@ -146,7 +150,7 @@ impl MemoryStore {
         self.writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, u64, Hasher>> {
         self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -212,7 +216,7 @@ impl MemoryStore {
         self.lock().len() as u64
     }
 
-    fn read(counters: &HashMap<String, u64>, source: Source, deps: &Deps) -> Stamp {
+    fn read(counters: &HashMap<String, u64, Hasher>, source: Source, deps: &Deps) -> Stamp {
         let get = |k: &String| counters.get(k).copied().unwrap_or(0);
         Stamp::new(
             source,
