@@ -374,9 +374,11 @@ impl ReadThrough {
         if !self.store.reads_memory() || self.table.get(view).learns_tags() {
             return None;
         }
-        let deps = self.keys.deps(version, view, tags, false);
-        let (entry, _) = self.store.memory_get(key, &deps)?.servable();
-        let entry = entry.filter(|e| e.vary.is_none())?;
+        let deps = || self.keys.deps(version, view, tags, false);
+        let entry = self.store.memory_servable(key, &deps)??;
+        if entry.vary.is_some() {
+            return None;
+        }
         if !self.access.may_serve(key, cred, entry.status) {
             return None;
         }

@@ -36,6 +36,9 @@ struct Slot {
     ttl: Duration,
     /// When the store drops it, in Unix milliseconds (for snapshots).
     expires_at_ms: u64,
+    /// The counters' epoch at which the entry's stamp was last found to serve (0: never):
+    /// while no counter has changed since, it still does (see [`MemoryStore::servable`]).
+    serves_at: AtomicU64,
 }
 
 /// Everything the memory tier holds, for snapshots.
@@ -87,6 +90,8 @@ pub struct MemoryStore {
     /// Held by every write, for its whole length (see the module doc).
     writes: Arc<Mutex<()>>,
     incarnation: Arc<AtomicU64>,
+    /// Moves (after the change) whenever a counter or the incarnation changes; starts at 1.
+    epoch: Arc<AtomicU64>,
     removals: Arc<Removals>,
     changes: Arc<AtomicU64>,
 }
@@ -133,6 +138,7 @@ impl MemoryStore {
             counters: Arc::default(),
             writes: Arc::default(),
             incarnation: Arc::default(),
+            epoch: Arc::new(AtomicU64::new(1)),
             removals,
             changes: Arc::default(),
         }
@@ -197,6 +203,7 @@ impl MemoryStore {
             let c = counters.entry(k).or_insert(0);
             *c = (*c).max(v);
         }
+        self.moved();
         for (key, expires_at_ms, mut entry) in contents.entries {
             if expires_at_ms > now {
                 entry.stamp = entry.stamp.moved_to(source);
@@ -261,6 +268,7 @@ impl MemoryStore {
             entry,
             ttl,
             expires_at_ms,
+            serves_at: AtomicU64::new(0),
         });
         self.cache.insert(key.to_owned(), slot);
         self.changed();
@@ -291,6 +299,24 @@ impl MemoryStore {
         }
     }
 
+    /// The entry of `key` if its stamp serves the current counters of its dependencies
+    /// (what [`Lookup::servable`] of [`Self::get`] keeps), without building them (`deps`)
+    /// or reading the counters when no counter has changed since this entry's stamp was last
+    /// found to serve: the hit path of the memory tier.
+    pub fn servable(&self, key: &str, deps: impl FnOnce() -> Deps) -> Option<CacheEntry> {
+        let slot = self.cache.get(key)?;
+        // Read before the counters: a change after this read moves the epoch past it, so
+        // what is recorded below never stands for a stamp read before that change.
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if slot.serves_at.load(Ordering::Acquire) != epoch {
+            if !slot.entry.stamp.serves(&self.stamp(&deps())) {
+                return None;
+            }
+            slot.serves_at.store(epoch, Ordering::Release);
+        }
+        Some(slot.entry.clone())
+    }
+
     /// The current stamp of `deps`.
     pub fn stamp(&self, deps: &Deps) -> Stamp {
         // Counters and incarnation change together under this lock (see `renew`).
@@ -303,6 +329,13 @@ impl MemoryStore {
         let mut counters = self.lock();
         counters.clear();
         self.incarnation.fetch_add(1, Ordering::AcqRel);
+        self.moved();
+    }
+
+    /// Marks a change of the counters or the incarnation, once it is made: every stamp found
+    /// to serve before is looked at again.
+    fn moved(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Writes `entry` unless its stamp is of another tier or incarnation or anything it
@@ -371,6 +404,9 @@ impl MemoryStore {
             }
             counters.len()
         };
+        if !inv.bump.is_empty() {
+            self.moved();
+        }
         let dropped = if inv.everything || counted > MAX_COUNTERS {
             // Everything goes, and a new incarnation makes every stamp read so far stale.
             let n = self.cache.entry_count();
@@ -448,6 +484,60 @@ mod tests {
         };
         assert_eq!(store.apply(&gone), 1);
         assert_eq!(store.get("p:v1:k", &d).servable().0, None);
+    }
+
+    /// The hit path's read skips the counters while none changed, and never serves an entry
+    /// once one it depends on did (a bump without the delete, an import, an emptying).
+    #[test]
+    fn servable_reads_the_counters_again_after_any_change() {
+        let store = store();
+        let d = deps("1");
+        let e = entry(&store, &d, b"{}", &[]);
+        assert!(store.put("p:v1:k", &e, &d, TTL));
+        let built = std::cell::Cell::new(0);
+        let read = || {
+            store.servable("p:v1:k", || {
+                built.set(built.get() + 1);
+                d.clone()
+            })
+        };
+        assert_eq!(read(), Some(e.clone()));
+        assert_eq!(read(), Some(e.clone()));
+        assert_eq!(built.get(), 1, "no counter changed: read once");
+        // A bump of another entry's counter: read again, and it still serves.
+        let other = Invalidation {
+            bump: deps("2").counters()[1..].to_vec(),
+            ..Invalidation::default()
+        };
+        store.apply(&other);
+        assert_eq!(read(), Some(e.clone()));
+        assert_eq!(built.get(), 2);
+        // Its own counter, without the delete: never served again.
+        let bump = Invalidation {
+            bump: d.counters()[1..].to_vec(),
+            ..Invalidation::default()
+        };
+        store.apply(&bump);
+        assert_eq!(read(), None);
+        assert_eq!(read(), None);
+        // Stamped again and put back: serves; an import moving its counter: does not.
+        let e = entry(&store, &d, b"{}", &[]);
+        assert!(store.put("p:v1:k", &e, &d, TTL));
+        assert_eq!(read(), Some(e.clone()));
+        let mut moved = store.export();
+        moved.entries.clear();
+        for (_, v) in &mut moved.gens {
+            *v += 1;
+        }
+        store.import(moved);
+        assert_eq!(read(), None);
+        // A new incarnation (emptied, then the same entry written back by hand): does not.
+        let e = entry(&store, &d, b"{}", &[]);
+        assert!(store.put("p:v1:k", &e, &d, TTL));
+        assert_eq!(read(), Some(e.clone()));
+        store.renew();
+        store.insert("p:v1:k", e, TTL);
+        assert_eq!(read(), None);
     }
 
     #[test]

@@ -468,15 +468,16 @@ pub trait Store: Send + Sync {
     /// Counts a hit served from a near-cache copy (`lane`: by the hit lane).
     fn copy_served(&self, _lane: bool) {}
 
-    /// `key` and the current stamp of `deps` from the memory tier, without I/O, when reads go
-    /// there now (no Redis, or its circuit open): what [`Store::get`] would read. `None` when
-    /// reads go to Redis: only `get` can answer then.
-    fn memory_get(&self, _key: &str, _deps: &Deps) -> Option<Lookup> {
+    /// The entry of `key` the memory tier may serve, without I/O, when reads go there now (no
+    /// Redis, or its circuit open): what [`Store::get`] and [`Lookup::servable`] would find
+    /// (`Some(None)`: none). `deps` builds the dependencies, called only if the counters must
+    /// be read. `None` when reads go to Redis: only `get` can answer then.
+    fn memory_servable(&self, _key: &str, _deps: &dyn Fn() -> Deps) -> Option<Option<CacheEntry>> {
         None
     }
 
-    /// Whether reads go to the memory tier now ([`Store::memory_get`] may answer), without
-    /// I/O: a cheap test before building what `memory_get` needs.
+    /// Whether reads go to the memory tier now ([`Store::memory_servable`] may answer),
+    /// without I/O: a cheap test before building what it needs.
     fn reads_memory(&self) -> bool {
         false
     }

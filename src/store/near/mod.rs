@@ -152,9 +152,9 @@ impl Store for NearStore {
         }
     }
 
-    fn memory_get(&self, key: &str, deps: &Deps) -> Option<Lookup> {
+    fn memory_servable(&self, key: &str, deps: &dyn Fn() -> Deps) -> Option<Option<CacheEntry>> {
         // Never kept in the near cache (`get` keeps Redis reads only): nothing to insert.
-        self.inner.memory_get(key, deps)
+        self.inner.memory_servable(key, deps)
     }
 
     fn reads_memory(&self) -> bool {

@@ -382,16 +382,18 @@ impl FallbackStore {
     /// holds every entry to the bound (those instances may still be there, telling the old
     /// address).
     fn degraded(&self, mut lookup: Lookup) -> Lookup {
+        lookup.entry = lookup.entry.filter(|e| self.young_enough(e));
+        lookup
+    }
+
+    /// Whether the memory tier may serve `entry` for its age (see [`Self::degraded`]).
+    fn young_enough(&self, entry: &CacheEntry) -> bool {
         let bounded = self.peers.any() || (!self.peers.ever_read() && self.peers.assumed());
         if !bounded {
-            return lookup;
+            return true;
         }
         let max_age = u64::try_from(self.degraded_max_age.as_millis()).unwrap_or(u64::MAX);
-        let now = now_ms();
-        lookup.entry = lookup
-            .entry
-            .filter(|e| now.saturating_sub(e.stamp.read_at_ms()) <= max_age);
-        lookup
+        now_ms().saturating_sub(entry.stamp.read_at_ms()) <= max_age
     }
 
     /// Whether reads go to the memory tier now (the circuit is open).
@@ -399,14 +401,23 @@ impl FallbackStore {
         self.circuit.is_open()
     }
 
-    /// Reads `key` and the current stamp of `deps` from the memory tier when it is the tier
-    /// in use (the circuit is open), as [`Self::get`] would; `None` when reads go to Redis.
-    pub fn memory_get(&self, key: &str, deps: &Deps) -> Option<Lookup> {
+    /// The entry of `key` the memory tier may serve now, when it is the tier in use (the
+    /// circuit is open), as [`Self::get`] and [`Lookup::servable`] would find it; `deps`
+    /// builds its dependencies, if they must be read. `None` when reads go to Redis.
+    pub fn memory_servable(
+        &self,
+        key: &str,
+        deps: impl FnOnce() -> Deps,
+    ) -> Option<Option<CacheEntry>> {
         if !self.reads_memory() {
             return None;
         }
         self.calls.memory();
-        Some(self.degraded(self.memory.get(key, deps)))
+        Some(
+            self.memory
+                .servable(key, deps)
+                .filter(|e| self.young_enough(e)),
+        )
     }
 
     /// Reads `key` and the current stamp of `deps` from the tier in use.
