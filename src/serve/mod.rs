@@ -375,33 +375,45 @@ impl ReadThrough {
             return None;
         }
         let deps = || self.keys.deps(version, view, tags, false);
-        let entry = self.store.memory_servable(key, &deps)??;
-        if entry.vary.is_some() {
-            return None;
-        }
-        if !self.access.may_serve(key, cred, entry.status) {
+        let hit = self.store.memory_servable(key, &deps)??;
+        let entry = hit.entry();
+        if entry.vary.is_some()
+            || !self.may_serve_remembered(key, entry.status, hit.validated(), cred)
+        {
             return None;
         }
         let now = policy::now_ms();
-        let Freshness::Fresh { ttl } = freshness(&entry, self.policies[view.index()], now) else {
+        let Freshness::Fresh { ttl } = freshness(entry, self.policies[view.index()], now) else {
             return None;
         };
-        if !accept(&entry) {
+        if !accept(entry) {
             return None;
         }
-        self.note_hit(key, &entry, ttl, None, req);
-        Some(self.hit(&entry, ttl, now, false))
+        self.note_hit(key, entry, ttl, None, req);
+        Some(self.hit(entry, ttl, now, false))
     }
 
     /// [`AccessControl::may_serve`], remembering the answer in the slot so that one caller's
     /// repeated hits skip the lookup (a withdrawal forgets it: [`Self::revoke`]).
     fn slot_may_serve(&self, key: &str, slot: &NearSlot, cred: Credential) -> bool {
-        let status = slot.entry.status;
+        self.may_serve_remembered(key, slot.entry.status, &slot.validated, cred)
+    }
+
+    /// [`AccessControl::may_serve`] for an entry holding `status`, remembering the answer in
+    /// `validated` (a near-cache copy's, a memory-tier entry's) so that one caller's repeated
+    /// hits skip the lookup (a withdrawal forgets it: [`Self::revoke`]).
+    fn may_serve_remembered(
+        &self,
+        key: &str,
+        status: u16,
+        validated: &crate::store::memory::Validated,
+        cred: Credential,
+    ) -> bool {
         if self.access.mode() != FrontendAuth::Forward {
             return self.access.may_serve(key, cred, status);
         }
         let now = Instant::now();
-        if let Some(known) = slot.validated.load().as_deref()
+        if let Some(known) = validated.load().as_deref()
             && known.0 == cred
             && now < known.1
         {
@@ -409,11 +421,11 @@ impl ReadThrough {
         }
         match self.access.accepted_until(key, cred, status) {
             Some(until) => {
-                slot.validated.store(Some(Arc::new((cred, until))));
+                validated.store(Some(Arc::new((cred, until))));
                 // A revocation between the lookup and the store would be undone by it: look
                 // once more, after the store.
                 if self.access.accepted_until(key, cred, status).is_none() {
-                    slot.validated.store(None);
+                    validated.store(None);
                     return false;
                 }
                 true
@@ -423,12 +435,10 @@ impl ReadThrough {
     }
 
     /// Withdraws the acceptance of `ctx`'s credential for its entry, and the one a near-cache
-    /// copy of it remembers (see [`Self::slot_may_serve`]).
+    /// copy or memory-tier entry of it remembers (see [`Self::may_serve_remembered`]).
     fn revoke(&self, ctx: &Ctx) {
         self.access.revoke(&ctx.key, ctx.cred);
-        if let Some(slot) = self.store.peek(&ctx.key) {
-            slot.validated.store(None);
-        }
+        self.store.forget_validated(&ctx.key);
     }
 
     /// The dependencies of an entry of `ctx` in the tag sets `tag_sets`: for a view that

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
@@ -21,6 +22,7 @@ use wildmatch::WildMatch;
 use super::{CacheEntry, Deps, Invalidation, Keyspace, Lookup, Source, Stamp, Tier};
 use crate::domain::policy::now_ms;
 use crate::metrics::names;
+use crate::security::Credential;
 
 /// The hasher of its maps: seeded per process (keys come from clients), and cheaper than
 /// SipHash on the hit path, which hashes the entry's key and each counter's.
@@ -39,6 +41,28 @@ struct Slot {
     /// The counters' epoch at which the entry's stamp was last found to serve (0: never):
     /// while no counter has changed since, it still does (see [`MemoryStore::servable`]).
     serves_at: AtomicU64,
+    /// The last credential found accepted for it (`auth.frontend = forward`) and until when,
+    /// as a near-cache copy remembers it.
+    validated: Validated,
+}
+
+/// The last credential found accepted for an entry, and until when.
+pub type Validated = ArcSwapOption<(Credential, Instant)>;
+
+/// An entry the memory tier may serve (see [`MemoryStore::servable`]), shared, not copied.
+#[derive(Debug, Clone)]
+pub struct MemoryHit(Arc<Slot>);
+
+impl MemoryHit {
+    /// The entry.
+    pub fn entry(&self) -> &CacheEntry {
+        &self.0.entry
+    }
+
+    /// The credential last found accepted for it, which its next hits may skip looking up.
+    pub fn validated(&self) -> &Validated {
+        &self.0.validated
+    }
 }
 
 /// Everything the memory tier holds, for snapshots.
@@ -269,6 +293,7 @@ impl MemoryStore {
             ttl,
             expires_at_ms,
             serves_at: AtomicU64::new(0),
+            validated: ArcSwapOption::empty(),
         });
         self.cache.insert(key.to_owned(), slot);
         self.changed();
@@ -303,7 +328,7 @@ impl MemoryStore {
     /// (what [`Lookup::servable`] of [`Self::get`] keeps), without building them (`deps`)
     /// or reading the counters when no counter has changed since this entry's stamp was last
     /// found to serve: the hit path of the memory tier.
-    pub fn servable(&self, key: &str, deps: impl FnOnce() -> Deps) -> Option<CacheEntry> {
+    pub fn servable(&self, key: &str, deps: impl FnOnce() -> Deps) -> Option<MemoryHit> {
         let slot = self.cache.get(key)?;
         // Read before the counters: a change after this read moves the epoch past it, so
         // what is recorded below never stands for a stamp read before that change.
@@ -314,7 +339,15 @@ impl MemoryStore {
             }
             slot.serves_at.store(epoch, Ordering::Release);
         }
-        Some(slot.entry.clone())
+        Some(MemoryHit(slot))
+    }
+
+    /// Forgets the credential `key`'s entry remembers as accepted (its acceptance was
+    /// withdrawn).
+    pub fn forget_validated(&self, key: &str) {
+        if let Some(slot) = self.cache.get(key) {
+            slot.validated.store(None);
+        }
     }
 
     /// The current stamp of `deps`.
@@ -496,10 +529,12 @@ mod tests {
         assert!(store.put("p:v1:k", &e, &d, TTL));
         let built = std::cell::Cell::new(0);
         let read = || {
-            store.servable("p:v1:k", || {
-                built.set(built.get() + 1);
-                d.clone()
-            })
+            store
+                .servable("p:v1:k", || {
+                    built.set(built.get() + 1);
+                    d.clone()
+                })
+                .map(|hit| hit.entry().clone())
         };
         assert_eq!(read(), Some(e.clone()));
         assert_eq!(read(), Some(e.clone()));

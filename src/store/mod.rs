@@ -472,9 +472,17 @@ pub trait Store: Send + Sync {
     /// Redis, or its circuit open): what [`Store::get`] and [`Lookup::servable`] would find
     /// (`Some(None)`: none). `deps` builds the dependencies, called only if the counters must
     /// be read. `None` when reads go to Redis: only `get` can answer then.
-    fn memory_servable(&self, _key: &str, _deps: &dyn Fn() -> Deps) -> Option<Option<CacheEntry>> {
+    fn memory_servable(
+        &self,
+        _key: &str,
+        _deps: &dyn Fn() -> Deps,
+    ) -> Option<Option<memory::MemoryHit>> {
         None
     }
+
+    /// Forgets the credential that a near-cache copy or memory-tier entry of `key`
+    /// remembers as accepted (its acceptance was withdrawn).
+    fn forget_validated(&self, _key: &str) {}
 
     /// Whether reads go to the memory tier now ([`Store::memory_servable`] may answer),
     /// without I/O: a cheap test before building what it needs.

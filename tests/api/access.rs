@@ -204,3 +204,37 @@ async fn with_auth_none_views_are_public() {
     assert_eq!(b.status(), 200);
     assert_eq!(header(&b, "x-cache"), "HIT");
 }
+
+/// The memory tier's entry remembers the credential it last found accepted, so one caller's
+/// hits skip the lookup (as a near-cache copy does). An acceptance withdrawn while it is
+/// remembered (here by a refresh-ahead the origin refuses) is forgotten by the entry too:
+/// the caller's next request goes to the origin, not to the entry.
+#[tokio::test]
+async fn a_withdrawn_acceptance_is_forgotten_by_the_memory_tier_entry() {
+    let app = spawn_app_with(None, |s| {
+        // Every hit is hot and within its refresh window: each one refreshes in the
+        // background with the caller's credentials.
+        s.refresh.min_hits = 1;
+        s.refresh.ahead_percent = 100;
+    })
+    .await;
+    const HIDDEN: &str = "/api/v1/models/train/hidden/metrics";
+    let first = get_as(&app, HIDDEN, Some("A")).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-cache"), "MISS");
+    let settled = || async {
+        crate::helpers::wait_for(|| async { app.state.tasks.is_empty() }).await;
+    };
+    let hit = get_as(&app, HIDDEN, Some("A")).await;
+    assert_eq!(header(&hit, "x-cache"), "HIT", "remembered from here on");
+    settled().await;
+    app.origin.hide_from("A");
+    // Served from the entry; its refresh is refused, which withdraws A's acceptance.
+    let hit = get_as(&app, HIDDEN, Some("A")).await;
+    assert_eq!(header(&hit, "x-cache"), "HIT");
+    settled().await;
+    let calls = app.origin.calls(HIDDEN);
+    let after = get_as(&app, HIDDEN, Some("A")).await;
+    assert_eq!(after.status(), 404, "the origin's answer, not the entry");
+    assert_eq!(app.origin.calls(HIDDEN), calls + 1);
+}

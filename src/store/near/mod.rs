@@ -18,6 +18,7 @@ pub use cache::{NearCache, NearCounts, NearSlot, ReadMark};
 
 use self::bus::{Bus, NearOp};
 use super::counters::ReadCounters;
+use super::memory::MemoryHit;
 use super::tiered::{Applied, FallbackStore};
 use super::{
     CacheEntry, Deps, FetchLock, Invalidation, Lock, Lookup, Shared, Source, Stamp, Store,
@@ -152,9 +153,16 @@ impl Store for NearStore {
         }
     }
 
-    fn memory_servable(&self, key: &str, deps: &dyn Fn() -> Deps) -> Option<Option<CacheEntry>> {
+    fn memory_servable(&self, key: &str, deps: &dyn Fn() -> Deps) -> Option<Option<MemoryHit>> {
         // Never kept in the near cache (`get` keeps Redis reads only): nothing to insert.
         self.inner.memory_servable(key, deps)
+    }
+
+    fn forget_validated(&self, key: &str) {
+        if let Some(slot) = self.peek(key) {
+            slot.validated.store(None);
+        }
+        self.inner.forget_validated(key);
     }
 
     fn reads_memory(&self) -> bool {

@@ -26,7 +26,7 @@ use serde::Serialize;
 use self::circuit::{Circuit, CircuitOptions};
 use self::journal::{Appended, Journal, durable};
 use self::peers::Peers;
-use super::memory::MemoryStore;
+use super::memory::{MemoryHit, MemoryStore};
 use super::redis::RedisStore;
 use super::{
     CacheEntry, Deps, Fence, Invalidation, KeyVersion, Keyspace, Lookup, Source, Stamp, StoreError,
@@ -408,7 +408,7 @@ impl FallbackStore {
         &self,
         key: &str,
         deps: impl FnOnce() -> Deps,
-    ) -> Option<Option<CacheEntry>> {
+    ) -> Option<Option<MemoryHit>> {
         if !self.reads_memory() {
             return None;
         }
@@ -416,8 +416,13 @@ impl FallbackStore {
         Some(
             self.memory
                 .servable(key, deps)
-                .filter(|e| self.young_enough(e)),
+                .filter(|hit| self.young_enough(hit.entry())),
         )
+    }
+
+    /// Forgets the credential the memory tier's entry of `key` remembers as accepted.
+    pub fn forget_validated(&self, key: &str) {
+        self.memory.forget_validated(key);
     }
 
     /// Reads `key` and the current stamp of `deps` from the tier in use.
