@@ -27,9 +27,7 @@ where the ceiling's cost does not grow with it (the kernel's copy is not counted
 import argparse
 import datetime
 import http.client
-import json
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -248,17 +246,10 @@ def main():
                     paths)
         report = render(results, tiers)
         print(report)
-        out_dir = ROOT / "bench/results"
-        out_dir.mkdir(exist_ok=True)
-        (out_dir / "bodies-latest.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out_dir / "bodies-latest.md").write_text(report)
+        instructions.write_latest("bodies", results, report)
         return 0
     finally:
-        procs.stop_all()
-        if args.keep:
-            bench.log(f"callgrind dumps and logs kept in {scratch} (callgrind_annotate FILE)")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        instructions.clean_up(procs, scratch, args.keep)
 
 
 def instruction_cells(args, scratch, procs, binary, ceiling, size, tiers, redis_port, overlay,
@@ -297,10 +288,7 @@ def instruction_cells(args, scratch, procs, binary, ceiling, size, tiers, redis_
 
 
 def callgrind_cell(label, cmd, env, port, paths, enc, runcache, hits, scratch, procs):
-    prefix = scratch / f"cg-{label}"
-    vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
-          "--dump-instr=no", "--dump-line=no"]
-    p = procs.start(f"vg-{label}", vg + cmd, env, cwd=ROOT)
+    p = instructions.start_callgrind(procs, label, cmd, env, ROOT, scratch)
     bench.wait_http(f"http://127.0.0.1:{port}/health" if runcache
                     else f"http://127.0.0.1:{port}/", timeout=300)
     for path in paths:
@@ -314,17 +302,11 @@ def callgrind_cell(label, cmd, env, port, paths, enc, runcache, hits, scratch, p
                 time.sleep(0.5)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     check(port, paths[0], enc, runcache, conn)
-    subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
+    instructions.zero(p)
     for i in range(hits):
         check(port, paths[i % len(paths)], enc, runcache, conn)
     conn.close()
-    subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
-    p.terminate()
-    p.wait(timeout=60)
-    dumps = sorted(scratch.glob(f"cg-{label}.{p.pid}.*"), key=lambda f: f.stat().st_mtime)
-    if not dumps:
-        raise RuntimeError(f"{label}: no callgrind dump")
-    return round(instructions.callgrind_total(dumps[0]) / hits)
+    return round(instructions.dump_and_stop(p, label, scratch) / hits)
 
 
 def render(res, tiers):

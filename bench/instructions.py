@@ -103,6 +103,47 @@ def wait_redis(port):
         time.sleep(0.1)
 
 
+def start_callgrind(procs, label, cmd, env, cwd, scratch):
+    """`cmd` started under callgrind, its dumps written to `scratch` as `cg-{label}.<pid>.*`."""
+    vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={scratch}/cg-{label}.%p",
+          "--dump-instr=no", "--dump-line=no"]
+    return procs.start(f"vg-{label}", vg + cmd, env, cwd=cwd)
+
+
+def zero(p):
+    """Zeroes the counters of the server `p` runs under callgrind."""
+    subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
+
+
+def dump_and_stop(p, label, scratch):
+    """Dumps the counters of `p` (started by `start_callgrind`), stops it, and returns the
+    instructions counted since they were zeroed."""
+    subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
+    p.terminate()
+    p.wait(timeout=60)
+    dumps = sorted(scratch.glob(f"cg-{label}.{p.pid}.*"), key=lambda f: f.stat().st_mtime)
+    if not dumps:
+        raise RuntimeError(f"{label}: no callgrind dump")
+    return callgrind_total(dumps[0])
+
+
+def write_latest(stem, res, report):
+    """Writes `bench/results/{stem}-latest.json` and `.md` (not committed)."""
+    out_dir = ROOT / "bench/results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"{stem}-latest.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out_dir / f"{stem}-latest.md").write_text(report)
+
+
+def clean_up(procs, scratch, keep):
+    """Stops every process; removes the scratch directory unless `keep`."""
+    procs.stop_all()
+    if keep:
+        bench.log(f"callgrind dumps and logs kept in {scratch} (callgrind_annotate FILE)")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def callgrind_total(path):
     text = Path(path).read_text(errors="replace")
     m = re.search(r"^(?:totals|summary):\s+(\d+)", text, re.M)
@@ -113,10 +154,7 @@ def callgrind_total(path):
 
 def measure(name, cmd, env, cwd, port, paths, args, scratch, procs, redis_port):
     what, header, value = TIERS[name]
-    out_prefix = scratch / f"cg-{name}"
-    vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_prefix}.%p",
-          "--dump-instr=no", "--dump-line=no"]
-    p = procs.start(f"vg-{name}", vg + cmd, env, cwd=cwd)
+    p = start_callgrind(procs, name, cmd, env, cwd, scratch)
     bench.wait_http(f"http://127.0.0.1:{port}/health" if name not in ("ceiling", "ceiling_get")
                     else f"http://127.0.0.1:{port}/", timeout=300)
     # Under valgrind a store may land after its answer: pass over the paths until all hit.
@@ -128,23 +166,17 @@ def measure(name, cmd, env, cwd, port, paths, args, scratch, procs, redis_port):
         time.sleep(1)
     if bad:
         raise RuntimeError(f"{what}: {bad} of {len(paths)} warm requests were not hits")
-    subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
+    zero(p)
     before = commandstats(redis_port)
     t0 = time.monotonic()
     bad, sent = send_hits(port, paths, args.hits, args.conns, header, value)
     took = time.monotonic() - t0
     during = diff(commandstats(redis_port), before)
-    subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
     # What the server sends on its own over as long a window, without requests.
     before = commandstats(redis_port)
     time.sleep(took)
     idle = diff(commandstats(redis_port), before)
-    p.terminate()
-    p.wait(timeout=60)
-    dumps = sorted(scratch.glob(f"cg-{name}.{p.pid}.*"), key=lambda f: f.stat().st_mtime)
-    if not dumps:
-        raise RuntimeError(f"{what}: no callgrind dump")
-    instructions = callgrind_total(dumps[0])
+    instructions = dump_and_stop(p, name, scratch)
     per_cmd = {}
     for cmd_name, (calls, usec) in during.items():
         own = calls - idle.get(cmd_name, (0, 0))[0]
@@ -268,20 +300,13 @@ def main():
         base = json.loads(BASELINE.read_text()) if BASELINE.exists() else None
         report = render(res, base)
         print(report)
-        out_dir = ROOT / "bench/results"
-        out_dir.mkdir(exist_ok=True)
-        (out_dir / "instructions-latest.json").write_text(json.dumps(res, indent=2) + "\n")
-        (out_dir / "instructions-latest.md").write_text(report)
+        write_latest("instructions", res, report)
         if args.write_baseline:
             BASELINE.write_text(json.dumps(res, indent=2) + "\n")
             bench.log(f"written to {BASELINE.relative_to(ROOT)}")
         return 0
     finally:
-        procs.stop_all()
-        if args.keep:
-            bench.log(f"callgrind dumps and logs kept in {scratch} (callgrind_annotate FILE)")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        clean_up(procs, scratch, args.keep)
 
 
 if __name__ == "__main__":
