@@ -406,7 +406,7 @@ impl ReadThrough {
         &self,
         key: &str,
         status: u16,
-        validated: &crate::store::memory::Validated,
+        validated: &crate::store::Validated,
         cred: Credential,
     ) -> bool {
         if self.access.mode() != FrontendAuth::Forward {

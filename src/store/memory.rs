@@ -19,10 +19,9 @@ use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use wildmatch::WildMatch;
 
-use super::{CacheEntry, Deps, Invalidation, Keyspace, Lookup, Source, Stamp, Tier};
+use super::{CacheEntry, Deps, Invalidation, Keyspace, Lookup, Source, Stamp, Tier, Validated};
 use crate::domain::policy::now_ms;
 use crate::metrics::names;
-use crate::security::Credential;
 
 /// The hasher of its maps: seeded per process (keys come from clients), and cheaper than
 /// SipHash on the hit path, which hashes the entry's key and each counter's.
@@ -45,9 +44,6 @@ struct Slot {
     /// as a near-cache copy remembers it.
     validated: Validated,
 }
-
-/// The last credential found accepted for an entry, and until when.
-pub type Validated = ArcSwapOption<(Credential, Instant)>;
 
 /// An entry the memory tier may serve (see [`MemoryStore::servable`]), shared, not copied.
 #[derive(Debug, Clone)]

@@ -104,6 +104,11 @@ pub struct Source {
     pub incarnation: u64,
 }
 
+/// The last credential found accepted for a stored entry (`auth.frontend = forward`) and
+/// until when, kept with a near-cache copy or a memory-tier entry so that one caller's
+/// repeated hits skip the acceptance lookup.
+pub type Validated = arc_swap::ArcSwapOption<(crate::security::Credential, std::time::Instant)>;
+
 /// The counters an entry depends on: its view's and each of its runs', plus the clear
 /// sequence of its version. Built by [`Keyspace::deps`]; a [`Stamp`] holds their values, in
 /// this order.

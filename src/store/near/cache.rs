@@ -23,7 +23,6 @@ use dashmap::DashMap;
 use serde::Serialize;
 use wildmatch::WildMatch;
 
-use crate::security::Credential;
 use crate::store::{CacheEntry, Deps, Invalidation};
 
 /// One near-cache entry: the entry as read from Redis (its store time already derived from
@@ -37,7 +36,7 @@ pub struct NearSlot {
     pub hits: Arc<AtomicU32>,
     /// The last credential found accepted for it (`auth.frontend = forward`) and until when,
     /// so repeated hits by one caller skip the lookup.
-    pub validated: ArcSwapOption<(Credential, Instant)>,
+    pub validated: crate::store::Validated,
     /// Physical keys of the counters it depends on (view, runs, clear sequence).
     deps: Vec<String>,
     /// The tiered store's serving epoch when it was read (see `NearStore::peek`).
