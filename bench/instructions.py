@@ -45,17 +45,22 @@ TIERS = {
     "memory": ("runcache memory tier (no Redis)", "x-cache", "HIT"),
     "redis_only": ("runcache Redis only (near cache off)", "x-cache", "HIT"),
     "default": ("runcache default (Redis + near cache)", "x-cache", "HIT"),
+    # Redis only on a private 3-primary Redis Cluster: its commands are summed over the nodes.
+    "cluster_only": ("runcache Redis only on a 3-primary cluster", "x-cache", "HIT"),
 }
 # The command the harness itself sends to Redis around the hits (not runcache's).
 HARNESS_COMMANDS = {"info"}
 
 
-def commandstats(port):
-    """{command: (calls, usec)} from INFO commandstats."""
-    out = bench.redis_cli(port, "INFO", "commandstats")
+def commandstats(ports):
+    """{command: (calls, usec)} from INFO commandstats, summed over the Redis servers on
+    `ports` (the nodes of a cluster)."""
     stats = {}
-    for m in re.finditer(r"^cmdstat_([^:]+):calls=(\d+),usec=(\d+)", out, re.M):
-        stats[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    for port in ports:
+        out = bench.redis_cli(port, "INFO", "commandstats")
+        for m in re.finditer(r"^cmdstat_([^:]+):calls=(\d+),usec=(\d+)", out, re.M):
+            calls, usec = stats.get(m.group(1), (0, 0))
+            stats[m.group(1)] = (calls + int(m.group(2)), usec + int(m.group(3)))
     return stats
 
 
@@ -152,7 +157,7 @@ def callgrind_total(path):
     return int(m.group(1))
 
 
-def measure(name, cmd, env, cwd, port, paths, args, scratch, procs, redis_port):
+def measure(name, cmd, env, cwd, port, paths, args, scratch, procs, redis_ports):
     what, header, value = TIERS[name]
     p = start_callgrind(procs, name, cmd, env, cwd, scratch)
     bench.wait_http(f"http://127.0.0.1:{port}/health" if name not in ("ceiling", "ceiling_get")
@@ -167,15 +172,15 @@ def measure(name, cmd, env, cwd, port, paths, args, scratch, procs, redis_port):
     if bad:
         raise RuntimeError(f"{what}: {bad} of {len(paths)} warm requests were not hits")
     zero(p)
-    before = commandstats(redis_port)
+    before = commandstats(redis_ports)
     t0 = time.monotonic()
     bad, sent = send_hits(port, paths, args.hits, args.conns, header, value)
     took = time.monotonic() - t0
-    during = diff(commandstats(redis_port), before)
+    during = diff(commandstats(redis_ports), before)
     # What the server sends on its own over as long a window, without requests.
-    before = commandstats(redis_port)
+    before = commandstats(redis_ports)
     time.sleep(took)
-    idle = diff(commandstats(redis_port), before)
+    idle = diff(commandstats(redis_ports), before)
     instructions = dump_and_stop(p, name, scratch)
     per_cmd = {}
     for cmd_name, (calls, usec) in during.items():
@@ -244,6 +249,7 @@ def main():
         ap.error(f"unknown tiers {sorted(unknown)}; known: {', '.join(TIERS)}")
     scratch = Path(tempfile.mkdtemp(prefix="runcache-instr-"))
     procs = bench.Processes(scratch)
+    cluster_ports = []
     try:
         redis_port = bench.free_port()
         procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
@@ -281,13 +287,20 @@ def main():
                     "RUNCACHE__AUTH__VALIDATION_TTL": "86400",
                     "RUST_LOG": "warn",
                 }
-                if name == "redis_only":
+                if name in ("redis_only", "cluster_only"):
                     env["RUNCACHE__L1__ENABLED"] = "false"
+                if name == "cluster_only":
+                    if not cluster_ports:
+                        cluster_ports = bench.start_cluster(scratch)
+                    env["RUNCACHE__REDIS__MODE"] = "cluster"
+                    env["RUNCACHE__REDIS__CLUSTER_URLS"] = ",".join(
+                        f"redis://127.0.0.1:{p}" for p in cluster_ports)
                 # valgrind runs the server ~50 times slower: the near cache's 2 s lifetime would
                 # expire entries 50 times as often per hit as at full speed. Stretched alike.
                 env["RUNCACHE__L1__MAX_LIFETIME_MS"] = "100000"
+            ports = cluster_ports if name == "cluster_only" else [redis_port]
             results[name] = measure(name, cmd, env, ROOT, port, paths, args, scratch, procs,
-                                    redis_port)
+                                    ports)
         commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                                 capture_output=True, text=True).stdout.strip()
         res = {
@@ -306,6 +319,9 @@ def main():
             bench.log(f"written to {BASELINE.relative_to(ROOT)}")
         return 0
     finally:
+        for port in cluster_ports:  # started daemonized by bench.start_cluster
+            subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"],
+                           capture_output=True)
         clean_up(procs, scratch, args.keep)
 
 

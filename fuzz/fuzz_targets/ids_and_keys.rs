@@ -91,7 +91,7 @@ fn check_decode(raw: Bytes) {
 fuzz_target!(|data: &[u8]| {
     // The raw bytes, as a decode input and (lossily) as ids, keys and versions.
     check_decode(Bytes::copy_from_slice(data));
-    for magic in [b"RC1", b"RC2"] {
+    for magic in [b"RC1", b"RC2", b"RC3"] {
         let mut framed = magic.to_vec();
         framed.extend_from_slice(data);
         check_decode(Bytes::from(framed));
@@ -119,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
         body: Bytes::from(e.body),
     };
     let encoded = entry.encode();
-    assert!(encoded.starts_with(b"RC2"));
+    assert!(encoded.starts_with(b"RC3"));
     let back = CacheEntry::decode(encoded.clone()).expect("an encoded entry decodes");
     assert_eq!(back, entry);
     // Truncated encodings never panic.

@@ -293,9 +293,8 @@ impl ReadThrough {
         self.access.accept(&ctx.key, ctx.cred, resp.status.as_u16());
         let volatile = &self.refresher.opts.volatile_fields;
         if content_hash(&resp.body, volatile) == content_hash(&old.body, volatile) {
-            // Only its lifetime is extended (on Redis, a PEXPIRE): headers and stale windows
-            // stay those stored, and so does the retention past the TTL, from which Redis
-            // reads derive when it was stored.
+            // Only its freshness and life are extended (on Redis, in place: the value's
+            // extension field and a PEXPIRE): headers and stale windows stay those stored.
             let mut touched = old;
             touched.stored_at_ms = policy::now_ms();
             touched.ttl_secs = ttl.as_secs();

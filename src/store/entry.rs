@@ -1,6 +1,7 @@
-//! A stored origin answer and its encoding: `RC2`, a 4-byte metadata length, the metadata in
-//! postcard (a compact binary serde format), then the raw body, so the body is never
-//! re-encoded. Entries written as `RC1` (JSON metadata, before 2026-12-06) are still read.
+//! A stored origin answer and its encoding: `RC3`, an 8-byte extension of its freshness, a
+//! 4-byte metadata length, the metadata in postcard (a compact binary serde format), then the
+//! raw body, so the body is never re-encoded. Entries written as `RC2` (no extension) and
+//! `RC1` (JSON metadata, before 2026-12-06) are still read.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -164,12 +165,31 @@ struct EntryMeta<'a> {
     sw: Option<(u64, u64)>,
 }
 
-/// Entries with postcard metadata: what [`CacheEntry::encode`] writes. A hit decodes its
-/// entry's metadata on every Redis read, and postcard takes a fraction of JSON's time.
-const ENTRY_MAGIC: &[u8; 3] = b"RC2";
+/// Entries with postcard metadata behind a fixed-width freshness extension: what
+/// [`CacheEntry::encode`] writes. A hit decodes its entry's metadata on every Redis read, and
+/// postcard takes a fraction of JSON's time.
+pub const ENTRY_MAGIC: &[u8; 3] = b"RC3";
+/// Where the extension lies in an `RC3` value: 8 bytes, big-endian, the Unix millisecond its
+/// freshness was extended to (0: never). An unchanged refresh overwrites it in place
+/// (`SETRANGE`), so a read learns of the extension from the value alone, with no `PTTL`.
+pub const EXTENDED_TO_AT: usize = 3;
+/// Entries with postcard metadata and no extension, written before `RC3`: still read.
+const ENTRY_MAGIC_V2: &[u8; 3] = b"RC2";
 /// Entries with JSON metadata, written before `RC2`: still read, so that entries and
 /// snapshots written by an earlier version stay servable.
 const ENTRY_MAGIC_JSON: &[u8; 3] = b"RC1";
+
+/// The store time of an entry stored at `at` (ms) with a TTL of `ttl_secs` whose freshness
+/// was extended to `extended_to` (ms, 0: never): as if stored when the extension's fresh life
+/// began, as an unchanged refresh confirmed it; never before `at`, and never after now (the
+/// value is read back from Redis, which anything able to write there could forge).
+fn extended_store_time(at: u64, ttl_secs: u64, extended_to: u64) -> u64 {
+    if extended_to == 0 {
+        return at;
+    }
+    let from = extended_to.saturating_sub(ttl_secs.saturating_mul(1000));
+    from.min(crate::domain::policy::now_ms()).max(at)
+}
 
 /// Strong validator (quoted) from a 128-bit hash of the body.
 pub fn strong_etag(body: &[u8]) -> HeaderValue {
@@ -233,8 +253,9 @@ impl CacheEntry {
         entry
     }
 
-    /// Serialises as `RC2`, a 4-byte metadata length, postcard metadata, then the raw body. The
-    /// stamp's source is not written: an entry read back belongs to the store it is read from.
+    /// Serialises as `RC3`, no extension, a 4-byte metadata length, postcard metadata, then the
+    /// raw body. The stamp's source is not written: an entry read back belongs to the store it
+    /// is read from.
     pub fn encode(&self) -> Bytes {
         let meta = EntryMeta {
             s: self.status,
@@ -259,25 +280,29 @@ impl CacheEntry {
             sw: self.windows,
         };
         let meta = postcard::to_allocvec(&meta).unwrap_or_default();
-        let mut out = BytesMut::with_capacity(7 + meta.len() + self.body.len());
+        let mut out = BytesMut::with_capacity(15 + meta.len() + self.body.len());
         out.put_slice(ENTRY_MAGIC);
+        out.put_u64(0);
         out.put_u32(meta.len() as u32);
         out.put_slice(&meta);
         out.put_slice(&self.body);
         out.freeze()
     }
 
-    /// Inverse of [`CacheEntry::encode`], for an entry read from `source`.
+    /// Inverse of [`CacheEntry::encode`], for an entry read from `source`. An extension of its
+    /// freshness (see [`EXTENDED_TO_AT`]) moves its store time on, never past now.
     pub fn decode(mut raw: Bytes, source: Source) -> Result<Self, StoreError> {
-        if raw.len() < 7 {
-            return Err(StoreError::Corrupt("bad header"));
-        }
-        let json = match &raw[..3] {
-            m if m == ENTRY_MAGIC => false,
-            m if m == ENTRY_MAGIC_JSON => true,
+        let (json, header) = match raw.get(..3) {
+            Some(m) if m == ENTRY_MAGIC => (false, 15),
+            Some(m) if m == ENTRY_MAGIC_V2 => (false, 7),
+            Some(m) if m == ENTRY_MAGIC_JSON => (true, 7),
             _ => return Err(StoreError::Corrupt("bad header")),
         };
+        if raw.len() < header {
+            return Err(StoreError::Corrupt("bad header"));
+        }
         raw.advance(3);
+        let extended_to = if header == 15 { raw.get_u64() } else { 0 };
         let meta_len = raw.get_u32() as usize;
         if raw.len() < meta_len {
             return Err(StoreError::Corrupt("truncated metadata"));
@@ -310,7 +335,7 @@ impl CacheEntry {
             content_type: header_value(&meta.ct),
             headers,
             etag: HeaderValue::from_str(&meta.et).map_err(|_| StoreError::Corrupt("bad etag"))?,
-            stored_at_ms: meta.at,
+            stored_at_ms: extended_store_time(meta.at, meta.ttl, extended_to),
             ttl_secs: meta.ttl,
             stale_ms: meta.st,
             windows: meta.sw,
@@ -394,6 +419,8 @@ mod tests {
         assert!(CacheEntry::decode(Bytes::from_static(b"RC1\0\0\0\xffab"), source).is_err());
         assert!(CacheEntry::decode(Bytes::from_static(b"RC2\0\0\0\xffab"), source).is_err());
         assert!(CacheEntry::decode(Bytes::from_static(b"RC2\0\0\0\x02\xff\xff"), source).is_err());
+        assert!(CacheEntry::decode(Bytes::from_static(b"RC3\0\0\0\0\0\0\0"), source).is_err());
+        assert!(CacheEntry::decode(Bytes::from_static(b"RC"), source).is_err());
     }
 
     fn source() -> Source {
@@ -434,22 +461,51 @@ mod tests {
     fn every_field_round_trips_and_the_metadata_is_binary() {
         let e = full_entry();
         let raw = e.encode();
-        assert_eq!(&raw[..3], b"RC2");
+        assert_eq!(&raw[..3], b"RC3");
+        assert_eq!(raw[EXTENDED_TO_AT..EXTENDED_TO_AT + 8], [0; 8]);
         assert_eq!(
             CacheEntry::decode(raw.clone(), source()).expect("decodes"),
             e
         );
         // Metadata that decodes with bytes to spare, or is cut short, is no entry.
-        let meta_len = u32::from_be_bytes([raw[3], raw[4], raw[5], raw[6]]) as usize;
-        let mut longer = raw[..7].to_vec();
-        longer[3..7].copy_from_slice(&((meta_len + 1) as u32).to_be_bytes());
-        longer.extend_from_slice(&raw[7..7 + meta_len]);
+        let meta_len = u32::from_be_bytes([raw[11], raw[12], raw[13], raw[14]]) as usize;
+        let mut longer = raw[..15].to_vec();
+        longer[11..15].copy_from_slice(&((meta_len + 1) as u32).to_be_bytes());
+        longer.extend_from_slice(&raw[15..15 + meta_len]);
         longer.push(0);
         assert!(CacheEntry::decode(Bytes::from(longer), source()).is_err());
-        let mut shorter = raw[..7].to_vec();
-        shorter[3..7].copy_from_slice(&((meta_len - 1) as u32).to_be_bytes());
-        shorter.extend_from_slice(&raw[7..7 + meta_len - 1]);
+        let mut shorter = raw[..15].to_vec();
+        shorter[11..15].copy_from_slice(&((meta_len - 1) as u32).to_be_bytes());
+        shorter.extend_from_slice(&raw[15..15 + meta_len - 1]);
         assert!(CacheEntry::decode(Bytes::from(shorter), source()).is_err());
+        // The same entry as RC2 wrote it (no extension) still decodes.
+        let mut v2 = b"RC2".to_vec();
+        v2.extend_from_slice(&raw[11..]);
+        assert_eq!(
+            CacheEntry::decode(Bytes::from(v2), source()).expect("decodes"),
+            e
+        );
+    }
+
+    /// An extension written in place moves the store time on, as the refresh that confirmed
+    /// the entry unchanged would have stored it; one in the future is held to now.
+    #[test]
+    fn an_extension_written_in_place_moves_the_store_time() {
+        let e = full_entry();
+        let extended = |to: u64| {
+            let mut raw = e.encode().to_vec();
+            raw[EXTENDED_TO_AT..EXTENDED_TO_AT + 8].copy_from_slice(&to.to_be_bytes());
+            CacheEntry::decode(Bytes::from(raw), source()).expect("decodes")
+        };
+        let now = crate::domain::policy::now_ms();
+        let back = extended(now - 10_000 + 30_000);
+        assert_eq!(back.stored_at_ms, now - 10_000);
+        assert_eq!(back.fresh_until_ms(), now + 20_000);
+        assert_eq!(back.body, e.body);
+        // Never before the entry's own store time, never after now.
+        assert_eq!(extended(5).stored_at_ms, e.stored_at_ms);
+        let forged = extended(u64::MAX).stored_at_ms;
+        assert!(forged >= now && forged <= crate::domain::policy::now_ms());
     }
 
     /// Entries and snapshots written before `RC2` (JSON metadata) are still read.

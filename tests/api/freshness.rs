@@ -80,6 +80,16 @@ async fn an_unchanged_refresh_extends_the_entry_without_rewriting_it() {
         1,
         "still the first body, byte for byte"
     );
+    // Past the first store's TTL (2 s; it was stored before the 1.1 s wait), within the
+    // extended one: still fresh, from the extension written in the value itself.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let hit = app.metrics("1").await;
+    assert_eq!(
+        header(&hit, "x-cache"),
+        "HIT",
+        "the extension made it fresh again"
+    );
+    assert_eq!(body(hit).await["fetch"], 1);
 }
 
 #[tokio::test]

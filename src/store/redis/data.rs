@@ -8,7 +8,6 @@ use bytes::Bytes;
 use super::cluster::Handle;
 use super::link::{classify, is_connection_error};
 use super::{RedisStore, counter_of};
-use crate::domain::policy::now_ms;
 use crate::store::keyspace::hash_part;
 use crate::store::{CacheEntry, Deps, Invalidation, Lookup, Source, Stamp, StoreError};
 
@@ -38,6 +37,16 @@ end
 return 1
 ";
 
+/// Extends an entry's freshness in place: writes the Unix millisecond it is fresh until into
+/// the value (see [`crate::store::entry::EXTENDED_TO_AT`]) and its life in Redis, if the key
+/// holds an `RC3` value (a missing key is not created; an older value is left to expire).
+/// KEYS: the entry. ARGV: the 8-byte big-endian time, the life in ms.
+const TOUCH: &str = r"
+if redis.call('GETRANGE', KEYS[1], 0, 2) ~= 'RC3' then return 0 end
+redis.call('SETRANGE', KEYS[1], 3, ARGV[1])
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+";
+
 /// `GET key` as a command of a grouped batch.
 fn get(key: &str) -> (&str, redis::Cmd) {
     let mut cmd = redis::cmd("GET");
@@ -45,32 +54,15 @@ fn get(key: &str) -> (&str, redis::Cmd) {
     (key, cmd)
 }
 
-/// `GET`s of the counters of `deps`, then of its clear sequence unless it is one of them (on a
-/// cluster, where it is the view's, checked like a counter).
-fn counter_reads(deps: &Deps) -> Vec<(&str, redis::Cmd)> {
-    let mut cmds: Vec<_> = deps.counters().iter().map(|dep| get(dep)).collect();
-    if !deps.counters().iter().any(|c| c == deps.clears_key()) {
-        cmds.push(get(deps.clears_key()));
-    }
-    cmds
-}
-
-/// The keys [`counter_reads`] reads, in its order, for one `MGET` on one Redis.
+/// The counters of `deps`, then its clear sequence unless it is one of them (on a cluster,
+/// where it is the view's, checked like a counter): the keys a stamp is read from.
 fn counter_keys(deps: &Deps) -> impl Iterator<Item = &str> {
     let clears =
         (!deps.counters().iter().any(|c| c == deps.clears_key())).then(|| deps.clears_key());
     deps.counters().iter().map(String::as_str).chain(clears)
 }
 
-/// The values of an `MGET` reply.
-fn mget_values(reply: &redis::Value) -> Result<&[redis::Value], StoreError> {
-    match reply {
-        redis::Value::Array(values) => Ok(values),
-        _ => Err(StoreError::Command("MGET did not answer an array".into())),
-    }
-}
-
-/// The stamp read by [`counter_reads`]' commands, whose replies are `values`.
+/// The stamp read from the values of [`counter_keys`], in its order.
 fn stamp_of(source: Source, deps: &Deps, values: &[redis::Value]) -> Result<Stamp, StoreError> {
     let n = deps.counters().len();
     let counters: Vec<u64> = values.iter().take(n).map(counter_of).collect();
@@ -85,89 +77,87 @@ fn stamp_of(source: Source, deps: &Deps, values: &[redis::Value]) -> Result<Stam
 }
 
 impl RedisStore {
-    /// Reads an entry and the current stamp of `deps` in one round trip. The entry's store
-    /// time is taken from the key's remaining life, so an entry whose life an unchanged
-    /// refresh extended (without rewriting it) counts as fresh again.
-    ///
-    /// On one Redis (single or Sentinel mode) the entry and its counters are one `MGET`, a
-    /// single snapshot, and its life one `PTTL`: two commands. On a cluster, where they lie in
-    /// several slots, each is a `GET` of its own, grouped by slot.
+    /// The values of `keys`, in their order (`Nil` where absent), in one round trip: one
+    /// `MGET` on one Redis (single or Sentinel mode), a single snapshot; on a cluster, where
+    /// they lie in several slots, one `MGET` per hash tag, sent at once.
+    async fn read_values(&self, keys: &[&str]) -> Result<(Vec<redis::Value>, Source), StoreError> {
+        let values_of = |reply: redis::Value, n: usize| match reply {
+            redis::Value::Array(values) if values.len() == n => Ok(values),
+            _ => Err(StoreError::Command(
+                "MGET answered no array of its keys".into(),
+            )),
+        };
+        if !self.keys.is_clustered() {
+            let mut read = redis::cmd("MGET");
+            for key in keys {
+                read.arg(*key);
+            }
+            let (reply, source) = self
+                .on_link(|mut c| async move { read.query_async::<redis::Value>(&mut c).await })
+                .await?;
+            return Ok((values_of(reply, keys.len())?, source));
+        }
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let tag = hash_part(key);
+            match groups.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, at)) => at.push(i),
+                None => groups.push((tag, vec![i])),
+            }
+        }
+        let reads = groups
+            .iter()
+            .map(|(_, at)| {
+                let mut read = redis::cmd("MGET");
+                for &i in at {
+                    read.arg(keys[i]);
+                }
+                (keys[at[0]], read)
+            })
+            .collect();
+        let (replies, source) = self.run_each(reads).await?;
+        let mut out = vec![redis::Value::Nil; keys.len()];
+        for ((_, at), reply) in groups.iter().zip(replies) {
+            for (&i, value) in at.iter().zip(values_of(reply, at.len())?) {
+                out[i] = value;
+            }
+        }
+        Ok((out, source))
+    }
+
+    /// Reads an entry and the current stamp of `deps` in one round trip: one `MGET` on one
+    /// Redis (see [`Self::read_values`]). An unchanged refresh's extension of the entry's
+    /// freshness is written in the value itself (see [`TOUCH`]), so no `PTTL` is needed.
     pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
-        let mut pttl = redis::cmd("PTTL");
-        pttl.arg(key);
-        let short = || StoreError::Command("short pipeline reply".into());
+        let keys: Vec<&str> = std::iter::once(key).chain(counter_keys(deps)).collect();
+        let (mut values, source) = self.read_values(&keys).await?;
+        let [raw, counters @ ..] = values.as_mut_slice() else {
+            return Err(StoreError::Command("short MGET reply".into()));
+        };
         // The entry's bytes are moved out of the reply, never copied (a 4 MB body stays in
         // the one buffer the client read it into).
-        let (mut replies, source, mut mget);
-        let (raw, pttl, counters) = if self.keys.is_clustered() {
-            let mut cmds = vec![get(key), (key, pttl)];
-            cmds.extend(counter_reads(deps));
-            (replies, source) = self.run_each(cmds).await?;
-            let [raw, pttl, counters @ ..] = replies.as_mut_slice() else {
-                return Err(short());
-            };
-            (raw, &*pttl, &*counters)
-        } else {
-            let mut read = redis::cmd("MGET");
-            read.arg(key);
-            for counter in counter_keys(deps) {
-                read.arg(counter);
-            }
-            (replies, source) = self.run_each(vec![(key, read), (key, pttl)]).await?;
-            let [values, pttl] = replies.as_mut_slice() else {
-                return Err(short());
-            };
-            mget = match std::mem::replace(values, redis::Value::Nil) {
-                redis::Value::Array(values) => values,
-                _ => return Err(StoreError::Command("MGET did not answer an array".into())),
-            };
-            let [raw, counters @ ..] = mget.as_mut_slice() else {
-                return Err(short());
-            };
-            (raw, &*pttl, &*counters)
-        };
         let raw = match std::mem::replace(raw, redis::Value::Nil) {
             redis::Value::Nil => None,
             redis::Value::BulkString(bytes) => Some(bytes),
             _ => return Err(StoreError::Command("an entry that is not a string".into())),
         };
-        let parse_err = |e: redis::ParsingError| StoreError::Command(e.to_string());
-        let pttl: i64 = redis::from_redis_value_ref(pttl).map_err(parse_err)?;
         let current = stamp_of(source, deps, counters)?;
         // A value that does not decode is no entry: the next fetch overwrites it.
-        let mut entry = raw.and_then(|r| match CacheEntry::decode(Bytes::from(r), source) {
+        let entry = raw.and_then(|r| match CacheEntry::decode(Bytes::from(r), source) {
             Ok(e) => Some(e),
             Err(e) => {
                 tracing::warn!(key, error = %e, "ignoring an undecodable entry");
                 None
             }
         });
-        if let (Some(e), Ok(left_ms)) = (entry.as_mut(), u64::try_from(pttl)) {
-            let fresh_left = left_ms.saturating_sub(e.stale_ms);
-            e.stored_at_ms = (now_ms() + fresh_left)
-                .saturating_sub(e.ttl_secs.saturating_mul(1000))
-                .max(e.stored_at_ms);
-        }
         Ok(Lookup { entry, current })
     }
 
     /// The current stamp of `deps`.
     pub async fn stamp(&self, deps: &Deps) -> Result<Stamp, StoreError> {
-        if self.keys.is_clustered() {
-            let (replies, source) = self.run_each(counter_reads(deps)).await?;
-            return stamp_of(source, deps, &replies);
-        }
-        // One `MGET` on one Redis: one command, one snapshot.
-        let mut read = redis::cmd("MGET");
-        for counter in counter_keys(deps) {
-            read.arg(counter);
-        }
-        let view = deps.counters().first().map_or("", String::as_str);
-        let (replies, source) = self.run_each(vec![(view, read)]).await?;
-        let [values] = replies.as_slice() else {
-            return Err(StoreError::Command("short pipeline reply".into()));
-        };
-        stamp_of(source, deps, mget_values(values)?)
+        let keys: Vec<&str> = counter_keys(deps).collect();
+        let (values, source) = self.read_values(&keys).await?;
+        stamp_of(source, deps, &values)
     }
 
     /// Writes `entry` unless its stamp is of another incarnation or anything it depends on
@@ -282,12 +272,22 @@ impl RedisStore {
         Ok(false)
     }
 
-    /// Extends the life of `key`; returns whether it existed.
-    pub async fn touch(&self, key: &str, retention: Duration) -> Result<bool, StoreError> {
-        let mut cmd = redis::cmd("PEXPIRE");
-        cmd.arg(key).arg(retention.as_millis().max(1) as u64);
-        let existed: i64 = self.run(cmd).await?;
-        Ok(existed == 1)
+    /// Extends the freshness of `key`'s entry to `fresh_until_ms` and its life to `retention`
+    /// (see [`TOUCH`]); returns whether it did.
+    pub async fn touch(
+        &self,
+        key: &str,
+        fresh_until_ms: u64,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(TOUCH)
+            .arg(1)
+            .arg(key)
+            .arg(&fresh_until_ms.to_be_bytes()[..])
+            .arg(retention.as_millis().max(1) as u64);
+        let extended: i64 = self.run(cmd).await?;
+        Ok(extended == 1)
     }
 
     /// Applies `inv`: counters first (one pipeline), then the deletes. Returns entries
@@ -532,5 +532,18 @@ fn connected_replicas(role: &redis::Value) -> Option<usize> {
     match parts.get(2) {
         Some(redis::Value::Array(replicas)) => Some(replicas.len()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TOUCH;
+    use crate::store::entry::{ENTRY_MAGIC, EXTENDED_TO_AT};
+
+    #[test]
+    fn the_touch_script_writes_where_an_entry_keeps_its_extension() {
+        let magic = std::str::from_utf8(ENTRY_MAGIC).expect("ascii");
+        assert!(TOUCH.contains(&format!("GETRANGE', KEYS[1], 0, 2) ~= '{magic}'")));
+        assert!(TOUCH.contains(&format!("SETRANGE', KEYS[1], {EXTENDED_TO_AT}, ARGV[1])")));
     }
 }

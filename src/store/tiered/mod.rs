@@ -529,9 +529,12 @@ impl FallbackStore {
         match entry.stamp.source().tier {
             Tier::Redis => {
                 self.calls.redis();
-                self.redis.touch(key, retention).await.inspect_err(|e| {
-                    self.redis_failed(e);
-                })
+                self.redis
+                    .touch(key, entry.fresh_until_ms(), retention)
+                    .await
+                    .inspect_err(|e| {
+                        self.redis_failed(e);
+                    })
             }
             Tier::Memory => {
                 self.calls.memory();
