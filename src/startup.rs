@@ -393,9 +393,13 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
     every(tasks, cancel, Duration::from_secs(5), move || {
         let s = s.clone();
         async move {
-            // Expired memory entries are dropped without waiting for a write, and histogram
-            // buckets are folded (the exporter has no upkeep thread of its own).
+            // Expired memory entries are dropped without waiting for a write, idle read
+            // counters forgotten, and histogram buckets are folded (the exporter has no upkeep
+            // thread of its own).
             s.store.tiered().memory().run_pending_tasks();
+            let counters = s.store.counters().clone();
+            // Off the workers: a due sweep walks up to 100 000 counters.
+            let _ = tokio::task::spawn_blocking(move || counters.sweep()).await;
             if let Some(near) = s.store.near() {
                 near.cache.run_pending_tasks();
             }
