@@ -336,7 +336,11 @@ fn build_store(
         keys.clone(),
     )
     .context("set up the redis client")?;
-    let memory = MemoryStore::new(settings.memory.max_bytes, keys.clone());
+    let memory = MemoryStore::new(
+        settings.memory.max_bytes,
+        settings.cache.max_entry_bytes as u64,
+        keys.clone(),
+    );
     let journal_path = Some(settings.journal.path.trim())
         .filter(|p| !p.is_empty())
         .map(std::path::PathBuf::from);

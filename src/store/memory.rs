@@ -1,6 +1,6 @@
-//! The bounded in-process tier: a moka cache weighed in bytes, with per-entry expiry and LRU
-//! eviction (moka's default TinyLFU admission could refuse fresh entries when full), and its
-//! own counters. Its counters are independent of Redis's, so its stamps carry
+//! The bounded in-process tier: a quick_cache table weighed in bytes (CLOCK-Pro eviction,
+//! which admits every new entry, unlike moka's default TinyLFU), with per-entry expiry checked
+//! on read and swept by the housekeeping task, and its own counters. Its counters are independent of Redis's, so its stamps carry
 //! [`Tier::Memory`] and an incarnation that changes whenever it is emptied.
 //!
 //! Every write (conditional put, touch, invalidation) happens under one lock, so a write can
@@ -14,9 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use moka::notification::RemovalCause;
-use moka::policy::EvictionPolicy;
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 use wildmatch::WildMatch;
 
 use super::{CacheEntry, Deps, Invalidation, Keyspace, Lookup, Source, Stamp, Tier, Validated};
@@ -34,8 +32,9 @@ pub const MAX_COUNTERS: usize = 100_000;
 #[derive(Debug)]
 struct Slot {
     entry: CacheEntry,
-    ttl: Duration,
-    /// When the store drops it, in Unix milliseconds (for snapshots).
+    /// When it stops being served (and the next sweep drops it).
+    expires_at: Instant,
+    /// The same, in Unix milliseconds (for snapshots).
     expires_at_ms: u64,
     /// The counters' epoch at which the entry's stamp was last found to serve (0: never):
     /// while no counter has changed since, it still does (see [`MemoryStore::servable`]).
@@ -73,22 +72,43 @@ pub struct MemoryContents {
     pub others_known: bool,
 }
 
-struct PerEntryTtl;
+/// An entry's weight: its key and what [`CacheEntry::weight`] counts.
+#[derive(Clone)]
+struct ByteWeight;
 
-impl moka::Expiry<String, Arc<Slot>> for PerEntryTtl {
-    fn expire_after_create(&self, _: &String, v: &Arc<Slot>, _: Instant) -> Option<Duration> {
-        Some(v.ttl)
+impl quick_cache::Weighter<String, Arc<Slot>> for ByteWeight {
+    fn weight(&self, key: &String, slot: &Arc<Slot>) -> u64 {
+        // Never 0 (a key is never empty): quick_cache never evicts an entry weighing 0.
+        (key.len() + slot.entry.weight()).max(1) as u64
     }
+}
 
-    fn expire_after_update(
-        &self,
-        _: &String,
-        v: &Arc<Slot>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(v.ttl)
+/// Counts the entries the table evicts to stay within its bound.
+#[derive(Clone)]
+struct Evictions {
+    removals: Arc<Removals>,
+    metric: metrics::Counter,
+}
+
+impl quick_cache::Lifecycle<String, Arc<Slot>> for Evictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: String, _: Arc<Slot>) {
+        self.removals.evicted.fetch_add(1, Ordering::Relaxed);
+        self.metric.increment(1);
     }
+}
+
+/// Shards of the table: each holds an equal share of the bound, and an entry heavier than
+/// about a share is never kept, so there are as many as the cores use (4 per core), but
+/// fewer where a share would hold less than 64 MiB or 4 of the largest entry stored.
+fn shards(max_bytes: u64, largest_entry: u64) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = (64 << 20).max(largest_entry.saturating_mul(4));
+    let fit = usize::try_from(max_bytes / share).unwrap_or(usize::MAX);
+    let shards = fit.clamp(1, cores * 4);
+    // A power of two (quick_cache rounds up otherwise), not above what fits.
+    1 << shards.ilog2()
 }
 
 /// Entries the memory tier dropped on its own.
@@ -103,7 +123,7 @@ pub struct Removals {
 /// In-process store bounded in bytes. Cloning shares the same cache.
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<String, Arc<Slot>, Hasher>,
+    cache: Arc<Cache<String, Arc<Slot>, ByteWeight, Hasher, Evictions>>,
     max_bytes: u64,
     keys: Keyspace,
     counters: Arc<Mutex<HashMap<String, u64, Hasher>>>,
@@ -126,33 +146,25 @@ impl std::fmt::Debug for MemoryStore {
 
 impl MemoryStore {
     /// A store holding at most `max_bytes` of entries (keys and bodies counted), for the
-    /// keyspace `keys`.
-    pub fn new(max_bytes: u64, keys: Keyspace) -> Self {
+    /// keyspace `keys`, whose largest body is `largest_entry` bytes (`cache.max_entry_bytes`).
+    pub fn new(max_bytes: u64, largest_entry: u64, keys: Keyspace) -> Self {
         let removals = Arc::new(Removals::default());
-        let listener_removals = removals.clone();
-        let evicted = metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "size");
-        let expired = metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "expired");
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|k: &String, v: &Arc<Slot>| {
-                u32::try_from(k.len() + v.entry.weight()).unwrap_or(u32::MAX)
-            })
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(PerEntryTtl)
-            .eviction_listener(move |_, _, cause| match cause {
-                RemovalCause::Size => {
-                    listener_removals.evicted.fetch_add(1, Ordering::Relaxed);
-                    evicted.increment(1);
-                }
-                RemovalCause::Expired => {
-                    listener_removals.expired.fetch_add(1, Ordering::Relaxed);
-                    expired.increment(1);
-                }
-                RemovalCause::Explicit | RemovalCause::Replaced => {}
-            })
-            .build_with_hasher(Hasher::default());
+        let evictions = Evictions {
+            removals: removals.clone(),
+            metric: metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "size"),
+        };
+        let mut options = quick_cache::OptionsBuilder::new();
+        options
+            .weight_capacity(max_bytes)
+            // Room for entries of 16 KiB at first: the table grows as it fills.
+            .estimated_items_capacity(usize::try_from(max_bytes / 16_384).unwrap_or(1 << 20))
+            .shards(shards(max_bytes, largest_entry));
+        let options = options
+            .build()
+            .unwrap_or_else(|_| unreachable!("weight and items capacity are both set"));
+        let cache = Cache::with_options(options, ByteWeight, Hasher::default(), evictions);
         Self {
-            cache,
+            cache: Arc::new(cache),
             max_bytes,
             keys,
             counters: Arc::default(),
@@ -196,13 +208,7 @@ impl MemoryStore {
             .cache
             .iter()
             .filter(|(_, slot)| slot.expires_at_ms > now)
-            .map(|(k, slot)| {
-                (
-                    k.as_str().to_owned(),
-                    slot.expires_at_ms,
-                    slot.entry.clone(),
-                )
-            })
+            .map(|(k, slot)| (k, slot.expires_at_ms, slot.entry.clone()))
             .collect();
         let gens = self.lock().iter().map(|(k, v)| (k.clone(), *v)).collect();
         MemoryContents {
@@ -252,14 +258,14 @@ impl MemoryStore {
         )
     }
 
-    /// Entries currently held (after pending maintenance).
+    /// Entries currently held (expired ones until the next sweep).
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.cache.len() as u64
     }
 
-    /// Bytes currently held (after pending maintenance).
+    /// Bytes currently held (expired entries' until the next sweep).
     pub fn weighted_size(&self) -> u64 {
-        self.cache.weighted_size()
+        self.cache.weight()
     }
 
     /// The configured bound.
@@ -267,16 +273,34 @@ impl MemoryStore {
         self.max_bytes
     }
 
-    /// Runs moka's housekeeping: expired entries are removed and counts become exact.
+    /// Housekeeping: expired entries are removed (and counted), without waiting for a write.
     pub fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks();
+        let now = Instant::now();
+        let expired = AtomicU64::new(0);
+        self.cache.retain(|_, slot| {
+            let live = slot.expires_at > now;
+            if !live {
+                expired.fetch_add(1, Ordering::Relaxed);
+            }
+            live
+        });
+        let expired = expired.into_inner();
+        self.removals.expired.fetch_add(expired, Ordering::Relaxed);
+        metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "expired").increment(expired);
+    }
+
+    /// The slot of `key`, unless it expired.
+    fn live(&self, key: &str) -> Option<Arc<Slot>> {
+        self.cache
+            .get(key)
+            .filter(|slot| slot.expires_at > Instant::now())
     }
 
     /// Drops every entry and counter and starts a new incarnation (returning to Redis: its
     /// entries never saw other instances' invalidations, and its counters mean nothing there).
     pub fn clear(&self) {
         let _writes = self.write();
-        self.cache.invalidate_all();
+        self.cache.clear();
         self.renew();
         self.changed();
     }
@@ -284,9 +308,13 @@ impl MemoryStore {
     fn insert(&self, key: &str, entry: CacheEntry, ttl: Duration) {
         let expires_at_ms =
             now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        // A life too long for the clock is a day short of forever: as good as one.
+        let expires_at = Instant::now()
+            .checked_add(ttl)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
         let slot = Arc::new(Slot {
             entry,
-            ttl,
+            expires_at,
             expires_at_ms,
             serves_at: AtomicU64::new(0),
             validated: ArcSwapOption::empty(),
@@ -296,7 +324,7 @@ impl MemoryStore {
     }
 
     fn remove_where(&self, pred: impl Fn(&str, &Slot) -> bool) -> u64 {
-        let keys: Vec<Arc<String>> = self
+        let keys: Vec<String> = self
             .cache
             .iter()
             .filter(|(k, v)| pred(k, v))
@@ -313,7 +341,7 @@ impl MemoryStore {
 
     /// Reads `key` and the current stamp of `deps`.
     pub fn get(&self, key: &str, deps: &Deps) -> Lookup {
-        let entry = self.cache.get(key).map(|slot| slot.entry.clone());
+        let entry = self.live(key).map(|slot| slot.entry.clone());
         Lookup {
             entry,
             current: self.stamp(deps),
@@ -325,7 +353,7 @@ impl MemoryStore {
     /// or reading the counters when no counter has changed since this entry's stamp was last
     /// found to serve: the hit path of the memory tier.
     pub fn servable(&self, key: &str, deps: impl FnOnce() -> Deps) -> Option<MemoryHit> {
-        let slot = self.cache.get(key)?;
+        let slot = self.live(key)?;
         // Read before the counters: a change after this read moves the epoch past it, so
         // what is recorded below never stands for a stamp read before that change.
         let epoch = self.epoch.load(Ordering::SeqCst);
@@ -341,7 +369,7 @@ impl MemoryStore {
     /// Forgets the credential `key`'s entry remembers as accepted (its acceptance was
     /// withdrawn).
     pub fn forget_validated(&self, key: &str) {
-        if let Some(slot) = self.cache.get(key) {
+        if let Some(slot) = self.cache.peek(key) {
             slot.validated.store(None);
         }
     }
@@ -414,8 +442,7 @@ impl MemoryStore {
     pub fn touch(&self, key: &str, entry: &CacheEntry, retention: Duration) -> bool {
         let _writes = self.write();
         let same = self
-            .cache
-            .get(key)
+            .live(key)
             .is_some_and(|slot| slot.entry.etag == entry.etag && slot.entry.stamp == entry.stamp);
         if same {
             self.insert(key, entry.clone(), retention);
@@ -438,8 +465,8 @@ impl MemoryStore {
         }
         let dropped = if inv.everything || counted > MAX_COUNTERS {
             // Everything goes, and a new incarnation makes every stamp read so far stale.
-            let n = self.cache.entry_count();
-            self.cache.invalidate_all();
+            let n = self.cache.len() as u64;
+            self.cache.clear();
             self.renew();
             n
         } else {
@@ -476,7 +503,7 @@ mod tests {
     const TTL: Duration = Duration::from_secs(60);
 
     fn store() -> MemoryStore {
-        MemoryStore::new(1 << 20, Keyspace::new("p"))
+        MemoryStore::new(1 << 20, 1 << 16, Keyspace::new("p"))
     }
 
     fn deps(run: &str) -> Deps {
@@ -686,8 +713,64 @@ mod tests {
     }
 
     #[test]
+    fn expired_entries_are_never_served_and_are_swept_without_a_write() {
+        let store = store();
+        let d = deps("1");
+        let e = entry(&store, &d, b"{}", &[]);
+        assert!(store.put("p:v1:k", &e, &d, Duration::from_millis(40)));
+        assert!(store.servable("p:v1:k", || d.clone()).is_some());
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(store.get("p:v1:k", &d).entry, None);
+        assert!(store.servable("p:v1:k", || d.clone()).is_none());
+        assert!(
+            !store.touch("p:v1:k", &e, TTL),
+            "an expired entry is not brought back"
+        );
+        assert!(store.export().entries.is_empty());
+        store.run_pending_tasks();
+        assert_eq!(store.entry_count(), 0);
+        assert_eq!(store.removals().expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_full_table_admits_every_new_entry() {
+        let store = MemoryStore::new(4096, 1024, Keyspace::new("p"));
+        let d = deps("1");
+        for i in 0..20 {
+            let e = entry(&store, &d, &[b'x'; 900], &[]);
+            assert!(store.put(&format!("p:v1:k{i}"), &e, &d, TTL));
+            // Read the older ones often: the newest is still kept.
+            for _ in 0..3 {
+                let _ = store.servable("p:v1:k0", || d.clone());
+            }
+            assert!(
+                store
+                    .servable(&format!("p:v1:k{i}"), || d.clone())
+                    .is_some()
+            );
+        }
+    }
+
+    #[test]
+    fn shards_hold_a_share_of_several_of_the_largest_entries() {
+        for (max, largest) in [
+            (1 << 20, 1 << 20),
+            (256 << 20, 1 << 20),
+            (1 << 34, 32 << 20),
+        ] {
+            let n = shards(max, largest) as u64;
+            assert!(n.is_power_of_two());
+            assert!(
+                n == 1 || max / n >= (64 << 20).max(4 * largest),
+                "{max} {largest} {n}"
+            );
+        }
+        assert_eq!(shards(1 << 20, 1 << 20), 1);
+    }
+
+    #[test]
     fn byte_bound_evicts() {
-        let store = MemoryStore::new(4096, Keyspace::new("p"));
+        let store = MemoryStore::new(4096, 1024, Keyspace::new("p"));
         let d = deps("1");
         let big = CacheEntry::new(
             200,

@@ -319,7 +319,7 @@ mod tests {
             others_known: false,
         };
         write_atomically(&path, &encode(&contents)).expect("write");
-        let memory = MemoryStore::new(1 << 20, Keyspace::new("p"));
+        let memory = MemoryStore::new(1 << 20, 1 << 16, Keyspace::new("p"));
         let snap = Snapshotter::new(path, 10, Duration::from_secs(60));
         snap.load(&memory, &Keyspace::new("p"), "v2").await;
         memory.run_pending_tasks();
