@@ -268,7 +268,9 @@ async fn serve(state: AppState, req: Request<Body>, lane: Owned) -> Response {
     // The span the router's trace layer opens (disabled, and nearly free, below `info`).
     let id = request_id.to_str().unwrap_or("-");
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id);
-    let work = async {
+    // Boxed: the read-through's future is several kilobytes, and each wrapper below (the
+    // time-out, the span, the panic guard) would otherwise copy all of it when it is built.
+    let work = Box::pin(async {
         if let Err(e) = super::views::admit(&state, headers) {
             return e.into_response();
         }
@@ -276,7 +278,7 @@ async fn serve(state: AppState, req: Request<Body>, lane: Owned) -> Response {
             Ok(answer) => super::views::respond(answer, headers, true),
             Err(e) => AppError::from(e).into_response(),
         }
-    };
+    });
     let limit = Duration::from_millis(state.settings.server.request_timeout_ms);
     // As the router's time-out layer: the deadline is looked at before the work, so an
     // answer that comes at the deadline is a time-out there too.

@@ -428,7 +428,8 @@ impl FallbackStore {
     /// Reads `key` and the current stamp of `deps` from the tier in use.
     pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
         let fence = self.fence();
-        let read = self.redis.get(key, deps);
+        // Boxed once: the Redis read's future is large, and each await below would copy it.
+        let read = Box::pin(self.redis.get(key, deps));
         if let Some(mut l) = self.read_redis(read, |l| l.current.source()).await? {
             if let Some(fence) = fence {
                 l.current = l.current.fenced(fence);
