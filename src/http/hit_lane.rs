@@ -325,17 +325,22 @@ async fn serve(state: AppState, req: Request<Body>, lane: Owned) -> Response {
 /// asked says so in `Vary` (error bodies, for instance; view answers already do).
 fn vary_as_compression_would(mut resp: Response) -> Response {
     use tower_http::compression::predicate::{DefaultPredicate, Predicate};
-    let headers = resp.headers();
-    let compressible = !headers.contains_key(header::CONTENT_ENCODING)
-        && !headers.contains_key(header::CONTENT_RANGE)
-        && DefaultPredicate::new().should_compress(&resp);
-    // Without an allocation: this runs on every answer the lane serves.
+    // Without an allocation: this runs on every answer the lane serves. Looked at first:
+    // view answers already say it, and then the predicate (a few hundred instructions) is
+    // not asked.
     let varies = resp.headers().get_all(header::VARY).iter().any(|v| {
         v.as_bytes()
             .windows(b"accept-encoding".len())
             .any(|w| w.eq_ignore_ascii_case(b"accept-encoding"))
     });
-    if compressible && !varies {
+    if varies {
+        return resp;
+    }
+    let headers = resp.headers();
+    let compressible = !headers.contains_key(header::CONTENT_ENCODING)
+        && !headers.contains_key(header::CONTENT_RANGE)
+        && DefaultPredicate::new().should_compress(&resp);
+    if compressible {
         resp.headers_mut()
             .append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
