@@ -56,7 +56,8 @@ impl ReadThrough {
         impl Future<Output = Result<ViewResponse, OriginError>> + use<>,
         bool,
     ) {
-        let key = ctx.flight.clone();
+        // Made here, not with the context: a hit never needs it.
+        let key = self.access.flight_key(&ctx.key, ctx.cred);
         let this = self.clone();
         let started_under = stamp.clone();
         self.flights.join_or_start(&key, &stamp, move || {
@@ -271,11 +272,7 @@ impl ReadThrough {
                         return Ok(out);
                     }
                     let key = self.keys.entry(&ctx.version, &logical);
-                    variant_ctx = Some(Ctx {
-                        flight: self.access.flight_key(&key, ctx.cred),
-                        key,
-                        ..ctx.clone()
-                    });
+                    variant_ctx = Some(Ctx { key, ..ctx.clone() });
                 }
             }
         }

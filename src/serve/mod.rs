@@ -51,8 +51,6 @@ struct Ctx {
     key: String,
     /// The caller's credentials (keyed hash).
     cred: Credential,
-    /// Single-flight key: the entry, plus the credential unless views are public.
-    flight: String,
     deps: Deps,
     version: Arc<String>,
     policy: ViewPolicy,
@@ -242,7 +240,6 @@ impl ReadThrough {
         });
         Ctx {
             learns,
-            flight: self.access.flight_key(&key, cred),
             deps: self.keys.deps(
                 &version,
                 req.view,
