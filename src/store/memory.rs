@@ -91,9 +91,14 @@ struct Evictions {
 }
 
 impl quick_cache::Lifecycle<String, Arc<Slot>> for Evictions {
-    type RequestState = ();
+    /// The key being written: its own former entry is replaced, not evicted (quick_cache
+    /// reports both alike).
+    type RequestState = Option<String>;
 
-    fn on_evict(&self, _: &mut (), _: String, _: Arc<Slot>) {
+    fn on_evict(&self, writing: &mut Option<String>, key: String, _: Arc<Slot>) {
+        if writing.as_deref() == Some(key.as_str()) {
+            return;
+        }
         self.removals.evicted.fetch_add(1, Ordering::Relaxed);
         self.metric.increment(1);
     }
@@ -274,17 +279,24 @@ impl MemoryStore {
     }
 
     /// Housekeeping: expired entries are removed (and counted), without waiting for a write.
+    /// Found under a shard's read lock taken per entry, and removed one by one: a sweep never
+    /// holds a shard's write lock across the whole shard, which would stall its hits.
     pub fn run_pending_tasks(&self) {
         let now = Instant::now();
-        let expired = AtomicU64::new(0);
-        self.cache.retain(|_, slot| {
-            let live = slot.expires_at > now;
-            if !live {
-                expired.fetch_add(1, Ordering::Relaxed);
-            }
-            live
-        });
-        let expired = expired.into_inner();
+        let found: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|(_, slot)| slot.expires_at <= now)
+            .map(|(key, _)| key)
+            .collect();
+        let mut expired = 0;
+        for key in found {
+            // Unless it was written again meanwhile.
+            let gone = self
+                .cache
+                .remove_if(key.as_str(), |slot| slot.expires_at <= now);
+            expired += u64::from(gone.is_some());
+        }
         self.removals.expired.fetch_add(expired, Ordering::Relaxed);
         metrics::counter!(names::MEMORY_REMOVALS_TOTAL, "cause" => "expired").increment(expired);
     }
@@ -319,15 +331,19 @@ impl MemoryStore {
             serves_at: AtomicU64::new(0),
             validated: ArcSwapOption::empty(),
         });
-        self.cache.insert(key.to_owned(), slot);
+        let mut writing = Some(key.to_owned());
+        self.cache
+            .insert_with_lifecycle(key.to_owned(), slot, &mut writing);
         self.changed();
     }
 
+    /// Removes the live entries `pred` picks; returns how many.
     fn remove_where(&self, pred: impl Fn(&str, &Slot) -> bool) -> u64 {
+        let now = Instant::now();
         let keys: Vec<String> = self
             .cache
             .iter()
-            .filter(|(k, v)| pred(k, v))
+            .filter(|(k, v)| v.expires_at > now && pred(k, v))
             .map(|(k, _)| k)
             .collect();
         let mut removed = 0;
@@ -490,7 +506,11 @@ impl MemoryStore {
     /// Counts the entries matching `pattern`.
     pub fn count_matching(&self, pattern: &str) -> u64 {
         let glob = WildMatch::new(pattern);
-        self.cache.iter().filter(|(k, _)| glob.matches(k)).count() as u64
+        let now = Instant::now();
+        self.cache
+            .iter()
+            .filter(|(k, slot)| slot.expires_at > now && glob.matches(k))
+            .count() as u64
     }
 }
 
@@ -730,6 +750,20 @@ mod tests {
         store.run_pending_tasks();
         assert_eq!(store.entry_count(), 0);
         assert_eq!(store.removals().expired.load(Ordering::Relaxed), 1);
+    }
+
+    /// Replacing an entry (a new store, a refresh's touch) is no eviction: the eviction
+    /// count tells operators the bound is too small.
+    #[test]
+    fn an_overwrite_is_not_counted_as_an_eviction() {
+        let store = store();
+        let d = deps("1");
+        let e = entry(&store, &d, b"{}", &[]);
+        assert!(store.put("p:v1:k", &e, &d, TTL));
+        assert!(store.put("p:v1:k", &e, &d, TTL));
+        assert!(store.touch("p:v1:k", &e, TTL));
+        assert!(store.servable("p:v1:k", || d.clone()).is_some());
+        assert_eq!(store.removals().evicted.load(Ordering::Relaxed), 0);
     }
 
     #[test]
