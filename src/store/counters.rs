@@ -15,11 +15,15 @@ pub const MAX_KEYS: usize = 100_000;
 /// after its last one.
 pub const IDLE: Duration = Duration::from_secs(600);
 
+/// How often counters are swept while [`MAX_KEYS`] are counted.
+const FULL_SWEEP: Duration = Duration::from_secs(60);
+
 /// A counter and its value at the last sweep (a counter that did not move over a whole
 /// [`IDLE`] was not read in it).
 type Counted = (Arc<AtomicU32>, u32);
 
-/// Reads per key, forgotten after 10 to 20 minutes without one, at most [`MAX_KEYS`] keys.
+/// Reads per key, forgotten after 10 to 20 minutes without one (1 to 2 minutes while
+/// [`MAX_KEYS`] are counted), at most [`MAX_KEYS`] keys.
 /// Cloning shares the same counters.
 ///
 /// A sharded map rather than a cache crate: the memory tier and Redis-only hits look their
@@ -80,13 +84,19 @@ impl ReadCounters {
         self.len() == 0
     }
 
-    /// Forgets the counters not read since the previous sweep, at most once per [`IDLE`]
-    /// (the housekeeping task calls it every few seconds). Walks every counter: never on a
-    /// request.
+    /// Forgets the counters not read since the previous sweep, once per [`IDLE`], or once a
+    /// minute while [`MAX_KEYS`] are counted (so that keys read now get a counter again,
+    /// at the cost of forgetting those not read in the last minute). The housekeeping task
+    /// calls it every few seconds. Walks every counter: never on a request.
     pub fn sweep(&self) {
         {
             let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
-            if last.elapsed() < IDLE {
+            let due = if self.len() >= MAX_KEYS {
+                FULL_SWEEP
+            } else {
+                IDLE
+            };
+            if last.elapsed() < due {
                 return;
             }
             *last = Instant::now();
