@@ -391,10 +391,16 @@ async fn stream_events_sent_while_no_instance_runs_are_applied_by_the_next_one_o
 }
 
 /// Moves the slot of `{run:RUN}` from the primary that holds it to `to`, one step at a time
-/// as `redis-cli --cluster reshard` does, calling `between` while the slot is half-moved
-/// (keys on both sides: clients get `ASK` redirections).
-async fn migrate_slot<F, Fut>(cluster: &TestCluster, run: &str, from: u16, to: u16, between: F)
-where
+/// as `redis-cli --cluster reshard` does: first the keys `first` picks, then calling
+/// `between` while the slot is half-moved (keys on both sides: clients get `ASK`
+/// redirections, and `TRYAGAIN` for a command whose keys lie on both), then the rest.
+async fn migrate_slot<F, Fut>(
+    cluster: &TestCluster,
+    run: &str,
+    (from, to): (u16, u16),
+    first: impl FnOnce(&[String]) -> Vec<String>,
+    between: F,
+) where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
@@ -419,12 +425,12 @@ where
         .cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
         .await
         .expect("MIGRATING");
-    // Half the keys move first.
     let keys: Vec<String> = node(from)
         .cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "1000"])
         .await
         .expect("GETKEYSINSLOT");
-    let (first, rest) = keys.split_at(keys.len() / 2);
+    let first = first(&keys);
+    let rest: Vec<String> = keys.into_iter().filter(|k| !first.contains(k)).collect();
     let migrate = |batch: &[String]| {
         let mut args = vec![
             "MIGRATE".to_owned(),
@@ -447,10 +453,10 @@ where
             }
         }
     };
-    run_migrate(first.to_vec()).await;
+    run_migrate(first).await;
     between().await;
     // The rest, and whatever was written meanwhile (a live slot keeps taking writes).
-    run_migrate(rest.to_vec()).await;
+    run_migrate(rest).await;
     let late: Vec<String> = node(from)
         .cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "1000"])
         .await
@@ -495,7 +501,8 @@ async fn a_slot_migrating_under_reads_and_events_loses_no_invalidation() {
         .expect("another primary");
 
     // Half-moved: an event on one instance is seen by the other's next read.
-    migrate_slot(&cluster, "9", from, to, || async {
+    let half = |keys: &[String]| keys[..keys.len() / 2].to_vec();
+    migrate_slot(&cluster, "9", (from, to), half, || async {
         a.origin.set_revision(1);
         let resp = a.event("training-completed", json!("9")).await;
         assert_eq!(resp.status(), 200);
@@ -523,6 +530,52 @@ async fn a_slot_migrating_under_reads_and_events_loses_no_invalidation() {
             "a migration is no restart: {stats}"
         );
     }
+}
+
+/// A hit reads its entry and its run's counter in one `MGET`. While the slot migrates with the
+/// entry already moved and the counter not yet, that `MGET` gets `TRYAGAIN`: the keys are
+/// then read one by one, each following its `ASK`, and the entry is still served.
+#[tokio::test]
+async fn a_hit_whose_keys_a_migration_split_is_still_a_hit() {
+    let cluster = TestCluster::start(3, 0).await;
+    let app = spawn_app_with(None, |s| {
+        cluster_mode(&cluster)(s);
+        s.l1.enabled = false;
+    })
+    .await;
+    revision_9(&app).await;
+    assert_eq!(x_cache(app.metrics("9").await).await.1, "HIT");
+    let primaries = cluster.primary_ports().await;
+    let mut from = None;
+    for port in &primaries {
+        if !cluster.keys_on(*port, "*{run:9}").await.is_empty() {
+            from = Some(*port);
+        }
+    }
+    let from = from.expect("a primary holds run 9");
+    let to = *primaries
+        .iter()
+        .find(|p| **p != from)
+        .expect("another primary");
+    let entry_only = |keys: &[String]| {
+        let entry: Vec<String> = keys
+            .iter()
+            .filter(|k| k.contains(":model:metrics:9"))
+            .cloned()
+            .collect();
+        assert_eq!(entry.len(), 1, "{keys:?}");
+        assert!(
+            keys.len() > 1,
+            "the run's counter shares the slot: {keys:?}"
+        );
+        entry
+    };
+    migrate_slot(&cluster, "9", (from, to), entry_only, || async {
+        let (status, cache, detail) = x_cache(app.metrics("9").await).await;
+        assert_eq!((status, cache.as_str()), (200, "HIT"), "{detail}");
+    })
+    .await;
+    assert_eq!(x_cache(app.metrics("9").await).await.1, "HIT");
 }
 
 /// The node holding the global keys (view counters, clear sequences, the version and the
