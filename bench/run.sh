@@ -20,7 +20,8 @@
 #   bash bench/run.sh --self-test              # check bench.py's reply parsing (no build, no server)
 #   bash bench/run.sh --instructions-only      # only the work per hit: instructions under callgrind
 #                                              # and Redis commands per hit, per tier, against
-#                                              # bench/baseline.json (~2 min; noise does not move it)
+#                                              # bench/baseline.json, on one Redis and on a
+#                                              # 3-primary cluster (~2 min; noise does not move it)
 #   bash bench/run.sh --bodies-only            # only hits of 400 KB and 4 MB bodies, identity and
 #                                              # gzip, against axum sending the same bytes: wrk
 #                                              # ratios and instructions per hit (bench/bodies.py,
