@@ -126,8 +126,8 @@ impl RedisStore {
     }
 
     /// Reads an entry and the current stamp of `deps` in one round trip: one `MGET` on one
-    /// Redis (see [`Self::read_values`]). An unchanged refresh's extension of the entry's
-    /// freshness is written in the value itself (see [`TOUCH`]), so no `PTTL` is needed.
+    /// Redis (on a cluster one per hash tag). An unchanged refresh's extension of the entry's
+    /// freshness is written in the value itself (see [`Self::touch`]), so no `PTTL` is needed.
     pub async fn get(&self, key: &str, deps: &Deps) -> Result<Lookup, StoreError> {
         let keys: Vec<&str> = std::iter::once(key).chain(counter_keys(deps)).collect();
         let (mut values, source) = self.read_values(&keys).await?;
@@ -273,7 +273,8 @@ impl RedisStore {
     }
 
     /// Extends the freshness of `key`'s entry to `fresh_until_ms` and its life to `retention`
-    /// (see [`TOUCH`]); returns whether it did.
+    /// (one script: `SETRANGE` of the value's extension field and `PEXPIRE`, only on an `RC3`
+    /// value, never creating the key); returns whether it did.
     pub async fn touch(
         &self,
         key: &str,
