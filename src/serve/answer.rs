@@ -117,7 +117,10 @@ impl ViewResponse {
         // One `detail` parameter: a structured-field parser keeps only the last of repeats.
         match details.as_slice() {
             [] => {}
-            [one] => s.push_str(&format!("; detail={one}")),
+            [one] => {
+                s.push_str("; detail=");
+                s.push_str(one);
+            }
             many => s.push_str(&format!("; detail=\"{}\"", many.join(", "))),
         }
         s
@@ -152,5 +155,58 @@ impl ViewResponse {
             _ => {}
         }
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(outcome: CacheOutcome, degraded: bool) -> ViewResponse {
+        ViewResponse {
+            status: StatusCode::OK,
+            content_type: None,
+            headers: Headers::default(),
+            variant: None,
+            body: Bytes::new(),
+            copy_mark: crate::store::CopyMark::default(),
+            etag: None,
+            outcome,
+            degraded,
+        }
+    }
+
+    #[test]
+    fn cache_status_names_the_outcome_and_one_detail() {
+        let hit = |ttl, collapsed, degraded| {
+            let outcome = CacheOutcome::Hit {
+                ttl,
+                age: 3,
+                collapsed,
+            };
+            answer(outcome, degraded)
+                .cache_status_value()
+                .expect("valid")
+        };
+        assert_eq!(hit(7, false, false), "runcache; hit; ttl=7");
+        assert_eq!(
+            hit(7, false, true),
+            "runcache; hit; ttl=7; detail=memory-fallback"
+        );
+        assert_eq!(
+            hit(0, true, true),
+            "runcache; hit; ttl=0; collapsed; detail=memory-fallback"
+        );
+        let stale = answer(
+            CacheOutcome::Stale {
+                age: 9,
+                revalidating: false,
+            },
+            true,
+        );
+        assert_eq!(
+            stale.cache_status(),
+            "runcache; fwd=stale; hit; detail=\"stale-if-error, memory-fallback\""
+        );
     }
 }
