@@ -250,6 +250,15 @@ fn forwarded(forward: &[HeaderName], incoming: &HeaderMap) -> HeaderMap {
 mod tests {
     use super::*;
 
+    /// The headers `pairs` name, in order (a name repeated keeps each value).
+    fn header_map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        h
+    }
+
     #[test]
     fn only_configured_request_headers_are_forwarded_with_every_value() {
         let forward = [
@@ -257,16 +266,13 @@ mod tests {
             HeaderName::from_static("x-tenant"),
             header::ACCEPT_LANGUAGE,
         ];
-        let mut incoming = HeaderMap::new();
-        for (n, v) in [
+        let incoming = header_map(&[
             ("host", "runcache"),
             ("x-tenant", "a"),
             ("authorization", "Bearer t"),
             ("cookie", "s=1"),
             ("x-tenant", "b"),
-        ] {
-            incoming.append(HeaderName::from_static(n), HeaderValue::from_static(v));
-        }
+        ]);
         let out = forwarded(&forward, &incoming);
         assert_eq!(out.len(), 3);
         let tenants: Vec<_> = out.get_all("x-tenant").iter().collect();
@@ -277,8 +283,7 @@ mod tests {
 
     #[test]
     fn only_end_to_end_headers_pass() {
-        let mut h = HeaderMap::new();
-        for (n, v) in [
+        let h = header_map(&[
             ("connection", "keep-alive, x-hop"),
             ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),
@@ -297,12 +302,7 @@ mod tests {
             ("set-cookie", "a=1"),
             ("set-cookie", "b=2"),
             ("www-authenticate", "Bearer"),
-        ] {
-            h.append(
-                HeaderName::from_static(n),
-                HeaderValue::from_str(v).expect("value"),
-            );
-        }
+        ]);
         let out = end_to_end(&h);
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(

@@ -470,6 +470,23 @@ async fn migrate_slot<F, Fut>(
     }
 }
 
+/// The primary holding run 9's keys, and another one to move them to.
+async fn run_9_and_another_primary(cluster: &TestCluster) -> (u16, u16) {
+    let primaries = cluster.primary_ports().await;
+    let mut from = None;
+    for port in &primaries {
+        if !cluster.keys_on(*port, "*{run:9}").await.is_empty() {
+            from = Some(*port);
+        }
+    }
+    let from = from.expect("a primary holds run 9");
+    let to = *primaries
+        .iter()
+        .find(|p| **p != from)
+        .expect("another primary");
+    (from, to)
+}
+
 async fn revision_9(app: &TestApp) -> Value {
     json_of(app.metrics("9").await).await["revision"].clone()
 }
@@ -487,18 +504,7 @@ async fn a_slot_migrating_under_reads_and_events_loses_no_invalidation() {
         a.stats().await["store"]["redis_restarts"].clone(),
         b.stats().await["store"]["redis_restarts"].clone(),
     ];
-    let primaries = cluster.primary_ports().await;
-    let mut from = None;
-    for port in &primaries {
-        if !cluster.keys_on(*port, "*{run:9}").await.is_empty() {
-            from = Some(*port);
-        }
-    }
-    let from = from.expect("a primary holds run 9");
-    let to = *primaries
-        .iter()
-        .find(|p| **p != from)
-        .expect("another primary");
+    let (from, to) = run_9_and_another_primary(&cluster).await;
 
     // Half-moved: an event on one instance is seen by the other's next read.
     let half = |keys: &[String]| keys[..keys.len() / 2].to_vec();
@@ -545,18 +551,7 @@ async fn a_hit_whose_keys_a_migration_split_is_still_a_hit() {
     .await;
     revision_9(&app).await;
     assert_eq!(x_cache(app.metrics("9").await).await.1, "HIT");
-    let primaries = cluster.primary_ports().await;
-    let mut from = None;
-    for port in &primaries {
-        if !cluster.keys_on(*port, "*{run:9}").await.is_empty() {
-            from = Some(*port);
-        }
-    }
-    let from = from.expect("a primary holds run 9");
-    let to = *primaries
-        .iter()
-        .find(|p| **p != from)
-        .expect("another primary");
+    let (from, to) = run_9_and_another_primary(&cluster).await;
     let entry_only = |keys: &[String]| {
         let entry: Vec<String> = keys
             .iter()
