@@ -262,7 +262,8 @@ impl ReadThrough {
 
     pub(crate) async fn serve_inner(&self, req: ViewRequest) -> Result<ViewResponse, OriginError> {
         if !req.use_cache {
-            let resp = self.fetch(req.view, req.origin).await?;
+            // Boxed, as every path but a hit's below: what a hit's future holds is moved.
+            let resp = self.fetch(req.view, req.origin).boxed().await?;
             return Ok(passthrough(resp, CacheOutcome::Bypass, false));
         }
         let version = self.version.get();
@@ -272,7 +273,7 @@ impl ReadThrough {
         // round trip and without building the rest of the context.
         if let Some(slot) = self.store.peek(&key) {
             if slot.entry.vary.is_some() {
-                return self.serve_variant(req, slot.entry.clone()).await;
+                return self.serve_variant(req, slot.entry.clone()).boxed().await;
             }
             if self.slot_may_serve(&key, &slot, cred)
                 && let Some(hit) = self.serve_slot(&key, &slot, false, |_| true, || req.clone())
@@ -456,7 +457,7 @@ impl ReadThrough {
 
     /// The entry of `ctx` if it may be served, and the current stamp of its dependencies.
     /// An entry with learned tags is checked against their generations too, read after it.
-    async fn lookup(&self, ctx: &Ctx) -> Result<(Option<CacheEntry>, Stamp), StoreError> {
+    async fn lookup(&self, ctx: &Ctx) -> Result<(Option<Box<CacheEntry>>, Stamp), StoreError> {
         let lookup = self.store.get(&ctx.key, &ctx.deps).await?;
         let Some(deps) = lookup
             .entry
@@ -479,7 +480,7 @@ impl ReadThrough {
         let (entry, stamp) = match self.lookup(&ctx).await {
             Ok((entry, stamp)) => {
                 if let Some(marker) = entry.as_ref().filter(|e| e.vary.is_some()) {
-                    return self.serve_variant(req, marker.clone()).await;
+                    return self.serve_variant(req, (**marker).clone()).boxed().await;
                 }
                 (entry, Some(stamp))
             }
@@ -501,7 +502,7 @@ impl ReadThrough {
                     return Ok(self.hit(&entry, ttl, now, false));
                 }
                 Freshness::Revalidate => {
-                    self.revalidate(req, ctx, entry.clone());
+                    self.revalidate(req, ctx, (*entry).clone());
                     return Ok(self.entry_response(
                         &entry,
                         CacheOutcome::Stale {
@@ -514,6 +515,21 @@ impl ReadThrough {
                 Freshness::Expired => {}
             }
         }
+        // Boxed: a hit never gets here, and the fill's future (origin, single flight, time-out)
+        // would otherwise be part of every hit's, and moved with it.
+        self.fill(req, ctx, stamp, fallback).boxed().await
+    }
+
+    /// Answers `req` from the origin after a lookup that found no copy to serve: through the
+    /// single flight when the store told the entry's `stamp` (storing the answer), alone
+    /// otherwise; `fallback` is a stale copy served if the origin fails (stale-if-error).
+    async fn fill(
+        &self,
+        req: ViewRequest,
+        ctx: Ctx,
+        stamp: Option<Stamp>,
+        fallback: Option<Box<CacheEntry>>,
+    ) -> Result<ViewResponse, OriginError> {
         let view = req.view;
         let result = match stamp {
             Some(stamp) => {

@@ -357,7 +357,7 @@ impl MemoryStore {
 
     /// Reads `key` and the current stamp of `deps`.
     pub fn get(&self, key: &str, deps: &Deps) -> Lookup {
-        let entry = self.live(key).map(|slot| slot.entry.clone());
+        let entry = self.live(key).map(|slot| Box::new(slot.entry.clone()));
         Lookup {
             entry,
             current: self.stamp(deps),
@@ -553,7 +553,7 @@ mod tests {
         let d = deps("1");
         let e = entry(&store, &d, b"{}", &[]);
         assert!(store.put("p:v1:k", &e, &d, TTL));
-        assert_eq!(store.get("p:v1:k", &d).servable().0, Some(e));
+        assert_eq!(store.get("p:v1:k", &d).servable().0, Some(Box::new(e)));
         let gone = Invalidation {
             delete: vec!["p:v1:k".into(), "p:v1:nope".into()],
             ..Invalidation::default()

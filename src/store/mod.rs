@@ -314,7 +314,7 @@ impl Stamp {
 #[derive(Debug, Clone)]
 pub struct Lookup {
     /// The stored entry, if any (servable or not).
-    pub entry: Option<CacheEntry>,
+    pub entry: Option<Box<CacheEntry>>,
     /// The current stamp of the dependencies asked for.
     pub current: Stamp,
 }
@@ -322,7 +322,7 @@ pub struct Lookup {
 impl Lookup {
     /// The entry, if an invalidation did not happen after its fetch began, and the current
     /// stamp (what a fetch starting now is stamped with).
-    pub fn servable(self) -> (Option<CacheEntry>, Stamp) {
+    pub fn servable(self) -> (Option<Box<CacheEntry>>, Stamp) {
         let current = self.current;
         let entry = self.entry.filter(|e| e.stamp.serves(&current));
         (entry, current)

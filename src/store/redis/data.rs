@@ -144,7 +144,7 @@ impl RedisStore {
         let current = stamp_of(source, deps, counters)?;
         // A value that does not decode is no entry: the next fetch overwrites it.
         let entry = raw.and_then(|r| match CacheEntry::decode(Bytes::from(r), source) {
-            Ok(e) => Some(e),
+            Ok(e) => Some(Box::new(e)),
             Err(e) => {
                 tracing::warn!(key, error = %e, "ignoring an undecodable entry");
                 None
