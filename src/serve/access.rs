@@ -22,60 +22,41 @@ pub struct AccessControl {
     jwt: Option<Arc<JwtVerifier>>,
     hasher: CredentialHasher,
     validation_ttl: Duration,
-    /// When the origin accepted a credential for an entry, and with which status.
-    accepted: moka::sync::Cache<Accepted, (Instant, u16), foldhash::fast::RandomState>,
+    /// When the origin accepted a credential for an entry, and with which status. An
+    /// acceptance older than `validation_ttl` is never used, though it is only dropped when
+    /// the table needs its room.
+    accepted: AcceptedTable,
 }
 
 /// An entry's key and a credential: what an acceptance is kept under.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Accepted(String, Credential);
 
-/// An entry's key and a credential, however held: a hit looks its acceptance up by the key
-/// it has (`&str`), without copying it into a `String`.
-trait AcceptedKey {
-    fn key(&self) -> &str;
-    fn cred(&self) -> Credential;
-}
+/// An entry's key and a credential as a hit has them: an acceptance is looked up by the key
+/// as borrowed, without copying it into a `String`. Its derived `Hash` hashes what
+/// `Accepted`'s does, in the same order (a `String` hashes as its `str`).
+#[derive(Hash)]
+struct AcceptedRef<'a>(&'a str, Credential);
 
-impl AcceptedKey for Accepted {
-    fn key(&self) -> &str {
-        &self.0
-    }
-    fn cred(&self) -> Credential {
-        self.1
+impl quick_cache::Equivalent<Accepted> for AcceptedRef<'_> {
+    fn equivalent(&self, key: &Accepted) -> bool {
+        self.0 == key.0 && self.1 == key.1
     }
 }
 
-impl AcceptedKey for (&str, Credential) {
-    fn key(&self) -> &str {
-        self.0
-    }
-    fn cred(&self) -> Credential {
-        self.1
-    }
-}
+/// The table of acceptances: bounded by count, every new acceptance admitted (CLOCK-Pro), and
+/// seeded per process (keys come from clients; SipHash would cost more than the rest of the
+/// look-up a hit makes).
+type AcceptedTable = quick_cache::sync::Cache<
+    Accepted,
+    (Instant, u16),
+    quick_cache::UnitWeighter,
+    foldhash::fast::RandomState,
+>;
 
-// Hashed and compared as `Accepted`'s derived impls do: the key, then the credential.
-impl std::hash::Hash for dyn AcceptedKey + '_ {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key().hash(state);
-        self.cred().hash(state);
-    }
-}
-
-impl PartialEq for dyn AcceptedKey + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key() && self.cred() == other.cred()
-    }
-}
-
-impl Eq for dyn AcceptedKey + '_ {}
-
-impl<'a> std::borrow::Borrow<dyn AcceptedKey + 'a> for Accepted {
-    fn borrow(&self) -> &(dyn AcceptedKey + 'a) {
-        self
-    }
-}
+/// How many acceptances are remembered at most; beyond it the least recently used go, and
+/// their callers are asked for at the origin again.
+const MAX_ACCEPTED: u64 = 1_000_000;
 
 impl std::fmt::Debug for AccessControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,12 +84,14 @@ impl AccessControl {
             jwt,
             hasher: CredentialHasher::new(),
             validation_ttl,
-            accepted: moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(validation_ttl)
-                // Seeded per process (keys come from clients); SipHash would cost more than
-                // the rest of the look-up a hit makes.
-                .build_with_hasher(foldhash::fast::RandomState::default()),
+            accepted: AcceptedTable::with(
+                // The table grows as it fills; nothing is allocated for this up front.
+                MAX_ACCEPTED as usize,
+                MAX_ACCEPTED,
+                quick_cache::UnitWeighter,
+                foldhash::fast::RandomState::default(),
+                Default::default(),
+            ),
         }
     }
 
@@ -150,16 +133,22 @@ impl AccessControl {
     /// Until when `cred` may be served a copy of `key` holding `status` without asking the
     /// origin again (`forward` mode; `None` when it may not be now).
     pub fn accepted_until(&self, key: &str, cred: Credential, status: u16) -> Option<Instant> {
-        let (at, accepted_status) = self.accepted.get(&(key, cred) as &dyn AcceptedKey)?;
-        let until = at + self.validation_ttl;
-        (accepted_status == status && Instant::now() < until).then_some(until)
+        let (until, accepted_status) = self.accepted_at(key, cred)?;
+        (accepted_status == status).then_some(until)
     }
 
     /// Whether the origin accepted `cred` for `key` recently, whatever the status (a caller
     /// worth waiting for another instance's copy for).
     pub fn knows(&self, key: &str, cred: Credential) -> bool {
-        self.mode != FrontendAuth::Forward
-            || self.accepted.contains_key(&(key, cred) as &dyn AcceptedKey)
+        self.mode != FrontendAuth::Forward || self.accepted_at(key, cred).is_some()
+    }
+
+    /// Until when the origin's acceptance of `cred` for `key` holds, and the status it was
+    /// for; `None` if there is none, or it is older than `validation_ttl`.
+    fn accepted_at(&self, key: &str, cred: Credential) -> Option<(Instant, u16)> {
+        let (at, status) = self.accepted.get(&AcceptedRef(key, cred))?;
+        let until = at + self.validation_ttl;
+        (Instant::now() < until).then_some((until, status))
     }
 
     /// Records that the origin answered `cred` for `key` with `status`, an answer the entry
@@ -175,7 +164,7 @@ impl AccessControl {
     /// one the entry holds.
     pub fn revoke(&self, key: &str, cred: Credential) {
         if self.mode == FrontendAuth::Forward {
-            self.accepted.invalidate(&(key, cred) as &dyn AcceptedKey);
+            self.accepted.remove(&AcceptedRef(key, cred));
         }
     }
 
@@ -215,6 +204,20 @@ mod tests {
         ac.revoke("k", a);
         assert!(!ac.may_serve("k", a, 200));
         assert_ne!(ac.flight_key("k", a), ac.flight_key("k", b));
+    }
+
+    #[test]
+    fn an_acceptance_older_than_the_validation_ttl_is_not_used() {
+        let ac = AccessControl::new(FrontendAuth::Forward, Duration::from_secs(1), None);
+        let a = ac.anonymous();
+        ac.accept("k", a, 200);
+        assert!(ac.may_serve("k", a, 200) && ac.knows("k", a));
+        std::thread::sleep(Duration::from_millis(1_100));
+        assert!(
+            !ac.may_serve("k", a, 200),
+            "expired, though still in the table"
+        );
+        assert!(!ac.knows("k", a));
     }
 
     #[test]
