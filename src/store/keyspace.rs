@@ -43,6 +43,19 @@ pub struct Keyspace {
     routes: Arc<[Route]>,
     /// The views (whose counters stand for everything: see [`Keyspace::views`]).
     views: Arc<[View]>,
+    /// The counter keys shared by every entry of the version last asked for: built once per
+    /// version and view instead of on every read (see [`Keyspace::deps`]).
+    shared: Arc<arc_swap::ArcSwap<SharedKeys>>,
+}
+
+/// The counter keys of one version that do not depend on an entry's tags.
+#[derive(Debug, Default)]
+struct SharedKeys {
+    version: String,
+    clears: String,
+    learned: String,
+    /// By view index, with the view's name; `None` for a view not asked for yet.
+    view_gens: Vec<Option<(&'static str, String)>>,
 }
 
 /// How the logical keys starting with `literal` map to a cluster slot.
@@ -83,6 +96,7 @@ impl Keyspace {
             global_tag: String::new(),
             routes: Arc::from([]),
             views: Arc::from([]),
+            shared: Arc::default(),
         }
     }
 
@@ -122,6 +136,7 @@ impl Keyspace {
             global_tag,
             routes: Arc::from([]),
             views: Arc::from([]),
+            shared: Arc::default(),
         }
     }
 
@@ -338,21 +353,66 @@ impl Keyspace {
     /// every such entry (coarser, and as safe).
     pub fn deps(&self, version: &str, view: View, tags: &[String], learns: bool) -> Deps {
         let mut counters = Vec::with_capacity(3 + tags.len());
-        counters.push(self.view_gen(version, view));
-        let clears = if self.is_clustered() {
-            let clears = self.view_clears(version, view);
-            counters.push(clears.clone());
-            if learns {
-                counters.push(self.learned(version));
+        let clears = self.with_shared_keys(version, view, |shared, view_gen| {
+            counters.push(view_gen.to_owned());
+            if self.is_clustered() {
+                let clears = self.view_clears(version, view);
+                counters.push(clears.clone());
+                if learns {
+                    counters.push(shared.learned.clone());
+                }
+                clears
+            } else if learns {
+                shared.learned.clone()
+            } else {
+                shared.clears.clone()
             }
-            clears
-        } else if learns {
-            self.learned(version)
-        } else {
-            self.clears(version)
-        };
+        });
         counters.extend(tags.iter().map(|t| self.tag_gen(version, t)));
         Deps { counters, clears }
+    }
+
+    /// `f` of the shared counter keys of `version` and of `view`'s generation counter: the
+    /// ones kept if they are, else built and kept (a version change replaces them all; two
+    /// threads building at once only build twice). Read through a guard, so a hit touches no
+    /// reference count shared between threads.
+    fn with_shared_keys<R>(
+        &self,
+        version: &str,
+        view: View,
+        f: impl FnOnce(&SharedKeys, &str) -> R,
+    ) -> R {
+        fn view_gen<'k>(k: &'k SharedKeys, version: &str, view: View) -> Option<&'k str> {
+            match k.view_gens.get(view.index()) {
+                Some(Some((name, key))) if k.version == version && *name == view.name() => {
+                    Some(key)
+                }
+                _ => None,
+            }
+        }
+        let kept = self.shared.load();
+        if let Some(key) = view_gen(&kept, version, view) {
+            return f(&kept, key);
+        }
+        let mut view_gens = if kept.version == version {
+            kept.view_gens.clone()
+        } else {
+            Vec::new()
+        };
+        drop(kept);
+        if view_gens.len() <= view.index() {
+            view_gens.resize(view.index() + 1, None);
+        }
+        view_gens[view.index()] = Some((view.name(), self.view_gen(version, view)));
+        let built = SharedKeys {
+            version: version.to_owned(),
+            clears: self.clears(version),
+            learned: self.learned(version),
+            view_gens,
+        };
+        let out = f(&built, view_gen(&built, version, view).unwrap_or_default());
+        self.shared.store(Arc::new(built));
+        out
     }
 
     /// Physical key of the cross-instance fetch lock of an entry.
@@ -465,6 +525,38 @@ mod tests {
             ]
         );
         assert_eq!(deps.clears_key(), "p:_gen:v1:clears");
+    }
+
+    #[test]
+    fn deps_kept_per_version_follow_the_version_and_the_view() {
+        let ks = Keyspace::new("p");
+        let (metrics, fi) = (view(0, "metrics"), view(1, "fi"));
+        // Each asked for twice in turn: a kept key must be the one it would build now.
+        for (version, v, learns) in [
+            ("v1", metrics, false),
+            ("v1", fi, false),
+            ("v1", metrics, true),
+            ("v2", fi, false),
+            ("v1", fi, false),
+            ("v1", metrics, false),
+        ] {
+            for _ in 0..2 {
+                let deps = ks.deps(version, v, &["run:1".into()], learns);
+                assert_eq!(
+                    deps.counters(),
+                    [ks.view_gen(version, v), ks.tag_gen(version, "run:1")]
+                );
+                let clears = if learns {
+                    ks.learned(version)
+                } else {
+                    ks.clears(version)
+                };
+                assert_eq!(deps.clears_key(), clears);
+            }
+        }
+        // Another table's view at a kept index is not taken for it.
+        let other = ks.deps("v1", view(0, "other"), &[], false);
+        assert_eq!(other.counters(), [ks.view_gen("v1", view(0, "other"))]);
     }
 
     #[test]
