@@ -450,7 +450,8 @@ impl MakeRequestId for FastRequestId {
 /// `X-Request-Id`.
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
-/// Marks a response that is the origin's own answer, passed through unchanged.
+/// Marks a response that is the origin's own answer, passed through unchanged (views mark only
+/// their error statuses, the only ones `json_errors` looks at).
 #[derive(Debug, Clone, Copy)]
 pub struct OriginAnswer;
 

@@ -167,7 +167,11 @@ pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap, get: bool) -
         headers.append(name.clone(), value.clone());
     }
     *resp.status_mut() = r.status;
-    resp.extensions_mut().insert(OriginAnswer);
+    // Only an error status is ever looked at for the mark (`json_errors`), and inserting the
+    // first extension allocates its map: a hit, a 2xx, goes without.
+    if r.status.is_client_error() || r.status.is_server_error() {
+        resp.extensions_mut().insert(OriginAnswer);
+    }
     resp
 }
 
