@@ -122,29 +122,21 @@ impl<S> HitLane<S> {
 
     /// What the lane does with `req`: answers it from a near-cache copy, serves it on its own
     /// (with the permit of its place among the requests in flight), or leaves it to the router.
-    fn route(&self, req: &Request<Body>) -> Route {
+    fn route(&self, req: &Request<Body>, heads: Heads) -> Route {
         if !self.open || req.method() != Method::GET {
             return Route::Pass;
         }
         let headers = req.headers();
         // With `Accept-Encoding`, only an unconditional request that accepts gzip: the lane
         // answers it from a kept gzip copy, or leaves it to the full path (its compression).
-        let encoded = headers.contains_key(header::ACCEPT_ENCODING);
-        if encoded
-            && (headers.contains_key(header::IF_NONE_MATCH)
-                || headers.contains_key(header::IF_MODIFIED_SINCE)
-                || !crate::serve::precompressed::accepts_gzip(headers))
-        {
+        let encoded = heads.accept_encoding;
+        if encoded && (heads.conditional || !crate::serve::precompressed::accepts_gzip(headers)) {
             return Route::Pass;
         }
         // Two `Authorization` headers: the full path refuses them (`views::admit`). A body:
         // the full path refuses it, or passes it uncached (`views::declares_body`).
-        if super::views::declares_body(headers)
-            || headers
-                .get_all(header::AUTHORIZATION)
-                .iter()
-                .nth(1)
-                .is_some()
+        if heads.declares_body
+            || heads.authorizations > 1
             || !self.state.limits.headers_within(headers)
         {
             return Route::Pass;
@@ -161,7 +153,7 @@ impl<S> HitLane<S> {
         }
         if resolved.use_cache
             && self.state.limits.has_room()
-            && let Some(resp) = self.cached_hit(req, def, &resolved, encoded)
+            && let Some(resp) = self.cached_hit(req, def, &resolved, encoded, &heads)
         {
             return Route::Answered(resp);
         }
@@ -178,6 +170,7 @@ impl<S> HitLane<S> {
                     views.origin().forwarded_headers(headers),
                 ),
                 permit,
+                heads,
             }),
             None => Route::Pass,
         }
@@ -193,6 +186,7 @@ impl<S> HitLane<S> {
         def: &crate::domain::ViewDef,
         resolved: &Resolved,
         encoded: bool,
+        heads: &Heads,
     ) -> Option<Response> {
         let headers = req.headers();
         let started = Instant::now();
@@ -209,7 +203,7 @@ impl<S> HitLane<S> {
             def.view,
             &resolved.key,
             &resolved.tags,
-            headers.get(header::AUTHORIZATION),
+            heads.authorization(headers),
             accept,
             || {
                 ViewRequest::resolved(
@@ -219,13 +213,13 @@ impl<S> HitLane<S> {
                 )
             },
         )?;
-        let mut resp = super::views::respond(answer, headers, true);
+        let mut resp = super::views::respond_to(answer, heads.conditional(headers), true);
         if let Some(gz) = gzipped {
             // As the full path: the gzip copy, and the weak ETag of a compressed form.
             super::views::send_gzipped(&mut resp, gz);
             resp = super::weaken_etag_when_compressed(resp);
         }
-        let request_id = request_id(headers);
+        let request_id = heads.request_id();
         if tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::INFO) {
             access_line(req, &request_id, &resp, started);
         }
@@ -234,15 +228,10 @@ impl<S> HitLane<S> {
     }
 }
 
-/// The request's id: [`HitLane`] sets one before routing when the client sent none.
-fn request_id(headers: &http::HeaderMap) -> HeaderValue {
-    headers
-        .get(X_REQUEST_ID)
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from_static("-"))
-}
-
 /// What [`HitLane::route`] decided.
+// Returned once per request, by value: boxing the request to serve would cost an
+// allocation on every Redis hit to save a copy of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 enum Route {
     /// Answered from a near-cache copy.
     Answered(Response),
@@ -256,6 +245,67 @@ enum Route {
 struct Owned {
     request: ViewRequest,
     permit: tokio::sync::OwnedSemaphorePermit,
+    heads: Heads,
+}
+
+/// What the lane needs of a request's headers, from one walk over them (a request has few;
+/// looking up each name the lane asks about, most of them absent, cost more than the cache
+/// lookup of a hit).
+#[derive(Debug, Default)]
+struct Heads {
+    /// The request's first `X-Request-Id`, or the one the lane gave it.
+    request_id: Option<HeaderValue>,
+    /// It sent `Accept-Encoding`.
+    accept_encoding: bool,
+    /// It sent `If-None-Match` or `If-Modified-Since`.
+    conditional: bool,
+    /// It declares a body, as [`super::views::declares_body`] decides.
+    declares_body: bool,
+    /// How many `Authorization` headers it sent.
+    authorizations: usize,
+}
+
+impl Heads {
+    fn of(headers: &http::HeaderMap) -> Self {
+        let mut heads = Heads::default();
+        for (name, value) in headers {
+            if name == header::ACCEPT_ENCODING {
+                heads.accept_encoding = true;
+            } else if name == header::IF_NONE_MATCH || name == header::IF_MODIFIED_SINCE {
+                heads.conditional = true;
+            } else if name == header::TRANSFER_ENCODING {
+                heads.declares_body = true;
+            } else if name == header::CONTENT_LENGTH {
+                heads.declares_body |= value.as_bytes() != b"0";
+            } else if name == header::AUTHORIZATION {
+                heads.authorizations += 1;
+            } else if name == X_REQUEST_ID && heads.request_id.is_none() {
+                heads.request_id = Some(value.clone());
+            }
+        }
+        heads
+    }
+
+    /// The request's `X-Request-Id` (the lane gives every request one before routing it).
+    fn request_id(&self) -> HeaderValue {
+        self.request_id
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from_static("-"))
+    }
+
+    /// The request's `Authorization`, if it sent one.
+    fn authorization<'h>(&self, headers: &'h http::HeaderMap) -> Option<&'h HeaderValue> {
+        if self.authorizations == 0 {
+            return None;
+        }
+        headers.get(header::AUTHORIZATION)
+    }
+
+    /// Its headers, when they make the request conditional (see
+    /// [`super::views::respond_to`]).
+    fn conditional<'h>(&self, headers: &'h http::HeaderMap) -> Option<&'h http::HeaderMap> {
+        self.conditional.then_some(headers)
+    }
 }
 
 /// Serves `req` as the router and its stack would: the view handler's work (the caller's
@@ -264,7 +314,7 @@ struct Owned {
 async fn serve(state: AppState, req: Request<Body>, lane: Owned) -> Response {
     let started = Instant::now();
     let headers = req.headers();
-    let request_id = request_id(headers);
+    let request_id = lane.heads.request_id();
     // The span the router's trace layer opens (disabled, and nearly free, below `info`).
     let id = request_id.to_str().unwrap_or("-");
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id);
@@ -275,7 +325,7 @@ async fn serve(state: AppState, req: Request<Body>, lane: Owned) -> Response {
             return e.into_response();
         }
         match state.views.serve(lane.request).await {
-            Ok(answer) => super::views::respond(answer, headers, true),
+            Ok(answer) => super::views::respond_to(answer, lane.heads.conditional(headers), true),
             Err(e) => AppError::from(e).into_response(),
         }
     });
@@ -378,10 +428,13 @@ where
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         // As the router's first layer does: the id is in the request before anything else
         // (header limits count it, and a fetch forwards it to the origin).
-        if !req.headers().contains_key(X_REQUEST_ID) {
-            req.headers_mut().insert(X_REQUEST_ID, self.ids.next());
+        let mut heads = Heads::of(req.headers());
+        if heads.request_id.is_none() {
+            let id = self.ids.next();
+            req.headers_mut().insert(X_REQUEST_ID, id.clone());
+            heads.request_id = Some(id);
         }
-        match self.route(&req) {
+        match self.route(&req, heads) {
             Route::Answered(resp) => Either::Left(ready(Ok(resp))),
             Route::Serve(lane) => {
                 let served = serve(self.state.clone(), req, lane);
@@ -394,5 +447,43 @@ where
                 Either::Right(Either::Right(self.inner.call(req)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heads(pairs: &[(&'static str, &'static str)]) -> Heads {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        Heads::of(&headers)
+    }
+
+    #[test]
+    fn one_walk_finds_what_the_lookups_found() {
+        let plain = heads(&[("host", "h"), ("content-length", "0")]);
+        assert!(!plain.accept_encoding && !plain.conditional && !plain.declares_body);
+        assert_eq!((plain.authorizations, plain.request_id), (0, None));
+
+        let all = heads(&[
+            ("accept-encoding", "gzip"),
+            ("if-modified-since", "Sun, 06 Dec 2026 10:00:00 GMT"),
+            ("authorization", "Bearer a"),
+            ("authorization", "Bearer b"),
+            ("x-request-id", "first"),
+            ("x-request-id", "second"),
+            ("content-length", "0"),
+            ("content-length", "3"),
+        ]);
+        assert!(all.accept_encoding && all.conditional && all.declares_body);
+        assert_eq!(all.authorizations, 2);
+        assert_eq!(all.request_id(), "first");
+
+        assert!(heads(&[("if-none-match", "\"x\"")]).conditional);
+        assert!(heads(&[("transfer-encoding", "chunked")]).declares_body);
+        assert_eq!(heads(&[]).request_id(), "-");
     }
 }

@@ -114,7 +114,17 @@ fn not_modified_etag(matched: &str, etag: HeaderValue) -> HeaderValue {
 /// place with room for every header, and header values stored with the entry are shared, so
 /// a hit copies no header bytes (see the README's Performance section).
 pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap, get: bool) -> Response {
-    let matched = r.etag.as_ref().and_then(|etag| {
+    let conditional = request_headers.contains_key(header::IF_NONE_MATCH)
+        || request_headers.contains_key(header::IF_MODIFIED_SINCE);
+    respond_to(r, conditional.then_some(request_headers), get)
+}
+
+/// [`respond`] for a request whose headers are `conditional` when it sent `If-None-Match` or
+/// `If-Modified-Since`, `None` otherwise (the hit lane knows which from its one walk over
+/// them, and a hit then looks none up).
+pub(super) fn respond_to(r: ViewResponse, conditional: Option<&HeaderMap>, get: bool) -> Response {
+    let matched = conditional.and_then(|request_headers| {
+        let etag = r.etag.as_ref()?;
         request_headers
             .get(header::IF_NONE_MATCH)
             .and_then(|inm| etag_match(inm, etag.to_str().unwrap_or_default()))
@@ -122,9 +132,10 @@ pub(super) fn respond(r: ViewResponse, request_headers: &HeaderMap, get: bool) -
     // If-Modified-Since counts only without If-None-Match, and only for GET (RFC 9110
     // section 13.1.3).
     let not_modified = matched.is_some()
-        || (get
-            && !request_headers.contains_key(header::IF_NONE_MATCH)
-            && not_modified_since(&r, request_headers));
+        || conditional.is_some_and(|request_headers| {
+            get && !request_headers.contains_key(header::IF_NONE_MATCH)
+                && not_modified_since(&r, request_headers)
+        });
     let mut resp = if not_modified {
         Response::new(Body::new(NotModifiedBody))
     } else {
