@@ -96,6 +96,17 @@ pub async fn send_group(conn: &mut Handle, pipe: Pipeline) -> RedisResult<Vec<Va
     }
 }
 
+/// Sends `mget` (one slot's keys) as a single command, which the cluster client routes and
+/// follows through a redirection itself (cheaper to route than a pipeline of one). An `MGET`
+/// whose keys a migration has split (`TRYAGAIN`, however often it is sent) is answered by a
+/// `GET` of each key, each followed, as one `MGET` reply.
+pub async fn send_mget(conn: &mut Handle, mget: &redis::Cmd) -> RedisResult<Value> {
+    match mget.query_async::<Value>(conn).await {
+        Err(e) if is_redirect(&e) => get_each(conn, mget).await,
+        other => other,
+    }
+}
+
 /// Whether `cmd` is an `MGET`.
 fn is_mget(cmd: &redis::Cmd) -> bool {
     matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(b"MGET"))

@@ -105,17 +105,25 @@ impl RedisStore {
                 None => groups.push((tag, vec![i])),
             }
         }
-        let reads = groups
+        let reads: Vec<redis::Cmd> = groups
             .iter()
             .map(|(_, at)| {
                 let mut read = redis::cmd("MGET");
                 for &i in at {
                     read.arg(keys[i]);
                 }
-                (keys[at[0]], read)
+                read
             })
             .collect();
-        let (replies, source) = self.run_each(reads).await?;
+        let (replies, source) = self
+            .on_link(|conn| async move {
+                let sent = reads.iter().map(|read| {
+                    let mut conn = conn.clone();
+                    async move { super::cluster::send_mget(&mut conn, read).await }
+                });
+                futures_util::future::try_join_all(sent).await
+            })
+            .await?;
         let mut out = vec![redis::Value::Nil; keys.len()];
         for ((_, at), reply) in groups.iter().zip(replies) {
             for (&i, value) in at.iter().zip(values_of(reply, at.len())?) {
