@@ -390,8 +390,10 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
     }
 
     let s = state.clone();
+    let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
     every(tasks, cancel, Duration::from_secs(5), move || {
         let s = s.clone();
+        let tick = ticks.fetch_add(1, Ordering::Relaxed);
         async move {
             // Expired memory entries are dropped without waiting for a write, idle read
             // counters forgotten, and histogram buckets are folded (the exporter has no upkeep
@@ -402,6 +404,11 @@ fn spawn_background(state: &AppState, tasks: &TaskTracker, cancel: &Cancellation
             let _ = tokio::task::spawn_blocking(move || counters.sweep()).await;
             if let Some(near) = s.store.near() {
                 near.cache.run_pending_tasks();
+            }
+            // Once a minute, off the workers: the sweep walks up to 1,000,000 acceptances.
+            if tick % 12 == 11 {
+                let state = s.clone();
+                let _ = tokio::task::spawn_blocking(move || state.views.access().sweep()).await;
             }
             s.prometheus.run_upkeep();
         }

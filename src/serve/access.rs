@@ -23,8 +23,8 @@ pub struct AccessControl {
     hasher: CredentialHasher,
     validation_ttl: Duration,
     /// When the origin accepted a credential for an entry, and with which status. An
-    /// acceptance older than `validation_ttl` is never used, though it is only dropped when
-    /// the table needs its room.
+    /// acceptance older than `validation_ttl` is never used, and [`AccessControl::sweep`]
+    /// drops it.
     accepted: AcceptedTable,
 }
 
@@ -54,8 +54,8 @@ type AcceptedTable = quick_cache::sync::Cache<
     foldhash::fast::RandomState,
 >;
 
-/// How many acceptances are remembered at most; beyond it the least recently used go, and
-/// their callers are asked for at the origin again.
+/// How many acceptances are remembered at most; beyond it the table's CLOCK-Pro eviction
+/// chooses which go, and their callers are asked for at the origin again.
 const MAX_ACCEPTED: u64 = 1_000_000;
 
 impl std::fmt::Debug for AccessControl {
@@ -160,6 +160,20 @@ impl AccessControl {
         }
     }
 
+    /// Drops every acceptance older than `validation_ttl` (they are never used, and would
+    /// otherwise stay until the table's bound pushed them out). Walks the whole table, one
+    /// shard at a time under its write lock: for the housekeeping task, off the workers.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let ttl = self.validation_ttl;
+        self.accepted.retain(|_, (at, _)| now < *at + ttl);
+    }
+
+    /// How many acceptances the table holds (expired ones until a sweep).
+    pub fn remembered(&self) -> usize {
+        self.accepted.len()
+    }
+
     /// Withdraws any acceptance of `cred` for `key`: the origin's last answer to it was not
     /// one the entry holds.
     pub fn revoke(&self, key: &str, cred: Credential) {
@@ -213,11 +227,16 @@ mod tests {
         ac.accept("k", a, 200);
         assert!(ac.may_serve("k", a, 200) && ac.knows("k", a));
         std::thread::sleep(Duration::from_millis(1_100));
+        ac.accept("fresh", a, 200);
         assert!(
             !ac.may_serve("k", a, 200),
             "expired, though still in the table"
         );
         assert!(!ac.knows("k", a));
+        assert_eq!(ac.remembered(), 2);
+        ac.sweep();
+        assert_eq!(ac.remembered(), 1, "the sweep drops only the expired one");
+        assert!(ac.may_serve("fresh", a, 200));
     }
 
     #[test]
