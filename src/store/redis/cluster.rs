@@ -77,18 +77,13 @@ pub fn is_redirect(e: &redis::RedisError) -> bool {
 /// Sends `pipe` (one slot's commands) and returns its replies. A cluster client follows a
 /// redirection for a command but not for commands inside a pipeline: while the slot
 /// migrates, the group is sent again one command at a time, each followed to where its key
-/// is. An `MGET` whose keys the migration has split (`TRYAGAIN`, however often it is sent)
-/// is answered by a `GET` of each key, each followed, as one `MGET` reply.
+/// is. (Reads are `MGET`s, sent alone: [`send_mget`].)
 pub async fn send_group(conn: &mut Handle, pipe: Pipeline) -> RedisResult<Vec<Value>> {
     match pipe.query_async::<Vec<Value>>(conn).await {
         Err(e) if is_redirect(&e) => {
             let mut out = Vec::with_capacity(pipe.len());
             for cmd in pipe.cmd_iter() {
-                let reply = match cmd.query_async::<Value>(conn).await {
-                    Err(e) if is_redirect(&e) && is_mget(cmd) => get_each(conn, cmd).await,
-                    other => other,
-                };
-                out.push(reply?);
+                out.push(cmd.query_async::<Value>(conn).await?);
             }
             Ok(out)
         }
@@ -105,11 +100,6 @@ pub async fn send_mget(conn: &mut Handle, mget: &redis::Cmd) -> RedisResult<Valu
         Err(e) if is_redirect(&e) => get_each(conn, mget).await,
         other => other,
     }
-}
-
-/// Whether `cmd` is an `MGET`.
-fn is_mget(cmd: &redis::Cmd) -> bool {
-    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(b"MGET"))
 }
 
 /// The reply `mget` would give, from one `GET` per key.
