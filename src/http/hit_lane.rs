@@ -120,12 +120,10 @@ impl<S> HitLane<S> {
         Some(known)
     }
 
-    /// What the lane does with `req`: answers it from a near-cache copy, serves it on its own
-    /// (with the permit of its place among the requests in flight), or leaves it to the router.
+    /// What the lane does with `req`, a `GET` while the lane is open: answers it from a
+    /// near-cache copy, serves it on its own (with the permit of its place among the
+    /// requests in flight), or leaves it to the router.
     fn route(&self, req: &Request<Body>, heads: Heads) -> Route {
-        if !self.open || req.method() != Method::GET {
-            return Route::Pass;
-        }
         let headers = req.headers();
         // With `Accept-Encoding`, only an unconditional request that accepts gzip: the lane
         // answers it from a kept gzip copy, or leaves it to the full path (its compression).
@@ -427,14 +425,23 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         // As the router's first layer does: the id is in the request before anything else
-        // (header limits count it, and a fetch forwards it to the origin).
-        let mut heads = Heads::of(req.headers());
-        if heads.request_id.is_none() {
-            let id = self.ids.next();
-            req.headers_mut().insert(X_REQUEST_ID, id.clone());
-            heads.request_id = Some(id);
-        }
-        match self.route(&req, heads) {
+        // (header limits count it, and a fetch forwards it to the origin). The walk over the
+        // headers is for requests the lane may take; any other only needs the id.
+        let route = if self.open && req.method() == Method::GET {
+            let mut heads = Heads::of(req.headers());
+            if heads.request_id.is_none() {
+                let id = self.ids.next();
+                req.headers_mut().insert(X_REQUEST_ID, id.clone());
+                heads.request_id = Some(id);
+            }
+            self.route(&req, heads)
+        } else {
+            if !req.headers().contains_key(X_REQUEST_ID) {
+                req.headers_mut().insert(X_REQUEST_ID, self.ids.next());
+            }
+            Route::Pass
+        };
+        match route {
             Route::Answered(resp) => Either::Left(ready(Ok(resp))),
             Route::Serve(lane) => {
                 let served = serve(self.state.clone(), req, lane);

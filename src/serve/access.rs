@@ -170,7 +170,8 @@ impl AccessControl {
     }
 
     /// How many acceptances the table holds (expired ones until a sweep).
-    pub fn remembered(&self) -> usize {
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
         self.accepted.len()
     }
 
